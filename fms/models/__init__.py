@@ -1,0 +1,157 @@
+"""Model registry: architectures, their named variants (configs), and `get_model`."""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class _Architecture:
+    model_class: type
+    variants: dict[str, Callable[[], object]] = field(default_factory=dict)
+
+
+_ARCHITECTURES: dict[str, _Architecture] = {}
+# HF `model_type` -> (architecture, function(hf_config_dict) -> our config)
+_HF_MODEL_TYPES: dict[str, tuple[str, Callable[[dict], object]]] = {}
+
+
+def register_architecture(name: str, model_class: type) -> None:
+    if name in _ARCHITECTURES:
+        raise ValueError(f"architecture {name!r} is already registered")
+    _ARCHITECTURES[name] = _Architecture(model_class)
+
+
+def register_model(architecture: str, variant: str, config_factory: Callable[[], object]) -> None:
+    arch = _architecture(architecture)
+    if variant in arch.variants:
+        raise ValueError(f"variant {variant!r} of {architecture!r} is already registered")
+    arch.variants[variant] = config_factory
+
+
+def register_hf_model_type(model_type: str, architecture: str, config_from_hf: Callable[[dict], object]) -> None:
+    _HF_MODEL_TYPES[model_type] = (architecture, config_from_hf)
+
+
+def list_architectures() -> list[str]:
+    return sorted(_ARCHITECTURES)
+
+
+def list_variants(architecture: str) -> list[str]:
+    return sorted(_architecture(architecture).variants)
+
+
+def _architecture(name: str) -> _Architecture:
+    try:
+        return _ARCHITECTURES[name]
+    except KeyError:
+        allowed = sorted(_ARCHITECTURES) + ["hf_pretrained"]
+        raise ValueError(f"unknown architecture {name!r}; allowed: {allowed}") from None
+
+
+def get_config(architecture: str, variant: str):
+    arch = _architecture(architecture)
+    try:
+        return arch.variants[variant]()
+    except KeyError:
+        raise ValueError(
+            f"unknown variant {variant!r} for architecture {architecture!r}; allowed: {sorted(arch.variants)}"
+        ) from None
+
+
+def read_hf_config(model_path: str | Path) -> tuple[str, object]:
+    """(architecture, our config) from a HF checkpoint folder's config.json."""
+    path = Path(model_path)
+    config_file = path / "config.json" if path.is_dir() else path
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no config.json in {model_path}; expected a Hugging Face checkpoint folder")
+    hf = json.loads(config_file.read_text())
+    model_type = hf.get("model_type")
+    if model_type not in _HF_MODEL_TYPES:
+        raise ValueError(
+            f"unsupported model_type {model_type!r} in {config_file}; supported: {sorted(_HF_MODEL_TYPES)}"
+        )
+    architecture, convert = _HF_MODEL_TYPES[model_type]
+    return architecture, convert(hf)
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(data_type) -> torch.dtype | None:
+    if data_type is None or isinstance(data_type, torch.dtype):
+        return data_type
+    try:
+        return _DTYPES[str(data_type)]
+    except KeyError:
+        raise ValueError(f"unknown data_type {data_type!r}; allowed: {sorted(_DTYPES)}") from None
+
+
+def get_model(
+    architecture: str,
+    variant: str | None = None,
+    model_path: str | None = None,
+    source: str | None = None,
+    device_type: str = "cpu",
+    data_type=None,
+    attn_name: str = "sdpa",
+    seed: int = 0,
+    **config_overrides,
+) -> nn.Module:
+    """Build a model. With model_path, weights come from that HF checkpoint folder; else random (seeded).
+
+    architecture "hf_pretrained" reads the architecture and config from model_path/config.json.
+    data_type: torch dtype or name ("bf16", "float32", ...); default fp32 on CPU, bf16 on CUDA.
+    """
+    from fms.modules.attention import get_attention_op
+    from fms.utils import serialization
+
+    get_attention_op(attn_name)  # fail early on an unknown op name
+    if source not in (None, "hf"):
+        raise ValueError(f"unknown checkpoint source {source!r}; allowed: 'hf'")
+    if architecture == "hf_pretrained" or (variant is None and model_path is not None):
+        if model_path is None:
+            raise ValueError("architecture 'hf_pretrained' needs model_path (a HF checkpoint folder)")
+        hf_arch, config = read_hf_config(model_path)
+        if architecture not in ("hf_pretrained", hf_arch):
+            raise ValueError(f"{model_path} holds a {hf_arch!r} checkpoint, not {architecture!r}")
+        architecture = hf_arch
+    else:
+        if variant is None:
+            raise ValueError(f"architecture {architecture!r} needs a variant; allowed: {list_variants(architecture)}")
+        config = get_config(architecture, variant)
+    if config_overrides:
+        config = config.updated(**config_overrides)
+    device = torch.device(device_type)
+    dtype = resolve_dtype(data_type) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model_class = _architecture(architecture).model_class
+    with torch.device("meta"):
+        model = model_class(config, attn_name=attn_name)
+    model = model.to(dtype).to_empty(device=device)
+    materialize(model)
+    if model_path is not None:
+        serialization.load_hf_checkpoint(model, model_path, architecture)
+    else:
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        model.reset_parameters(generator)
+    return model.eval()
+
+
+def materialize(model: nn.Module) -> None:
+    """After to_empty: recompute non-persistent buffers and re-tie shared weights."""
+    for module in model.modules():
+        if module is not model and hasattr(module, "reset_buffers"):
+            module.reset_buffers()
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.head.weight = model.embedding.weight
+
+
+# Architectures register themselves on import.
+from fms.models import llama  # noqa: E402,F401
+from fms.models import granite  # noqa: E402,F401
+from fms.models import granite_hybrid  # noqa: E402,F401

@@ -1,0 +1,73 @@
+# ibm-fms: set-up, tests and benchmarks. `make install && make test` on a fresh machine.
+PYTHON ?= python3
+# torch is installed before everything else so that requirements.txt's range never pulls a
+# multi-GB CUDA build onto a CPU-only machine. Override e.g. TORCH_SPEC="torch --index-url ..."
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+TOKENIZER_DIR ?= tokenizers/llama-2
+TOKENIZER_REPO ?= meta-llama/Llama-2-7b-hf
+RESULTS ?= results
+
+# Benchmark knobs (see README): empty values mean "the script's default for this device".
+MODEL_PATH ?=
+TOKENIZER ?=
+VARIANT ?=
+BATCH_SIZES ?=
+CONTEXT_LENGTHS ?=
+MAX_NEW_TOKENS ?=
+WANDB ?= 0
+BENCH = $(PYTHON) scripts/benchmark_inference.py --results_dir $(RESULTS) \
+	$(if $(MODEL_PATH),--model_path $(MODEL_PATH)) $(if $(TOKENIZER),--tokenizer $(TOKENIZER)) \
+	$(if $(BATCH_SIZES),--batch_sizes $(BATCH_SIZES)) $(if $(CONTEXT_LENGTHS),--context_lengths $(CONTEXT_LENGTHS)) \
+	$(if $(MAX_NEW_TOKENS),--max_new_tokens $(MAX_NEW_TOKENS)) $(if $(filter 1,$(WANDB)),--wandb)
+
+.PHONY: install test test-paged-attention check-torch download-tokenizer \
+	bench-llama bench-llama-paged bench-llama-t4 bench-llama-paged-t4 bench-granite bench-granite-paged \
+	bench-compare bench-gpt2 bench-serving
+
+install:
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
+		echo "torch $$($(PYTHON) -c 'import torch; print(torch.__version__)') already installed"; \
+	else \
+		$(PYTHON) -m pip install "$(TORCH_SPEC)"; \
+	fi
+	$(PYTHON) -m pip install -e ".[hf,test]"
+
+test:
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+test-paged-attention:
+	$(PYTHON) -m pytest -q -m paged $(PYTEST_ARGS)
+
+check-torch:
+	@$(PYTHON) -c "import torch; print(f'PyTorch version: {torch.__version__}'); print(f'CUDA available: {torch.cuda.is_available()}'); print(f'GPU device: {torch.cuda.get_device_name(0)}' if torch.cuda.is_available() else 'GPU device: none (CPU only)')"
+
+download-tokenizer:
+	$(PYTHON) scripts/download_tokenizer.py --repo $(TOKENIZER_REPO) --out $(TOKENIZER_DIR)
+
+bench-llama:
+	$(BENCH) --architecture llama --variant $(or $(VARIANT),auto-llama) --attn_name sdpa --profile standard
+
+bench-llama-paged:
+	$(BENCH) --architecture llama --variant $(or $(VARIANT),auto-llama) --attn_name paged --profile standard
+
+bench-llama-t4:
+	$(BENCH) --architecture llama --variant $(or $(VARIANT),auto-llama) --attn_name sdpa --profile light
+
+bench-llama-paged-t4:
+	$(BENCH) --architecture llama --variant $(or $(VARIANT),auto-llama) --attn_name paged --profile light
+
+bench-granite:
+	$(BENCH) --architecture $(or $(GRANITE_ARCH),granite_hybrid) --variant $(or $(VARIANT),auto-granite) --attn_name sdpa --profile standard
+
+bench-granite-paged:
+	$(BENCH) --architecture $(or $(GRANITE_ARCH),granite_hybrid) --variant $(or $(VARIANT),auto-granite) --attn_name paged --profile standard
+
+bench-compare:
+	$(BENCH) --architecture llama --variant $(or $(VARIANT),auto-llama) --attn_name sdpa,paged --profile standard
+
+bench-gpt2:
+	$(PYTHON) scripts/benchmark_variants.py --results_dir $(RESULTS)
+
+bench-serving:
+	$(PYTHON) scripts/benchmark_serving.py --results_dir $(RESULTS) $(if $(MODEL_PATH),--model_path $(MODEL_PATH))

@@ -1,0 +1,295 @@
+"""Llama-style decoder (Llama 2/3.x, and Granite 3.x through four scalars in the same config)."""
+
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+from torch import nn
+
+from fms.modules.attention import MultiHeadAttention
+from fms.modules.feedforward import SwiGLU
+from fms.modules.kv_cache import KVCacheSpec
+from fms.modules.layernorm import RMSNorm
+from fms.modules.masks import AttentionVariant
+from fms.modules.positions import RopeScaling, RotaryEmbedding
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int | None = None  # None -> hidden_size // num_heads
+    intermediate_size: int = 11008
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    position_embedding_type: str = "rope"  # "rope" or "nope"
+    tie_word_embeddings: bool = False
+    # Granite's scalars; Llama leaves them at identity (attention_multiplier None = 1/sqrt(head_dim)).
+    embedding_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
+    # attention variants (FlexAttention mods); off for every released Llama/Granite
+    sliding_window: int | None = None
+    alibi: bool = False
+    attn_logit_softcapping: float | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | tuple[int, ...] | None = 2
+    pad_token_id: int | None = None
+    init_std: float = 0.02
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(
+                    f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; give head_dim"
+                )
+            self.head_dim = self.hidden_size // self.num_heads
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                     "max_position_embeddings"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.position_embedding_type not in ("rope", "nope"):
+            raise ValueError(f"position_embedding_type must be 'rope' or 'nope', got {self.position_embedding_type!r}")
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = RopeScaling(**self.rope_scaling)
+        if isinstance(self.eos_token_id, list):
+            self.eos_token_id = tuple(self.eos_token_id)
+
+    def updated(self, **overrides) -> "LlamaConfig":
+        unknown = set(overrides) - {f.name for f in fields(self)}
+        if unknown:
+            raise ValueError(f"unknown config fields {sorted(unknown)} for {type(self).__name__}")
+        return replace(self, **overrides)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        if self.eos_token_id is None:
+            return ()
+        return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
+
+    @property
+    def attention_variant(self) -> AttentionVariant:
+        return AttentionVariant(
+            sliding_window=self.sliding_window, alibi=self.alibi, softcap=self.attn_logit_softcapping
+        )
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm block: h = x + r*Mixer(norm(x)); out = h + r*FFN(norm(h))."""
+
+    def __init__(self, mixer: nn.Module, ffn: nn.Module, hidden_size: int, eps: float, residual_multiplier: float):
+        super().__init__()
+        self.ln = RMSNorm(hidden_size, eps)
+        self.mixer = mixer
+        self.ff_ln = RMSNorm(hidden_size, eps)
+        self.ff = ffn
+        self.residual_multiplier = residual_multiplier
+
+    def forward(self, x, position_ids, **kwargs):
+        x = x + self.residual_multiplier * self.mixer(self.ln(x), position_ids, **kwargs)
+        return x + self.residual_multiplier * self.ff(self.ff_ln(x))
+
+
+class LLaMA(nn.Module):
+    """Embeddings, a stack of DecoderBlocks, final norm, LM head. Subclasses swap mixers or FFNs per layer."""
+
+    config_class = LlamaConfig
+
+    def __init__(self, config: LlamaConfig, attn_name: str = "sdpa"):
+        super().__init__()
+        self.config = config
+        self.attn_name = attn_name
+        self.embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.rotary = None
+        if config.position_embedding_type == "rope":
+            self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.layers = nn.ModuleList(
+            DecoderBlock(self.build_mixer(i), self.build_ffn(i), config.hidden_size, config.rms_norm_eps,
+                         config.residual_multiplier)
+            for i in range(config.num_layers)
+        )
+        self.dec_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.head.weight = self.embedding.weight
+
+    # -- per-layer construction (overridden by hybrid models) ---------------------------------
+    def layer_type(self, layer_idx: int) -> str:
+        return "attention"
+
+    def build_mixer(self, layer_idx: int) -> nn.Module:
+        c = self.config
+        return MultiHeadAttention(
+            c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, layer_idx,
+            scale=c.attention_multiplier, rotary=self.rotary, variant=c.attention_variant,
+        )
+
+    def build_ffn(self, layer_idx: int) -> nn.Module:
+        return SwiGLU(self.config.hidden_size, self.config.intermediate_size)
+
+    def state_spec(self):
+        """Recurrent-state spec for the cache; None for attention-only models."""
+        return None
+
+    # -- weights / cache ------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None):
+        """Random weights: normal(0, init_std) matrices, unit norms, zero biases."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                _normal_(module.weight, self.config.init_std, generator)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+            elif hasattr(module, "reset_parameters_seeded"):
+                module.reset_parameters_seeded(generator)
+
+    def cache_spec(self, device=None, dtype=None) -> KVCacheSpec:
+        param = self.embedding.weight
+        attention_layers = tuple(i for i in range(self.config.num_layers) if self.layer_type(i) == "attention")
+        return KVCacheSpec(
+            num_layers=self.config.num_layers,
+            attention_layers=attention_layers,
+            num_kv_heads=self.config.num_kv_heads,
+            head_dim=self.config.head_dim,
+            dtype=dtype or param.dtype,
+            device=torch.device(device) if device is not None else param.device,
+            max_position_embeddings=self.config.max_position_embeddings,
+            sliding_window=self.config.sliding_window,
+            state_spec=self.state_spec(),
+        )
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attn_name: str | None = None,
+        logits_positions: torch.Tensor | None = None,
+        **attn_kwargs,
+    ) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V); with logits_positions (B,), only those tokens: (B, 1, V).
+
+        attn_kwargs (e.g. cache=, meta=) go untouched to the attention op named by attn_name.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        meta = attn_kwargs.get("meta")
+        if position_ids is None:
+            if meta is not None:
+                position_ids = meta.position_ids
+            else:
+                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand_as(input_ids)
+        attn_name = attn_name or self.attn_name
+        x = self.embedding(input_ids)
+        if self.config.embedding_multiplier != 1.0:
+            x = x * self.config.embedding_multiplier
+        for layer in self.layers:
+            x = layer(x, position_ids, attn_name=attn_name, **attn_kwargs)
+        if logits_positions is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), logits_positions][:, None]  # (B, 1, H)
+        logits = self.head(self.dec_norm(x))
+        if self.config.logits_scaling != 1.0:
+            logits = logits / self.config.logits_scaling
+        return logits
+
+
+def _normal_(weight, std, generator):
+    if generator is None or generator.device == weight.device:
+        weight.normal_(0.0, std, generator=generator)
+    else:  # draw on the generator's device so a seed gives the same weights everywhere
+        weight.copy_(torch.empty(weight.shape, dtype=torch.float32).normal_(0.0, std, generator=generator))
+
+
+# ---------------------------------------------------------------------------------------------
+# HF config.json -> LlamaConfig, and the registered variants
+# ---------------------------------------------------------------------------------------------
+def rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
+    """(theta, llama3 scaling) from either the v4 keys (rope_theta/rope_scaling) or v5 rope_parameters."""
+    params = hf.get("rope_parameters") or {}
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = hf.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
+    if not scaling:
+        return float(theta), None
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return float(theta), None
+    if rope_type != "llama3":
+        raise ValueError(f"unsupported rope scaling type {rope_type!r}; supported: 'llama3' (or none)")
+    return float(theta), RopeScaling(
+        factor=float(scaling["factor"]),
+        low_freq_factor=float(scaling["low_freq_factor"]),
+        high_freq_factor=float(scaling["high_freq_factor"]),
+        original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+    )
+
+
+def llama_config_from_hf(hf: dict, config_class=LlamaConfig, **extra) -> LlamaConfig:
+    theta, scaling = rope_from_hf(hf)
+    heads = hf["num_attention_heads"]
+    return config_class(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        intermediate_size=hf.get("intermediate_size", 4 * hf["hidden_size"]),
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        sliding_window=hf.get("sliding_window") if hf.get("use_sliding_window", True) else None,
+        attn_logit_softcapping=hf.get("attn_logit_softcapping"),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=hf.get("eos_token_id"),
+        pad_token_id=hf.get("pad_token_id"),
+        **extra,
+    )
+
+
+_LLAMA3_SCALING_8K = dict(original_max_position_embeddings=8192, low_freq_factor=1.0, high_freq_factor=4.0)
+
+_LLAMA_VARIANTS = {
+    "2-7b": dict(),
+    "3-8b": dict(vocab_size=128256, num_kv_heads=8, intermediate_size=14336, max_position_embeddings=8192,
+                 rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001),
+    "3.1-8b": dict(vocab_size=128256, num_kv_heads=8, intermediate_size=14336, max_position_embeddings=131072,
+                   rope_theta=500000.0, rope_scaling=RopeScaling(factor=8.0, **_LLAMA3_SCALING_8K),
+                   bos_token_id=128000, eos_token_id=128001),
+    "3.2-1b": dict(vocab_size=128256, hidden_size=2048, num_layers=16, num_kv_heads=8, head_dim=64,
+                   intermediate_size=8192, max_position_embeddings=131072, rope_theta=500000.0,
+                   rope_scaling=RopeScaling(factor=32.0, **_LLAMA3_SCALING_8K), tie_word_embeddings=True,
+                   bos_token_id=128000, eos_token_id=128001),
+    "3.2-3b": dict(vocab_size=128256, hidden_size=3072, num_layers=28, num_heads=24, num_kv_heads=8, head_dim=128,
+                   intermediate_size=8192, max_position_embeddings=131072, rope_theta=500000.0,
+                   rope_scaling=RopeScaling(factor=32.0, **_LLAMA3_SCALING_8K), tie_word_embeddings=True,
+                   bos_token_id=128000, eos_token_id=128001),
+    # Small shapes with random weights: CPU demos ("micro", sized for the shipped tokenizer) and tests.
+    "micro": dict(vocab_size=4096, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2,
+                  intermediate_size=688, max_position_embeddings=4096, rope_theta=10000.0, init_std=0.05),
+    "nano": dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                 intermediate_size=128, max_position_embeddings=1024, init_std=0.1),
+}
+
+
+def _register():
+    from fms.models import register_architecture, register_hf_model_type, register_model
+
+    register_architecture("llama", LLaMA)
+    for name, values in _LLAMA_VARIANTS.items():
+        register_model("llama", name, lambda values=values: LlamaConfig(**values))
+    register_hf_model_type("llama", "llama", llama_config_from_hf)
+
+
+_register()

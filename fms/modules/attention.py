@@ -1,0 +1,304 @@
+"""Multi-head attention and the attention-op registry (built-in ops: sdpa, flex, paged).
+
+A model picks an op by name (`attn_name`) and passes the op's keyword arguments (`cache`, `meta`)
+down untouched; the op owns its cache layout. Ops:
+
+    sdpa   contiguous cache (one row per sequence), torch SDPA
+    flex   contiguous cache, FlexAttention (every mask/score variant, e.g. soft-capping)
+    paged  shared page pool + page tables, FlexAttention over the pool (Triton decode fast path on CUDA)
+"""
+
+import functools
+import warnings
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fms.modules.kv_cache import ContiguousKVCache, KVCacheSpec, SequenceCache
+from fms.modules.masks import AttentionVariant, dense_attention_bias, variant_predicate, variant_score_fn
+from fms.modules.paged_cache import PagedKVCache
+from fms.modules.positions import RotaryEmbedding
+
+
+class AttentionOp:
+    """An attention backend: how K/V are cached and how attention is computed over them."""
+
+    name: str = ""
+
+    def create_cache(self, spec: KVCacheSpec, max_batch_size: int, max_seq_len: int, **options) -> SequenceCache:
+        raise NotImplementedError
+
+    def attend(self, q, k, v, *, layer_idx: int, scale: float, variant: AttentionVariant,
+               cache: SequenceCache | None = None, meta=None) -> torch.Tensor:
+        """q: (B, Hq, T, D), k/v: (B, Hkv, T, D) for the step's new tokens -> (B, Hq, T, D)."""
+        raise NotImplementedError
+
+
+_OPS: dict[str, AttentionOp] = {}
+
+
+def register_attention_op(name: str, op: AttentionOp) -> None:
+    if not name or not isinstance(name, str):
+        raise ValueError(f"an attention op needs a non-empty name, got {name!r}")
+    if name in _OPS:
+        raise ValueError(f"attention op {name!r} is already registered")
+    op.name = name
+    _OPS[name] = op
+
+
+def get_attention_op(name: str) -> AttentionOp:
+    try:
+        return _OPS[name]
+    except KeyError:
+        raise ValueError(f"unknown attn_name {name!r}; registered attention ops: {sorted(_OPS)}") from None
+
+
+def attention_op_names() -> list[str]:
+    return sorted(_OPS)
+
+
+def _no_options(name, options):
+    if options:
+        raise ValueError(f"attention op {name!r} takes no cache options, got {sorted(options)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# sdpa
+# ---------------------------------------------------------------------------------------------
+def _sdpa(q, k, v, scale, mask=None, is_causal=False):
+    if q.shape[1] != k.shape[1] and mask is not None and q.is_cuda:
+        # The fused CUDA kernels that take an explicit mask do not take enable_gqa; repeat KV heads.
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
+
+
+def _contiguous_read(cache: ContiguousKVCache, layer_idx, meta):
+    kc, vc = cache.layer_kv(layer_idx)  # (Bmax, Hkv, S+1, D)
+    length = meta.max_context_len
+    if meta.rows_are_prefix:
+        b = meta.batch_size
+        return kc[:b, :, :length], vc[:b, :, :length]
+    return kc[meta.rows, :, :length], vc[meta.rows, :, :length]
+
+
+def _contiguous_write(cache: ContiguousKVCache, layer_idx, meta, k, v):
+    kc, vc = cache.layer_kv(layer_idx)
+    # (B, T) row/position indices around the head slice select (B, T, Hkv, D)
+    kc[meta.write_rows, :, meta.write_positions] = k.transpose(1, 2)
+    vc[meta.write_rows, :, meta.write_positions] = v.transpose(1, 2)
+
+
+class SDPAOp(AttentionOp):
+    def create_cache(self, spec, max_batch_size, max_seq_len, **options):
+        _no_options(self.name, options)
+        return ContiguousKVCache(spec, max_batch_size, max_seq_len)
+
+    def attend(self, q, k, v, *, layer_idx, scale, variant, cache=None, meta=None):
+        if variant.softcap is not None:
+            raise ValueError("soft-capping has no SDPA form; use attn_name='flex' or 'paged'")
+        if cache is None:
+            if variant.is_causal_only:
+                return _sdpa(q, k, v, scale, is_causal=True)
+            positions = torch.arange(q.shape[2], device=q.device)
+            bias = dense_attention_bias(variant, positions[None], positions, q.shape[1], dtype=q.dtype)
+            return _sdpa(q, k, v, scale, mask=bias)
+        _contiguous_write(cache, layer_idx, meta, k, v)
+        keys, values = _contiguous_read(cache, layer_idx, meta)
+        if variant.is_causal_only and meta.is_uniform:
+            if meta.query_len == 1:
+                return _sdpa(q, keys, values, scale)  # every row sees all of its keys
+            if meta.host_context[0] == 0:
+                return _sdpa(q, keys, values, scale, is_causal=True)
+        kv_pos = torch.arange(meta.max_context_len, device=q.device)
+        if variant.is_causal_only:
+            mask = (kv_pos[None, None, :] <= meta.position_ids[:, :, None])[:, None]  # (B, 1, T, L)
+        else:
+            mask = dense_attention_bias(variant, meta.position_ids, kv_pos, q.shape[1], dtype=q.dtype)
+        return _sdpa(q, keys, values, scale, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# FlexAttention helpers (flex and paged)
+# ---------------------------------------------------------------------------------------------
+@functools.cache
+def _flex_fn(is_cuda: bool) -> Callable:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if is_cuda:
+        # Compiled once per process; recompiles only on new shapes (e.g. a new prefill length).
+        return torch.compile(flex_attention, dynamic=False)
+
+    def eager(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+            return flex_attention(*args, **kwargs)
+
+    return eager
+
+
+def flex_attention(q, k, v, *, scale, block_mask=None, score_mod=None, kernel_options=None):
+    fn = _flex_fn(q.is_cuda)
+    return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+              enable_gqa=q.shape[1] != k.shape[1], kernel_options=kernel_options)
+
+
+def _positional_score_mod(variant, num_heads, device, q_position, kv_position):
+    """Wraps a logical-position score function for FlexAttention's (b, h, q_idx, kv_idx) indices."""
+    score_fn = variant_score_fn(variant, num_heads, device)
+    if score_fn is None:
+        return None
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score_fn(score, h, q_position(b, q_idx), kv_position(kv_idx))
+
+    return score_mod
+
+
+def _contiguous_flex(q, k, v, scale, variant, q_start=None):
+    """FlexAttention over contiguous K/V of shape (B, Hkv, L, D); queries start at q_start[b]."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    b, _, t, _ = q.shape
+    kv_len = k.shape[2]
+    if q_start is None:
+        q_start = torch.zeros(b, dtype=torch.int64, device=q.device)
+    predicate = variant_predicate(variant)
+
+    def mask_mod(b_idx, h_idx, q_idx, kv_idx):
+        return predicate(q_start[b_idx] + q_idx, kv_idx)
+
+    block_mask = create_block_mask(mask_mod, b, None, t, kv_len, device=q.device)
+    score_mod = _positional_score_mod(
+        variant, q.shape[1], q.device, lambda b_idx, q_idx: q_start[b_idx] + q_idx, lambda kv_idx: kv_idx
+    )
+    return flex_attention(q, k, v, scale=scale, block_mask=block_mask, score_mod=score_mod)
+
+
+class FlexOp(AttentionOp):
+    """Contiguous cache like sdpa, attention by FlexAttention: covers every variant (soft-capping too)."""
+
+    def create_cache(self, spec, max_batch_size, max_seq_len, **options):
+        _no_options(self.name, options)
+        return ContiguousKVCache(spec, max_batch_size, max_seq_len)
+
+    def attend(self, q, k, v, *, layer_idx, scale, variant, cache=None, meta=None):
+        if cache is None:
+            return _contiguous_flex(q, k, v, scale, variant)
+        _contiguous_write(cache, layer_idx, meta, k, v)
+        keys, values = _contiguous_read(cache, layer_idx, meta)
+        return _contiguous_flex(q, keys, values, scale, variant, q_start=meta.context_lens)
+
+
+# ---------------------------------------------------------------------------------------------
+# paged
+# ---------------------------------------------------------------------------------------------
+def _triton_decode():
+    """The Triton paged decode kernel, or None where it cannot run (no CUDA / no Triton)."""
+    try:
+        from fms.modules.paged_decode_kernel import paged_decode_attention
+    except ImportError:
+        return None
+    return paged_decode_attention
+
+
+class PagedOp(AttentionOp):
+    """K/V in a shared pool of pages; FlexAttention with a BlockMask built from page tables.
+
+    One-token decode steps on CUDA take the Triton split-KV kernel unless `decode_kernel="flex"`.
+    """
+
+    def __init__(self, decode_kernel: str = "auto"):
+        if decode_kernel not in ("auto", "flex", "triton"):
+            raise ValueError(f"decode_kernel must be 'auto', 'flex' or 'triton', got {decode_kernel!r}")
+        self.decode_kernel = decode_kernel
+
+    def create_cache(self, spec, max_batch_size, max_seq_len, **options):
+        return PagedKVCache(spec, max_batch_size, max_seq_len, **options)
+
+    def attend(self, q, k, v, *, layer_idx, scale, variant, cache=None, meta=None):
+        if cache is None:
+            return _contiguous_flex(q, k, v, scale, variant)
+        if variant.sliding_window != cache.window:
+            raise ValueError(
+                f"layer {layer_idx} uses sliding window {variant.sliding_window} but the cache was built for "
+                f"{cache.window}"
+            )
+        kp, vp = cache.layer_kv(layer_idx)  # (Hkv, slots, D)
+        b, hkv, t, d = k.shape
+        # (B, Hkv, T, D) -> (Hkv, B*T, D) in slot_mapping's token order
+        kp.index_copy_(1, meta.slot_mapping, k.permute(1, 0, 2, 3).reshape(hkv, b * t, d))
+        vp.index_copy_(1, meta.slot_mapping, v.permute(1, 0, 2, 3).reshape(hkv, b * t, d))
+        if t == 1 and self._use_triton_decode(q, variant):
+            out = _triton_decode()(
+                q[:, :, 0], kp, vp, meta.page_table, meta.seq_lens, meta.page_size, scale, window=variant.sliding_window
+            )
+            return out[:, :, None]
+        ps, page_logical = meta.page_size, meta.page_logical
+        score_mod = _positional_score_mod(
+            variant, q.shape[1], q.device,
+            lambda b_idx, q_idx: meta.q_start[b_idx] + q_idx,
+            lambda kv_idx: page_logical[kv_idx // ps] * ps + kv_idx % ps,
+        )
+        return flex_attention(q, kp[None], vp[None], scale=scale, block_mask=meta.block_mask, score_mod=score_mod)
+
+    def _use_triton_decode(self, q, variant) -> bool:
+        if self.decode_kernel == "flex" or not q.is_cuda or variant.alibi or variant.softcap is not None:
+            return False
+        available = _triton_decode() is not None
+        if self.decode_kernel == "triton" and not available:
+            raise RuntimeError("decode_kernel='triton' needs CUDA and Triton")
+        return available
+
+
+register_attention_op("sdpa", SDPAOp())
+register_attention_op("flex", FlexOp())
+register_attention_op("paged", PagedOp())
+
+
+# ---------------------------------------------------------------------------------------------
+# the layer
+# ---------------------------------------------------------------------------------------------
+class MultiHeadAttention(nn.Module):
+    """GQA attention; the op chosen by name computes it and owns the KV cache."""
+
+    def __init__(
+        self,
+        emb_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        layer_idx: int,
+        scale: float | None = None,
+        bias: bool = False,
+        rotary: RotaryEmbedding | None = None,
+        variant: AttentionVariant | None = None,
+    ):
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.layer_idx = layer_idx
+        self.scale = scale if scale is not None else head_dim**-0.5
+        self.query = nn.Linear(emb_dim, num_heads * head_dim, bias=bias)
+        self.key = nn.Linear(emb_dim, num_kv_heads * head_dim, bias=bias)
+        self.value = nn.Linear(emb_dim, num_kv_heads * head_dim, bias=bias)
+        self.dense = nn.Linear(num_heads * head_dim, emb_dim, bias=bias)
+        self.rotary = rotary
+        self.variant = variant or AttentionVariant()
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, attn_name: str = "sdpa", **attn_kwargs):
+        b, t, _ = x.shape
+        q = self.query(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, D)
+        k = self.key(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.value(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.rotary is not None:
+            q, k = self.rotary(q, k, position_ids)
+        out = get_attention_op(attn_name).attend(
+            q, k, v, layer_idx=self.layer_idx, scale=self.scale, variant=self.variant, **attn_kwargs
+        )
+        return self.dense(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))

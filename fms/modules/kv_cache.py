@@ -1,0 +1,281 @@
+"""KV-cache contract shared by all attention ops, and the contiguous cache the `sdpa` op uses.
+
+A driver (static generation, the serving engine) owns one cache per run:
+
+    cache = get_attention_op(name).create_cache(spec, max_batch_size=B, max_seq_len=N, ...)
+    cache.add(seq_id)                                  # once per sequence
+    meta = cache.prepare([seq ids], [new tokens])      # once per step: room + per-step metadata
+    logits = model(input_ids, cache=cache, meta=meta)  # every layer reads meta, never writes it
+    cache.free(seq_id)                                 # when the sequence ends
+
+Input rows are right-padded to the step's longest query; padding never reaches the cache.
+"""
+
+from dataclasses import dataclass, field
+from typing import Hashable, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """What a model needs cached; built by the model from its config, never duplicated."""
+
+    num_layers: int
+    attention_layers: tuple[int, ...]
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+    max_position_embeddings: int
+    sliding_window: int | None = None
+    # Per-layer recurrent (Mamba) state; None for pure-attention models.
+    state_spec: object | None = None
+
+    def __post_init__(self):
+        if self.num_kv_heads < 1 or self.head_dim < 1:
+            raise ValueError(f"num_kv_heads and head_dim must be >= 1, got {self.num_kv_heads}, {self.head_dim}")
+        bad = [i for i in self.attention_layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"attention layer indices {bad} are outside 0..{self.num_layers - 1}")
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * len(self.attention_layers) * self.num_kv_heads * self.head_dim * itemsize
+
+
+@dataclass(frozen=True)
+class StepMeta:
+    """Per-step metadata common to every cache. Rows follow the order of `prepare`'s seq ids."""
+
+    position_ids: torch.Tensor  # (B, T) int64: logical position of each query token
+    num_new_tokens: torch.Tensor  # (B,) int64: real (unpadded) tokens of each row
+    context_lens: torch.Tensor  # (B,) int64: tokens cached before this step
+    query_len: int  # T, the padded query length
+    max_context_len: int  # max over rows of context_lens + num_new_tokens
+    state_slots: torch.Tensor | None = None  # (B,) int64 recurrent-state slot per row (hybrid models)
+    host_num_new: tuple[int, ...] = ()
+    host_context: tuple[int, ...] = ()
+
+    @property
+    def batch_size(self) -> int:
+        return self.position_ids.shape[0]
+
+    @property
+    def is_uniform(self) -> bool:
+        """Every row has the same context and the same number of real tokens (no padding)."""
+        return len(set(self.host_num_new)) == 1 and len(set(self.host_context)) == 1
+
+
+@dataclass
+class MemoryStats:
+    bytes_allocated: int  # the cache's storage, reserved up front
+    bytes_in_use: int  # storage held by live sequences (whole pages / rows)
+    bytes_holding_tokens: int  # tokens actually stored x bytes per token
+    pages_in_use: int | None = None
+    num_pages: int | None = None
+    state_bytes: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        out = {
+            "kv_bytes_allocated": self.bytes_allocated,
+            "kv_bytes_in_use": self.bytes_in_use,
+            "kv_bytes_holding_tokens": self.bytes_holding_tokens,
+            "state_bytes": self.state_bytes,
+        }
+        if self.num_pages is not None:
+            out.update(pages_in_use=self.pages_in_use, num_pages=self.num_pages)
+        out.update(self.extra)
+        return out
+
+
+class ContextTooLongError(ValueError):
+    pass
+
+
+class SequenceCache:
+    """Bookkeeping shared by all caches: sequence ids, their lengths, recurrent-state slots."""
+
+    def __init__(self, spec: KVCacheSpec, max_batch_size: int, max_seq_len: int):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
+        if max_seq_len > spec.max_position_embeddings:
+            raise ContextTooLongError(
+                f"max_seq_len {max_seq_len} exceeds the model's context of {spec.max_position_embeddings} tokens"
+            )
+        self.spec = spec
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len
+        self._lengths: dict[Hashable, int] = {}
+        self.state_pool = None
+        if spec.state_spec is not None:
+            from fms.modules.ssm import MambaStatePool
+
+            self.state_pool = MambaStatePool(spec.state_spec, max_batch_size, spec.device)
+        self._layer_slot = {layer: i for i, layer in enumerate(spec.attention_layers)}
+
+    # -- sequences -------------------------------------------------------------------------
+    def add(self, seq_id: Hashable) -> None:
+        if seq_id in self._lengths:
+            raise ValueError(f"sequence {seq_id!r} is already in the cache")
+        if len(self._lengths) >= self.max_batch_size:
+            raise ValueError(f"the cache holds at most {self.max_batch_size} sequences")
+        self._add(seq_id)
+        if self.state_pool is not None:
+            self.state_pool.allocate(seq_id)
+        self._lengths[seq_id] = 0
+
+    def free(self, seq_id: Hashable) -> None:
+        self._check_known(seq_id)
+        self._free(seq_id)
+        if self.state_pool is not None:
+            self.state_pool.free(seq_id)
+        del self._lengths[seq_id]
+
+    def length(self, seq_id: Hashable) -> int:
+        self._check_known(seq_id)
+        return self._lengths[seq_id]
+
+    def __contains__(self, seq_id) -> bool:
+        return seq_id in self._lengths
+
+    @property
+    def sequences(self) -> list:
+        return list(self._lengths)
+
+    def _check_known(self, seq_id):
+        if seq_id not in self._lengths:
+            raise KeyError(f"sequence {seq_id!r} is not in the cache")
+
+    # -- steps -----------------------------------------------------------------------------
+    def prepare(self, seq_ids: Sequence[Hashable], num_new_tokens: Sequence[int]) -> StepMeta:
+        """Make room for the next tokens of each sequence and build the step's metadata."""
+        if len(seq_ids) != len(num_new_tokens) or not seq_ids:
+            raise ValueError(
+                f"prepare needs one token count per sequence, got {len(seq_ids)} ids and {len(num_new_tokens)} counts"
+            )
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ValueError(f"duplicate sequence ids in one step: {list(seq_ids)}")
+        for seq_id, n in zip(seq_ids, num_new_tokens):
+            self._check_known(seq_id)
+            if n < 1:
+                raise ValueError(f"sequence {seq_id!r}: a step needs at least 1 new token, got {n}")
+            if self._lengths[seq_id] + n > self.max_seq_len:
+                raise ContextTooLongError(
+                    f"sequence {seq_id!r} would reach {self._lengths[seq_id] + n} tokens, "
+                    f"over this cache's max_seq_len of {self.max_seq_len}"
+                )
+        context = [self._lengths[s] for s in seq_ids]
+        self._reserve(seq_ids, num_new_tokens)  # may raise (e.g. out of pages) with nothing changed
+        for seq_id, n in zip(seq_ids, num_new_tokens):
+            self._lengths[seq_id] += n
+        base = self._base_meta(context, list(num_new_tokens), seq_ids)
+        return self._build_meta(base, seq_ids, context, list(num_new_tokens))
+
+    def _base_meta(self, context, num_new, seq_ids) -> dict:
+        device = self.spec.device
+        t = max(num_new)
+        ctx = torch.tensor(context, dtype=torch.int64)
+        new = torch.tensor(num_new, dtype=torch.int64)
+        positions = ctx[:, None] + torch.arange(t)[None, :]  # (B, T); padded tail is never read
+        slots = None
+        if self.state_pool is not None:
+            slots = torch.tensor([self.state_pool.slot_of(s) for s in seq_ids], dtype=torch.int64, device=device)
+        return dict(
+            position_ids=positions.to(device, non_blocking=True),
+            num_new_tokens=new.to(device, non_blocking=True),
+            context_lens=ctx.to(device, non_blocking=True),
+            query_len=t,
+            max_context_len=max(c + n for c, n in zip(context, num_new)),
+            state_slots=slots,
+            host_num_new=tuple(num_new),
+            host_context=tuple(context),
+        )
+
+    def layer_index(self, layer_idx: int) -> int:
+        """Position of a model layer among the cached attention layers."""
+        try:
+            return self._layer_slot[layer_idx]
+        except KeyError:
+            raise ValueError(f"layer {layer_idx} is not an attention layer of this cache") from None
+
+    # subclasses
+    def _add(self, seq_id):
+        pass
+
+    def _free(self, seq_id):
+        pass
+
+    def _reserve(self, seq_ids, num_new_tokens):
+        pass
+
+    def _build_meta(self, base: dict, seq_ids, context, num_new) -> StepMeta:
+        raise NotImplementedError
+
+    def memory_stats(self) -> MemoryStats:
+        raise NotImplementedError
+
+    def _state_bytes(self) -> int:
+        return 0 if self.state_pool is None else self.state_pool.bytes_in_use()
+
+
+@dataclass(frozen=True)
+class ContiguousStepMeta(StepMeta):
+    rows: torch.Tensor | None = None  # (B,) cache row of each batch row
+    rows_are_prefix: bool = False  # rows == arange(B): read the cache by slicing, no gather
+    write_rows: torch.Tensor | None = None  # (B, T) row index per token, for the scatter
+    write_positions: torch.Tensor | None = None  # (B, T) position per token; padding -> scratch column
+
+
+class ContiguousKVCache(SequenceCache):
+    """One row of max_seq_len (+1 scratch column) per sequence, per layer: the classic static cache."""
+
+    def __init__(self, spec: KVCacheSpec, max_batch_size: int, max_seq_len: int):
+        super().__init__(spec, max_batch_size, max_seq_len)
+        n_layers = len(spec.attention_layers)
+        shape = (n_layers, max_batch_size, spec.num_kv_heads, max_seq_len + 1, spec.head_dim)
+        self.keys = torch.zeros(shape, dtype=spec.dtype, device=spec.device)
+        self.values = torch.zeros(shape, dtype=spec.dtype, device=spec.device)
+        self._free_rows = list(range(max_batch_size))
+        self._row: dict[Hashable, int] = {}
+
+    def _add(self, seq_id):
+        self._row[seq_id] = self._free_rows.pop(0)
+
+    def _free(self, seq_id):
+        self._free_rows.append(self._row.pop(seq_id))
+        self._free_rows.sort()
+
+    def _build_meta(self, base, seq_ids, context, num_new):
+        device = self.spec.device
+        rows = [self._row[s] for s in seq_ids]
+        t = base["query_len"]
+        row_t = torch.tensor(rows, dtype=torch.int64)
+        positions = base["position_ids"].cpu()
+        is_real = torch.arange(t)[None, :] < torch.tensor(num_new)[:, None]
+        write_pos = torch.where(is_real, positions, torch.full_like(positions, self.max_seq_len))
+        return ContiguousStepMeta(
+            **base,
+            rows=row_t.to(device),
+            rows_are_prefix=rows == list(range(len(rows))),
+            write_rows=row_t[:, None].expand(-1, t).contiguous().to(device),
+            write_positions=write_pos.to(device),
+        )
+
+    def layer_kv(self, layer_idx: int):
+        i = self.layer_index(layer_idx)
+        return self.keys[i], self.values[i]
+
+    def memory_stats(self) -> MemoryStats:
+        per_token = self.spec.kv_bytes_per_token
+        allocated = self.keys.numel() * self.keys.element_size() * 2
+        return MemoryStats(
+            bytes_allocated=allocated,
+            bytes_in_use=len(self._row) * self.max_seq_len * per_token,
+            bytes_holding_tokens=sum(self._lengths.values()) * per_token,
+            state_bytes=self._state_bytes(),
+        )

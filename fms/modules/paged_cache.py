@@ -1,0 +1,293 @@
+"""The paged KV cache: a shared pool of fixed-size pages per attention layer and per-step page metadata.
+
+Pool layout per layer (what both FlexAttention and the Triton decode kernel read):
+
+    keys[layer] : (Hkv, (num_pages + 1) * page_size, D)      slot = page * page_size + offset
+                   page num_pages is a scratch page: padded query tokens write there, nothing reads it
+
+    sequence s:  block_table[s] = [p7, p2, p9]    logical page j -> physical page
+                 token at logical position t lives in slot block_table[s][t // ps] * ps + t % ps
+
+A physical page sits at the same logical index in every sequence that holds it (shared pages are
+always a common prefix), so one int32 array page_logical[physical page] -> logical page index
+lets a mask_mod turn a pool slot back into a token position without a per-sequence inverse table.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Hashable
+
+import torch
+
+from fms.modules.block_allocator import BlockAllocator, OutOfPagesError, PageTables
+from fms.modules.kv_cache import KVCacheSpec, MemoryStats, SequenceCache, StepMeta
+
+__all__ = ["PagedKVCache", "PagedStepMeta", "OutOfPagesError", "SUPPORTED_PAGE_SIZES", "pages_for_budget"]
+
+# FlexAttention's KV mask block is one page; Triton tiles need at least 16 rows.
+SUPPORTED_PAGE_SIZES = (16, 32, 64, 128, 256)
+Q_BLOCK_SIZE = 128
+
+
+def validate_page_size(page_size: int) -> int:
+    if page_size not in SUPPORTED_PAGE_SIZES:
+        raise ValueError(
+            f"page_size {page_size} cannot be used by the paged kernels; allowed: {list(SUPPORTED_PAGE_SIZES)} "
+            "(one page is one FlexAttention KV mask block, which must be a power of two of at least 16)"
+        )
+    return page_size
+
+
+def pages_for_budget(spec: KVCacheSpec, page_size: int, memory_gb: float | None = None,
+                     memory_fraction: float | None = None) -> int:
+    """Pages that fit in a byte budget, given in GB or as a fraction of free GPU memory."""
+    page_bytes = spec.kv_bytes_per_token * page_size
+    if memory_gb is not None:
+        if memory_gb <= 0:
+            raise ValueError(f"memory_gb must be > 0, got {memory_gb}")
+        budget = memory_gb * 1e9
+    elif memory_fraction is not None:
+        if not 0 < memory_fraction <= 1:
+            raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
+        if spec.device.type != "cuda":
+            raise ValueError("memory_fraction sizes the pool from free GPU memory; on CPU give num_pages or memory_gb")
+        budget = torch.cuda.mem_get_info(spec.device)[0] * memory_fraction
+    else:
+        raise ValueError("give one of num_pages, memory_gb, memory_fraction")
+    return max(int(budget // page_bytes) - 1, 0)
+
+
+@dataclass(frozen=True)
+class PagedStepMeta(StepMeta):
+    page_size: int = 16
+    slot_mapping: torch.Tensor | None = None  # (B*T,) pool slot of each query token (padding -> scratch)
+    page_table: torch.Tensor | None = None  # (B, W) int32 physical page of logical page j; W fixed per cache
+    seq_lens: torch.Tensor | None = None  # (B,) int32 tokens held after this step
+    q_start: torch.Tensor | None = None  # (B,) int64 logical position of each row's first query
+    block_mask: object | None = None  # FlexAttention BlockMask over the pool, shared by all layers
+    page_logical: torch.Tensor | None = None  # (num_pages + 1,) int32
+    window: int | None = None
+
+
+class PagedKVCache(SequenceCache):
+    def __init__(
+        self,
+        spec: KVCacheSpec,
+        max_batch_size: int,
+        max_seq_len: int,
+        page_size: int = 16,
+        num_pages: int | None = None,
+        memory_gb: float | None = None,
+        memory_fraction: float | None = None,
+    ):
+        super().__init__(spec, max_batch_size, max_seq_len)
+        self.page_size = validate_page_size(page_size)
+        if num_pages is None:
+            if memory_gb is None and memory_fraction is None:
+                # Enough for every sequence at full length: the safe default for a static batch.
+                num_pages = max_batch_size * math.ceil(max_seq_len / page_size)
+            else:
+                num_pages = pages_for_budget(spec, page_size, memory_gb, memory_fraction)
+        if num_pages < 1:
+            raise ValueError(f"the page pool needs at least 1 page, got num_pages={num_pages}")
+        self.num_pages = num_pages
+        self.allocator = BlockAllocator(num_pages)
+        self.tables = PageTables(self.allocator, page_size)
+        self.max_pages_per_seq = math.ceil(max_seq_len / page_size)
+        n_layers = len(spec.attention_layers)
+        num_slots = (num_pages + 1) * page_size
+        shape = (n_layers, spec.num_kv_heads, num_slots, spec.head_dim)
+        self.keys = torch.zeros(shape, dtype=spec.dtype, device=spec.device)
+        self.values = torch.zeros(shape, dtype=spec.dtype, device=spec.device)
+        self.page_logical = torch.zeros(num_pages + 1, dtype=torch.int32, device=spec.device)
+        self.scratch_page = num_pages
+        self.window = spec.sliding_window
+        self._freed_front: dict[Hashable, int] = {}
+
+    # -- sequences -------------------------------------------------------------------------
+    def _add(self, seq_id):
+        self.tables.add(seq_id)
+        self._freed_front[seq_id] = 0
+
+    def _free(self, seq_id):
+        self.tables.free(seq_id)
+        del self._freed_front[seq_id]
+
+    def fork(self, parent: Hashable, child: Hashable) -> None:
+        """child starts as parent's copy, sharing its pages (copy-on-write of a partial last page)."""
+        self._check_known(parent)
+        if child in self:
+            raise ValueError(f"sequence {child!r} is already in the cache")
+        if len(self._lengths) >= self.max_batch_size:
+            raise ValueError(f"the cache holds at most {self.max_batch_size} sequences")
+        if self.state_pool is not None:
+            raise NotImplementedError("forking a sequence with recurrent state is not supported")
+        self.tables.fork(parent, child)
+        self._freed_front[child] = self._freed_front[parent]
+        self._lengths[child] = self._lengths[parent]
+
+    def block_table(self, seq_id) -> list[int]:
+        return self.tables.block_table(seq_id)
+
+    # -- steps -----------------------------------------------------------------------------
+    def _reserve(self, seq_ids, num_new_tokens):
+        needed = sum(self.tables.num_pages_needed(s, n) for s, n in zip(seq_ids, num_new_tokens))
+        if needed > self.allocator.num_free:
+            raise OutOfPagesError(needed, self.allocator.num_free)
+        copies = []
+        for seq_id, n in zip(seq_ids, num_new_tokens):
+            before = len(self.tables.block_table(seq_id))
+            seq_copies = self.tables.reserve(seq_id, n)
+            table = self.tables.block_table(seq_id)
+            # new pages and copy-on-write targets need their logical index recorded
+            logical = list(range(before, len(table))) + [table.index(dst) for _, dst in seq_copies]
+            self._set_logical([table[j] for j in logical], logical)
+            copies += seq_copies
+        if copies:
+            src = torch.tensor([s for s, _ in copies], device=self.spec.device)
+            dst = torch.tensor([d for _, d in copies], device=self.spec.device)
+            self._copy_pages(src, dst)
+
+    def _set_logical(self, pages, logical):
+        if pages:
+            idx = torch.tensor(pages, dtype=torch.int64, device=self.spec.device)
+            val = torch.tensor(logical, dtype=torch.int32, device=self.spec.device)
+            self.page_logical.index_put_((idx,), val)
+
+    def _copy_pages(self, src: torch.Tensor, dst: torch.Tensor):
+        offsets = torch.arange(self.page_size, device=src.device)
+        src_slots = (src[:, None] * self.page_size + offsets).flatten()
+        dst_slots = (dst[:, None] * self.page_size + offsets).flatten()
+        for pool in (self.keys, self.values):
+            pool[:, :, dst_slots] = pool[:, :, src_slots]
+
+    def release_out_of_window(self, seq_id) -> list[int]:
+        """Free pages no future query of this sequence can see (sliding-window attention)."""
+        if self.window is None:
+            return []
+        next_pos = self._lengths[seq_id]  # position of the next query
+        first_visible = max(next_pos - self.window + 1, 0)
+        droppable = first_visible // self.page_size - self._freed_front[seq_id]
+        if droppable <= 0:
+            return []
+        freed = self.tables.truncate_front(seq_id, droppable)
+        self._freed_front[seq_id] += droppable
+        return freed
+
+    def _build_meta(self, base, seq_ids, context, num_new):
+        ps, width = self.page_size, self.max_pages_per_seq
+        device = self.spec.device
+        b, t = len(seq_ids), base["query_len"]
+        table = torch.zeros(b, width, dtype=torch.int32)
+        for row, seq_id in enumerate(seq_ids):
+            pages = self.tables.block_table(seq_id)
+            table[row, : len(pages)] = torch.tensor(pages, dtype=torch.int32).clamp_min(0)
+        ctx = torch.tensor(context, dtype=torch.int64)
+        new = torch.tensor(num_new, dtype=torch.int64)
+        pos = ctx[:, None] + torch.arange(t)[None, :]  # (B, T)
+        is_real = torch.arange(t)[None, :] < new[:, None]
+        page_of = torch.gather(table.long(), 1, (pos // ps).clamp_max(width - 1))
+        slots = page_of * ps + pos % ps
+        scratch = self.scratch_page * ps + torch.arange(t)[None, :].expand(b, -1) % ps
+        slots = torch.where(is_real, slots, scratch)
+        table_d = table.to(device, non_blocking=True)
+        q_start = base["context_lens"]
+        block_mask = build_paged_block_mask(
+            table_d, q_start, base["num_new_tokens"], t, ps, self.page_logical,
+            self.keys.shape[2], self.window,
+        )
+        return PagedStepMeta(
+            **base,
+            page_size=ps,
+            slot_mapping=slots.flatten().to(device, non_blocking=True),
+            page_table=table_d,
+            seq_lens=(ctx + new).to(torch.int32).to(device, non_blocking=True),
+            q_start=q_start,
+            block_mask=block_mask,
+            page_logical=self.page_logical,
+            window=self.window,
+        )
+
+    def layer_kv(self, layer_idx: int):
+        i = self.layer_index(layer_idx)
+        return self.keys[i], self.values[i]
+
+    # -- statistics ------------------------------------------------------------------------
+    def memory_stats(self) -> MemoryStats:
+        page_bytes = self.spec.kv_bytes_per_token * self.page_size
+        fill: dict[int, int] = {}
+        for seq_id in self.tables.sequences():
+            length = self.tables.length(seq_id)
+            for j, page in enumerate(self.tables.block_table(seq_id)):
+                if page >= 0:
+                    fill[page] = max(fill.get(page, 0), min(self.page_size, length - j * self.page_size))
+        return MemoryStats(
+            bytes_allocated=self.num_pages * page_bytes,
+            bytes_in_use=self.allocator.num_used * page_bytes,
+            bytes_holding_tokens=sum(fill.values()) * self.spec.kv_bytes_per_token,
+            pages_in_use=self.allocator.num_used,
+            num_pages=self.num_pages,
+            state_bytes=self._state_bytes(),
+            extra={"page_size": self.page_size},
+        )
+
+
+def build_paged_block_mask(page_table, q_start, num_new, query_len, page_size, page_logical, kv_len, window):
+    """A FlexAttention BlockMask over the page pool, straight from the compact page table.
+
+    For query block i of row b (logical positions q_lo..q_hi) the visible logical pages split into
+    pages every query sees whole (full blocks: no mask_mod call) and pages at the causal edge or the
+    window edge (partial blocks: mask_mod decides per token). Indices are physical pages.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    device = page_table.device
+    b, width = page_table.shape
+    q_block = Q_BLOCK_SIZE
+    n_qb = math.ceil(query_len / q_block)
+    blk = torch.arange(n_qb, device=device)
+    q_lo = q_start[:, None] + blk[None, :] * q_block  # (B, Qb)
+    q_hi = q_start[:, None] + torch.minimum((blk[None, :] + 1) * q_block, num_new[:, None]) - 1
+    q_hi = torch.maximum(q_hi, q_lo)  # blocks made only of padding still see position q_lo
+    last = q_hi // page_size  # last visible page
+    full_end = (q_lo + 1) // page_size  # pages [.., full_end) are fully visible to every query
+    if window is None:
+        first_visible = torch.zeros_like(q_lo)
+        full_start = torch.zeros_like(q_lo)
+    else:
+        first_visible = (q_lo - window + 1).clamp_min(0) // page_size
+        full_start = torch.div((q_hi - window + 1).clamp_min(0) + page_size - 1, page_size, rounding_mode="floor")
+    full_start = torch.minimum(full_start, full_end)
+    n_full = (full_end - full_start).clamp_min(0)
+    n_front = (full_start - first_visible).clamp_min(0)  # window-edge partial pages
+    back_start = torch.maximum(full_end, full_start)
+    n_back = (last - back_start + 1).clamp_min(0)  # causal-edge partial pages
+    j = torch.arange(width, device=device)[None, None, :]
+    partial_logical = torch.where(
+        j < n_front[..., None], first_visible[..., None] + j, back_start[..., None] + (j - n_front[..., None])
+    ).clamp(0, width - 1)
+    full_logical = (full_start[..., None] + j).clamp(max=width - 1)
+    table = page_table.long()[:, None, :].expand(-1, n_qb, -1)
+    kv_indices = torch.gather(table, 2, partial_logical).to(torch.int32)[:, None]  # (B, 1, Qb, W)
+    full_indices = torch.gather(table, 2, full_logical).to(torch.int32)[:, None]
+    kv_num = (n_front + n_back).to(torch.int32)[:, None]  # (B, 1, Qb)
+    full_num = n_full.to(torch.int32)[:, None]
+
+    def paged_mask(b_idx, h_idx, q_idx, kv_idx):
+        page = kv_idx // page_size
+        logical_page = page_logical[page]
+        # Compiled kernels only visit this row's pages; eager FlexAttention evaluates every pool slot,
+        # so the page must also be checked to belong to row b.
+        owned = page_table[b_idx, logical_page.clamp(0, width - 1)] == page
+        logical = logical_page * page_size + kv_idx % page_size
+        q_pos = q_start[b_idx] + q_idx
+        visible = owned & (logical <= q_pos)
+        if window is not None:
+            visible = visible & (q_pos - logical < window)
+        return visible
+
+    kwargs = dict(BLOCK_SIZE=(q_block, page_size), mask_mod=paged_mask, seq_lengths=(query_len, kv_len))
+    try:
+        return BlockMask.from_kv_blocks(kv_num, kv_indices, full_num, full_indices, compute_q_blocks=False, **kwargs)
+    except TypeError:  # torch without compute_q_blocks
+        return BlockMask.from_kv_blocks(kv_num, kv_indices, full_num, full_indices, **kwargs)

@@ -1,0 +1,67 @@
+"""Rotary position embeddings (rotate-half layout) with Llama-3 frequency scaling."""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """HF `rope_scaling` of type "llama3"; other types are rejected when the config is read."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+    def __post_init__(self):
+        if self.factor <= 0 or self.low_freq_factor <= 0 or self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(
+                f"invalid llama3 rope scaling {self}: need factor > 0 and high_freq_factor > low_freq_factor > 0"
+            )
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> torch.Tensor:
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if scaling is None:
+        return inv_freq.float()
+    orig = scaling.original_max_position_embeddings
+    low_wavelen = orig / scaling.low_freq_factor
+    high_wavelen = orig / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (orig / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, blended)
+    scaled = torch.where(wavelen < high_wavelen, inv_freq, scaled)
+    return scaled.float()
+
+
+class RotaryEmbedding(nn.Module):
+    """Applies rotate-half RoPE to q and k at given positions; cos/sin in fp32."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: RopeScaling | None = None):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
+        self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling), persistent=False)
+
+    def reset_buffers(self):
+        # inv_freq stays fp32 whatever the model dtype: positions up to 128k need its precision.
+        self.inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling).to(self.inv_freq.device)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor):
+        # q: (B, Hq, T, D), k: (B, Hkv, T, D), position_ids: (B, T)
+        angles = position_ids.float()[..., None] * self.inv_freq  # (B, T, D/2)
+        angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, D)
+        cos, sin = angles.cos(), angles.sin()
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    h = x.float()
+    half = h.shape[-1] // 2
+    rotated = torch.cat((-h[..., half:], h[..., :half]), dim=-1)
+    return (h * cos + rotated * sin).to(x.dtype)

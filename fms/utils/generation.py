@@ -1,0 +1,167 @@
+"""Static-batch generation over any attention op's cache: greedy or sampled, stopping at EOS."""
+
+from typing import Sequence
+
+import torch
+
+from fms.modules.attention import get_attention_op
+
+
+def _as_id_lists(prompts) -> list[list[int]]:
+    if isinstance(prompts, torch.Tensor) or not isinstance(prompts, (list, tuple)):
+        raise ValueError("prompts must be a list of token-id lists or 1-D tensors (one per sequence)")
+    if not prompts:
+        raise ValueError("prompts is empty: give at least one prompt")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, torch.Tensor):
+            if p.dim() != 1:
+                raise ValueError(f"prompt {i} must be a 1-D tensor of token ids, got shape {tuple(p.shape)}")
+            p = p.tolist()
+        p = list(p)
+        if not p:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+        out.append([int(t) for t in p])
+    return out
+
+
+def validate_prompts(prompts, vocab_size: int, max_new_tokens: int, max_len: int) -> list[list[int]]:
+    """Token-id lists, checked against the vocabulary and the context length."""
+    ids = _as_id_lists(prompts)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    for i, p in enumerate(ids):
+        bad = [t for t in p if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+        if len(p) + max_new_tokens > max_len:
+            raise ValueError(
+                f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that is "
+                f"{len(p) + max_new_tokens}, over the model's context of {max_len} tokens"
+            )
+    return ids
+
+
+def _check_sampling(temperature, top_k, top_p):
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+
+
+def sample_tokens(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0,
+                  top_k: int | None = None, top_p: float | None = None,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,). Greedy unless do_sample."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token once the mass before it already reaches top_p (the first token always stays)
+        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompts: Sequence,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    attn_name: str | None = None,
+    prefill_chunk_size: int | None = None,
+    return_stats: bool = False,
+    **cache_options,
+):
+    """Generate for a batch of prompts of different lengths; returns the new token ids per prompt.
+
+    attn_name picks the attention op (default: the model's); cache_options go to its cache
+    (e.g. page_size=, num_pages= for "paged"). With return_stats, also returns a dict of cache
+    memory statistics at the fullest point of the run.
+    """
+    config = model.config
+    op = get_attention_op(attn_name or model.attn_name)
+    ids = validate_prompts(prompts, config.vocab_size, max_new_tokens, config.max_position_embeddings)
+    if do_sample:
+        _check_sampling(temperature, top_k, top_p)
+    if prefill_chunk_size is not None and prefill_chunk_size < 1:
+        raise ValueError(f"prefill_chunk_size must be >= 1 or None, got {prefill_chunk_size}")
+    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or ()))
+    outputs: list[list[int]] = [[] for _ in ids]
+    if max_new_tokens == 0:
+        return (outputs, {}) if return_stats else outputs
+
+    device = model.embedding.weight.device
+    generator = None
+    if do_sample and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    max_seq_len = max(len(p) for p in ids) + max_new_tokens
+    cache = op.create_cache(model.cache_spec(), max_batch_size=len(ids), max_seq_len=max_seq_len, **cache_options)
+    peak = {}
+
+    def record():
+        if not return_stats:
+            return
+        stats = cache.memory_stats().as_dict()
+        if stats["kv_bytes_in_use"] >= peak.get("kv_bytes_in_use", -1):
+            peak.update(stats)
+
+    def run(seq_ids, chunks):
+        meta = cache.prepare(seq_ids, [len(c) for c in chunks])
+        width = meta.query_len
+        tokens = torch.tensor([c + [0] * (width - len(c)) for c in chunks], dtype=torch.long).to(device)
+        last = torch.tensor([len(c) - 1 for c in chunks], device=device)
+        logits = model(tokens, attn_name=op.name, logits_positions=last, cache=cache, meta=meta)
+        return logits[:, 0]
+
+    try:
+        for seq_id in range(len(ids)):
+            cache.add(seq_id)
+        # prefill, in chunks if asked; every row advances by up to one chunk per step
+        chunk = prefill_chunk_size or max(len(p) for p in ids)
+        done = [0] * len(ids)
+        last_logits = [None] * len(ids)
+        while any(d < len(p) for d, p in zip(done, ids)):
+            rows = [i for i, p in enumerate(ids) if done[i] < len(p)]
+            chunks = [ids[i][done[i]: done[i] + chunk] for i in rows]
+            logits = run(rows, chunks)
+            for r, i in enumerate(rows):
+                done[i] += len(chunks[r])
+                last_logits[i] = logits[r]
+        record()
+        next_tokens = sample_tokens(torch.stack(last_logits), do_sample, temperature, top_k, top_p, generator)
+        active = list(range(len(ids)))
+        for step in range(max_new_tokens):
+            chosen = next_tokens.tolist()
+            still = []
+            for seq_id, token in zip(active, chosen):
+                outputs[seq_id].append(token)
+                if token in eos or step == max_new_tokens - 1:
+                    cache.free(seq_id)  # pages go back to the pool as soon as a sequence ends
+                else:
+                    still.append((seq_id, token))
+            if not still:
+                break
+            active = [s for s, _ in still]
+            logits = run(active, [[t] for _, t in still])
+            record()
+            next_tokens = sample_tokens(logits, do_sample, temperature, top_k, top_p, generator)
+    finally:
+        for seq_id in cache.sequences:
+            cache.free(seq_id)
+    return (outputs, peak) if return_stats else outputs
