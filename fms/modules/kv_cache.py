@@ -203,6 +203,10 @@ class SequenceCache:
         except KeyError:
             raise ValueError(f"layer {layer_idx} is not an attention layer of this cache") from None
 
+    def release_out_of_window(self, seq_id: Hashable) -> list[int]:
+        """Free storage no future query of this sequence can see (sliding window); [] if none."""
+        return []
+
     # subclasses
     def _add(self, seq_id):
         pass

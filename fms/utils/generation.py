@@ -158,6 +158,8 @@ def generate(
             if not still:
                 break
             active = [s for s, _ in still]
+            for seq_id in active:
+                cache.release_out_of_window(seq_id)
             logits = run(active, [[t] for _, t in still])
             record()
             next_tokens = sample_tokens(logits, do_sample, temperature, top_k, top_p, generator)
