@@ -16,7 +16,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["fms", "fms.*"]),
-    package_data={"fms": ["resources/tokenizer/*", "resources/eval/*"]},
+    package_data={"fms.resources": ["tokenizer/*", "eval/*", "eval/*/*"]},
     include_package_data=True,
     install_requires=_requirements("requirements.txt"),
     extras_require={

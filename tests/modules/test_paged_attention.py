@@ -1,0 +1,211 @@
+"""The paged op against SDPA over contiguous K/V, at op level, on fresh random inputs.
+
+fp32 on CPU (eager FlexAttention): outputs agree within atol 1e-5, rtol 1e-5.
+"""
+
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fms.modules.attention import get_attention_op
+from fms.modules.block_allocator import OutOfPagesError
+from fms.modules.kv_cache import KVCacheSpec
+from fms.modules.masks import AttentionVariant
+from fms.modules.paged_cache import SUPPORTED_PAGE_SIZES, PagedKVCache, build_paged_block_mask
+
+pytestmark = pytest.mark.paged
+
+ATOL = RTOL = 1e-5
+HEAD_DIM = 16
+CAUSAL = AttentionVariant()
+
+
+def _spec(num_kv_heads=2, max_pos=4096):
+    return KVCacheSpec(num_layers=1, attention_layers=(0,), num_kv_heads=num_kv_heads, head_dim=HEAD_DIM,
+                       dtype=torch.float32, device=torch.device("cpu"), max_position_embeddings=max_pos)
+
+
+def _reference(q, k_all, v_all, q_positions, scale):
+    """Dense causal attention of one sequence: q (Hq, T, D) at positions q_positions over k_all (Hkv, L, D)."""
+    mask = torch.arange(k_all.shape[1])[None, :] <= q_positions[:, None]
+    return F.scaled_dot_product_attention(q[None], k_all[None], v_all[None], attn_mask=mask[None, None],
+                                          scale=scale, enable_gqa=True)[0]
+
+
+class _Driver:
+    """Feeds random K/V through the paged op step by step and keeps the full history per sequence."""
+
+    def __init__(self, cache, num_heads, num_kv_heads, seed):
+        self.cache, self.hq, self.hkv = cache, num_heads, num_kv_heads
+        self.gen = torch.Generator().manual_seed(seed)
+        self.history = {}
+        self.op = get_attention_op("paged")
+        self.scale = HEAD_DIM**-0.5
+
+    def add(self, seq_id):
+        self.cache.add(seq_id)
+        self.history[seq_id] = (torch.empty(self.hkv, 0, HEAD_DIM), torch.empty(self.hkv, 0, HEAD_DIM))
+
+    def step(self, seq_ids, counts):
+        t = max(counts)
+        b = len(seq_ids)
+        q = torch.randn(b, self.hq, t, HEAD_DIM, generator=self.gen)
+        k = torch.randn(b, self.hkv, t, HEAD_DIM, generator=self.gen)
+        v = torch.randn(b, self.hkv, t, HEAD_DIM, generator=self.gen)
+        meta = self.cache.prepare(seq_ids, counts)
+        out = self.op.attend(q, k, v, layer_idx=0, scale=self.scale, variant=CAUSAL, cache=self.cache, meta=meta)
+        for row, (seq_id, n) in enumerate(zip(seq_ids, counts)):
+            hk, hv = self.history[seq_id]
+            hk, hv = torch.cat([hk, k[row, :, :n]], 1), torch.cat([hv, v[row, :, :n]], 1)
+            self.history[seq_id] = (hk, hv)
+            positions = torch.arange(hk.shape[1] - n, hk.shape[1])
+            expected = _reference(q[row, :, :n], hk, hv, positions, self.scale)
+            torch.testing.assert_close(out[row, :, :n], expected, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("page_size", SUPPORTED_PAGE_SIZES)
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_prefill_then_decode_every_page_size_and_gqa(page_size, group):
+    hkv = 2
+    lengths = [1, page_size - 1, page_size, page_size + 1]
+    cache = PagedKVCache(_spec(hkv), max_batch_size=4, max_seq_len=page_size * 3, page_size=page_size)
+    driver = _Driver(cache, hkv * group, hkv, seed=page_size * 10 + group)
+    for i in range(4):
+        driver.add(i)
+    driver.step([0, 1, 2, 3], lengths)  # ragged prefill
+    for _ in range(3):
+        driver.step([0, 1, 2, 3], [1, 1, 1, 1])  # decode across page boundaries
+
+
+@pytest.mark.parametrize("page_size", [16, 32])
+def test_chunked_prefill_and_interleaved_growth_scatter_pages(page_size):
+    cache = PagedKVCache(_spec(2), max_batch_size=3, max_seq_len=8 * page_size, page_size=page_size)
+    driver = _Driver(cache, 8, 2, seed=7)
+    for i in range(3):
+        driver.add(i)
+    rng = random.Random(3)
+    # sequences grow in random-sized chunks, so their pages interleave in the pool
+    for _ in range(6):
+        counts = [rng.randint(1, page_size + 3) for _ in range(3)]
+        driver.step([0, 1, 2], counts)
+    tables = [cache.block_table(i) for i in range(3)]
+    assert any(t != sorted(t) or t != list(range(t[0], t[0] + len(t))) for t in tables), tables
+
+
+def test_subset_of_sequences_per_step_and_freeing():
+    cache = PagedKVCache(_spec(2), max_batch_size=4, max_seq_len=128, page_size=16)
+    driver = _Driver(cache, 4, 2, seed=11)
+    for i in range(4):
+        driver.add(i)
+    driver.step([0, 1, 2, 3], [20, 3, 17, 40])
+    cache.free(1)
+    driver.step([3, 0], [1, 5])
+    driver.add(9)
+    driver.step([9, 2], [33, 1])  # new sequence reuses freed pages
+    driver.step([0, 2, 3, 9], [1, 1, 1, 1])
+
+
+def test_forked_sequences_share_a_prefix_with_copy_on_write():
+    page_size = 16
+    cache = PagedKVCache(_spec(2), max_batch_size=3, max_seq_len=128, page_size=page_size)
+    driver = _Driver(cache, 8, 2, seed=5)
+    driver.add("parent")
+    driver.step(["parent"], [page_size + 5])  # one full page + a partial page
+    cache.fork("parent", "child")
+    driver.history["child"] = driver.history["parent"]
+    parent_pages = cache.block_table("parent")
+    assert cache.block_table("child") == parent_pages
+    driver.step(["parent", "child"], [3, 4])  # both write into the shared partial page -> copy on write
+    assert cache.block_table("child")[0] == parent_pages[0]  # the full page stays shared
+    assert cache.block_table("child")[1] != cache.block_table("parent")[1]
+    driver.step(["child", "parent"], [1, 1])
+
+
+@pytest.mark.parametrize("page_size", [16, 64])
+def test_block_mask_from_a_shuffled_page_table(page_size):
+    """Any permutation of physical pages gives the same attention as contiguous K/V."""
+    gen = torch.Generator().manual_seed(page_size)
+    hkv, hq, num_pages = 2, 8, 12
+    lengths = [3 * page_size + 1, page_size, 1]
+    width = 4
+    perm = torch.randperm(num_pages, generator=gen)
+    pool_k = torch.randn(hkv, (num_pages + 1) * page_size, HEAD_DIM, generator=gen)
+    pool_v = torch.randn_like(pool_k)
+    table = torch.zeros(len(lengths), width, dtype=torch.int32)
+    page_logical = torch.zeros(num_pages + 1, dtype=torch.int32)
+    used = iter(perm.tolist())
+    for b, n in enumerate(lengths):
+        for j in range(math.ceil(n / page_size)):
+            p = next(used)
+            table[b, j] = p
+            page_logical[p] = j
+    # decode: one query per sequence at its last position
+    q = torch.randn(len(lengths), hq, 1, HEAD_DIM, generator=gen)
+    q_start = torch.tensor([n - 1 for n in lengths])
+    mask = build_paged_block_mask(table, q_start, torch.ones(len(lengths), dtype=torch.int64), 1, page_size,
+                                  page_logical, pool_k.shape[1], None)
+    from fms.modules.attention import flex_attention
+
+    out = flex_attention(q, pool_k[None], pool_v[None], scale=0.25, block_mask=mask)
+    for b, n in enumerate(lengths):
+        slots = torch.cat([torch.arange(p * page_size, (p + 1) * page_size) for p in table[b].tolist()])[:n]
+        expected = _reference(q[b], pool_k[:, slots], pool_v[:, slots], torch.tensor([n - 1]), 0.25)
+        torch.testing.assert_close(out[b], expected, atol=ATOL, rtol=RTOL)
+
+
+def test_out_of_pages_raises_and_leaves_the_cache_intact():
+    cache = PagedKVCache(_spec(2), max_batch_size=3, max_seq_len=256, page_size=16, num_pages=4)
+    driver = _Driver(cache, 4, 2, seed=1)
+    driver.add(0)
+    driver.add(1)
+    driver.step([0, 1], [30, 20])  # 2 + 2 pages: pool full
+    before = (cache.block_table(0), cache.block_table(1), cache.length(0), cache.allocator.num_free)
+    with pytest.raises(OutOfPagesError, match="pages"):
+        cache.prepare([0, 1], [1, 20])
+    assert (cache.block_table(0), cache.block_table(1), cache.length(0), cache.allocator.num_free) == before
+    driver.step([0], [2])  # seq 0's last page still has room; nothing was corrupted
+    driver.step([1], [1])
+
+
+def test_memory_stats_follow_the_tokens():
+    cache = PagedKVCache(_spec(2), max_batch_size=2, max_seq_len=256, page_size=16, num_pages=20)
+    cache.add(0)
+    cache.add(1)
+    cache.prepare([0, 1], [17, 40])
+    stats = cache.memory_stats()
+    per_token = _spec(2).kv_bytes_per_token
+    assert stats.pages_in_use == 2 + 3
+    assert stats.bytes_holding_tokens == 57 * per_token
+    assert stats.bytes_in_use == 5 * 16 * per_token
+    assert stats.bytes_allocated == 20 * 16 * per_token
+    cache.free(1)
+    assert cache.memory_stats().pages_in_use == 2
+
+
+@pytest.mark.parametrize("page_size", [0, 8, 24, 100, 512])
+def test_bad_page_size_is_rejected(page_size):
+    with pytest.raises(ValueError, match=f"page_size {page_size} cannot be used"):
+        PagedKVCache(_spec(), max_batch_size=1, max_seq_len=64, page_size=page_size)
+
+
+def test_pool_too_small_for_one_prompt():
+    cache = PagedKVCache(_spec(), max_batch_size=1, max_seq_len=256, page_size=16, num_pages=2)
+    cache.add(0)
+    with pytest.raises(OutOfPagesError, match="3"):
+        cache.prepare([0], [40])
+    assert cache.allocator.num_free == 2
+
+
+def test_unknown_attention_op():
+    with pytest.raises(ValueError, match="unknown attn_name 'pagd'.*paged"):
+        get_attention_op("pagd")
+
+
+def test_prompt_longer_than_cache():
+    cache = PagedKVCache(_spec(max_pos=64), max_batch_size=1, max_seq_len=64, page_size=16)
+    cache.add(0)
+    with pytest.raises(ValueError, match="max_seq_len of 64"):
+        cache.prepare([0], [65])
