@@ -139,7 +139,7 @@ def get_model(
     else:
         generator = torch.Generator(device="cpu").manual_seed(seed)
         model.reset_parameters(generator)
-    return model.eval()
+    return model.eval().requires_grad_(False)
 
 
 def materialize(model: nn.Module) -> None:

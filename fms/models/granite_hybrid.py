@@ -107,7 +107,7 @@ class GraniteHybrid(LLaMA):
 
     def build_mixer(self, layer_idx: int) -> nn.Module:
         if self.layer_type(layer_idx) == "mamba":
-            from fms.modules.ssm import MambaLayer
+            from fms.modules.mamba_layer import MambaLayer
 
             return MambaLayer(self.config.mamba_config(), layer_idx)
         return super().build_mixer(layer_idx)
@@ -124,15 +124,20 @@ class GraniteHybrid(LLaMA):
         mamba_layers = tuple(i for i, t in enumerate(self.config.layer_types) if t == "mamba")
         if not mamba_layers:
             return None
-        from fms.modules.ssm import MambaStateSpec
+        from fms.modules.mamba_layer import MambaStateSpec
 
         return MambaStateSpec(self.config.mamba_config(), mamba_layers, self.embedding.weight.dtype)
+
+
+_HF_V5_LAYER_TYPES = {"full_attention": "attention", "linear_attention": "mamba"}
 
 
 def granite_hybrid_config_from_hf(hf: dict) -> GraniteHybridConfig:
     layer_types = hf.get("layer_types") or hf.get("layers_block_type")
     if layer_types is None:
         layer_types = ["mamba"] * hf["num_hidden_layers"]
+    # transformers >= 5 writes the generic names "full_attention" / "linear_attention" (= Mamba)
+    layer_types = [_HF_V5_LAYER_TYPES.get(t, t) for t in layer_types]
     num_heads = hf.get("mamba_n_heads", 0)
     head_dim = hf.get("mamba_d_head", 0)
     if head_dim == "auto":

@@ -1,5 +1,7 @@
 """Model level: greedy generation with the paged op equals sdpa token for token (fp32, CPU)."""
 
+import os
+
 import pytest
 import torch
 
@@ -8,6 +10,8 @@ from fms.utils.generation import generate
 
 pytestmark = pytest.mark.paged
 
+# FMS_TEST_DEVICE=cuda runs these on the GPU in fp32 (compiled FlexAttention and the Triton decode kernel).
+DEVICE = os.environ.get("FMS_TEST_DEVICE", "cpu")
 MODELS = [("llama", "nano"), ("granite", "nano"), ("granite_hybrid", "nano")]
 
 
@@ -19,7 +23,7 @@ def _prompts(vocab, lengths, seed):
 @pytest.mark.parametrize("architecture,variant", MODELS)
 @pytest.mark.parametrize("page_size", [16, 64])
 def test_paged_equals_sdpa(architecture, variant, page_size):
-    model = get_model(architecture, variant, seed=3)
+    model = get_model(architecture, variant, seed=3, device_type=DEVICE, data_type="float32")
     prompts = _prompts(model.config.vocab_size, [1, 15, 16, 17, 40], seed=page_size)
     expected = generate(model, prompts, 20, attn_name="sdpa")
     got, stats = generate(model, prompts, 20, attn_name="paged", page_size=page_size, return_stats=True)
@@ -28,7 +32,7 @@ def test_paged_equals_sdpa(architecture, variant, page_size):
 
 
 def test_paged_with_a_tight_pool_and_chunked_prefill():
-    model = get_model("llama", "nano", seed=1)
+    model = get_model("llama", "nano", seed=1, device_type=DEVICE, data_type="float32")
     prompts = _prompts(model.config.vocab_size, [33, 7, 20], seed=2)
     expected = generate(model, prompts, 10, attn_name="sdpa")
     # exactly the pages the three sequences need at their longest
@@ -38,7 +42,7 @@ def test_paged_with_a_tight_pool_and_chunked_prefill():
 
 
 def test_model_chosen_per_model_and_per_call():
-    model = get_model("llama", "nano", attn_name="paged")
+    model = get_model("llama", "nano", attn_name="paged", device_type=DEVICE, data_type="float32")
     prompts = _prompts(model.config.vocab_size, [5, 9], seed=4)
     assert generate(model, prompts, 6) == generate(model, prompts, 6, attn_name="sdpa")
 

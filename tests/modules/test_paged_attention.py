@@ -4,6 +4,7 @@ fp32 on CPU (eager FlexAttention): outputs agree within atol 1e-5, rtol 1e-5.
 """
 
 import math
+import os
 import random
 
 import pytest
@@ -18,19 +19,21 @@ from fms.modules.paged_cache import SUPPORTED_PAGE_SIZES, PagedKVCache, build_pa
 
 pytestmark = pytest.mark.paged
 
-ATOL = RTOL = 1e-5
+# FMS_TEST_DEVICE=cuda runs the same checks through the compiled CUDA kernels (TF32-level tolerance).
+DEVICE = torch.device(os.environ.get("FMS_TEST_DEVICE", "cpu"))
+ATOL = RTOL = 1e-5 if DEVICE.type == "cpu" else 2e-3
 HEAD_DIM = 16
 CAUSAL = AttentionVariant()
 
 
 def _spec(num_kv_heads=2, max_pos=4096):
     return KVCacheSpec(num_layers=1, attention_layers=(0,), num_kv_heads=num_kv_heads, head_dim=HEAD_DIM,
-                       dtype=torch.float32, device=torch.device("cpu"), max_position_embeddings=max_pos)
+                       dtype=torch.float32, device=DEVICE, max_position_embeddings=max_pos)
 
 
 def _reference(q, k_all, v_all, q_positions, scale):
     """Dense causal attention of one sequence: q (Hq, T, D) at positions q_positions over k_all (Hkv, L, D)."""
-    mask = torch.arange(k_all.shape[1])[None, :] <= q_positions[:, None]
+    mask = torch.arange(k_all.shape[1], device=k_all.device)[None, :] <= q_positions[:, None]
     return F.scaled_dot_product_attention(q[None], k_all[None], v_all[None], attn_mask=mask[None, None],
                                           scale=scale, enable_gqa=True)[0]
 
@@ -40,28 +43,29 @@ class _Driver:
 
     def __init__(self, cache, num_heads, num_kv_heads, seed):
         self.cache, self.hq, self.hkv = cache, num_heads, num_kv_heads
-        self.gen = torch.Generator().manual_seed(seed)
+        self.gen = torch.Generator(device=DEVICE).manual_seed(seed)
         self.history = {}
         self.op = get_attention_op("paged")
         self.scale = HEAD_DIM**-0.5
 
     def add(self, seq_id):
         self.cache.add(seq_id)
-        self.history[seq_id] = (torch.empty(self.hkv, 0, HEAD_DIM), torch.empty(self.hkv, 0, HEAD_DIM))
+        empty = torch.empty(self.hkv, 0, HEAD_DIM, device=DEVICE)
+        self.history[seq_id] = (empty, empty)
 
     def step(self, seq_ids, counts):
         t = max(counts)
         b = len(seq_ids)
-        q = torch.randn(b, self.hq, t, HEAD_DIM, generator=self.gen)
-        k = torch.randn(b, self.hkv, t, HEAD_DIM, generator=self.gen)
-        v = torch.randn(b, self.hkv, t, HEAD_DIM, generator=self.gen)
+        q = torch.randn(b, self.hq, t, HEAD_DIM, generator=self.gen, device=DEVICE)
+        k = torch.randn(b, self.hkv, t, HEAD_DIM, generator=self.gen, device=DEVICE)
+        v = torch.randn(b, self.hkv, t, HEAD_DIM, generator=self.gen, device=DEVICE)
         meta = self.cache.prepare(seq_ids, counts)
         out = self.op.attend(q, k, v, layer_idx=0, scale=self.scale, variant=CAUSAL, cache=self.cache, meta=meta)
         for row, (seq_id, n) in enumerate(zip(seq_ids, counts)):
             hk, hv = self.history[seq_id]
             hk, hv = torch.cat([hk, k[row, :, :n]], 1), torch.cat([hv, v[row, :, :n]], 1)
             self.history[seq_id] = (hk, hv)
-            positions = torch.arange(hk.shape[1] - n, hk.shape[1])
+            positions = torch.arange(hk.shape[1] - n, hk.shape[1], device=DEVICE)
             expected = _reference(q[row, :, :n], hk, hv, positions, self.scale)
             torch.testing.assert_close(out[row, :, :n], expected, atol=ATOL, rtol=RTOL)
 
@@ -145,14 +149,17 @@ def test_block_mask_from_a_shuffled_page_table(page_size):
     # decode: one query per sequence at its last position
     q = torch.randn(len(lengths), hq, 1, HEAD_DIM, generator=gen)
     q_start = torch.tensor([n - 1 for n in lengths])
-    mask = build_paged_block_mask(table, q_start, torch.ones(len(lengths), dtype=torch.int64), 1, page_size,
-                                  page_logical, pool_k.shape[1], None)
+    pool_k, pool_v, q, table, q_start, page_logical = (
+        t.to(DEVICE) for t in (pool_k, pool_v, q, table, q_start, page_logical))
+    mask = build_paged_block_mask(table, q_start, torch.ones(len(lengths), dtype=torch.int64, device=DEVICE), 1,
+                                  page_size, page_logical, pool_k.shape[1], None)
     from fms.modules.attention import flex_attention
 
     out = flex_attention(q, pool_k[None], pool_v[None], scale=0.25, block_mask=mask)
     for b, n in enumerate(lengths):
         slots = torch.cat([torch.arange(p * page_size, (p + 1) * page_size) for p in table[b].tolist()])[:n]
-        expected = _reference(q[b], pool_k[:, slots], pool_v[:, slots], torch.tensor([n - 1]), 0.25)
+        slots = slots.to(DEVICE)
+        expected = _reference(q[b], pool_k[:, slots], pool_v[:, slots], torch.tensor([n - 1], device=DEVICE), 0.25)
         torch.testing.assert_close(out[b], expected, atol=ATOL, rtol=RTOL)
 
 

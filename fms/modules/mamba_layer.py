@@ -1,0 +1,122 @@
+"""Per-sequence Mamba2 state slots beside the KV cache, and the layer that runs a mixer against them.
+
+State pool (one per cache, all Mamba layers):
+
+    conv[mamba layer i] : (num_slots, conv_dim, K-1)          model dtype
+    ssm [mamba layer i] : (num_slots, heads, head_dim, N)     fp32 (the recurrence accumulates over
+                                                               the whole sequence; bf16 would drift)
+    slot_of[seq_id] -> row in both, taken on add, zeroed, returned on free
+"""
+
+from dataclasses import dataclass
+from typing import Hashable
+
+import torch
+from torch import nn
+
+from fms.modules.ssm import Mamba2Config, Mamba2Mixer, Mamba2State, mamba_state_bytes
+
+
+@dataclass(frozen=True)
+class MambaStateSpec:
+    config: Mamba2Config
+    layers: tuple[int, ...]  # model layer indices that are Mamba layers
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_sequence(self) -> int:
+        return len(self.layers) * mamba_state_bytes(self.config, self.dtype)
+
+
+class MambaStatePool:
+    def __init__(self, spec: MambaStateSpec, num_slots: int, device):
+        c = spec.config
+        self.spec = spec
+        n = len(spec.layers)
+        self.conv = torch.zeros(n, num_slots, c.conv_dim, c.conv_kernel - 1, dtype=spec.dtype, device=device)
+        self.ssm = torch.zeros(n, num_slots, c.num_heads, c.head_dim, c.state_size, dtype=torch.float32,
+                               device=device)
+        self._free = list(range(num_slots))
+        self._slot: dict[Hashable, int] = {}
+        self._layer = {layer: i for i, layer in enumerate(spec.layers)}
+
+    @property
+    def num_slots(self) -> int:
+        return self.conv.shape[1]
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, seq_id: Hashable) -> int:
+        if seq_id in self._slot:
+            raise ValueError(f"sequence {seq_id!r} already holds state slot {self._slot[seq_id]}")
+        if not self._free:
+            raise RuntimeError(f"all {self.num_slots} Mamba state slots are in use")
+        slot = self._free.pop(0)
+        self.conv[:, slot].zero_()  # a new sequence starts from the zero state
+        self.ssm[:, slot].zero_()
+        self._slot[seq_id] = slot
+        return slot
+
+    def free(self, seq_id: Hashable) -> None:
+        try:
+            self._free.append(self._slot.pop(seq_id))
+        except KeyError:
+            raise KeyError(f"sequence {seq_id!r} holds no Mamba state slot") from None
+        self._free.sort()
+
+    def slot_of(self, seq_id: Hashable) -> int:
+        return self._slot[seq_id]
+
+    def bytes_in_use(self) -> int:
+        return len(self._slot) * self.spec.bytes_per_sequence
+
+    def layer_state(self, layer_idx: int, slots: torch.Tensor) -> Mamba2State:
+        """A gathered copy of the rows; write it back with store()."""
+        i = self._layer[layer_idx]
+        return Mamba2State(conv_state=self.conv[i, slots], ssm_state=self.ssm[i, slots])
+
+    def store(self, layer_idx: int, slots: torch.Tensor, state: Mamba2State) -> None:
+        i = self._layer[layer_idx]
+        self.conv[i, slots] = state.conv_state
+        self.ssm[i, slots] = state.ssm_state
+
+
+class MambaLayer(nn.Module):
+    """A Mamba2 mixer with the attention layer's call signature; its state lives in the cache's pool."""
+
+    def __init__(self, config: Mamba2Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.mamba = Mamba2Mixer(config)
+
+    def forward(self, x, position_ids=None, attn_name=None, cache=None, meta=None, **_):
+        if cache is None:
+            # no cache: the whole (right-padded) sequence from the zero state; padding sits after
+            # the real tokens, so it cannot reach them
+            return self.mamba(x)
+        pool = cache.state_pool
+        state = pool.layer_state(self.layer_idx, meta.state_slots)
+        out = self.mamba(x, state=state, valid_lens=meta.num_new_tokens)
+        pool.store(self.layer_idx, meta.state_slots, state)
+        return out
+
+    @torch.no_grad()
+    def reset_parameters_seeded(self, generator):
+        """Mamba-style init for random weights: A in [1, 16], dt in [1e-3, 0.1], D = 1."""
+        m = self.mamba
+        heads = m.A_log.shape[0]
+        a = torch.empty(heads).uniform_(1.0, 16.0, generator=generator)
+        m.A_log.copy_(a.log())
+        dt = torch.exp(torch.empty(heads).uniform_(0, 1, generator=generator) * (torch.log(torch.tensor(0.1))
+                                                                                   - torch.log(torch.tensor(1e-3)))
+                       + torch.log(torch.tensor(1e-3)))
+        m.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        m.D.fill_(1.0)
+        m.norm.weight.fill_(1.0)
+        kernel = m.conv1d.weight.shape[-1]
+        bound = kernel**-0.5  # nn.Conv1d's default range for a depthwise kernel
+        m.conv1d.weight.copy_(torch.empty(m.conv1d.weight.shape).uniform_(-bound, bound, generator=generator))
+        if m.conv1d.bias is not None:
+            m.conv1d.bias.zero_()
