@@ -1,0 +1,277 @@
+"""Paged decode kernel vs dense SDPA over contiguous K/V.
+
+On CPU the Triton kernel runs in the interpreter (slow), so shapes here are tiny.
+Tolerances: fp32 atol/rtol 2e-5 (interpreter and GPU, products in IEEE fp32);
+bf16 atol/rtol 2e-2 (GPU).
+"""
+
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Must precede the first triton import: @triton.jit picks interpreter mode at decoration.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+pytest.importorskip("triton", reason="triton is not installed; the paged decode kernel needs it")
+
+import numpy as np  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+
+def _patch_interpreter_for_numpy_2_4():
+    """Triton <= 3.6's interpreter turns a loaded scalar (a 1-element array) into a loop bound
+    with int(array), which NumPy >= 2.4 rejects (triton-lang/triton#9171, fixed upstream by
+    squeezing first). Apply the same fix for this test process only; compiled kernels are
+    unaffected."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET") == "1" and np.lib.NumpyVersion(np.__version__) >= "2.4.0":
+    _patch_interpreter_for_numpy_2_4()
+
+from fms.modules.paged_decode_kernel import (  # noqa: E402
+    choose_num_splits,
+    paged_decode_attention,
+    paged_decode_reference,
+)
+
+pytestmark = pytest.mark.paged
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def make_paged_case(seq_lens, page_size, num_kv_heads, group_size, head_dim, dtype, seed=0):
+    """Random K/V per sequence, scattered into a NaN-filled pool through a shuffled page table.
+
+    Table entries past each sequence's pages hold -1 or an out-of-range page id, so a kernel
+    that reads them (or an unused slot) shows up as NaN or a fault.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    batch_size = len(seq_lens)
+    num_q_heads = num_kv_heads * group_size
+    pages_per_seq = [math.ceil(n / page_size) for n in seq_lens]
+    max_pages = max(pages_per_seq) + 2
+    num_pages = sum(pages_per_seq) + 3  # spare pages stay NaN
+    physical = torch.randperm(num_pages, generator=gen)
+
+    k_pool = torch.full((num_kv_heads, num_pages * page_size, head_dim), float("nan"))
+    v_pool = torch.full_like(k_pool, float("nan"))
+    page_table = torch.full((batch_size, max_pages), -1, dtype=torch.int32)
+    page_table[:, 1::2] = num_pages + 1000
+    dense_k, dense_v = [], []
+    next_page = 0
+    for b, (n, num_seq_pages) in enumerate(zip(seq_lens, pages_per_seq)):
+        pages = physical[next_page : next_page + num_seq_pages]
+        next_page += num_seq_pages
+        page_table[b, :num_seq_pages] = pages.to(torch.int32)
+        slots = (pages[:, None] * page_size + torch.arange(page_size)).reshape(-1)[:n]
+        k = torch.randn(num_kv_heads, n, head_dim, generator=gen)
+        v = torch.randn(num_kv_heads, n, head_dim, generator=gen)
+        k_pool[:, slots] = k
+        v_pool[:, slots] = v
+        dense_k.append(k.to(dtype))
+        dense_v.append(v.to(dtype))
+    q = torch.randn(batch_size, num_q_heads, head_dim, generator=gen)
+    return dict(
+        q=q.to(DEVICE, dtype),
+        k_pool=k_pool.to(DEVICE, dtype),
+        v_pool=v_pool.to(DEVICE, dtype),
+        page_table=page_table.to(DEVICE),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+        dense_k=dense_k,
+        dense_v=dense_v,
+    )
+
+
+def dense_sdpa(case, scale, window=None):
+    """Per-sequence SDPA over that sequence's contiguous K/V, in fp32."""
+    outs = []
+    for b, (k, v) in enumerate(zip(case["dense_k"], case["dense_v"])):
+        n = k.shape[1]
+        q = case["q"][b].float().cpu()[None, :, None, :]  # (1, Hq, 1, D)
+        mask = None
+        if window is not None:
+            mask = ((n - 1 - torch.arange(n)) < window)[None, :]  # (1, L)
+        out = F.scaled_dot_product_attention(
+            q, k.float()[None], v.float()[None], attn_mask=mask, scale=scale, enable_gqa=True
+        )
+        outs.append(out[0, :, 0])  # (Hq, D)
+    return torch.stack(outs)
+
+
+def run_kernel(case, page_size, scale, **kwargs):
+    keys = ("q", "k_pool", "v_pool", "page_table", "seq_lens")
+    return paged_decode_attention(*(case[k] for k in keys), page_size, scale, **kwargs)
+
+
+def assert_close(out, expected, dtype):
+    assert out.dtype == dtype
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.float().cpu(), expected, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("page_size", [16, 32])
+@pytest.mark.parametrize("group_size", [1, 4, 8])
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("pages_per_iter", [1, 4])
+def test_matches_dense_sdpa(page_size, group_size, num_splits, pages_per_iter):
+    seq_lens = [1, page_size - 1, page_size, page_size + 1, 6 * page_size + 3]
+    case = make_paged_case(seq_lens, page_size, 2, group_size, 32, torch.float32, seed=page_size + group_size)
+    scale = 32**-0.5
+    out = run_kernel(case, page_size, scale, num_splits=num_splits, pages_per_iter=pages_per_iter)
+    assert_close(out, dense_sdpa(case, scale), torch.float32)
+
+
+@pytest.mark.parametrize("head_dim", [16, 64, 128, 256])
+def test_head_dims(head_dim):
+    page_size = 16
+    case = make_paged_case([3, 2 * page_size + 1], page_size, 1, 2, head_dim, torch.float32, seed=head_dim)
+    out = run_kernel(case, page_size, 0.3, num_splits=2, pages_per_iter=1)
+    assert_close(out, dense_sdpa(case, 0.3), torch.float32)
+
+
+@pytest.mark.parametrize("window", [1, 15, 19, 40])
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_sliding_window(window, num_splits):
+    page_size = 16
+    seq_lens = [1, page_size, page_size + 1, 5 * page_size + 7]
+    case = make_paged_case(seq_lens, page_size, 2, 4, 32, torch.float32, seed=window)
+    out = run_kernel(case, page_size, 0.2, window=window, num_splits=num_splits, pages_per_iter=1)
+    assert_close(out, dense_sdpa(case, 0.2, window=window), torch.float32)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_page_logical_start_skips_freed_pages(num_splits):
+    """Pages freed behind a sliding window: table entries -1, pool contents NaN."""
+    page_size, window = 16, 20
+    seq_lens = [5, 3 * page_size + 2, 6 * page_size]
+    case = make_paged_case(seq_lens, page_size, 2, 4, 32, torch.float32, seed=7)
+    first_held = [max(0, (n - window) // page_size) for n in seq_lens]
+    for b, start in enumerate(first_held):
+        for j in range(start):
+            page = int(case["page_table"][b, j])
+            case["k_pool"][:, page * page_size : (page + 1) * page_size] = float("nan")
+            case["v_pool"][:, page * page_size : (page + 1) * page_size] = float("nan")
+            case["page_table"][b, j] = -1
+    start = torch.tensor(first_held, dtype=torch.int32, device=DEVICE)
+    out = run_kernel(case, page_size, 0.2, window=window, num_splits=num_splits, page_logical_start=start)
+    assert_close(out, dense_sdpa(case, 0.2, window=window), torch.float32)
+
+
+def test_default_num_splits_and_pages_per_iter():
+    page_size = 16
+    case = make_paged_case([1, 40, 17], page_size, 2, 4, 64, torch.float32, seed=3)
+    out = run_kernel(case, page_size, 0.125)
+    assert_close(out, dense_sdpa(case, 0.125), torch.float32)
+
+
+def test_reference_matches_dense_sdpa():
+    page_size = 16
+    case = make_paged_case([1, 15, 16, 17, 50], page_size, 2, 4, 32, torch.float32, seed=11)
+    keys = ("q", "k_pool", "v_pool", "page_table", "seq_lens")
+    for window in (None, 18):
+        out = paged_decode_reference(*(case[k] for k in keys), page_size, 0.2, window=window)
+        assert_close(out, dense_sdpa(case, 0.2, window=window), torch.float32)
+
+
+def test_cpu_without_interpreter_uses_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    page_size = 16
+    case = make_paged_case([1, 17], page_size, 1, 4, 16, torch.float32, seed=5)
+    case = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in case.items()}
+    keys = ("q", "k_pool", "v_pool", "page_table", "seq_lens")
+    out = paged_decode_attention(*(case[k] for k in keys), page_size, 0.25)
+    torch.testing.assert_close(out, dense_sdpa(case, 0.25), atol=2e-5, rtol=2e-5)
+
+
+def test_choose_num_splits():
+    # Batch alone fills the GPU: no split.
+    assert choose_num_splits(32, 8, 16384, 64, num_sms=132) == 1
+    # Batch 1, long context: about two programs per SM.
+    splits = choose_num_splits(1, 8, 16384, 64, num_sms=132)
+    assert 1 * 8 * splits >= 2 * 132 and splits <= 64
+    # Short context: no more splits than key blocks.
+    assert choose_num_splits(1, 8, 256, 64, num_sms=132) == 4
+    assert choose_num_splits(1, 8, 16, 64, num_sms=132) == 1
+    # Batch 8 at 64 programs: about two programs per SM.
+    assert choose_num_splits(8, 8, 4096, 64, num_sms=132) == 5
+
+
+def _valid_args():
+    q = torch.randn(2, 8, 32)
+    k_pool = torch.randn(2, 64, 32)
+    v_pool = torch.randn(2, 64, 32)
+    page_table = torch.zeros(2, 4, dtype=torch.int32)
+    seq_lens = torch.ones(2, dtype=torch.int32)
+    return dict(q=q, k_pool=k_pool, v_pool=v_pool, page_table=page_table, seq_lens=seq_lens, page_size=16, scale=1.0)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(k_pool=torch.randn(2, 64, 32, dtype=torch.float16)), "dtype mismatch"),
+        (dict(q=torch.randn(2, 8, 32).long()), "q dtype"),
+        (dict(q=torch.randn(2, 7, 32)), "multiple of num_kv_heads"),
+        (dict(q=torch.randn(2, 8, 16)), "head_dim mismatch"),
+        (dict(q=torch.randn(2, 8, 24), k_pool=torch.randn(2, 48, 24), v_pool=torch.randn(2, 48, 24)), "power of two"),
+        (dict(q=torch.randn(2, 8, 1, 32)), r"q must be \[batch"),
+        (dict(v_pool=torch.randn(2, 32, 32)), "v_pool shape"),
+        (dict(page_size=24), "page_size=24"),
+        (dict(page_size=8), "page_size=8"),
+        (dict(page_size=512), "page_size=512"),
+        (dict(page_table=torch.zeros(2, 4, dtype=torch.int64)), "page_table dtype"),
+        (dict(page_table=torch.zeros(3, 4, dtype=torch.int32)), "page_table must be"),
+        (dict(seq_lens=torch.ones(3, dtype=torch.int32)), "seq_lens must be"),
+        (dict(seq_lens=torch.ones(2, dtype=torch.int64)), "seq_lens must be"),
+        (dict(window=0), "window=0"),
+        (dict(num_splits=0), "num_splits=0"),
+        (dict(page_logical_start=torch.zeros(2, dtype=torch.int64)), "page_logical_start"),
+        (dict(pages_per_iter=3), "pages_per_iter=3"),
+    ],
+)
+def test_rejects_bad_inputs(change, match):
+    args = _valid_args()
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        paged_decode_attention(**args)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [16, 32, 64, 128, 256])
+@pytest.mark.parametrize("group_size", [1, 4, 8])
+@pytest.mark.parametrize("num_splits", [1, 4, None])
+def test_gpu_llama_shapes_bf16(page_size, group_size, num_splits):
+    seq_lens = [1, page_size - 1, page_size, page_size + 1, 1000, 3001]
+    case = make_paged_case(seq_lens, page_size, 8, group_size, 128, torch.bfloat16, seed=page_size)
+    scale = 128**-0.5
+    out = run_kernel(case, page_size, scale, num_splits=num_splits)
+    assert_close(out, dense_sdpa(case, scale), torch.bfloat16)
+    out_w = run_kernel(case, page_size, scale, num_splits=num_splits, window=700)
+    assert_close(out_w, dense_sdpa(case, scale, window=700), torch.bfloat16)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_gpu_dtypes_and_head_dims(dtype, head_dim):
+    page_size = 16
+    seq_lens = [1, 15, 16, 17, 517]
+    case = make_paged_case(seq_lens, page_size, 4, 4, head_dim, dtype, seed=head_dim)
+    scale = head_dim**-0.5
+    for num_splits in (1, 5):
+        assert_close(run_kernel(case, page_size, scale, num_splits=num_splits), dense_sdpa(case, scale), dtype)
