@@ -23,7 +23,7 @@ _GRANITE_VARIANTS = {
                    logits_scaling=8.0),
     "3.3-8b": dict(_GRANITE_3, hidden_size=4096, head_dim=128, intermediate_size=12800,
                    attention_multiplier=0.0078125, logits_scaling=16.0),
-    "micro": dict(vocab_size=4096, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2, intermediate_size=688,
+    "micro": dict(vocab_size=2048, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2, intermediate_size=688,
                   max_position_embeddings=4096, embedding_multiplier=12.0, attention_multiplier=1 / 32,
                   residual_multiplier=0.22, logits_scaling=4.0, init_std=0.05, tie_word_embeddings=True),
     "nano": dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,

@@ -219,7 +219,7 @@ _VARIANTS = {
                    residual_multiplier=0.22, logits_scaling=4.0, init_std=0.1, tie_word_embeddings=True,
                    position_embedding_type="nope", layer_types=("mamba", "attention", "mamba", "attention"),
                    mamba_num_heads=4, mamba_head_dim=16, mamba_state_size=16, mamba_chunk_size=16),
-    "h-micro-test": dict(vocab_size=4096, hidden_size=256, num_layers=6, num_heads=8, num_kv_heads=2,
+    "h-micro-test": dict(vocab_size=2048, hidden_size=256, num_layers=6, num_heads=8, num_kv_heads=2,
                          intermediate_size=512, max_position_embeddings=4096, embedding_multiplier=12.0,
                          attention_multiplier=1 / 32, residual_multiplier=0.22, logits_scaling=4.0, init_std=0.05,
                          tie_word_embeddings=True, position_embedding_type="nope",

@@ -1,6 +1,7 @@
 """Llama-style decoder (Llama 2/3.x, and Granite 3.x through four scalars in the same config)."""
 
 from dataclasses import dataclass, field, fields, replace
+from typing import Callable
 
 import torch
 from torch import nn
@@ -43,6 +44,9 @@ class LlamaConfig:
     init_std: float = 0.02
     extra: dict = field(default_factory=dict)
 
+    # Values position_embedding_type may take; LLaMA builds rotary only for "rope" (GPT-2 adds "learned").
+    position_embedding_types = ("rope", "nope")
+
     def __post_init__(self):
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
@@ -56,8 +60,11 @@ class LlamaConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
-        if self.position_embedding_type not in ("rope", "nope"):
-            raise ValueError(f"position_embedding_type must be 'rope' or 'nope', got {self.position_embedding_type!r}")
+        if self.position_embedding_type not in self.position_embedding_types:
+            raise ValueError(
+                f"position_embedding_type must be one of {list(self.position_embedding_types)}, "
+                f"got {self.position_embedding_type!r}"
+            )
         if isinstance(self.rope_scaling, dict):
             self.rope_scaling = RopeScaling(**self.rope_scaling)
         if isinstance(self.eos_token_id, list):
@@ -85,11 +92,13 @@ class LlamaConfig:
 class DecoderBlock(nn.Module):
     """Pre-norm block: h = x + r*Mixer(norm(x)); out = h + r*FFN(norm(h))."""
 
-    def __init__(self, mixer: nn.Module, ffn: nn.Module, hidden_size: int, eps: float, residual_multiplier: float):
+    def __init__(self, mixer: nn.Module, ffn: nn.Module, hidden_size: int, eps: float, residual_multiplier: float,
+                 norm: Callable[[], nn.Module] | None = None):
         super().__init__()
-        self.ln = RMSNorm(hidden_size, eps)
+        make_norm = norm or (lambda: RMSNorm(hidden_size, eps))  # norm: factory for another norm (GPT-2 LayerNorm)
+        self.ln = make_norm()
         self.mixer = mixer
-        self.ff_ln = RMSNorm(hidden_size, eps)
+        self.ff_ln = make_norm()
         self.ff = ffn
         self.residual_multiplier = residual_multiplier
 
@@ -113,10 +122,10 @@ class LLaMA(nn.Module):
             self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         self.layers = nn.ModuleList(
             DecoderBlock(self.build_mixer(i), self.build_ffn(i), config.hidden_size, config.rms_norm_eps,
-                         config.residual_multiplier)
+                         config.residual_multiplier, norm=self.build_norm)
             for i in range(config.num_layers)
         )
-        self.dec_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.dec_norm = self.build_norm()
         self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.head.weight = self.embedding.weight
@@ -134,6 +143,9 @@ class LLaMA(nn.Module):
 
     def build_ffn(self, layer_idx: int) -> nn.Module:
         return SwiGLU(self.config.hidden_size, self.config.intermediate_size)
+
+    def build_norm(self) -> nn.Module:
+        return RMSNorm(self.config.hidden_size, self.config.rms_norm_eps)
 
     def state_spec(self):
         """Recurrent-state spec for the cache; None for attention-only models."""
@@ -190,9 +202,7 @@ class LLaMA(nn.Module):
             else:
                 position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand_as(input_ids)
         attn_name = attn_name or self.attn_name
-        x = self.embedding(input_ids)
-        if self.config.embedding_multiplier != 1.0:
-            x = x * self.config.embedding_multiplier
+        x = self.embed(input_ids, position_ids)
         for layer in self.layers:
             x = layer(x, position_ids, attn_name=attn_name, **attn_kwargs)
         if logits_positions is not None:
@@ -201,6 +211,13 @@ class LLaMA(nn.Module):
         if self.config.logits_scaling != 1.0:
             logits = logits / self.config.logits_scaling
         return logits
+
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings (B, T, H); models with learned absolute positions (GPT-2) add theirs here."""
+        x = self.embedding(input_ids)
+        if self.config.embedding_multiplier != 1.0:
+            x = x * self.config.embedding_multiplier
+        return x
 
 
 def _normal_(weight, std, generator):
@@ -276,7 +293,7 @@ _LLAMA_VARIANTS = {
                    rope_scaling=RopeScaling(factor=32.0, **_LLAMA3_SCALING_8K), tie_word_embeddings=True,
                    bos_token_id=128000, eos_token_id=128001),
     # Small shapes with random weights: CPU demos ("micro", sized for the shipped tokenizer) and tests.
-    "micro": dict(vocab_size=4096, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2,
+    "micro": dict(vocab_size=2048, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2,
                   intermediate_size=688, max_position_embeddings=4096, rope_theta=10000.0, init_std=0.05),
     "nano": dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                  intermediate_size=128, max_position_embeddings=1024, init_std=0.1),
