@@ -136,6 +136,9 @@ def granite_hybrid_config_from_hf(hf: dict) -> GraniteHybridConfig:
     layer_types = hf.get("layer_types") or hf.get("layers_block_type")
     if layer_types is None:
         layer_types = ["mamba"] * hf["num_hidden_layers"]
+    # transformers 5 may spell the layer kinds differently
+    aliases = {"linear_attention": "mamba", "full_attention": "attention"}
+    layer_types = [aliases.get(t, t) for t in layer_types]
     # transformers >= 5 writes the generic names "full_attention" / "linear_attention" (= Mamba)
     layer_types = [_HF_V5_LAYER_TYPES.get(t, t) for t in layer_types]
     num_heads = hf.get("mamba_n_heads", 0)

@@ -1,0 +1,402 @@
+"""Mamba2 mixer (Granite-4.0-H): config, per-sequence recurrent state, chunked SSD prefill and recurrent decode."""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "Mamba2Config",
+    "Mamba2State",
+    "Mamba2Mixer",
+    "GatedRMSNorm",
+    "mamba_state_bytes",
+    "ssd_scan_reference",
+    "ssd_step",
+    "select_ssd_scan",
+]
+
+
+@dataclass(frozen=True)
+class Mamba2Config:
+    """Shape of one Mamba2 mixer. Field names follow fms; HF names in comments."""
+
+    hidden_size: int
+    num_heads: int  # mamba_n_heads
+    head_dim: int  # mamba_d_head
+    state_size: int  # mamba_d_state
+    num_groups: int = 1  # mamba_n_groups
+    conv_kernel: int = 4  # mamba_d_conv
+    chunk_size: int = 256  # mamba_chunk_size
+    use_conv_bias: bool = True  # mamba_conv_bias
+    use_bias: bool = False  # mamba_proj_bias
+    norm_eps: float = 1e-5  # rms_norm_eps
+    time_step_min_max: tuple[float, float] = (0.0, float("inf"))  # time_step_limit
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_heads", "head_dim", "state_size", "num_groups", "conv_kernel", "chunk_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"Mamba2Config.{name} must be a positive int, got {value!r}")
+        if self.num_heads % self.num_groups != 0:
+            raise ValueError(
+                f"Mamba2Config.num_heads ({self.num_heads}) must be divisible by "
+                f"num_groups ({self.num_groups}): each group of B/C is shared by num_heads/num_groups heads"
+            )
+        if not self.norm_eps > 0:
+            raise ValueError(f"Mamba2Config.norm_eps must be > 0, got {self.norm_eps!r}")
+        limits = tuple(self.time_step_min_max)
+        if len(limits) != 2 or not 0.0 <= limits[0] <= limits[1]:
+            raise ValueError(
+                "Mamba2Config.time_step_min_max must be (min, max) with 0 <= min <= max, "
+                f"got {self.time_step_min_max!r}"
+            )
+        # Accept a list (as HF config.json serialises it) but store a hashable tuple.
+        object.__setattr__(self, "time_step_min_max", (float(limits[0]), float(limits[1])))
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        # The conv runs over x, B and C together.
+        return self.inner_dim + 2 * self.num_groups * self.state_size
+
+
+@dataclass(frozen=True)
+class Mamba2State:
+    """Recurrent state of one mixer for a batch of sequences.
+
+    conv_state [B, conv_dim, K-1]: the last K-1 conv inputs (xBC before the conv), oldest first, model dtype.
+    ssm_state  [B, num_heads, head_dim, state_size]: the SSM state S, fp32.
+
+    `Mamba2Mixer.forward(x, state)` reads both as the state before x and overwrites them in place with the
+    state after the last real token. A serving engine that keeps one slot per sequence in a pool gathers the
+    rows of the running sequences into a Mamba2State, calls forward, and scatters the rows back: the mixer
+    never sees the pool.
+    """
+
+    conv_state: Tensor
+    ssm_state: Tensor
+
+    @classmethod
+    def zeros(
+        cls, batch: int, config: Mamba2Config, dtype: torch.dtype, device: torch.device | str | None = None
+    ) -> Mamba2State:
+        conv = torch.zeros(batch, config.conv_dim, config.conv_kernel - 1, dtype=dtype, device=device)
+        ssm = torch.zeros(
+            batch, config.num_heads, config.head_dim, config.state_size, dtype=torch.float32, device=device
+        )
+        return cls(conv_state=conv, ssm_state=ssm)
+
+
+def mamba_state_bytes(config: Mamba2Config, dtype: torch.dtype) -> int:
+    """Bytes of one sequence's state for one mixer: conv state in `dtype`, ssm state in fp32."""
+    conv = config.conv_dim * (config.conv_kernel - 1) * torch.empty((), dtype=dtype).element_size()
+    ssm = config.num_heads * config.head_dim * config.state_size * 4
+    return conv + ssm
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SSD scan. Notation for every implementation below:
+#   x [b, T, nh, P]  dt [b, T, nh] (fp32, after softplus/clamp, 0 at padding)  A [nh] (fp32, negative)
+#   B, C [b, T, G, N]  state [b, nh, P, N] (fp32)     head h reads group h // (nh // G)
+#   S_t = exp(dt_t*A) * S_{t-1} + dt_t * x_t ⊗ B_t ;   y_t = S_t · C_t      (the D skip is added by the caller)
+# A scan returns (y [b, T, nh, P] fp32, final state [b, nh, P, N] fp32 or None when not asked for).
+# ---------------------------------------------------------------------------------------------------------------
+
+SsdScan = Callable[..., tuple[Tensor, Tensor | None]]
+
+
+def _segment_sum(a: Tensor) -> Tensor:
+    """seg[..., i, j] = a[j+1] + ... + a[i] for i >= j, -inf above the diagonal.
+
+    Summing the masked terms directly (rather than cumsum[i] - cumsum[j]) avoids cancellation when the
+    cumulative log-decay is large and the difference small.
+    """
+    Q = a.shape[-1]
+    ones = torch.ones(Q, Q, dtype=torch.bool, device=a.device)
+    terms = a[..., :, None].expand(*a.shape, Q).masked_fill(~ones.tril(-1), 0.0)  # [..., i, j] = a[i] if i > j
+    return terms.cumsum(-2).masked_fill(~ones.tril(), -math.inf)
+
+
+def ssd_scan_reference(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """Chunked SSD scan in pure PyTorch, fp32. Ground truth and the CPU path.
+
+    Within a chunk the recurrence is unrolled into a masked (C·B) * decay matrix; across chunks the state is
+    carried by a short loop (one step per chunk), which also yields the final state.
+    """
+    b, T, nh, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    R = nh // G
+    Q = chunk_size
+    num_chunks = -(-T // Q)
+    pad = num_chunks * Q - T
+
+    # Zero-padded tail steps have dt = 0: no decay, no input, so they leave the final state as it is.
+    xdt = F.pad(x.float() * dt[..., None], (0, 0, 0, 0, 0, pad))
+    log_decay = F.pad(dt * A, (0, 0, 0, pad))
+    B = F.pad(B.float(), (0, 0, 0, 0, 0, pad))
+    C = F.pad(C.float(), (0, 0, 0, 0, 0, pad))
+
+    xdt = xdt.view(b, num_chunks, Q, G, R, P)  # (b, c, l, g, r, p); head = g*R + r
+    B = B.view(b, num_chunks, Q, G, N)  # (b, c, l, g, n)
+    C = C.view(b, num_chunks, Q, G, N)
+    log_decay = log_decay.view(b, num_chunks, Q, nh).permute(0, 1, 3, 2)  # (b, c, h, l)
+
+    # decay[..., i, j] = prod_{k=j+1..i} exp(dt_k*A): how much of step j's input survives to step i.
+    decay = torch.exp(_segment_sum(log_decay)).view(b, num_chunks, G, R, Q, Q)  # (b, c, g, r, i, j)
+
+    # 1. Contributions from inside the chunk (a causal, decayed "attention" with q=C, k=B, v=x*dt).
+    scores = torch.einsum("bcign,bcjgn->bcgij", C, B)  # (b, c, g, i, j)
+    y = torch.einsum("bcgrij,bcjgrp->bcigrp", scores[:, :, :, None] * decay, xdt)  # (b, c, l, g, r, p)
+
+    # 2. Each chunk's own contribution to the state at its last step.
+    decay_to_end = decay[..., Q - 1, :]  # (b, c, g, r, j)
+    chunk_input = torch.einsum("bcgrj,bcjgn,bcjgrp->bcgrpn", decay_to_end, B, xdt).reshape(b, num_chunks, nh, P, N)
+    chunk_decay = torch.exp(log_decay.sum(-1))  # (b, c, h): decay across a whole chunk
+
+    # 3. Carry the state across chunks; remember the state entering each chunk.
+    state = x.new_zeros(b, nh, P, N, dtype=torch.float32) if initial_state is None else initial_state.float()
+    entering = []
+    for c in range(num_chunks):
+        entering.append(state)
+        state = chunk_decay[:, c, :, None, None] * state + chunk_input[:, c]
+    entering_states = torch.stack(entering, dim=1).view(b, num_chunks, G, R, P, N)
+
+    # 4. Contribution of the entering state to each step, decayed from the chunk start to that step.
+    decay_from_start = torch.exp(log_decay.cumsum(-1)).view(b, num_chunks, G, R, Q).permute(0, 1, 4, 2, 3)
+    y = y + torch.einsum("bcign,bcgrpn->bcigrp", C, entering_states) * decay_from_start[..., None]
+
+    y = y.reshape(b, num_chunks * Q, nh, P)[:, :T]  # (b, T, nh, p)
+    return y, (state if output_final_state else None)
+
+
+def ssd_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+    """One recurrent step (decode). x [b, nh, P], dt [b, nh], B/C [b, G, N], state [b, nh, P, N] fp32.
+
+    Returns (y [b, nh, P] fp32 without the D skip, new state fp32); `state` itself is not modified.
+    """
+    nh, G = x.shape[1], B.shape[1]
+    B = B.float().repeat_interleave(nh // G, dim=1)  # (b, nh, n)
+    C = C.float().repeat_interleave(nh // G, dim=1)
+    decay = torch.exp(dt * A)[..., None, None]  # (b, nh, 1, 1)
+    new_state = state.float() * decay + (x.float() * dt[..., None])[..., None] * B[:, :, None, :]
+    y = (new_state @ C[..., None]).squeeze(-1)  # (b, nh, p)
+    return y, new_state
+
+
+def _ssd_scan_fla(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """SSD scan through flash-linear-attention's scalar-decay gated linear attention (Triton, CUDA only).
+
+    chunk_simple_gla computes S_t = exp(g_t) S_{t-1} + k_t^T v_t, o_t = scale * q_t S_t with S in [K, V]
+    layout, which is the SSD recurrence with q=C, k=B, v=x*dt, g=dt*A, scale=1, S = our state transposed.
+    fla uses its own chunk length; `chunk_size` only matters for the reference.
+    """
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    nh, G = x.shape[2], B.shape[2]
+    # fla wants one k/q per head: expand each group to the heads that share it (head h -> group h // (nh/G)).
+    q = C.repeat_interleave(nh // G, dim=2)  # (b, T, nh, n)
+    k = B.repeat_interleave(nh // G, dim=2)
+    # The kernel's dots need one dtype; x*dt is rounded to the model dtype as mamba_ssm's kernels do.
+    v = (x.float() * dt[..., None]).to(k.dtype)  # (b, T, nh, p)
+    h0 = None if initial_state is None else initial_state.float().transpose(-1, -2)  # (b, nh, n, p): fla's K x V
+    y, final = chunk_simple_gla(
+        q, k, v, g=dt * A, scale=1.0, initial_state=h0, output_final_state=output_final_state
+    )
+    return y.float(), (None if final is None else final.float().transpose(-1, -2))
+
+
+@functools.cache
+def _fla_available() -> bool:
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla  # noqa: F401
+    except Exception:  # fla missing, or present but unusable (no Triton / driver)
+        return False
+    return True
+
+
+def select_ssd_scan(device: torch.device) -> SsdScan:
+    """The one place that picks the prefill scan: fla's Triton kernel on CUDA when installed, else the reference."""
+    if device.type == "cuda" and _fla_available():
+        return _ssd_scan_fla
+    return ssd_scan_reference
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm applied after gating (norm_before_gate=False): weight * rmsnorm(y * silu(z)), per group of channels.
+
+    The statistics run in fp32 and the result is cast to z's dtype once, as HF and mamba_ssm do.
+    """
+
+    def __init__(self, size: int, group_size: int, eps: float) -> None:
+        super().__init__()
+        if size % group_size != 0:
+            raise ValueError(f"GatedRMSNorm size ({size}) must be a multiple of group_size ({group_size})")
+        self.weight = nn.Parameter(torch.ones(size))
+        self.group_size = group_size
+        self.eps = eps
+
+    def forward(self, y: Tensor, z: Tensor) -> Tensor:
+        u = y.float() * F.silu(z.float())
+        groups = u.unflatten(-1, (-1, self.group_size))  # (..., num_groups, group_size)
+        groups = groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * groups.flatten(-2)).to(z.dtype)
+
+
+class Mamba2Mixer(nn.Module):
+    """Mamba2 mixer with HF granitemoehybrid parameter names (`model.layers.{i}.mamba.X` -> `mixer.X`).
+
+    forward(x [B, T, H], state=None, valid_lens=None) -> [B, T, H]
+      T > 1: chunked SSD scan (prefill); T == 1: one recurrent step (decode). Same weights, picked by T.
+      state: Mamba2State read as the initial state and updated in place; None = start from zeros, keep nothing.
+      valid_lens [B] int: rows are right-padded; only the first valid_lens[b] tokens of row b are real. Padding
+        never reaches the state (dt = 0 there, and the conv state is cut at the last real input); rows with
+        valid_lens 0 keep their state bit for bit. Outputs at padded positions are finite but meaningless.
+    """
+
+    def __init__(self, config: Mamba2Config) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.in_proj = nn.Linear(c.hidden_size, c.inner_dim + c.conv_dim + c.num_heads, bias=c.use_bias)
+        # Depthwise; padding is applied by hand from the carried conv state, so the module's own is 0.
+        self.conv1d = nn.Conv1d(c.conv_dim, c.conv_dim, c.conv_kernel, groups=c.conv_dim, bias=c.use_conv_bias)
+        self.dt_bias = nn.Parameter(torch.ones(c.num_heads))
+        # S4D-real init as HF: A_h = -(h+1). Checkpoints overwrite these.
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, c.num_heads + 1, dtype=torch.float32)))
+        self.D = nn.Parameter(torch.ones(c.num_heads))
+        self.norm = GatedRMSNorm(c.inner_dim, group_size=c.inner_dim // c.num_groups, eps=c.norm_eps)
+        self.out_proj = nn.Linear(c.inner_dim, c.hidden_size, bias=c.use_bias)
+
+    def forward(self, x: Tensor, state: Mamba2State | None = None, valid_lens: Tensor | None = None) -> Tensor:
+        c = self.config
+        if x.dim() != 3 or x.shape[-1] != c.hidden_size or x.shape[1] == 0:
+            raise ValueError(f"x must be [batch, seq_len >= 1, {c.hidden_size}], got {tuple(x.shape)}")
+        batch, T, _ = x.shape
+        self._check_state(state, batch)
+        is_real = self._real_token_mask(valid_lens, batch, T, x.device)  # (b, T) bool or None
+
+        z, xBC, dt_raw = self.in_proj(x).split([c.inner_dim, c.conv_dim, c.num_heads], dim=-1)
+
+        xBC, conv_state = self._causal_conv(xBC, None if state is None else state.conv_state, valid_lens)
+        xs, B, C = xBC.split([c.inner_dim, c.num_groups * c.state_size, c.num_groups * c.state_size], dim=-1)
+
+        dt = F.softplus(dt_raw.float() + self.dt_bias.float()).clamp(*c.time_step_min_max)  # (b, T, nh)
+        if is_real is not None:
+            # exp(0 * A) = 1 and 0 * x ⊗ B = 0: a padded step is an exact identity on the SSM state.
+            dt = dt.masked_fill(~is_real[..., None], 0.0)
+        A = -torch.exp(self.A_log.float())
+        initial = None if state is None else state.ssm_state
+
+        if T == 1:
+            if initial is None:
+                initial = x.new_zeros(batch, c.num_heads, c.head_dim, c.state_size, dtype=torch.float32)
+            y, ssm_state = ssd_step(
+                xs.view(batch, c.num_heads, c.head_dim),
+                dt[:, 0],
+                A,
+                B.view(batch, c.num_groups, c.state_size),
+                C.view(batch, c.num_groups, c.state_size),
+                initial,
+            )
+            y = y[:, None]  # (b, 1, nh, p)
+        else:
+            scan = select_ssd_scan(x.device)
+            y, ssm_state = scan(
+                xs.view(batch, T, c.num_heads, c.head_dim),
+                dt,
+                A,
+                B.view(batch, T, c.num_groups, c.state_size),
+                C.view(batch, T, c.num_groups, c.state_size),
+                c.chunk_size,
+                initial,
+                state is not None,
+            )
+
+        y = y + self.D.float()[:, None] * xs.view(batch, T, c.num_heads, c.head_dim).float()
+        out = self.out_proj(self.norm(y.reshape(batch, T, c.inner_dim), z))
+
+        if state is not None:
+            state.conv_state.copy_(conv_state)
+            state.ssm_state.copy_(ssm_state)
+        return out
+
+    def _causal_conv(self, xBC: Tensor, conv_state: Tensor | None, valid_lens: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Depthwise causal conv + SiLU over xBC [b, T, conv_dim], continuing from conv_state [b, conv_dim, K-1].
+
+        Returns (conv output [b, T, conv_dim], conv state after the last real input [b, conv_dim, K-1]).
+        The new state is a window of the carried-state-plus-input sequence ending at the last real input:
+
+            window:  s0 s1 s2 | x0 x1 x2 x3 x4      (K-1 = 3, T = 5)
+            valid_lens 5 ->                x2 x3 x4
+            valid_lens 2 ->          s2 x0 x1       (columns valid_lens .. valid_lens+K-2)
+            valid_lens 0 ->   s0 s1 s2              (unchanged)
+        """
+        batch, T, conv_dim = xBC.shape
+        keep = self.config.conv_kernel - 1
+        if conv_state is None:
+            conv_state = xBC.new_zeros(batch, conv_dim, keep)
+        window = torch.cat([conv_state.to(xBC.dtype), xBC.transpose(1, 2)], dim=-1)  # (b, conv_dim, K-1+T)
+        out = F.silu(F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=conv_dim))  # (b, conv_dim, T)
+
+        if valid_lens is None:
+            new_state = window[:, :, T:]
+        else:
+            cols = valid_lens.to(window.device, torch.long)[:, None] + torch.arange(keep, device=window.device)
+            new_state = window.gather(2, cols[:, None, :].expand(batch, conv_dim, keep))
+        return out.transpose(1, 2), new_state
+
+    def _check_state(self, state: Mamba2State | None, batch: int) -> None:
+        if state is None:
+            return
+        c = self.config
+        want_conv = (batch, c.conv_dim, c.conv_kernel - 1)
+        want_ssm = (batch, c.num_heads, c.head_dim, c.state_size)
+        if tuple(state.conv_state.shape) != want_conv:
+            raise ValueError(f"state.conv_state must be {want_conv}, got {tuple(state.conv_state.shape)}")
+        if tuple(state.ssm_state.shape) != want_ssm:
+            raise ValueError(f"state.ssm_state must be {want_ssm}, got {tuple(state.ssm_state.shape)}")
+
+    @staticmethod
+    def _real_token_mask(valid_lens: Tensor | None, batch: int, T: int, device: torch.device) -> Tensor | None:
+        if valid_lens is None:
+            return None
+        if valid_lens.shape != (batch,) or valid_lens.is_floating_point() or valid_lens.is_complex():
+            raise ValueError(
+                f"valid_lens must be an integer tensor of shape ({batch},), "
+                f"got {valid_lens.dtype} {tuple(valid_lens.shape)}"
+            )
+        # Checking values would force a host sync on CUDA (and break graph capture), so only CPU tensors are checked.
+        if valid_lens.device.type == "cpu" and bool(((valid_lens < 0) | (valid_lens > T)).any()):
+            raise ValueError(f"valid_lens must lie in [0, {T}] (the padded length), got {valid_lens.tolist()}")
+        return torch.arange(T, device=device) < valid_lens.to(device)[:, None]
