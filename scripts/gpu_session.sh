@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-tool call: environment facts, paged tests on CUDA, kernel timings. Writes logs under $OUT.
 set -uo pipefail
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-results/gpu}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
