@@ -244,7 +244,10 @@ class PagedOp(AttentionOp):
             lambda b_idx, q_idx: meta.q_start[b_idx] + q_idx,
             lambda kv_idx: page_logical[kv_idx // ps] * ps + kv_idx % ps,
         )
-        return flex_attention(q, kp[None], vp[None], scale=scale, block_mask=meta.block_mask, score_mod=score_mod)
+        # A KV mask block is one page; the fused kernel's key tile must divide it (its default is 64+).
+        options = {"BLOCK_N": ps} if q.is_cuda and t > 1 and ps < 64 else None
+        return flex_attention(q, kp[None], vp[None], scale=scale, block_mask=meta.block_mask, score_mod=score_mod,
+                              kernel_options=options)
 
     def _use_triton_decode(self, q, variant) -> bool:
         if self.decode_kernel == "flex" or not q.is_cuda or variant.alibi or variant.softcap is not None:
