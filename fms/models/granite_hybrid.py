@@ -129,9 +129,6 @@ class GraniteHybrid(LLaMA):
         return MambaStateSpec(self.config.mamba_config(), mamba_layers, self.embedding.weight.dtype)
 
 
-_HF_V5_LAYER_TYPES = {"full_attention": "attention", "linear_attention": "mamba"}
-
-
 def granite_hybrid_config_from_hf(hf: dict) -> GraniteHybridConfig:
     layer_types = hf.get("layer_types") or hf.get("layers_block_type")
     if layer_types is None:
@@ -139,8 +136,6 @@ def granite_hybrid_config_from_hf(hf: dict) -> GraniteHybridConfig:
     # transformers 5 may spell the layer kinds differently
     aliases = {"linear_attention": "mamba", "full_attention": "attention"}
     layer_types = [aliases.get(t, t) for t in layer_types]
-    # transformers >= 5 writes the generic names "full_attention" / "linear_attention" (= Mamba)
-    layer_types = [_HF_V5_LAYER_TYPES.get(t, t) for t in layer_types]
     num_heads = hf.get("mamba_n_heads", 0)
     head_dim = hf.get("mamba_d_head", 0)
     if head_dim == "auto":

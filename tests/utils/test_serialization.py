@@ -1,0 +1,187 @@
+"""HF checkpoint loading: a hand-written tiny Llama checkpoint loads by name, and every broken folder fails
+with a message that names what is wrong."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fms.models import get_model, list_variants
+from fms.utils.serialization import CheckpointError
+
+VOCAB, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER = 32, 16, 2, 1, 8, 24
+
+HF_CONFIG = dict(model_type="llama", vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=1,
+                 num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, intermediate_size=INTER,
+                 max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
+
+
+def hf_tensors(seed=0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g)
+
+    p = "model.layers.0."
+    return {
+        "model.embed_tokens.weight": rand(VOCAB, HIDDEN),
+        p + "input_layernorm.weight": rand(HIDDEN),
+        p + "self_attn.q_proj.weight": rand(HEADS * HEAD_DIM, HIDDEN),
+        p + "self_attn.k_proj.weight": rand(KV_HEADS * HEAD_DIM, HIDDEN),
+        p + "self_attn.v_proj.weight": rand(KV_HEADS * HEAD_DIM, HIDDEN),
+        p + "self_attn.o_proj.weight": rand(HIDDEN, HEADS * HEAD_DIM),
+        p + "post_attention_layernorm.weight": rand(HIDDEN),
+        p + "mlp.gate_proj.weight": rand(INTER, HIDDEN),
+        p + "mlp.up_proj.weight": rand(INTER, HIDDEN),
+        p + "mlp.down_proj.weight": rand(HIDDEN, INTER),
+        "model.norm.weight": rand(HIDDEN),
+        "lm_head.weight": rand(VOCAB, HIDDEN),
+    }
+
+
+def write_checkpoint(path, tensors, config=None, shards=1):
+    """config.json plus the tensors, in one file or round-robin over `shards` files with an index."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config or HF_CONFIG))
+    if shards == 1:
+        save_file(tensors, str(path / "model.safetensors"))
+        return path
+    names = sorted(tensors)
+    weight_map = {}
+    for i in range(shards):
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: tensors[n] for n in names[i::shards]}
+        save_file(part, str(path / file))
+        weight_map.update({n: file for n in part})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return path
+
+
+def load(path):
+    return get_model("hf_pretrained", model_path=str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# loading that works
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shards", [1, 3])
+def test_loads_every_tensor_by_name(tmp_path, shards):
+    tensors = hf_tensors()
+    model = load(write_checkpoint(tmp_path, tensors, shards=shards))
+    params = dict(model.named_parameters())
+    torch.testing.assert_close(params["embedding.weight"], tensors["model.embed_tokens.weight"])
+    torch.testing.assert_close(params["head.weight"], tensors["lm_head.weight"])
+    torch.testing.assert_close(params["layers.0.mixer.key.weight"], tensors["model.layers.0.self_attn.k_proj.weight"])
+    fused = torch.cat([tensors["model.layers.0.mlp.gate_proj.weight"], tensors["model.layers.0.mlp.up_proj.weight"]])
+    torch.testing.assert_close(params["layers.0.ff.wg1_fused.weight"], fused)
+    torch.testing.assert_close(params["dec_norm.weight"], tensors["model.norm.weight"])
+
+
+def test_tied_checkpoint_without_lm_head(tmp_path):
+    tensors = hf_tensors()
+    del tensors["lm_head.weight"]
+    model = load(write_checkpoint(tmp_path, tensors, dict(HF_CONFIG, tie_word_embeddings=True)))
+    assert model.head.weight is model.embedding.weight
+    torch.testing.assert_close(model.head.weight, tensors["model.embed_tokens.weight"])
+
+
+def test_old_rotary_inv_freq_buffers_are_ignored(tmp_path):
+    tensors = hf_tensors()
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(HEAD_DIM // 2)
+    load(write_checkpoint(tmp_path, tensors))
+
+
+# ---------------------------------------------------------------------------------------------
+# broken checkpoints
+# ---------------------------------------------------------------------------------------------
+def test_missing_tensor_is_named(tmp_path):
+    tensors = hf_tensors()
+    del tensors["model.layers.0.self_attn.k_proj.weight"]
+    with pytest.raises(CheckpointError, match="missing") as err:
+        load(write_checkpoint(tmp_path, tensors))
+    assert "model.layers.0.self_attn.k_proj.weight" in str(err.value)
+
+
+def test_missing_half_of_a_fused_tensor_is_named(tmp_path):
+    tensors = hf_tensors()
+    del tensors["model.layers.0.mlp.up_proj.weight"]
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.up_proj\.weight"):
+        load(write_checkpoint(tmp_path, tensors, shards=2))
+
+
+def test_unexpected_tensor_is_named(tmp_path):
+    tensors = hf_tensors()
+    tensors["model.layers.0.mlp.extra_proj.weight"] = torch.zeros(2, 2)
+    with pytest.raises(CheckpointError, match=r"does not use: model\.layers\.0\.mlp\.extra_proj\.weight"):
+        load(write_checkpoint(tmp_path, tensors))
+
+
+def test_wrong_shape_names_tensor_and_both_shapes(tmp_path):
+    tensors = hf_tensors()
+    tensors["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(HIDDEN, HIDDEN)
+    with pytest.raises(CheckpointError) as err:
+        load(write_checkpoint(tmp_path, tensors))
+    msg = str(err.value)
+    assert "model.layers.0.self_attn.k_proj.weight" in msg
+    assert f"[{HIDDEN}, {HIDDEN}]" in msg  # what the file holds
+    assert f"[{KV_HEADS * HEAD_DIM}, {HIDDEN}]" in msg  # what the model needs
+
+
+def test_unknown_model_type_is_named_with_supported_list(tmp_path):
+    path = write_checkpoint(tmp_path, hf_tensors(), dict(HF_CONFIG, model_type="gpt_neox"))
+    with pytest.raises(ValueError, match="gpt_neox") as err:
+        load(path)
+    msg = str(err.value)
+    assert "supported" in msg
+    for model_type in ("llama", "granite", "granitemoehybrid"):
+        assert repr(model_type) in msg
+
+
+def test_folder_without_safetensors(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(HF_CONFIG))
+    torch.save({}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"no \*\.safetensors files"):
+        load(tmp_path)
+
+
+def test_folder_without_config(tmp_path):
+    save_file(hf_tensors(), str(tmp_path / "model.safetensors"))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load(tmp_path)
+
+
+def test_index_listing_a_missing_shard(tmp_path):
+    path = write_checkpoint(tmp_path, hf_tensors(), shards=3)
+    (path / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model-00002-of-00003.safetensors") as err:
+        load(path)
+    assert "model-00001-of-00003" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# registry errors
+# ---------------------------------------------------------------------------------------------
+def test_unknown_variant_lists_allowed():
+    with pytest.raises(ValueError, match="unknown variant 'nope'") as err:
+        get_model("llama", "nope")
+    for variant in list_variants("llama"):
+        assert repr(variant) in str(err.value)
+
+
+def test_unknown_architecture_lists_allowed():
+    with pytest.raises(ValueError, match="unknown architecture 'gpt9'") as err:
+        get_model("gpt9", "nano")
+    for arch in ("llama", "granite", "granite_hybrid", "hf_pretrained"):
+        assert repr(arch) in str(err.value)
+
+
+def test_hf_pretrained_needs_model_path():
+    with pytest.raises(ValueError, match="model_path"):
+        get_model("hf_pretrained")
+
+
+def test_architecture_mismatch_with_checkpoint(tmp_path):
+    path = write_checkpoint(tmp_path, hf_tensors())
+    with pytest.raises(ValueError, match="'llama' checkpoint, not 'granite'"):
+        get_model("granite", model_path=str(path))
