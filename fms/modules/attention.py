@@ -210,12 +210,18 @@ class PagedOp(AttentionOp):
     """K/V in a shared pool of pages; FlexAttention with a BlockMask built from page tables.
 
     One-token decode steps on CUDA take the Triton split-KV kernel unless `decode_kernel="flex"`.
+    A step in which every row starts from an empty cache (a fresh prefill) has no cached keys to
+    gather: its own K/V are all the keys, so causal SDPA (flash) on them is exact and faster than
+    FlexAttention over the pool; `fresh_prefill="flex"` forces the pool path.
     """
 
-    def __init__(self, decode_kernel: str = "auto"):
+    def __init__(self, decode_kernel: str = "auto", fresh_prefill: str = "sdpa"):
         if decode_kernel not in ("auto", "flex", "triton"):
             raise ValueError(f"decode_kernel must be 'auto', 'flex' or 'triton', got {decode_kernel!r}")
+        if fresh_prefill not in ("sdpa", "flex"):
+            raise ValueError(f"fresh_prefill must be 'sdpa' or 'flex', got {fresh_prefill!r}")
         self.decode_kernel = decode_kernel
+        self.fresh_prefill = fresh_prefill
 
     def create_cache(self, spec, max_batch_size, max_seq_len, **options):
         return PagedKVCache(spec, max_batch_size, max_seq_len, **options)
@@ -233,6 +239,9 @@ class PagedOp(AttentionOp):
         # (B, Hkv, T, D) -> (Hkv, B*T, D) in slot_mapping's token order
         kp.index_copy_(1, meta.slot_mapping, k.permute(1, 0, 2, 3).reshape(hkv, b * t, d))
         vp.index_copy_(1, meta.slot_mapping, v.permute(1, 0, 2, 3).reshape(hkv, b * t, d))
+        if (t > 1 and self.fresh_prefill == "sdpa" and variant.is_causal_only and cache.window is None
+                and not any(meta.host_context)):
+            return _sdpa(q, k, v, scale, is_causal=True)  # right padding sits after every real query
         if t == 1 and self._use_triton_decode(q, variant):
             out = _triton_decode()(
                 q[:, :, 0], kp, vp, meta.page_table, meta.seq_lens, meta.page_size, scale, window=variant.sliding_window

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fms.modules.attention import get_attention_op
+from fms.modules.attention import PagedOp, get_attention_op
 from fms.modules.block_allocator import OutOfPagesError
 from fms.modules.kv_cache import KVCacheSpec
 from fms.modules.masks import AttentionVariant
@@ -39,13 +39,16 @@ def _reference(q, k_all, v_all, q_positions, scale):
 
 
 class _Driver:
-    """Feeds random K/V through the paged op step by step and keeps the full history per sequence."""
+    """Feeds random K/V through the paged op step by step and keeps the full history per sequence.
 
-    def __init__(self, cache, num_heads, num_kv_heads, seed):
+    The op computes even fresh prefills over the page pool (FlexAttention), not its SDPA shortcut.
+    """
+
+    def __init__(self, cache, num_heads, num_kv_heads, seed, op=None):
         self.cache, self.hq, self.hkv = cache, num_heads, num_kv_heads
         self.gen = torch.Generator(device=DEVICE).manual_seed(seed)
         self.history = {}
-        self.op = get_attention_op("paged")
+        self.op = op or PagedOp(fresh_prefill="flex")
         self.scale = HEAD_DIM**-0.5
 
     def add(self, seq_id):
@@ -82,6 +85,15 @@ def test_prefill_then_decode_every_page_size_and_gqa(page_size, group):
     driver.step([0, 1, 2, 3], lengths)  # ragged prefill
     for _ in range(3):
         driver.step([0, 1, 2, 3], [1, 1, 1, 1])  # decode across page boundaries
+
+
+def test_registered_op_fresh_prefill_shortcut_matches():
+    cache = PagedKVCache(_spec(2), max_batch_size=2, max_seq_len=64, page_size=16)
+    driver = _Driver(cache, 8, 2, seed=21, op=get_attention_op("paged"))
+    driver.add(0)
+    driver.add(1)
+    driver.step([0, 1], [20, 3])  # fresh prefill: SDPA on the step's own K/V
+    driver.step([0, 1], [1, 9])  # the pool path must see what the shortcut wrote
 
 
 @pytest.mark.parametrize("page_size", [16, 32])
