@@ -130,8 +130,9 @@ def _flex_fn(is_cuda: bool) -> Callable:
     from torch.nn.attention.flex_attention import flex_attention
 
     if is_cuda:
-        # Compiled once per process; recompiles only on new shapes (e.g. a new prefill length).
-        return torch.compile(flex_attention, dynamic=False)
+        # dynamic=None: the first shape compiles static; a second shape recompiles once with dynamic
+        # sizes, after which new prefill/chunk lengths and batch sizes reuse that kernel.
+        return torch.compile(flex_attention)
 
     def eager(*args, **kwargs):
         with warnings.catch_warnings():
