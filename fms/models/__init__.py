@@ -155,3 +155,4 @@ def materialize(model: nn.Module) -> None:
 from fms.models import llama  # noqa: E402,F401
 from fms.models import granite  # noqa: E402,F401
 from fms.models import granite_hybrid  # noqa: E402,F401
+from fms.models import gpt2  # noqa: E402,F401

@@ -138,6 +138,8 @@ def generate(
         last_logits = [None] * len(ids)
         while any(d < len(p) for d, p in zip(done, ids)):
             rows = [i for i, p in enumerate(ids) if done[i] < len(p)]
+            for seq_id in rows:  # a chunked long prompt keeps only the window's pages, like decode
+                cache.release_out_of_window(seq_id)
             chunks = [ids[i][done[i]: done[i] + chunk] for i in rows]
             logits = run(rows, chunks)
             for r, i in enumerate(rows):

@@ -26,11 +26,18 @@ class Rule:
 
 
 _RULES: dict[str, tuple[list[Rule], list[str]]] = {}
+_OPTIONAL_PREFIXES: dict[str, tuple[str, ...]] = {}
 
 
-def register_checkpoint_rules(architecture: str, rules: list[Rule], ignore: list[str] = ()) -> None:
-    """ignore: regexes of HF tensor names a checkpoint may carry that the model does not use."""
+def register_checkpoint_rules(architecture: str, rules: list[Rule], ignore: list[str] = (),
+                              optional_prefixes: tuple[str, ...] = ()) -> None:
+    """ignore: regexes of HF tensor names a checkpoint may carry that the model does not use.
+
+    optional_prefixes: prefixes some exports put before the names the rules use (GPT-2's
+    "transformer."); a checkpoint's names are matched with such a prefix removed.
+    """
     _RULES[architecture] = (list(rules), list(ignore))
+    _OPTIONAL_PREFIXES[architecture] = tuple(optional_prefixes)
 
 
 def _llama_core(mlp: list[Rule]) -> list[Rule]:
@@ -103,8 +110,14 @@ def checkpoint_index(model_path: str | Path) -> dict[str, Path]:
 class _Reader:
     """Opens each shard once and hands out tensors by name."""
 
-    def __init__(self, files: dict[str, Path]):
-        self.files = files
+    def __init__(self, files: dict[str, Path], strip_prefixes: tuple[str, ...] = ()):
+        self._stored = {}  # name the rules use -> name in the file
+        for stored in files:
+            name = next((stored[len(p):] for p in strip_prefixes if stored.startswith(p)), stored)
+            if name in self._stored:
+                raise CheckpointError(f"checkpoint holds both {self._stored[name]!r} and {stored!r}")
+            self._stored[name] = stored
+        self.files = {name: files[stored] for name, stored in self._stored.items()}
         self._open = {}
 
     def get(self, name: str) -> torch.Tensor:
@@ -113,7 +126,7 @@ class _Reader:
         file = self.files[name]
         if file not in self._open:
             self._open[file] = safe_open(str(file), framework="pt")
-        return self._open[file].get_tensor(name)
+        return self._open[file].get_tensor(self._stored[name])
 
     def shape(self, name: str) -> list[int]:
         from safetensors import safe_open
@@ -121,7 +134,7 @@ class _Reader:
         file = self.files[name]
         if file not in self._open:
             self._open[file] = safe_open(str(file), framework="pt")
-        return list(self._open[file].get_slice(name).get_shape())
+        return list(self._open[file].get_slice(self._stored[name]).get_shape())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,7 +159,7 @@ def load_hf_checkpoint(model: nn.Module, model_path: str | Path, architecture: s
     if architecture not in _RULES:
         raise CheckpointError(f"no checkpoint rules for architecture {architecture!r}; known: {sorted(_RULES)}")
     rules, ignore = _RULES[architecture]
-    reader = _Reader(checkpoint_index(model_path))
+    reader = _Reader(checkpoint_index(model_path), _OPTIONAL_PREFIXES.get(architecture, ()))
     plan = {}
     missing = []
     for name, param in _parameters(model).items():
