@@ -202,6 +202,8 @@ class LLaMA(nn.Module):
             else:
                 position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand_as(input_ids)
         attn_name = attn_name or self.attn_name
+        if self.rotary is not None:
+            self.rotary.begin_forward()
         x = self.embed(input_ids, position_ids)
         for layer in self.layers:
             x = layer(x, position_ids, attn_name=attn_name, **attn_kwargs)

@@ -256,7 +256,7 @@ class PagedOp(AttentionOp):
         )
         # A KV mask block is one page; the fused kernel's key tile must divide it (its default is 64+).
         options = {"BLOCK_N": ps} if q.is_cuda and t > 1 and ps < 64 else None
-        return flex_attention(q, kp[None], vp[None], scale=scale, block_mask=meta.block_mask, score_mod=score_mod,
+        return flex_attention(q, kp[None], vp[None], scale=scale, block_mask=meta.get_block_mask(), score_mod=score_mod,
                               kernel_options=options)
 
     def _use_triton_decode(self, q, variant) -> bool:

@@ -54,10 +54,24 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor):
         # q: (B, Hq, T, D), k: (B, Hkv, T, D), position_ids: (B, T)
+        cos, sin = self._cos_sin(position_ids)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+    def begin_forward(self):
+        """Forget the last cos/sin: a model calls this at the start of each forward, so the reuse
+        below never outlives one forward (position buffers may be updated in place between them)."""
+        self._last = None
+
+    def _cos_sin(self, position_ids):
+        # Every layer of one forward passes the same position_ids tensor: compute cos/sin once.
+        cached = getattr(self, "_last", None)
+        if cached is not None and cached[0] is position_ids:
+            return cached[1]
         angles = position_ids.float()[..., None] * self.inv_freq  # (B, T, D/2)
         angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, D)
-        cos, sin = angles.cos(), angles.sin()
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        result = (angles.cos(), angles.sin())
+        self._last = (position_ids, result)
+        return result
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -67,7 +67,7 @@ def check_block_lists(meta, cache, rows, counts, starts, variant):
     the lists are checked here: per real query, listed pages are distinct, full pages are entirely
     visible, and the positions they cover are exactly the window (q - W, q].
     """
-    bm, ps = meta.block_mask, meta.page_size
+    bm, ps = meta.get_block_mask(), meta.page_size
     q_block = bm.BLOCK_SIZE[0]
     assert bm.BLOCK_SIZE[1] == ps
     for r, (s, n, start) in enumerate(zip(rows, counts, starts)):

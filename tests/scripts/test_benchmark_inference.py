@@ -1,0 +1,137 @@
+"""scripts/benchmark_inference.py and fms.utils.benchmarking on the CPU with llama nano (tiny, seconds)."""
+
+import csv
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fms.models import get_model
+from fms.utils import benchmarking as bench
+from fms.utils.generation import generate
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "benchmark_inference.py"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("benchmark_inference", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+script = _load_script()
+
+ONE_POINT = ["--architecture", "llama", "--variant", "nano", "--device_type", "cpu", "--batch_sizes", "1",
+             "--context_lengths", "16", "--base_context", "16", "--max_new_tokens", "3", "--repeats", "1",
+             "--warmup", "1", "--no_progress"]
+
+
+def test_one_point_both_backends_writes_valid_results(tmp_path):
+    assert script.main([*ONE_POINT, "--attn_name", "sdpa,paged", "--results_dir", str(tmp_path),
+                        "--run_name", "run"]) == 0
+    run = tmp_path / "run"
+    results = json.loads((run / "results.json").read_text())
+    for key in ("command", "device", "torch_version", "git_commit", "timestamp"):
+        assert results["meta"][key]
+    points = results["points"]
+    assert [(p["backend"], p["batch_size"], p["context_len"]) for p in points] == [("sdpa", 1, 16), ("paged", 1, 16)]
+    for p in points:
+        assert set(bench.FIGURES) <= set(p), sorted(set(bench.FIGURES) - set(p))
+        for figure in bench.FIGURES:
+            if figure.startswith("peak_gpu_mem"):
+                assert p[figure] is None  # no GPU
+            else:
+                assert p[figure] > 0, figure
+        assert p["kv_bytes_allocated"] >= p["kv_bytes_in_use"] >= p["kv_bytes_holding_tokens"]
+        assert p["sweep"] == "batch+context"
+        # 16 prompt + 2 new tokens cached; the last new token is never written to the cache
+        assert p["kv_bytes_holding_tokens"] == 18 * results["model"]["kv_bytes_per_token"]
+        assert p["matches_generate"] is True and p["generate_agreement"] == 1.0
+        assert "outputs" not in p
+    assert points[1]["pages_in_use"] == 2 and points[1]["page_size"] == 16
+    with (run / "points.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert set(bench.FIGURES) <= set(rows[0])
+    assert [r["backend"] for r in rows] == ["sdpa", "paged"]
+    pngs = sorted(run.glob("*.png"))
+    assert {p.stem for p in pngs} >= {"latency_vs_batch", "ms_per_token_vs_context", "peak_memory_vs_context",
+                                      "throughput_vs_batch"}
+    for png in pngs:
+        assert png.read_bytes()[:8] == PNG_MAGIC
+    assert (run / "tables.md").read_text().count("| paged |") >= 1
+
+
+def test_timed_loop_matches_generate_with_per_row_lengths():
+    model = get_model("llama", "nano")
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
+    timing = bench.timed_generate(model, prompts, [4, 2], "paged", record_stats=True, page_size=16)
+    reference = generate(model, prompts, 4, attn_name="sdpa")
+    assert timing.outputs[0] == reference[0]
+    assert timing.outputs[1] == reference[1][:2]
+    assert len(timing.decode_step_ms) == 3  # 4 tokens: one from the prefill, three decode steps
+    assert timing.kv_stats["pages_in_use"] == 2
+
+
+def test_mixed_workload_and_capacity(tmp_path):
+    argv = ["--architecture", "llama", "--variant", "nano", "--device_type", "cpu", "--sweep", "none", "--mixed",
+            "--mixed_requests", "6", "--mixed_prompt_range", "4,40", "--mixed_output_range", "2,5",
+            "--memory_budget_gb", "0.001", "--repeats", "1", "--warmup", "1", "--no_progress",
+            "--results_dir", str(tmp_path), "--run_name", "mixed"]
+    assert script.main(argv) == 0
+    mixed = json.loads((tmp_path / "mixed" / "results.json").read_text())["mixed"]
+    runs = {r["backend"]: r for r in mixed["runs"]}
+    assert runs["sdpa"]["kv_bytes_holding_tokens"] == runs["paged"]["kv_bytes_holding_tokens"]
+    assert runs["paged"]["kv_bytes_allocated"] < runs["sdpa"]["kv_bytes_allocated"]
+    caps = {c["backend"]: c for c in mixed["capacity"]}
+    assert caps["paged"]["largest_batch"] > caps["sdpa"]["largest_batch"] > 0
+    assert caps["sdpa"]["verify"]["ok"] and caps["paged"]["verify"]["ok"]
+    assert (tmp_path / "mixed" / "mixed_kv_memory.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_wandb_offline_writes_a_local_run(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="wandb is not installed")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert script.main([*ONE_POINT, "--attn_name", "sdpa", "--wandb", "--results_dir", str(tmp_path),
+                        "--run_name", "wb"]) == 0
+    assert list((tmp_path / "wb" / "wandb").glob("offline-run-*")), "no offline wandb run directory"
+
+
+def test_wandb_missing_is_a_message_not_an_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
+    assert bench.start_wandb({}, tmp_path, "x") is None
+    assert bench.WANDB_MISSING in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--attn_name", "sdpa,nope"], "unknown attention backend 'nope'"),
+    (["--batch_sizes", "0"], "--batch_sizes must all be >= 1"),
+    (["--batch_sizes", "-2"], "--batch_sizes must all be >= 1"),
+    (["--context_lengths", "1020", "--max_new_tokens", "8"], "longer than the model's max_position_embeddings (1024)"),
+    (["--variant", "giant"], "unknown variant 'giant'"),
+])
+def test_bad_arguments_exit_nonzero_with_a_message(extra, message, capsys):
+    argv = ["--architecture", "llama", "--variant", "nano", "--device_type", "cpu", *extra]
+    with pytest.raises(SystemExit) as exc:
+        script.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_hf_twin_has_our_weights():
+    pytest.importorskip("transformers", reason="transformers is not installed")
+    model = get_model("llama", "nano")
+    hf_model = bench.hf_twin(model, "llama")
+    tokens = torch.randint(0, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(tokens).logits, model(tokens), atol=1e-4, rtol=1e-4)
+    prompts = tokens.tolist()
+    peer = bench.hf_generate_point(hf_model, prompts, 4, repeats=1, warmup=0, device=torch.device("cpu"))
+    assert peer["outputs"] == generate(model, prompts, 4)
