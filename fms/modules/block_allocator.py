@@ -159,6 +159,37 @@ class PageTables:
         self._lengths[seq_id] = 0
         self._num_released[seq_id] = 0
 
+    def add_with_prefix(self, seq_id: Hashable, pages: list[int], num_tokens: int) -> None:
+        """Start seq_id holding `pages` (refcount + 1 each) as logical pages 0.. with num_tokens tokens.
+
+        For a cached prefix: page j must not sit at another logical index than j in any table.
+        A partial last page is copy-on-write on the next reserve, as after fork.
+        """
+        _check_count("num_tokens", num_tokens)
+        pages = list(pages)
+        if seq_id in self._tables:
+            raise ValueError(f"sequence {seq_id!r} already exists; free it first or pick a new id")
+        if len(pages) != self._pages_for(num_tokens):
+            raise ValueError(
+                f"{num_tokens} tokens fill {self._pages_for(num_tokens)} pages of page_size {self.page_size}, "
+                f"got {len(pages)} pages"
+            )
+        if len(set(pages)) != len(pages):
+            raise ValueError(f"prefix pages repeat a page: {pages}")
+        for logical, page in enumerate(pages):
+            self.allocator._check_in_use(page, "share")
+            if self._num_holders[page] and self._page_logical[page] != logical:
+                raise ValueError(
+                    f"page {page} is at logical index {self._page_logical[page]} in other sequences, "
+                    f"cannot put it at {logical}"
+                )
+        self.allocator.share(pages)
+        for logical, page in enumerate(pages):
+            self._hold(page, logical)
+        self._tables[seq_id] = pages
+        self._lengths[seq_id] = num_tokens
+        self._num_released[seq_id] = 0
+
     def fork(self, parent: Hashable, child: Hashable) -> None:
         self._check_known(parent)
         if child in self._tables:

@@ -152,8 +152,13 @@ class SequenceCache:
             raise KeyError(f"sequence {seq_id!r} is not in the cache")
 
     # -- steps -----------------------------------------------------------------------------
-    def prepare(self, seq_ids: Sequence[Hashable], num_new_tokens: Sequence[int]) -> StepMeta:
-        """Make room for the next tokens of each sequence and build the step's metadata."""
+    def prepare(self, seq_ids: Sequence[Hashable], num_new_tokens: Sequence[int],
+                query_len: int | None = None) -> StepMeta:
+        """Make room for the next tokens of each sequence and build the step's metadata.
+
+        query_len pads every row to that many query tokens (default: the longest row), so that a
+        driver can keep input shapes to a few buckets (compiled kernels specialize on shapes).
+        """
         if len(seq_ids) != len(num_new_tokens) or not seq_ids:
             raise ValueError(
                 f"prepare needs one token count per sequence, got {len(seq_ids)} ids and {len(num_new_tokens)} counts"
@@ -169,16 +174,18 @@ class SequenceCache:
                     f"sequence {seq_id!r} would reach {self._lengths[seq_id] + n} tokens, "
                     f"over this cache's max_seq_len of {self.max_seq_len}"
                 )
+        if query_len is not None and query_len < max(num_new_tokens):
+            raise ValueError(f"query_len {query_len} is shorter than the longest row ({max(num_new_tokens)} tokens)")
         context = [self._lengths[s] for s in seq_ids]
         self._reserve(seq_ids, num_new_tokens)  # may raise (e.g. out of pages) with nothing changed
         for seq_id, n in zip(seq_ids, num_new_tokens):
             self._lengths[seq_id] += n
-        base = self._base_meta(context, list(num_new_tokens), seq_ids)
+        base = self._base_meta(context, list(num_new_tokens), seq_ids, query_len)
         return self._build_meta(base, seq_ids, context, list(num_new_tokens))
 
-    def _base_meta(self, context, num_new, seq_ids) -> dict:
+    def _base_meta(self, context, num_new, seq_ids, query_len=None) -> dict:
         device = self.spec.device
-        t = max(num_new)
+        t = query_len or max(num_new)
         ctx = torch.tensor(context, dtype=torch.int64)
         new = torch.tensor(num_new, dtype=torch.int64)
         positions = ctx[:, None] + torch.arange(t)[None, :]  # (B, T); padded tail is never read

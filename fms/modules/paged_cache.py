@@ -15,7 +15,7 @@ lets a mask_mod turn a pool slot back into a token position without a per-sequen
 
 import math
 from dataclasses import dataclass
-from typing import Hashable
+from typing import Hashable, Sequence
 
 import torch
 
@@ -67,6 +67,13 @@ class PagedStepMeta(StepMeta):
     block_mask: object | None = None  # FlexAttention BlockMask over the pool, shared by all layers
     page_logical: torch.Tensor | None = None  # (num_pages + 1,) int32
     window: int | None = None
+    block_mask_builder: object | None = None  # builds block_mask on first use
+
+    def get_block_mask(self):
+        """The step's BlockMask, built on first use: decode steps on the Triton kernel never need one."""
+        if self.block_mask is None and self.block_mask_builder is not None:
+            object.__setattr__(self, "block_mask", self.block_mask_builder())
+        return self.block_mask
 
 
 class PagedKVCache(SequenceCache):
@@ -112,6 +119,27 @@ class PagedKVCache(SequenceCache):
     def _free(self, seq_id):
         self.tables.free(seq_id)
         del self._freed_front[seq_id]
+
+    def add(self, seq_id: Hashable, prefix_pages: Sequence[int] = (), prefix_len: int = 0) -> None:
+        """Start a sequence; with prefix_pages, it begins holding those (shared) pages and prefix_len tokens.
+
+        prefix_pages are pages already in the pool holding a prefix's K/V (a prefix cache's pages),
+        as logical pages 0..; the next prepare() computes from position prefix_len on.
+        """
+        if not prefix_pages and not prefix_len:
+            return super().add(seq_id)
+        if self.state_pool is not None:
+            raise NotImplementedError("a cached prefix holds no recurrent (Mamba) state to resume from")
+        if seq_id in self:
+            raise ValueError(f"sequence {seq_id!r} is already in the cache")
+        if len(self._lengths) >= self.max_batch_size:
+            raise ValueError(f"the cache holds at most {self.max_batch_size} sequences")
+        if prefix_len > self.max_seq_len:
+            raise ValueError(f"prefix_len {prefix_len} exceeds this cache's max_seq_len of {self.max_seq_len}")
+        self.tables.add_with_prefix(seq_id, list(prefix_pages), prefix_len)
+        self._set_logical(list(prefix_pages), list(range(len(prefix_pages))))
+        self._freed_front[seq_id] = 0
+        self._lengths[seq_id] = prefix_len
 
     def fork(self, parent: Hashable, child: Hashable) -> None:
         """child starts as parent's copy, sharing its pages (copy-on-write of a partial last page)."""
@@ -192,10 +220,11 @@ class PagedKVCache(SequenceCache):
         slots = torch.where(is_real, slots, scratch)
         table_d = table.to(device, non_blocking=True)
         q_start = base["context_lens"]
-        block_mask = build_paged_block_mask(
-            table_d, q_start, base["num_new_tokens"], t, ps, self.page_logical,
-            self.keys.shape[2], self.window,
-        )
+        num_new_d, kv_len, page_logical, window = base["num_new_tokens"], self.keys.shape[2], self.page_logical, self.window
+
+        def block_mask():
+            return build_paged_block_mask(table_d, q_start, num_new_d, t, ps, page_logical, kv_len, window)
+
         return PagedStepMeta(
             **base,
             page_size=ps,
@@ -203,7 +232,7 @@ class PagedKVCache(SequenceCache):
             page_table=table_d,
             seq_lens=(ctx + new).to(torch.int32).to(device, non_blocking=True),
             q_start=q_start,
-            block_mask=block_mask,
+            block_mask_builder=block_mask,
             page_logical=self.page_logical,
             window=self.window,
         )
