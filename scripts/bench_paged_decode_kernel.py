@@ -314,7 +314,7 @@ def prefill_main(args, device, props):
         mask = build_paged_block_mask(s["page_table"], q_start, num_new, context_len, ps, s["page_logical"],
                                       s["k_pool"].shape[1], None)
 
-        options = {"BLOCK_N": ps} if ps < 64 else None  # as PagedOp does for small pages
+        options = {"BLOCK_N": min(ps, 64)}  # as PagedOp does
 
         def paged():
             return flex_attention(q, s["k_pool"][None], s["v_pool"][None], scale=scale, block_mask=mask,

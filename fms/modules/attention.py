@@ -254,8 +254,9 @@ class PagedOp(AttentionOp):
             lambda b_idx, q_idx: meta.q_start[b_idx] + q_idx,
             lambda kv_idx: page_logical[kv_idx // ps] * ps + kv_idx % ps,
         )
-        # A KV mask block is one page; the fused kernel's key tile must divide it (its default is 64+).
-        options = {"BLOCK_N": ps} if q.is_cuda and t > 1 and ps < 64 else None
+        # A KV mask block is one page; the fused kernel's key tile must divide it, and its default
+        # (up to 128) does not for pages under 128 tokens (measured: scripts/probe_flex_page_sizes.py).
+        options = {"BLOCK_N": min(ps, 64)} if q.is_cuda and t > 1 else None
         return flex_attention(q, kp[None], vp[None], scale=scale, block_mask=meta.get_block_mask(), score_mod=score_mod,
                               kernel_options=options)
 

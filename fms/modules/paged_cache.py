@@ -101,11 +101,12 @@ class PagedKVCache(SequenceCache):
         self.allocator = BlockAllocator(num_pages)
         self.tables = PageTables(self.allocator, page_size)
         self.max_pages_per_seq = math.ceil(max_seq_len / page_size)
-        n_layers = len(spec.attention_layers)
         num_slots = (num_pages + 1) * page_size
-        shape = (n_layers, spec.num_kv_heads, num_slots, spec.head_dim)
-        self.keys = torch.zeros(shape, dtype=spec.dtype, device=spec.device)
-        self.values = torch.zeros(shape, dtype=spec.dtype, device=spec.device)
+        shape = (spec.num_kv_heads, num_slots, spec.head_dim)
+        # One tensor per layer, not one (layers, ...) block: a layer's view of a shared block starts
+        # past 2**31 elements once the pool is large, which FlexAttention's kernels cannot address.
+        self.keys = [torch.zeros(shape, dtype=spec.dtype, device=spec.device) for _ in spec.attention_layers]
+        self.values = [torch.zeros(shape, dtype=spec.dtype, device=spec.device) for _ in spec.attention_layers]
         self.page_logical = torch.zeros(num_pages + 1, dtype=torch.int32, device=spec.device)
         self.scratch_page = num_pages
         self.window = spec.sliding_window
@@ -186,8 +187,8 @@ class PagedKVCache(SequenceCache):
         offsets = torch.arange(self.page_size, device=src.device)
         src_slots = (src[:, None] * self.page_size + offsets).flatten()
         dst_slots = (dst[:, None] * self.page_size + offsets).flatten()
-        for pool in (self.keys, self.values):
-            pool[:, :, dst_slots] = pool[:, :, src_slots]
+        for pool in (*self.keys, *self.values):
+            pool[:, dst_slots] = pool[:, src_slots]
 
     def release_out_of_window(self, seq_id) -> list[int]:
         """Free pages no future query of this sequence can see (sliding-window attention)."""
@@ -220,7 +221,7 @@ class PagedKVCache(SequenceCache):
         slots = torch.where(is_real, slots, scratch)
         table_d = table.to(device, non_blocking=True)
         q_start = base["context_lens"]
-        num_new_d, kv_len, page_logical, window = base["num_new_tokens"], self.keys.shape[2], self.page_logical, self.window
+        num_new_d, kv_len, page_logical, window = base["num_new_tokens"], self.keys[0].shape[1], self.page_logical, self.window
 
         def block_mask():
             return build_paged_block_mask(table_d, q_start, num_new_d, t, ps, page_logical, kv_len, window)
