@@ -1,0 +1,271 @@
+"""LLMEngine: continuous batching over the paged KV cache (offline generate, online add_request / step / stream)."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import operator
+import time
+from typing import Hashable, Iterator, NamedTuple, Sequence
+
+import torch
+
+from fms.modules.attention import get_attention_op
+from fms.serving.model_runner import DEFAULT_GRAPH_BATCH_SIZES, ModelRunner
+from fms.serving.prefix_cache import PrefixCache
+from fms.serving.request import Request, RequestOutput, SamplingParams
+from fms.serving.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_MODEL_LEN = 4096  # caps the page-table width (and the decode kernel's split sizing)
+
+
+class StepOutput(NamedTuple):
+    request_id: Hashable
+    new_token_ids: list[int]
+    finished: bool
+
+
+class LLMEngine:
+    """Serve many requests at once from one page pool.
+
+        engine = LLMEngine(model, tokenizer)
+        outs = engine.generate(["Hello", [1, 2, 3]], SamplingParams(max_new_tokens=32))
+        rid = engine.add_request([1, 2, 3], SamplingParams()); engine.step() ...
+
+    page_size, num_pages / memory_fraction: the page pool (default on CUDA: 90% of free GPU memory;
+    on CPU: room for max_num_seqs sequences of min(max_model_len, 1024) tokens).
+    max_num_seqs, max_num_batched_tokens: per-step limits on sequences and computed tokens.
+    max_model_len: longest prompt + output (default min(model context, 4096)).
+    use_cuda_graphs: decode steps replay CUDA graphs (default: on for CUDA models).
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        page_size: int = 16,
+        num_pages: int | None = None,
+        memory_fraction: float | None = None,
+        max_num_seqs: int | None = None,
+        max_num_batched_tokens: int | None = None,
+        max_model_len: int | None = None,
+        enable_prefix_caching: bool = True,
+        use_cuda_graphs: bool | None = None,
+        graph_batch_sizes: Sequence[int] = DEFAULT_GRAPH_BATCH_SIZES,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        spec = model.cache_spec()
+        is_cuda = spec.device.type == "cuda"
+        context = model.config.max_position_embeddings
+        if max_model_len is None:
+            max_model_len = min(context, DEFAULT_MAX_MODEL_LEN)
+        if not 1 <= max_model_len <= context:
+            raise ValueError(f"max_model_len must be in [1, {context}] (the model context), got {max_model_len}")
+        self.max_model_len = max_model_len
+        max_num_seqs = max_num_seqs or (128 if is_cuda else 16)
+        max_num_batched_tokens = max_num_batched_tokens or (2048 if is_cuda else 256)
+        options = dict(page_size=page_size)
+        if num_pages is not None:
+            options["num_pages"] = num_pages
+        elif is_cuda:
+            options["memory_fraction"] = 0.9 if memory_fraction is None else memory_fraction
+        else:
+            if memory_fraction is not None:
+                raise ValueError("memory_fraction sizes the pool from free GPU memory; on CPU give num_pages")
+            options["num_pages"] = max_num_seqs * math.ceil(min(max_model_len, 1024) / page_size)
+        self.cache = get_attention_op("paged").create_cache(
+            spec, max_batch_size=max_num_seqs, max_seq_len=max_model_len, **options
+        )
+        if enable_prefix_caching and spec.state_spec is not None:
+            logger.info("prefix caching off: a cached prefix would also need the Mamba state at its end")
+            enable_prefix_caching = False
+        self.prefix_cache = PrefixCache(self.cache.allocator, page_size) if enable_prefix_caching else None
+        self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, max_model_len,
+                                   self.prefix_cache)
+        if use_cuda_graphs is None:
+            use_cuda_graphs = is_cuda
+        self.runner = ModelRunner(model, self.cache, use_cuda_graphs=use_cuda_graphs,
+                                  graph_batch_sizes=graph_batch_sizes)
+        if is_cuda:
+            self.runner.warmup_prefill_buckets(max_num_batched_tokens)
+        eos = set(model.config.eos_token_ids) if hasattr(model.config, "eos_token_ids") else set()
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+        self.requests: dict[Hashable, Request] = {}
+        self._ids = itertools.count()
+        self._rejected: list[Hashable] = []  # reported by the next step()
+        self.num_steps = 0
+        self.num_batched_tokens = 0
+
+    # -- online API ------------------------------------------------------------------------
+    def add_request(self, prompt, params: SamplingParams | None = None, request_id: Hashable | None = None) -> Hashable:
+        """Queue a prompt (token ids, or text with a tokenizer); returns its request id.
+
+        Raises ValueError for a malformed prompt. A prompt that can never fit (model length, page
+        pool) is not an error here: it finishes at once with finish_reason "rejected" and a message.
+        """
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        token_ids = self._encode(prompt)
+        if request_id is None:
+            request_id = next(self._ids)
+            while request_id in self.requests:
+                request_id = next(self._ids)
+        elif request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        request = Request(request_id, token_ids, params, eos_token_ids=self.eos_token_ids)
+        self.requests[request_id] = request
+        if not self.scheduler.add(request):
+            logger.warning("request %r rejected: %s", request_id, request.error)
+            self._rejected.append(request_id)
+        return request_id
+
+    def step(self) -> list[StepOutput]:
+        """Run one scheduled batch; returns the new tokens per request touched (and rejections)."""
+        rejected, self._rejected = [StepOutput(rid, [], True) for rid in self._rejected], []
+        out = self.scheduler.schedule()
+        if not out.chunks and self.scheduler.has_unfinished():
+            raise RuntimeError("the scheduler could not schedule any request; this is a bug in the page accounting")
+        sampled = self.runner.execute(out)
+        results = self.scheduler.update(out, sampled)
+        self.num_steps += 1
+        self.num_batched_tokens += out.num_batched_tokens
+        return rejected + [StepOutput(*r) for r in results]
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def abort(self, request_id: Hashable) -> None:
+        request = self.requests[request_id]
+        if not request.is_finished:
+            self.scheduler.abort(request)
+
+    def get_output(self, request_id: Hashable) -> RequestOutput:
+        request = self.requests[request_id]
+        text = self.tokenizer.decode(request.output_token_ids) if self.tokenizer is not None else None
+        return RequestOutput.from_request(request, text)
+
+    def pop_output(self, request_id: Hashable) -> RequestOutput:
+        """The finished request's output; the engine forgets the request."""
+        output = self.get_output(request_id)
+        if not self.requests[request_id].is_finished:
+            raise ValueError(f"request {request_id!r} has not finished")
+        del self.requests[request_id]
+        return output
+
+    def stream(self, prompts, sampling_params=None) -> Iterator[StepOutput]:
+        """Queue prompts and yield (index of the prompt, new token ids, finished) as tokens come out.
+
+        Other requests already queued run alongside but are not reported here.
+        """
+        ids = self._add_all(prompts, sampling_params)
+        index = {rid: i for i, rid in enumerate(ids)}
+        pending = set(ids)
+        try:
+            for rid in ids:
+                if self.requests[rid].is_finished:  # rejected on arrival
+                    pending.discard(rid)
+                    yield StepOutput(index[rid], [], True)
+            while pending:
+                for rid, tokens, finished in self.step():
+                    if rid in pending and (tokens or finished):
+                        if finished:
+                            pending.discard(rid)
+                        yield StepOutput(index[rid], tokens, finished)
+        finally:
+            for rid in ids:
+                if rid in self.requests and not self.requests[rid].is_finished:
+                    self.abort(rid)
+
+    # -- offline API -----------------------------------------------------------------------
+    def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
+        """Run prompts to completion; one RequestOutput per prompt, in order."""
+        ids = self._add_all(prompts, sampling_params)
+        pending = {rid for rid in ids if not self.requests[rid].is_finished}
+        progress = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=len(ids), desc="requests", unit="req", dynamic_ncols=True)
+            progress.update(len(ids) - len(pending))
+        start, num_out = time.perf_counter(), 0
+        while pending:
+            for rid, tokens, finished in self.step():
+                num_out += len(tokens)
+                if finished and rid in pending:
+                    pending.discard(rid)
+                    if progress is not None:
+                        progress.update(1)
+            if progress is not None:
+                progress.set_postfix_str(f"{num_out / (time.perf_counter() - start):.1f} output tok/s", refresh=False)
+        if progress is not None:
+            progress.close()
+        return [self.pop_output(rid) for rid in ids]
+
+    def reset_stats(self) -> None:
+        """Zero the counters stats() reports (e.g. after a warm-up run)."""
+        self.num_steps = self.num_batched_tokens = 0
+        self.scheduler.num_preemptions = 0
+        self.runner.num_graph_forwards = self.runner.num_eager_forwards = 0
+        if self.prefix_cache is not None:
+            self.prefix_cache.num_queried_tokens = self.prefix_cache.num_hit_tokens = 0
+
+    def stats(self) -> dict:
+        pc = self.prefix_cache
+        return {
+            "num_steps": self.num_steps,
+            "num_batched_tokens": self.num_batched_tokens,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "num_graph_forwards": self.runner.num_graph_forwards,
+            "num_eager_forwards": self.runner.num_eager_forwards,
+            "cuda_graphs": self.runner.graphs is not None,
+            "num_pages": self.cache.num_pages,
+            "page_size": self.cache.page_size,
+            "prefix_caching": pc is not None,
+            "prefix_cache_queried_tokens": pc.num_queried_tokens if pc else 0,
+            "prefix_cache_hit_tokens": pc.num_hit_tokens if pc else 0,
+            "prefix_cache_hit_rate": pc.hit_rate if pc else 0.0,
+        }
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _add_all(self, prompts, sampling_params) -> list[Hashable]:
+        if isinstance(prompts, (str, torch.Tensor)) or not isinstance(prompts, (list, tuple)):
+            raise ValueError("prompts must be a list of prompts (token-id lists, or strings with a tokenizer)")
+        if not prompts:
+            raise ValueError("prompts is empty: give at least one prompt")
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts; give one or one each")
+        # Encode (and so validate) everything before queueing anything.
+        encoded = [self._encode(p) for p in prompts]
+        return [self.add_request(ids, p) for ids, p in zip(encoded, params)]
+
+    def _encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("got a text prompt but the engine has no tokenizer; pass token ids or a tokenizer")
+            prompt = self.tokenizer.encode(prompt)
+        if isinstance(prompt, torch.Tensor):
+            if prompt.dim() != 1:
+                raise ValueError(f"a prompt tensor must be 1-D token ids, got shape {tuple(prompt.shape)}")
+            prompt = prompt.tolist()
+        try:
+            token_ids = [operator.index(t) for t in prompt]
+        except TypeError:
+            raise ValueError(f"a prompt must be text or a sequence of int token ids, got {prompt!r:.80}") from None
+        if not token_ids:
+            raise ValueError("a prompt needs at least one token")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be ints in [0, {vocab}), got {bad[:5]}")
+        return token_ids

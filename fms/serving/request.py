@@ -1,0 +1,174 @@
+"""A serving request's parameters, state and timings, and what the engine hands back for it."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Hashable
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks its tokens and when it stops.
+
+    Greedy decoding is `temperature == 0` (the default); any temperature > 0 samples, after
+    top_k / top_p filtering. With a seed, a request's samples do not depend on what else is
+    in the batch. The request stops at max_new_tokens, at an EOS token of the model / tokenizer
+    (unless ignore_eos) or at any of stop_token_ids.
+    """
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    seed: int | None = None
+    max_new_tokens: int = 16
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or not self.temperature >= 0:
+            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
+            raise ValueError(f"top_k must be None or an int >= 1, got {self.top_k!r}")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be None or an int, got {self.seed!r}")
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        stops = self.stop_token_ids
+        if isinstance(stops, (str, bytes)) or not hasattr(stops, "__iter__"):
+            raise ValueError(f"stop_token_ids must be a sequence of token ids, got {stops!r}")
+        stops = tuple(stops)
+        if not all(_is_int(t) and t >= 0 for t in stops):
+            raise ValueError(f"stop_token_ids must be ints >= 0, got {list(stops)}")
+        object.__setattr__(self, "stop_token_ids", stops)
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class RequestState(enum.Enum):
+    WAITING = "waiting"  # queued, holds no pages
+    RUNNING = "running"  # holds pages, computed each step
+    PREEMPTED = "preempted"  # pages taken back; recomputes prompt + outputs when readmitted
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    LENGTH = "length"  # reached max_new_tokens
+    STOP = "stop"  # produced EOS or a stop token
+    REJECTED = "rejected"  # can never fit the page pool or the model context; see Request.error
+    ABORTED = "aborted"  # the caller gave up on it (LLMEngine.abort)
+
+
+@dataclass(eq=False)
+class Request:
+    """One sequence being served. Tokens [0, num_computed_tokens) have K/V in the cache.
+
+    The scheduler only reasons about num_computed_tokens against num_tokens: a request with
+    num_tokens - num_computed_tokens > 1 is prefilling (a prompt, or prompt + outputs after a
+    preemption), one with exactly 1 left is decoding its last sampled token.
+    """
+
+    request_id: Hashable
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos_token_ids: frozenset[int] = frozenset()
+    output_token_ids: list[int] = field(default_factory=list)
+    state: RequestState = RequestState.WAITING
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at the last admission
+    num_preemptions: int = 0
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    arrival_time: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    # chained hashes of this sequence's full pages, filled as the prefix cache registers them
+    page_hashes: list[int] = field(default_factory=list)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_tokens_to_compute(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.state is RequestState.FINISHED
+
+    @property
+    def max_num_tokens(self) -> int:
+        """Most tokens this request can ever hold in the cache (the last sampled one is never computed)."""
+        return self.num_prompt_tokens + self.params.max_new_tokens - 1
+
+    def append_token(self, token: int, now: float) -> None:
+        """Record a sampled token and finish the request if it stops here."""
+        self.output_token_ids.append(token)
+        if self.first_token_time is None:
+            self.first_token_time = now
+        self.token_times.append(now)
+        if token in self.params.stop_token_ids or (not self.params.ignore_eos and token in self.eos_token_ids):
+            self.finish(FinishReason.STOP)
+        elif len(self.output_token_ids) >= self.params.max_new_tokens:
+            self.finish(FinishReason.LENGTH)
+
+    def finish(self, reason: FinishReason, error: str | None = None) -> None:
+        self.state = RequestState.FINISHED
+        self.finish_reason = reason
+        self.error = error
+
+
+@dataclass
+class RequestOutput:
+    """What generate() returns per prompt; times are seconds."""
+
+    request_id: Hashable
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    finish_reason: str
+    text: str | None = None
+    error: str | None = None
+    time_to_first_token: float | None = None
+    inter_token_latencies: list[float] = field(default_factory=list)
+    latency: float | None = None  # arrival to last token
+    num_cached_tokens: int = 0
+    num_preemptions: int = 0
+
+    @classmethod
+    def from_request(cls, request: Request, text: str | None = None) -> "RequestOutput":
+        times = request.token_times
+        return cls(
+            request_id=request.request_id,
+            prompt_token_ids=list(request.prompt_token_ids),
+            token_ids=list(request.output_token_ids),
+            finish_reason=request.finish_reason.value if request.finish_reason else "",
+            text=text,
+            error=request.error,
+            time_to_first_token=None if request.first_token_time is None
+            else request.first_token_time - request.arrival_time,
+            inter_token_latencies=[b - a for a, b in zip(times, times[1:])],
+            latency=times[-1] - request.arrival_time if times else None,
+            num_cached_tokens=request.num_cached_tokens,
+            num_preemptions=request.num_preemptions,
+        )

@@ -1,0 +1,159 @@
+"""LLMEngine end to end on llama "nano" (fp32, CPU): greedy output equals static generate() with SDPA."""
+
+import pytest
+import torch
+
+from fms.models import get_model
+from fms.serving import LLMEngine, SamplingParams
+from fms.utils.generation import generate
+
+pytestmark = pytest.mark.paged
+
+NEW = 6
+LENGTHS = (1, 5, 17, 33, 40)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return get_model("llama", "nano")
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(1, 512, (n,), generator=g).tolist() for n in LENGTHS]
+
+
+@pytest.fixture(scope="module")
+def reference(model, prompts):
+    return generate(model, prompts, NEW, attn_name="sdpa")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(num_pages=16),
+        dict(num_pages=5, max_num_batched_tokens=64),  # 80 slots for 5 requests: preemption
+        dict(num_pages=16, max_num_batched_tokens=16),  # chunked prefill
+        dict(num_pages=16, max_num_batched_tokens=24, bucket_prefills=True),  # CUDA policy: resumed chunks alone
+    ],
+    ids=["roomy", "preempting", "chunked", "bucketed"],
+)
+def test_greedy_matches_static_generate(model, prompts, reference, options):
+    options = dict(options)
+    bucket = options.pop("bucket_prefills", False)
+    engine = LLMEngine(model, **options)
+    engine.runner.bucket_prefills = bucket
+    outs = engine.generate(prompts, SamplingParams(max_new_tokens=NEW), use_tqdm=False)
+    assert [o.token_ids for o in outs] == reference
+    assert all(o.finish_reason == "length" for o in outs)
+    stats = engine.stats()
+    if options["num_pages"] == 5:
+        assert stats["num_preemptions"] > 0
+    if options.get("max_num_batched_tokens") == 16:
+        assert stats["num_steps"] > 6  # the 40-token prompt alone takes 3 steps of 16
+    _assert_no_leaks(engine)
+
+
+def test_prefix_caching_reuses_pages_and_keeps_outputs(model):
+    g = torch.Generator().manual_seed(1)
+    shared = torch.randint(1, 512, (40,), generator=g).tolist()
+    prompts = [shared + torch.randint(1, 512, (n,), generator=g).tolist() for n in (3, 9, 20)] + [shared]
+    reference = generate(model, prompts, NEW, attn_name="sdpa")
+    engine = LLMEngine(model, num_pages=16)
+    first = engine.generate(prompts[:1], SamplingParams(max_new_tokens=NEW), use_tqdm=False)
+    rest = engine.generate(prompts[1:], SamplingParams(max_new_tokens=NEW), use_tqdm=False)
+    assert [o.token_ids for o in first + rest] == reference
+    assert [o.num_cached_tokens for o in rest] == [32, 32, 32]
+    stats = engine.stats()
+    assert stats["prefix_cache_hit_tokens"] > 0 and 0 < stats["prefix_cache_hit_rate"] < 1
+    _assert_no_leaks(engine)
+
+
+def test_never_fitting_request_is_rejected_while_others_complete(model, prompts, reference):
+    engine = LLMEngine(model, num_pages=6, max_model_len=256)
+    too_big = [7] * 100  # holds up to 100 + 6 - 1 tokens: 7 pages of 16; the pool has 6
+    too_long = [7] * 252
+    outs = engine.generate([prompts[0], too_big, prompts[1], too_long], SamplingParams(max_new_tokens=NEW),
+                           use_tqdm=False)
+    assert [o.finish_reason for o in outs] == ["length", "rejected", "length", "rejected"]
+    assert outs[0].token_ids == reference[0] and outs[2].token_ids == reference[1]
+    assert "whole pool has 6" in outs[1].error and outs[1].token_ids == []
+    assert "exceeds the model length of 256" in outs[3].error
+    with pytest.raises(ValueError, match="vocabulary|token ids"):
+        engine.add_request([1, 2, 100_000])
+    with pytest.raises(ValueError, match="no tokenizer"):
+        engine.add_request("text without a tokenizer")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        engine.add_request([1, 2], SamplingParams(max_new_tokens=-3))
+
+
+def test_stream_yields_the_offline_tokens(model, prompts):
+    params = [SamplingParams(max_new_tokens=NEW), SamplingParams(max_new_tokens=NEW, temperature=0.8, seed=11),
+              SamplingParams(max_new_tokens=3, temperature=1.2, top_k=20, top_p=0.9, seed=5)]
+    engine = LLMEngine(model, num_pages=16)
+    offline = engine.generate(prompts[1:4], params, use_tqdm=False)
+    streamed = {i: [] for i in range(3)}
+    finished = []
+    for index, tokens, done in engine.stream(prompts[1:4], params):
+        streamed[index] += tokens
+        if done:
+            finished.append(index)
+    assert [streamed[i] for i in range(3)] == [o.token_ids for o in offline]
+    assert sorted(finished) == [0, 1, 2] and len(offline[2].token_ids) == 3
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(model, prompts):
+    params = SamplingParams(max_new_tokens=NEW, temperature=1.0, top_p=0.95, seed=123)
+    engine = LLMEngine(model, num_pages=16)
+    alone = engine.generate([prompts[2]], params, use_tqdm=True)[0].token_ids
+    batched = engine.generate([prompts[0], prompts[2], prompts[3]],
+                              [SamplingParams(max_new_tokens=NEW, temperature=0.5), params, SamplingParams()],
+                              use_tqdm=False)[1].token_ids
+    assert alone == batched
+
+
+def test_step_api_and_text_prompts(model):
+    class CharTokenizer:
+        eos_token_id = 0
+
+        def encode(self, text):
+            return [ord(c) % 500 + 1 for c in text]
+
+        def decode(self, ids):
+            return "".join(chr(97 + i % 26) for i in ids)
+
+    engine = LLMEngine(model, tokenizer=CharTokenizer(), num_pages=8)
+    rid = engine.add_request("hello paged world", SamplingParams(max_new_tokens=3, ignore_eos=True))
+    seen = []
+    while engine.has_unfinished_requests():
+        for request_id, tokens, finished in engine.step():
+            assert request_id == rid
+            seen += tokens
+    out = engine.pop_output(rid)
+    assert out.token_ids == seen and len(seen) == 3 and out.text == CharTokenizer().decode(seen)
+    assert out.time_to_first_token > 0 and len(out.inter_token_latencies) == 2
+
+
+def _assert_no_leaks(engine):
+    cache = engine.cache
+    assert cache.sequences == []
+    cache.allocator.check_invariants()
+    evictable = engine.prefix_cache.num_evictable if engine.prefix_cache else 0
+    assert cache.allocator.num_free + evictable == cache.num_pages
+
+
+def test_hybrid_granite_through_the_same_cache():
+    """Granite-4.0-H (Mamba + attention): a state slot per sequence, freed on preemption and finish."""
+    hybrid = get_model("granite_hybrid", "h-nano")
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(1, 512, (n,), generator=g).tolist() for n in (1, 17, 33, 40)]
+    reference = generate(hybrid, prompts, NEW, attn_name="sdpa")
+    engine = LLMEngine(hybrid, num_pages=5, max_num_batched_tokens=16)
+    outs = engine.generate(prompts, SamplingParams(max_new_tokens=NEW), use_tqdm=False)
+    assert [o.token_ids for o in outs] == reference
+    stats = engine.stats()
+    assert stats["num_preemptions"] > 0 and not stats["prefix_caching"]  # no Mamba state for a cached prefix
+    pool = engine.cache.state_pool
+    assert pool.num_free == pool.num_slots
+    _assert_no_leaks(engine)
