@@ -270,6 +270,16 @@ class PageTables:
         self._check_known(seq_id)
         return list(self._tables[seq_id])
 
+    def num_pages(self, seq_id: Hashable) -> int:
+        """Length of the sequence's table (released entries included), without copying it."""
+        self._check_known(seq_id)
+        return len(self._tables[seq_id])
+
+    def pages_from(self, seq_id: Hashable, start: int) -> list[int]:
+        """block_table(seq_id)[start:], copying only that tail (a per-step caller needs just the new pages)."""
+        self._check_known(seq_id)
+        return self._tables[seq_id][start:]
+
     def length(self, seq_id: Hashable) -> int:
         self._check_known(seq_id)
         return self._lengths[seq_id]

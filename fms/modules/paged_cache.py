@@ -110,16 +110,32 @@ class PagedKVCache(SequenceCache):
         self.page_logical = torch.zeros(num_pages + 1, dtype=torch.int32, device=spec.device)
         self.scratch_page = num_pages
         self.window = spec.sliding_window
-        self._freed_front: dict[Hashable, int] = {}
+        # Host copy of every live sequence's page table, one row per sequence, updated only where
+        # pages change; a step gathers its rows instead of rebuilding tables from Python lists.
+        self._host_table = torch.zeros(max_batch_size, self.max_pages_per_seq, dtype=torch.int32)
+        self._row: dict[Hashable, int] = {}
+        self._free_rows = list(range(max_batch_size - 1, -1, -1))
 
     # -- sequences -------------------------------------------------------------------------
+    def _take_row(self, seq_id) -> int:
+        row = self._free_rows.pop()
+        self._row[seq_id] = row
+        self._host_table[row].zero_()
+        return row
+
+    def _write_row(self, seq_id, start: int = 0) -> None:
+        pages = self.tables.pages_from(seq_id, start)
+        if pages:
+            row = self._host_table[self._row[seq_id]]
+            row[start: start + len(pages)] = torch.tensor(pages, dtype=torch.int32).clamp_min(0)
+
     def _add(self, seq_id):
         self.tables.add(seq_id)
-        self._freed_front[seq_id] = 0
+        self._take_row(seq_id)
 
     def _free(self, seq_id):
         self.tables.free(seq_id)
-        del self._freed_front[seq_id]
+        self._free_rows.append(self._row.pop(seq_id))
 
     def add(self, seq_id: Hashable, prefix_pages: Sequence[int] = (), prefix_len: int = 0) -> None:
         """Start a sequence; with prefix_pages, it begins holding those (shared) pages and prefix_len tokens.
@@ -139,7 +155,8 @@ class PagedKVCache(SequenceCache):
             raise ValueError(f"prefix_len {prefix_len} exceeds this cache's max_seq_len of {self.max_seq_len}")
         self.tables.add_with_prefix(seq_id, list(prefix_pages), prefix_len)
         self._set_logical(list(prefix_pages), list(range(len(prefix_pages))))
-        self._freed_front[seq_id] = 0
+        self._take_row(seq_id)
+        self._write_row(seq_id)
         self._lengths[seq_id] = prefix_len
 
     def fork(self, parent: Hashable, child: Hashable) -> None:
@@ -152,7 +169,8 @@ class PagedKVCache(SequenceCache):
         if self.state_pool is not None:
             raise NotImplementedError("forking a sequence with recurrent state is not supported")
         self.tables.fork(parent, child)
-        self._freed_front[child] = self._freed_front[parent]
+        self._take_row(child)
+        self._write_row(child)
         self._lengths[child] = self._lengths[parent]
 
     def block_table(self, seq_id) -> list[int]:
@@ -160,18 +178,28 @@ class PagedKVCache(SequenceCache):
 
     # -- steps -----------------------------------------------------------------------------
     def _reserve(self, seq_ids, num_new_tokens):
-        needed = sum(self.tables.num_pages_needed(s, n) for s, n in zip(seq_ids, num_new_tokens))
-        if needed > self.allocator.num_free:
-            raise OutOfPagesError(needed, self.allocator.num_free)
-        copies = []
+        # Cheap bound first (each row needs at most its new pages plus one copy-on-write page);
+        # the exact count only when the pool is nearly full.
+        bound = sum(-(-n // self.page_size) + 1 for n in num_new_tokens)
+        if bound > self.allocator.num_free:
+            needed = sum(self.tables.num_pages_needed(s, n) for s, n in zip(seq_ids, num_new_tokens))
+            if needed > self.allocator.num_free:
+                raise OutOfPagesError(needed, self.allocator.num_free)
+        copies, changed_pages, changed_logical = [], [], []
         for seq_id, n in zip(seq_ids, num_new_tokens):
-            before = len(self.tables.block_table(seq_id))
+            before = self.tables.num_pages(seq_id)
             seq_copies = self.tables.reserve(seq_id, n)
-            table = self.tables.block_table(seq_id)
-            # new pages and copy-on-write targets need their logical index recorded
-            logical = list(range(before, len(table))) + [table.index(dst) for _, dst in seq_copies]
-            self._set_logical([table[j] for j in logical], logical)
-            copies += seq_copies
+            if seq_copies:  # the last page was shared and partial: it was replaced by a private copy
+                self._write_row(seq_id, before - 1)
+                changed_pages += [dst for _, dst in seq_copies]
+                changed_logical += [before - 1] * len(seq_copies)
+                copies += seq_copies
+            after = self.tables.num_pages(seq_id)
+            if after > before:
+                self._write_row(seq_id, before)
+                changed_pages += self.tables.pages_from(seq_id, before)
+                changed_logical += list(range(before, after))
+        self._set_logical(changed_pages, changed_logical)  # one device update for the whole step
         if copies:
             src = torch.tensor([s for s, _ in copies], device=self.spec.device)
             dst = torch.tensor([d for _, d in copies], device=self.spec.device)
@@ -179,8 +207,8 @@ class PagedKVCache(SequenceCache):
 
     def _set_logical(self, pages, logical):
         if pages:
-            idx = torch.tensor(pages, dtype=torch.int64, device=self.spec.device)
-            val = torch.tensor(logical, dtype=torch.int32, device=self.spec.device)
+            idx = torch.tensor(pages, dtype=torch.int64).to(self.spec.device, non_blocking=True)
+            val = torch.tensor(logical, dtype=torch.int32).to(self.spec.device, non_blocking=True)
             self.page_logical.index_put_((idx,), val)
 
     def _copy_pages(self, src: torch.Tensor, dst: torch.Tensor):
@@ -196,26 +224,25 @@ class PagedKVCache(SequenceCache):
             return []
         next_pos = self._lengths[seq_id]  # position of the next query
         first_visible = max(next_pos - self.window + 1, 0)
-        droppable = first_visible // self.page_size - self._freed_front[seq_id]
+        released = self.tables.num_released_pages(seq_id)
+        droppable = first_visible // self.page_size - released
         if droppable <= 0:
             return []
         freed = self.tables.truncate_front(seq_id, droppable)
-        self._freed_front[seq_id] += droppable
+        self._host_table[self._row[seq_id], released: released + droppable] = 0
         return freed
 
     def _build_meta(self, base, seq_ids, context, num_new):
         ps, width = self.page_size, self.max_pages_per_seq
         device = self.spec.device
         b, t = len(seq_ids), base["query_len"]
-        table = torch.zeros(b, width, dtype=torch.int32)
-        for row, seq_id in enumerate(seq_ids):
-            pages = self.tables.block_table(seq_id)
-            table[row, : len(pages)] = torch.tensor(pages, dtype=torch.int32).clamp_min(0)
+        rows = torch.tensor([self._row[s] for s in seq_ids])
+        table = self._host_table.index_select(0, rows)  # (B, W)
         ctx = torch.tensor(context, dtype=torch.int64)
         new = torch.tensor(num_new, dtype=torch.int64)
         pos = ctx[:, None] + torch.arange(t)[None, :]  # (B, T)
         is_real = torch.arange(t)[None, :] < new[:, None]
-        page_of = torch.gather(table.long(), 1, (pos // ps).clamp_max(width - 1))
+        page_of = torch.gather(table, 1, (pos // ps).clamp_max(width - 1)).long()
         slots = page_of * ps + pos % ps
         scratch = self.scratch_page * ps + torch.arange(t)[None, :].expand(b, -1) % ps
         slots = torch.where(is_real, slots, scratch)
