@@ -210,7 +210,8 @@ def _triton_decode():
 class PagedOp(AttentionOp):
     """K/V in a shared pool of pages; FlexAttention with a BlockMask built from page tables.
 
-    One-token decode steps on CUDA take the Triton split-KV kernel unless `decode_kernel="flex"`.
+    One-token decode steps take the Triton split-KV kernel on CUDA (its torch reference on CPU)
+    unless `decode_kernel="flex"`.
     A step in which every row starts from an empty cache (a fresh prefill) has no cached keys to
     gather: its own K/V are all the keys, so causal SDPA (flash) on them is exact and faster than
     FlexAttention over the pool; `fresh_prefill="flex"` forces the pool path.
@@ -261,12 +262,18 @@ class PagedOp(AttentionOp):
                               kernel_options=options)
 
     def _use_triton_decode(self, q, variant) -> bool:
-        if self.decode_kernel == "flex" or not q.is_cuda or variant.alibi or variant.softcap is not None:
+        """Decode through fms.modules.paged_decode_kernel: the Triton kernel on CUDA, its torch
+        reference (gather this row's pages, dense math) on CPU, where eager FlexAttention would
+        score every slot of the pool."""
+        if self.decode_kernel == "flex" or variant.alibi or variant.softcap is not None:
             return False
-        available = _triton_decode() is not None
-        if self.decode_kernel == "triton" and not available:
-            raise RuntimeError("decode_kernel='triton' needs CUDA and Triton")
-        return available
+        if q.shape[-1] not in (16, 32, 64, 128, 256):  # head dims the kernel tiles; others take flex
+            if self.decode_kernel == "triton":
+                raise ValueError(f"decode_kernel='triton' needs head_dim in 16..256 (power of two), got {q.shape[-1]}")
+            return False
+        if self.decode_kernel == "triton" and not q.is_cuda:
+            raise RuntimeError("decode_kernel='triton' needs CUDA")
+        return _triton_decode() is not None
 
 
 register_attention_op("sdpa", SDPAOp())

@@ -41,14 +41,15 @@ def _reference(q, k_all, v_all, q_positions, scale):
 class _Driver:
     """Feeds random K/V through the paged op step by step and keeps the full history per sequence.
 
-    The op computes even fresh prefills over the page pool (FlexAttention), not its SDPA shortcut.
+    The op computes even fresh prefills and decode steps over the page pool with FlexAttention
+    (not its SDPA shortcut or the decode kernel, which have tests of their own).
     """
 
     def __init__(self, cache, num_heads, num_kv_heads, seed, op=None):
         self.cache, self.hq, self.hkv = cache, num_heads, num_kv_heads
         self.gen = torch.Generator(device=DEVICE).manual_seed(seed)
         self.history = {}
-        self.op = op or PagedOp(fresh_prefill="flex")
+        self.op = op or PagedOp(decode_kernel="flex", fresh_prefill="flex")
         self.scale = HEAD_DIM**-0.5
 
     def add(self, seq_id):
@@ -94,6 +95,7 @@ def test_registered_op_fresh_prefill_shortcut_matches():
     driver.add(1)
     driver.step([0, 1], [20, 3])  # fresh prefill: SDPA on the step's own K/V
     driver.step([0, 1], [1, 9])  # the pool path must see what the shortcut wrote
+    driver.step([0, 1], [1, 1])  # decode kernel (Triton on CUDA, its torch reference on CPU)
 
 
 @pytest.mark.parametrize("page_size", [16, 32])
