@@ -102,7 +102,10 @@ def test_bad_input_gives_clear_errors(eval_script, model_args, tmp_path, monkeyp
 def test_summarization_is_delegated_lazily(eval_script, model_args, tmp_path, monkeypatch, capsys):
     data = tmp_path / "news.jsonl"
     data.write_text("{}\n")
+    import fms.utils
+
     monkeypatch.setitem(sys.modules, "fms.utils.summarization", None)  # as if the module were not there
+    monkeypatch.delattr(fms.utils, "summarization", raising=False)  # set by any earlier import of it
     err = _error(eval_script, model_args + ["--task", "summarization", "--data", str(data)], capsys)
     assert "--task summarization needs fms.utils.summarization" in err
 
