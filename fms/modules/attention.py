@@ -198,13 +198,13 @@ class FlexOp(AttentionOp):
 # ---------------------------------------------------------------------------------------------
 # paged
 # ---------------------------------------------------------------------------------------------
-def _triton_decode():
-    """The Triton paged decode kernel, or None where it cannot run (no CUDA / no Triton)."""
-    try:
-        from fms.modules.paged_decode_kernel import paged_decode_attention
-    except ImportError:
-        return None
-    return paged_decode_attention
+def _paged_decode(q, *args, **kwargs):
+    """One-token paged attention: the Triton kernel on CUDA, its torch reference elsewhere (chosen
+    here by device, not by TRITON_INTERPRET, so a test process that sets it does not slow others)."""
+    from fms.modules import paged_decode_kernel as kernel
+
+    fn = kernel.paged_decode_attention if q.is_cuda else kernel.paged_decode_reference
+    return fn(q, *args, **kwargs)
 
 
 class PagedOp(AttentionOp):
@@ -245,7 +245,7 @@ class PagedOp(AttentionOp):
                 and not any(meta.host_context)):
             return _sdpa(q, k, v, scale, is_causal=True)  # right padding sits after every real query
         if t == 1 and self._use_triton_decode(q, variant):
-            out = _triton_decode()(
+            out = _paged_decode(
                 q[:, :, 0], kp, vp, meta.page_table, meta.seq_lens, meta.page_size, scale, window=variant.sliding_window
             )
             return out[:, :, None]
@@ -273,7 +273,7 @@ class PagedOp(AttentionOp):
             return False
         if self.decode_kernel == "triton" and not q.is_cuda:
             raise RuntimeError("decode_kernel='triton' needs CUDA")
-        return _triton_decode() is not None
+        return True
 
 
 register_attention_op("sdpa", SDPAOp())
