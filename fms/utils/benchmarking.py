@@ -177,15 +177,6 @@ class Timing:
         return sum(len(o) for o in self.outputs)
 
 
-def _forward_step(model, op, cache, seq_ids, chunks, device):
-    """One model call for the given rows (right-padded); logits of each row's last real token (B, V)."""
-    meta = cache.prepare(seq_ids, [len(c) for c in chunks])
-    width = meta.query_len
-    tokens = torch.tensor([c + [0] * (width - len(c)) for c in chunks], dtype=torch.long).to(device)
-    last = torch.tensor([len(c) - 1 for c in chunks], device=device)
-    return model(tokens, attn_name=op.name, logits_positions=last, cache=cache, meta=meta)[:, 0]
-
-
 def token_agreement(outputs, reference) -> float:
     """Mean over rows of the fraction of tokens before the first difference (1.0: identical)."""
     fractions = []
@@ -202,62 +193,29 @@ def _keep_fullest(peak: dict, cache) -> None:
         peak.update(stats)
 
 
-@torch.no_grad()
 def timed_generate(model, prompts, max_new_tokens, attn_name: str, record_stats: bool = False,
                    **options) -> Timing:
-    """Greedy static-batch generation (EOS ignored) with the prefill and each decode step timed.
+    """Greedy static-batch generation (EOS ignored) through generate(), prefill and each decode step timed.
 
     max_new_tokens: one count for every row, or one per row (a row leaves the batch when it has its
-    tokens, as at EOS in generate). record_stats reads cache.memory_stats() after every step (slow;
-    for an untimed pass) and keeps the fullest point, like generate(return_stats=True).
+    tokens). record_stats reads cache.memory_stats() after every step (slow; for an untimed pass)
+    and keeps the fullest point, like generate(return_stats=True).
     """
-    config = model.config
-    op = get_attention_op(attn_name)
-    if isinstance(max_new_tokens, int):
-        max_new_tokens = [max_new_tokens] * len(prompts)
-    if len(max_new_tokens) != len(prompts) or min(max_new_tokens) < 1:
-        raise ValueError(f"max_new_tokens needs one count >= 1 per prompt, got {max_new_tokens}")
-    ids = validate_prompts(prompts, config.vocab_size, max(max_new_tokens), config.max_position_embeddings)
+    if not isinstance(max_new_tokens, int) and min(max_new_tokens) < 1 or max_new_tokens == 0:
+        raise ValueError(f"max_new_tokens needs counts >= 1, got {max_new_tokens}")
     device = model.embedding.weight.device
-    max_seq_len = max(len(p) for p in ids) + max(max_new_tokens)
-    outputs: list[list[int]] = [[] for _ in ids]
     peak: dict = {}
     clock = StepClock(device)
-    synchronize(device)
-    clock.mark()
-    cache = op.create_cache(model.cache_spec(), max_batch_size=len(ids), max_seq_len=max_seq_len, **options)
-    try:
-        for seq_id in range(len(ids)):
-            cache.add(seq_id)
-        logits = _forward_step(model, op, cache, list(range(len(ids))), ids, device)
-        next_tokens = sample_tokens(logits)
+
+    def on_step(kind, cache):
         clock.mark()
         if record_stats:
             _keep_fullest(peak, cache)
-        active = list(range(len(ids)))
-        while True:
-            chosen = next_tokens.tolist()
-            still = []
-            for seq_id, token in zip(active, chosen):
-                outputs[seq_id].append(token)
-                if len(outputs[seq_id]) >= max_new_tokens[seq_id]:
-                    cache.free(seq_id)
-                else:
-                    still.append((seq_id, token))
-            if not still:
-                break
-            active = [s for s, _ in still]
-            for seq_id in active:
-                cache.release_out_of_window(seq_id)
-            logits = _forward_step(model, op, cache, active, [[t] for _, t in still], device)
-            next_tokens = sample_tokens(logits)
-            clock.mark()
-            if record_stats:
-                _keep_fullest(peak, cache)
-        clock.mark()
-    finally:
-        for seq_id in cache.sequences:
-            cache.free(seq_id)
+
+    synchronize(device)
+    clock.mark()
+    outputs = generate(model, prompts, max_new_tokens, attn_name=attn_name, on_step=on_step, **options)
+    clock.mark()
     intervals = clock.intervals_ms()
     return Timing(prefill_ms=intervals[0], decode_step_ms=intervals[1:-1], e2e_ms=sum(intervals),
                   outputs=outputs, kv_stats=peak)

@@ -25,19 +25,34 @@ def _as_id_lists(prompts) -> list[list[int]]:
     return out
 
 
-def validate_prompts(prompts, vocab_size: int, max_new_tokens: int, max_len: int) -> list[list[int]]:
-    """Token-id lists, checked against the vocabulary and the context length."""
+def _per_prompt_counts(max_new_tokens, num_prompts: int) -> list[int]:
+    if isinstance(max_new_tokens, int) and not isinstance(max_new_tokens, bool):
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        return [max_new_tokens] * num_prompts
+    counts = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else []
+    if len(counts) != num_prompts or any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in counts):
+        raise ValueError(
+            f"max_new_tokens must be an int >= 0 or one such int per prompt ({num_prompts}), got {max_new_tokens!r}"
+        )
+    return counts
+
+
+def validate_prompts(prompts, vocab_size: int, max_new_tokens, max_len: int) -> list[list[int]]:
+    """Token-id lists, checked against the vocabulary and the context length.
+
+    max_new_tokens: one count for every prompt or one per prompt.
+    """
     ids = _as_id_lists(prompts)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    for i, p in enumerate(ids):
+    counts = _per_prompt_counts(max_new_tokens, len(ids))
+    for i, (p, n) in enumerate(zip(ids, counts)):
         bad = [t for t in p if not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
-        if len(p) + max_new_tokens > max_len:
+        if len(p) + n > max_len:
             raise ValueError(
-                f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that is "
-                f"{len(p) + max_new_tokens}, over the model's context of {max_len} tokens"
+                f"prompt {i} has {len(p)} tokens; with max_new_tokens={n} that is "
+                f"{len(p) + n}, over the model's context of {max_len} tokens"
             )
     return ids
 
@@ -76,7 +91,7 @@ def sample_tokens(logits: torch.Tensor, do_sample: bool = False, temperature: fl
 def generate(
     model,
     prompts: Sequence,
-    max_new_tokens: int,
+    max_new_tokens,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_k: int | None = None,
@@ -86,13 +101,17 @@ def generate(
     attn_name: str | None = None,
     prefill_chunk_size: int | None = None,
     return_stats: bool = False,
+    on_step=None,
     **cache_options,
 ):
     """Generate for a batch of prompts of different lengths; returns the new token ids per prompt.
 
-    attn_name picks the attention op (default: the model's); cache_options go to its cache
-    (e.g. page_size=, num_pages= for "paged"). With return_stats, also returns a dict of cache
-    memory statistics at the fullest point of the run.
+    max_new_tokens: one count for every prompt, or one per prompt (a row leaves the batch when it
+    has its tokens, as at EOS). attn_name picks the attention op (default: the model's);
+    cache_options go to its cache (e.g. page_size=, num_pages= for "paged"). With return_stats,
+    also returns a dict of cache memory statistics at the fullest point of the run. on_step(kind,
+    cache) is called after the prefill ("prefill") and after each decode step ("decode"), once the
+    step's next tokens are sampled: benchmarks time steps with it.
     """
     config = model.config
     op = get_attention_op(attn_name or model.attn_name)
@@ -102,15 +121,16 @@ def generate(
     if prefill_chunk_size is not None and prefill_chunk_size < 1:
         raise ValueError(f"prefill_chunk_size must be >= 1 or None, got {prefill_chunk_size}")
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or ()))
+    new_counts = _per_prompt_counts(max_new_tokens, len(ids))
     outputs: list[list[int]] = [[] for _ in ids]
-    if max_new_tokens == 0:
+    if max(new_counts) == 0:
         return (outputs, {}) if return_stats else outputs
 
     device = model.embedding.weight.device
     generator = None
     if do_sample and seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
-    max_seq_len = max(len(p) for p in ids) + max_new_tokens
+    max_seq_len = max(len(p) + n for p, n in zip(ids, new_counts))
     cache = op.create_cache(model.cache_spec(), max_batch_size=len(ids), max_seq_len=max_seq_len, **cache_options)
     peak = {}
 
@@ -147,13 +167,18 @@ def generate(
                 last_logits[i] = logits[r]
         record()
         next_tokens = sample_tokens(torch.stack(last_logits), do_sample, temperature, top_k, top_p, generator)
-        active = list(range(len(ids)))
-        for step in range(max_new_tokens):
+        if on_step is not None:
+            on_step("prefill", cache)
+        active = [i for i, n in enumerate(new_counts) if n > 0]
+        next_tokens = next_tokens[active] if len(active) < len(ids) else next_tokens
+        for seq_id in set(range(len(ids))) - set(active):
+            cache.free(seq_id)
+        while True:
             chosen = next_tokens.tolist()
             still = []
             for seq_id, token in zip(active, chosen):
                 outputs[seq_id].append(token)
-                if token in eos or step == max_new_tokens - 1:
+                if token in eos or len(outputs[seq_id]) >= new_counts[seq_id]:
                     cache.free(seq_id)  # pages go back to the pool as soon as a sequence ends
                 else:
                     still.append((seq_id, token))
@@ -165,6 +190,8 @@ def generate(
             logits = run(active, [[t] for _, t in still])
             record()
             next_tokens = sample_tokens(logits, do_sample, temperature, top_k, top_p, generator)
+            if on_step is not None:
+                on_step("decode", cache)
     finally:
         for seq_id in cache.sequences:
             cache.free(seq_id)

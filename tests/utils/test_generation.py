@@ -122,3 +122,17 @@ def test_unknown_attn_name_lists_registered_ops(llama_nano):
         generate(llama_nano, [[1, 2]], 4, attn_name="nope")
     for name in ALL_OPS:
         assert repr(name) in str(err.value)
+
+
+@pytest.mark.parametrize("attn_name", ["sdpa", "paged"])
+def test_per_prompt_max_new_tokens_and_step_hook(llama_nano, attn_name):
+    counts = [3, 0, 7, 1]
+    steps = []
+    base = PROMPTS
+    full = generate(llama_nano, base, 7, attn_name=attn_name)
+    out = generate(llama_nano, base, counts, attn_name=attn_name, on_step=lambda kind, cache: steps.append(kind),
+                   **_options(attn_name))
+    assert out == [f[:n] for f, n in zip(full, counts)]  # each row stops at its own count
+    assert steps == ["prefill"] + ["decode"] * (max(counts) - 1)
+    with pytest.raises(ValueError, match="one such int per prompt"):
+        generate(llama_nano, base, [1, 2], attn_name=attn_name)

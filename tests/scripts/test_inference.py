@@ -1,0 +1,44 @@
+"""scripts/inference.py: prompt in, text out, and clear errors."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "inference.py"
+
+
+@pytest.fixture(scope="module")
+def inference():
+    spec = importlib.util.spec_from_file_location("inference_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("attn_name", ["sdpa", "paged"])
+def test_prompt_in_text_out(inference, capsys, attn_name):
+    argv = ["--variant", "micro", "--attn_name", attn_name, "--device_type", "cpu", "--max_new_tokens", "5",
+            "--prompt", "Paged attention", "--prompt", "A page"]
+    assert inference.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("Paged attention") and lines[1].startswith("A page")
+    assert all(len(line) > len(p) for line, p in zip(lines, ["Paged attention", "A page"]))
+
+
+def test_both_backends_print_the_same_text(inference, capsys):
+    texts = []
+    for attn_name in ("sdpa", "paged"):
+        inference.main(["--attn_name", attn_name, "--device_type", "cpu", "--max_new_tokens", "6", "--prompt", "Hi"])
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--attn_name", "nope"], "unknown attn_name 'nope'"),
+    (["--variant", "huge"], "unknown variant 'huge'"),
+    (["--max_new_tokens", "-2"], "max_new_tokens must be an int >= 0"),
+])
+def test_bad_arguments_exit_2_with_a_message(inference, capsys, argv, message):
+    assert inference.main(argv + ["--device_type", "cpu"]) == 2
+    assert message in capsys.readouterr().err
