@@ -221,6 +221,22 @@ def timed_generate(model, prompts, max_new_tokens, attn_name: str, record_stats:
                   outputs=outputs, kv_stats=peak)
 
 
+def _time_calls(run, warmup: int, repeats: int, device):
+    """Median wall ms of run() over repeats after warmup calls; -> (ms, last result, peak alloc GB)."""
+    for _ in range(warmup):
+        run()
+    times, out = [], None
+    reset_peak_memory(device)
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        out = run()
+        synchronize(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    peak_alloc, _ = peak_memory_gb(device)
+    return statistics.median(times), out, peak_alloc
+
+
 def timed_repeat(model, prompts, max_new_tokens, backend, options, device) -> Timing:
     """One timed run with the GPU peak-memory counters reset just before it."""
     reset_peak_memory(device)
@@ -625,18 +641,7 @@ def hf_generate_point(hf_model, prompts, max_new_tokens, *, repeats, warmup, dev
     def run():
         return hf_model.generate(input_ids, **kwargs)[:, input_ids.shape[1]:]
 
-    for _ in range(warmup):
-        run()
-    times, out = [], None
-    reset_peak_memory(device)
-    for _ in range(repeats):
-        synchronize(device)
-        t0 = time.perf_counter()
-        out = run()
-        synchronize(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    peak_alloc, _ = peak_memory_gb(device)
-    e2e = statistics.median(times)
+    e2e, out, peak_alloc = _time_calls(run, warmup, repeats, device)
     return {"e2e_latency_ms": e2e, "output_tokens_per_s": out.numel() / (e2e / 1e3),
             "requests_per_s": len(prompts) / (e2e / 1e3), "peak_gpu_mem_allocated_gb": peak_alloc,
             "outputs": out.tolist()}
@@ -679,18 +684,7 @@ def hf_generate_batch_point(hf_model, prompts, max_new_tokens, *, repeats, warmu
                     raise RuntimeError(f"generate_batch returned {len(tokens)} of {len(prompts)} results")
                 return tokens
 
-            for _ in range(max(warmup, 1)):
-                run()
-            times, tokens = [], None
-            reset_peak_memory(device)
-            for _ in range(repeats):
-                synchronize(device)
-                t0 = time.perf_counter()
-                tokens = run()
-                synchronize(device)
-                times.append((time.perf_counter() - t0) * 1e3)
-            peak_alloc, _ = peak_memory_gb(device)
-            e2e = statistics.median(times)
+            e2e, tokens, peak_alloc = _time_calls(run, max(warmup, 1), repeats, device)
             return {"attn_implementation": attn, "manager_reused": reuse, "e2e_latency_ms": e2e,
                     "output_tokens_per_s": sum(len(t) for t in tokens) / (e2e / 1e3),
                     "requests_per_s": len(prompts) / (e2e / 1e3), "peak_gpu_mem_allocated_gb": peak_alloc,

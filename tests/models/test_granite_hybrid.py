@@ -20,6 +20,7 @@ from fms.models import get_config, get_model
 from fms.models.granite_hybrid import GraniteHybrid, granite_hybrid_config_from_hf
 from fms.modules.attention import get_attention_op
 from fms.utils.generation import generate
+from tests.hf_helpers import hf_greedy, hf_logits
 
 ATOL = RTOL = 1e-4
 VOCAB = 300
@@ -91,7 +92,7 @@ class HFCase:
 
     def hf_greedy(self) -> list[list[int]]:
         if self._greedy is None:
-            self._greedy = [_hf_greedy(self.hf, p, MAX_NEW_TOKENS) for p in _prompts()]
+            self._greedy = [hf_greedy(self.hf, p, MAX_NEW_TOKENS) for p in _prompts()]
         return self._greedy
 
 
@@ -133,16 +134,6 @@ def case(request, tmp_path_factory) -> HFCase:
     return _build_hf(request.param, tmp_path_factory.mktemp(request.param))
 
 
-@torch.no_grad()
-def _hf_logits(hf, ids: list[int]) -> torch.Tensor:
-    return hf(torch.tensor([ids])).logits[0]  # (T, V)
-
-
-@torch.no_grad()
-def _hf_greedy(hf, ids: list[int], n: int) -> list[int]:
-    out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                      do_sample=False, max_new_tokens=n, eos_token_id=None, pad_token_id=0)
-    return out[0, len(ids):].tolist()
 
 
 def _cache_options(attn_name):
@@ -179,7 +170,7 @@ def test_logits_match_hf_beyond_two_chunks(case):
     ids = _prompts([3 * CHUNK + 5], seed=7)[0]  # 29 tokens: three full chunks and a partial one
     with torch.no_grad():
         ours = case.fms()(torch.tensor([ids]))[0]
-    theirs = _hf_logits(case.hf, ids)
+    theirs = hf_logits(case.hf, ids)
     assert ours.shape == theirs.shape == (len(ids), VOCAB)
     torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=RTOL)
 
@@ -200,7 +191,7 @@ def test_cached_pieces_match_hf(case, attn_name):
         ours.append(_step(model, cache, op, [0], [ids[start: start + n]])[0])
         start += n
     cache.free(0)
-    torch.testing.assert_close(torch.cat(ours), _hf_logits(case.hf, ids), atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(torch.cat(ours), hf_logits(case.hf, ids), atol=ATOL, rtol=RTOL)
 
 
 @hf_test
@@ -215,7 +206,7 @@ def test_padded_batch_prefill_matches_hf(case, attn_name):
         cache.add(s)
     logits = _step(model, cache, op, list(range(len(prompts))), prompts)
     for i, p in enumerate(prompts):
-        torch.testing.assert_close(logits[i, : len(p)], _hf_logits(case.hf, p), atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(logits[i, : len(p)], hf_logits(case.hf, p), atol=ATOL, rtol=RTOL)
 
 
 @hf_test

@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 from fms.models import get_model  # noqa: E402
 from fms.modules.attention import get_attention_op  # noqa: E402
 from fms.utils.generation import generate  # noqa: E402
+from tests.hf_helpers import hf_greedy, hf_logits
 
 pytestmark = pytest.mark.hf
 
@@ -68,7 +69,7 @@ class HFCase:
     def hf_greedy(self) -> list[list[int]]:
         """HF greedy continuations of _prompts(), one prompt at a time (computed once)."""
         if self._greedy is None:
-            self._greedy = [_hf_greedy(self.hf, p, MAX_NEW_TOKENS) for p in _prompts()]
+            self._greedy = [hf_greedy(self.hf, p, MAX_NEW_TOKENS) for p in _prompts()]
         return self._greedy
 
 
@@ -99,16 +100,6 @@ def _prompts(lengths=PROMPT_LENGTHS, seed=123):
     return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in lengths]
 
 
-@torch.no_grad()
-def _hf_logits(hf, ids: list[int]) -> torch.Tensor:
-    return hf(torch.tensor([ids])).logits[0]  # (T, V)
-
-
-@torch.no_grad()
-def _hf_greedy(hf, ids: list[int], n: int) -> list[int]:
-    out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                      do_sample=False, max_new_tokens=n, eos_token_id=None, pad_token_id=0)
-    return out[0, len(ids):].tolist()
 
 
 @torch.no_grad()
@@ -155,7 +146,7 @@ def test_cached_prefill_logits_match_hf(case, attn_name):
     options = {"page_size": 16} if attn_name == "paged" else {}
     ours = _cached_prefill_logits(case.fms(), prompts, attn_name, **options)
     for p, logits in zip(prompts, ours):
-        torch.testing.assert_close(logits, _hf_logits(case.hf, p), atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(logits, hf_logits(case.hf, p), atol=ATOL, rtol=RTOL)
 
 
 @pytest.mark.parametrize("attn_name", ["sdpa", "paged"])
