@@ -5,6 +5,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from fms.modules.block_allocator import RELEASED, BlockAllocator, OutOfPagesError, PageTables
 
+pytestmark = pytest.mark.paged
+
 
 def make_tables(num_pages: int = 8, page_size: int = 4) -> tuple[BlockAllocator, PageTables]:
     allocator = BlockAllocator(num_pages)

@@ -230,3 +230,17 @@ def test_prompt_longer_than_cache():
     cache.add(0)
     with pytest.raises(ValueError, match="max_seq_len of 64"):
         cache.prepare([0], [65])
+
+
+def test_pool_sized_from_a_memory_budget():
+    spec = _spec(2)
+    page_bytes = spec.kv_bytes_per_token * 16  # K and V x 1 layer x 2 heads x 16 dims x 4 B, 16 tokens
+    assert page_bytes == 2 * 1 * 2 * HEAD_DIM * 4 * 16
+    cache = PagedKVCache(spec, max_batch_size=2, max_seq_len=64, page_size=16, memory_gb=page_bytes * 10 / 1e9)
+    assert cache.num_pages == 9  # 10 pages of budget, one kept for the scratch page
+    assert cache.memory_stats().bytes_allocated == 9 * page_bytes
+    if DEVICE.type == "cpu":
+        with pytest.raises(ValueError, match="memory_fraction sizes the pool from free GPU memory"):
+            PagedKVCache(spec, max_batch_size=2, max_seq_len=64, page_size=16, memory_fraction=0.5)
+    with pytest.raises(ValueError, match="memory_gb must be > 0"):
+        PagedKVCache(spec, max_batch_size=2, max_seq_len=64, page_size=16, memory_gb=-1.0)
