@@ -309,6 +309,8 @@ def _register():
     for name, values in _LLAMA_VARIANTS.items():
         register_model("llama", name, lambda values=values: LlamaConfig(**values))
     register_hf_model_type("llama", "llama", llama_config_from_hf)
+    # Mistral is the Llama computation with a sliding window (same tensor names).
+    register_hf_model_type("mistral", "llama", llama_config_from_hf)
 
 
 _register()
