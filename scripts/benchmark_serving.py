@@ -108,6 +108,17 @@ def percentiles_ms(values, prefix):
     return {f"{prefix}_p{q}_ms": pick(q) for q in (50, 90, 99)}
 
 
+
+def _throughput(num_requests: int, num_in: int, num_out: int, duration_s: float) -> dict:
+    """The rate fields every system's row reports, from token counts and wall time."""
+    return {
+        "num_requests": num_requests,
+        "duration_s": duration_s,
+        "requests_per_s": num_requests / duration_s,
+        "output_tokens_per_s": num_out / duration_s,
+        "total_tokens_per_s": (num_in + num_out) / duration_s,
+    }
+
 def run_fms(engine, prompts, output_lens, respect_eos, device):
     params = [SamplingParams(max_new_tokens=o, ignore_eos=not respect_eos) for o in output_lens]
     bench.reset_peak_memory(device)
@@ -122,11 +133,7 @@ def run_fms(engine, prompts, output_lens, respect_eos, device):
     num_in = sum(len(p) for p in prompts)
     row = {
         "system": "fms LLMEngine",
-        "num_requests": len(prompts),
-        "duration_s": duration,
-        "requests_per_s": len(prompts) / duration,
-        "output_tokens_per_s": num_out / duration,
-        "total_tokens_per_s": (num_in + num_out) / duration,
+        **_throughput(len(prompts), num_in, num_out, duration),
         **percentiles_ms([o.time_to_first_token for o in outs if o.time_to_first_token is not None], "ttft"),
         **percentiles_ms([t for o in outs for t in o.inter_token_latencies], "itl"),
         "peak_gpu_mem_allocated_gb": peak_alloc,
@@ -165,11 +172,7 @@ def run_hf_peer(model, architecture, prompts, output_lens, fms_tokens, device):
     del hf_model
     return {
         "system": "hf generate_batch",
-        "num_requests": len(prompts),
-        "duration_s": duration,
-        "requests_per_s": len(prompts) / duration,
-        "output_tokens_per_s": num_out / duration,
-        "total_tokens_per_s": (num_in + num_out) / duration,
+        **_throughput(len(prompts), num_in, num_out, duration),
         "peak_gpu_mem_allocated_gb": point["peak_gpu_mem_allocated_gb"],
         "attn_implementation": point["attn_implementation"],
         # random bf16 weights give near-tied logits, so greedy sequences drift apart after a few tokens

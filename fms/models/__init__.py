@@ -33,6 +33,12 @@ def register_model(architecture: str, variant: str, config_factory: Callable[[],
     arch.variants[variant] = config_factory
 
 
+def register_variants(architecture: str, config_class: type, variants: dict[str, dict]) -> None:
+    """Register each named variant as a factory building config_class(**fields)."""
+    for name, values in variants.items():
+        register_model(architecture, name, lambda values=values: config_class(**values))
+
+
 def register_hf_model_type(model_type: str, architecture: str, config_from_hf: Callable[[dict], object]) -> None:
     _HF_MODEL_TYPES[model_type] = (architecture, config_from_hf)
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fms.models import register_architecture, register_hf_model_type, register_model
+from fms.models import register_architecture, register_hf_model_type, register_variants
 from fms.models.llama import LLaMA, LlamaConfig
 from fms.modules.attention import MultiHeadAttention
 from fms.modules.feedforward import GeluMLP
@@ -194,8 +194,7 @@ _GPT2_VARIANTS = {
 
 def _register():
     register_architecture("gpt2", GPT2)
-    for name, values in _GPT2_VARIANTS.items():
-        register_model("gpt2", name, lambda values=values: GPT2Config(**values))
+    register_variants("gpt2", GPT2Config, _GPT2_VARIANTS)
     register_hf_model_type("gpt2", "gpt2", gpt2_config_from_hf)
     register_checkpoint_rules(
         "gpt2", _checkpoint_rules(),

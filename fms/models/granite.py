@@ -1,6 +1,6 @@
 """Granite 3.x dense: the Llama computation with Granite's four scalars (all in LlamaConfig)."""
 
-from fms.models import register_hf_model_type, register_model
+from fms.models import register_hf_model_type, register_variants
 from fms.models.llama import LLaMA, LlamaConfig, llama_config_from_hf
 
 
@@ -36,8 +36,7 @@ def _register():
     from fms.models import register_architecture
 
     register_architecture("granite", LLaMA)
-    for name, values in _GRANITE_VARIANTS.items():
-        register_model("granite", name, lambda values=values: LlamaConfig(**values))
+    register_variants("granite", LlamaConfig, _GRANITE_VARIANTS)
     register_hf_model_type("granite", "granite", granite_config_from_hf)
 
 

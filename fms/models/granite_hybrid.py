@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fms.models import register_architecture, register_hf_model_type, register_model
+from fms.models import register_architecture, register_hf_model_type, register_variants
 from fms.models.llama import LLaMA, LlamaConfig, llama_config_from_hf
 from fms.modules.feedforward import SwiGLU
 
@@ -228,8 +228,7 @@ _VARIANTS = {
 
 def _register():
     register_architecture("granite_hybrid", GraniteHybrid)
-    for name, values in _VARIANTS.items():
-        register_model("granite_hybrid", name, lambda values=values: GraniteHybridConfig(**values))
+    register_variants("granite_hybrid", GraniteHybridConfig, _VARIANTS)
     register_hf_model_type("granitemoehybrid", "granite_hybrid", granite_hybrid_config_from_hf)
 
 

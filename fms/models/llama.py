@@ -303,11 +303,10 @@ _LLAMA_VARIANTS = {
 
 
 def _register():
-    from fms.models import register_architecture, register_hf_model_type, register_model
+    from fms.models import register_architecture, register_hf_model_type, register_variants
 
     register_architecture("llama", LLaMA)
-    for name, values in _LLAMA_VARIANTS.items():
-        register_model("llama", name, lambda values=values: LlamaConfig(**values))
+    register_variants("llama", LlamaConfig, _LLAMA_VARIANTS)
     register_hf_model_type("llama", "llama", llama_config_from_hf)
     # Mistral is the Llama computation with a sliding window (same tensor names).
     register_hf_model_type("mistral", "llama", llama_config_from_hf)
