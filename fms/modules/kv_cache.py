@@ -159,6 +159,14 @@ class SequenceCache:
         query_len pads every row to that many query tokens (default: the longest row), so that a
         driver can keep input shapes to a few buckets (compiled kernels specialize on shapes).
         """
+        if query_len is not None and num_new_tokens and query_len < max(num_new_tokens):
+            raise ValueError(f"query_len {query_len} is shorter than the longest row ({max(num_new_tokens)} tokens)")
+        context = self._grow(seq_ids, num_new_tokens)
+        base = self._base_meta(context, list(num_new_tokens), seq_ids, query_len)
+        return self._build_meta(base, seq_ids, context, list(num_new_tokens))
+
+    def _grow(self, seq_ids: Sequence[Hashable], num_new_tokens: Sequence[int]) -> list[int]:
+        """Check a step, make room for it and advance the lengths; -> each sequence's length before."""
         if len(seq_ids) != len(num_new_tokens) or not seq_ids:
             raise ValueError(
                 f"prepare needs one token count per sequence, got {len(seq_ids)} ids and {len(num_new_tokens)} counts"
@@ -174,14 +182,11 @@ class SequenceCache:
                     f"sequence {seq_id!r} would reach {self._lengths[seq_id] + n} tokens, "
                     f"over this cache's max_seq_len of {self.max_seq_len}"
                 )
-        if query_len is not None and query_len < max(num_new_tokens):
-            raise ValueError(f"query_len {query_len} is shorter than the longest row ({max(num_new_tokens)} tokens)")
         context = [self._lengths[s] for s in seq_ids]
         self._reserve(seq_ids, num_new_tokens)  # may raise (e.g. out of pages) with nothing changed
         for seq_id, n in zip(seq_ids, num_new_tokens):
             self._lengths[seq_id] += n
-        base = self._base_meta(context, list(num_new_tokens), seq_ids, query_len)
-        return self._build_meta(base, seq_ids, context, list(num_new_tokens))
+        return context
 
     def _base_meta(self, context, num_new, seq_ids, query_len=None) -> dict:
         device = self.spec.device

@@ -6,6 +6,7 @@ State pool (one per cache, all Mamba layers):
     ssm [mamba layer i] : (num_slots, heads, head_dim, N)     fp32 (the recurrence accumulates over
                                                                the whole sequence; bf16 would drift)
     slot_of[seq_id] -> row in both, taken on add, zeroed, returned on free
+    row num_slots is a scratch slot: padded rows of a CUDA-graph batch read and write it, no sequence holds it
 """
 
 from dataclasses import dataclass
@@ -33,16 +34,17 @@ class MambaStatePool:
         c = spec.config
         self.spec = spec
         n = len(spec.layers)
-        self.conv = torch.zeros(n, num_slots, c.conv_dim, c.conv_kernel - 1, dtype=spec.dtype, device=device)
-        self.ssm = torch.zeros(n, num_slots, c.num_heads, c.head_dim, c.state_size, dtype=torch.float32,
+        self.conv = torch.zeros(n, num_slots + 1, c.conv_dim, c.conv_kernel - 1, dtype=spec.dtype, device=device)
+        self.ssm = torch.zeros(n, num_slots + 1, c.num_heads, c.head_dim, c.state_size, dtype=torch.float32,
                                device=device)
+        self.scratch_slot = num_slots
         self._free = list(range(num_slots))
         self._slot: dict[Hashable, int] = {}
         self._layer = {layer: i for i, layer in enumerate(spec.layers)}
 
     @property
     def num_slots(self) -> int:
-        return self.conv.shape[1]
+        return self.scratch_slot
 
     @property
     def num_free(self) -> int:

@@ -22,7 +22,7 @@ import torch
 from fms.modules.block_allocator import BlockAllocator, OutOfPagesError, PageTables
 from fms.modules.kv_cache import KVCacheSpec, MemoryStats, SequenceCache, StepMeta
 
-__all__ = ["PagedKVCache", "PagedStepMeta", "OutOfPagesError", "SUPPORTED_PAGE_SIZES", "pages_for_budget"]
+__all__ = ["PagedKVCache", "PagedStepMeta", "DecodeWindow", "OutOfPagesError", "SUPPORTED_PAGE_SIZES", "pages_for_budget"]
 
 # FlexAttention's KV mask block is one page; Triton tiles need at least 16 rows.
 SUPPORTED_PAGE_SIZES = (16, 32, 64, 128, 256)
@@ -74,6 +74,16 @@ class PagedStepMeta(StepMeta):
         if self.block_mask is None and self.block_mask_builder is not None:
             object.__setattr__(self, "block_mask", self.block_mask_builder())
         return self.block_mask
+
+
+@dataclass(frozen=True)
+class DecodeWindow:
+    """Host-side inputs of a run of one-token decode steps (PagedKVCache.prepare_decode_window)."""
+
+    start_positions: list[int]  # position of each sequence's first computed token
+    num_steps: list[int]  # steps each sequence computes; it idles (writes the scratch page) after
+    page_table: torch.Tensor  # (B, W) int32 on the host, pages reserved for every step
+    state_slots: list[int] | None = None  # recurrent-state slot per sequence (hybrid models)
 
 
 class PagedKVCache(SequenceCache):
@@ -264,6 +274,19 @@ class PagedKVCache(SequenceCache):
             page_logical=self.page_logical,
             window=self.window,
         )
+
+    def prepare_decode_window(self, seq_ids: Sequence[Hashable], num_steps: Sequence[int]) -> "DecodeWindow":
+        """Room for num_steps[i] one-token steps of each sequence, run back to back without the host.
+
+        The lengths advance by num_steps now; the caller computes each step's positions, slots and
+        sequence lengths on the device from the returned start positions and page-table rows.
+        """
+        start = self._grow(seq_ids, num_steps)
+        rows = torch.tensor([self._row[s] for s in seq_ids])
+        slots = None
+        if self.state_pool is not None:
+            slots = [self.state_pool.slot_of(s) for s in seq_ids]
+        return DecodeWindow(start, list(num_steps), self._host_table.index_select(0, rows), slots)
 
     def layer_kv(self, layer_idx: int):
         i = self.layer_index(layer_idx)

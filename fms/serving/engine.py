@@ -20,6 +20,7 @@ from fms.serving.scheduler import Scheduler
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_MODEL_LEN = 4096  # caps the page-table width (and the decode kernel's split sizing)
+DEFAULT_MAX_DECODE_STEPS = 8
 
 
 class StepOutput(NamedTuple):
@@ -40,6 +41,10 @@ class LLMEngine:
     max_num_seqs, max_num_batched_tokens: per-step limits on sequences and computed tokens.
     max_model_len: longest prompt + output (default min(model context, 4096)).
     use_cuda_graphs: decode steps replay CUDA graphs (default: on for CUDA models).
+    max_decode_steps: when every running request is decoding and none could be admitted, up to this
+    many decode steps run back to back on the device with one host synchronization (a decode
+    window; 1 = synchronize every token). Tokens then reach the caller in bursts of up to this many;
+    a request waiting for admission waits at most one window.
     """
 
     def __init__(
@@ -55,6 +60,7 @@ class LLMEngine:
         enable_prefix_caching: bool = True,
         use_cuda_graphs: bool | None = None,
         graph_batch_sizes: Sequence[int] = DEFAULT_GRAPH_BATCH_SIZES,
+        max_decode_steps: int = DEFAULT_MAX_DECODE_STEPS,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -85,11 +91,11 @@ class LLMEngine:
             enable_prefix_caching = False
         self.prefix_cache = PrefixCache(self.cache.allocator, page_size) if enable_prefix_caching else None
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, max_model_len,
-                                   self.prefix_cache)
+                                   self.prefix_cache, max_decode_steps=max_decode_steps)
         if use_cuda_graphs is None:
             use_cuda_graphs = is_cuda
         self.runner = ModelRunner(model, self.cache, use_cuda_graphs=use_cuda_graphs,
-                                  graph_batch_sizes=graph_batch_sizes)
+                                  graph_batch_sizes=graph_batch_sizes, max_decode_steps=max_decode_steps)
         if is_cuda:
             self.runner.warmup_prefill_buckets(max_num_batched_tokens)
         eos = set(model.config.eos_token_ids) if hasattr(model.config, "eos_token_ids") else set()
@@ -101,6 +107,7 @@ class LLMEngine:
         self._rejected: list[Hashable] = []  # reported by the next step()
         self.num_steps = 0
         self.num_batched_tokens = 0
+        self.num_decode_windows = 0  # steps that ran several decode steps back to back
 
     # -- online API ------------------------------------------------------------------------
     def add_request(self, prompt, params: SamplingParams | None = None, request_id: Hashable | None = None) -> Hashable:
@@ -136,6 +143,7 @@ class LLMEngine:
         results = self.scheduler.update(out, sampled)
         self.num_steps += 1
         self.num_batched_tokens += out.num_batched_tokens
+        self.num_decode_windows += out.num_decode_steps > 1
         return rejected + [StepOutput(*r) for r in results]
 
     def has_unfinished_requests(self) -> bool:
@@ -210,9 +218,9 @@ class LLMEngine:
 
     def reset_stats(self) -> None:
         """Zero the counters stats() reports (e.g. after a warm-up run)."""
-        self.num_steps = self.num_batched_tokens = 0
+        self.num_steps = self.num_batched_tokens = self.num_decode_windows = 0
         self.scheduler.num_preemptions = 0
-        self.runner.num_graph_forwards = self.runner.num_eager_forwards = 0
+        self.runner.reset_counters()
         if self.prefix_cache is not None:
             self.prefix_cache.num_queried_tokens = self.prefix_cache.num_hit_tokens = 0
 
@@ -222,9 +230,12 @@ class LLMEngine:
             "num_steps": self.num_steps,
             "num_batched_tokens": self.num_batched_tokens,
             "num_preemptions": self.scheduler.num_preemptions,
+            "num_decode_windows": self.num_decode_windows,
+            "num_decode_forwards": self.runner.num_decode_forwards,
             "num_graph_forwards": self.runner.num_graph_forwards,
             "num_eager_forwards": self.runner.num_eager_forwards,
             "cuda_graphs": self.runner.graphs is not None,
+            "max_decode_steps": self.scheduler.max_decode_steps,
             "num_pages": self.cache.num_pages,
             "page_size": self.cache.page_size,
             "prefix_caching": pc is not None,

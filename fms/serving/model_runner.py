@@ -1,23 +1,28 @@
 """Runs one scheduled step on the model: inputs built once per forward, the forward passes, sampling on the device.
 
-A step's decode rows (one token each) run as one batch; on CUDA it replays a CUDA graph captured
-for the next bucketed batch size. The graphs read static buffers, which each step overwrites
-before replay:
+A step's decode rows (one token each) run as a decode window: num_steps one-token steps back to
+back, each step's inputs (token, position, slot, sequence length) computed on the device from the
+previous step's, so the host synchronizes once per window instead of once per token. On CUDA each
+step replays a CUDA graph captured for the next bucketed batch size; the graphs read static
+buffers which the window fills once:
 
-    rows 0..B-1      the step's sequences: token, position, slot, page-table row, sequence length
-    rows B..bucket   padding: write K/V to the scratch page, read one scratch slot, output ignored
+    rows 0..B-1      the window's sequences: last token, position, end position, page-table row,
+                     sampling parameters; a row past its end idles (writes the scratch page)
+    rows B..bucket   padding: idle from the start (scratch page, scratch state slot)
+    out_tokens[k, b] the token row b sampled at step k; read back after the window
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Hashable, Sequence
+from typing import Sequence
 
 import torch
 
 from fms.modules.attention import get_attention_op
-from fms.modules.paged_cache import Q_BLOCK_SIZE, PagedKVCache, PagedStepMeta
+from fms.modules.paged_cache import Q_BLOCK_SIZE, PagedKVCache, PagedStepMeta, build_paged_block_mask
 from fms.serving.request import SamplingParams
+from fms.serving.sampler import SamplingTensors, needs_sampling, sample
 from fms.serving.scheduler import ScheduledChunk, SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -25,77 +30,42 @@ logger = logging.getLogger(__name__)
 DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
-class Sampler:
-    """Next tokens from last-position logits with per-request parameters; greedy rows take the argmax.
-
-    Sampling draws one exponential race per row (argmax of p / Exp(1) picks token i with probability
-    p_i), so a seeded request draws from its own generator and its tokens do not depend on the batch.
-    """
-
-    def __init__(self):
-        self._generators: dict[Hashable, torch.Generator] = {}
-
-    def forget(self, request_ids: Sequence[Hashable]) -> None:
-        for request_id in request_ids:
-            self._generators.pop(request_id, None)
-
-    def __call__(self, logits: torch.Tensor, params: Sequence[SamplingParams],
-                 request_ids: Sequence[Hashable]) -> torch.Tensor:
-        """logits (B, V) -> token ids (B,)."""
-        if all(p.is_greedy for p in params):
-            return logits.argmax(dim=-1)
-        device = logits.device
-        vocab = logits.shape[-1]
-        x = logits.float() / torch.tensor([p.temperature or 1.0 for p in params], device=device)[:, None]
-        top_k = [min(p.top_k or vocab, vocab) for p in params]
-        top_p = [p.top_p for p in params]
-        if min(top_k) < vocab or min(top_p) < 1.0:
-            sorted_x, order = x.sort(dim=-1, descending=True)
-            rank = torch.arange(vocab, device=device)[None, :]
-            drop = rank >= torch.tensor(top_k, device=device)[:, None]
-            probs = sorted_x.masked_fill(drop, float("-inf")).softmax(dim=-1)
-            # drop a token once the mass ranked before it already reaches top_p (the first always stays)
-            drop |= (probs.cumsum(dim=-1) - probs) >= torch.tensor(top_p, device=device)[:, None]
-            x = x.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
-        probs = x.softmax(dim=-1)
-        noise = torch.empty_like(probs).exponential_()
-        for row, (request_id, p) in enumerate(zip(request_ids, params)):
-            if p.seed is not None and not p.is_greedy:
-                generator = self._generators.get(request_id)
-                if generator is None:
-                    generator = torch.Generator(device=device).manual_seed(p.seed)
-                    self._generators[request_id] = generator
-                noise[row].exponential_(generator=generator)
-        sampled = (probs / noise.clamp_min(1e-30)).argmax(dim=-1)
-        greedy = torch.tensor([p.is_greedy for p in params], device=device)
-        return torch.where(greedy, logits.argmax(dim=-1), sampled)
-
-
 class ModelRunner:
     def __init__(self, model, cache: PagedKVCache, use_cuda_graphs: bool = False,
                  graph_batch_sizes: Sequence[int] = DEFAULT_GRAPH_BATCH_SIZES, attn_name: str = "paged",
-                 bucket_prefills: bool | None = None):
+                 bucket_prefills: bool | None = None, max_decode_steps: int = 1):
         self.model = model
         self.cache = cache
         self.attn_name = attn_name
         self.device = cache.spec.device
-        self.sampler = Sampler()
-        self.graphs: DecodeGraphs | None = None
-        self.num_graph_forwards = 0  # forwards replayed from a CUDA graph
-        self.num_eager_forwards = 0  # forwards run eagerly
+        self.vocab_size = model.config.vocab_size
+        self.num_eager_forwards = 0  # prefill forwards (always eager)
         self.bucket_prefills = self.device.type == "cuda" if bucket_prefills is None else bucket_prefills
+        graph_sizes = None
         if use_cuda_graphs:
             why_not = self._why_no_graphs()
             if why_not is None:
-                sizes = [b for b in graph_batch_sizes if b <= cache.max_batch_size] or [cache.max_batch_size]
-                try:
-                    graphs = DecodeGraphs(model, cache, sizes, attn_name)
-                    graphs.capture()
-                    self.graphs = graphs
-                except Exception as e:  # any capture failure leaves eager decoding, which always works
-                    logger.warning("CUDA graph capture failed, decoding eagerly: %s: %s", type(e).__name__, e)
+                graph_sizes = [b for b in graph_batch_sizes if b <= cache.max_batch_size] or [cache.max_batch_size]
             else:
                 logger.warning("CUDA graphs off, decoding eagerly: %s", why_not)
+        self.decoder = DecodeWindowRunner(model, cache, attn_name, max_decode_steps, graph_sizes)
+
+    @property
+    def graphs(self) -> "DecodeWindowRunner | None":
+        """The decode runner when it replays CUDA graphs, else None."""
+        return self.decoder if self.decoder.use_graphs else None
+
+    @property
+    def num_graph_forwards(self) -> int:
+        return self.decoder.num_graph_steps
+
+    @property
+    def num_decode_forwards(self) -> int:
+        return self.decoder.num_graph_steps + self.decoder.num_eager_steps
+
+    def reset_counters(self) -> None:
+        self.num_eager_forwards = 0
+        self.decoder.num_graph_steps = self.decoder.num_eager_steps = 0
 
     @torch.no_grad()
     def warmup_prefill_buckets(self, max_chunk_tokens: int) -> None:
@@ -123,8 +93,6 @@ class ModelRunner:
     def _why_no_graphs(self) -> str | None:
         if self.device.type != "cuda":
             return f"the model is on {self.device.type}, not CUDA"
-        if self.cache.state_pool is not None:
-            return "padded graph rows would need a scratch recurrent-state slot (hybrid model)"
         op = get_attention_op(self.attn_name)
         variant = getattr(self.model.config, "attention_variant", None)
         if getattr(op, "decode_kernel", "auto") == "flex" or (variant is not None and (variant.alibi or variant.softcap)):
@@ -136,17 +104,16 @@ class ModelRunner:
         return None
 
     @torch.no_grad()
-    def execute(self, out: SchedulerOutput) -> list[int | None]:
-        """Run the step; returns the sampled token per chunk (None for chunks that end mid-prompt).
+    def execute(self, out: SchedulerOutput) -> list[list[int]]:
+        """Run the step; returns the sampled tokens per chunk ([] for chunks that end mid-prompt).
 
         A step runs as up to three kinds of forward, so that no row is padded to another kind's length:
-            decode   every one-token chunk, one batch: the Triton decode path, replayed from a CUDA graph
+            decode   every one-token chunk, one decode window (CUDA graphs, Triton paged decode)
             fresh    prefill chunks starting at position 0, one batch: the paged op runs them by SDPA
             resumed  prefill chunks with cached context (chunked prefill, prefix hit, recompute): FlexAttention
         Compiled FlexAttention specializes on (batch, query length), so on CUDA (bucket_prefills) each
         resumed chunk runs alone with its length padded to a power of two: a handful of shapes in all.
         """
-        self.sampler.forget(out.finished_ids)
         chunks = out.chunks
         for chunk in chunks:
             if self.cache.length(chunk.request_id) != chunk.start_position:
@@ -154,11 +121,13 @@ class ModelRunner:
                     f"request {chunk.request_id!r}: the scheduler starts at position {chunk.start_position} but "
                     f"the cache holds {self.cache.length(chunk.request_id)} tokens"
                 )
-        decode = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]
-        fresh = [i for i, c in enumerate(chunks) if len(c.token_ids) > 1 and c.start_position == 0]
-        resumed = [i for i, c in enumerate(chunks) if len(c.token_ids) > 1 and c.start_position > 0]
-        groups = [(decode, "decode"), (fresh, "fresh")]
+        decode = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1 and c.sample]
+        is_decode = set(decode)
+        fresh = [i for i, c in enumerate(chunks) if i not in is_decode and c.start_position == 0]
+        resumed = [i for i, c in enumerate(chunks) if i not in is_decode and c.start_position > 0]
+        groups = [(fresh, "fresh")]
         groups += [([i], "resumed") for i in resumed] if self.bucket_prefills else [(resumed, "resumed")]
+        sampled: list[list[int]] = [[] for _ in chunks]
         logits_of: dict[int, torch.Tensor] = {}
         for rows, kind in groups:
             if not rows:
@@ -167,18 +136,26 @@ class ModelRunner:
             for row, i in enumerate(rows):
                 if chunks[i].sample:
                     logits_of[i] = logits[row]
-        sampled: list[int | None] = [None] * len(chunks)
+        pending = None
         if logits_of:
             rows = sorted(logits_of)
             picked = [chunks[i] for i in rows]
-            logits = torch.stack([logits_of[i] for i in rows])
-            tokens = self.sampler(logits, [c.params for c in picked], [c.request_id for c in picked]).tolist()
-            for i, token in zip(rows, tokens):
-                sampled[i] = token
+            params = None
+            if needs_sampling([c.params for c in picked]):
+                params = SamplingTensors.build([c.params for c in picked], [c.seed for c in picked],
+                                               self.vocab_size, self.device)
+            positions = torch.tensor([c.start_position + len(c.token_ids) for c in picked], device=self.device)
+            pending = rows, sample(torch.stack([logits_of[i] for i in rows]), params, positions)
+        if decode:
+            for i, tokens in zip(decode, self.decoder.run([chunks[i] for i in decode])):
+                sampled[i] = tokens
+        if pending is not None:
+            for i, token in zip(pending[0], pending[1].tolist()):
+                sampled[i] = [token]
         return sampled
 
     def _forward(self, chunks, kind: str) -> torch.Tensor:
-        """One forward over these chunks (rows right-padded); -> last-token logits (B, V)."""
+        """One eager forward over these prefill chunks (rows right-padded); -> last-token logits (B, V)."""
         seq_ids = [c.request_id for c in chunks]
         num_new = [len(c.token_ids) for c in chunks]
         query_len = None
@@ -187,9 +164,6 @@ class ModelRunner:
             # found no valid kernel config for a large bf16 pool on H100 (torch 2.11)
             query_len = max(Q_BLOCK_SIZE, 1 << (max(num_new) - 1).bit_length())
         meta = self.cache.prepare(seq_ids, num_new, query_len=query_len)
-        if kind == "decode" and self.graphs is not None and len(chunks) <= self.graphs.max_batch_size:
-            self.num_graph_forwards += 1
-            return self.graphs.run(meta, [c.token_ids[0] for c in chunks])
         width = meta.query_len
         rows = [c.token_ids + [0] * (width - len(c.token_ids)) for c in chunks]
         tokens = _to_device(torch.tensor(rows, dtype=torch.long), self.device)
@@ -205,73 +179,146 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
-class DecodeGraphs:
-    """One CUDA graph per padded batch size for one-token-per-sequence steps (Triton paged decode)."""
+class DecodeWindowRunner:
+    """Decode windows over static buffers: eager steps, or one CUDA graph per (padded batch size, mode).
 
-    def __init__(self, model, cache: PagedKVCache, batch_sizes: Sequence[int], attn_name: str):
+    mode "greedy" samples by argmax only; "sample" runs the full sampler (temperature, top-k, top-p).
+    Graphs are captured on first use of a (batch size, mode); greedy ones up front.
+    """
+
+    def __init__(self, model, cache: PagedKVCache, attn_name: str, max_steps: int,
+                 graph_batch_sizes: Sequence[int] | None):
+        if max_steps < 1:
+            raise ValueError(f"max_decode_steps must be >= 1, got {max_steps}")
         self.model, self.cache, self.attn_name = model, cache, attn_name
-        self.batch_sizes = sorted(set(batch_sizes))
-        self.max_batch_size = self.batch_sizes[-1]
-        n, device = self.max_batch_size, cache.spec.device
+        self.max_steps = max_steps
+        self.use_graphs = graph_batch_sizes is not None
+        self.batch_sizes = sorted(set(graph_batch_sizes)) if self.use_graphs else []
+        n = self.batch_sizes[-1] if self.use_graphs else cache.max_batch_size
+        n = max(n, cache.max_batch_size)
+        device, ps = cache.spec.device, cache.page_size
         self.tokens = torch.zeros(n, 1, dtype=torch.long, device=device)
-        self.positions = torch.zeros(n, 1, dtype=torch.long, device=device)  # (B, 1)
-        self.slot_mapping = torch.zeros(n, dtype=torch.long, device=device)
-        self.page_table = torch.zeros(n, cache.max_pages_per_seq, dtype=torch.int32, device=device)
-        self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
-        self.num_new = torch.ones(n, dtype=torch.long, device=device)
-        self._scratch_slots = cache.scratch_page * cache.page_size + torch.arange(n, device=device) % cache.page_size
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._logits: dict[int, torch.Tensor] = {}
+        self.positions = torch.zeros(n, 1, dtype=torch.long, device=device)  # (B, 1) of the token computed next
+        self.ends = torch.zeros(n, dtype=torch.long, device=device)  # a row computes positions < ends[b]
+        self.page_table = torch.full((n, cache.max_pages_per_seq), cache.scratch_page, dtype=torch.int32,
+                                     device=device)
+        pool = cache.state_pool
+        self.state_slots = None if pool is None else torch.full((n,), pool.scratch_slot, dtype=torch.long,
+                                                                device=device)
+        self.temperature = torch.zeros(n, dtype=torch.float32, device=device)
+        self.top_p = torch.ones(n, dtype=torch.float32, device=device)
+        self.top_k = torch.full((n,), model.config.vocab_size, dtype=torch.long, device=device)
+        self.seeds = torch.zeros(n, dtype=torch.long, device=device)
+        self.out_tokens = torch.zeros(max_steps, n, dtype=torch.long, device=device)
+        self.step_index = torch.zeros(1, dtype=torch.long, device=device)
+        self._scratch_slots = cache.scratch_page * ps + torch.arange(n, device=device) % ps
+        self._graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}
         self._pool = None
+        self.num_graph_steps = 0  # steps replayed from a CUDA graph
+        self.num_eager_steps = 0
+        if self.use_graphs:
+            try:
+                for bs in reversed(self.batch_sizes):  # largest first: smaller ones fit in its memory pool
+                    self._capture(bs, "greedy")
+            except Exception as e:  # any capture failure leaves eager decoding, which always works
+                logger.warning("CUDA graph capture failed, decoding eagerly: %s: %s", type(e).__name__, e)
+                self.use_graphs, self._graphs = False, {}
 
-    def _meta(self, bs: int) -> PagedStepMeta:
-        ctx = self.positions[:bs, 0]
-        return PagedStepMeta(
-            position_ids=self.positions[:bs], num_new_tokens=self.num_new[:bs], context_lens=ctx, query_len=1,
-            max_context_len=self.cache.max_seq_len, host_num_new=(1,) * bs, host_context=(0,) * bs,
-            page_size=self.cache.page_size, slot_mapping=self.slot_mapping[:bs], page_table=self.page_table[:bs],
-            seq_lens=self.seq_lens[:bs], q_start=ctx, block_mask=None, page_logical=self.cache.page_logical,
-            window=self.cache.window,
+    # -- one step, on the buffers ----------------------------------------------------------
+    def _step(self, bs: int, mode: str) -> None:
+        cache, ps = self.cache, self.cache.page_size
+        pos = self.positions[:bs, 0]
+        active = pos < self.ends[:bs]
+        page = self.page_table[:bs].gather(1, (pos // ps).clamp_max(cache.max_pages_per_seq - 1)[:, None])
+        slots = torch.where(active, page[:, 0].long() * ps + pos % ps, self._scratch_slots[:bs])
+        seq_lens = torch.where(active, pos + 1, 1).to(torch.int32)
+        num_new = active.long()
+        page_table, page_logical, kv_len = self.page_table[:bs], cache.page_logical, cache.keys[0].shape[1]
+
+        def block_mask():  # only for FlexAttention decoding (ALiBi, soft-capping); never inside a graph
+            return build_paged_block_mask(page_table, pos, num_new, 1, ps, page_logical, kv_len, cache.window)
+
+        meta = PagedStepMeta(
+            position_ids=self.positions[:bs], num_new_tokens=num_new, context_lens=pos, query_len=1,
+            max_context_len=cache.max_seq_len, host_num_new=(1,) * bs, host_context=(1,) * bs,
+            state_slots=None if self.state_slots is None else self.state_slots[:bs],
+            page_size=ps, slot_mapping=slots, page_table=page_table, seq_lens=seq_lens, q_start=pos,
+            page_logical=page_logical, window=cache.window, block_mask_builder=block_mask,
         )
+        logits = self.model(self.tokens[:bs], attn_name=self.attn_name, cache=cache, meta=meta)[:, 0]  # (bs, V)
+        params = None
+        if mode == "sample":
+            params = SamplingTensors(self.temperature[:bs], self.top_k[:bs], self.top_p[:bs], self.seeds[:bs])
+        token = torch.where(active, sample(logits, params, pos + 1), self.tokens[:bs, 0])
+        self.out_tokens[:, :bs].index_copy_(0, self.step_index, token[None])
+        self.tokens[:bs, 0].copy_(token)
+        self.positions[:bs, 0].add_(num_new)
+        self.step_index.add_(1)
 
-    def _pad(self, start: int, end: int) -> None:
+    def _idle(self, start: int, end: int) -> None:
+        """Rows start..end compute nothing: scratch page, scratch state slot, end position 0."""
         self.tokens[start:end] = 0
         self.positions[start:end] = 0
-        self.slot_mapping[start:end] = self._scratch_slots[start:end]
+        self.ends[start:end] = 0
         self.page_table[start:end] = self.cache.scratch_page
-        self.seq_lens[start:end] = 1
+        if self.state_slots is not None:
+            self.state_slots[start:end] = self.cache.state_pool.scratch_slot
 
-    def capture(self) -> None:
-        # Largest first: smaller graphs then fit in the memory pool the largest one reserved.
-        for bs in reversed(self.batch_sizes):
-            self._pad(0, bs)
-            meta = self._meta(bs)
-
-            def forward():
-                return self.model(self.tokens[:bs], attn_name=self.attn_name, cache=self.cache, meta=meta)
-
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up outside the graph: Triton compiles, lazy inits
-                forward()
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                self._logits[bs] = forward()
-            self._pool = graph.pool()
-            self._graphs[bs] = graph
+    def _capture(self, bs: int, mode: str) -> None:
+        self._idle(0, bs)  # warm-up and capture touch only the scratch page and slot
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up outside the graph: Triton compiles, lazy inits
+            self._step(bs, mode)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._step(bs, mode)
+        self._pool = graph.pool()
+        self._graphs[(bs, mode)] = graph
         torch.cuda.synchronize()
 
-    def run(self, meta: PagedStepMeta, token_ids: list[int]) -> torch.Tensor:
-        """Copy the step's metadata into the static buffers, replay; -> logits (B, V) valid until the next replay."""
-        b = len(token_ids)
-        bs = next(size for size in self.batch_sizes if size >= b)
-        self.tokens[:b, 0].copy_(_to_device(torch.tensor(token_ids, dtype=torch.long), self.tokens.device))
-        self.positions[:b].copy_(meta.position_ids)
-        self.slot_mapping[:b].copy_(meta.slot_mapping)
-        self.page_table[:b].copy_(meta.page_table)
-        self.seq_lens[:b].copy_(meta.seq_lens)
-        if bs > b:
-            self._pad(b, bs)
-        self._graphs[bs].replay()
-        return self._logits[bs][:b, 0]
+    # -- a window --------------------------------------------------------------------------
+    def run(self, chunks: Sequence[ScheduledChunk]) -> list[list[int]]:
+        """Reserve pages, run max(num_steps) steps; -> the num_steps tokens each chunk sampled."""
+        b = len(chunks)
+        window = self.cache.prepare_decode_window([c.request_id for c in chunks], [c.num_steps for c in chunks])
+        num_steps = max(window.num_steps)
+        if num_steps > self.max_steps:
+            raise ValueError(f"a decode window of {num_steps} steps exceeds max_decode_steps={self.max_steps}")
+        mode = "sample" if needs_sampling([c.params for c in chunks]) else "greedy"
+        bs = next((size for size in self.batch_sizes if size >= b), None) if self.use_graphs else None
+        if bs is not None and (bs, mode) not in self._graphs:
+            self._capture(bs, mode)  # before the buffers are filled: capture runs one idle step
+        starts = window.start_positions
+        longs = torch.tensor([[c.token_ids[0], s, s + n] for c, s, n in zip(chunks, starts, window.num_steps)],
+                             dtype=torch.long)
+        longs = _to_device(longs, self.tokens.device)
+        self.tokens[:b, 0].copy_(longs[:, 0])
+        self.positions[:b, 0].copy_(longs[:, 1])
+        self.ends[:b].copy_(longs[:, 2])
+        self.page_table[:b].copy_(_to_device(window.page_table, self.tokens.device))
+        if self.state_slots is not None:
+            self.state_slots[:b].copy_(_to_device(torch.tensor(window.state_slots), self.tokens.device))
+        if mode == "sample":
+            floats, params = SamplingTensors.pack([c.params for c in chunks], [c.seed for c in chunks],
+                                                  self.model.config.vocab_size)
+            floats, params = _to_device(floats, self.tokens.device), _to_device(params, self.tokens.device)
+            self.temperature[:b].copy_(floats[:, 0])
+            self.top_p[:b].copy_(floats[:, 1])
+            self.top_k[:b].copy_(params[:, 0])
+            self.seeds[:b].copy_(params[:, 1])
+        self.step_index.zero_()
+        if bs is not None:
+            if bs > b:
+                self._idle(b, bs)
+            graph = self._graphs[(bs, mode)]
+            for _ in range(num_steps):
+                graph.replay()
+            self.num_graph_steps += num_steps
+        else:
+            for _ in range(num_steps):
+                self._step(b, mode)
+            self.num_eager_steps += num_steps
+        out = self.out_tokens[:num_steps, :b].T.tolist()  # the window's one host synchronization
+        return [row[:n] for row, n in zip(out, window.num_steps)]

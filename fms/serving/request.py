@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Hashable
 
+import torch
+
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -96,6 +98,12 @@ class Request:
     token_times: list[float] = field(default_factory=list)
     # chained hashes of this sequence's full pages, filled as the prefix cache registers them
     page_hashes: list[int] = field(default_factory=list)
+    # the sampler's noise counter key: params.seed, or one drawn from torch's host generator
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.seed is None:
+            self.seed = self.params.seed if self.params.seed is not None else int(torch.randint(0, 2**31 - 1, ()))
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -35,6 +35,8 @@ class ScheduledChunk:
     start_position: int  # position of token_ids[0] (= the request's num_computed_tokens)
     sample: bool  # the chunk reaches the request's last token: sample its next token
     params: SamplingParams
+    num_steps: int = 1  # a decode chunk may run this many one-token steps back to back (a decode window)
+    seed: int = 0  # the request's sampling seed
 
 
 @dataclass
@@ -53,14 +55,21 @@ class SchedulerOutput:
     def is_decode_only(self) -> bool:
         return bool(self.chunks) and all(len(c.token_ids) == 1 and c.sample for c in self.chunks)
 
+    @property
+    def num_decode_steps(self) -> int:
+        return max((c.num_steps for c in self.chunks), default=0)
+
 
 class Scheduler:
     def __init__(self, cache: PagedKVCache, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, prefix_cache: PrefixCache | None = None):
+                 max_model_len: int, prefix_cache: PrefixCache | None = None, max_decode_steps: int = 1):
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError(
                 f"max_num_seqs and max_num_batched_tokens must be >= 1, got {max_num_seqs}, {max_num_batched_tokens}"
             )
+        if max_decode_steps < 1:
+            raise ValueError(f"max_decode_steps must be >= 1, got {max_decode_steps}")
+        self.max_decode_steps = max_decode_steps
         if max_num_seqs > cache.max_batch_size:
             raise ValueError(f"max_num_seqs {max_num_seqs} exceeds the cache's max_batch_size {cache.max_batch_size}")
         self.cache = cache
@@ -116,6 +125,11 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(finished_ids=self._finished_ids)
         self._finished_ids = []
+        window = self._plan_decode_window()
+        if window is not None:
+            self._scheduled = list(self.running)
+            out.chunks = [self._chunk(r, 1, steps) for r, steps in zip(self.running, window)]
+            return out
         budget = self.max_num_batched_tokens
         claimed = 0  # pages this step's chunks will take in cache.prepare
         planned: dict[Hashable, tuple[Request, int, int]] = {}  # id -> (request, tokens, pages)
@@ -178,33 +192,70 @@ class Scheduler:
             self.prefix_cache.evict(shortfall)
         self._scheduled = []
         for request, n, _ in planned.values():
-            start = request.num_computed_tokens
-            out.chunks.append(ScheduledChunk(
-                request_id=request.request_id,
-                token_ids=request.all_token_ids[start : start + n],
-                start_position=start,
-                sample=start + n == request.num_tokens,
-                params=request.params,
-            ))
+            out.chunks.append(self._chunk(request, n))
             self._scheduled.append(request)
         return out
 
-    def update(self, out: SchedulerOutput, sampled: list[int | None]) -> list[tuple[Hashable, list[int], bool]]:
+    def _chunk(self, request: Request, n: int, num_steps: int = 1) -> ScheduledChunk:
+        start = request.num_computed_tokens
+        return ScheduledChunk(
+            request_id=request.request_id,
+            token_ids=request.all_token_ids[start: start + n],
+            start_position=start,
+            sample=start + n == request.num_tokens,
+            params=request.params,
+            num_steps=num_steps,
+            seed=request.seed,
+        )
+
+    def _plan_decode_window(self) -> list[int] | None:
+        """Steps per running request when this step can be a multi-step decode window, else None.
+
+        A window runs when every running request is decoding, none waits that could be admitted
+        instead, and the pool holds every row's pages for the whole window (otherwise a plain step,
+        which may preempt). A row runs at most until its max_new_tokens; one that stops early (EOS,
+        stop token) finishes after the window, and its extra tokens are dropped.
+        """
+        if self.max_decode_steps == 1 or not self.running:
+            return None
+        if self.waiting and len(self.running) < self.max_num_seqs:
+            return None
+        if len(self.running) > self.max_num_batched_tokens:
+            return None
+        if any(r.num_tokens_to_compute != 1 for r in self.running):
+            return None
+        steps = [min(self.max_decode_steps, r.params.max_new_tokens - len(r.output_token_ids)) for r in self.running]
+        need = sum(self.cache.tables.num_pages_needed(r.request_id, n) for r, n in zip(self.running, steps))
+        evictable = self.prefix_cache.num_evictable if self.prefix_cache else 0
+        if need > self.cache.allocator.num_free + evictable:
+            return None
+        if need > self.cache.allocator.num_free:
+            self.prefix_cache.evict(need - self.cache.allocator.num_free)
+        return steps
+
+    def update(self, out: SchedulerOutput, sampled: list[list[int]]) -> list[tuple[Hashable, list[int], bool]]:
         """Apply a step's results: advance computed tokens, append sampled ones, finish requests.
 
+        sampled: per chunk, the tokens it sampled ([] mid-prompt, up to num_steps in a decode window).
         Returns (request id, new token ids, finished) per scheduled request.
         """
         if len(sampled) != len(out.chunks):
-            raise ValueError(f"got {len(sampled)} sampled tokens for {len(out.chunks)} scheduled chunks")
+            raise ValueError(f"got {len(sampled)} sampled token lists for {len(out.chunks)} scheduled chunks")
         now = time.perf_counter()
         results = []
-        for request, chunk, token in zip(self._scheduled, out.chunks, sampled):
-            request.num_computed_tokens += len(chunk.token_ids)
-            self._register_pages(request)
+        for request, chunk, tokens in zip(self._scheduled, out.chunks, sampled):
+            if chunk.sample and not 1 <= len(tokens) <= chunk.num_steps:
+                raise ValueError(f"request {chunk.request_id!r}: {len(tokens)} sampled tokens for a chunk "
+                                 f"of {chunk.num_steps} step(s)")
             new_tokens = []
-            if chunk.sample:
+            for token in tokens if chunk.sample else ():
                 request.append_token(int(token), now)
-                new_tokens = [int(token)]
+                new_tokens.append(int(token))
+                if request.is_finished:  # a row that stopped mid-window drops the rest
+                    break
+            # a window's step k computes the token sampled at step k - 1
+            request.num_computed_tokens += len(chunk.token_ids) + max(len(new_tokens) - 1, 0)
+            self._register_pages(request)
             if request.is_finished:
                 self._release(request)
                 self.running.remove(request)

@@ -19,10 +19,10 @@ def make_cache(num_pages: int, max_num_seqs: int = 4, max_seq_len: int = 256) ->
 
 
 def make_scheduler(num_pages: int, budget: int = 64, max_num_seqs: int = 4, prefix: bool = False,
-                   max_seq_len: int = 256) -> Scheduler:
+                   max_seq_len: int = 256, max_decode_steps: int = 1) -> Scheduler:
     cache = make_cache(num_pages, max_num_seqs, max_seq_len)
     prefix_cache = PrefixCache(cache.allocator, PAGE) if prefix else None
-    return Scheduler(cache, max_num_seqs, budget, max_seq_len, prefix_cache)
+    return Scheduler(cache, max_num_seqs, budget, max_seq_len, prefix_cache, max_decode_steps=max_decode_steps)
 
 
 def request(rid, prompt, max_new_tokens=4, eos=(), **params) -> Request:
@@ -35,9 +35,12 @@ def request(rid, prompt, max_new_tokens=4, eos=(), **params) -> Request:
 def run_step(scheduler: Scheduler, token=0):
     """Schedule, reserve the pages like the model runner does, 'sample' `token` (or token(chunk))."""
     out = scheduler.schedule()
-    if out.chunks:
-        scheduler.cache.prepare([c.request_id for c in out.chunks], [len(c.token_ids) for c in out.chunks])
-    sampled = [(token(c) if callable(token) else token) if c.sample else None for c in out.chunks]
+    ids = [c.request_id for c in out.chunks]
+    if out.num_decode_steps > 1:  # a decode window: pages for every step, one token per step
+        scheduler.cache.prepare_decode_window(ids, [c.num_steps for c in out.chunks])
+    elif out.chunks:
+        scheduler.cache.prepare(ids, [len(c.token_ids) for c in out.chunks])
+    sampled = [[token(c) if callable(token) else token] * c.num_steps if c.sample else [] for c in out.chunks]
     return out, scheduler.update(out, sampled)
 
 

@@ -36,8 +36,9 @@ def reference(model, prompts):
         dict(num_pages=5, max_num_batched_tokens=64),  # 80 slots for 5 requests: preemption
         dict(num_pages=16, max_num_batched_tokens=16),  # chunked prefill
         dict(num_pages=16, max_num_batched_tokens=24, bucket_prefills=True),  # CUDA policy: resumed chunks alone
+        dict(num_pages=16, max_decode_steps=1),  # a host synchronization every token
     ],
-    ids=["roomy", "preempting", "chunked", "bucketed"],
+    ids=["roomy", "preempting", "chunked", "bucketed", "single-step"],
 )
 def test_greedy_matches_static_generate(model, prompts, reference, options):
     options = dict(options)
@@ -52,6 +53,10 @@ def test_greedy_matches_static_generate(model, prompts, reference, options):
         assert stats["num_preemptions"] > 0
     if options.get("max_num_batched_tokens") == 16:
         assert stats["num_steps"] > 6  # the 40-token prompt alone takes 3 steps of 16
+    if options.get("max_decode_steps") == 1:
+        assert stats["num_decode_windows"] == 0
+    elif options["num_pages"] == 16:
+        assert stats["num_decode_windows"] > 0
     _assert_no_leaks(engine)
 
 
@@ -103,14 +108,17 @@ def test_stream_yields_the_offline_tokens(model, prompts):
     assert sorted(finished) == [0, 1, 2] and len(offline[2].token_ids) == 3
 
 
-def test_seeded_sampling_does_not_depend_on_the_batch(model, prompts):
+@pytest.mark.parametrize("max_decode_steps", [1, 8])
+def test_seeded_sampling_does_not_depend_on_the_batch_or_the_window(model, prompts, max_decode_steps):
     params = SamplingParams(max_new_tokens=NEW, temperature=1.0, top_p=0.95, seed=123)
-    engine = LLMEngine(model, num_pages=16)
+    engine = LLMEngine(model, num_pages=16, max_decode_steps=max_decode_steps)
     alone = engine.generate([prompts[2]], params, use_tqdm=True)[0].token_ids
     batched = engine.generate([prompts[0], prompts[2], prompts[3]],
                               [SamplingParams(max_new_tokens=NEW, temperature=0.5), params, SamplingParams()],
                               use_tqdm=False)[1].token_ids
     assert alone == batched
+    single_step = LLMEngine(model, num_pages=16, max_decode_steps=1)
+    assert single_step.generate([prompts[2]], params, use_tqdm=False)[0].token_ids == alone
 
 
 def test_step_api_and_text_prompts(model):

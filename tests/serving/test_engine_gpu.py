@@ -35,3 +35,30 @@ def test_cuda_graph_decode_matches_eager_and_sdpa(model):
     tight = LLMEngine(model, num_pages=12, max_num_seqs=8, max_num_batched_tokens=32, graph_batch_sizes=(1, 2, 4, 8))
     assert [o.token_ids for o in tight.generate(prompts, params, use_tqdm=False)] == reference
     assert tight.stats()["num_preemptions"] > 0
+
+
+def test_graphed_sampling_and_windows_equal_eager(model):
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 512, (n,), generator=g).tolist() for n in (3, 20, 50)]
+    params = [SamplingParams(max_new_tokens=20, temperature=0.9, seed=4),
+              SamplingParams(max_new_tokens=13, temperature=1.1, top_k=30, top_p=0.9, seed=5),
+              SamplingParams(max_new_tokens=17)]
+    graphed = LLMEngine(model, num_pages=64, max_num_seqs=4, graph_batch_sizes=(1, 2, 4))
+    eager = LLMEngine(model, num_pages=64, max_num_seqs=4, use_cuda_graphs=False, max_decode_steps=1)
+    a = [o.token_ids for o in graphed.generate(prompts, params, use_tqdm=False)]
+    assert a == [o.token_ids for o in eager.generate(prompts, params, use_tqdm=False)]
+    assert graphed.stats()["num_decode_windows"] > 0 and graphed.stats()["num_graph_forwards"] > 0
+
+
+def test_hybrid_decode_replays_graphs_and_matches_sdpa():
+    hybrid = get_model("granite_hybrid", "h-nano", device_type="cuda", data_type="float32")
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(1, 512, (n,), generator=g).tolist() for n in (1, 17, 33, 40)]
+    reference = generate(hybrid, prompts, 10, attn_name="sdpa")
+    engine = LLMEngine(hybrid, num_pages=32, max_num_seqs=4, graph_batch_sizes=(1, 2, 4))
+    assert engine.runner.graphs is not None
+    assert [o.token_ids for o in engine.generate(prompts, SamplingParams(max_new_tokens=10), use_tqdm=False)] \
+        == reference
+    assert engine.stats()["num_graph_forwards"] > 0
+    pool = engine.cache.state_pool
+    assert pool.num_free == pool.num_slots

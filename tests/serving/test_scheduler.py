@@ -141,3 +141,54 @@ def test_scheduler_validates_limits():
         Scheduler(make_cache(4), 0, 16, 100)
     with pytest.raises(ValueError, match="max_batch_size"):
         Scheduler(make_cache(4, max_num_seqs=2), 3, 16, 100)
+
+
+def test_decode_window_runs_several_steps_and_drops_tokens_after_a_stop():
+    s = make_scheduler(num_pages=16, max_decode_steps=4)
+    a = request(0, 5, max_new_tokens=10, eos=(3,))
+    b = request(1, 20, max_new_tokens=3)
+    s.add(a)
+    s.add(b)
+    out, _ = run_step(s, token=1)  # prefill both: a plain step
+    assert out.num_decode_steps == 1
+    out = s.schedule()
+    assert [(c.request_id, c.num_steps, c.token_ids) for c in out.chunks] == [(0, 4, [1]), (1, 2, [1])]
+    s.cache.prepare_decode_window([0, 1], [4, 2])
+    assert s.cache.length(0) == 9 and s.cache.length(1) == 22
+    results = s.update(out, [[5, 3, 7, 8], [9, 9]])
+    assert results == [(0, [5, 3], True), (1, [9, 9], True)]
+    assert a.output_token_ids == [1, 5, 3] and a.finish_reason is FinishReason.STOP
+    assert b.output_token_ids == [1, 9, 9] and b.finish_reason is FinishReason.LENGTH
+    assert s.cache.sequences == [] and s.cache.allocator.num_free == 16
+    check_pages(s)
+
+
+def test_decode_window_continues_with_exact_positions():
+    s = make_scheduler(num_pages=16, max_decode_steps=4)
+    a = request(0, 14, max_new_tokens=20)
+    s.add(a)
+    run_step(s, token=1)
+    out, _ = run_step(s, token=2)  # positions 14..17: crosses into the second page
+    assert out.num_decode_steps == 4 and a.num_computed_tokens == 18 == s.cache.length(0)
+    assert a.output_token_ids == [1, 2, 2, 2, 2] and len(s.cache.block_table(0)) == 2
+    out = s.schedule()
+    assert out.chunks[0].start_position == 18 and out.chunks[0].token_ids == [2]
+    check_pages(s)
+
+
+def test_no_decode_window_while_a_request_could_be_admitted_or_pages_are_short():
+    s = make_scheduler(num_pages=16, max_num_seqs=4, max_decode_steps=8)
+    s.add(request(0, 5, max_new_tokens=10))
+    run_step(s)
+    s.add(request(1, 5, max_new_tokens=10))
+    out, _ = run_step(s)
+    assert out.num_decode_steps == 1  # admitted the waiting request instead
+    out, _ = run_step(s)
+    assert out.num_decode_steps == 8
+    tight = make_scheduler(num_pages=3, max_decode_steps=8)
+    for i in range(2):
+        tight.add(request(i, 15, max_new_tokens=10))
+    run_step(tight)  # 15 tokens each: one page each, one page free
+    out, _ = run_step(tight)  # a window would need a second page for both
+    assert out.num_decode_steps == 1 and not out.preempted_ids
+    check_pages(tight)

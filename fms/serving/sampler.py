@@ -1,0 +1,91 @@
+"""Next-token sampling on the device, with per-row parameters and counter-based random numbers.
+
+Every row draws its noise from a hash of (request seed, position of the token being sampled,
+vocabulary index), not from a stateful torch.Generator:
+
+    noise[b, v] = uniform(hash(seed[b], position[b], v))      ->  token = argmax(logits / T - log(-log noise))
+
+so a request's samples depend only on its seed and position: not on the batch it runs in, not on
+how many decode steps run inside one CUDA graph, and replaying a captured graph draws fresh
+numbers because the positions advance. torch.Generator cannot give this (one stream per row,
+usable inside graph capture), which is why the hash is written here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from fms.serving.request import SamplingParams
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finalizer on int64 tensors holding values < 2**32 (products stay < 2**63)."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    return (x >> 16) ^ x
+
+
+def uniform_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(B,) int64 seeds and positions -> (B, V) float32 uniforms strictly inside (0, 1)."""
+    row = _mix32((seeds & _MASK32) ^ _mix32((positions * 0x9E3779B1) & _MASK32))  # (B,)
+    vocab = torch.arange(vocab_size, device=seeds.device)
+    bits = _mix32(_mix32(row[:, None] ^ vocab[None, :]) ^ 0x27D4EB2F)  # (B, V)
+    return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))  # top 24 bits: exact in float32, never 0 or 1
+
+
+@dataclass
+class SamplingTensors:
+    """Per-row sampling parameters as device tensors (greedy rows: temperature 0)."""
+
+    temperature: torch.Tensor  # (B,) float32
+    top_k: torch.Tensor  # (B,) int64, vocab size when off
+    top_p: torch.Tensor  # (B,) float32, 1 when off
+    seeds: torch.Tensor  # (B,) int64
+
+    @staticmethod
+    def pack(params: Sequence[SamplingParams], seeds: Sequence[int], vocab_size: int):
+        """Host rows: (B, 2) float32 [temperature, top_p] and (B, 2) int64 [top_k, seed]."""
+        floats = torch.tensor([[p.temperature, p.top_p] for p in params], dtype=torch.float32)
+        longs = torch.tensor([[min(p.top_k or vocab_size, vocab_size), s] for p, s in zip(params, seeds)],
+                             dtype=torch.int64)
+        return floats, longs
+
+    @classmethod
+    def build(cls, params: Sequence[SamplingParams], seeds: Sequence[int], vocab_size: int, device):
+        floats, longs = cls.pack(params, seeds, vocab_size)
+        floats, longs = floats.to(device), longs.to(device)
+        return cls(floats[:, 0], longs[:, 0], floats[:, 1], longs[:, 1])
+
+
+def needs_sampling(params: Sequence[SamplingParams]) -> bool:
+    return not all(p.is_greedy for p in params)
+
+
+def sample(logits: torch.Tensor, params: SamplingTensors | None, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,). params None: every row greedy (argmax only).
+
+    positions (B,): the position the sampled token will take in its sequence (the noise counter).
+    No host synchronization: safe inside CUDA-graph capture.
+    """
+    greedy = logits.argmax(dim=-1)
+    if params is None:
+        return greedy
+    vocab = logits.shape[-1]
+    is_greedy = params.temperature <= 0
+    x = logits.float() / torch.where(is_greedy, 1.0, params.temperature)[:, None]
+    # top-k and top-p on one descending sort; rows with neither keep every token
+    sorted_x, order = x.sort(dim=-1, descending=True)
+    rank = torch.arange(vocab, device=x.device)[None, :]
+    drop = rank >= params.top_k[:, None]
+    probs = sorted_x.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    # drop a token once the mass ranked before it already reaches top_p (the first always stays)
+    drop |= ((probs.cumsum(dim=-1) - probs) >= params.top_p[:, None]) & (params.top_p < 1)[:, None]
+    x = x.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    gumbel = -torch.log(-torch.log(uniform_noise(params.seeds, positions, vocab)))
+    sampled = (x + gumbel).argmax(dim=-1)
+    return torch.where(is_greedy, greedy, sampled)
