@@ -33,7 +33,8 @@ from fms.utils import benchmarking as bench  # noqa: E402
 
 CSV_COLUMNS = (
     "system", "num_requests", "duration_s", "requests_per_s", "output_tokens_per_s", "total_tokens_per_s",
-    "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p90_ms", "itl_p99_ms",
+    "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p90_ms", "tpot_p99_ms",
+    "itl_p50_ms", "itl_p90_ms", "itl_p99_ms",
     "peak_gpu_mem_allocated_gb", "kv_pool_gb", "num_preemptions", "prefix_cache_hit_rate", "cuda_graphs",
     "attn_implementation", "tokens_match_fms", "first_token_match_fms", "mean_common_prefix_tokens", "error",
 )
@@ -66,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--max_model_len", type=int, default=None)
     p.add_argument("--no_prefix_caching", action="store_true")
     p.add_argument("--no_cuda_graphs", action="store_true")
+    p.add_argument("--max_decode_steps", type=int, default=None,
+                   help="decode steps per host synchronization (default: the engine's, 8; 1 = every token)")
     p.add_argument("--respect_eos", action="store_true", help="stop at EOS (default: ignore it, fixed lengths)")
     p.add_argument("--peers", default="", help="comma list of peers to run on the same weights/workload: hf")
     p.add_argument("--no_warmup", action="store_true", help="skip the short untimed warm-up run (always off on CPU)")
@@ -108,7 +111,6 @@ def percentiles_ms(values, prefix):
     return {f"{prefix}_p{q}_ms": pick(q) for q in (50, 90, 99)}
 
 
-
 def _throughput(num_requests: int, num_in: int, num_out: int, duration_s: float) -> dict:
     """The rate fields every system's row reports, from token counts and wall time."""
     return {
@@ -118,6 +120,7 @@ def _throughput(num_requests: int, num_in: int, num_out: int, duration_s: float)
         "output_tokens_per_s": num_out / duration_s,
         "total_tokens_per_s": (num_in + num_out) / duration_s,
     }
+
 
 def run_fms(engine, prompts, output_lens, respect_eos, device):
     params = [SamplingParams(max_new_tokens=o, ignore_eos=not respect_eos) for o in output_lens]
@@ -135,6 +138,10 @@ def run_fms(engine, prompts, output_lens, respect_eos, device):
         "system": "fms LLMEngine",
         **_throughput(len(prompts), num_in, num_out, duration),
         **percentiles_ms([o.time_to_first_token for o in outs if o.time_to_first_token is not None], "ttft"),
+        # per request: (last token - first token) / (tokens - 1), the decode pace a user sees on average
+        **percentiles_ms([(o.latency - o.time_to_first_token) / (len(o.token_ids) - 1)
+                          for o in outs if len(o.token_ids) > 1], "tpot"),
+        # gaps between token deliveries: with decode windows tokens arrive in bursts (gaps of ~0)
         **percentiles_ms([t for o in outs for t in o.inter_token_latencies], "itl"),
         "peak_gpu_mem_allocated_gb": peak_alloc,
         "kv_pool_gb": engine.cache.memory_stats().bytes_allocated / bench.GB,
@@ -222,6 +229,7 @@ def main(argv=None):
         max_num_seqs=max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
         use_cuda_graphs=None if not args.no_cuda_graphs else False,
+        **({} if args.max_decode_steps is None else {"max_decode_steps": args.max_decode_steps}),
     )
     if is_cuda and not args.no_warmup:
         # untimed: compiles kernels for common shapes; a distinct seed keeps it out of the prefix cache
@@ -262,7 +270,7 @@ def main(argv=None):
             continue
         print(f"{row['system']}: {row['requests_per_s']:.2f} req/s, {row['output_tokens_per_s']:.1f} output tok/s, "
               f"{row['total_tokens_per_s']:.1f} total tok/s"
-              + (f", TTFT p50 {row['ttft_p50_ms']:.0f} ms, ITL p50 {row['itl_p50_ms']:.1f} ms, "
+              + (f", TTFT p50 {row['ttft_p50_ms']:.0f} ms, TPOT p50 {row['tpot_p50_ms'] or 0:.2f} ms, "
                  f"preemptions {row['num_preemptions']}, prefix hit rate {row['prefix_cache_hit_rate']:.1%}"
                  if "ttft_p50_ms" in row else ""))
     print(f"wrote {args.results_dir / 'serving.json'} and {args.results_dir / 'serving.csv'}")

@@ -17,4 +17,18 @@ case "${1:-all}" in
   tests|all)
     FMS_TEST_DEVICE=cuda timeout 240 python3 -m pytest tests/modules/test_paged_decode_kernel.py tests/models/test_paged_generation.py tests/modules/test_paged_attention.py -q -x -k "not 256 and not 128" 2>&1 | tee "$OUT/tests.log" | tail -25
     ;;
+  engine)
+    # fla (flash-linear-attention) is carried as a wheel in .whl/ when the machine has no network
+    if ls .whl/*.whl >/dev/null 2>&1; then
+      python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+    fi
+    timeout 300 python3 -m pytest tests/serving -q -x 2>&1 | tee "$OUT/tests_serving.log" | tail -5
+    for run in "s128 --peers hf" "s128_k1 --max_decode_steps 1" "b1 --num_requests 1 --prompt_range 128 --output_range 512" \
+               "b1_k1 --num_requests 1 --prompt_range 128 --output_range 512 --max_decode_steps 1"; do
+      set -- $run
+      name=$1; shift
+      timeout 240 python3 scripts/benchmark_serving.py --results_dir "$OUT/$name" "$@" 2>&1 | grep -v "requests:" | tail -4
+      mv "$OUT/$name/serving.json" "$OUT/serving_$name.json"; rm -rf "$OUT/$name"
+    done
+    ;;
 esac

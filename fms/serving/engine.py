@@ -108,6 +108,7 @@ class LLMEngine:
         self.num_steps = 0
         self.num_batched_tokens = 0
         self.num_decode_windows = 0  # steps that ran several decode steps back to back
+        self.time_s = dict.fromkeys(("schedule", "execute", "update"), 0.0)  # host wall time per phase
 
     # -- online API ------------------------------------------------------------------------
     def add_request(self, prompt, params: SamplingParams | None = None, request_id: Hashable | None = None) -> Hashable:
@@ -136,11 +137,18 @@ class LLMEngine:
     def step(self) -> list[StepOutput]:
         """Run one scheduled batch; returns the new tokens per request touched (and rejections)."""
         rejected, self._rejected = [StepOutput(rid, [], True) for rid in self._rejected], []
+        t0 = time.perf_counter()
         out = self.scheduler.schedule()
         if not out.chunks and self.scheduler.has_unfinished():
             raise RuntimeError("the scheduler could not schedule any request; this is a bug in the page accounting")
+        t1 = time.perf_counter()
         sampled = self.runner.execute(out)
+        t2 = time.perf_counter()
         results = self.scheduler.update(out, sampled)
+        t3 = time.perf_counter()
+        self.time_s["schedule"] += t1 - t0
+        self.time_s["execute"] += t2 - t1
+        self.time_s["update"] += t3 - t2
         self.num_steps += 1
         self.num_batched_tokens += out.num_batched_tokens
         self.num_decode_windows += out.num_decode_steps > 1
@@ -219,6 +227,7 @@ class LLMEngine:
     def reset_stats(self) -> None:
         """Zero the counters stats() reports (e.g. after a warm-up run)."""
         self.num_steps = self.num_batched_tokens = self.num_decode_windows = 0
+        self.time_s = dict.fromkeys(self.time_s, 0.0)
         self.scheduler.num_preemptions = 0
         self.runner.reset_counters()
         if self.prefix_cache is not None:
@@ -236,6 +245,9 @@ class LLMEngine:
             "num_eager_forwards": self.runner.num_eager_forwards,
             "cuda_graphs": self.runner.graphs is not None,
             "max_decode_steps": self.scheduler.max_decode_steps,
+            # wall time: scheduler, runner (decode windows split into host launch and waiting for
+            # the GPU), applying results; prefill forwards are in execute - decode
+            "time_s": {**self.time_s, **self.runner.decoder.time_s},
             "num_pages": self.cache.num_pages,
             "page_size": self.cache.page_size,
             "prefix_caching": pc is not None,

@@ -15,6 +15,7 @@ buffers which the window fills once:
 from __future__ import annotations
 
 import logging
+import time
 from typing import Sequence
 
 import torch
@@ -66,6 +67,7 @@ class ModelRunner:
     def reset_counters(self) -> None:
         self.num_eager_forwards = 0
         self.decoder.num_graph_steps = self.decoder.num_eager_steps = 0
+        self.decoder.time_s = dict.fromkeys(self.decoder.time_s, 0.0)
 
     @torch.no_grad()
     def warmup_prefill_buckets(self, max_chunk_tokens: int) -> None:
@@ -216,6 +218,8 @@ class DecodeWindowRunner:
         self._pool = None
         self.num_graph_steps = 0  # steps replayed from a CUDA graph
         self.num_eager_steps = 0
+        # decode-window wall time: host work up to the last launch, then waiting for the tokens
+        self.time_s = {"decode_launch": 0.0, "decode_wait": 0.0}
         if self.use_graphs:
             try:
                 for bs in reversed(self.batch_sizes):  # largest first: smaller ones fit in its memory pool
@@ -282,6 +286,7 @@ class DecodeWindowRunner:
     def run(self, chunks: Sequence[ScheduledChunk]) -> list[list[int]]:
         """Reserve pages, run max(num_steps) steps; -> the num_steps tokens each chunk sampled."""
         b = len(chunks)
+        start_time = time.perf_counter()
         window = self.cache.prepare_decode_window([c.request_id for c in chunks], [c.num_steps for c in chunks])
         num_steps = max(window.num_steps)
         if num_steps > self.max_steps:
@@ -320,5 +325,8 @@ class DecodeWindowRunner:
             for _ in range(num_steps):
                 self._step(b, mode)
             self.num_eager_steps += num_steps
+        launched = time.perf_counter()
         out = self.out_tokens[:num_steps, :b].T.tolist()  # the window's one host synchronization
+        self.time_s["decode_launch"] += launched - start_time
+        self.time_s["decode_wait"] += time.perf_counter() - launched
         return [row[:n] for row, n in zip(out, window.num_steps)]
