@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -18,8 +19,11 @@ __all__ = [
     "GatedRMSNorm",
     "mamba_state_bytes",
     "ssd_scan_reference",
+    "ssd_scan_recurrent",
     "ssd_step",
     "select_ssd_scan",
+    "use_ssd_scan",
+    "SSD_SCAN_NAMES",
 ]
 
 
@@ -188,6 +192,32 @@ def ssd_scan_reference(
     return y, (state if output_final_state else None)
 
 
+def ssd_scan_recurrent(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """Token-by-token scan: ssd_step over the sequence, one step per token. The naive baseline for benchmarks.
+
+    Same arguments and results as ssd_scan_reference; `chunk_size` is unused.
+    """
+    b, T, nh, P = x.shape
+    if initial_state is None:
+        state = x.new_zeros(b, nh, P, B.shape[-1], dtype=torch.float32)
+    else:
+        state = initial_state.float()
+    ys = []
+    for t in range(T):
+        y, state = ssd_step(x[:, t], dt[:, t], A, B[:, t], C[:, t], state)
+        ys.append(y)
+    return torch.stack(ys, dim=1), (state if output_final_state else None)
+
+
 def ssd_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
     """One recurrent step (decode). x [b, nh, P], dt [b, nh], B/C [b, G, N], state [b, nh, P, N] fp32.
 
@@ -242,8 +272,45 @@ def _fla_available() -> bool:
     return True
 
 
+SSD_SCAN_NAMES = ("auto", "fla", "reference", "recurrent")
+_scan_choice = "auto"  # set only through use_ssd_scan; a plain global, which torch.compile can guard on
+
+
+@contextlib.contextmanager
+def use_ssd_scan(name: str):
+    """Force the prefill scan inside the block (process-wide; benchmarks and tests).
+
+    "auto": the default choice; "fla": the Triton kernel (CUDA only); "reference": the chunked PyTorch scan;
+    "recurrent": ssd_scan_recurrent. Raises ValueError on another name, RuntimeError on "fla" without fla.
+    """
+    global _scan_choice
+    if name not in SSD_SCAN_NAMES:
+        raise ValueError(f"unknown SSD scan {name!r}; allowed: {', '.join(SSD_SCAN_NAMES)}")
+    if name == "fla" and not _fla_available():
+        raise RuntimeError(
+            "SSD scan 'fla' needs flash-linear-attention (pip install flash-linear-attention) with a working "
+            "Triton; it is not importable here. Use 'reference' or 'auto'."
+        )
+    previous, _scan_choice = _scan_choice, name
+    try:
+        yield
+    finally:
+        _scan_choice = previous
+
+
 def select_ssd_scan(device: torch.device) -> SsdScan:
-    """The one place that picks the prefill scan: fla's Triton kernel on CUDA when installed, else the reference."""
+    """The one place that picks the prefill scan: fla's Triton kernel on CUDA when installed, else the reference.
+
+    use_ssd_scan(name) overrides the choice.
+    """
+    if _scan_choice == "reference":
+        return ssd_scan_reference
+    if _scan_choice == "recurrent":
+        return ssd_scan_recurrent
+    if _scan_choice == "fla":
+        if device.type != "cuda":
+            raise RuntimeError(f"SSD scan 'fla' runs on CUDA only, got a tensor on {device}")
+        return _ssd_scan_fla
     if device.type == "cuda" and _fla_available():
         return _ssd_scan_fla
     return ssd_scan_reference
