@@ -474,3 +474,19 @@ def paged_decode_attention(
             num_warps=4 if head_dim * num_splits >= 4096 else 1,
         )
     return out
+
+
+# An opaque operator for torch.compile: the compiled decode step keeps the launcher's host logic
+# (split sizing from the batch size, tensor checks) out of the traced graph, so one symbolic-batch
+# compile serves every CUDA-graph bucket.
+@torch.library.custom_op("fms::paged_decode", mutates_args=())
+def paged_decode_op(q: Tensor, k_pool: Tensor, v_pool: Tensor, page_table: Tensor, seq_lens: Tensor,
+                    page_size: int, scale: float, window: int) -> Tensor:
+    """paged_decode_attention with window 0 meaning none."""
+    return paged_decode_attention(q, k_pool, v_pool, page_table, seq_lens, page_size, scale,
+                                  window=window or None)
+
+
+@paged_decode_op.register_fake
+def _(q, k_pool, v_pool, page_table, seq_lens, page_size, scale, window):
+    return torch.empty_like(q)

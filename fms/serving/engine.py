@@ -45,6 +45,8 @@ class LLMEngine:
     many decode steps run back to back on the device with one host synchronization (a decode
     window; 1 = synchronize every token). Tokens then reach the caller in bursts of up to this many;
     a request waiting for admission waits at most one window.
+    compile_decode: torch.compile the decode step before capturing its graphs (default: on for
+    CUDA; falls back to the uncompiled step if compilation fails).
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class LLMEngine:
         use_cuda_graphs: bool | None = None,
         graph_batch_sizes: Sequence[int] = DEFAULT_GRAPH_BATCH_SIZES,
         max_decode_steps: int = DEFAULT_MAX_DECODE_STEPS,
+        compile_decode: bool | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -95,7 +98,8 @@ class LLMEngine:
         if use_cuda_graphs is None:
             use_cuda_graphs = is_cuda
         self.runner = ModelRunner(model, self.cache, use_cuda_graphs=use_cuda_graphs,
-                                  graph_batch_sizes=graph_batch_sizes, max_decode_steps=max_decode_steps)
+                                  graph_batch_sizes=graph_batch_sizes, max_decode_steps=max_decode_steps,
+                                  compile_decode=is_cuda if compile_decode is None else compile_decode)
         if is_cuda:
             self.runner.warmup_prefill_buckets(max_num_batched_tokens)
         eos = set(model.config.eos_token_ids) if hasattr(model.config, "eos_token_ids") else set()
@@ -244,6 +248,7 @@ class LLMEngine:
             "num_graph_forwards": self.runner.num_graph_forwards,
             "num_eager_forwards": self.runner.num_eager_forwards,
             "cuda_graphs": self.runner.graphs is not None,
+            "compiled_decode": self.runner.decoder.compiled,
             "max_decode_steps": self.scheduler.max_decode_steps,
             # wall time: scheduler, runner (decode windows split into host launch and waiting for
             # the GPU), applying results; prefill forwards are in execute - decode

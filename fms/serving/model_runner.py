@@ -34,7 +34,8 @@ DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 class ModelRunner:
     def __init__(self, model, cache: PagedKVCache, use_cuda_graphs: bool = False,
                  graph_batch_sizes: Sequence[int] = DEFAULT_GRAPH_BATCH_SIZES, attn_name: str = "paged",
-                 bucket_prefills: bool | None = None, max_decode_steps: int = 1):
+                 bucket_prefills: bool | None = None, max_decode_steps: int = 1,
+                 compile_decode: bool = False):
         self.model = model
         self.cache = cache
         self.attn_name = attn_name
@@ -49,7 +50,8 @@ class ModelRunner:
                 graph_sizes = [b for b in graph_batch_sizes if b <= cache.max_batch_size] or [cache.max_batch_size]
             else:
                 logger.warning("CUDA graphs off, decoding eagerly: %s", why_not)
-        self.decoder = DecodeWindowRunner(model, cache, attn_name, max_decode_steps, graph_sizes)
+        self.decoder = DecodeWindowRunner(model, cache, attn_name, max_decode_steps, graph_sizes,
+                                          compile_model=compile_decode and self.device.type == "cuda")
 
     @property
     def graphs(self) -> "DecodeWindowRunner | None":
@@ -189,10 +191,14 @@ class DecodeWindowRunner:
     """
 
     def __init__(self, model, cache: PagedKVCache, attn_name: str, max_steps: int,
-                 graph_batch_sizes: Sequence[int] | None):
+                 graph_batch_sizes: Sequence[int] | None, compile_model: bool = False):
         if max_steps < 1:
             raise ValueError(f"max_decode_steps must be >= 1, got {max_steps}")
         self.model, self.cache, self.attn_name = model, cache, attn_name
+        # torch.compile fuses the step's small elementwise kernels (norms, rotary, activations), which
+        # bound a graphed batch-1 step otherwise; one symbolic-batch compile serves every bucket.
+        self.compiled = compile_model
+        self._forward = torch.compile(model, dynamic=True) if compile_model else model
         self.max_steps = max_steps
         self.use_graphs = graph_batch_sizes is not None
         self.batch_sizes = sorted(set(graph_batch_sizes)) if self.use_graphs else []
@@ -221,12 +227,20 @@ class DecodeWindowRunner:
         # decode-window wall time: host work up to the last launch, then waiting for the tokens
         self.time_s = {"decode_launch": 0.0, "decode_wait": 0.0}
         if self.use_graphs:
-            try:
-                for bs in reversed(self.batch_sizes):  # largest first: smaller ones fit in its memory pool
-                    self._capture(bs, "greedy")
-            except Exception as e:  # any capture failure leaves eager decoding, which always works
-                logger.warning("CUDA graph capture failed, decoding eagerly: %s: %s", type(e).__name__, e)
-                self.use_graphs, self._graphs = False, {}
+            self._capture_all()
+
+    def _capture_all(self) -> None:
+        try:
+            for bs in reversed(self.batch_sizes):  # largest first: smaller ones fit in its memory pool
+                self._capture(bs, "greedy")
+        except Exception as e:  # any failure falls back: uncompiled graphs, then eager decoding
+            self._graphs, self._pool = {}, None
+            if self.compiled:
+                logger.warning("compiled decode step failed, capturing it uncompiled: %s: %s", type(e).__name__, e)
+                self.compiled, self._forward = False, self.model
+                return self._capture_all()
+            logger.warning("CUDA graph capture failed, decoding eagerly: %s: %s", type(e).__name__, e)
+            self.use_graphs = False
 
     # -- one step, on the buffers ----------------------------------------------------------
     def _step(self, bs: int, mode: str) -> None:
@@ -244,12 +258,12 @@ class DecodeWindowRunner:
 
         meta = PagedStepMeta(
             position_ids=self.positions[:bs], num_new_tokens=num_new, context_lens=pos, query_len=1,
-            max_context_len=cache.max_seq_len, host_num_new=(1,) * bs, host_context=(1,) * bs,
+            max_context_len=cache.max_seq_len,
             state_slots=None if self.state_slots is None else self.state_slots[:bs],
             page_size=ps, slot_mapping=slots, page_table=page_table, seq_lens=seq_lens, q_start=pos,
             page_logical=page_logical, window=cache.window, block_mask_builder=block_mask,
         )
-        logits = self.model(self.tokens[:bs], attn_name=self.attn_name, cache=cache, meta=meta)[:, 0]  # (bs, V)
+        logits = self._forward(self.tokens[:bs], attn_name=self.attn_name, cache=cache, meta=meta)[:, 0]  # (bs, V)
         params = None
         if mode == "sample":
             params = SamplingTensors(self.temperature[:bs], self.top_k[:bs], self.top_p[:bs], self.seeds[:bs])
@@ -270,6 +284,7 @@ class DecodeWindowRunner:
 
     def _capture(self, bs: int, mode: str) -> None:
         self._idle(0, bs)  # warm-up and capture touch only the scratch page and slot
+        self.step_index.zero_()  # the warm-up step writes out_tokens[step_index]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up outside the graph: Triton compiles, lazy inits
