@@ -102,6 +102,21 @@ def main(argv=None):
     kernels = _table(prof, "self_device_ms", args.top) if is_cuda else []
     host = _table(prof, "self_cpu_ms", args.top)
     steps = step_times(engine, [int(b) for b in args.step_batch_sizes.split(",")], device) if is_cuda else []
+    step_kernels = []
+    dec = engine.runner.decoder
+    if is_cuda and dec.use_graphs:  # the kernels inside one batch-1 decode-step graph
+        dec._idle(0, 1)
+        with torch.profiler.profile(activities=activities) as step_prof:
+            for _ in range(10):
+                dec.step_index.zero_()
+                dec._graphs[(1, "greedy")].replay()
+            torch.cuda.synchronize()
+        step_kernels = _table(step_prof, "self_device_ms", args.top)
+        for r in step_kernels:
+            r["per_step_us"] = r["self_device_ms"] * 100  # 10 replays
+        print(f"{'batch-1 decode step kernel':<92}{'count':>7}{'us/step':>10}")
+        for r in step_kernels:
+            print(f"{r['name']:<92}{r['count']:>7}{r['per_step_us']:>10.1f}")
     print(f"{'kernel (self device ms)':<92}{'count':>7}{'ms':>10}")
     for r in kernels:
         print(f"{r['name']:<92}{r['count']:>7}{r['self_device_ms']:>10.2f}")
@@ -113,7 +128,7 @@ def main(argv=None):
         print(f"decode step, batch {s['batch_size']}: {s['graph_step_ms']:.3f} ms (graph replay)")
     results = {"metadata": bench.run_metadata("python " + " ".join(shlex.quote(a) for a in sys.argv), device),
                "variant": variant, "num_requests": args.num_requests, "output_len": args.output_len,
-               "kernels": kernels, "host_ops": host, "engine_stats": stats, "decode_step_ms": steps}
+               "kernels": kernels, "host_ops": host, "batch1_step_kernels": step_kernels, "engine_stats": stats, "decode_step_ms": steps}
     args.results_dir.mkdir(parents=True, exist_ok=True)
     (args.results_dir / "profile.json").write_text(json.dumps(bench._jsonable(results), indent=2) + "\n")
     return results

@@ -76,7 +76,8 @@ class LLMEngine:
             raise ValueError(f"max_model_len must be in [1, {context}] (the model context), got {max_model_len}")
         self.max_model_len = max_model_len
         max_num_seqs = max_num_seqs or (128 if is_cuda else 16)
-        max_num_batched_tokens = max_num_batched_tokens or (2048 if is_cuda else 256)
+        # a large CUDA budget: fewer, larger prefill forwards amortize each forward's fixed host cost
+        max_num_batched_tokens = max_num_batched_tokens or (8192 if is_cuda else 256)
         options = dict(page_size=page_size)
         if num_pages is not None:
             options["num_pages"] = num_pages
