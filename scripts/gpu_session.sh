@@ -7,6 +7,16 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
 git rev-parse HEAD 2>/dev/null | tee -a "$OUT/device.txt"
+fla_site() {  # fla (flash-linear-attention) is carried as a wheel in .whl/ when the machine has no network
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+  fi
+}
+serving() {  # serving NAME ARGS...: one benchmark_serving run -> $OUT/serving_NAME.json
+  local name=$1; shift
+  timeout 240 python3 scripts/benchmark_serving.py --results_dir "$OUT/$name" "$@" 2>&1 | grep -v "requests:" | tail -3
+  mv "$OUT/$name/serving.json" "$OUT/serving_$name.json"; rm -rf "$OUT/$name"
+}
 case "${1:-all}" in
   kernel|all)
     timeout 200 python3 scripts/bench_paged_decode_kernel.py --out "$OUT/kernel.json" 2>&1 | tee "$OUT/kernel.log" | tail -25
@@ -16,6 +26,42 @@ case "${1:-all}" in
     ;;&
   tests|all)
     FMS_TEST_DEVICE=cuda timeout 240 python3 -m pytest tests/modules/test_paged_decode_kernel.py tests/models/test_paged_generation.py tests/modules/test_paged_attention.py -q -x -k "not 256 and not 128" 2>&1 | tee "$OUT/tests.log" | tail -25
+    ;;
+  report-serving)
+    # #7 serving (with the HF peer), batch-1 decode, Granite-4.0-H through the engine; #6 eval parity
+    fla_site
+    serving s128 --peers hf
+    serving b1 --num_requests 1 --prompt_range 128 --output_range 512
+    serving hybrid --architecture granite_hybrid --variant 4.0-h-1b --num_requests 64 --prompt_range 512,2048 --output_range 128
+    for v in "llama 3.2-1b" "granite_hybrid 4.0-h-1b"; do
+      set -- $v
+      for task in "mmlu fms/resources/eval/mmlu" "truthfulqa_mc2 fms/resources/eval/truthfulqa_mc.json"; do
+        set -- $v $task
+        timeout 150 python3 scripts/eval.py --mode both --architecture $1 --variant $2 --task $3 --data $4 --num_fewshot 1 \
+          --no_progress --output "$OUT/eval_$2_$3.json" 2>&1 | tail -4
+      done
+    done
+    ;;
+  report-hybrid)
+    fla_site
+    timeout 300 python3 scripts/profile_hybrid.py --variant 4.0-h-1b --dtype bf16 --device cuda \
+      --context_lengths 512,1024,2048,4096,8192,16384 --batch_sizes 1 --repeats 3 --warmup 1 \
+      --max_recurrent_context 2048 --attn_name paged --output_dir "$OUT" --run_name profile_hybrid 2>&1 | tail -30
+    timeout 280 python3 scripts/benchmark_inference.py --architecture granite_hybrid --variant 4.0-h-1b --attn_name sdpa,paged \
+      --batch_sizes 1 8 32 64 --base_context 2048 --context_lengths 512 2048 8192 16384 --max_new_tokens 16 --repeats 1 \
+      --results_dir "$OUT/g" --run_name granite --no_progress 2>&1 | tail -5
+    mv "$OUT/g/granite/results.json" "$OUT/static_granite-4.0-h-1b.json"; mv "$OUT/g/granite/tables.md" "$OUT/static_granite-4.0-h-1b.md"
+    rm -rf "$OUT/g"
+    ;;
+  report-static)
+    # #4: static-batch sweeps, both backends side by side, Llama-3.2-1B and Llama-2-7B shapes
+    for v in 3.2-1b 2-7b; do
+      timeout 280 python3 scripts/benchmark_inference.py --variant $v --attn_name sdpa,paged \
+        --batch_sizes 1 2 4 8 16 32 --base_context 512 --context_lengths 128 512 2048 8192 16384 --max_new_tokens 16 \
+        --repeats 2 $( [ $v = 3.2-1b ] && echo "--mixed --mixed_requests 64 --mixed_prompt_range 32,1024 --mixed_output_range 8,64 --memory_budget_gb 2 --peers hf" ) \
+        --results_dir "$OUT/s" --run_name $v --no_progress 2>&1 | tail -5
+      mv "$OUT/s/$v/results.json" "$OUT/static_$v.json"; mv "$OUT/s/$v/tables.md" "$OUT/static_$v.md"; rm -rf "$OUT/s"
+    done
     ;;
   engine)
     # fla (flash-linear-attention) is carried as a wheel in .whl/ when the machine has no network
