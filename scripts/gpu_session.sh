@@ -55,9 +55,11 @@ case "${1:-all}" in
     ;;
   report-static)
     # #4: static-batch sweeps, both backends side by side, Llama-3.2-1B and Llama-2-7B shapes
-    for v in 3.2-1b 2-7b; do
+    for v in ${MODELS:-3.2-1b 2-7b}; do
+      # Llama-2-7B's context is 4096 tokens
+      ctx="128 512 2048 8192 16384"; [ $v = 2-7b ] && ctx="128 512 1024 2048 4080"
       timeout 280 python3 scripts/benchmark_inference.py --variant $v --attn_name sdpa,paged \
-        --batch_sizes 1 2 4 8 16 32 --base_context 512 --context_lengths 128 512 2048 8192 16384 --max_new_tokens 16 \
+        --batch_sizes 1 2 4 8 16 32 --base_context 512 --context_lengths $ctx --max_new_tokens 16 \
         --repeats 2 $( [ $v = 3.2-1b ] && echo "--mixed --mixed_requests 64 --mixed_prompt_range 32,1024 --mixed_output_range 8,64 --memory_budget_gb 2 --peers hf" ) \
         --results_dir "$OUT/s" --run_name $v --no_progress 2>&1 | tail -5
       mv "$OUT/s/$v/results.json" "$OUT/static_$v.json"; mv "$OUT/s/$v/tables.md" "$OUT/static_$v.md"; rm -rf "$OUT/s"
