@@ -1,10 +1,8 @@
 """scripts/benchmark_inference.py and fms.utils.benchmarking on the CPU with llama nano (tiny, seconds)."""
 
 import csv
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,20 +10,12 @@ import torch
 from fms.models import get_model
 from fms.utils import benchmarking as bench
 from fms.utils.generation import generate
+from tests.script_loader import load_script
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "scripts" / "benchmark_inference.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("benchmark_inference", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-script = _load_script()
+script = load_script("benchmark_inference")
 
 ONE_POINT = ["--architecture", "llama", "--variant", "nano", "--device_type", "cpu", "--batch_sizes", "1",
              "--context_lengths", "16", "--base_context", "16", "--max_new_tokens", "3", "--repeats", "1",

@@ -1,6 +1,5 @@
 """scripts/eval.py end to end on the shipped items with llama 'nano': paged agrees with default; complete JSON."""
 
-import importlib.util
 import json
 import sys
 import types
@@ -8,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.script_loader import load_script
 from tests.utils.test_evaluation import LOGPROB_ATOL, build_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -18,10 +18,7 @@ MODE_METRICS = ("accuracy", "accuracy_macro", "per_subject", "num_questions", "l
 
 @pytest.fixture(scope="module")
 def eval_script():
-    spec = importlib.util.spec_from_file_location("fms_eval_script", REPO / "scripts" / "eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("eval")
 
 
 @pytest.fixture(scope="module")

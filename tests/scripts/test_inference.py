@@ -1,19 +1,14 @@
 """scripts/inference.py: prompt in, text out, and clear errors."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "inference.py"
+from tests.script_loader import load_script
 
 
 @pytest.fixture(scope="module")
 def inference():
-    spec = importlib.util.spec_from_file_location("inference_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("inference")
 
 
 @pytest.mark.parametrize("attn_name", ["sdpa", "paged"])

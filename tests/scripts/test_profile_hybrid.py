@@ -1,27 +1,15 @@
 """scripts/profile_hybrid.py on the CPU with granite_hybrid h-micro-test, and the scan switch in fms.modules.ssm."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from fms.modules import ssm
 from fms.modules.ssm import select_ssd_scan, ssd_scan_recurrent, ssd_scan_reference, use_ssd_scan
+from tests.script_loader import load_script
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "scripts" / "profile_hybrid.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("profile_hybrid", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-script = _load_script()
+script = load_script("profile_hybrid")
 
 SMALL = ["--variant", "h-micro-test", "--dtype", "fp32", "--device", "cpu", "--context_lengths", "24",
          "--batch_sizes", "1", "--repeats", "1", "--warmup", "1"]

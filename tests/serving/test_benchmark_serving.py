@@ -1,16 +1,12 @@
 """scripts/benchmark_serving.py end to end on a tiny CPU workload (llama "nano")."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "benchmark_serving.py"
+from tests.script_loader import load_script
 
 
 def test_benchmark_serving_writes_json_and_csv(tmp_path):
-    spec = importlib.util.spec_from_file_location("benchmark_serving", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("benchmark_serving")
     module.main(["--results_dir", str(tmp_path), "--variant", "nano", "--num_requests", "3",
                  "--prompt_range", "4,20", "--output_range", "2,3", "--device", "cpu"])
     results = json.loads((tmp_path / "serving.json").read_text())
