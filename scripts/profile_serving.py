@@ -59,13 +59,10 @@ def step_times(engine, batch_sizes, device) -> list[dict]:
         size = next((s for s in dec.batch_sizes if s >= b), None) if dec.use_graphs else None
         if size is None:
             continue
-        if (size, "greedy") not in dec._graphs:
-            dec._capture(size, "greedy")
-        dec._idle(0, size)
-        graph = dec._graphs[(size, "greedy")]
+        graph = dec.idle_graph(size)
         times = []
         for _ in range(20):
-            dec.step_index.zero_()
+            dec.step_index.zero_()  # each replay writes out_tokens[step_index]
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             graph.replay()
@@ -105,11 +102,11 @@ def main(argv=None):
     step_kernels = []
     dec = engine.runner.decoder
     if is_cuda and dec.use_graphs:  # the kernels inside one batch-1 decode-step graph
-        dec._idle(0, 1)
+        graph = dec.idle_graph(1)
         with torch.profiler.profile(activities=activities) as step_prof:
             for _ in range(10):
                 dec.step_index.zero_()
-                dec._graphs[(1, "greedy")].replay()
+                graph.replay()
             torch.cuda.synchronize()
         step_kernels = _table(step_prof, "self_device_ms", args.top)
         for r in step_kernels:

@@ -297,6 +297,14 @@ class DecodeWindowRunner:
         self._graphs[(bs, mode)] = graph
         torch.cuda.synchronize()
 
+    def idle_graph(self, bs: int) -> torch.cuda.CUDAGraph:
+        """The greedy graph of bucket bs with every row idle, ready to replay (for profiling a step)."""
+        if (bs, "greedy") not in self._graphs:
+            self._capture(bs, "greedy")
+        self._idle(0, bs)
+        self.step_index.zero_()
+        return self._graphs[(bs, "greedy")]
+
     # -- a window --------------------------------------------------------------------------
     def run(self, chunks: Sequence[ScheduledChunk]) -> list[list[int]]:
         """Reserve pages, run max(num_steps) steps; -> the num_steps tokens each chunk sampled."""

@@ -135,8 +135,7 @@ class Scheduler:
         planned: dict[Hashable, tuple[Request, int, int]] = {}  # id -> (request, tokens, pages)
 
         def available() -> int:
-            evictable = self.prefix_cache.num_evictable if self.prefix_cache else 0
-            return self.cache.allocator.num_free + evictable - claimed
+            return self._num_obtainable_pages() - claimed
 
         decodes = [r for r in self.running if r.num_tokens_to_compute == 1]
         prefills = [r for r in self.running if r.num_tokens_to_compute > 1]
@@ -187,9 +186,7 @@ class Scheduler:
             budget -= n
             claimed += need
 
-        shortfall = claimed - self.cache.allocator.num_free
-        if shortfall > 0:
-            self.prefix_cache.evict(shortfall)
+        self._free_pages_for(claimed)
         self._scheduled = []
         for request, n, _ in planned.values():
             out.chunks.append(self._chunk(request, n))
@@ -226,11 +223,9 @@ class Scheduler:
             return None
         steps = [min(self.max_decode_steps, r.params.max_new_tokens - len(r.output_token_ids)) for r in self.running]
         need = sum(self.cache.tables.num_pages_needed(r.request_id, n) for r, n in zip(self.running, steps))
-        evictable = self.prefix_cache.num_evictable if self.prefix_cache else 0
-        if need > self.cache.allocator.num_free + evictable:
+        if need > self._num_obtainable_pages():
             return None
-        if need > self.cache.allocator.num_free:
-            self.prefix_cache.evict(need - self.cache.allocator.num_free)
+        self._free_pages_for(need)
         return steps
 
     def update(self, out: SchedulerOutput, sampled: list[list[int]]) -> list[tuple[Hashable, list[int], bool]]:
@@ -269,6 +264,17 @@ class Scheduler:
         return results
 
     # -- pages -----------------------------------------------------------------------------
+    def _num_obtainable_pages(self) -> int:
+        """Free pages plus cached pages nobody holds (evictable on demand)."""
+        evictable = self.prefix_cache.num_evictable if self.prefix_cache else 0
+        return self.cache.allocator.num_free + evictable
+
+    def _free_pages_for(self, num_pages: int) -> None:
+        """Evict prefix-cache pages until the allocator has num_pages free (counted as obtainable)."""
+        shortfall = num_pages - self.cache.allocator.num_free
+        if shortfall > 0:
+            self.prefix_cache.evict(shortfall)
+
     def _register_pages(self, request: Request) -> None:
         if self.prefix_cache is None:
             return
