@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 
 from fms.serving.request import SamplingParams
+from fms.utils.generation import nucleus_drop
 
 _MASK32 = 0xFFFFFFFF
 
@@ -82,9 +83,7 @@ def sample(logits: torch.Tensor, params: SamplingTensors | None, positions: torc
     sorted_x, order = x.sort(dim=-1, descending=True)
     rank = torch.arange(vocab, device=x.device)[None, :]
     drop = rank >= params.top_k[:, None]
-    probs = sorted_x.masked_fill(drop, float("-inf")).softmax(dim=-1)
-    # drop a token once the mass ranked before it already reaches top_p (the first always stays)
-    drop |= ((probs.cumsum(dim=-1) - probs) >= params.top_p[:, None]) & (params.top_p < 1)[:, None]
+    drop |= nucleus_drop(sorted_x.masked_fill(drop, float("-inf")), params.top_p[:, None]) & (params.top_p < 1)[:, None]
     x = x.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
     gumbel = -torch.log(-torch.log(uniform_noise(params.seeds, positions, vocab)))
     sampled = (x + gumbel).argmax(dim=-1)

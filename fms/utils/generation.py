@@ -66,6 +66,16 @@ def _check_sampling(temperature, top_k, top_p):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
 
 
+def nucleus_drop(sorted_logits: torch.Tensor, top_p) -> torch.Tensor:
+    """Top-p over logits sorted descending (B, V): True where a token falls outside the nucleus.
+
+    A token is dropped once the probability mass ranked before it already reaches top_p (a float,
+    or a (B, 1) tensor), so the first token always stays.
+    """
+    probs = sorted_logits.softmax(dim=-1)
+    return (probs.cumsum(dim=-1) - probs) >= top_p
+
+
 def sample_tokens(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None,
                   generator: torch.Generator | None = None) -> torch.Tensor:
@@ -78,9 +88,7 @@ def sample_tokens(logits: torch.Tensor, do_sample: bool = False, temperature: fl
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # drop a token once the mass before it already reaches top_p (the first token always stays)
-        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
+        drop_sorted = nucleus_drop(sorted_logits, top_p)
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
