@@ -142,16 +142,6 @@ def _conv1d(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.t()
 
 
-def _c_attn_part(index: int, is_weight: bool):
-    """Slice q (0), k (1) or v (2) out of the fused c_attn: weight [in, 3H] columns, bias [3H]."""
-
-    def transform(tensor: torch.Tensor) -> torch.Tensor:
-        part = tensor.chunk(3, dim=-1)[index]
-        return part.t() if is_weight else part
-
-    return transform
-
-
 def _checkpoint_rules() -> list[Rule]:
     layer, hf = r"layers\.(\d+)\.", "h.{0}."
     rules = [
@@ -167,11 +157,10 @@ def _checkpoint_rules() -> list[Rule]:
         Rule(layer + r"ff\.w1\.bias", (hf + "mlp.c_fc.bias",)),
         Rule(layer + r"ff\.w2\.weight", (hf + "mlp.c_proj.weight",), _conv1d),
         Rule(layer + r"ff\.w2\.bias", (hf + "mlp.c_proj.bias",)),
+        # c_attn is already q|k|v fused along its output columns: transposed, it is our qkv_fused
+        Rule(layer + r"mixer\.qkv_fused\.weight", (hf + "attn.c_attn.weight",), _conv1d),
+        Rule(layer + r"mixer\.qkv_fused\.bias", (hf + "attn.c_attn.bias",)),
     ]
-    for index, name in enumerate(("query", "key", "value")):
-        for kind in ("weight", "bias"):
-            rules.append(Rule(layer + rf"mixer\.{name}\.{kind}", (hf + f"attn.c_attn.{kind}",),
-                              _c_attn_part(index, kind == "weight")))
     return rules
 
 

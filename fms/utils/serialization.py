@@ -48,9 +48,7 @@ def _llama_core(mlp: list[Rule]) -> list[Rule]:
         Rule(r"dec_norm\.weight", ("model.norm.weight",)),
         Rule(layer + r"ln\.weight", ("model.layers.{0}.input_layernorm.weight",)),
         Rule(layer + r"ff_ln\.weight", ("model.layers.{0}.post_attention_layernorm.weight",)),
-        Rule(layer + r"mixer\.query\.weight", ("model.layers.{0}.self_attn.q_proj.weight",)),
-        Rule(layer + r"mixer\.key\.weight", ("model.layers.{0}.self_attn.k_proj.weight",)),
-        Rule(layer + r"mixer\.value\.weight", ("model.layers.{0}.self_attn.v_proj.weight",)),
+        Rule(layer + r"mixer\.qkv_fused\.weight", tuple(f"model.layers.{{0}}.self_attn.{n}_proj.weight" for n in "qkv")),
         Rule(layer + r"mixer\.dense\.weight", ("model.layers.{0}.self_attn.o_proj.weight",)),
         *mlp,
     ]
