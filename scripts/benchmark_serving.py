@@ -67,7 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--max_model_len", type=int, default=None)
     p.add_argument("--no_prefix_caching", action="store_true")
     p.add_argument("--no_cuda_graphs", action="store_true")
-    p.add_argument("--no_compile", action="store_true", help="decode step uncompiled (default: torch.compile on CUDA)")
+    p.add_argument("--no_compile", action="store_true", help="decode step and prefill forward uncompiled (default: torch.compile on CUDA)")
     p.add_argument("--max_decode_steps", type=int, default=None,
                    help="decode steps per host synchronization (default: the engine's, 8; 1 = every token)")
     p.add_argument("--respect_eos", action="store_true", help="stop at EOS (default: ignore it, fixed lengths)")
@@ -232,6 +232,7 @@ def main(argv=None):
         use_cuda_graphs=None if not args.no_cuda_graphs else False,
         **({} if args.max_decode_steps is None else {"max_decode_steps": args.max_decode_steps}),
         compile_decode=False if args.no_compile else None,
+        compile_prefill=False if args.no_compile else None,
     )
     if is_cuda and not args.no_warmup:
         # untimed: compiles kernels for common shapes; a distinct seed keeps it out of the prefix cache

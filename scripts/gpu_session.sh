@@ -27,6 +27,18 @@ case "${1:-all}" in
   tests|all)
     FMS_TEST_DEVICE=cuda timeout 240 python3 -m pytest tests/modules/test_paged_decode_kernel.py tests/models/test_paged_generation.py tests/modules/test_paged_attention.py -q -x -k "not 256 and not 128" 2>&1 | tee "$OUT/tests.log" | tail -25
     ;;
+  check)
+    # correctness on CUDA of this session's kernels: varlen prefill, engine (graphs, packed compiled prefill)
+    fla_site
+    timeout 300 python3 -m pytest -q -x tests/modules/test_varlen_attention.py tests/serving/test_engine_gpu.py \
+      tests/serving/test_engine.py 2>&1 | tee "$OUT/tests.log" | tail -4
+    FMS_TEST_DEVICE=cuda timeout 200 python3 -m pytest -q -x tests/modules/test_paged_attention.py \
+      tests/models/test_paged_generation.py -k "not 256 and not 128" 2>&1 | tee -a "$OUT/tests.log" | tail -4
+    ;;&
+  serving-fast|check)
+    serving s128 --peers hf
+    serving b1 --num_requests 1 --prompt_range 128 --output_range 512
+    ;;
   report-serving)
     # #7 serving (with the HF peer), batch-1 decode, Granite-4.0-H through the engine; #6 eval parity
     fla_site

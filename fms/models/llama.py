@@ -189,7 +189,8 @@ class LLaMA(nn.Module):
         logits_positions: torch.Tensor | None = None,
         **attn_kwargs,
     ) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V); with logits_positions (B,), only those tokens: (B, 1, V).
+        """input_ids (B, T) -> logits (B, T, V); only some tokens with logits_positions: (B,) one per
+        row -> (B, 1, V), or (B, K) K per row -> (B, K, V) (a packed step's last tokens: (1, num_seqs)).
 
         attn_kwargs (e.g. cache=, meta=) go untouched to the attention op named by attn_name.
         """
@@ -208,7 +209,8 @@ class LLaMA(nn.Module):
         for layer in self.layers:
             x = layer(x, position_ids, attn_name=attn_name, **attn_kwargs)
         if logits_positions is not None:
-            x = x[torch.arange(x.shape[0], device=x.device), logits_positions][:, None]  # (B, 1, H)
+            index = logits_positions if logits_positions.dim() == 2 else logits_positions[:, None]  # (B, K)
+            x = x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, H)
         logits = self.head(self.dec_norm(x))
         if self.config.logits_scaling != 1.0:
             logits = logits / self.config.logits_scaling

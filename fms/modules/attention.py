@@ -5,7 +5,8 @@ down untouched; the op owns its cache layout. Ops:
 
     sdpa   contiguous cache (one row per sequence), torch SDPA
     flex   contiguous cache, FlexAttention (every mask/score variant, e.g. soft-capping)
-    paged  shared page pool + page tables, FlexAttention over the pool (Triton decode fast path on CUDA)
+    paged  shared page pool + page tables; FlexAttention over the pool, with fast paths by step type:
+           Triton decode, flash varlen prefill over gathered pages (see PagedOp)
 """
 
 import functools
@@ -21,6 +22,7 @@ from fms.modules.kv_cache import ContiguousKVCache, KVCacheSpec, SequenceCache
 from fms.modules.masks import AttentionVariant, dense_attention_bias, variant_predicate, variant_score_fn
 from fms.modules.paged_cache import PagedKVCache
 from fms.modules.positions import RotaryEmbedding
+from fms.modules.varlen_attention import varlen_causal_attention
 
 
 class AttentionOp:
@@ -35,6 +37,10 @@ class AttentionOp:
                cache: SequenceCache | None = None, meta=None) -> torch.Tensor:
         """q: (B, Hq, T, D), k/v: (B, Hkv, T, D) for the step's new tokens -> (B, Hq, T, D)."""
         raise NotImplementedError
+
+    def can_pack(self, variant: AttentionVariant, cache: SequenceCache) -> bool:
+        """Whether this op computes steps prepared with cache.prepare(..., packed=True)."""
+        return False
 
 
 _OPS: dict[str, AttentionOp] = {}
@@ -212,30 +218,61 @@ def _paged_decode(q, *args, **kwargs):
     from fms.modules import paged_decode_kernel as kernel
 
     if q.is_cuda:
-        return kernel.paged_decode_op(q, *args, window=kwargs.get("window") or 0)
+        if torch.compiler.is_compiling():  # one opaque op in the traced graph
+            return kernel.paged_decode_op(q, *args, window=kwargs.get("window") or 0)
+        return kernel.paged_decode_attention(q, *args, **kwargs)  # eager: skip the custom op's dispatch
     return kernel.paged_decode_reference(q, *args, **kwargs)
 
 
-class PagedOp(AttentionOp):
-    """K/V in a shared pool of pages; FlexAttention with a BlockMask built from page tables.
+def _paged_varlen(q, k, v, kp, vp, varlen, scale):
+    """Causal attention of a multi-token step with no padding: real queries packed, each row's keys
+    either the step's own (no cached context anywhere) or gathered from the pool (context + new)."""
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    qf = q.transpose(1, 2).reshape(b * t, hq, d)  # (B*T, Hq, D); packed steps have B == 1, all real
+    if varlen.q_index is not None:
+        qf = qf.index_select(0, varlen.q_index)  # (total_q, Hq, D)
+    if varlen.kv_slots is None:
+        kf, vf = (x.transpose(1, 2).reshape(b * t, hkv, d) for x in (k, v))
+        if varlen.q_index is not None:
+            kf, vf = kf.index_select(0, varlen.q_index), vf.index_select(0, varlen.q_index)
+    else:
+        kf = kp.transpose(0, 1).index_select(0, varlen.kv_slots)  # (total_k, Hkv, D)
+        vf = vp.transpose(0, 1).index_select(0, varlen.kv_slots)
+    out = varlen_causal_attention(qf, kf, vf, varlen.cu_q, varlen.cu_k, varlen.max_lens, scale)
+    if varlen.q_index is not None:  # back to the padded layout; padded queries get zeros
+        out = out.new_zeros(b * t, hq, d).index_copy_(0, varlen.q_index, out)
+    return out.view(b, t, hq, d).transpose(1, 2)
 
-    One-token decode steps take the Triton split-KV kernel on CUDA (its torch reference on CPU)
-    unless `decode_kernel="flex"`.
-    A step in which every row starts from an empty cache (a fresh prefill) has no cached keys to
-    gather: its own K/V are all the keys, so causal SDPA (flash) on them is exact and faster than
-    FlexAttention over the pool; `fresh_prefill="flex"` forces the pool path.
+
+class PagedOp(AttentionOp):
+    """K/V in a shared pool of pages; the kernel is chosen per step type:
+
+        decode (one token per row)   Triton split-KV kernel over the page table on CUDA (its torch
+                                     reference on CPU); FlexAttention with `decode_kernel="flex"`
+        multi-token (prefill, chunk  causal, no window: flash-attention varlen over the real tokens,
+        of a prompt, continuation)   keys gathered from the pool when a row has cached context
+                                     (fms.modules.varlen_attention); packed steps take only this path
+        any step, other variants     FlexAttention over the pool with a BlockMask built from the page
+        (ALiBi, window, soft-cap)    tables; `prefill_kernel="flex"` sends every multi-token step here
     """
 
-    def __init__(self, decode_kernel: str = "auto", fresh_prefill: str = "sdpa"):
+    def __init__(self, decode_kernel: str = "auto", prefill_kernel: str = "auto"):
         if decode_kernel not in ("auto", "flex", "triton"):
             raise ValueError(f"decode_kernel must be 'auto', 'flex' or 'triton', got {decode_kernel!r}")
-        if fresh_prefill not in ("sdpa", "flex"):
-            raise ValueError(f"fresh_prefill must be 'sdpa' or 'flex', got {fresh_prefill!r}")
+        if prefill_kernel not in ("auto", "flex"):
+            raise ValueError(f"prefill_kernel must be 'auto' or 'flex', got {prefill_kernel!r}")
         self.decode_kernel = decode_kernel
-        self.fresh_prefill = fresh_prefill
+        self.prefill_kernel = prefill_kernel
 
     def create_cache(self, spec, max_batch_size, max_seq_len, **options):
         return PagedKVCache(spec, max_batch_size, max_seq_len, **options)
+
+    def can_pack(self, variant, cache) -> bool:
+        return self._can_varlen(variant, cache) and cache.can_pack
+
+    def _can_varlen(self, variant, cache) -> bool:
+        return self.prefill_kernel == "auto" and variant.is_causal_only and cache.window is None
 
     def attend(self, q, k, v, *, layer_idx, scale, variant, cache=None, meta=None):
         if cache is None:
@@ -250,9 +287,11 @@ class PagedOp(AttentionOp):
         # (B, Hkv, T, D) -> (Hkv, B*T, D) in slot_mapping's token order
         kp.index_copy_(1, meta.slot_mapping, k.permute(1, 0, 2, 3).reshape(hkv, b * t, d))
         vp.index_copy_(1, meta.slot_mapping, v.permute(1, 0, 2, 3).reshape(hkv, b * t, d))
-        if (t > 1 and self.fresh_prefill == "sdpa" and variant.is_causal_only and cache.window is None
-                and not any(meta.host_context)):
-            return _sdpa(q, k, v, scale, is_causal=True)  # right padding sits after every real query
+        if meta.varlen is not None and self._can_varlen(variant, cache):
+            return _paged_varlen(q, k, v, kp, vp, meta.varlen, scale)
+        if meta.packed:
+            raise ValueError(f"a packed step needs causal attention without a window and prefill_kernel='auto'; "
+                             f"got {variant} with prefill_kernel={self.prefill_kernel!r}")
         if t == 1 and self._use_triton_decode(q, variant):
             out = _paged_decode(
                 q[:, :, 0], kp, vp, meta.page_table, meta.seq_lens, meta.page_size, scale, window=variant.sliding_window

@@ -49,18 +49,19 @@ class KVCacheSpec:
 class StepMeta:
     """Per-step metadata common to every cache. Rows follow the order of `prepare`'s seq ids."""
 
-    position_ids: torch.Tensor  # (B, T) int64: logical position of each query token
+    position_ids: torch.Tensor  # (B, T) int64: logical position of each query token; (1, N) when packed
     num_new_tokens: torch.Tensor  # (B,) int64: real (unpadded) tokens of each row
     context_lens: torch.Tensor  # (B,) int64: tokens cached before this step
-    query_len: int  # T, the padded query length
+    query_len: int  # T, the padded query length (N, all tokens, when packed)
     max_context_len: int  # max over rows of context_lens + num_new_tokens
     state_slots: torch.Tensor | None = None  # (B,) int64 recurrent-state slot per row (hybrid models)
     host_num_new: tuple[int, ...] = ()
     host_context: tuple[int, ...] = ()
+    packed: bool = False  # input rows packed into one: (1, N), see SequenceCache.prepare
 
     @property
     def batch_size(self) -> int:
-        return self.position_ids.shape[0]
+        return self.num_new_tokens.shape[0]
 
     @property
     def is_uniform(self) -> bool:
@@ -153,17 +154,33 @@ class SequenceCache:
 
     # -- steps -----------------------------------------------------------------------------
     def prepare(self, seq_ids: Sequence[Hashable], num_new_tokens: Sequence[int],
-                query_len: int | None = None) -> StepMeta:
+                query_len: int | None = None, packed: bool = False) -> StepMeta:
         """Make room for the next tokens of each sequence and build the step's metadata.
 
         query_len pads every row to that many query tokens (default: the longest row), so that a
         driver can keep input shapes to a few buckets (compiled kernels specialize on shapes).
+        packed: the step's input is one row holding every sequence's new tokens back to back,
+        (1, sum(num_new_tokens)), with no padding (caches whose `can_pack` is True).
         """
+        if packed:
+            if not self.can_pack:
+                raise ValueError(f"{type(self).__name__} cannot take packed steps (can_pack is False: "
+                                 f"{self.why_not_packed()})")
+            if query_len is not None:
+                raise ValueError("a packed step has no padding: give query_len or packed, not both")
         if query_len is not None and num_new_tokens and query_len < max(num_new_tokens):
             raise ValueError(f"query_len {query_len} is shorter than the longest row ({max(num_new_tokens)} tokens)")
         context = self._grow(seq_ids, num_new_tokens)
-        base = self._base_meta(context, list(num_new_tokens), seq_ids, query_len)
+        base = self._base_meta(context, list(num_new_tokens), seq_ids, query_len, packed)
         return self._build_meta(base, seq_ids, context, list(num_new_tokens))
+
+    @property
+    def can_pack(self) -> bool:
+        return self.why_not_packed() is None
+
+    def why_not_packed(self) -> str | None:
+        """None if prepare(packed=True) works, else the reason it does not."""
+        return "only the paged cache lays out packed steps"
 
     def _grow(self, seq_ids: Sequence[Hashable], num_new_tokens: Sequence[int]) -> list[int]:
         """Check a step, make room for it and advance the lengths; -> each sequence's length before."""
@@ -188,12 +205,18 @@ class SequenceCache:
             self._lengths[seq_id] += n
         return context
 
-    def _base_meta(self, context, num_new, seq_ids, query_len=None) -> dict:
+    def _base_meta(self, context, num_new, seq_ids, query_len=None, packed=False) -> dict:
         device = self.spec.device
-        t = query_len or max(num_new)
         ctx = torch.tensor(context, dtype=torch.int64)
         new = torch.tensor(num_new, dtype=torch.int64)
-        positions = ctx[:, None] + torch.arange(t)[None, :]  # (B, T); padded tail is never read
+        if packed:
+            t = sum(num_new)
+            starts = torch.cumsum(new, 0) - new
+            # (1, N): row b's tokens at positions ctx[b] .. ctx[b] + new[b] - 1, rows back to back
+            positions = (torch.arange(t) + torch.repeat_interleave(ctx - starts, new))[None]
+        else:
+            t = query_len or max(num_new)
+            positions = ctx[:, None] + torch.arange(t)[None, :]  # (B, T); padded tail is never read
         slots = None
         if self.state_pool is not None:
             slots = torch.tensor([self.state_pool.slot_of(s) for s in seq_ids], dtype=torch.int64, device=device)
@@ -206,6 +229,7 @@ class SequenceCache:
             state_slots=slots,
             host_num_new=tuple(num_new),
             host_context=tuple(context),
+            packed=packed,
         )
 
     def layer_index(self, layer_idx: int) -> int:

@@ -22,7 +22,7 @@ import torch
 from fms.modules.block_allocator import BlockAllocator, OutOfPagesError, PageTables
 from fms.modules.kv_cache import KVCacheSpec, MemoryStats, SequenceCache, StepMeta
 
-__all__ = ["PagedKVCache", "PagedStepMeta", "DecodeWindow", "OutOfPagesError", "SUPPORTED_PAGE_SIZES", "pages_for_budget"]
+__all__ = ["PagedKVCache", "PagedStepMeta", "VarlenMeta", "DecodeWindow", "OutOfPagesError", "SUPPORTED_PAGE_SIZES", "pages_for_budget"]
 
 # FlexAttention's KV mask block is one page; Triton tiles need at least 16 rows.
 SUPPORTED_PAGE_SIZES = (16, 32, 64, 128, 256)
@@ -58,6 +58,18 @@ def pages_for_budget(spec: KVCacheSpec, page_size: int, memory_gb: float | None 
 
 
 @dataclass(frozen=True)
+class VarlenMeta:
+    """A multi-token step's rows as packed runs (fms.modules.varlen_attention): the real query tokens
+    back to back, and each row's keys (cached context, then the step's tokens) back to back."""
+
+    cu_q: torch.Tensor  # (B+1,) int32: row b's queries are packed tokens cu_q[b] .. cu_q[b+1]-1
+    cu_k: torch.Tensor  # (B+1,) int32: same for its keys (context + new tokens)
+    max_lens: torch.Tensor  # (2,) int64 on the host: longest query run, longest key run
+    q_index: torch.Tensor | None  # (total_q,) flat B*T index of each real query; None: the input is packed
+    kv_slots: torch.Tensor | None  # (total_k,) pool slot of each key; None: padded step, no row has context
+
+
+@dataclass(frozen=True)
 class PagedStepMeta(StepMeta):
     page_size: int = 16
     slot_mapping: torch.Tensor | None = None  # (B*T,) pool slot of each query token (padding -> scratch)
@@ -68,6 +80,7 @@ class PagedStepMeta(StepMeta):
     page_logical: torch.Tensor | None = None  # (num_pages + 1,) int32
     window: int | None = None
     block_mask_builder: object | None = None  # builds block_mask on first use
+    varlen: VarlenMeta | None = None  # multi-token steps (and every packed step)
 
     def get_block_mask(self):
         """The step's BlockMask, built on first use: decode steps on the Triton kernel never need one."""
@@ -242,27 +255,42 @@ class PagedKVCache(SequenceCache):
         self._host_table[self._row[seq_id], released: released + droppable] = 0
         return freed
 
+    def why_not_packed(self) -> str | None:
+        if self.state_pool is not None:
+            return "a recurrent (Mamba) layer runs each sequence as its own row"
+        return None
+
     def _build_meta(self, base, seq_ids, context, num_new):
         ps, width = self.page_size, self.max_pages_per_seq
         device = self.spec.device
-        b, t = len(seq_ids), base["query_len"]
+        b, t, packed = len(seq_ids), base["query_len"], base["packed"]
         rows = torch.tensor([self._row[s] for s in seq_ids])
         table = self._host_table.index_select(0, rows)  # (B, W)
         ctx = torch.tensor(context, dtype=torch.int64)
         new = torch.tensor(num_new, dtype=torch.int64)
-        pos = ctx[:, None] + torch.arange(t)[None, :]  # (B, T)
-        is_real = torch.arange(t)[None, :] < new[:, None]
-        page_of = torch.gather(table, 1, (pos // ps).clamp_max(width - 1)).long()
-        slots = page_of * ps + pos % ps
-        scratch = self.scratch_page * ps + torch.arange(t)[None, :].expand(b, -1) % ps
-        slots = torch.where(is_real, slots, scratch)
+        if packed:
+            pos = base["position_ids"].cpu()[0]  # (N,) all real
+            row_of = torch.repeat_interleave(torch.arange(b), new)
+            slots = table[row_of, pos // ps].long() * ps + pos % ps
+        else:
+            pos = ctx[:, None] + torch.arange(t)[None, :]  # (B, T)
+            is_real = torch.arange(t)[None, :] < new[:, None]
+            page_of = torch.gather(table, 1, (pos // ps).clamp_max(width - 1)).long()
+            slots = page_of * ps + pos % ps
+            scratch = self.scratch_page * ps + torch.arange(t)[None, :].expand(b, -1) % ps
+            slots = torch.where(is_real, slots, scratch)
         table_d = table.to(device, non_blocking=True)
         q_start = base["context_lens"]
         num_new_d, kv_len, page_logical, window = base["num_new_tokens"], self.keys[0].shape[1], self.page_logical, self.window
 
         def block_mask():
+            if packed:
+                raise ValueError("a packed step has no BlockMask: FlexAttention takes padded (B, T) steps")
             return build_paged_block_mask(table_d, q_start, num_new_d, t, ps, page_logical, kv_len, window)
 
+        varlen = None
+        if packed or t > 1:
+            varlen = self._varlen_meta(table, ctx, new, t, packed)
         return PagedStepMeta(
             **base,
             page_size=ps,
@@ -273,6 +301,32 @@ class PagedKVCache(SequenceCache):
             block_mask_builder=block_mask,
             page_logical=self.page_logical,
             window=self.window,
+            varlen=varlen,
+        )
+
+    def _varlen_meta(self, table, ctx, new, t, packed) -> VarlenMeta:
+        device, ps = self.spec.device, self.page_size
+        b = len(new)
+        lens = ctx + new
+        zero = torch.zeros(1, dtype=torch.int64)
+        cu_q = torch.cat([zero, torch.cumsum(new, 0)])
+        cu_k = torch.cat([zero, torch.cumsum(lens, 0)])
+        q_index = None
+        if not packed:
+            q_index = (torch.arange(b * t).view(b, t))[torch.arange(t)[None, :] < new[:, None]]
+            q_index = q_index.to(device, non_blocking=True)
+        kv_slots = None
+        # packed steps always gather (one compiled graph for fresh and resumed rows alike)
+        if packed or bool((ctx > 0).any()):
+            row_of = torch.repeat_interleave(torch.arange(b), lens)
+            pos = torch.arange(int(cu_k[-1])) - torch.repeat_interleave(cu_k[:-1], lens)
+            kv_slots = (table[row_of, pos // ps].long() * ps + pos % ps).to(device, non_blocking=True)
+        return VarlenMeta(
+            cu_q=cu_q.to(torch.int32).to(device, non_blocking=True),
+            cu_k=cu_k.to(torch.int32).to(device, non_blocking=True),
+            max_lens=torch.tensor([int(new.max()), int(lens.max())], dtype=torch.int64),
+            q_index=q_index,
+            kv_slots=kv_slots,
         )
 
     def prepare_decode_window(self, seq_ids: Sequence[Hashable], num_steps: Sequence[int]) -> "DecodeWindow":

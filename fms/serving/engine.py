@@ -47,6 +47,9 @@ class LLMEngine:
     a request waiting for admission waits at most one window.
     compile_decode: torch.compile the decode step before capturing its graphs (default: on for
     CUDA; falls back to the uncompiled step if compilation fails).
+    compile_prefill: torch.compile the packed prefill forward (default: on for CUDA; same fallback).
+    Prefill chunks of one step run as one packed row without padding when the model allows it
+    (causal attention without a window, no Mamba layers); otherwise as right-padded rows.
     """
 
     def __init__(
@@ -64,6 +67,7 @@ class LLMEngine:
         graph_batch_sizes: Sequence[int] = DEFAULT_GRAPH_BATCH_SIZES,
         max_decode_steps: int = DEFAULT_MAX_DECODE_STEPS,
         compile_decode: bool | None = None,
+        compile_prefill: bool | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -100,9 +104,10 @@ class LLMEngine:
             use_cuda_graphs = is_cuda
         self.runner = ModelRunner(model, self.cache, use_cuda_graphs=use_cuda_graphs,
                                   graph_batch_sizes=graph_batch_sizes, max_decode_steps=max_decode_steps,
-                                  compile_decode=is_cuda if compile_decode is None else compile_decode)
+                                  compile_decode=is_cuda if compile_decode is None else compile_decode,
+                                  compile_prefill=is_cuda if compile_prefill is None else compile_prefill)
         if is_cuda:
-            self.runner.warmup_prefill_buckets(max_num_batched_tokens)
+            self.runner.warmup_prefill(max_num_batched_tokens)
         eos = set(model.config.eos_token_ids) if hasattr(model.config, "eos_token_ids") else set()
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -250,6 +255,8 @@ class LLMEngine:
             "num_eager_forwards": self.runner.num_eager_forwards,
             "cuda_graphs": self.runner.graphs is not None,
             "compiled_decode": self.runner.decoder.compiled,
+            "packed_prefill": self.runner.pack_prefill,
+            "compiled_prefill": self.runner.prefill_compiled,
             "max_decode_steps": self.scheduler.max_decode_steps,
             # wall time: scheduler, runner (decode windows split into host launch and waiting for
             # the GPU), applying results; prefill forwards are in execute - decode

@@ -14,6 +14,7 @@ buffers which the window fills once:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from typing import Sequence
@@ -21,6 +22,7 @@ from typing import Sequence
 import torch
 
 from fms.modules.attention import get_attention_op
+from fms.modules.masks import AttentionVariant
 from fms.modules.paged_cache import Q_BLOCK_SIZE, PagedKVCache, PagedStepMeta, build_paged_block_mask
 from fms.serving.request import SamplingParams
 from fms.serving.sampler import SamplingTensors, needs_sampling, sample
@@ -35,14 +37,22 @@ class ModelRunner:
     def __init__(self, model, cache: PagedKVCache, use_cuda_graphs: bool = False,
                  graph_batch_sizes: Sequence[int] = DEFAULT_GRAPH_BATCH_SIZES, attn_name: str = "paged",
                  bucket_prefills: bool | None = None, max_decode_steps: int = 1,
-                 compile_decode: bool = False):
+                 compile_decode: bool = False, compile_prefill: bool = False):
         self.model = model
         self.cache = cache
         self.attn_name = attn_name
         self.device = cache.spec.device
         self.vocab_size = model.config.vocab_size
-        self.num_eager_forwards = 0  # prefill forwards (always eager)
+        self.num_eager_forwards = 0  # prefill forwards (not graphed; compiled when prefill_compiled)
+        # Prefill chunks of a step run as one packed row (no padding) when the attention op computes
+        # packed steps (causal attention on an attention-only model); otherwise as padded rows.
+        variant = getattr(model.config, "attention_variant", AttentionVariant())
+        self.pack_prefill = get_attention_op(attn_name).can_pack(variant, cache)
         self.bucket_prefills = self.device.type == "cuda" if bucket_prefills is None else bucket_prefills
+        # torch.compile fuses the prefill forward's elementwise work (norms, rotary, activations: about
+        # as much GPU time as its GEMMs when eager); packed steps only, one dynamic-shape compile
+        self.prefill_compiled = compile_prefill and self.pack_prefill and self.device.type == "cuda"
+        self._prefill_forward = torch.compile(model, dynamic=True) if self.prefill_compiled else model
         graph_sizes = None
         if use_cuda_graphs:
             why_not = self._why_no_graphs()
@@ -72,11 +82,24 @@ class ModelRunner:
         self.decoder.time_s = dict.fromkeys(self.decoder.time_s, 0.0)
 
     @torch.no_grad()
-    def warmup_prefill_buckets(self, max_chunk_tokens: int) -> None:
-        """Compile FlexAttention for every padded length a resumed prefill chunk can take, up front.
-
-        Otherwise each first use of a length compiles (seconds) in the middle of serving.
-        """
+    def warmup_prefill(self, max_chunk_tokens: int) -> None:
+        """Compile prefill kernels up front, so that no step compiles (seconds) in the middle of serving:
+        the compiled packed forward (one and several rows), or FlexAttention for every padded length
+        a resumed chunk can take."""
+        if self.pack_prefill:
+            if self.prefill_compiled and self.cache.allocator.num_free >= 8:
+                ids = [("fms.serving", "warmup", i) for i in range(2)]
+                for seq_id in ids:
+                    self.cache.add(seq_id)
+                try:
+                    self._forward([ScheduledChunk(ids[0], [0] * 48, 0, False, SamplingParams()),
+                                   ScheduledChunk(ids[1], [0] * 16, 0, False, SamplingParams())], "packed")
+                    self._forward([ScheduledChunk(ids[0], [0] * 8, 48, False, SamplingParams())], "packed")
+                finally:
+                    for seq_id in ids:
+                        self.cache.free(seq_id)
+                self.num_eager_forwards = 0
+            return
         if not self.bucket_prefills:
             return
         seq_id, bucket = ("fms.serving", "warmup"), Q_BLOCK_SIZE
@@ -129,8 +152,11 @@ class ModelRunner:
         is_decode = set(decode)
         fresh = [i for i, c in enumerate(chunks) if i not in is_decode and c.start_position == 0]
         resumed = [i for i, c in enumerate(chunks) if i not in is_decode and c.start_position > 0]
-        groups = [(fresh, "fresh")]
-        groups += [([i], "resumed") for i in resumed] if self.bucket_prefills else [(resumed, "resumed")]
+        if self.pack_prefill:
+            groups = [(fresh + resumed, "packed")]
+        else:
+            groups = [(fresh, "fresh")]
+            groups += [([i], "resumed") for i in resumed] if self.bucket_prefills else [(resumed, "resumed")]
         sampled: list[list[int]] = [[] for _ in chunks]
         logits_of: dict[int, torch.Tensor] = {}
         for rows, kind in groups:
@@ -159,9 +185,19 @@ class ModelRunner:
         return sampled
 
     def _forward(self, chunks, kind: str) -> torch.Tensor:
-        """One eager forward over these prefill chunks (rows right-padded); -> last-token logits (B, V)."""
+        """One forward over these prefill chunks; -> last-token logits (B, V).
+
+        kind "packed": every chunk's tokens back to back in one row; else rows right-padded.
+        """
         seq_ids = [c.request_id for c in chunks]
         num_new = [len(c.token_ids) for c in chunks]
+        if kind == "packed":
+            meta = self.cache.prepare(seq_ids, num_new, packed=True)
+            tokens = _to_device(torch.tensor([[t for c in chunks for t in c.token_ids]], dtype=torch.long),
+                                self.device)
+            last = _to_device(torch.tensor([list(itertools.accumulate(num_new))], dtype=torch.long) - 1, self.device)
+            self.num_eager_forwards += 1
+            return self._packed_forward(tokens, meta, last)[0]  # (B, V)
         query_len = None
         if self.bucket_prefills and kind == "resumed":
             # at least one FlexAttention query block: shorter queries take flex's decoding kernel, which
@@ -175,6 +211,17 @@ class ModelRunner:
         self.num_eager_forwards += 1
         return self.model(tokens, attn_name=self.attn_name, cache=self.cache, meta=meta,
                           logits_positions=last)[:, 0]  # (B, V)
+
+
+    def _packed_forward(self, tokens, meta, last) -> torch.Tensor:
+        if self.prefill_compiled:
+            try:
+                return self._prefill_forward(tokens, attn_name=self.attn_name, cache=self.cache, meta=meta,
+                                             logits_positions=last)
+            except Exception as e:  # rerunning eagerly rewrites the same cache slots with the same values
+                logger.warning("compiled prefill failed, running prefill eagerly: %s: %s", type(e).__name__, e)
+                self.prefill_compiled, self._prefill_forward = False, self.model
+        return self.model(tokens, attn_name=self.attn_name, cache=self.cache, meta=meta, logits_positions=last)
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -63,6 +63,25 @@ class SamplingTensors:
         return cls(floats[:, 0], longs[:, 0], floats[:, 1], longs[:, 1])
 
 
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """x (B, V) -> (B,) index of each row's first maximum, as x.argmax(-1).
+
+    Split in two passes over up to 64 column blocks when the vocabulary divides: one row of a
+    128k vocabulary is otherwise a single-block reduction (measured 34 us of a 1.66 ms batch-1
+    decode step on the H100). The first maximum of the first block holding the row maximum is the
+    row's first maximum, so ties resolve as in argmax.
+    """
+    b, v = x.shape
+    parts = 64
+    while parts > 1 and v % parts:
+        parts //= 2
+    if parts == 1 or v < 8192:
+        return x.argmax(dim=-1)
+    block_max, block_arg = x.view(b, parts, v // parts).max(dim=-1)  # (B, P)
+    best = block_max.argmax(dim=-1, keepdim=True)  # (B, 1)
+    return (best * (v // parts) + block_arg.gather(1, best))[:, 0]
+
+
 def needs_sampling(params: Sequence[SamplingParams]) -> bool:
     return not all(p.is_greedy for p in params)
 
@@ -73,7 +92,7 @@ def sample(logits: torch.Tensor, params: SamplingTensors | None, positions: torc
     positions (B,): the position the sampled token will take in its sequence (the noise counter).
     No host synchronization: safe inside CUDA-graph capture.
     """
-    greedy = logits.argmax(dim=-1)
+    greedy = argmax_rows(logits)
     if params is None:
         return greedy
     vocab = logits.shape[-1]
@@ -86,5 +105,5 @@ def sample(logits: torch.Tensor, params: SamplingTensors | None, positions: torc
     drop |= nucleus_drop(sorted_x.masked_fill(drop, float("-inf")), params.top_p[:, None]) & (params.top_p < 1)[:, None]
     x = x.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
     gumbel = -torch.log(-torch.log(uniform_noise(params.seeds, positions, vocab)))
-    sampled = (x + gumbel).argmax(dim=-1)
+    sampled = argmax_rows(x + gumbel)
     return torch.where(is_greedy, greedy, sampled)

@@ -3,6 +3,7 @@
 fp32 on CPU (eager FlexAttention): outputs agree within atol 1e-5, rtol 1e-5.
 """
 
+import itertools
 import math
 import os
 import random
@@ -49,7 +50,7 @@ class _Driver:
         self.cache, self.hq, self.hkv = cache, num_heads, num_kv_heads
         self.gen = torch.Generator(device=DEVICE).manual_seed(seed)
         self.history = {}
-        self.op = op or PagedOp(decode_kernel="flex", fresh_prefill="flex")
+        self.op = op or PagedOp(decode_kernel="flex", prefill_kernel="flex")
         self.scale = HEAD_DIM**-0.5
 
     def add(self, seq_id):
@@ -57,14 +58,23 @@ class _Driver:
         empty = torch.empty(self.hkv, 0, HEAD_DIM, device=DEVICE)
         self.history[seq_id] = (empty, empty)
 
-    def step(self, seq_ids, counts):
+    def step(self, seq_ids, counts, packed=False):
         t = max(counts)
         b = len(seq_ids)
         q = torch.randn(b, self.hq, t, HEAD_DIM, generator=self.gen, device=DEVICE)
         k = torch.randn(b, self.hkv, t, HEAD_DIM, generator=self.gen, device=DEVICE)
         v = torch.randn(b, self.hkv, t, HEAD_DIM, generator=self.gen, device=DEVICE)
-        meta = self.cache.prepare(seq_ids, counts)
-        out = self.op.attend(q, k, v, layer_idx=0, scale=self.scale, variant=CAUSAL, cache=self.cache, meta=meta)
+        if packed:  # the same tokens, rows back to back in one (1, H, N, D) row
+            meta = self.cache.prepare(seq_ids, counts, packed=True)
+            qp, kp, vp = (torch.cat([x[row, :, :n] for row, n in enumerate(counts)], 1)[None] for x in (q, k, v))
+            flat = self.op.attend(qp, kp, vp, layer_idx=0, scale=self.scale, variant=CAUSAL, cache=self.cache,
+                                  meta=meta)
+            out = torch.zeros_like(q)
+            for row, (start, n) in enumerate(zip([0, *itertools.accumulate(counts)], counts)):
+                out[row, :, :n] = flat[0, :, start:start + n]
+        else:
+            meta = self.cache.prepare(seq_ids, counts)
+            out = self.op.attend(q, k, v, layer_idx=0, scale=self.scale, variant=CAUSAL, cache=self.cache, meta=meta)
         for row, (seq_id, n) in enumerate(zip(seq_ids, counts)):
             hk, hv = self.history[seq_id]
             hk, hv = torch.cat([hk, k[row, :, :n]], 1), torch.cat([hv, v[row, :, :n]], 1)
@@ -88,14 +98,39 @@ def test_prefill_then_decode_every_page_size_and_gqa(page_size, group):
         driver.step([0, 1, 2, 3], [1, 1, 1, 1])  # decode across page boundaries
 
 
-def test_registered_op_fresh_prefill_shortcut_matches():
-    cache = PagedKVCache(_spec(2), max_batch_size=2, max_seq_len=64, page_size=16)
+@pytest.mark.parametrize("packed", [False, True])
+def test_registered_op_varlen_prefill_matches(packed):
+    """The default op: multi-token steps by varlen attention (flash on CUDA bf16, per-row SDPA here)."""
+    cache = PagedKVCache(_spec(2), max_batch_size=3, max_seq_len=96, page_size=16)
     driver = _Driver(cache, 8, 2, seed=21, op=get_attention_op("paged"))
     driver.add(0)
     driver.add(1)
-    driver.step([0, 1], [20, 3])  # fresh prefill: SDPA on the step's own K/V
-    driver.step([0, 1], [1, 9])  # the pool path must see what the shortcut wrote
-    driver.step([0, 1], [1, 1])  # decode kernel (Triton on CUDA, its torch reference on CPU)
+    driver.step([0, 1], [20, 3], packed)  # fresh ragged prefill: the step's own K/V are all the keys
+    driver.step([0, 1], [5, 9], packed)  # chunks after cached context: keys gathered from the pool
+    driver.add(2)
+    driver.step([2, 0, 1], [17, 1, 30], packed)  # a fresh row beside rows with context
+    driver.step([0, 1, 2], [1, 1, 1])  # decode kernel (Triton on CUDA, its torch reference on CPU)
+
+
+def test_packed_steps_are_refused_where_they_cannot_run():
+    cache = PagedKVCache(_spec(2), max_batch_size=2, max_seq_len=64, page_size=16)
+    cache.add(0)
+    with pytest.raises(ValueError, match="query_len or packed"):
+        cache.prepare([0], [4], query_len=8, packed=True)
+    meta = cache.prepare([0], [4], packed=True)
+    q = torch.randn(1, 4, 4, HEAD_DIM, device=DEVICE)
+    k = torch.randn(1, 2, 4, HEAD_DIM, device=DEVICE)
+    with pytest.raises(ValueError, match="packed step needs causal"):
+        PagedOp(prefill_kernel="flex").attend(q, k, k, layer_idx=0, scale=1.0, variant=CAUSAL, cache=cache, meta=meta)
+    with pytest.raises(ValueError, match="packed step needs causal"):
+        get_attention_op("paged").attend(q, k, k, layer_idx=0, scale=1.0, variant=AttentionVariant(alibi=True),
+                                         cache=cache, meta=meta)
+    contiguous = get_attention_op("sdpa").create_cache(_spec(2), 1, 64)
+    contiguous.add(0)
+    with pytest.raises(ValueError, match="cannot take packed steps"):
+        contiguous.prepare([0], [4], packed=True)
+    with pytest.raises(ValueError, match="prefill_kernel must be"):
+        PagedOp(prefill_kernel="sdpa")
 
 
 @pytest.mark.parametrize("page_size", [16, 32])

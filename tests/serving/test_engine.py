@@ -35,16 +35,21 @@ def reference(model, prompts):
         dict(num_pages=16),
         dict(num_pages=5, max_num_batched_tokens=64),  # 80 slots for 5 requests: preemption
         dict(num_pages=16, max_num_batched_tokens=16),  # chunked prefill
-        dict(num_pages=16, max_num_batched_tokens=24, bucket_prefills=True),  # CUDA policy: resumed chunks alone
+        # prefill as right-padded rows (the layout of hybrid models), fresh and resumed chunks apart
+        dict(num_pages=16, max_num_batched_tokens=24, pack_prefill=False),
+        dict(num_pages=16, max_num_batched_tokens=24, pack_prefill=False, bucket_prefills=True),  # resumed alone
         dict(num_pages=16, max_decode_steps=1),  # a host synchronization every token
     ],
-    ids=["roomy", "preempting", "chunked", "bucketed", "single-step"],
+    ids=["roomy", "preempting", "chunked", "padded", "bucketed", "single-step"],
 )
 def test_greedy_matches_static_generate(model, prompts, reference, options):
     options = dict(options)
     bucket = options.pop("bucket_prefills", False)
+    pack = options.pop("pack_prefill", True)
     engine = LLMEngine(model, **options)
+    assert engine.runner.pack_prefill  # llama: causal attention, no Mamba layers
     engine.runner.bucket_prefills = bucket
+    engine.runner.pack_prefill = pack
     outs = engine.generate(prompts, SamplingParams(max_new_tokens=NEW), use_tqdm=False)
     assert [o.token_ids for o in outs] == reference
     assert all(o.finish_reason == "length" for o in outs)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fms.serving.request import SamplingParams
-from fms.serving.sampler import SamplingTensors, sample, uniform_noise
+from fms.serving.sampler import argmax_rows, SamplingTensors, sample, uniform_noise
 
 pytestmark = pytest.mark.paged
 
@@ -59,3 +59,14 @@ def test_noise_is_uniform_and_keyed_by_seed_and_position():
     assert not torch.equal(u[0], u[1]) and not torch.equal(u[0], u[2])
     again = uniform_noise(torch.tensor([2]), torch.tensor([10]), 100_000)
     assert torch.equal(again[0], u[2])
+
+
+@pytest.mark.parametrize("vocab", [100, 8192, 32000, 50257, 128256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_pass_argmax_equals_argmax_with_ties(vocab, dtype):
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randint(-3, 4, (6, vocab), generator=g).to(dtype)  # few distinct values: many ties
+    x[1] = 0  # the whole row tied
+    x[2, -1] = 10  # maximum in the last column
+    x[3, vocab // 3] = x[3, vocab // 2] = 10  # a tie between two blocks
+    assert torch.equal(argmax_rows(x), x.argmax(dim=-1))

@@ -1,0 +1,68 @@
+"""Causal attention over rows of different lengths packed back to back, with no padding.
+
+Layout (flash-attention's "varlen" form):
+
+    q : (total_q, Hq, D)    row b's queries are q[cu_q[b] : cu_q[b+1]]
+    k : (total_k, Hkv, D)   row b's keys    are k[cu_k[b] : cu_k[b+1]]  (same for v)
+
+A row's queries are its last tokens: with Lq queries and Lk keys, query i sits at key position
+Lk - Lq + i and sees keys 0 .. Lk - Lq + i (causal, aligned at the end). A fresh prefill has
+Lq == Lk; a chunk of a longer prompt, or a continuation after a cached prefix, has Lk > Lq.
+
+On CUDA (fp16/bf16) this is the flash-attention varlen kernel that ships inside PyTorch, behind a
+custom op so that torch.compile treats it as one opaque call; elsewhere a per-row SDPA reference.
+"""
+
+import torch
+from torch import Tensor
+
+import torch.nn.functional as F
+
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@torch.library.custom_op("fms::varlen_causal_attention", mutates_args=())
+def _varlen_flash(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_lens: Tensor,
+                  scale: float) -> Tensor:
+    # max_lens lives on the host: reading it does not wait for the GPU (the kernel sizes its grid by it)
+    max_q, max_k = max_lens.tolist()
+    out = torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale)
+    return out[0]
+
+
+@_varlen_flash.register_fake
+def _(q, k, v, cu_q, cu_k, max_lens, scale):
+    return torch.empty_like(q)
+
+
+def varlen_causal_reference(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, scale: float) -> Tensor:
+    """One SDPA call per row with an end-aligned causal mask (CPU path and the test reference)."""
+    out = torch.empty_like(q)
+    bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
+    for b in range(len(bounds_q) - 1):
+        q0, q1, k0, k1 = bounds_q[b], bounds_q[b + 1], bounds_k[b], bounds_k[b + 1]
+        lq, lk = q1 - q0, k1 - k0
+        if lq == 0:
+            continue
+        if lk < lq:
+            raise ValueError(f"row {b} has {lq} queries but only {lk} keys; a query's own key must be among them")
+        qb, kb, vb = (t.transpose(0, 1)[None] for t in (q[q0:q1], k[k0:k1], v[k0:k1]))  # (1, H, L, D)
+        visible = torch.arange(lk, device=q.device)[None, :] <= torch.arange(lq, device=q.device)[:, None] + (lk - lq)
+        o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=visible, scale=scale,
+                                           enable_gqa=qb.shape[1] != kb.shape[1])
+        out[q0:q1] = o[0].transpose(0, 1)
+    return out
+
+
+def uses_flash(q: Tensor) -> bool:
+    head_dim = q.shape[-1]
+    return q.is_cuda and q.dtype in FLASH_DTYPES and head_dim <= 256 and head_dim % 8 == 0
+
+
+def varlen_causal_attention(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_lens: Tensor,
+                            scale: float) -> Tensor:
+    """(total_q, Hq, D) attention output; cu_q/cu_k (B+1,) int32 offsets, max_lens (2,) host int64
+    [longest query run, longest key run]."""
+    if uses_flash(q):
+        return _varlen_flash(q, k, v, cu_q, cu_k, max_lens, scale)
+    return varlen_causal_reference(q, k, v, cu_q.cpu(), cu_k.cpu(), scale)
