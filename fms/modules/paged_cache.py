@@ -20,7 +20,7 @@ from typing import Hashable, Sequence
 import torch
 
 from fms.modules.block_allocator import BlockAllocator, OutOfPagesError, PageTables
-from fms.modules.kv_cache import KVCacheSpec, MemoryStats, SequenceCache, StepMeta
+from fms.modules.kv_cache import KVCacheSpec, MemoryStats, SequenceCache, StepMeta, segment_ids
 
 __all__ = ["PagedKVCache", "PagedStepMeta", "VarlenMeta", "DecodeWindow", "OutOfPagesError", "SUPPORTED_PAGE_SIZES", "pages_for_budget"]
 
@@ -270,8 +270,7 @@ class PagedKVCache(SequenceCache):
         new = torch.tensor(num_new, dtype=torch.int64)
         if packed:
             pos = base["position_ids"].cpu()[0]  # (N,) all real
-            row_of = torch.repeat_interleave(torch.arange(b), new)
-            slots = table[row_of, pos // ps].long() * ps + pos % ps
+            slots = table.view(-1).index_select(0, segment_ids(new) * width + pos // ps).long() * ps + pos % ps
         else:
             pos = ctx[:, None] + torch.arange(t)[None, :]  # (B, T)
             is_real = torch.arange(t)[None, :] < new[:, None]
@@ -313,14 +312,15 @@ class PagedKVCache(SequenceCache):
         cu_k = torch.cat([zero, torch.cumsum(lens, 0)])
         q_index = None
         if not packed:
-            q_index = (torch.arange(b * t).view(b, t))[torch.arange(t)[None, :] < new[:, None]]
+            q_index = (torch.arange(t)[None, :] < new[:, None]).flatten().nonzero()[:, 0]
             q_index = q_index.to(device, non_blocking=True)
         kv_slots = None
         # packed steps always gather (one compiled graph for fresh and resumed rows alike)
         if packed or bool((ctx > 0).any()):
-            row_of = torch.repeat_interleave(torch.arange(b), lens)
-            pos = torch.arange(int(cu_k[-1])) - torch.repeat_interleave(cu_k[:-1], lens)
-            kv_slots = (table[row_of, pos // ps].long() * ps + pos % ps).to(device, non_blocking=True)
+            row_of = segment_ids(lens)
+            pos = torch.arange(int(cu_k[-1])) - cu_k[:-1].index_select(0, row_of)
+            page = table.view(-1).index_select(0, row_of * table.shape[1] + pos // ps).long()
+            kv_slots = (page * ps + pos % ps).to(device, non_blocking=True)
         return VarlenMeta(
             cu_q=cu_q.to(torch.int32).to(device, non_blocking=True),
             cu_k=cu_k.to(torch.int32).to(device, non_blocking=True),
