@@ -58,6 +58,10 @@ def parse_args(argv=None):
     p.add_argument("--prompt_range", type=_range, default=None, help="LO,HI prompt tokens; default 64,512 / 16,32")
     p.add_argument("--output_range", type=_range, default=None, help="LO,HI new tokens; default 256 / 8")
     p.add_argument("--dataset", type=Path, default=None, help="ShareGPT-style JSON (conversations or prompt/completion)")
+    p.add_argument("--decode_steps_sweep", default=None,
+                   help="K1,K2,...: run the workload once per max_decode_steps value on one engine (compiled once)")
+    p.add_argument("--batch1_tokens", type=int, default=0,
+                   help="also time one request (128-token prompt, this many new tokens) on the same engine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--page_size", type=int, default=16)
     p.add_argument("--num_pages", type=int, default=None)
@@ -225,12 +229,14 @@ def main(argv=None):
     num_pages = args.num_pages
     if num_pages is None and not is_cuda:  # small pool: eager FlexAttention on CPU visits every pool slot
         num_pages = sum(-(-(len(p) + o) // args.page_size) for p, o in zip(prompts[:max_num_seqs], output_lens))
+    sweep = [int(k) for k in args.decode_steps_sweep.split(",")] if args.decode_steps_sweep else []
+    max_steps = max(sweep) if sweep else args.max_decode_steps
     engine = LLMEngine(
         model, page_size=args.page_size, num_pages=num_pages, memory_fraction=args.memory_fraction,
         max_num_seqs=max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
         use_cuda_graphs=None if not args.no_cuda_graphs else False,
-        **({} if args.max_decode_steps is None else {"max_decode_steps": args.max_decode_steps}),
+        **({} if max_steps is None else {"max_decode_steps": max_steps}),
         compile_decode=False if args.no_compile else None,
         compile_prefill=False if args.no_compile else None,
     )
@@ -242,8 +248,24 @@ def main(argv=None):
         if engine.prefix_cache is not None:
             engine.prefix_cache.clear()
         engine.reset_stats()
-    fms_row, fms_tokens = run_fms(engine, prompts, output_lens, args.respect_eos, device)
-    rows = [fms_row]
+    rows = []
+    for k in sweep or [None]:
+        if k is not None:
+            engine.scheduler.max_decode_steps = k
+        fms_row, tokens = run_fms(engine, prompts, output_lens, args.respect_eos, device)
+        if k is not None:
+            fms_row["system"] += f" (max_decode_steps={k})"
+        rows.append(fms_row)
+        if len(rows) == 1:
+            fms_tokens = tokens  # the HF peer is compared with the first run
+        engine.reset_stats()
+        if engine.prefix_cache is not None:
+            engine.prefix_cache.clear()
+    if args.batch1_tokens:
+        one = bench.MixedWorkload(1, (128, 128), (args.batch1_tokens, args.batch1_tokens), seed=args.seed + 1)
+        row, _ = run_fms(engine, *one.prompts(model.config.vocab_size), args.respect_eos, device)
+        row["system"] += " batch-1"
+        rows.append(row)
     peers = [p for p in args.peers.split(",") if p]
     if "hf" in peers:
         del engine

@@ -30,14 +30,27 @@ case "${1:-all}" in
   check)
     # correctness on CUDA of this session's kernels: varlen prefill, engine (graphs, packed compiled prefill)
     fla_site
-    timeout 300 python3 -m pytest -q -x tests/modules/test_varlen_attention.py tests/serving/test_engine_gpu.py \
-      tests/serving/test_engine.py 2>&1 | tee "$OUT/tests.log" | tail -4
-    FMS_TEST_DEVICE=cuda timeout 200 python3 -m pytest -q -x tests/modules/test_paged_attention.py \
-      tests/models/test_paged_generation.py -k "not 256 and not 128" 2>&1 | tee -a "$OUT/tests.log" | tail -4
+    timeout 240 python3 -m pytest -q tests/modules/test_varlen_attention.py tests/serving/test_engine_gpu.py \
+      2>&1 | tee "$OUT/tests.log" | tail -6
     ;;&
   serving-fast|check)
     serving s128 --peers hf
     serving b1 --num_requests 1 --prompt_range 128 --output_range 512
+    ;;&
+  check)
+    FMS_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q tests/modules/test_paged_attention.py \
+      tests/models/test_paged_generation.py -k "not 256 and not 128" 2>&1 | tee -a "$OUT/tests.log" | tail -4
+    ;;
+  session4)
+    # this session's report runs: eval parity on the Llama shape, serving (decode-window sweep, batch 1), profile
+    for task in "mmlu fms/resources/eval/mmlu" "truthfulqa_mc2 fms/resources/eval/truthfulqa_mc.json"; do
+      set -- $task
+      timeout 120 python3 scripts/eval.py --mode both --variant 3.2-1b --task $1 --data $2 --num_fewshot 1 \
+        --no_progress --output "$OUT/eval_3.2-1b_$1.json" 2>&1 | tail -3
+    done
+    serving s128sweep --decode_steps_sweep 8,16 --batch1_tokens 512
+    timeout 200 python3 scripts/profile_serving.py --num_requests 128 --output_len 32 --results_dir "$OUT" --top 25 \
+      --step_batch_sizes 1,128 2>&1 | tail -30
     ;;
   report-serving)
     # #7 serving (with the HF peer), batch-1 decode, Granite-4.0-H through the engine; #6 eval parity
