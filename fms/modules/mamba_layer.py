@@ -2,11 +2,15 @@
 
 State pool (one per cache, all Mamba layers):
 
-    conv[mamba layer i] : (num_slots, conv_dim, K-1)          model dtype
-    ssm [mamba layer i] : (num_slots, heads, head_dim, N)     fp32 (the recurrence accumulates over
-                                                               the whole sequence; bf16 would drift)
+    conv[mamba layer i] : (num_slots + 1, conv_dim, K-1)          model dtype
+    ssm [mamba layer i] : (num_slots + 1, heads, head_dim, N)     fp32 (the recurrence accumulates over
+                                                                   the whole sequence; bf16 would drift)
     slot_of[seq_id] -> row in both, taken on add, zeroed, returned on free
     row num_slots is a scratch slot: padded rows of a CUDA-graph batch read and write it, no sequence holds it
+
+Each layer's tensors are separate allocations, not views of one block: under torch.compile a write
+through a view of a graph input is replayed onto its whole base (a copy of every slot of every layer),
+and a step touches only its rows: index_select the rows, step, index_copy_ them back.
 """
 
 from dataclasses import dataclass
@@ -34,9 +38,15 @@ class MambaStatePool:
         c = spec.config
         self.spec = spec
         n = len(spec.layers)
-        self.conv = torch.zeros(n, num_slots + 1, c.conv_dim, c.conv_kernel - 1, dtype=spec.dtype, device=device)
-        self.ssm = torch.zeros(n, num_slots + 1, c.num_heads, c.head_dim, c.state_size, dtype=torch.float32,
-                               device=device)
+        self.conv = [torch.zeros(num_slots + 1, c.conv_dim, c.conv_kernel - 1, dtype=spec.dtype, device=device)
+                     for _ in range(n)]
+        self.ssm = [torch.zeros(num_slots + 1, c.num_heads, c.head_dim, c.state_size, dtype=torch.float32,
+                                device=device) for _ in range(n)]
+        for pool in (*self.conv, *self.ssm):
+            # Fixed shapes: torch.compile(dynamic=True) would otherwise give each dim a symbol, and the batch
+            # would share one with any dim of equal size (duck sizing: batch 64 = head_dim 64) and be
+            # specialized with it when the mixer views the state by its config, a recompile per batch size.
+            torch._dynamo.mark_static(pool)
         self.scratch_slot = num_slots
         self._free = list(range(num_slots))
         self._slot: dict[Hashable, int] = {}
@@ -56,8 +66,9 @@ class MambaStatePool:
         if not self._free:
             raise RuntimeError(f"all {self.num_slots} Mamba state slots are in use")
         slot = self._free.pop(0)
-        self.conv[:, slot].zero_()  # a new sequence starts from the zero state
-        self.ssm[:, slot].zero_()
+        for conv, ssm in zip(self.conv, self.ssm):  # a new sequence starts from the zero state
+            conv[slot].zero_()
+            ssm[slot].zero_()
         self._slot[seq_id] = slot
         return slot
 
@@ -74,15 +85,21 @@ class MambaStatePool:
     def bytes_in_use(self) -> int:
         return len(self._slot) * self.spec.bytes_per_sequence
 
-    def layer_state(self, layer_idx: int, slots: torch.Tensor) -> Mamba2State:
-        """A gathered copy of the rows; write it back with store()."""
+    def layer_pools(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(conv, ssm) of one Mamba layer, every slot."""
         i = self._layer[layer_idx]
-        return Mamba2State(conv_state=self.conv[i, slots], ssm_state=self.ssm[i, slots])
+        return self.conv[i], self.ssm[i]
+
+    def layer_state(self, layer_idx: int, slots: torch.Tensor) -> Mamba2State:
+        """A gathered copy of the rows (only those rows are read); write it back with store()."""
+        conv, ssm = self.layer_pools(layer_idx)
+        return Mamba2State(conv_state=conv.index_select(0, slots), ssm_state=ssm.index_select(0, slots))
 
     def store(self, layer_idx: int, slots: torch.Tensor, state: Mamba2State) -> None:
-        i = self._layer[layer_idx]
-        self.conv[i, slots] = state.conv_state
-        self.ssm[i, slots] = state.ssm_state
+        """Write the rows back (only those rows are written)."""
+        conv, ssm = self.layer_pools(layer_idx)
+        conv.index_copy_(0, slots, state.conv_state)
+        ssm.index_copy_(0, slots, state.ssm_state)
 
 
 class MambaLayer(nn.Module):
@@ -98,10 +115,19 @@ class MambaLayer(nn.Module):
             # no cache: the whole (right-padded) sequence from the zero state; padding sits after
             # the real tokens, so it cannot reach them
             return self.mamba(x)
-        pool = cache.state_pool
-        state = pool.layer_state(self.layer_idx, meta.state_slots)
+        pool, slots = cache.state_pool, meta.state_slots
+        if x.shape[1] == 1:
+            # decode: gather the rows, one recurrent step, scatter the new states; nothing else is copied
+            conv, ssm = pool.layer_pools(self.layer_idx)
+            out, new_conv, new_ssm = self.mamba.step(
+                x, conv.index_select(0, slots), ssm.index_select(0, slots), meta.num_new_tokens > 0
+            )
+            conv.index_copy_(0, slots, new_conv)
+            ssm.index_copy_(0, slots, new_ssm)
+            return out
+        state = pool.layer_state(self.layer_idx, slots)
         out = self.mamba(x, state=state, valid_lens=meta.num_new_tokens)
-        pool.store(self.layer_idx, meta.state_slots, state)
+        pool.store(self.layer_idx, slots, state)
         return out
 
     @torch.no_grad()

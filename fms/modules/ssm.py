@@ -371,44 +371,45 @@ class Mamba2Mixer(nn.Module):
             raise ValueError(f"x must be [batch, seq_len >= 1, {c.hidden_size}], got {tuple(x.shape)}")
         batch, T, _ = x.shape
         self._check_state(state, batch)
-        is_real = self._real_token_mask(valid_lens, batch, T, x.device)  # (b, T) bool or None
+        self._check_valid_lens(valid_lens, batch, T)
+
+        if T == 1:
+            is_active = None if valid_lens is None else valid_lens.to(x.device) > 0
+            if state is None:
+                zeros = Mamba2State.zeros(batch, c, x.dtype, x.device)
+                return self.step(x, zeros.conv_state, zeros.ssm_state, is_active)[0]
+            out, conv_state, ssm_state = self.step(x, state.conv_state, state.ssm_state, is_active)
+            state.conv_state.copy_(conv_state)
+            state.ssm_state.copy_(ssm_state)
+            return out
+
+        is_real = None  # (b, T) bool
+        if valid_lens is not None:
+            is_real = torch.arange(T, device=x.device) < valid_lens.to(x.device)[:, None]
 
         z, xBC, dt_raw = self.in_proj(x).split([c.inner_dim, c.conv_dim, c.num_heads], dim=-1)
 
         xBC, conv_state = self._causal_conv(xBC, None if state is None else state.conv_state, valid_lens)
         xs, B, C = xBC.split([c.inner_dim, c.num_groups * c.state_size, c.num_groups * c.state_size], dim=-1)
 
-        dt = F.softplus(dt_raw.float() + self.dt_bias.float()).clamp(*c.time_step_min_max)  # (b, T, nh)
+        dt = self._dt(dt_raw)  # (b, T, nh)
         if is_real is not None:
             # exp(0 * A) = 1 and 0 * x ⊗ B = 0: a padded step is an exact identity on the SSM state.
             dt = dt.masked_fill(~is_real[..., None], 0.0)
         A = -torch.exp(self.A_log.float())
         initial = None if state is None else state.ssm_state
 
-        if T == 1:
-            if initial is None:
-                initial = x.new_zeros(batch, c.num_heads, c.head_dim, c.state_size, dtype=torch.float32)
-            y, ssm_state = ssd_step(
-                xs.view(batch, c.num_heads, c.head_dim),
-                dt[:, 0],
-                A,
-                B.view(batch, c.num_groups, c.state_size),
-                C.view(batch, c.num_groups, c.state_size),
-                initial,
-            )
-            y = y[:, None]  # (b, 1, nh, p)
-        else:
-            scan = select_ssd_scan(x.device)
-            y, ssm_state = scan(
-                xs.view(batch, T, c.num_heads, c.head_dim),
-                dt,
-                A,
-                B.view(batch, T, c.num_groups, c.state_size),
-                C.view(batch, T, c.num_groups, c.state_size),
-                c.chunk_size,
-                initial,
-                state is not None,
-            )
+        scan = select_ssd_scan(x.device)
+        y, ssm_state = scan(
+            xs.view(batch, T, c.num_heads, c.head_dim),
+            dt,
+            A,
+            B.view(batch, T, c.num_groups, c.state_size),
+            C.view(batch, T, c.num_groups, c.state_size),
+            c.chunk_size,
+            initial,
+            state is not None,
+        )
 
         y = y + self.D.float()[:, None] * xs.view(batch, T, c.num_heads, c.head_dim).float()
         out = self.out_proj(self.norm(y.reshape(batch, T, c.inner_dim), z))
@@ -417,6 +418,64 @@ class Mamba2Mixer(nn.Module):
             state.conv_state.copy_(conv_state)
             state.ssm_state.copy_(ssm_state)
         return out
+
+    def step(
+        self, x: Tensor, conv_state: Tensor, ssm_state: Tensor, is_active: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One token per row (decode): the recurrence written out, nothing of the chunked scan.
+
+        x [b, 1, H]; conv_state [b, conv_dim, K-1] (model dtype); ssm_state [b, nh, P, N] fp32; is_active [b]
+        bool or None (all). Returns (out [b, 1, H], new conv state, new ssm state); the inputs are not
+        modified, so a caller holding the states in a pool gathers its rows, steps, and scatters the results
+        (compiled, the gather fuses into the update, which reads each row once). A row with is_active False keeps
+        both states bit for bit (dt = 0 makes the SSM update an exact identity; the conv window is not
+        shifted); its output is finite but meaningless.
+
+            conv:  window = [s0 s1 s2 | x]  ->  out = silu(sum_k w_k window_k + bias),  state <- [s1 s2 x]
+            ssm:   h' = exp(dt A) h + dt x ⊗ B          y = h' · C + D x
+        """
+        c = self.config
+        b = x.shape[0]
+        G, R, P, N = c.num_groups, c.num_heads // c.num_groups, c.head_dim, c.state_size
+        z, xBC, dt_raw = self.in_proj(x[:, 0]).split([c.inner_dim, c.conv_dim, c.num_heads], dim=-1)
+
+        window = torch.cat([conv_state, xBC.to(conv_state.dtype)[:, :, None]], dim=-1)  # (b, conv_dim, K)
+        weight = self.conv1d.weight[:, 0]  # (conv_dim, K)
+        conv = (window.float() * weight.float()).sum(-1)  # fp32 accumulation, as a conv kernel does
+        if self.conv1d.bias is not None:
+            conv = conv + self.conv1d.bias.float()
+        xBC = F.silu(conv.to(x.dtype))
+        new_conv_state = window[:, :, 1:]
+        if is_active is not None:
+            new_conv_state = torch.where(is_active[:, None, None], new_conv_state, conv_state)
+        xs, B, C = xBC.split([c.inner_dim, G * N, G * N], dim=-1)
+
+        dt = self._dt(dt_raw)  # (b, nh) fp32
+        if is_active is not None:
+            dt = dt.masked_fill(~is_active[:, None], 0.0)
+        decay = torch.exp(dt * -torch.exp(self.A_log.float())).view(b, G, R, 1)
+        xs = xs.float().view(b, G, R, P)
+        xdt = xs * dt.view(b, G, R, 1)  # (b, G, R, P)
+        B = B.float().view(b, G, N)
+        C = C.float().view(b, G, N)
+
+        h = ssm_state.view(b, G, R, P, N)  # head g*R + r reads group g of B and C
+        h = (h * decay[..., None]).addcmul_(xdt[..., None], B[:, :, None, None, :])  # (b, G, R, P, N)
+        if torch.compiler.is_compiling():
+            # a reduction the compiler fuses into the kernel that computes h (h is read once)
+            y = (h * C[:, :, None, None, :]).sum(-1)
+        else:
+            y = torch.einsum("bgrpn,bgn->bgrp", h, C)  # one batched GEMV, no (b, G, R, P, N) product
+        y = y + self.D.float().view(G, R, 1) * xs  # (b, G, R, P)
+
+        out = self.out_proj(self.norm(y.reshape(b, 1, c.inner_dim), z[:, None]))
+        return out, new_conv_state, h.view(b, c.num_heads, P, N)
+
+    def _dt(self, dt_raw: Tensor) -> Tensor:
+        dt = F.softplus(dt_raw.float() + self.dt_bias.float())
+        if self.config.time_step_min_max != (0.0, float("inf")):  # softplus is already >= 0
+            dt = dt.clamp(*self.config.time_step_min_max)
+        return dt
 
     def _causal_conv(self, xBC: Tensor, conv_state: Tensor | None, valid_lens: Tensor | None) -> tuple[Tensor, Tensor]:
         """Depthwise causal conv + SiLU over xBC [b, T, conv_dim], continuing from conv_state [b, conv_dim, K-1].
@@ -455,15 +514,17 @@ class Mamba2Mixer(nn.Module):
             raise ValueError(f"state.ssm_state must be {want_ssm}, got {tuple(state.ssm_state.shape)}")
 
     @staticmethod
-    def _real_token_mask(valid_lens: Tensor | None, batch: int, T: int, device: torch.device) -> Tensor | None:
+    def _check_valid_lens(valid_lens: Tensor | None, batch: int, T: int) -> None:
         if valid_lens is None:
-            return None
+            return
         if valid_lens.shape != (batch,) or valid_lens.is_floating_point() or valid_lens.is_complex():
             raise ValueError(
                 f"valid_lens must be an integer tensor of shape ({batch},), "
                 f"got {valid_lens.dtype} {tuple(valid_lens.shape)}"
             )
-        # Checking values would force a host sync on CUDA (and break graph capture), so only CPU tensors are checked.
-        if valid_lens.device.type == "cpu" and bool(((valid_lens < 0) | (valid_lens > T)).any()):
+        # Checking values would force a host sync on CUDA (and break graph capture) and a graph break under
+        # torch.compile, so only eager CPU tensors are checked.
+        if not torch.compiler.is_compiling() and valid_lens.device.type == "cpu" and bool(
+            ((valid_lens < 0) | (valid_lens > T)).any()
+        ):
             raise ValueError(f"valid_lens must lie in [0, {T}] (the padded length), got {valid_lens.tolist()}")
-        return torch.arange(T, device=device) < valid_lens.to(device)[:, None]

@@ -233,6 +233,118 @@ def test_padded_batch_property(valid_lens, seed):
     check_padded_batch(mixer, x, valid_lens, random_state(len(valid_lens), seed=seed))
 
 
+def test_step_returns_new_states_and_leaves_its_inputs():
+    mixer = make_mixer()
+    x = torch.randn(3, 1, TINY.hidden_size)
+    state = random_state(3)
+    before = clone_state(state)
+    active = torch.tensor([True, False, True])
+    with torch.no_grad():
+        out, conv, ssm_state = mixer.step(x, state.conv_state, state.ssm_state, active)
+        ref = mixer(x, state, valid_lens=active.long())  # forward with T == 1 takes the same step, in place
+    assert torch.equal(out, ref)
+    assert torch.equal(conv, state.conv_state) and torch.equal(ssm_state, state.ssm_state)
+    assert ssm_state.dtype == torch.float32
+    # step did not write into the state it was given (forward above copied its results into `state`)
+    with torch.no_grad():
+        again = mixer.step(x, before.conv_state, before.ssm_state, active)
+    assert torch.equal(again[1], conv) and torch.equal(again[2], ssm_state)
+
+
+def test_bf16_decode_after_prefill_follows_the_full_prefill():
+    """bf16 weights and conv state, fp32 SSM state: decoding token by token after a prefill tracks one
+    prefill over the whole sequence (the step's conv accumulates in fp32, as the chunked path's conv1d)."""
+    mixer = make_mixer().to(torch.bfloat16)
+    T, prefix = CHUNK + 4, CHUNK - 1
+    x = torch.randn(2, T, TINY.hidden_size, dtype=torch.bfloat16)
+    full_state = Mamba2State.zeros(2, TINY, torch.bfloat16)
+    step_state = Mamba2State.zeros(2, TINY, torch.bfloat16)
+    with torch.no_grad():
+        full = mixer(x, full_state)
+        outs = [mixer(x[:, :prefix], step_state)]
+        for t in range(prefix, T):
+            outs.append(mixer(x[:, t : t + 1], step_state))
+    assert step_state.ssm_state.dtype == torch.float32
+    assert max_relative_error(torch.cat(outs, 1), full) < 2e-2
+    assert max_relative_error(step_state.ssm_state, full_state.ssm_state) < 2e-2
+    assert torch.equal(step_state.conv_state, full_state.conv_state)  # the last inputs, no arithmetic
+
+
+class _OpRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records each aten op called, and the largest tensor any op newly allocates."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.largest_new = [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append(func.overloadpacket.__name__)
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:  # not a view, not in place
+                self.largest_new = max(self.largest_new, t.numel())
+        return out
+
+
+def _pool_and_layer(num_slots=16):
+    from types import SimpleNamespace
+
+    from fms.modules.mamba_layer import MambaLayer, MambaStatePool, MambaStateSpec
+
+    pool = MambaStatePool(MambaStateSpec(TINY, layers=(0, 2), dtype=torch.float32), num_slots, "cpu")
+    g = torch.Generator().manual_seed(4)
+    for t in pool.conv + pool.ssm:
+        t.copy_(torch.randn(t.shape, generator=g))
+    layer = MambaLayer(TINY, layer_idx=2)
+    layer.mamba.load_state_dict(make_mixer().state_dict())
+    return pool, layer, SimpleNamespace(state_pool=pool)
+
+
+def test_pooled_decode_updates_only_its_rows_and_copies_no_pool():
+    """MambaLayer's decode step reads and writes the rows of its slots in its own layer's pool and nothing
+    else; it equals the mixer on a gathered copy; no op allocates anything the size of a pool."""
+    from types import SimpleNamespace
+
+    pool, layer, cache = _pool_and_layer()
+    slots = torch.tensor([4, 1, 16])  # 16: the scratch slot, as a padded row of a CUDA-graph batch uses
+    num_new = torch.tensor([1, 0, 1])  # row 1 idles (a sequence past the end of its decode window)
+    meta = SimpleNamespace(state_slots=slots, num_new_tokens=num_new)
+    x = torch.randn(3, 1, TINY.hidden_size)
+    before_conv, before_ssm = [t.clone() for t in pool.conv], [t.clone() for t in pool.ssm]
+    expected = Mamba2State(before_conv[1][slots], before_ssm[1][slots])
+    with torch.no_grad():
+        ref = layer.mamba(x, expected, valid_lens=num_new)
+        with _OpRecorder() as rec:
+            out = layer(x, cache=cache, meta=meta)
+    assert torch.equal(out, ref)
+    torch.testing.assert_close(pool.conv[1][slots], expected.conv_state, atol=0, rtol=0)
+    torch.testing.assert_close(pool.ssm[1][slots], expected.ssm_state, atol=0, rtol=0)
+    assert torch.equal(pool.ssm[1][1], before_ssm[1][1]) and torch.equal(pool.conv[1][1], before_conv[1][1])
+    untouched = [i for i in range(pool.num_slots + 1) if i not in slots.tolist()]
+    for now, then in zip(pool.conv + pool.ssm, before_conv + before_ssm):
+        assert torch.equal(now[untouched], then[untouched])
+    assert torch.equal(pool.ssm[0], before_ssm[0]) and torch.equal(pool.conv[0], before_conv[0])  # other layer
+
+    # the largest tensor a step makes is per row: the conv window, the SSM state, in_proj's output
+    c = TINY
+    per_row = max(c.conv_dim * c.conv_kernel, c.num_heads * c.head_dim * c.state_size,
+                  c.inner_dim + c.conv_dim + c.num_heads)
+    assert rec.largest_new <= len(slots) * per_row < min(pool.ssm[1].numel(), pool.conv[1].numel())
+    assert not {"convolution", "cumsum", "index_put", "index_put_", "repeat_interleave", "masked_fill_"} & set(rec.ops)
+
+
+def test_state_pool_layers_are_separate_tensors():
+    """Each layer's pool is its own allocation: a compiled step writing through a view of one shared block
+    would be replayed onto the whole block (a copy of every slot of every layer)."""
+    pool, _, _ = _pool_and_layer()
+    storages = {t.untyped_storage().data_ptr() for t in pool.conv + pool.ssm}
+    assert len(storages) == len(pool.conv) + len(pool.ssm)
+    slot = pool.allocate("seq")
+    assert all(not t[slot].any() for t in pool.conv + pool.ssm)  # a new sequence starts from zeros
+
+
 # ------------------------------------------------------------------------------------------------------------
 
 
