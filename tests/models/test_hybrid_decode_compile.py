@@ -123,15 +123,22 @@ def test_decode_step_traces_without_graph_breaks():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_compiled_graphed_decode_matches_eager_on_cuda():
-    """The serving configuration: compiled step captured in CUDA graphs for several batch buckets."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_graphed_decode_on_cuda(dtype):
+    """The serving configuration: the compiled step captured in CUDA graphs for several batch buckets
+    (no fallback to the uncompiled step). fp32: the eager step's tokens exactly; bf16 (as served): fused
+    kernels round differently from eager ones, so a near tie may flip a token: only that it compiles and runs."""
     torch._dynamo.reset()
-    model = _model("cuda")
+    model = _model("cuda", dtype)
     prompts = _prompts((5, 19, 3), model.config.vocab_size)
     caches, firsts = zip(*(_prefilled_cache(model, prompts) for _ in range(2)))
     eager = DecodeWindowRunner(model, caches[0], "paged", max_steps=STEPS, graph_batch_sizes=None)
     graphed = DecodeWindowRunner(model, caches[1], "paged", max_steps=STEPS, graph_batch_sizes=(1, 2, 4),
                                  compile_model=True)
-    assert graphed.use_graphs and graphed.compiled, "compiled capture failed and fell back (see the log)"
-    assert _window(graphed, firsts[1], [STEPS] * 3) == _window(eager, firsts[0], [STEPS] * 3)
+    assert graphed.use_graphs and graphed.compiled, "the compiled capture failed and fell back (see the log)"
+    got, expected = _window(graphed, firsts[1], [STEPS] * 3), _window(eager, firsts[0], [STEPS] * 3)
     assert graphed.num_graph_steps == STEPS
+    if dtype == torch.float32:
+        assert got == expected
+    else:
+        assert all(0 <= t < model.config.vocab_size for row in got for t in row)
