@@ -14,7 +14,8 @@ fla_site() {  # fla (flash-linear-attention) is carried as a wheel in .whl/ when
 }
 serving() {  # serving NAME ARGS...: one benchmark_serving run -> $OUT/serving_NAME.json
   local name=$1; shift
-  timeout 240 python3 scripts/benchmark_serving.py --results_dir "$OUT/$name" "$@" 2>&1 | grep -v "requests:" | tail -3
+  timeout ${SERVING_TIMEOUT:-450} python3 scripts/benchmark_serving.py --results_dir "$OUT/$name" "$@" 2>&1 \
+    | grep -v "requests:\|ContinuousBatchingLogger" | tail -4
   mv "$OUT/$name/serving.json" "$OUT/serving_$name.json"; rm -rf "$OUT/$name"
 }
 case "${1:-all}" in
@@ -51,6 +52,26 @@ case "${1:-all}" in
     serving s128sweep --decode_steps_sweep 8,16 --batch1_tokens 512
     timeout 200 python3 scripts/profile_serving.py --num_requests 128 --output_len 32 --results_dir "$OUT" --top 25 \
       --step_batch_sizes 1,128 2>&1 | tail -30
+    ;;
+  session4-hybrid)
+    # Granite-4.0-H: compiled graphed decode (tests), the engine, eval parity
+    fla_site
+    timeout 200 python3 -m pytest -q tests/models/test_hybrid_decode_compile.py tests/serving/test_engine_gpu.py -k "hybrid" \
+      2>&1 | tee "$OUT/tests_hybrid.log" | tail -3
+    serving hybrid --architecture granite_hybrid --variant 4.0-h-1b --num_requests 64 --prompt_range 512,2048 --output_range 128
+    for task in "mmlu fms/resources/eval/mmlu" "truthfulqa_mc2 fms/resources/eval/truthfulqa_mc.json"; do
+      set -- $task
+      timeout 120 python3 scripts/eval.py --mode both --architecture granite_hybrid --variant 4.0-h-1b --task $1 --data $2 \
+        --num_fewshot 1 --no_progress --output "$OUT/eval_4.0-h-1b_$1.json" 2>&1 | tail -2
+    done
+    ;;
+  session4-static)
+    # #5: static generate, Granite-4.0-H-1B shape, sdpa vs paged at batch >= 8 and context >= 2k
+    fla_site
+    timeout 400 python3 scripts/benchmark_inference.py --architecture granite_hybrid --variant 4.0-h-1b --attn_name sdpa,paged \
+      --batch_sizes 8 32 64 --base_context 2048 --context_lengths 2048 8192 16384 --max_new_tokens 16 --repeats 2 \
+      --results_dir "$OUT/g" --run_name granite --no_progress 2>&1 | tail -25
+    mv "$OUT/g/granite/results.json" "$OUT/static_granite.json"; mv "$OUT/g/granite/tables.md" "$OUT/static_granite.md"; rm -rf "$OUT/g"
     ;;
   report-serving)
     # #7 serving (with the HF peer), batch-1 decode, Granite-4.0-H through the engine; #6 eval parity

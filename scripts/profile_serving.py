@@ -34,7 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt_range", default="64,512")
     p.add_argument("--output_len", type=int, default=64)
     p.add_argument("--max_num_seqs", type=int, default=None)
-    p.add_argument("--max_decode_steps", type=int, default=8)
+    p.add_argument("--max_decode_steps", type=int, default=None, help="default: the engine's")
     p.add_argument("--num_pages", type=int, default=None)
     p.add_argument("--step_batch_sizes", default="1,8,32,128", help="decode-step device time per batch size")
     p.add_argument("--top", type=int, default=20)

@@ -130,6 +130,10 @@ class PagedKVCache(SequenceCache):
         # past 2**31 elements once the pool is large, which FlexAttention's kernels cannot address.
         self.keys = [torch.zeros(shape, dtype=spec.dtype, device=spec.device) for _ in spec.attention_layers]
         self.values = [torch.zeros(shape, dtype=spec.dtype, device=spec.device) for _ in spec.attention_layers]
+        for pool in (*self.keys, *self.values):
+            # compiled steps: a pool's sizes are constants, so a batch size equal to one of them
+            # (bucket 128 = head_dim 128) is not tied to it as one shared symbol
+            torch._dynamo.mark_static(pool)
         self.page_logical = torch.zeros(num_pages + 1, dtype=torch.int32, device=spec.device)
         self.scratch_page = num_pages
         self.window = spec.sliding_window

@@ -20,7 +20,7 @@ from fms.serving.scheduler import Scheduler
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_MODEL_LEN = 4096  # caps the page-table width (and the decode kernel's split sizing)
-DEFAULT_MAX_DECODE_STEPS = 8
+DEFAULT_MAX_DECODE_STEPS = 16
 
 
 class StepOutput(NamedTuple):

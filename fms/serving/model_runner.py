@@ -219,7 +219,8 @@ class ModelRunner:
                 return self._prefill_forward(tokens, attn_name=self.attn_name, cache=self.cache, meta=meta,
                                              logits_positions=last)
             except Exception as e:  # rerunning eagerly rewrites the same cache slots with the same values
-                logger.warning("compiled prefill failed, running prefill eagerly: %s: %s", type(e).__name__, e)
+                logger.warning("compiled prefill failed, running prefill eagerly: %s: %s", type(e).__name__, e,
+                               exc_info=True)
                 self.prefill_compiled, self._prefill_forward = False, self.model
         return self.model(tokens, attn_name=self.attn_name, cache=self.cache, meta=meta, logits_positions=last)
 
@@ -283,10 +284,11 @@ class DecodeWindowRunner:
         except Exception as e:  # any failure falls back: uncompiled graphs, then eager decoding
             self._graphs, self._pool = {}, None
             if self.compiled:
-                logger.warning("compiled decode step failed, capturing it uncompiled: %s: %s", type(e).__name__, e)
+                logger.warning("compiled decode step failed, capturing it uncompiled: %s: %s", type(e).__name__, e,
+                               exc_info=True)
                 self.compiled, self._forward = False, self.model
                 return self._capture_all()
-            logger.warning("CUDA graph capture failed, decoding eagerly: %s: %s", type(e).__name__, e)
+            logger.warning("CUDA graph capture failed, decoding eagerly: %s: %s", type(e).__name__, e, exc_info=True)
             self.use_graphs = False
 
     # -- one step, on the buffers ----------------------------------------------------------
