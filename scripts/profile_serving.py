@@ -85,7 +85,8 @@ def main(argv=None):
     prompts, _ = workload.prompts(model.config.vocab_size)
     max_num_seqs = args.max_num_seqs or (128 if is_cuda else 8)
     num_pages = args.num_pages or (None if is_cuda else 256)
-    engine = LLMEngine(model, max_num_seqs=max_num_seqs, num_pages=num_pages, max_decode_steps=args.max_decode_steps)
+    steps = {} if args.max_decode_steps is None else {"max_decode_steps": args.max_decode_steps}
+    engine = LLMEngine(model, max_num_seqs=max_num_seqs, num_pages=num_pages, **steps)
     params = SamplingParams(max_new_tokens=args.output_len, ignore_eos=True)
     engine.generate(prompts[:8], SamplingParams(max_new_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
     if engine.prefix_cache is not None:
