@@ -165,18 +165,22 @@ def test_mixer_matches_spec_loop(T):
 
 
 def test_prefill_then_decode_equals_full_prefill():
-    mixer = make_mixer()
-    T, prefix = 2 * CHUNK + 3, CHUNK + 2
-    x = torch.randn(2, T, TINY.hidden_size)
-    full_state = Mamba2State.zeros(2, TINY, torch.float32)
-    step_state = Mamba2State.zeros(2, TINY, torch.float32)
+    x = torch.randn(2, 2 * CHUNK + 3, TINY.hidden_size)
+    full, stepped, full_state, step_state = _prefill_then_decode(make_mixer(), x, CHUNK + 2)
+    assert_close(stepped, full)
+    assert_state_close(step_state, full_state)
+
+
+def _prefill_then_decode(mixer, x, prefix):
+    """One prefill over x, and a prefill of x[:, :prefix] then one-token steps; -> both outputs and states."""
+    full_state = Mamba2State.zeros(x.shape[0], TINY, x.dtype)
+    step_state = Mamba2State.zeros(x.shape[0], TINY, x.dtype)
     with torch.no_grad():
         full = mixer(x, full_state)
         outs = [mixer(x[:, :prefix], step_state)]
-        for t in range(prefix, T):
+        for t in range(prefix, x.shape[1]):
             outs.append(mixer(x[:, t : t + 1], step_state))
-    assert_close(torch.cat(outs, 1), full)
-    assert_state_close(step_state, full_state)
+    return full, torch.cat(outs, 1), full_state, step_state
 
 
 @pytest.mark.parametrize("split", [1, CHUNK - 1, CHUNK, CHUNK + 3])
@@ -254,18 +258,10 @@ def test_step_returns_new_states_and_leaves_its_inputs():
 def test_bf16_decode_after_prefill_follows_the_full_prefill():
     """bf16 weights and conv state, fp32 SSM state: decoding token by token after a prefill tracks one
     prefill over the whole sequence (the step's conv accumulates in fp32, as the chunked path's conv1d)."""
-    mixer = make_mixer().to(torch.bfloat16)
-    T, prefix = CHUNK + 4, CHUNK - 1
-    x = torch.randn(2, T, TINY.hidden_size, dtype=torch.bfloat16)
-    full_state = Mamba2State.zeros(2, TINY, torch.bfloat16)
-    step_state = Mamba2State.zeros(2, TINY, torch.bfloat16)
-    with torch.no_grad():
-        full = mixer(x, full_state)
-        outs = [mixer(x[:, :prefix], step_state)]
-        for t in range(prefix, T):
-            outs.append(mixer(x[:, t : t + 1], step_state))
+    x = torch.randn(2, CHUNK + 4, TINY.hidden_size, dtype=torch.bfloat16)
+    full, stepped, full_state, step_state = _prefill_then_decode(make_mixer().to(torch.bfloat16), x, CHUNK - 1)
     assert step_state.ssm_state.dtype == torch.float32
-    assert max_relative_error(torch.cat(outs, 1), full) < 2e-2
+    assert max_relative_error(stepped, full) < 2e-2
     assert max_relative_error(step_state.ssm_state, full_state.ssm_state) < 2e-2
     assert torch.equal(step_state.conv_state, full_state.conv_state)  # the last inputs, no arithmetic
 
