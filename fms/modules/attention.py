@@ -42,6 +42,11 @@ class AttentionOp:
         """Whether this op computes steps prepared with cache.prepare(..., packed=True)."""
         return False
 
+    def prefill_uses_flex(self, variant: AttentionVariant, cache: SequenceCache) -> bool:
+        """Whether multi-token steps with cached context run compiled FlexAttention, which specializes
+        on (batch, query length): a driver then keeps those shapes to a few buckets."""
+        return False
+
 
 _OPS: dict[str, AttentionOp] = {}
 
@@ -270,6 +275,9 @@ class PagedOp(AttentionOp):
 
     def can_pack(self, variant, cache) -> bool:
         return self._can_varlen(variant, cache) and cache.can_pack
+
+    def prefill_uses_flex(self, variant, cache) -> bool:
+        return not self._can_varlen(variant, cache)
 
     def _can_varlen(self, variant, cache) -> bool:
         return self.prefill_kernel == "auto" and variant.is_causal_only and cache.window is None

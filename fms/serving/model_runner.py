@@ -47,8 +47,11 @@ class ModelRunner:
         # Prefill chunks of a step run as one packed row (no padding) when the attention op computes
         # packed steps (causal attention on an attention-only model); otherwise as padded rows.
         variant = getattr(model.config, "attention_variant", AttentionVariant())
-        self.pack_prefill = get_attention_op(attn_name).can_pack(variant, cache)
-        self.bucket_prefills = self.device.type == "cuda" if bucket_prefills is None else bucket_prefills
+        op = get_attention_op(attn_name)
+        self.pack_prefill = op.can_pack(variant, cache)
+        if bucket_prefills is None:  # only compiled FlexAttention needs few shapes
+            bucket_prefills = self.device.type == "cuda" and op.prefill_uses_flex(variant, cache)
+        self.bucket_prefills = bucket_prefills
         # torch.compile fuses the prefill forward's elementwise work (norms, rotary, activations: about
         # as much GPU time as its GEMMs when eager); packed steps only, one dynamic-shape compile
         self.prefill_compiled = compile_prefill and self.pack_prefill and self.device.type == "cuda"
@@ -138,8 +141,9 @@ class ModelRunner:
             decode   every one-token chunk, one decode window (CUDA graphs, Triton paged decode)
             fresh    prefill chunks starting at position 0, one batch: the paged op runs them by SDPA
             resumed  prefill chunks with cached context (chunked prefill, prefix hit, recompute): FlexAttention
-        Compiled FlexAttention specializes on (batch, query length), so on CUDA (bucket_prefills) each
-        resumed chunk runs alone with its length padded to a power of two: a handful of shapes in all.
+        When resumed chunks run on compiled FlexAttention (attention variants), which specializes on
+        (batch, query length), each runs alone on CUDA (bucket_prefills) with its length padded to a
+        power of two: a handful of shapes in all. Packed steps put every prefill chunk in one row.
         """
         chunks = out.chunks
         for chunk in chunks:

@@ -133,6 +133,15 @@ def test_packed_steps_are_refused_where_they_cannot_run():
         PagedOp(prefill_kernel="sdpa")
 
 
+def test_which_prefill_steps_take_flex():
+    cache = PagedKVCache(_spec(2), max_batch_size=1, max_seq_len=64, page_size=16)
+    assert get_attention_op("paged").can_pack(CAUSAL, cache)
+    assert not get_attention_op("paged").prefill_uses_flex(CAUSAL, cache)
+    assert get_attention_op("paged").prefill_uses_flex(AttentionVariant(alibi=True), cache)
+    assert PagedOp(prefill_kernel="flex").prefill_uses_flex(CAUSAL, cache)
+    assert not PagedOp(prefill_kernel="flex").can_pack(CAUSAL, cache)
+
+
 @pytest.mark.parametrize("page_size", [16, 32])
 def test_chunked_prefill_and_interleaved_growth_scatter_pages(page_size):
     cache = PagedKVCache(_spec(2), max_batch_size=3, max_seq_len=8 * page_size, page_size=page_size)
