@@ -137,10 +137,13 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> list[list[int]]:
         """Run the step; returns the sampled tokens per chunk ([] for chunks that end mid-prompt).
 
-        A step runs as up to three kinds of forward, so that no row is padded to another kind's length:
+        A step runs as these kinds of forward:
             decode   every one-token chunk, one decode window (CUDA graphs, Triton paged decode)
-            fresh    prefill chunks starting at position 0, one batch: the paged op runs them by SDPA
-            resumed  prefill chunks with cached context (chunked prefill, prefix hit, recompute): FlexAttention
+            packed   every prefill chunk back to back in one row, no padding (flash varlen), when the
+                     model and op allow it (can_pack); otherwise right-padded rows, in two groups so
+                     that no row is padded to the other's length:
+            fresh    prefill chunks starting at position 0, one batch
+            resumed  prefill chunks with cached context (chunked prefill, prefix hit, recompute)
         When resumed chunks run on compiled FlexAttention (attention variants), which specializes on
         (batch, query length), each runs alone on CUDA (bucket_prefills) with its length padded to a
         power of two: a handful of shapes in all. Packed steps put every prefill chunk in one row.
