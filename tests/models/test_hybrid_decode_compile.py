@@ -78,6 +78,7 @@ def test_compiled_decode_window_matches_eager_with_one_compile(backend):
     """Two windows (3 rows, then 2, one of which idles after 2 steps) through the compiled step and the
     eager one: the same tokens, the same Mamba states and KV pages; one graph, no breaks, no recompile."""
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # reset() keeps them: an earlier test's graph breaks would count here
     model = _model()
     prompts = _prompts((5, 19, 3), model.config.vocab_size)
     caches, firsts = zip(*(_prefilled_cache(model, prompts) for _ in range(2)))
