@@ -222,14 +222,23 @@ def ssd_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, state: Tens
     """One recurrent step (decode). x [b, nh, P], dt [b, nh], B/C [b, G, N], state [b, nh, P, N] fp32.
 
     Returns (y [b, nh, P] fp32 without the D skip, new state fp32); `state` itself is not modified.
+    Heads are viewed as (group, head in group) so that B and C are shared without copies:
+
+        h' = exp(dt A) h + dt x ⊗ B        y = h' · C
     """
-    nh, G = x.shape[1], B.shape[1]
-    B = B.float().repeat_interleave(nh // G, dim=1)  # (b, nh, n)
-    C = C.float().repeat_interleave(nh // G, dim=1)
-    decay = torch.exp(dt * A)[..., None, None]  # (b, nh, 1, 1)
-    new_state = state.float() * decay + (x.float() * dt[..., None])[..., None] * B[:, :, None, :]
-    y = (new_state @ C[..., None]).squeeze(-1)  # (b, nh, p)
-    return y, new_state
+    b, nh, P = x.shape
+    G, N = B.shape[1], B.shape[2]
+    R = nh // G  # head g*R + r reads group g of B and C
+    decay = torch.exp(dt * A).view(b, G, R, 1, 1)
+    xdt = (x.float() * dt[..., None]).view(b, G, R, P, 1)
+    B, C = B.float()[:, :, None, None, :], C.float()  # (b, G, 1, 1, N), (b, G, N)
+    h = (state.float().view(b, G, R, P, N) * decay).addcmul_(xdt, B)  # a new tensor: state is untouched
+    if torch.compiler.is_compiling():
+        # a reduction the compiler fuses into the kernel that computes h (h is read once)
+        y = (h * C[:, :, None, None, :]).sum(-1)
+    else:
+        y = torch.einsum("bgrpn,bgn->bgrp", h, C)  # one batched GEMV, no (b, G, R, P, N) product
+    return y.reshape(b, nh, P), h.view(b, nh, P, N)
 
 
 def _ssd_scan_fla(
@@ -436,7 +445,7 @@ class Mamba2Mixer(nn.Module):
         """
         c = self.config
         b = x.shape[0]
-        G, R, P, N = c.num_groups, c.num_heads // c.num_groups, c.head_dim, c.state_size
+        G, P, N = c.num_groups, c.head_dim, c.state_size
         z, xBC, dt_raw = self.in_proj(x[:, 0]).split([c.inner_dim, c.conv_dim, c.num_heads], dim=-1)
 
         window = torch.cat([conv_state, xBC.to(conv_state.dtype)[:, :, None]], dim=-1)  # (b, conv_dim, K)
@@ -453,23 +462,12 @@ class Mamba2Mixer(nn.Module):
         dt = self._dt(dt_raw)  # (b, nh) fp32
         if is_active is not None:
             dt = dt.masked_fill(~is_active[:, None], 0.0)
-        decay = torch.exp(dt * -torch.exp(self.A_log.float())).view(b, G, R, 1)
-        xs = xs.float().view(b, G, R, P)
-        xdt = xs * dt.view(b, G, R, 1)  # (b, G, R, P)
-        B = B.float().view(b, G, N)
-        C = C.float().view(b, G, N)
-
-        h = ssm_state.view(b, G, R, P, N)  # head g*R + r reads group g of B and C
-        h = (h * decay[..., None]).addcmul_(xdt[..., None], B[:, :, None, None, :])  # (b, G, R, P, N)
-        if torch.compiler.is_compiling():
-            # a reduction the compiler fuses into the kernel that computes h (h is read once)
-            y = (h * C[:, :, None, None, :]).sum(-1)
-        else:
-            y = torch.einsum("bgrpn,bgn->bgrp", h, C)  # one batched GEMV, no (b, G, R, P, N) product
-        y = y + self.D.float().view(G, R, 1) * xs  # (b, G, R, P)
+        xs = xs.float().view(b, c.num_heads, P)
+        y, h = ssd_step(xs, dt, -torch.exp(self.A_log.float()), B.view(b, G, N), C.view(b, G, N), ssm_state)
+        y = y + self.D.float()[:, None] * xs  # (b, nh, P)
 
         out = self.out_proj(self.norm(y.reshape(b, 1, c.inner_dim), z[:, None]))
-        return out, new_conv_state, h.view(b, c.num_heads, P, N)
+        return out, new_conv_state, h
 
     def _dt(self, dt_raw: Tensor) -> Tensor:
         dt = F.softplus(dt_raw.float() + self.dt_bias.float())
