@@ -184,8 +184,8 @@ class SequenceCache:
         if query_len is not None and num_new_tokens and query_len < max(num_new_tokens):
             raise ValueError(f"query_len {query_len} is shorter than the longest row ({max(num_new_tokens)} tokens)")
         context = self._grow(seq_ids, num_new_tokens)
-        base = self._base_meta(context, list(num_new_tokens), seq_ids, query_len, packed)
-        return self._build_meta(base, seq_ids, context, list(num_new_tokens))
+        base, positions = self._base_meta(context, list(num_new_tokens), seq_ids, query_len, packed)
+        return self._build_meta(base, seq_ids, context, list(num_new_tokens), positions)
 
     @property
     def can_pack(self) -> bool:
@@ -218,7 +218,8 @@ class SequenceCache:
             self._lengths[seq_id] += n
         return context
 
-    def _base_meta(self, context, num_new, seq_ids, query_len=None, packed=False) -> dict:
+    def _base_meta(self, context, num_new, seq_ids, query_len=None, packed=False) -> tuple[dict, torch.Tensor]:
+        """The StepMeta fields every cache fills (device tensors), and the positions on the host."""
         device = self.spec.device
         ctx = torch.tensor(context, dtype=torch.int64)
         new = torch.tensor(num_new, dtype=torch.int64)
@@ -243,7 +244,7 @@ class SequenceCache:
             host_num_new=tuple(num_new),
             host_context=tuple(context),
             packed=packed,
-        )
+        ), positions
 
     def layer_index(self, layer_idx: int) -> int:
         """Position of a model layer among the cached attention layers."""
@@ -266,7 +267,8 @@ class SequenceCache:
     def _reserve(self, seq_ids, num_new_tokens):
         pass
 
-    def _build_meta(self, base: dict, seq_ids, context, num_new) -> StepMeta:
+    def _build_meta(self, base: dict, seq_ids, context, num_new, positions: torch.Tensor) -> StepMeta:
+        """positions: the step's position_ids on the host, (B, T) or (1, N) packed."""
         raise NotImplementedError
 
     def memory_stats(self) -> MemoryStats:
@@ -303,12 +305,11 @@ class ContiguousKVCache(SequenceCache):
         self._free_rows.append(self._row.pop(seq_id))
         self._free_rows.sort()
 
-    def _build_meta(self, base, seq_ids, context, num_new):
+    def _build_meta(self, base, seq_ids, context, num_new, positions):
         device = self.spec.device
         rows = [self._row[s] for s in seq_ids]
         t = base["query_len"]
         row_t = torch.tensor(rows, dtype=torch.int64)
-        positions = base["position_ids"].cpu()
         is_real = torch.arange(t)[None, :] < torch.tensor(num_new)[:, None]
         write_pos = torch.where(is_real, positions, torch.full_like(positions, self.max_seq_len))
         return ContiguousStepMeta(

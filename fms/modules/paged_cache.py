@@ -264,7 +264,7 @@ class PagedKVCache(SequenceCache):
             return "a recurrent (Mamba) layer runs each sequence as its own row"
         return None
 
-    def _build_meta(self, base, seq_ids, context, num_new):
+    def _build_meta(self, base, seq_ids, context, num_new, positions):
         ps, width = self.page_size, self.max_pages_per_seq
         device = self.spec.device
         b, t, packed = len(seq_ids), base["query_len"], base["packed"]
@@ -273,10 +273,10 @@ class PagedKVCache(SequenceCache):
         ctx = torch.tensor(context, dtype=torch.int64)
         new = torch.tensor(num_new, dtype=torch.int64)
         if packed:
-            pos = base["position_ids"].cpu()[0]  # (N,) all real
+            pos = positions[0]  # (N,) all real
             slots = table.view(-1).index_select(0, segment_ids(new) * width + pos // ps).long() * ps + pos % ps
         else:
-            pos = ctx[:, None] + torch.arange(t)[None, :]  # (B, T)
+            pos = positions  # (B, T)
             is_real = torch.arange(t)[None, :] < new[:, None]
             page_of = torch.gather(table, 1, (pos // ps).clamp_max(width - 1)).long()
             slots = page_of * ps + pos % ps
