@@ -14,6 +14,7 @@ buffers which the window fills once:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import time
@@ -91,34 +92,33 @@ class ModelRunner:
         a resumed chunk can take."""
         if self.pack_prefill:
             if self.prefill_compiled and self.cache.allocator.num_free >= 8:
-                ids = [("fms.serving", "warmup", i) for i in range(2)]
-                for seq_id in ids:
-                    self.cache.add(seq_id)
-                try:
-                    self._forward([ScheduledChunk(ids[0], [0] * 48, 0, False, SamplingParams()),
-                                   ScheduledChunk(ids[1], [0] * 16, 0, False, SamplingParams())], "packed")
-                    self._forward([ScheduledChunk(ids[0], [0] * 8, 48, False, SamplingParams())], "packed")
-                finally:
-                    for seq_id in ids:
-                        self.cache.free(seq_id)
-                self.num_eager_forwards = 0
-            return
-        if not self.bucket_prefills:
-            return
-        seq_id, bucket = ("fms.serving", "warmup"), Q_BLOCK_SIZE
-        while bucket // 2 < max_chunk_tokens:
-            n = min(bucket, self.cache.max_seq_len - 1)
-            if n <= bucket // 2 or -(-(n + 1) // self.cache.page_size) > self.cache.allocator.num_free:
-                break
-            self.cache.add(seq_id)
-            try:
-                # one fresh token gives the chunk cached context, which routes it to FlexAttention
-                self._forward([ScheduledChunk(seq_id, [0], 0, False, SamplingParams())], "fresh")
-                self._forward([ScheduledChunk(seq_id, [0] * n, 1, False, SamplingParams())], "resumed")
-            finally:
-                self.cache.free(seq_id)
-            bucket *= 2
+                with self._scratch_sequences(2) as (a, b):
+                    self._forward([_chunk(a, 48, 0), _chunk(b, 16, 0)], "packed")
+                    self._forward([_chunk(a, 8, 48)], "packed")
+        elif self.bucket_prefills:
+            bucket = Q_BLOCK_SIZE
+            while bucket // 2 < max_chunk_tokens:
+                n = min(bucket, self.cache.max_seq_len - 1)
+                if n <= bucket // 2 or -(-(n + 1) // self.cache.page_size) > self.cache.allocator.num_free:
+                    break
+                with self._scratch_sequences(1) as (a,):
+                    # one fresh token gives the chunk cached context, which routes it to FlexAttention
+                    self._forward([_chunk(a, 1, 0)], "fresh")
+                    self._forward([_chunk(a, n, 1)], "resumed")
+                bucket *= 2
         self.num_eager_forwards = 0
+
+    @contextlib.contextmanager
+    def _scratch_sequences(self, count: int):
+        """count sequences in the cache for warm-up forwards, freed afterwards whatever happens."""
+        ids = [("fms.serving", "warmup", i) for i in range(count)]
+        for seq_id in ids:
+            self.cache.add(seq_id)
+        try:
+            yield ids
+        finally:
+            for seq_id in ids:
+                self.cache.free(seq_id)
 
     def _why_no_graphs(self) -> str | None:
         if self.device.type != "cuda":
@@ -230,6 +230,11 @@ class ModelRunner:
                                exc_info=True)
                 self.prefill_compiled, self._prefill_forward = False, self.model
         return self.model(tokens, attn_name=self.attn_name, cache=self.cache, meta=meta, logits_positions=last)
+
+
+def _chunk(seq_id, num_tokens: int, start: int) -> ScheduledChunk:
+    """A warm-up prefill chunk of token 0, sampling nothing."""
+    return ScheduledChunk(seq_id, [0] * num_tokens, start, False, SamplingParams())
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
