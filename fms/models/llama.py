@@ -8,6 +8,7 @@ from torch import nn
 
 from fms.modules.attention import MultiHeadAttention
 from fms.modules.feedforward import SwiGLU
+from fms.modules.gemv import Linear
 from fms.modules.kv_cache import KVCacheSpec
 from fms.modules.layernorm import RMSNorm
 from fms.modules.masks import AttentionVariant
@@ -126,7 +127,7 @@ class LLaMA(nn.Module):
             for i in range(config.num_layers)
         )
         self.dec_norm = self.build_norm()
-        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.head.weight = self.embedding.weight
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from fms.modules.gemv import Linear
 from fms.modules.kv_cache import ContiguousKVCache, KVCacheSpec, SequenceCache
 from fms.modules.masks import AttentionVariant, dense_attention_bias, variant_predicate, variant_score_fn
 from fms.modules.paged_cache import PagedKVCache
@@ -364,8 +365,8 @@ class MultiHeadAttention(nn.Module):
         # q, k and v in one matrix (rows: q heads, k heads, v heads): one GEMM instead of three, which
         # at batch 1 is three weight reads of which two are too small to reach full bandwidth
         self.qkv_splits = (num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim)
-        self.qkv_fused = nn.Linear(emb_dim, sum(self.qkv_splits), bias=bias)
-        self.dense = nn.Linear(num_heads * head_dim, emb_dim, bias=bias)
+        self.qkv_fused = Linear(emb_dim, sum(self.qkv_splits), bias=bias)
+        self.dense = Linear(num_heads * head_dim, emb_dim, bias=bias)
         self.rotary = rotary
         self.variant = variant or AttentionVariant()
 

@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fms.modules.gemv import Linear, swiglu_down
+
 
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)); gate and up live in one matrix so a single GEMM computes both."""
@@ -11,12 +13,11 @@ class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, bias: bool = False):
         super().__init__()
         self.hidden_dim = hidden_dim
-        self.wg1_fused = nn.Linear(dim, 2 * hidden_dim, bias=bias)  # rows [0, I) = gate, [I, 2I) = up
-        self.w2 = nn.Linear(hidden_dim, dim, bias=bias)
+        self.wg1_fused = Linear(dim, 2 * hidden_dim, bias=bias)  # rows [0, I) = gate, [I, 2I) = up
+        self.w2 = Linear(hidden_dim, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.wg1_fused(x).split(self.hidden_dim, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        return swiglu_down(self.wg1_fused(x), self.w2)
 
 
 class GeluMLP(nn.Module):
@@ -24,8 +25,8 @@ class GeluMLP(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim)
-        self.w2 = nn.Linear(hidden_dim, dim)
+        self.w1 = Linear(dim, hidden_dim)
+        self.w2 = Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.gelu(self.w1(x), approximate="tanh"))

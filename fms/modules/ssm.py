@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fms.modules.gemv import Linear
+
 __all__ = [
     "Mamba2Config",
     "Mamba2State",
@@ -364,7 +366,7 @@ class Mamba2Mixer(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.in_proj = nn.Linear(c.hidden_size, c.inner_dim + c.conv_dim + c.num_heads, bias=c.use_bias)
+        self.in_proj = Linear(c.hidden_size, c.inner_dim + c.conv_dim + c.num_heads, bias=c.use_bias)
         # Depthwise; padding is applied by hand from the carried conv state, so the module's own is 0.
         self.conv1d = nn.Conv1d(c.conv_dim, c.conv_dim, c.conv_kernel, groups=c.conv_dim, bias=c.use_conv_bias)
         self.dt_bias = nn.Parameter(torch.ones(c.num_heads))
@@ -372,7 +374,7 @@ class Mamba2Mixer(nn.Module):
         self.A_log = nn.Parameter(torch.log(torch.arange(1, c.num_heads + 1, dtype=torch.float32)))
         self.D = nn.Parameter(torch.ones(c.num_heads))
         self.norm = GatedRMSNorm(c.inner_dim, group_size=c.inner_dim // c.num_groups, eps=c.norm_eps)
-        self.out_proj = nn.Linear(c.inner_dim, c.hidden_size, bias=c.use_bias)
+        self.out_proj = Linear(c.inner_dim, c.hidden_size, bias=c.use_bias)
 
     def forward(self, x: Tensor, state: Mamba2State | None = None, valid_lens: Tensor | None = None) -> Tensor:
         c = self.config

@@ -6,39 +6,14 @@ bf16 atol/rtol 2e-2 (GPU).
 """
 
 import math
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # Must precede the first triton import: @triton.jit picks interpreter mode at decoration.
-    os.environ["TRITON_INTERPRET"] = "1"
-
+# On CPU, tests/conftest.py has put Triton in interpreter mode before anything imported it.
 pytest.importorskip("triton", reason="triton is not installed; the paged decode kernel needs it")
 
-import numpy as np  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
-
-def _patch_interpreter_for_numpy_2_4():
-    """Triton <= 3.6's interpreter turns a loaded scalar (a 1-element array) into a loop bound
-    with int(array), which NumPy >= 2.4 rejects (triton-lang/triton#9171, fixed upstream by
-    squeezing first). Apply the same fix for this test process only; compiled kernels are
-    unaffected."""
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
-
-    interpreter._patch_lang_tensor = patched
-
-
-if os.environ.get("TRITON_INTERPRET") == "1" and np.lib.NumpyVersion(np.__version__) >= "2.4.0":
-    _patch_interpreter_for_numpy_2_4()
 
 from fms.modules.paged_decode_kernel import (  # noqa: E402
     choose_num_splits,

@@ -1,0 +1,125 @@
+"""Batch-1 GEMV timing on the GPU: cuBLAS (F.linear) against fms.modules.gemv's Triton kernel.
+
+For each weight shape of a model (Llama-3.2-1B by default), 16 distinct weights (one per layer,
+so that L2 holds none of them) are multiplied by one row in a CUDA graph of 16 launches, the way
+a graphed decode step runs them; the graph is replayed and timed with CUDA events. The Triton
+kernel is swept over block sizes; the best configuration per shape is reported beside cuBLAS.
+The SwiGLU down projection is also timed fused (silu(gate) * up computed in the GEMV) against a
+compiled silu-mul kernel followed by cuBLAS.
+
+    python scripts/bench_gemv.py --results_dir final_project/results/session5
+"""
+
+import argparse
+import itertools
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from fms.modules.gemv import gemv
+from fms.utils.benchmarking import run_metadata
+
+
+def graph_time_us(fn, calls: int, replays: int) -> float:
+    """Microseconds per call of fn(i) for i in range(calls), captured as one CUDA graph."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for i in range(calls):  # warm-up outside the graph: compiles, workspace allocation
+            fn(i)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for i in range(calls):
+            fn(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / (replays * calls)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--intermediate", type=int, default=8192)
+    p.add_argument("--qkv", type=int, default=3072, help="rows of the fused q/k/v weight")
+    p.add_argument("--vocab", type=int, default=128256)
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--replays", type=int, default=50)
+    p.add_argument("--results_dir", default=None)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_gemv.py times GPU kernels; no CUDA device here")
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    h, i_ = args.hidden, args.intermediate
+    shapes = {"qkv": (args.qkv, h), "o": (h, h), "gate_up": (2 * i_, h), "down": (h, i_), "lm_head": (args.vocab, h)}
+    configs = list(itertools.product((1, 2, 4, 8, 16), (128, 256, 512, 1024), (2, 4, 8), (2,)))
+    rows, full = [], {}
+    for name, (n, k) in shapes.items():
+        copies = 1 if name == "lm_head" else args.layers
+        weights = [torch.randn(n, k, device=dev, dtype=dt) / k ** 0.5 for _ in range(copies)]
+        x = torch.randn(1, k, device=dev, dtype=dt)
+        xx = torch.randn(1, 2 * k, device=dev, dtype=dt)
+        calls = args.layers
+        nbytes = n * k * 2
+        ref = F.linear(x, weights[0]).float()
+        timings = {"cublas": graph_time_us(lambda j: F.linear(x, weights[j % copies]), calls, args.replays)}
+        best = None
+        for cfg in configs:
+            if k % cfg[1]:
+                continue
+            try:
+                err = (gemv(x, weights[0], blocks=cfg).float() - ref).abs().max().item()
+                t = graph_time_us(lambda j: gemv(x, weights[j % copies], blocks=cfg), calls, args.replays)
+            except Exception as e:  # a config may not compile (registers, shared memory)
+                full.setdefault(name, {})[str(cfg)] = f"failed: {type(e).__name__}"
+                continue
+            full.setdefault(name, {})[str(cfg)] = t
+            if best is None or t < best[1]:
+                best = (cfg, t, err)
+        row = {"shape": name, "n": n, "k": k, "cublas_us": timings["cublas"],
+               "cublas_tb_s": nbytes / timings["cublas"] / 1e6, "triton_best_cfg": best[0],
+               "triton_us": best[1], "triton_tb_s": nbytes / best[1] / 1e6, "triton_max_abs_err": best[2]}
+        if name == "down":
+            silu_mul = torch.compile(lambda t: F.silu(t[:, :k]) * t[:, k:])
+            row["silu_mul_then_cublas_us"] = graph_time_us(lambda j: F.linear(silu_mul(xx), weights[j]), calls,
+                                                           args.replays)
+            fused = None
+            for cfg in configs:
+                if k % cfg[1]:
+                    continue
+                try:
+                    t = graph_time_us(lambda j: gemv(xx, weights[j], silu_mul=True, blocks=cfg), calls,
+                                      args.replays)
+                except Exception:
+                    continue
+                if fused is None or t < fused[1]:
+                    fused = (cfg, t)
+            row["fused_silu_mul_cfg"], row["fused_silu_mul_us"] = fused
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"\n{'shape':>8} {'N':>7} {'K':>5} {'cuBLAS us':>10} {'TB/s':>5} {'Triton us':>10} {'TB/s':>5}  best cfg")
+    for r in rows:
+        print(f"{r['shape']:>8} {r['n']:>7} {r['k']:>5} {r['cublas_us']:>10.2f} {r['cublas_tb_s']:>5.2f} "
+              f"{r['triton_us']:>10.2f} {r['triton_tb_s']:>5.2f}  {r['triton_best_cfg']}")
+    down = next(r for r in rows if r["shape"] == "down")
+    print(f"down with SwiGLU: silu-mul kernel + cuBLAS {down['silu_mul_then_cublas_us']:.2f} us, "
+          f"fused Triton {down['fused_silu_mul_us']:.2f} us {down['fused_silu_mul_cfg']}")
+    if args.results_dir:
+        os.makedirs(args.results_dir, exist_ok=True)
+        out = {"metadata": run_metadata(" ".join(["python"] + sys.argv), dev), "rows": rows, "sweep_us": full}
+        with open(os.path.join(args.results_dir, "bench_gemv.json"), "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

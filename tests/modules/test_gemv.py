@@ -1,0 +1,122 @@
+"""The batch-1 GEMV kernel (fms.modules.gemv) against torch.
+
+On CPU the kernel runs in Triton's interpreter with small block sizes; on CUDA with the tuned ones.
+Tolerances: fp32 atol 1e-4 (sums of up to 1k products in a different order); bf16 outputs are
+compared against an fp32 reference of the same bf16 inputs within 2 bf16 ulps of the output
+scale (each side rounds once).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton", reason="triton is not installed; the GEMV kernel needs it")
+
+from fms.modules import gemv as gemv_mod  # noqa: E402
+from fms.modules.gemv import Linear, fits, gemv_reference, swiglu_down  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+SMALL_BLOCKS = (4, 32, 1, 1)  # interpreter speed: every program is Python
+
+
+@pytest.fixture
+def kernel():  # on CPU, tests/conftest.py has put Triton in interpreter mode
+    return lambda x, w, b=None, silu_mul=False: gemv_mod._launch(x, w, b, silu_mul, None if CUDA else SMALL_BLOCKS)
+
+
+def _inputs(n, k, dtype, silu_mul=False, bias=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(DEVICE, dtype)
+    x = torch.randn(1, 2 * k if silu_mul else k, generator=g).to(DEVICE, dtype)
+    b = torch.randn(n, generator=g).to(DEVICE, dtype) if bias else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("n,k", [(24, 64), (13, 96), (5, 40), (64, 200)])  # N, K not multiples of the blocks
+@pytest.mark.parametrize("silu_mul", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_kernel_matches_torch_fp32(kernel, n, k, silu_mul, bias):
+    x, w, b = _inputs(n, k, torch.float32, silu_mul, bias)
+    out = kernel(x, w, b, silu_mul)
+    assert out.shape == (1, n) and out.dtype == torch.float32
+    torch.testing.assert_close(out, gemv_reference(x, w, b, silu_mul), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("silu_mul", [False, True])
+def test_kernel_bf16_rounds_once(kernel, silu_mul):
+    n, k = 48, 128
+    x, w, b = _inputs(n, k, torch.bfloat16, silu_mul, bias=True, seed=1)
+    out = kernel(x, w, b, silu_mul).float()
+    if silu_mul:  # the kernel rounds silu(gate) * up once to bf16, then accumulates in fp32
+        gate, up = x.float().split(k, dim=-1)
+        xr = (F.silu(gate) * up).to(torch.bfloat16).float()
+    else:
+        xr = x.float()
+    ref = F.linear(xr, w.float(), b.float())
+    ulp = 2.0 ** (torch.floor(torch.log2(ref.abs().max())) - 7)
+    assert (out - ref).abs().max() <= 2 * ulp
+
+
+def test_kernel_rejects_wrong_width(kernel):
+    x, w, _ = _inputs(8, 64, torch.float32)
+    with pytest.raises(ValueError, match="one row of 128 values"):
+        kernel(x, w, None, True)  # silu_mul needs [gate | up], twice K
+
+
+def test_fits_only_single_cuda_rows():
+    w = torch.randn(16, 32)
+    assert not fits(torch.randn(2, 32), w)
+    assert not fits(torch.randn(1, 1, 32).double(), w)
+    if CUDA:
+        wc = w.cuda()
+        assert fits(torch.randn(1, 1, 32, device="cuda"), wc)
+        assert not fits(torch.randn(2, 1, 32, device="cuda"), wc)
+        assert not fits(torch.randn(1, 32, device="cuda").half(), wc)  # dtype mismatch: F.linear decides
+        with torch.enable_grad():  # the kernel has no backward
+            assert not fits(torch.randn(1, 32, device="cuda"), wc.requires_grad_())
+    else:
+        assert not fits(torch.randn(1, 32), w)  # CPU rows stay on F.linear
+
+
+def test_linear_is_an_nn_linear_with_the_same_state_dict():
+    lin = Linear(32, 16, bias=True)
+    assert isinstance(lin, torch.nn.Linear) and set(lin.state_dict()) == {"weight", "bias"}
+    x = torch.randn(3, 5, 32)
+    torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias))
+
+
+def test_swiglu_down_without_the_kernel_is_the_torch_expression():
+    down = torch.nn.Linear(16, 8, bias=False)
+    h = torch.randn(2, 3, 32)
+    gate, up = h.split(16, dim=-1)
+    torch.testing.assert_close(swiglu_down(h, down), down(F.silu(gate) * up))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="the compiled kernel, torch.compile and CUDA graphs need a CUDA GPU")
+@torch.no_grad()
+def test_gpu_linear_and_swiglu_compiled_and_graphed():
+    torch.manual_seed(0)
+    lin = Linear(2048, 3072, bias=False).cuda().to(torch.bfloat16)
+    down = Linear(8192, 2048, bias=False).cuda().to(torch.bfloat16)
+    x = torch.randn(1, 1, 2048, device="cuda", dtype=torch.bfloat16)
+    h = torch.randn(1, 1, 16384, device="cuda", dtype=torch.bfloat16)
+
+    def f(x, h):
+        return lin(x), swiglu_down(h, down)
+
+    gate, up = h.split(8192, dim=-1)
+    ref = (F.linear(x.float(), lin.weight.float()),
+           F.linear((F.silu(gate.float()) * up.float()).to(torch.bfloat16).float(), down.weight.float()))
+    compiled = torch.compile(f, fullgraph=True)
+    for got in (f(x, h), compiled(x, h)):
+        for a, r in zip(got, ref):
+            assert a.shape == r.shape
+            torch.testing.assert_close(a.float(), r, atol=2e-2, rtol=2e-2)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = compiled(x, h)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.testing.assert_close(out[0].float(), F.linear(x.float(), lin.weight.float()), atol=2e-2, rtol=2e-2)
