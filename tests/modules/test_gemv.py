@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton", reason="triton is not installed; the GEMV kernel needs it")
 
-from fms.modules import gemv as gemv_mod  # noqa: E402
-from fms.modules.gemv import Linear, fits, gemv_reference, swiglu_down  # noqa: E402
+from fms.modules import gemv as gemv_mod
+from fms.modules.gemv import Linear, fits, gemv_reference, swiglu_down
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
