@@ -73,6 +73,18 @@ case "${1:-all}" in
       --results_dir "$OUT/g" --run_name granite --no_progress 2>&1 | tail -25
     mv "$OUT/g/granite/results.json" "$OUT/static_granite.json"; mv "$OUT/g/granite/tables.md" "$OUT/static_granite.md"; rm -rf "$OUT/g"
     ;;
+  session5-tests)
+    # every GPU test of the engine, the GEMV kernel, the paged kernels and the hybrid compile, on the final code
+    fla_site
+    FMS_TEST_DEVICE=cuda timeout 420 python3 -m pytest -q -p no:warnings tests/modules/test_gemv.py \
+      tests/modules/test_varlen_attention.py tests/serving/test_engine_gpu.py tests/models/test_hybrid_decode_compile.py \
+      tests/modules/test_paged_decode_kernel.py tests/models/test_paged_generation.py -k "not 256 and not 128" \
+      2>&1 | tee "$OUT/tests.log" | tail -8
+    ;;
+  session5-serving)
+    # #7: the workload with the HF peer, then batch 1 on the same engine
+    SERVING_TIMEOUT=560 serving s128 --peers hf --batch1_tokens 512
+    ;;
   report-serving)
     # #7 serving (with the HF peer), batch-1 decode, Granite-4.0-H through the engine; #6 eval parity
     fla_site
