@@ -132,7 +132,7 @@ class SDPAOp(AttentionOp):
         if variant.is_causal_only and meta.is_uniform:
             if meta.query_len == 1:
                 return _sdpa(q, keys, values, scale)  # every row sees all of its keys
-            if meta.host_context[0] == 0:
+            if not meta.has_context:
                 return _sdpa(q, keys, values, scale, is_causal=True)
         kv_pos = torch.arange(meta.max_context_len, device=q.device)
         if variant.is_causal_only:

@@ -71,15 +71,15 @@ class StepMeta:
     host_num_new: tuple[int, ...] = ()
     host_context: tuple[int, ...] = ()
     packed: bool = False  # input rows packed into one: (1, N), see SequenceCache.prepare
+    # Decided on the host once per step, so that a compiled forward guards on these bools and not on
+    # every row's length (reading host_context made torch.compile recompile at each decode step and
+    # for each batch size).
+    is_uniform: bool = False  # every row has the same context and the same number of real tokens
+    has_context: bool = True  # some row has tokens cached before this step
 
     @property
     def batch_size(self) -> int:
         return self.num_new_tokens.shape[0]
-
-    @property
-    def is_uniform(self) -> bool:
-        """Every row has the same context and the same number of real tokens (no padding)."""
-        return len(set(self.host_num_new)) == 1 and len(set(self.host_context)) == 1
 
 
 @dataclass
@@ -244,6 +244,8 @@ class SequenceCache:
             host_num_new=tuple(num_new),
             host_context=tuple(context),
             packed=packed,
+            is_uniform=len(set(num_new)) == 1 and len(set(context)) == 1,
+            has_context=max(context) > 0,
         ), positions
 
     def layer_index(self, layer_idx: int) -> int:
