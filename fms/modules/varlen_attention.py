@@ -10,7 +10,8 @@ Lk - Lq + i and sees keys 0 .. Lk - Lq + i (causal, aligned at the end). A fresh
 Lq == Lk; a chunk of a longer prompt, or a continuation after a cached prefix, has Lk > Lq.
 
 On CUDA (fp16/bf16) this is the flash-attention varlen kernel that ships inside PyTorch, behind a
-custom op so that torch.compile treats it as one opaque call; elsewhere a per-row SDPA reference.
+custom op so that torch.compile treats it as one opaque call; elsewhere a per-row SDPA reference,
+behind a custom op too when compiled (its loop reads the row offsets on the host, a graph break).
 """
 
 import torch
@@ -56,6 +57,16 @@ def varlen_causal_reference(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k:
     return out
 
 
+@torch.library.custom_op("fms::varlen_causal_reference", mutates_args=())
+def _varlen_reference_op(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, scale: float) -> Tensor:
+    return varlen_causal_reference(q, k, v, cu_q.cpu(), cu_k.cpu(), scale)
+
+
+@_varlen_reference_op.register_fake
+def _(q, k, v, cu_q, cu_k, scale):
+    return torch.empty_like(q)
+
+
 def uses_flash(q: Tensor) -> bool:
     head_dim = q.shape[-1]
     return q.is_cuda and q.dtype in FLASH_DTYPES and head_dim <= 256 and head_dim % 8 == 0
@@ -67,4 +78,6 @@ def varlen_causal_attention(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k:
     [longest query run, longest key run]."""
     if uses_flash(q):
         return _varlen_flash(q, k, v, cu_q, cu_k, max_lens, scale)
+    if torch.compiler.is_compiling():
+        return _varlen_reference_op(q, k, v, cu_q, cu_k, scale)
     return varlen_causal_reference(q, k, v, cu_q.cpu(), cu_k.cpu(), scale)
