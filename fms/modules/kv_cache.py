@@ -276,6 +276,24 @@ class SequenceCache:
     def memory_stats(self) -> MemoryStats:
         raise NotImplementedError
 
+    def pool_tensors(self) -> list[torch.Tensor]:
+        """The storage tensors the layers read and write in place (K/V, recurrent state)."""
+        return [] if self.state_pool is None else self.state_pool.tensors
+
+    def mark_static(self) -> None:
+        """Fix the pools' shapes for torch.compile(dynamic=True), for a driver that compiles over
+        this one cache for its whole life (the serving runner).
+
+        Under dynamic=True every dim of an input gets a symbol, and equal sizes share one (duck
+        sizing): a batch of 128 would be tied to head_dim 128, or a batch of 64 to a Mamba head_dim
+        of 64, and specialized with it where a layer views by its config, a recompile per batch
+        size. Not done for every cache: under the default dynamic=None sizes that never change stay
+        static anyway, and a pool marked static recompiles a forward for each new pool size, which
+        a static-batch driver (generate() in a benchmark sweep) creates at every batch and length.
+        """
+        for pool in self.pool_tensors():
+            torch._dynamo.mark_static(pool)
+
     def _state_bytes(self) -> int:
         return 0 if self.state_pool is None else self.state_pool.bytes_in_use()
 
@@ -325,6 +343,9 @@ class ContiguousKVCache(SequenceCache):
     def layer_kv(self, layer_idx: int):
         i = self.layer_index(layer_idx)
         return self.keys[i], self.values[i]
+
+    def pool_tensors(self) -> list[torch.Tensor]:
+        return [self.keys, self.values, *super().pool_tensors()]
 
     def memory_stats(self) -> MemoryStats:
         per_token = self.spec.kv_bytes_per_token

@@ -42,15 +42,14 @@ class MambaStatePool:
                      for _ in range(n)]
         self.ssm = [torch.zeros(num_slots + 1, c.num_heads, c.head_dim, c.state_size, dtype=torch.float32,
                                 device=device) for _ in range(n)]
-        for pool in (*self.conv, *self.ssm):
-            # Fixed shapes: torch.compile(dynamic=True) would otherwise give each dim a symbol, and the batch
-            # would share one with any dim of equal size (duck sizing: batch 64 = head_dim 64) and be
-            # specialized with it when the mixer views the state by its config, a recompile per batch size.
-            torch._dynamo.mark_static(pool)
         self.scratch_slot = num_slots
         self._free = list(range(num_slots))
         self._slot: dict[Hashable, int] = {}
         self._layer = {layer: i for i, layer in enumerate(spec.layers)}
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.conv, *self.ssm]
 
     @property
     def num_slots(self) -> int:

@@ -130,10 +130,6 @@ class PagedKVCache(SequenceCache):
         # past 2**31 elements once the pool is large, which FlexAttention's kernels cannot address.
         self.keys = [torch.zeros(shape, dtype=spec.dtype, device=spec.device) for _ in spec.attention_layers]
         self.values = [torch.zeros(shape, dtype=spec.dtype, device=spec.device) for _ in spec.attention_layers]
-        for pool in (*self.keys, *self.values):
-            # compiled steps: a pool's sizes are constants, so a batch size equal to one of them
-            # (bucket 128 = head_dim 128) is not tied to it as one shared symbol
-            torch._dynamo.mark_static(pool)
         self.page_logical = torch.zeros(num_pages + 1, dtype=torch.int32, device=spec.device)
         self.scratch_page = num_pages
         self.window = spec.sliding_window
@@ -349,6 +345,9 @@ class PagedKVCache(SequenceCache):
     def layer_kv(self, layer_idx: int):
         i = self.layer_index(layer_idx)
         return self.keys[i], self.values[i]
+
+    def pool_tensors(self) -> list[torch.Tensor]:
+        return [*self.keys, *self.values, *super().pool_tensors()]
 
     # -- statistics ------------------------------------------------------------------------
     def memory_stats(self) -> MemoryStats:

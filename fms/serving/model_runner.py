@@ -42,6 +42,7 @@ class ModelRunner:
                  compile_decode: bool = False, compile_prefill: bool = False):
         self.model = model
         self.cache = cache
+        cache.mark_static()  # the compiled forwards below take dynamic=True; this cache lives as long as they do
         self.attn_name = attn_name
         self.device = cache.spec.device
         self.vocab_size = model.config.vocab_size
@@ -282,6 +283,7 @@ class DecodeWindowRunner:
         if max_steps < 1:
             raise ValueError(f"max_decode_steps must be >= 1, got {max_steps}")
         self.model, self.cache, self.attn_name = model, cache, attn_name
+        cache.mark_static()
         # torch.compile fuses the step's small elementwise kernels (norms, rotary, activations), which
         # bound a graphed batch-1 step otherwise; one symbolic-batch compile serves every bucket.
         self.compiled = compile_model
