@@ -113,8 +113,9 @@ class PagedKVCache(SequenceCache):
         super().__init__(spec, max_batch_size, max_seq_len)
         self.page_size = validate_page_size(page_size)
         if num_pages is None:
-            if memory_gb is None and memory_fraction is None:
-                # Enough for every sequence at full length: the safe default for a static batch.
+            if (memory_gb is None and memory_fraction is None) or not spec.attention_layers:
+                # Enough for every sequence at full length: the safe default for a static batch. With
+                # no attention layers (an all-Mamba hybrid) a page stores nothing, so no budget limits them.
                 num_pages = max_batch_size * math.ceil(max_seq_len / page_size)
             else:
                 num_pages = pages_for_budget(spec, page_size, memory_gb, memory_fraction)
@@ -124,8 +125,8 @@ class PagedKVCache(SequenceCache):
         self.allocator = BlockAllocator(num_pages)
         self.tables = PageTables(self.allocator, page_size)
         self.max_pages_per_seq = math.ceil(max_seq_len / page_size)
-        num_slots = (num_pages + 1) * page_size
-        shape = (spec.num_kv_heads, num_slots, spec.head_dim)
+        self.num_slots = (num_pages + 1) * page_size
+        shape = (spec.num_kv_heads, self.num_slots, spec.head_dim)
         # One tensor per layer, not one (layers, ...) block: a layer's view of a shared block starts
         # past 2**31 elements once the pool is large, which FlexAttention's kernels cannot address.
         self.keys = [torch.zeros(shape, dtype=spec.dtype, device=spec.device) for _ in spec.attention_layers]
@@ -280,7 +281,7 @@ class PagedKVCache(SequenceCache):
             slots = torch.where(is_real, slots, scratch)
         table_d = table.to(device, non_blocking=True)
         q_start = base["context_lens"]
-        num_new_d, kv_len, page_logical, window = base["num_new_tokens"], self.keys[0].shape[1], self.page_logical, self.window
+        num_new_d, kv_len, page_logical, window = base["num_new_tokens"], self.num_slots, self.page_logical, self.window
 
         def block_mask():
             if packed:

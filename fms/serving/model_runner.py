@@ -343,7 +343,7 @@ class DecodeWindowRunner:
         pos, active, slots, seq_lens, num_new = self._inputs_fn(
             self.positions[:bs], self.ends[:bs], self.page_table[:bs], self._scratch_slots[:bs], ps,
             cache.max_pages_per_seq)
-        page_table, page_logical, kv_len = self.page_table[:bs], cache.page_logical, cache.keys[0].shape[1]
+        page_table, page_logical, kv_len = self.page_table[:bs], cache.page_logical, cache.num_slots
 
         def block_mask():  # only for FlexAttention decoding (ALiBi, soft-capping); never inside a graph
             return build_paged_block_mask(page_table, pos, num_new, 1, ps, page_logical, kv_len, cache.window)

@@ -315,6 +315,26 @@ def test_generate_reports_state_bytes(h_nano):
     assert stats["state_bytes"] == len(prompts) * h_nano.cache_spec().state_spec.bytes_per_sequence
 
 
+@pytest.mark.paged
+@pytest.mark.parametrize("attn_name", ["paged", "flex"])
+def test_all_mamba_hybrid_generates_with_every_cache(attn_name):
+    """No attention layer at all: no KV pages are stored, the paged cache still tracks lengths, and
+    a memory budget does not size the pool by 0 bytes per token."""
+    model = get_model("granite_hybrid", "h-nano", seed=5, embedding_multiplier=1.0, init_std=0.3,
+                      layer_types=("mamba",) * 4)
+    spec = model.cache_spec()
+    assert spec.attention_layers == () and spec.kv_bytes_per_token == 0
+    prompts = _prompts([1, 15, 17, 40], vocab=model.config.vocab_size, seed=3)
+    expected = generate(model, prompts, 8, attn_name="sdpa")
+    assert len({t for seq in expected for t in seq}) >= 5
+    options = _cache_options(attn_name)
+    assert generate(model, prompts, 8, attn_name=attn_name, **options) == expected
+    assert generate(model, prompts, 8, attn_name=attn_name, prefill_chunk_size=5, **options) == expected
+    if attn_name == "paged":
+        cache = get_attention_op("paged").create_cache(spec, max_batch_size=4, max_seq_len=48, memory_gb=0.001)
+        assert cache.num_pages == 4 * 3 and cache.keys == []
+
+
 # ---------------------------------------------------------------------------------------------
 # registered variants and config parsing
 # ---------------------------------------------------------------------------------------------

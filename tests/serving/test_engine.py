@@ -170,3 +170,18 @@ def test_hybrid_granite_through_the_same_cache():
     pool = engine.cache.state_pool
     assert pool.num_free == pool.num_slots
     _assert_no_leaks(engine)
+
+
+@pytest.mark.parametrize("options", [dict(num_pages=5, max_num_batched_tokens=16), dict(max_decode_steps=4)])
+def test_all_mamba_hybrid(options):
+    """A hybrid config with no attention layer: pages hold no K/V but still bound the sequences."""
+    model = get_model("granite_hybrid", "h-nano", seed=5, embedding_multiplier=1.0, init_std=0.3,
+                      layer_types=("mamba",) * 4)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(1, 512, (n,), generator=g).tolist() for n in (1, 17, 33, 40)]
+    reference = generate(model, prompts, NEW, attn_name="sdpa")
+    engine = LLMEngine(model, **options)
+    outs = engine.generate(prompts, SamplingParams(max_new_tokens=NEW), use_tqdm=False)
+    assert [o.token_ids for o in outs] == reference
+    assert engine.cache.keys == [] and engine.cache.state_pool.num_free == engine.cache.state_pool.num_slots
+    _assert_no_leaks(engine)
