@@ -82,7 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="auto: bf16 on CUDA, fp32 on CPU")
     m.add_argument("--device_type", default=None, choices=["cuda", "cpu"], help="default: cuda if available")
-    m.add_argument("--compile", action="store_true", help="torch.compile the model forward (eager if it fails)")
+    m.add_argument("--compile", action="store_true",
+                   help="torch.compile the model forward for every backend (eager if it fails); results.json "
+                        "records the graphs compiled per backend and step kind, graph breaks and any fallback")
+    m.add_argument("--compile_backend", default="inductor",
+                   help="torch.compile backend for --compile (aot_eager: dynamo's graphs without code generation)")
     m.add_argument("--seed", type=int, default=0)
     w = p.add_argument_group("workload")
     w.add_argument("--attn_name", default="sdpa,paged", help="comma list of registered attention ops")
@@ -294,22 +298,54 @@ def raise_recompile_limit(args, limit: int = 256) -> None:
 
 
 class Compiled:
-    """torch.compile of the model's forward that can fall back to eager when compilation fails."""
+    """torch.compile of the model's forward that can fall back to eager when compilation fails.
 
-    def __init__(self, model, enabled: bool):
+    dynamic=None (dynamo's default): a size is static until a call changes it, then that dim becomes
+    symbolic and stays so (a growing contiguous cache, a new batch size or pool size: one recompile
+    each, not one per step or per point); sizes fixed by the model (heads, head_dim, state) never
+    change and stay static. Size 1 is always specialized: batch-1 steps get graphs of their own.
+    Counts the graphs dynamo compiles per (backend, step kind) and the graph breaks.
+    """
+
+    def __init__(self, model, enabled: bool, backend: str = "inductor"):
         self.model = model
+        self.backend = backend
         self.active = False
         self.error = None
+        self.fell_back_at = None
+        self.graphs: dict[str, dict[str, int]] = {}
+        self._breaks_before = {}
         if enabled:
             try:
-                model.forward = torch.compile(model.forward)
+                from torch._dynamo.utils import counters
+
+                self._breaks_before = dict(counters["graph_break"])
+                model.forward = self._counted(torch.compile(model.forward, backend=backend))
                 self.active = True
             except Exception as exc:  # noqa: BLE001
                 self.fail(exc)
 
-    def fail(self, exc) -> None:
+    def _counted(self, forward):
+        from torch._dynamo.utils import counters
+
+        def run(input_ids, *args, **kwargs):
+            before = counters["stats"]["unique_graphs"]
+            out = forward(input_ids, *args, **kwargs)
+            new = counters["stats"]["unique_graphs"] - before
+            if new:
+                backend = kwargs.get("attn_name") or self.model.attn_name
+                kind = "decode" if input_ids.shape[1] == 1 else "prefill"  # one token per row, or several
+                per_kind = self.graphs.setdefault(backend, {"prefill": 0, "decode": 0})
+                per_kind[kind] += new
+            return out
+
+        return run
+
+    def fail(self, exc, where: str | None = None) -> None:
         self.error = f"{type(exc).__name__}: {exc}"[:2000]
-        print(f"torch.compile failed ({self.error.splitlines()[0][:300]}); continuing in eager mode")
+        self.fell_back_at = where
+        print(f"torch.compile failed{f' at {where}' if where else ''} ({self.error.splitlines()[0][:300]}); "
+              "continuing in eager mode")
         self.off()
 
     def off(self) -> None:
@@ -317,15 +353,32 @@ class Compiled:
             del self.model.forward
         self.active = False
 
-    def run(self, fn):
+    def run(self, fn, where: str | None = None):
         """fn(), and once more in eager mode if it fails while the forward is compiled."""
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - a compiled forward may fail on a new shape
             if not self.active:
                 raise
-            self.fail(exc)
+            self.fail(exc, where)
             return fn()
+
+    def summary(self, requested: bool) -> dict:
+        """What results.json records: whether the runs were compiled, and how often dynamo compiled."""
+        from torch._dynamo.utils import counters
+
+        breaks = {reason.splitlines()[0][:300]: n - self._breaks_before.get(reason, 0)
+                  for reason, n in counters["graph_break"].items() if n > self._breaks_before.get(reason, 0)}
+        return {
+            "requested": requested,
+            "active": self.active,  # still compiled at the end
+            "fell_back_to_eager": requested and not self.active,
+            "fell_back_at": self.fell_back_at,
+            "error": self.error,
+            "mode": f"torch.compile(model.forward, backend={self.backend!r}), dynamic=None" if requested else None,
+            "graphs": self.graphs,  # backend -> {"prefill": n, "decode": n} graphs compiled
+            "graph_breaks": breaks,
+        }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,7 +410,9 @@ def run_sweeps(model, args, compiled, wandb_run, reference_outputs) -> list[dict
                                        warmup=args.warmup, seed=args.seed, page_size=args.page_size,
                                        device=args.device)
 
-        point_rows = compiled.run(measure)
+        point_rows = compiled.run(measure, f"batch {point.batch_size} context {point.context_len}")
+        for r in point_rows:
+            r["compiled"] = compiled.active
         reference_outputs[(point.batch_size, point.context_len)] = point_rows[0].pop("outputs", None)
         for r in point_rows[1:]:
             r.pop("outputs", None)
@@ -447,8 +502,10 @@ def main(argv=None) -> int:
     if args.device.type == "cuda" and args.profile == "standard" and \
             torch.cuda.get_device_properties(args.device).total_memory < 16 * 2**30:
         print("note: this GPU has < 16 GB; --profile light (make bench-llama-t4) may fit better")
+    if args.compile and args.warmup == 0:
+        print("note: --compile with --warmup 0: the timed runs include dynamo's compilation")
     raise_recompile_limit(args)
-    compiled = Compiled(model, args.compile)
+    compiled = Compiled(model, args.compile, args.compile_backend)
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_name = args.run_name or f"{arch}-{variant}-{'_'.join(args.backends)}-{stamp}".replace("/", "_")
@@ -462,9 +519,15 @@ def main(argv=None) -> int:
     reference_outputs: dict = {}
     points = run_sweeps(model, args, compiled, wandb_run, reference_outputs)
     bench.release_memory(args.device)
-    mixed = compiled.run(lambda: run_mixed(model, args, wandb_run)) if args.mixed else None
+    mixed = compiled.run(lambda: run_mixed(model, args, wandb_run), "mixed workload") if args.mixed else None
+    if mixed:
+        mixed["compiled"] = compiled.active
     bench.release_memory(args.device)
-    config["compile"] = {"requested": args.compile, "active": compiled.active, "error": compiled.error}
+    config["compile"] = compiled.summary(args.compile)
+    if args.compile:
+        print(f"compile: graphs {config['compile']['graphs']}, graph breaks "
+              f"{sum(config['compile']['graph_breaks'].values())}"
+              + (f"; fell back to eager at {compiled.fell_back_at}" if not compiled.active else ""))
     peers = []
     if args.peers:
         compiled.off()  # the HF twin copies weights from the plain module

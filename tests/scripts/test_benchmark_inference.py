@@ -84,6 +84,40 @@ def test_mixed_workload_and_capacity(tmp_path):
     assert (tmp_path / "mixed" / "mixed_kv_memory.png").read_bytes()[:8] == PNG_MAGIC
 
 
+def _failing_backend(gm, example_inputs):
+    raise RuntimeError("this backend never compiles")
+
+
+def test_compile_records_graphs_per_backend_and_no_fallback(tmp_path):
+    torch._dynamo.reset()
+    assert script.main([*ONE_POINT, "--batch_sizes", "2", "--max_new_tokens", "4", "--attn_name", "sdpa,paged",
+                        "--compile", "--compile_backend", "aot_eager", "--results_dir", str(tmp_path),
+                        "--run_name", "c"]) == 0
+    results = json.loads((tmp_path / "c" / "results.json").read_text())
+    compiled = results["config"]["compile"]
+    assert compiled["requested"] and compiled["active"] and not compiled["fell_back_to_eager"]
+    assert "aot_eager" in compiled["mode"] and compiled["graph_breaks"] == {}
+    for backend in ("sdpa", "paged"):
+        # points (batch 2, 16 tokens) and (batch 1, 16 tokens), a prefill and three decode steps each: at
+        # most a graph per batch size (size 1 is specialized), not one per decode step as the contiguous
+        # cache grows
+        assert compiled["graphs"][backend] == {"prefill": 2, "decode": 2}, compiled["graphs"]
+    assert all(p["compiled"] and p["matches_generate"] for p in results["points"])
+
+
+def test_compile_failure_falls_back_to_eager_and_says_so(tmp_path):
+    torch._dynamo.reset()
+    if "fms_test_failing" not in torch._dynamo.list_backends(exclude_tags=()):
+        torch._dynamo.register_backend(_failing_backend, name="fms_test_failing")
+    assert script.main([*ONE_POINT, "--attn_name", "sdpa", "--compile", "--compile_backend", "fms_test_failing",
+                        "--results_dir", str(tmp_path), "--run_name", "f"]) == 0
+    results = json.loads((tmp_path / "f" / "results.json").read_text())
+    compiled = results["config"]["compile"]
+    assert compiled["requested"] and compiled["fell_back_to_eager"] and not compiled["active"]
+    assert compiled["fell_back_at"] == "batch 1 context 16" and "never compiles" in compiled["error"]
+    assert [p["compiled"] for p in results["points"]] == [False]
+
+
 def test_wandb_offline_writes_a_local_run(tmp_path, monkeypatch):
     pytest.importorskip("wandb", reason="wandb is not installed")
     monkeypatch.setenv("WANDB_MODE", "offline")
