@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--compile", action="store_true",
                    help="torch.compile the model forward for every backend (eager if it fails); results.json "
                         "records the graphs compiled per backend and step kind, graph breaks and any fallback")
+    m.add_argument("--compile_scope", default="all", choices=["all", "decode"],
+                   help="with --compile, which steps run compiled: all, or one-token decode steps only (prefill "
+                        "eager, as gpt-fast compiles only its decode step)")
     m.add_argument("--compile_backend", default="inductor",
                    help="torch.compile backend for --compile (aot_eager: dynamo's graphs without code generation)")
     m.add_argument("--seed", type=int, default=0)
@@ -307,9 +310,11 @@ class Compiled:
     Counts the graphs dynamo compiles per (backend, step kind) and the graph breaks.
     """
 
-    def __init__(self, model, enabled: bool, backend: str = "inductor"):
+    def __init__(self, model, enabled: bool, backend: str = "inductor", scope: str = "all"):
         self.model = model
         self.backend = backend
+        self.scope = scope  # "decode": multi-token (prefill) steps run the eager forward
+        self._eager = model.forward
         self.active = False
         self.error = None
         self.fell_back_at = None
@@ -329,6 +334,8 @@ class Compiled:
         from torch._dynamo.utils import counters
 
         def run(input_ids, *args, **kwargs):
+            if self.scope == "decode" and input_ids.shape[1] != 1:
+                return self._eager(input_ids, *args, **kwargs)
             before = counters["stats"]["unique_graphs"]
             out = forward(input_ids, *args, **kwargs)
             new = counters["stats"]["unique_graphs"] - before
@@ -376,6 +383,7 @@ class Compiled:
             "fell_back_at": self.fell_back_at,
             "error": self.error,
             "mode": f"torch.compile(model.forward, backend={self.backend!r}), dynamic=None" if requested else None,
+            "scope": self.scope if requested else None,  # all steps, or decode steps only
             "graphs": self.graphs,  # backend -> {"prefill": n, "decode": n} graphs compiled
             "graph_breaks": breaks,
         }
@@ -505,7 +513,7 @@ def main(argv=None) -> int:
     if args.compile and args.warmup == 0:
         print("note: --compile with --warmup 0: the timed runs include dynamo's compilation")
     raise_recompile_limit(args)
-    compiled = Compiled(model, args.compile, args.compile_backend)
+    compiled = Compiled(model, args.compile, args.compile_backend, args.compile_scope)
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_name = args.run_name or f"{arch}-{variant}-{'_'.join(args.backends)}-{stamp}".replace("/", "_")

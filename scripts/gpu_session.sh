@@ -85,6 +85,15 @@ case "${1:-all}" in
     # #7: the workload with the HF peer, then batch 1 on the same engine
     SERVING_TIMEOUT=560 serving s128 --peers hf --batch1_tokens 512
     ;;
+  session5-static)
+    # #5: static generate compiled for both backends, Granite-4.0-H-1B shape, batch 8 and 32 at context 2048
+    fla_site
+    timeout ${STATIC_TIMEOUT:-540} python3 scripts/benchmark_inference.py --architecture granite_hybrid --variant 4.0-h-1b \
+      --attn_name sdpa,paged --sweep batch --batch_sizes 8 32 --base_context 2048 --max_new_tokens 16 --repeats 2 \
+      --warmup 1 --compile ${COMPILE_SCOPE:+--compile_scope $COMPILE_SCOPE} --results_dir "$OUT/g" --run_name granite --no_progress 2>&1 | grep -v "DEBUG\|Warning" | tail -25
+    mv "$OUT/g/granite/results.json" "$OUT/static_granite_compiled.json"; mv "$OUT/g/granite/tables.md" "$OUT/static_granite_compiled.md"
+    rm -rf "$OUT/g"
+    ;;
   report-serving)
     # #7 serving (with the HF peer), batch-1 decode, Granite-4.0-H through the engine; #6 eval parity
     fla_site

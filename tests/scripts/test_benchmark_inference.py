@@ -105,6 +105,16 @@ def test_compile_records_graphs_per_backend_and_no_fallback(tmp_path):
     assert all(p["compiled"] and p["matches_generate"] for p in results["points"])
 
 
+def test_compile_scope_decode_leaves_prefill_eager(tmp_path):
+    torch._dynamo.reset()
+    assert script.main([*ONE_POINT, "--batch_sizes", "2", "--max_new_tokens", "4", "--attn_name", "paged",
+                        "--compile", "--compile_scope", "decode", "--compile_backend", "aot_eager",
+                        "--results_dir", str(tmp_path), "--run_name", "d"]) == 0
+    compiled = json.loads((tmp_path / "d" / "results.json").read_text())["config"]["compile"]
+    assert compiled["active"] and compiled["scope"] == "decode"
+    assert compiled["graphs"]["paged"]["prefill"] == 0 and compiled["graphs"]["paged"]["decode"] >= 1
+
+
 def test_compile_failure_falls_back_to_eager_and_says_so(tmp_path):
     torch._dynamo.reset()
     if "fms_test_failing" not in torch._dynamo.list_backends(exclude_tags=()):
