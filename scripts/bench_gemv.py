@@ -47,6 +47,23 @@ def graph_time_us(fn, calls: int, replays: int) -> float:
     return start.elapsed_time(end) * 1000 / (replays * calls)
 
 
+def sweep(configs, k: int, time_us):
+    """time_us(cfg) for every config whose BLOCK_K divides k -> (best cfg, its us, {str(cfg): us or why not})."""
+    timings, best = {}, None
+    for cfg in configs:
+        if k % cfg[1]:
+            continue
+        try:
+            t = time_us(cfg)
+        except Exception as e:  # a config may not compile (registers, shared memory)
+            timings[str(cfg)] = f"failed: {type(e).__name__}"
+            continue
+        timings[str(cfg)] = t
+        if best is None or t < best[1]:
+            best = (cfg, t)
+    return best[0], best[1], timings
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=2048)
@@ -73,38 +90,20 @@ def main():
         nbytes = n * k * 2
         ref = F.linear(x, weights[0]).float()
         timings = {"cublas": graph_time_us(lambda j: F.linear(x, weights[j % copies]), calls, args.replays)}
-        best = None
-        for cfg in configs:
-            if k % cfg[1]:
-                continue
-            try:
-                err = (gemv(x, weights[0], blocks=cfg).float() - ref).abs().max().item()
-                t = graph_time_us(lambda j: gemv(x, weights[j % copies], blocks=cfg), calls, args.replays)
-            except Exception as e:  # a config may not compile (registers, shared memory)
-                full.setdefault(name, {})[str(cfg)] = f"failed: {type(e).__name__}"
-                continue
-            full.setdefault(name, {})[str(cfg)] = t
-            if best is None or t < best[1]:
-                best = (cfg, t, err)
+        best_cfg, best_us, full[name] = sweep(
+            configs, k, lambda cfg: graph_time_us(lambda j: gemv(x, weights[j % copies], blocks=cfg), calls,
+                                                  args.replays))
+        err = (gemv(x, weights[0], blocks=best_cfg).float() - ref).abs().max().item()
         row = {"shape": name, "n": n, "k": k, "cublas_us": timings["cublas"],
-               "cublas_tb_s": nbytes / timings["cublas"] / 1e6, "triton_best_cfg": best[0],
-               "triton_us": best[1], "triton_tb_s": nbytes / best[1] / 1e6, "triton_max_abs_err": best[2]}
+               "cublas_tb_s": nbytes / timings["cublas"] / 1e6, "triton_best_cfg": best_cfg,
+               "triton_us": best_us, "triton_tb_s": nbytes / best_us / 1e6, "triton_max_abs_err": err}
         if name == "down":
             silu_mul = torch.compile(lambda t: F.silu(t[:, :k]) * t[:, k:])
             row["silu_mul_then_cublas_us"] = graph_time_us(lambda j: F.linear(silu_mul(xx), weights[j]), calls,
                                                            args.replays)
-            fused = None
-            for cfg in configs:
-                if k % cfg[1]:
-                    continue
-                try:
-                    t = graph_time_us(lambda j: gemv(xx, weights[j], silu_mul=True, blocks=cfg), calls,
-                                      args.replays)
-                except Exception:
-                    continue
-                if fused is None or t < fused[1]:
-                    fused = (cfg, t)
-            row["fused_silu_mul_cfg"], row["fused_silu_mul_us"] = fused
+            row["fused_silu_mul_cfg"], row["fused_silu_mul_us"], _ = sweep(
+                configs, k, lambda cfg: graph_time_us(lambda j: gemv(xx, weights[j], silu_mul=True, blocks=cfg),
+                                                      calls, args.replays))
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(f"\n{'shape':>8} {'N':>7} {'K':>5} {'cuBLAS us':>10} {'TB/s':>5} {'Triton us':>10} {'TB/s':>5}  best cfg")

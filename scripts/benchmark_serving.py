@@ -73,7 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--no_cuda_graphs", action="store_true")
     p.add_argument("--no_compile", action="store_true", help="decode step and prefill forward uncompiled (default: torch.compile on CUDA)")
     p.add_argument("--max_decode_steps", type=int, default=None,
-                   help="decode steps per host synchronization (default: the engine's, 8; 1 = every token)")
+                   help="decode steps per host synchronization (default: the engine's, 16; 1 = every token)")
     p.add_argument("--respect_eos", action="store_true", help="stop at EOS (default: ignore it, fixed lengths)")
     p.add_argument("--peers", default="", help="comma list of peers to run on the same weights/workload: hf")
     p.add_argument("--no_warmup", action="store_true", help="skip the short untimed warm-up run (always off on CPU)")

@@ -18,6 +18,13 @@ serving() {  # serving NAME ARGS...: one benchmark_serving run -> $OUT/serving_N
     | grep -v "requests:\|ContinuousBatchingLogger" | tail -4
   mv "$OUT/$name/serving.json" "$OUT/serving_$name.json"; rm -rf "$OUT/$name"
 }
+static() {  # static NAME SECONDS ARGS...: one benchmark_inference run -> $OUT/static_NAME.json and .md
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" python3 scripts/benchmark_inference.py --results_dir "$OUT/s" --run_name "$name" --no_progress "$@" \
+    2>&1 | grep -v "DEBUG\|Warning" | tail -25
+  mv "$OUT/s/$name/results.json" "$OUT/static_$name.json"; mv "$OUT/s/$name/tables.md" "$OUT/static_$name.md"
+  rm -rf "$OUT/s"
+}
 case "${1:-all}" in
   kernel|all)
     timeout 200 python3 scripts/bench_paged_decode_kernel.py --out "$OUT/kernel.json" 2>&1 | tee "$OUT/kernel.log" | tail -25
@@ -68,10 +75,8 @@ case "${1:-all}" in
   session4-static)
     # #5: static generate, Granite-4.0-H-1B shape, sdpa vs paged at batch >= 8 and context >= 2k
     fla_site
-    timeout 400 python3 scripts/benchmark_inference.py --architecture granite_hybrid --variant 4.0-h-1b --attn_name sdpa,paged \
-      --batch_sizes 8 32 64 --base_context 2048 --context_lengths 2048 8192 16384 --max_new_tokens 16 --repeats 2 \
-      --results_dir "$OUT/g" --run_name granite --no_progress 2>&1 | tail -25
-    mv "$OUT/g/granite/results.json" "$OUT/static_granite.json"; mv "$OUT/g/granite/tables.md" "$OUT/static_granite.md"; rm -rf "$OUT/g"
+    static granite 400 --architecture granite_hybrid --variant 4.0-h-1b --attn_name sdpa,paged \
+      --batch_sizes 8 32 64 --base_context 2048 --context_lengths 2048 8192 16384 --max_new_tokens 16 --repeats 2
     ;;
   session5-tests)
     # every GPU test of the engine, the GEMV kernel, the paged kernels and the hybrid compile, on the final code
@@ -88,11 +93,9 @@ case "${1:-all}" in
   session5-static)
     # #5: static generate compiled for both backends, Granite-4.0-H-1B shape, batch 8 and 32 at context 2048
     fla_site
-    timeout ${STATIC_TIMEOUT:-540} python3 scripts/benchmark_inference.py --architecture granite_hybrid --variant 4.0-h-1b \
+    static granite_compiled ${STATIC_TIMEOUT:-540} --architecture granite_hybrid --variant 4.0-h-1b \
       --attn_name sdpa,paged --sweep batch --batch_sizes 8 32 --base_context 2048 --max_new_tokens 16 --repeats 2 \
-      --warmup 1 --compile ${COMPILE_SCOPE:+--compile_scope $COMPILE_SCOPE} --results_dir "$OUT/g" --run_name granite --no_progress 2>&1 | grep -v "DEBUG\|Warning" | tail -25
-    mv "$OUT/g/granite/results.json" "$OUT/static_granite_compiled.json"; mv "$OUT/g/granite/tables.md" "$OUT/static_granite_compiled.md"
-    rm -rf "$OUT/g"
+      --warmup 1 --compile ${COMPILE_SCOPE:+--compile_scope $COMPILE_SCOPE}
     ;;
   report-serving)
     # #7 serving (with the HF peer), batch-1 decode, Granite-4.0-H through the engine; #6 eval parity
@@ -114,22 +117,17 @@ case "${1:-all}" in
     timeout 300 python3 scripts/profile_hybrid.py --variant 4.0-h-1b --dtype bf16 --device cuda \
       --context_lengths 512,1024,2048,4096,8192,16384 --batch_sizes 1 --repeats 3 --warmup 1 \
       --max_recurrent_context 2048 --attn_name paged --output_dir "$OUT" --run_name profile_hybrid 2>&1 | tail -30
-    timeout 280 python3 scripts/benchmark_inference.py --architecture granite_hybrid --variant 4.0-h-1b --attn_name sdpa,paged \
-      --batch_sizes 1 8 32 64 --base_context 2048 --context_lengths 512 2048 8192 16384 --max_new_tokens 16 --repeats 1 \
-      --results_dir "$OUT/g" --run_name granite --no_progress 2>&1 | tail -5
-    mv "$OUT/g/granite/results.json" "$OUT/static_granite-4.0-h-1b.json"; mv "$OUT/g/granite/tables.md" "$OUT/static_granite-4.0-h-1b.md"
-    rm -rf "$OUT/g"
+    static granite-4.0-h-1b 280 --architecture granite_hybrid --variant 4.0-h-1b --attn_name sdpa,paged \
+      --batch_sizes 1 8 32 64 --base_context 2048 --context_lengths 512 2048 8192 16384 --max_new_tokens 16 --repeats 1
     ;;
   report-static)
     # #4: static-batch sweeps, both backends side by side, Llama-3.2-1B and Llama-2-7B shapes
     for v in ${MODELS:-3.2-1b 2-7b}; do
       # Llama-2-7B's context is 4096 tokens
       ctx="128 512 2048 8192 16384"; [ $v = 2-7b ] && ctx="128 512 1024 2048 4080"
-      timeout 280 python3 scripts/benchmark_inference.py --variant $v --attn_name sdpa,paged \
+      static $v 280 --variant $v --attn_name sdpa,paged \
         --batch_sizes 1 2 4 8 16 32 --base_context 512 --context_lengths $ctx --max_new_tokens 16 \
-        --repeats 2 $( [ $v = 3.2-1b ] && echo "--mixed --mixed_requests 64 --mixed_prompt_range 32,1024 --mixed_output_range 8,64 --memory_budget_gb 2 --peers hf" ) \
-        --results_dir "$OUT/s" --run_name $v --no_progress 2>&1 | tail -5
-      mv "$OUT/s/$v/results.json" "$OUT/static_$v.json"; mv "$OUT/s/$v/tables.md" "$OUT/static_$v.md"; rm -rf "$OUT/s"
+        --repeats 2 $( [ $v = 3.2-1b ] && echo "--mixed --mixed_requests 64 --mixed_prompt_range 32,1024 --mixed_output_range 8,64 --memory_budget_gb 2 --peers hf" )
     done
     ;;
   engine)

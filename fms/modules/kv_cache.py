@@ -68,8 +68,6 @@ class StepMeta:
     query_len: int  # T, the padded query length (N, all tokens, when packed)
     max_context_len: int  # max over rows of context_lens + num_new_tokens
     state_slots: torch.Tensor | None = None  # (B,) int64 recurrent-state slot per row (hybrid models)
-    host_num_new: tuple[int, ...] = ()
-    host_context: tuple[int, ...] = ()
     packed: bool = False  # input rows packed into one: (1, N), see SequenceCache.prepare
     # Decided on the host once per step, so that a compiled forward guards on these bools and not on
     # every row's length (reading host_context made torch.compile recompile at each decode step and
@@ -241,8 +239,6 @@ class SequenceCache:
             query_len=t,
             max_context_len=max(c + n for c, n in zip(context, num_new)),
             state_slots=slots,
-            host_num_new=tuple(num_new),
-            host_context=tuple(context),
             packed=packed,
             is_uniform=len(set(num_new)) == 1 and len(set(context)) == 1,
             has_context=max(context) > 0,

@@ -84,19 +84,19 @@ class MambaStatePool:
     def bytes_in_use(self) -> int:
         return len(self._slot) * self.spec.bytes_per_sequence
 
-    def layer_pools(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _layer_pools(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(conv, ssm) of one Mamba layer, every slot."""
         i = self._layer[layer_idx]
         return self.conv[i], self.ssm[i]
 
     def layer_state(self, layer_idx: int, slots: torch.Tensor) -> Mamba2State:
         """A gathered copy of the rows (only those rows are read); write it back with store()."""
-        conv, ssm = self.layer_pools(layer_idx)
+        conv, ssm = self._layer_pools(layer_idx)
         return Mamba2State(conv_state=conv.index_select(0, slots), ssm_state=ssm.index_select(0, slots))
 
     def store(self, layer_idx: int, slots: torch.Tensor, state: Mamba2State) -> None:
         """Write the rows back (only those rows are written)."""
-        conv, ssm = self.layer_pools(layer_idx)
+        conv, ssm = self._layer_pools(layer_idx)
         conv.index_copy_(0, slots, state.conv_state)
         ssm.index_copy_(0, slots, state.ssm_state)
 
@@ -115,16 +115,12 @@ class MambaLayer(nn.Module):
             # the real tokens, so it cannot reach them
             return self.mamba(x)
         pool, slots = cache.state_pool, meta.state_slots
-        if x.shape[1] == 1:
-            # decode: gather the rows, one recurrent step, scatter the new states; nothing else is copied
-            conv, ssm = pool.layer_pools(self.layer_idx)
-            out, new_conv, new_ssm = self.mamba.step(
-                x, conv.index_select(0, slots), ssm.index_select(0, slots), meta.num_new_tokens > 0
-            )
-            conv.index_copy_(0, slots, new_conv)
-            ssm.index_copy_(0, slots, new_ssm)
-            return out
         state = pool.layer_state(self.layer_idx, slots)
+        if x.shape[1] == 1:
+            # decode: one recurrent step on the gathered rows, whose new states are stored as they come
+            out, conv, ssm = self.mamba.step(x, state.conv_state, state.ssm_state, meta.num_new_tokens > 0)
+            pool.store(self.layer_idx, slots, Mamba2State(conv_state=conv, ssm_state=ssm))
+            return out
         out = self.mamba(x, state=state, valid_lens=meta.num_new_tokens)
         pool.store(self.layer_idx, slots, state)
         return out

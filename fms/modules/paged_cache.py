@@ -270,8 +270,7 @@ class PagedKVCache(SequenceCache):
         ctx = torch.tensor(context, dtype=torch.int64)
         new = torch.tensor(num_new, dtype=torch.int64)
         if packed:
-            pos = positions[0]  # (N,) all real
-            slots = table.view(-1).index_select(0, segment_ids(new) * width + pos // ps).long() * ps + pos % ps
+            slots = self._slots(table, segment_ids(new), positions[0])  # (N,) all real
         else:
             pos = positions  # (B, T)
             is_real = torch.arange(t)[None, :] < new[:, None]
@@ -304,9 +303,13 @@ class PagedKVCache(SequenceCache):
             varlen=varlen,
         )
 
+    def _slots(self, table: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Pool slot of token position pos[i] of table row rows[i] (host tensors; table (B, W))."""
+        ps = self.page_size
+        return table.view(-1).index_select(0, rows * table.shape[1] + pos // ps).long() * ps + pos % ps
+
     def _varlen_meta(self, table, ctx, new, t, packed) -> VarlenMeta:
-        device, ps = self.spec.device, self.page_size
-        b = len(new)
+        device = self.spec.device
         lens = ctx + new
         zero = torch.zeros(1, dtype=torch.int64)
         cu_q = torch.cat([zero, torch.cumsum(new, 0)])
@@ -320,8 +323,7 @@ class PagedKVCache(SequenceCache):
         if packed or bool((ctx > 0).any()):
             row_of = segment_ids(lens)
             pos = torch.arange(int(cu_k[-1])) - cu_k[:-1].index_select(0, row_of)
-            page = table.view(-1).index_select(0, row_of * table.shape[1] + pos // ps).long()
-            kv_slots = (page * ps + pos % ps).to(device, non_blocking=True)
+            kv_slots = self._slots(table, row_of, pos).to(device, non_blocking=True)
         return VarlenMeta(
             cu_q=cu_q.to(torch.int32).to(device, non_blocking=True),
             cu_k=cu_k.to(torch.int32).to(device, non_blocking=True),

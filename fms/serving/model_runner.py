@@ -286,13 +286,7 @@ class DecodeWindowRunner:
         cache.mark_static()
         # torch.compile fuses the step's small elementwise kernels (norms, rotary, activations), which
         # bound a graphed batch-1 step otherwise; one symbolic-batch compile serves every bucket.
-        self.compiled = compile_model
-        self._forward = torch.compile(model, dynamic=True, options=_decode_compile_options()) if compile_model \
-            else model
-        # the step's own arithmetic (inputs from positions, sampling bookkeeping) in a few fused kernels
-        # instead of a dozen eager ones per step; sampled (non-greedy) steps keep the eager bookkeeping
-        self._inputs_fn = torch.compile(_step_inputs, dynamic=True) if compile_model else _step_inputs
-        self._outputs_fn = torch.compile(_step_outputs, dynamic=True) if compile_model else _step_outputs
+        self._set_compiled(compile_model)
         self.max_steps = max_steps
         self.use_graphs = graph_batch_sizes is not None
         self.batch_sizes = sorted(set(graph_batch_sizes)) if self.use_graphs else []
@@ -332,10 +326,22 @@ class DecodeWindowRunner:
             if self.compiled:
                 logger.warning("compiled decode step failed, capturing it uncompiled: %s: %s", type(e).__name__, e,
                                exc_info=True)
-                self.compiled, self._forward = False, self.model
+                self._set_compiled(False)
                 return self._capture_all()
             logger.warning("CUDA graph capture failed, decoding eagerly: %s: %s", type(e).__name__, e, exc_info=True)
             self.use_graphs = False
+
+    def _set_compiled(self, compiled: bool) -> None:
+        """The step's three parts, all compiled or all eager: the forward, and the step's own
+        arithmetic (inputs from positions, sampling bookkeeping) in a few fused kernels instead of a
+        dozen eager ones per step; sampled (non-greedy) steps keep the eager bookkeeping."""
+        self.compiled = compiled
+        if compiled:
+            self._forward = torch.compile(self.model, dynamic=True, options=_decode_compile_options())
+            self._inputs_fn = torch.compile(_step_inputs, dynamic=True)
+            self._outputs_fn = torch.compile(_step_outputs, dynamic=True)
+        else:
+            self._forward, self._inputs_fn, self._outputs_fn = self.model, _step_inputs, _step_outputs
 
     # -- one step, on the buffers ----------------------------------------------------------
     def _step(self, bs: int, mode: str) -> None:
