@@ -1,10 +1,12 @@
 """scripts/profile_hybrid.py on the CPU with granite_hybrid h-micro-test, and the scan switch in fms.modules.ssm."""
 
 import json
+import math
 
 import pytest
 import torch
 
+from fms.models import get_config
 from fms.modules import ssm
 from fms.modules.ssm import select_ssd_scan, ssd_scan_recurrent, ssd_scan_reference, use_ssd_scan
 from tests.script_loader import load_script
@@ -46,6 +48,99 @@ def test_cpu_run_writes_prefill_split_and_memory(tmp_path):
     assert memory["kv_bytes_per_token"] == 2 * 2 * 2 * 32 * 4
     assert memory["per_context"][0]["kv_bytes_per_sequence"] == 24 * memory["kv_bytes_per_token"]
 
+    # the default sections include the mixer, which then reuses the built model's first Mamba layer
+    assert results["config"]["sections"] == ["prefill", "split", "memory", "mixer"]
+    assert results["model"]["mixer"] == "layer 0 of the built model"
+    assert {r["path"] for r in results["mixer"]} == {"reference", "recurrent"}
+
+
+def test_mixer_section_times_each_scan_path_alone_without_building_the_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(script, "get_model", lambda *a, **k: pytest.fail("--sections mixer built the whole model"))
+    # 80 tokens span two 64-token chunks; the recurrent path stops at 64
+    argv = [*SMALL, "--sections", "mixer", "--context_lengths", "24,80", "--batch_sizes", "1,2",
+            "--max_recurrent_context", "64", "--output_dir", str(tmp_path), "--run_name", "mixer"]
+    assert script.main(argv) == 0
+    results = json.loads((tmp_path / "mixer.json").read_text())
+    assert results["prefill"] == [] and results["speedups"] == [] and results["memory"] is None
+    assert results["split"] == {"prefill": [], "decode": []}
+    assert results["model"]["num_parameters"] is None and results["model"]["mixer"].startswith("standalone")
+    assert results["model"]["mamba_config"]["num_heads"] == 8
+
+    rows = {(r["path"], r["batch_size"], r["context_len"]): r for r in results["mixer"]}
+    assert set(rows) == ({("reference", b, c) for b in (1, 2) for c in (24, 80)}
+                         | {("recurrent", b, 24) for b in (1, 2)})
+    for (path, batch, context), row in rows.items():
+        for figure in ("scan", "mixer"):
+            ms = row[f"{figure}_ms"]
+            assert ms > 0 and math.isfinite(ms), (path, batch, context, figure)
+            assert len(row[f"{figure}_times_ms"]) == 1 and row[f"{figure}_times_ms"][0] == ms
+            assert row[f"{figure}_tokens_per_s"] == pytest.approx(batch * context / ms * 1e3)
+            # no CUDA graphs on the CPU
+            assert row[f"{figure}_graph_ms"] is None and row[f"{figure}_graph_times_ms"] is None
+            assert row[f"{figure}_graph_tokens_per_s"] is None
+        if path == "recurrent":  # the timed scans' own outputs agree with the reference's
+            assert 0 <= row["scan_rel_err_vs_reference"] < 1e-4
+        else:
+            assert row["scan_rel_err_vs_reference"] is None
+
+    reasons = {(s.get("path"), s.get("figure"), s.get("batch_size"), s.get("context_len")): s["reason"]
+               for s in results["skipped"]}
+    assert all(s["section"] == "mixer" for s in results["skipped"]) and len(reasons) == 4
+    assert "CUDA only" in reasons[("fast", None, None, None)]
+    assert "CUDA graphs need a CUDA device" in reasons[(None, "scan_graph, mixer_graph", None, None)]
+    for batch in (1, 2):
+        assert "--max_recurrent_context (64)" in reasons[("recurrent", None, batch, 80)]
+
+    speedups = {(s["batch_size"], s["context_len"]): s for s in results["mixer_speedups"]}
+    assert set(speedups) == {(b, c) for b in (1, 2) for c in (24, 80)}
+    for (batch, context), s in speedups.items():
+        for figure in ("scan", "mixer"):
+            ratio = s[f"{figure}_reference_vs_recurrent"]
+            if context == 24:
+                assert ratio == pytest.approx(rows[("recurrent", batch, context)][f"{figure}_ms"]
+                                              / rows[("reference", batch, context)][f"{figure}_ms"])
+            else:
+                assert ratio is None
+        assert all(v is None for k, v in s.items() if "fast" in k or "graph" in k)
+
+
+@pytest.mark.parametrize(("batch", "context"), [(1, 24), (2, 150)])
+def test_mixer_scan_inputs_are_seeded_and_the_reference_and_recurrent_scans_agree_on_them(batch, context):
+    config = get_config("granite_hybrid", "h-micro-test").mamba_config()
+    cpu = torch.device("cpu")
+    inputs = script.scan_inputs(config, batch, context, torch.float32, cpu, seed=3)
+    x, dt, A, B, C = inputs
+    assert x.shape == (batch, context, config.num_heads, config.head_dim) and dt.shape == x.shape[:3]
+    assert B.shape == C.shape == (batch, context, config.num_groups, config.state_size) and A.shape == (8,)
+    assert all(t.dtype == torch.float32 for t in inputs) and bool((dt > 0).all()) and bool((A < 0).all())
+    assert all(torch.equal(a, b) for a, b in zip(inputs, script.scan_inputs(config, batch, context, torch.float32,
+                                                                           cpu, seed=3)))
+    assert not torch.equal(x, script.scan_inputs(config, batch, context, torch.float32, cpu, seed=4)[0])
+
+    # the calls the section times, on these inputs
+    y_ref, final_ref = script.scan_fn("reference", cpu, inputs, config.chunk_size)()
+    y_rec, final_rec = script.scan_fn("recurrent", cpu, inputs, config.chunk_size)()
+    assert y_ref.shape == x.shape and final_ref.shape == (batch, config.num_heads, config.head_dim, config.state_size)
+    assert torch.allclose(y_rec, y_ref, rtol=1e-4, atol=1e-4 * y_ref.abs().max().item())
+    assert torch.allclose(final_rec, final_ref, rtol=1e-4, atol=1e-4 * final_ref.abs().max().item())
+    assert script._rel_err((y_rec, final_rec), (y_ref, final_ref)) < 1e-4
+
+    if context > config.chunk_size:  # the slow heads' state carries into the last chunk, so the check covers it
+        tail = [t[:, -config.chunk_size:] for t in (x, dt)] + [A] + [t[:, -config.chunk_size:] for t in (B, C)]
+        _, final_tail = ssd_scan_reference(*tail, config.chunk_size)
+        assert (final_ref - final_tail).norm() > 1e-2 * final_ref.norm()
+
+
+def test_mixer_graph_failure_reason_names_the_capture_error():
+    with pytest.raises(RuntimeError) as exc:
+        try:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        finally:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+    reason = script._graph_failure(exc.value)
+    assert reason.startswith("CUDA graph capture failed: RuntimeError: CUDA error: operation not permitted")
+    assert "previous error during capture" in reason
+
 
 @pytest.mark.parametrize(("extra", "message"), [
     (["--variant", "no-such-variant"], "allowed"),
@@ -53,6 +148,8 @@ def test_cpu_run_writes_prefill_split_and_memory(tmp_path):
     (["--batch_sizes", "0"], "--batch_sizes"),
     (["--context_lengths", "5000"], "max_position_embeddings"),
     (["--paths", "fast,warp"], "--paths"),
+    (["--sections", "prefill,warp"], "--sections"),
+    (["--sections", "split", "--no_split"], "no section"),
 ])
 def test_bad_arguments_exit_with_a_message(tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exc:
