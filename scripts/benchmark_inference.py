@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "eager, as gpt-fast compiles only its decode step)")
     m.add_argument("--compile_backend", default="inductor",
                    help="torch.compile backend for --compile (aot_eager: dynamo's graphs without code generation)")
+    m.add_argument("--decode_window", type=int, default=None,
+                   help="sweeps decode in windows of this many one-token steps per host synchronization, "
+                        "inputs computed on the device (fms.utils.generation.Generator); with --compile the "
+                        "window step is compiled (prefill eager)")
+    m.add_argument("--cuda_graphs", action="store_true",
+                   help="with --decode_window: replay each decode step from a CUDA graph")
     m.add_argument("--seed", type=int, default=0)
     w = p.add_argument_group("workload")
     w.add_argument("--attn_name", default="sdpa,paged", help="comma list of registered attention ops")
@@ -167,6 +173,16 @@ def resolve_args(parser, argv):
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.decode_window is not None and args.decode_window < 1:
+        parser.error(f"--decode_window must be >= 1, got {args.decode_window}")
+    if args.cuda_graphs and args.decode_window is None:
+        parser.error("--cuda_graphs applies to decode windows: give --decode_window too")
+    if args.cuda_graphs and device.type != "cuda":
+        parser.error("--cuda_graphs needs --device_type cuda")
+    args.decode = None
+    if args.decode_window is not None:
+        args.decode = {"decode_window": args.decode_window, "cuda_graphs": args.cuda_graphs,
+                       "compile_decode": args.compile}
     if args.memory_budget_gb <= 0:
         parser.error(f"--memory_budget_gb must be > 0, got {args.memory_budget_gb}")
     try:
@@ -416,7 +432,7 @@ def run_sweeps(model, args, compiled, wandb_run, reference_outputs) -> list[dict
         def measure():
             return bench.measure_point(model, point, args.backends, args.max_new_tokens, repeats=args.repeats,
                                        warmup=args.warmup, seed=args.seed, page_size=args.page_size,
-                                       device=args.device)
+                                       device=args.device, decode=args.decode)
 
         point_rows = compiled.run(measure, f"batch {point.batch_size} context {point.context_len}")
         for r in point_rows:
@@ -513,13 +529,14 @@ def main(argv=None) -> int:
     if args.compile and args.warmup == 0:
         print("note: --compile with --warmup 0: the timed runs include dynamo's compilation")
     raise_recompile_limit(args)
-    compiled = Compiled(model, args.compile, args.compile_backend, args.compile_scope)
+    # with decode windows, --compile compiles the window step (the Generator's runner), not model.forward
+    compiled = Compiled(model, args.compile and args.decode is None, args.compile_backend, args.compile_scope)
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_name = args.run_name or f"{arch}-{variant}-{'_'.join(args.backends)}-{stamp}".replace("/", "_")
     results_dir = Path(args.results_dir) / run_name
     command = " ".join(shlex.quote(a) for a in ["scripts/benchmark_inference.py", *argv])
-    config = {k: v for k, v in vars(args).items() if k not in ("device", "workload", "candidates")}
+    config = {k: v for k, v in vars(args).items() if k not in ("device", "workload", "candidates", "decode")}
     config["device"] = str(args.device)
     wandb_run = bench.start_wandb({**config, **model_info}, results_dir, run_name, args.wandb_project) \
         if args.wandb else None
@@ -531,8 +548,16 @@ def main(argv=None) -> int:
     if mixed:
         mixed["compiled"] = compiled.active
     bench.release_memory(args.device)
-    config["compile"] = compiled.summary(args.compile)
-    if args.compile:
+    config["compile"] = compiled.summary(args.compile and args.decode is None)
+    if args.decode is not None:
+        config["compile"]["decode_windows"] = {
+            **args.decode,
+            "note": ("timed runs go through one Generator per backend and point (cache, CUDA graphs); the window "
+                     "step is compiled by DecodeWindowRunner (dynamic=True) when compile_decode, prefill eager. "
+                     "Every backend's Generator stays allocated for the point, so peak GPU memory includes all of "
+                     "their caches; compare KV bytes, not peak memory, between backends"),
+        }
+    if args.compile and args.decode is None:
         print(f"compile: graphs {config['compile']['graphs']}, graph breaks "
               f"{sum(config['compile']['graph_breaks'].values())}"
               + (f"; fell back to eager at {compiled.fell_back_at}" if not compiled.active else ""))

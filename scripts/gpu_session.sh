@@ -97,6 +97,22 @@ case "${1:-all}" in
       --attn_name sdpa,paged --sweep batch --batch_sizes 8 32 --base_context 2048 --max_new_tokens 16 --repeats 2 \
       --warmup 1 --compile ${COMPILE_SCOPE:+--compile_scope $COMPILE_SCOPE}
     ;;
+  session6-windows)
+    # #5: static generate with decode windows (device-side step inputs, CUDA graphs) for both caches
+    fla_site
+    FMS_TEST_DEVICE=cuda timeout 200 python3 -m pytest -q -p no:warnings tests/utils/test_generation_windows.py \
+      tests/models/test_hybrid_decode_compile.py tests/serving/test_engine_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -6
+    static granite_windows ${STATIC_TIMEOUT:-330} --architecture granite_hybrid --variant 4.0-h-1b \
+      --attn_name sdpa,paged --sweep batch --batch_sizes 8 32 --base_context 2048 --max_new_tokens 64 --repeats 3 \
+      --warmup 1 --decode_window 16 --cuda_graphs ${STATIC_COMPILE:+--compile}
+    ;;
+  session6-mixer)
+    # #5: the Mamba scan and mixer alone, fla vs the PyTorch reference (eager and CUDA-graphed)
+    fla_site
+    timeout 300 python3 scripts/profile_hybrid.py --sections mixer --variant 4.0-h-1b --dtype bf16 --device cuda \
+      --batch_sizes 1,8 --context_lengths 1024,4096,16384 --max_recurrent_context 2048 --repeats 10 --warmup 2 \
+      --output_dir "$OUT" --run_name profile_hybrid_mixer 2>&1 | tail -40
+    ;;
   report-serving)
     # #7 serving (with the HF peer), batch-1 decode, Granite-4.0-H through the engine; #6 eval parity
     fla_site

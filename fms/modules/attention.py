@@ -86,7 +86,15 @@ _CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTIO
 
 
 def _sdpa(q, k, v, scale, mask=None, is_causal=False):
-    if q.shape[1] != k.shape[1] and mask is not None and q.is_cuda:
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    if hq != hkv and mask is not None and t == 1 and mask.shape[1] == 1:
+        # One query per row and a mask shared by all heads: fold each KV head's query heads into the
+        # query axis, (B, Hkv, group, D), and attend without copying K/V per query head.
+        group = hq // hkv
+        out = _sdpa(q.reshape(b, hkv, group, d), k, v, scale, mask=mask.expand(b, 1, group, mask.shape[-1]))
+        return out.reshape(b, hq, 1, d)
+    if hq != hkv and mask is not None and q.is_cuda:
         # The fused CUDA kernels that take an explicit mask do not take enable_gqa; repeat KV heads.
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)

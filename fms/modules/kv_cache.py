@@ -9,6 +9,13 @@ A driver (static generation, the serving engine) owns one cache per run:
     cache.free(seq_id)                                 # when the sequence ends
 
 Input rows are right-padded to the step's longest query; padding never reaches the cache.
+
+A decode window runs several one-token steps without the host (fms.serving.model_runner):
+
+    window = cache.prepare_decode_window([seq ids], [steps each])   # room for every step, once
+    rows = window.rows                                 # (B, W) host: where each row's K/V live
+    inputs = cache.window_inputs(positions, ends, rows_on_device)   # per step, on the device
+    meta = cache.window_meta(positions, rows_on_device, state_slots, inputs, layout)
 """
 
 from dataclasses import dataclass, field
@@ -101,6 +108,16 @@ class MemoryStats:
             out.update(pages_in_use=self.pages_in_use, num_pages=self.num_pages)
         out.update(self.extra)
         return out
+
+
+@dataclass(frozen=True)
+class DecodeWindow:
+    """Host-side inputs of a run of one-token decode steps (SequenceCache.prepare_decode_window)."""
+
+    start_positions: list[int]  # position of each sequence's first computed token
+    num_steps: list[int]  # steps each sequence computes; it idles (writes scratch storage) after
+    rows: torch.Tensor  # (B, cache.window_row_width) int32: the page-table row (paged) or cache row (contiguous)
+    state_slots: list[int] | None = None  # recurrent-state slot per sequence (hybrid models)
 
 
 class ContextTooLongError(ValueError):
@@ -244,6 +261,46 @@ class SequenceCache:
             has_context=max(context) > 0,
         ), positions
 
+    def prepare_decode_window(self, seq_ids: Sequence[Hashable], num_steps: Sequence[int]) -> DecodeWindow:
+        """Room for num_steps[i] one-token steps of each sequence, run back to back without the host.
+
+        The lengths advance by num_steps now; the caller computes each step's inputs on the device
+        (window_inputs, window_meta) from the start positions and the returned rows.
+        """
+        start = self._grow(seq_ids, num_steps)
+        slots = None
+        if self.state_pool is not None:
+            slots = [self.state_pool.slot_of(s) for s in seq_ids]
+        return DecodeWindow(start, list(num_steps), self._window_rows(seq_ids), slots)
+
+    # A window step on the device; the driver (DecodeWindowRunner) owns the buffers:
+    #   positions (B, 1) int64 position of each row's token, ends (B,) int64 (a row computes positions
+    #   < ends[b] and idles after), rows (B, window_row_width) int32, state_slots (B,) int64 or None.
+    @property
+    def window_row_width(self) -> int:
+        raise NotImplementedError
+
+    def _window_rows(self, seq_ids) -> torch.Tensor:
+        raise NotImplementedError
+
+    def idle_window_rows(self, start: int, end: int) -> torch.Tensor:
+        """(end - start, window_row_width) int32 host rows for buffer rows that compute nothing."""
+        raise NotImplementedError
+
+    def window_layout(self, rows: torch.Tensor, batch: int):
+        """A hashable that fixes the step's structure for these (batch, W) host rows (padded rows
+        included); a captured CUDA graph is only replayed for the layout it was captured with."""
+        return None
+
+    def window_inputs(self, positions, ends, rows) -> tuple:
+        """The step's per-row tensors, arithmetic only (a driver may torch.compile it):
+        (active (B,) bool, num_new (B,) int64, ...cache-specific)."""
+        raise NotImplementedError
+
+    def window_meta(self, positions, rows, state_slots, inputs, layout) -> StepMeta:
+        """The StepMeta of one window step from the buffers and window_inputs' result."""
+        raise NotImplementedError
+
     def layer_index(self, layer_idx: int) -> int:
         """Position of a model layer among the cached attention layers."""
         try:
@@ -334,6 +391,38 @@ class ContiguousKVCache(SequenceCache):
             rows_are_prefix=rows == list(range(len(rows))),
             write_rows=row_t[:, None].expand(-1, t).contiguous().to(device),
             write_positions=write_pos.to(device),
+        )
+
+    @property
+    def window_row_width(self) -> int:
+        return 1
+
+    def _window_rows(self, seq_ids) -> torch.Tensor:
+        return torch.tensor([[self._row[s]] for s in seq_ids], dtype=torch.int32)
+
+    def idle_window_rows(self, start, end):
+        # an idle row writes only its scratch column; its own index keeps a full batch's rows
+        # 0..B-1 in order (read as a slice, no gather)
+        return (torch.arange(start, end, dtype=torch.int32) % self.max_batch_size)[:, None]
+
+    def window_layout(self, rows, batch):
+        return bool(torch.equal(rows[:batch, 0], torch.arange(batch, dtype=rows.dtype)))  # rows_are_prefix
+
+    def window_inputs(self, positions, ends, rows):
+        pos = positions[:, 0]
+        active = pos < ends
+        write_pos = torch.where(active, pos, self.max_seq_len)  # idle rows write the scratch column
+        return active, active.long(), pos, write_pos
+
+    def window_meta(self, positions, rows, state_slots, inputs, layout):
+        _, num_new, pos, write_pos = inputs
+        row = rows[:, :1].long()
+        # Every step reads all max_seq_len positions under a mask (fixed shapes, as a CUDA graph needs),
+        # not the exact lengths of a host-prepared step.
+        return ContiguousStepMeta(
+            position_ids=positions, num_new_tokens=num_new, context_lens=pos, query_len=1,
+            max_context_len=self.max_seq_len, state_slots=state_slots, is_uniform=False, has_context=True,
+            rows=row[:, 0], rows_are_prefix=layout, write_rows=row, write_positions=write_pos[:, None],
         )
 
     def layer_kv(self, layer_idx: int):

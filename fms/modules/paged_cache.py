@@ -20,7 +20,7 @@ from typing import Hashable, Sequence
 import torch
 
 from fms.modules.block_allocator import BlockAllocator, OutOfPagesError, PageTables
-from fms.modules.kv_cache import KVCacheSpec, MemoryStats, SequenceCache, StepMeta, segment_ids
+from fms.modules.kv_cache import DecodeWindow, KVCacheSpec, MemoryStats, SequenceCache, StepMeta, segment_ids
 
 __all__ = ["PagedKVCache", "PagedStepMeta", "VarlenMeta", "DecodeWindow", "OutOfPagesError", "SUPPORTED_PAGE_SIZES", "pages_for_budget"]
 
@@ -87,16 +87,6 @@ class PagedStepMeta(StepMeta):
         if self.block_mask is None and self.block_mask_builder is not None:
             object.__setattr__(self, "block_mask", self.block_mask_builder())
         return self.block_mask
-
-
-@dataclass(frozen=True)
-class DecodeWindow:
-    """Host-side inputs of a run of one-token decode steps (PagedKVCache.prepare_decode_window)."""
-
-    start_positions: list[int]  # position of each sequence's first computed token
-    num_steps: list[int]  # steps each sequence computes; it idles (writes the scratch page) after
-    page_table: torch.Tensor  # (B, W) int32 on the host, pages reserved for every step
-    state_slots: list[int] | None = None  # recurrent-state slot per sequence (hybrid models)
 
 
 class PagedKVCache(SequenceCache):
@@ -332,18 +322,41 @@ class PagedKVCache(SequenceCache):
             kv_slots=kv_slots,
         )
 
-    def prepare_decode_window(self, seq_ids: Sequence[Hashable], num_steps: Sequence[int]) -> "DecodeWindow":
-        """Room for num_steps[i] one-token steps of each sequence, run back to back without the host.
+    # -- decode windows (see SequenceCache.prepare_decode_window) ----------------------------
+    @property
+    def window_row_width(self) -> int:
+        return self.max_pages_per_seq
 
-        The lengths advance by num_steps now; the caller computes each step's positions, slots and
-        sequence lengths on the device from the returned start positions and page-table rows.
-        """
-        start = self._grow(seq_ids, num_steps)
-        rows = torch.tensor([self._row[s] for s in seq_ids])
-        slots = None
-        if self.state_pool is not None:
-            slots = [self.state_pool.slot_of(s) for s in seq_ids]
-        return DecodeWindow(start, list(num_steps), self._host_table.index_select(0, rows), slots)
+    def _window_rows(self, seq_ids) -> torch.Tensor:
+        return self._host_table.index_select(0, torch.tensor([self._row[s] for s in seq_ids]))
+
+    def idle_window_rows(self, start, end):
+        return torch.full((end - start, self.max_pages_per_seq), self.scratch_page, dtype=torch.int32)
+
+    def window_inputs(self, positions, ends, rows):
+        ps = self.page_size
+        pos = positions[:, 0]
+        active = pos < ends
+        page = rows.gather(1, (pos // ps).clamp_max(self.max_pages_per_seq - 1)[:, None])
+        # idle rows write the scratch page, each its own slot of it
+        scratch = self.scratch_page * ps + torch.arange(pos.shape[0], device=pos.device) % ps
+        slots = torch.where(active, page[:, 0].long() * ps + pos % ps, scratch)
+        seq_lens = torch.where(active, pos + 1, 1).to(torch.int32)
+        return active, active.long(), pos, slots, seq_lens
+
+    def window_meta(self, positions, rows, state_slots, inputs, layout):
+        _, num_new, pos, slots, seq_lens = inputs
+        ps, page_logical, kv_len, window = self.page_size, self.page_logical, self.num_slots, self.window
+
+        def block_mask():  # only for FlexAttention decoding (ALiBi, soft-capping); never inside a graph
+            return build_paged_block_mask(rows, pos, num_new, 1, ps, page_logical, kv_len, window)
+
+        return PagedStepMeta(
+            position_ids=positions, num_new_tokens=num_new, context_lens=pos, query_len=1,
+            max_context_len=self.max_seq_len, state_slots=state_slots, page_size=ps, slot_mapping=slots,
+            page_table=rows, seq_lens=seq_lens, q_start=pos, page_logical=page_logical, window=window,
+            block_mask_builder=block_mask,
+        )
 
     def layer_kv(self, layer_idx: int):
         i = self.layer_index(layer_idx)

@@ -6,10 +6,14 @@ previous step's, so the host synchronizes once per window instead of once per to
 step replays a CUDA graph captured for the next bucketed batch size; the graphs read static
 buffers which the window fills once:
 
-    rows 0..B-1      the window's sequences: last token, position, end position, page-table row,
-                     sampling parameters; a row past its end idles (writes the scratch page)
-    rows B..bucket   padding: idle from the start (scratch page, scratch state slot)
+    rows 0..B-1      the window's sequences: last token, position, end position, cache row (the
+                     page-table row of a paged cache), sampling parameters; a row past its end
+                     idles (writes scratch storage: the scratch page, or the scratch column)
+    rows B..bucket   padding: idle from the start (scratch storage, scratch state slot)
     out_tokens[k, b] the token row b sampled at step k; read back after the window
+
+DecodeWindowRunner works over any SequenceCache (its window_* methods); static generate() uses
+it with the contiguous cache too (fms.utils.generation, decode_window=).
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import torch
 
 from fms.modules.attention import get_attention_op
 from fms.modules.masks import AttentionVariant
-from fms.modules.paged_cache import Q_BLOCK_SIZE, PagedKVCache, PagedStepMeta, build_paged_block_mask
+from fms.modules.kv_cache import SequenceCache
+from fms.modules.paged_cache import Q_BLOCK_SIZE, PagedKVCache
 from fms.serving.request import SamplingParams
 from fms.serving.sampler import SamplingTensors, needs_sampling, sample
 from fms.serving.scheduler import ScheduledChunk, SchedulerOutput
@@ -61,7 +66,7 @@ class ModelRunner:
         self._prefill_forward = torch.compile(model, dynamic=True) if self.prefill_compiled else model
         graph_sizes = None
         if use_cuda_graphs:
-            why_not = self._why_no_graphs()
+            why_not = why_no_graphs(model, attn_name, self.device)
             if why_not is None:
                 graph_sizes = [b for b in graph_batch_sizes if b <= cache.max_batch_size] or [cache.max_batch_size]
             else:
@@ -121,19 +126,6 @@ class ModelRunner:
         finally:
             for seq_id in ids:
                 self.cache.free(seq_id)
-
-    def _why_no_graphs(self) -> str | None:
-        if self.device.type != "cuda":
-            return f"the model is on {self.device.type}, not CUDA"
-        op = get_attention_op(self.attn_name)
-        variant = getattr(self.model.config, "attention_variant", None)
-        if getattr(op, "decode_kernel", "auto") == "flex" or (variant is not None and (variant.alibi or variant.softcap)):
-            return "the decode step would use FlexAttention, whose BlockMask is rebuilt every step"
-        from fms.modules.paged_decode_kernel import HAS_TRITON
-
-        if not HAS_TRITON:
-            return "Triton is not installed (the graphed decode path is the Triton paged kernel)"
-        return None
 
     @torch.no_grad()
     def execute(self, out: SchedulerOutput) -> list[list[int]]:
@@ -234,21 +226,29 @@ class ModelRunner:
         return self.model(tokens, attn_name=self.attn_name, cache=self.cache, meta=meta, logits_positions=last)
 
 
+def why_no_graphs(model, attn_name: str, device: torch.device) -> str | None:
+    """Why the decode step of this model and attention op cannot be captured in a CUDA graph, or None."""
+    if device.type != "cuda":
+        return f"the model is on {device.type}, not CUDA"
+    op = get_attention_op(attn_name)
+    variant = getattr(model.config, "attention_variant", None)
+    flex_decode = getattr(op, "decode_kernel", "auto") == "flex" or (
+        attn_name == "paged" and variant is not None and (variant.alibi or variant.softcap))
+    if attn_name == "flex" or flex_decode:
+        return "the decode step would use FlexAttention, whose BlockMask is rebuilt every step"
+    if attn_name == "paged":
+        from fms.modules.paged_decode_kernel import HAS_TRITON
+
+        if not HAS_TRITON:
+            return "Triton is not installed (the graphed paged decode path is the Triton paged kernel)"
+    return None
+
+
 def _decode_compile_options() -> dict:
     # Inductor's combo kernels fuse independent small kernels of the step (rotary on q and on k, the
     # K and V cache writes) horizontally into one launch: about 3% more batch-1 decode throughput
     # on the H100 (final_project section 5). FMS_COMBO_KERNELS=0 turns them off.
     return {} if os.environ.get("FMS_COMBO_KERNELS") == "0" else {"combo_kernels": True}
-
-
-def _step_inputs(positions, ends, page_table, scratch_slots, page_size: int, max_pages: int):
-    """A decode step's per-row inputs from the buffers: (pos, active, slot, seq_len, num_new)."""
-    pos = positions[:, 0]
-    active = pos < ends
-    page = page_table.gather(1, (pos // page_size).clamp_max(max_pages - 1)[:, None])
-    slots = torch.where(active, page[:, 0].long() * page_size + pos % page_size, scratch_slots)
-    seq_lens = torch.where(active, pos + 1, 1).to(torch.int32)
-    return pos, active, slots, seq_lens, active.long()
 
 
 def _step_outputs(logits, params, active, num_new, tokens, positions, out_tokens, step_index) -> None:
@@ -278,7 +278,7 @@ class DecodeWindowRunner:
     Graphs are captured on first use of a (batch size, mode); greedy ones up front.
     """
 
-    def __init__(self, model, cache: PagedKVCache, attn_name: str, max_steps: int,
+    def __init__(self, model, cache: SequenceCache, attn_name: str, max_steps: int,
                  graph_batch_sizes: Sequence[int] | None, compile_model: bool = False):
         if max_steps < 1:
             raise ValueError(f"max_decode_steps must be >= 1, got {max_steps}")
@@ -292,12 +292,11 @@ class DecodeWindowRunner:
         self.batch_sizes = sorted(set(graph_batch_sizes)) if self.use_graphs else []
         n = self.batch_sizes[-1] if self.use_graphs else cache.max_batch_size
         n = max(n, cache.max_batch_size)
-        device, ps = cache.spec.device, cache.page_size
+        device = cache.spec.device
         self.tokens = torch.zeros(n, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(n, 1, dtype=torch.long, device=device)  # (B, 1) of the token computed next
         self.ends = torch.zeros(n, dtype=torch.long, device=device)  # a row computes positions < ends[b]
-        self.page_table = torch.full((n, cache.max_pages_per_seq), cache.scratch_page, dtype=torch.int32,
-                                     device=device)
+        self.rows = cache.idle_window_rows(0, n).to(device)  # (B, W) where each row's K/V live
         pool = cache.state_pool
         self.state_slots = None if pool is None else torch.full((n,), pool.scratch_slot, dtype=torch.long,
                                                                 device=device)
@@ -307,8 +306,7 @@ class DecodeWindowRunner:
         self.seeds = torch.zeros(n, dtype=torch.long, device=device)
         self.out_tokens = torch.zeros(max_steps, n, dtype=torch.long, device=device)
         self.step_index = torch.zeros(1, dtype=torch.long, device=device)
-        self._scratch_slots = cache.scratch_page * ps + torch.arange(n, device=device) % ps
-        self._graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._pool = None
         self.num_graph_steps = 0  # steps replayed from a CUDA graph
         self.num_eager_steps = 0
@@ -320,7 +318,7 @@ class DecodeWindowRunner:
     def _capture_all(self) -> None:
         try:
             for bs in reversed(self.batch_sizes):  # largest first: smaller ones fit in its memory pool
-                self._capture(bs, "greedy")
+                self._capture(bs, "greedy", self._idle_layout(bs))
         except Exception as e:  # any failure falls back: uncompiled graphs, then eager decoding
             self._graphs, self._pool = {}, None
             if self.compiled:
@@ -331,41 +329,30 @@ class DecodeWindowRunner:
             logger.warning("CUDA graph capture failed, decoding eagerly: %s: %s", type(e).__name__, e, exc_info=True)
             self.use_graphs = False
 
-    def _set_compiled(self, compiled: bool) -> None:
+    def _set_compiled(self, compiled: bool, backend: str = "inductor") -> None:
         """The step's three parts, all compiled or all eager: the forward, and the step's own
         arithmetic (inputs from positions, sampling bookkeeping) in a few fused kernels instead of a
         dozen eager ones per step; sampled (non-greedy) steps keep the eager bookkeeping."""
         self.compiled = compiled
         if compiled:
-            self._forward = torch.compile(self.model, dynamic=True, options=_decode_compile_options())
-            self._inputs_fn = torch.compile(_step_inputs, dynamic=True)
-            self._outputs_fn = torch.compile(_step_outputs, dynamic=True)
+            options = _decode_compile_options() if backend == "inductor" else None
+            self._forward = torch.compile(self.model, dynamic=True, backend=backend, options=options)
+            self._inputs_fn = torch.compile(self.cache.window_inputs, dynamic=True, backend=backend)
+            self._outputs_fn = torch.compile(_step_outputs, dynamic=True, backend=backend)
         else:
-            self._forward, self._inputs_fn, self._outputs_fn = self.model, _step_inputs, _step_outputs
+            self._forward, self._inputs_fn, self._outputs_fn = self.model, self.cache.window_inputs, _step_outputs
 
     # -- one step, on the buffers ----------------------------------------------------------
-    def _step(self, bs: int, mode: str) -> None:
-        cache, ps = self.cache, self.cache.page_size
-        pos, active, slots, seq_lens, num_new = self._inputs_fn(
-            self.positions[:bs], self.ends[:bs], self.page_table[:bs], self._scratch_slots[:bs], ps,
-            cache.max_pages_per_seq)
-        page_table, page_logical, kv_len = self.page_table[:bs], cache.page_logical, cache.num_slots
-
-        def block_mask():  # only for FlexAttention decoding (ALiBi, soft-capping); never inside a graph
-            return build_paged_block_mask(page_table, pos, num_new, 1, ps, page_logical, kv_len, cache.window)
-
-        meta = PagedStepMeta(
-            position_ids=self.positions[:bs], num_new_tokens=num_new, context_lens=pos, query_len=1,
-            max_context_len=cache.max_seq_len,
-            state_slots=None if self.state_slots is None else self.state_slots[:bs],
-            page_size=ps, slot_mapping=slots, page_table=page_table, seq_lens=seq_lens, q_start=pos,
-            page_logical=page_logical, window=cache.window, block_mask_builder=block_mask,
-        )
-        logits = self._forward(self.tokens[:bs], attn_name=self.attn_name, cache=cache, meta=meta)[:, 0]  # (bs, V)
+    def _step(self, bs: int, mode: str, layout) -> None:
+        inputs = self._inputs_fn(self.positions[:bs], self.ends[:bs], self.rows[:bs])
+        state_slots = None if self.state_slots is None else self.state_slots[:bs]
+        meta = self.cache.window_meta(self.positions[:bs], self.rows[:bs], state_slots, inputs, layout)
+        logits = self._forward(self.tokens[:bs], attn_name=self.attn_name, cache=self.cache, meta=meta)[:, 0]  # (bs, V)
         params = None
         if mode == "sample":
             params = SamplingTensors(self.temperature[:bs], self.top_k[:bs], self.top_p[:bs], self.seeds[:bs])
         outputs_fn = self._outputs_fn if params is None else _step_outputs
+        active, num_new = inputs[0], inputs[1]
         outputs_fn(logits, params, active, num_new, self.tokens[:bs], self.positions[:bs], self.out_tokens[:, :bs],
                    self.step_index)
 
@@ -374,32 +361,37 @@ class DecodeWindowRunner:
         self.tokens[start:end] = 0
         self.positions[start:end] = 0
         self.ends[start:end] = 0
-        self.page_table[start:end] = self.cache.scratch_page
+        self.rows[start:end] = self.cache.idle_window_rows(start, end).to(self.rows.device)
         if self.state_slots is not None:
             self.state_slots[start:end] = self.cache.state_pool.scratch_slot
 
-    def _capture(self, bs: int, mode: str) -> None:
-        self._idle(0, bs)  # warm-up and capture touch only the scratch page and slot
+    def _idle_layout(self, bs: int):
+        return self.cache.window_layout(self.cache.idle_window_rows(0, bs), bs)
+
+    def _capture(self, bs: int, mode: str, layout) -> None:
+        """Capture the step for (bs, mode, layout); the buffers' rows 0..bs are left idle."""
+        self._idle(0, bs)  # warm-up and capture touch only scratch storage and the scratch slot
         self.step_index.zero_()  # the warm-up step writes out_tokens[step_index]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up outside the graph: Triton compiles, lazy inits
-            self._step(bs, mode)
+            self._step(bs, mode, layout)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            self._step(bs, mode)
+            self._step(bs, mode, layout)
         self._pool = graph.pool()
-        self._graphs[(bs, mode)] = graph
+        self._graphs[(bs, mode, layout)] = graph
         torch.cuda.synchronize()
 
     def idle_graph(self, bs: int) -> torch.cuda.CUDAGraph:
         """The greedy graph of bucket bs with every row idle, ready to replay (for profiling a step)."""
-        if (bs, "greedy") not in self._graphs:
-            self._capture(bs, "greedy")
+        key = (bs, "greedy", self._idle_layout(bs))
+        if key not in self._graphs:
+            self._capture(*key)
         self._idle(0, bs)
         self.step_index.zero_()
-        return self._graphs[(bs, "greedy")]
+        return self._graphs[key]
 
     # -- a window --------------------------------------------------------------------------
     def run(self, chunks: Sequence[ScheduledChunk]) -> list[list[int]]:
@@ -412,8 +404,13 @@ class DecodeWindowRunner:
             raise ValueError(f"a decode window of {num_steps} steps exceeds max_decode_steps={self.max_steps}")
         mode = "sample" if needs_sampling([c.params for c in chunks]) else "greedy"
         bs = next((size for size in self.batch_sizes if size >= b), None) if self.use_graphs else None
-        if bs is not None and (bs, mode) not in self._graphs:
-            self._capture(bs, mode)  # before the buffers are filled: capture runs one idle step
+        width = bs or b
+        host_rows = window.rows
+        if width > b:
+            host_rows = torch.cat([host_rows, self.cache.idle_window_rows(b, width)])
+        layout = self.cache.window_layout(host_rows, width)
+        if bs is not None and (bs, mode, layout) not in self._graphs:
+            self._capture(bs, mode, layout)  # before the buffers are filled: capture runs one idle step
         starts = window.start_positions
         longs = torch.tensor([[c.token_ids[0], s, s + n] for c, s, n in zip(chunks, starts, window.num_steps)],
                              dtype=torch.long)
@@ -421,7 +418,7 @@ class DecodeWindowRunner:
         self.tokens[:b, 0].copy_(longs[:, 0])
         self.positions[:b, 0].copy_(longs[:, 1])
         self.ends[:b].copy_(longs[:, 2])
-        self.page_table[:b].copy_(_to_device(window.page_table, self.tokens.device))
+        self.rows[:width].copy_(_to_device(host_rows, self.tokens.device))
         if self.state_slots is not None:
             self.state_slots[:b].copy_(_to_device(torch.tensor(window.state_slots), self.tokens.device))
         if mode == "sample":
@@ -436,13 +433,13 @@ class DecodeWindowRunner:
         if bs is not None:
             if bs > b:
                 self._idle(b, bs)
-            graph = self._graphs[(bs, mode)]
+            graph = self._graphs[(bs, mode, layout)]
             for _ in range(num_steps):
                 graph.replay()
             self.num_graph_steps += num_steps
         else:
             for _ in range(num_steps):
-                self._step(b, mode)
+                self._step(b, mode, layout)
             self.num_eager_steps += num_steps
         launched = time.perf_counter()
         out = self.out_tokens[:num_steps, :b].T.tolist()  # the window's one host synchronization

@@ -28,7 +28,7 @@ import torch
 from fms.modules.attention import get_attention_op
 from fms.modules.block_allocator import OutOfPagesError
 from fms.modules.paged_cache import PagedKVCache
-from fms.utils.generation import generate, sample_tokens, validate_prompts
+from fms.utils.generation import Generator, generate, sample_tokens, validate_prompts
 
 GB = 1e9
 
@@ -194,30 +194,38 @@ def _keep_fullest(peak: dict, cache) -> None:
 
 
 def timed_generate(model, prompts, max_new_tokens, attn_name: str, record_stats: bool = False,
-                   **options) -> Timing:
+                   generator=None, **options) -> Timing:
     """Greedy static-batch generation (EOS ignored) through generate(), prefill and each decode step timed.
 
     max_new_tokens: one count for every row, or one per row (a row leaves the batch when it has its
     tokens). record_stats reads cache.memory_stats() after every step (slow; for an untimed pass)
-    and keeps the fullest point, like generate(return_stats=True).
+    and keeps the fullest point, like generate(return_stats=True). generator: a
+    fms.utils.generation.Generator to run on (decode windows, CUDA graphs), else generate(**options).
+    decode_step_ms holds one entry per decode step or window: its wall time per token.
     """
     if not isinstance(max_new_tokens, int) and min(max_new_tokens) < 1 or max_new_tokens == 0:
         raise ValueError(f"max_new_tokens needs counts >= 1, got {max_new_tokens}")
     device = model.embedding.weight.device
     peak: dict = {}
     clock = StepClock(device)
+    steps = []
 
-    def on_step(kind, cache):
+    def on_step(kind, cache, num_steps):
         clock.mark()
+        steps.append(max(num_steps, 1))
         if record_stats:
             _keep_fullest(peak, cache)
 
     synchronize(device)
     clock.mark()
-    outputs = generate(model, prompts, max_new_tokens, attn_name=attn_name, on_step=on_step, **options)
+    if generator is not None:
+        outputs = generator.generate(prompts, max_new_tokens, on_step=on_step)
+    else:
+        outputs = generate(model, prompts, max_new_tokens, attn_name=attn_name, on_step=on_step, **options)
     clock.mark()
     intervals = clock.intervals_ms()
-    return Timing(prefill_ms=intervals[0], decode_step_ms=intervals[1:-1], e2e_ms=sum(intervals),
+    per_token = [ms / n for ms, n in zip(intervals[1:-1], steps[1:])]
+    return Timing(prefill_ms=intervals[0], decode_step_ms=per_token, e2e_ms=sum(intervals),
                   outputs=outputs, kv_stats=peak)
 
 
@@ -237,10 +245,10 @@ def _time_calls(run, warmup: int, repeats: int, device):
     return statistics.median(times), out, peak_alloc
 
 
-def timed_repeat(model, prompts, max_new_tokens, backend, options, device) -> Timing:
+def timed_repeat(model, prompts, max_new_tokens, backend, options, device, generator=None) -> Timing:
     """One timed run with the GPU peak-memory counters reset just before it."""
     reset_peak_memory(device)
-    timing = timed_generate(model, prompts, max_new_tokens, backend, **options)
+    timing = timed_generate(model, prompts, max_new_tokens, backend, generator=generator, **options)
     timing.peak_mem_allocated_gb, timing.peak_mem_reserved_gb = peak_memory_gb(device)
     return timing
 
@@ -292,14 +300,23 @@ def sweep_points(batch_sizes, base_context, context_lengths, base_batch) -> list
 
 
 def measure_point(model, point: SweepPoint, backends, max_new_tokens: int, *, repeats: int, warmup: int,
-                  seed: int, page_size: int, device: torch.device) -> list[dict]:
+                  seed: int, page_size: int, device: torch.device, decode: dict | None = None) -> list[dict]:
     """Every backend at one point, alternating A, B, A, B... so drift hits all of them alike.
 
     The first warm-up of each backend is generate(return_stats=True): it gives the KV-cache
     statistics at the fullest step and reference tokens for the timed loop (matches_generate).
+    decode: Generator options for the timed runs (decode_window, cuda_graphs, compile_decode); each
+    backend then runs on one Generator for the whole point (graphs captured in its first run), and
+    matches_generate compares its tokens with the per-token generate() pass.
     """
     prompts = random_prompts(point.batch_size, point.context_len, model.config.vocab_size, seed)
     reference: dict[str, tuple[list, dict]] = {}
+    generators = {}
+    if decode:
+        for backend in backends:
+            generators[backend] = Generator(model, backend, max_batch_size=point.batch_size,
+                                            max_seq_len=point.context_len + max_new_tokens, **decode,
+                                            **cache_options(backend, page_size))
 
     def reference_run(backend):
         outs, stats = generate(model, prompts, max_new_tokens, attn_name=backend, eos_token_id=None,
@@ -309,8 +326,11 @@ def measure_point(model, point: SweepPoint, backends, max_new_tokens: int, *, re
     def warm(backend, i):
         if i == 0:
             reference_run(backend)
-        else:
-            timed_generate(model, prompts, max_new_tokens, backend, **cache_options(backend, page_size))
+        if i == 0 and backend in generators:  # first use of the generator: compiles, captures
+            timed_generate(model, prompts, max_new_tokens, backend, generator=generators[backend])
+        elif i > 0:
+            timed_generate(model, prompts, max_new_tokens, backend, generator=generators.get(backend),
+                           **cache_options(backend, page_size))
 
     for i in range(warmup):
         for backend in backends:
@@ -319,7 +339,8 @@ def measure_point(model, point: SweepPoint, backends, max_new_tokens: int, *, re
     for _ in range(repeats):
         for backend in backends:
             timings[backend].append(
-                timed_repeat(model, prompts, max_new_tokens, backend, cache_options(backend, page_size), device)
+                timed_repeat(model, prompts, max_new_tokens, backend, cache_options(backend, page_size), device,
+                             generators.get(backend))
             )
     rows = []
     for backend in backends:

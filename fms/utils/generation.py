@@ -95,7 +95,6 @@ def sample_tokens(logits: torch.Tensor, do_sample: bool = False, temperature: fl
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-@torch.no_grad()
 def generate(
     model,
     prompts: Sequence,
@@ -110,6 +109,9 @@ def generate(
     prefill_chunk_size: int | None = None,
     return_stats: bool = False,
     on_step=None,
+    decode_window: int | None = None,
+    cuda_graphs: bool = False,
+    compile_decode: bool = False,
     **cache_options,
 ):
     """Generate for a batch of prompts of different lengths; returns the new token ids per prompt.
@@ -117,90 +119,203 @@ def generate(
     max_new_tokens: one count for every prompt, or one per prompt (a row leaves the batch when it
     has its tokens, as at EOS). attn_name picks the attention op (default: the model's);
     cache_options go to its cache (e.g. page_size=, num_pages= for "paged"). With return_stats,
-    also returns a dict of cache memory statistics at the fullest point of the run. on_step(kind,
-    cache) is called after the prefill ("prefill") and after each decode step ("decode"), once the
-    step's next tokens are sampled: benchmarks time steps with it.
+    also returns a dict of cache memory statistics at the fullest point of the run.
+    on_step(kind, cache, num_steps) is called after the prefill ("prefill", num_steps 0) and after
+    each decode step or window ("decode", the one-token steps it ran), once its tokens are sampled:
+    benchmarks time steps with it.
+
+    decode_window=k decodes in windows of up to k one-token steps with one host synchronization
+    each (Generator); cuda_graphs and compile_decode apply to those steps. A single call pays the
+    graph capture and compilation: reuse a Generator to amortize them.
     """
     config = model.config
-    op = get_attention_op(attn_name or model.attn_name)
     ids = validate_prompts(prompts, config.vocab_size, max_new_tokens, config.max_position_embeddings)
-    if do_sample:
-        _check_sampling(temperature, top_k, top_p)
-    if prefill_chunk_size is not None and prefill_chunk_size < 1:
-        raise ValueError(f"prefill_chunk_size must be >= 1 or None, got {prefill_chunk_size}")
-    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or ()))
-    new_counts = _per_prompt_counts(max_new_tokens, len(ids))
-    outputs: list[list[int]] = [[] for _ in ids]
-    if max(new_counts) == 0:
-        return (outputs, {}) if return_stats else outputs
+    counts = _per_prompt_counts(max_new_tokens, len(ids))
+    max_seq_len = max(len(p) + n for p, n in zip(ids, counts))
+    generator = Generator(model, attn_name, max_batch_size=len(ids), max_seq_len=max(max_seq_len, 1),
+                          decode_window=decode_window, cuda_graphs=cuda_graphs, compile_decode=compile_decode,
+                          **cache_options)
+    return generator.generate(ids, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                              top_p=top_p, seed=seed, eos_token_id=eos_token_id,
+                              prefill_chunk_size=prefill_chunk_size, return_stats=return_stats, on_step=on_step)
 
-    device = model.embedding.weight.device
-    generator = None
-    if do_sample and seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
-    max_seq_len = max(len(p) + n for p, n in zip(ids, new_counts))
-    cache = op.create_cache(model.cache_spec(), max_batch_size=len(ids), max_seq_len=max_seq_len, **cache_options)
-    peak = {}
 
-    def record():
-        if not return_stats:
-            return
-        stats = cache.memory_stats().as_dict()
-        if stats["kv_bytes_in_use"] >= peak.get("kv_bytes_in_use", -1):
-            peak.update(stats)
+class Generator:
+    """Static-batch generation over one cache that lives across calls (up to max_batch_size prompts
+    of up to max_seq_len tokens with their new tokens), so that what a run sets up once (the cache,
+    a decode window's CUDA graphs and compiled step) serves every call.
 
-    def run(seq_ids, chunks):
-        meta = cache.prepare(seq_ids, [len(c) for c in chunks])
-        width = meta.query_len
-        tokens = torch.tensor([c + [0] * (width - len(c)) for c in chunks], dtype=torch.long).to(device)
-        last = torch.tensor([len(c) - 1 for c in chunks], device=device)
-        logits = model(tokens, attn_name=op.name, logits_positions=last, cache=cache, meta=meta)
-        return logits[:, 0]
+    decode_window=None: one host synchronization per generated token; each step's inputs are
+    prepared on the host (cache.prepare), exactly sized. decode_window=k: decode in windows of up to
+    k one-token steps run back to back with the inputs computed on the device
+    (fms.serving.model_runner.DecodeWindowRunner), the host synchronizing once per window: tokens a
+    row samples after its EOS in a window are dropped. Sampling in windows uses the serving sampler
+    (counter-based noise from seed + row), so sampled tokens differ from the per-token path's
+    torch.Generator stream. cuda_graphs replays each window step from a CUDA graph captured for
+    max_batch_size rows (CUDA only); compile_decode torch.compiles the step.
+    """
 
-    try:
-        for seq_id in range(len(ids)):
-            cache.add(seq_id)
-        # prefill, in chunks if asked; every row advances by up to one chunk per step
-        chunk = prefill_chunk_size or max(len(p) for p in ids)
-        done = [0] * len(ids)
-        last_logits = [None] * len(ids)
-        while any(d < len(p) for d, p in zip(done, ids)):
-            rows = [i for i, p in enumerate(ids) if done[i] < len(p)]
-            for seq_id in rows:  # a chunked long prompt keeps only the window's pages, like decode
-                cache.release_out_of_window(seq_id)
-            chunks = [ids[i][done[i]: done[i] + chunk] for i in rows]
-            logits = run(rows, chunks)
-            for r, i in enumerate(rows):
-                done[i] += len(chunks[r])
-                last_logits[i] = logits[r]
-        record()
-        next_tokens = sample_tokens(torch.stack(last_logits), do_sample, temperature, top_k, top_p, generator)
-        if on_step is not None:
-            on_step("prefill", cache)
-        active = [i for i, n in enumerate(new_counts) if n > 0]
-        next_tokens = next_tokens[active] if len(active) < len(ids) else next_tokens
-        for seq_id in set(range(len(ids))) - set(active):
-            cache.free(seq_id)
-        while True:
-            chosen = next_tokens.tolist()
-            still = []
-            for seq_id, token in zip(active, chosen):
-                outputs[seq_id].append(token)
-                if token in eos or len(outputs[seq_id]) >= new_counts[seq_id]:
-                    cache.free(seq_id)  # pages go back to the pool as soon as a sequence ends
-                else:
-                    still.append((seq_id, token))
-            if not still:
-                break
-            active = [s for s, _ in still]
-            for seq_id in active:
-                cache.release_out_of_window(seq_id)
-            logits = run(active, [[t] for _, t in still])
+    def __init__(self, model, attn_name: str | None = None, *, max_batch_size: int, max_seq_len: int,
+                 decode_window: int | None = None, cuda_graphs: bool = False, compile_decode: bool = False,
+                 **cache_options):
+        self.model = model
+        self.op = get_attention_op(attn_name or model.attn_name)
+        if decode_window is not None and (isinstance(decode_window, bool) or not isinstance(decode_window, int)
+                                          or decode_window < 1):
+            raise ValueError(f"decode_window must be an int >= 1 or None, got {decode_window!r}")
+        if decode_window is None and (cuda_graphs or compile_decode):
+            raise ValueError("cuda_graphs and compile_decode apply to decode windows: give decode_window too")
+        self.device = model.embedding.weight.device
+        self.cache = self.op.create_cache(model.cache_spec(), max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                                          **cache_options)
+        self.decode_window = decode_window
+        self.runner = None
+        if decode_window is not None:
+            from fms.serving.model_runner import DecodeWindowRunner, why_no_graphs
+
+            if cuda_graphs:
+                why_not = why_no_graphs(model, self.op.name, self.device)
+                if why_not is not None:
+                    raise ValueError(f"cuda_graphs cannot be used here: {why_not}")
+            self.runner = DecodeWindowRunner(model, self.cache, self.op.name, decode_window,
+                                             [max_batch_size] if cuda_graphs else None, compile_model=compile_decode)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence, max_new_tokens, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 eos_token_id: int | Sequence[int] | None = None, prefill_chunk_size: int | None = None,
+                 return_stats: bool = False, on_step=None):
+        """As the module's generate(), over this generator's cache."""
+        model, cache, op = self.model, self.cache, self.op
+        config = model.config
+        ids = validate_prompts(prompts, config.vocab_size, max_new_tokens, config.max_position_embeddings)
+        if do_sample:
+            _check_sampling(temperature, top_k, top_p)
+        if prefill_chunk_size is not None and prefill_chunk_size < 1:
+            raise ValueError(f"prefill_chunk_size must be >= 1 or None, got {prefill_chunk_size}")
+        eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or ()))
+        new_counts = _per_prompt_counts(max_new_tokens, len(ids))
+        if len(ids) > cache.max_batch_size:
+            raise ValueError(f"{len(ids)} prompts, over this generator's max_batch_size of {cache.max_batch_size}")
+        for i, (p, n) in enumerate(zip(ids, new_counts)):
+            if len(p) + n > cache.max_seq_len:
+                raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={n} that is {len(p) + n}, "
+                                 f"over this generator's max_seq_len of {cache.max_seq_len}")
+        outputs: list[list[int]] = [[] for _ in ids]
+        if max(new_counts) == 0:
+            return (outputs, {}) if return_stats else outputs
+        if cache.sequences:
+            raise RuntimeError(f"the cache still holds sequences {cache.sequences} from an interrupted call")
+
+        device = self.device
+        generator = None
+        if do_sample and seed is not None and self.runner is None:
+            generator = torch.Generator(device=device).manual_seed(seed)
+        peak = {}
+
+        def record():
+            if not return_stats:
+                return
+            stats = cache.memory_stats().as_dict()
+            if stats["kv_bytes_in_use"] >= peak.get("kv_bytes_in_use", -1):
+                peak.update(stats)
+
+        def run(seq_ids, chunks):
+            meta = cache.prepare(seq_ids, [len(c) for c in chunks])
+            width = meta.query_len
+            tokens = torch.tensor([c + [0] * (width - len(c)) for c in chunks], dtype=torch.long).to(device)
+            last = torch.tensor([len(c) - 1 for c in chunks], device=device)
+            logits = model(tokens, attn_name=op.name, logits_positions=last, cache=cache, meta=meta)
+            return logits[:, 0]
+
+        def finish(seq_id, token) -> bool:
+            """Record a sampled token; True (and the sequence freed) when the row has ended."""
+            outputs[seq_id].append(token)
+            if token in eos or len(outputs[seq_id]) >= new_counts[seq_id]:
+                cache.free(seq_id)  # pages go back to the pool as soon as a sequence ends
+                return True
+            return False
+
+        try:
+            for seq_id in range(len(ids)):
+                cache.add(seq_id)
+            # prefill, in chunks if asked; every row advances by up to one chunk per step
+            chunk = prefill_chunk_size or max(len(p) for p in ids)
+            done = [0] * len(ids)
+            last_logits = [None] * len(ids)
+            while any(d < len(p) for d, p in zip(done, ids)):
+                rows = [i for i, p in enumerate(ids) if done[i] < len(p)]
+                for seq_id in rows:  # a chunked long prompt keeps only the window's pages, like decode
+                    cache.release_out_of_window(seq_id)
+                chunks = [ids[i][done[i]: done[i] + chunk] for i in rows]
+                logits = run(rows, chunks)
+                for r, i in enumerate(rows):
+                    done[i] += len(chunks[r])
+                    last_logits[i] = logits[r]
             record()
-            next_tokens = sample_tokens(logits, do_sample, temperature, top_k, top_p, generator)
+            if self.runner is None:
+                next_tokens = sample_tokens(torch.stack(last_logits), do_sample, temperature, top_k, top_p, generator)
+            else:  # the serving sampler, as the window steps: seeded by (seed + row, position)
+                params = _window_params(do_sample, temperature, top_k, top_p)
+                base_seed = seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+                next_tokens = _sample_first(torch.stack(last_logits), params, base_seed, [len(p) for p in ids])
             if on_step is not None:
-                on_step("decode", cache)
-    finally:
-        for seq_id in cache.sequences:
-            cache.free(seq_id)
-    return (outputs, peak) if return_stats else outputs
+                on_step("prefill", cache, 0)
+            active = [i for i, n in enumerate(new_counts) if n > 0]
+            next_tokens = next_tokens[active] if len(active) < len(ids) else next_tokens
+            for seq_id in set(range(len(ids))) - set(active):
+                cache.free(seq_id)
+            active = [s for s, t in zip(active, next_tokens.tolist()) if not finish(s, t)]
+            if self.runner is not None:
+                while active:
+                    for seq_id in active:
+                        cache.release_out_of_window(seq_id)
+                    chunks = [_decode_chunk(cache, s, outputs[s][-1], min(self.decode_window,
+                                            new_counts[s] - len(outputs[s])), params, base_seed + s) for s in active]
+                    sampled = self.runner.run(chunks)
+                    record()
+                    if on_step is not None:
+                        on_step("decode", cache, max(c.num_steps for c in chunks))
+                    still = []
+                    for seq_id, tokens in zip(active, sampled):
+                        if not any(finish(seq_id, t) for t in tokens):  # stops at the row's first end
+                            still.append(seq_id)
+                    active = still
+            while active:
+                for seq_id in active:
+                    cache.release_out_of_window(seq_id)
+                logits = run(active, [[outputs[s][-1]] for s in active])
+                record()
+                next_tokens = sample_tokens(logits, do_sample, temperature, top_k, top_p, generator)
+                if on_step is not None:
+                    on_step("decode", cache, 1)
+                active = [s for s, t in zip(active, next_tokens.tolist()) if not finish(s, t)]
+        finally:
+            for seq_id in cache.sequences:
+                cache.free(seq_id)
+        return (outputs, peak) if return_stats else outputs
+
+
+def _window_params(do_sample, temperature, top_k, top_p):
+    from fms.serving.request import SamplingParams
+
+    if not do_sample:
+        return SamplingParams()
+    return SamplingParams(temperature=temperature, top_k=top_k, top_p=1.0 if top_p is None else top_p)
+
+
+def _sample_first(logits, params, base_seed: int, prompt_lens: list[int]) -> torch.Tensor:
+    from fms.serving.sampler import SamplingTensors, needs_sampling, sample
+
+    if not needs_sampling([params]):
+        return sample(logits, None)
+    rows = len(prompt_lens)
+    tensors = SamplingTensors.build([params] * rows, [base_seed + i for i in range(rows)], logits.shape[-1],
+                                    logits.device)
+    return sample(logits, tensors, torch.tensor(prompt_lens, device=logits.device))
+
+
+def _decode_chunk(cache, seq_id, token, num_steps, params, seed):
+    from fms.serving.scheduler import ScheduledChunk
+
+    return ScheduledChunk(seq_id, [token], cache.length(seq_id), True, params, num_steps=num_steps, seed=seed)

@@ -14,7 +14,7 @@ import torch
 
 from fms.models import get_model
 from fms.modules.attention import get_attention_op
-from fms.serving.model_runner import DecodeWindowRunner, _step_inputs, _step_outputs
+from fms.serving.model_runner import DecodeWindowRunner
 from fms.serving.request import SamplingParams
 from fms.serving.scheduler import ScheduledChunk
 
@@ -86,10 +86,7 @@ def test_compiled_decode_window_matches_eager_with_one_compile(backend):
     compiled = DecodeWindowRunner(model, caches[1], "paged", max_steps=STEPS, graph_batch_sizes=None,
                                   compile_model=True)
     assert compiled.compiled
-    if backend != "inductor":  # the runner compiles with inductor, the default backend
-        compiled._forward = torch.compile(model, dynamic=True, backend=backend)
-        compiled._inputs_fn = torch.compile(_step_inputs, dynamic=True, backend=backend)
-        compiled._outputs_fn = torch.compile(_step_outputs, dynamic=True, backend=backend)
+    compiled._set_compiled(True, backend)
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
     out_eager = _window(eager, firsts[0], [STEPS] * 3)

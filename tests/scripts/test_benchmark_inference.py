@@ -115,6 +115,34 @@ def test_compile_scope_decode_leaves_prefill_eager(tmp_path):
     assert compiled["graphs"]["paged"]["prefill"] == 0 and compiled["graphs"]["paged"]["decode"] >= 1
 
 
+def test_decode_windows_time_per_token_and_match_generate(tmp_path):
+    """--decode_window: each backend's timed runs go through one Generator (windows of 3 steps); its
+    tokens equal the per-token generate() pass, and ms/token divides each window by its steps."""
+    assert script.main([*ONE_POINT, "--batch_sizes", "2", "--max_new_tokens", "8", "--attn_name", "sdpa,paged",
+                        "--decode_window", "3", "--results_dir", str(tmp_path), "--run_name", "w"]) == 0
+    results = json.loads((tmp_path / "w" / "results.json").read_text())
+    assert results["config"]["compile"]["decode_windows"]["decode_window"] == 3
+    assert {p["backend"] for p in results["points"]} == {"sdpa", "paged"}
+    assert all(p["matches_generate"] and p["decode_ms_per_token"] > 0 for p in results["points"])
+    model = get_model("llama", "nano")
+    prompts = bench.random_prompts(2, 16, model.config.vocab_size, seed=0)
+    gen = bench.Generator(model, "paged", max_batch_size=2, max_seq_len=24, decode_window=3, page_size=16)
+    timing = bench.timed_generate(model, prompts, 8, "paged", generator=gen)
+    assert len(timing.decode_step_ms) == 3  # 7 decode tokens after the prefill's: windows of 3, 3, 1
+    assert timing.outputs == generate(model, prompts, 8, attn_name="paged", page_size=16)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--decode_window", "0"], "--decode_window must be >= 1"),
+    (["--cuda_graphs"], "--cuda_graphs applies to decode windows"),
+    (["--decode_window", "4", "--cuda_graphs"], "--cuda_graphs needs --device_type cuda"),
+])
+def test_bad_decode_window_arguments(extra, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        script.main(["--architecture", "llama", "--variant", "nano", "--device_type", "cpu", *extra])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_compile_failure_falls_back_to_eager_and_says_so(tmp_path):
     torch._dynamo.reset()
     if "fms_test_failing" not in torch._dynamo.list_backends(exclude_tags=()):

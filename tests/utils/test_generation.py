@@ -130,9 +130,9 @@ def test_per_prompt_max_new_tokens_and_step_hook(llama_nano, attn_name):
     steps = []
     base = PROMPTS
     full = generate(llama_nano, base, 7, attn_name=attn_name)
-    out = generate(llama_nano, base, counts, attn_name=attn_name, on_step=lambda kind, cache: steps.append(kind),
+    out = generate(llama_nano, base, counts, attn_name=attn_name, on_step=lambda kind, cache, n: steps.append((kind, n)),
                    **_options(attn_name))
     assert out == [f[:n] for f, n in zip(full, counts)]  # each row stops at its own count
-    assert steps == ["prefill"] + ["decode"] * (max(counts) - 1)
+    assert steps == [("prefill", 0)] + [("decode", 1)] * (max(counts) - 1)
     with pytest.raises(ValueError, match="one such int per prompt"):
         generate(llama_nano, base, [1, 2], attn_name=attn_name)
