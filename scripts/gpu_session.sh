@@ -107,6 +107,13 @@ case "${1:-all}" in
       --attn_name sdpa,paged --sweep batch --batch_sizes 8 32 --base_context 2048 --max_new_tokens 64 --repeats 3 \
       --warmup 1 --decode_window 16 --cuda_graphs ${STATIC_COMPILE:+--compile}
     ;;
+  session6-context)
+    # #5: the same at batch 8 and longer contexts, CUDA graphs without compile (one compile per pool size)
+    fla_site
+    static granite_windows_context ${STATIC_TIMEOUT:-330} --architecture granite_hybrid --variant 4.0-h-1b \
+      --attn_name sdpa,paged --sweep context --base_batch 8 --context_lengths 8192 16384 --max_new_tokens 64 \
+      --repeats 3 --warmup 1 --decode_window 16 --cuda_graphs
+    ;;
   session6-mixer)
     # #5: the Mamba scan and mixer alone, fla vs the PyTorch reference (eager and CUDA-graphed)
     fla_site
