@@ -330,6 +330,19 @@ def select_ssd_scan(device: torch.device) -> SsdScan:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def conv_state_after(xBC: Tensor, conv_state: Tensor, valid_lens: Tensor | None) -> Tensor:
+    """The conv state [b, D, K-1] after the real inputs of xBC [b, T, D], without building the
+    (b, D, K-1+T) window: column j is input position valid_lens - (K-1) + j, or the carried state's
+    column where that position is negative (valid_lens None: every row has T real inputs)."""
+    batch, T, dim = xBC.shape
+    keep = conv_state.shape[-1]
+    lens = torch.full((batch,), T, device=xBC.device) if valid_lens is None else valid_lens.to(xBC.device)
+    pos = lens.long()[:, None] - keep + torch.arange(keep, device=xBC.device)  # (b, K-1)
+    from_x = xBC.gather(1, pos.clamp(0, T - 1)[:, :, None].expand(batch, keep, dim)).transpose(1, 2)
+    from_state = conv_state.gather(2, (pos + keep).clamp(0, keep - 1)[:, None, :].expand(batch, dim, keep))
+    return torch.where((pos >= 0)[:, None, :], from_x.to(conv_state.dtype), from_state)
+
+
 class GatedRMSNorm(nn.Module):
     """RMSNorm applied after gating (norm_before_gate=False): weight * rmsnorm(y * silu(z)), per group of channels.
 
@@ -344,7 +357,15 @@ class GatedRMSNorm(nn.Module):
         self.group_size = group_size
         self.eps = eps
 
-    def forward(self, y: Tensor, z: Tensor) -> Tensor:
+    def forward(self, y: Tensor, z: Tensor, fused: bool = False) -> Tensor:
+        """fused: flash-linear-attention's Triton gated RMSNorm (CUDA, fla installed), same math in one pass."""
+        if fused:
+            from fla.modules.norm.layernorm_gated import rmsnorm_fn
+
+            shape = z.shape
+            out = rmsnorm_fn(y.reshape(-1, shape[-1]), self.weight, None, z=z.reshape(-1, shape[-1]), eps=self.eps,
+                             group_size=self.group_size, norm_before_gate=False)
+            return out.view(shape).to(z.dtype)
         u = y.float() * F.silu(z.float())
         groups = u.unflatten(-1, (-1, self.group_size))  # (..., num_groups, group_size)
         groups = groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -400,7 +421,11 @@ class Mamba2Mixer(nn.Module):
 
         z, xBC, dt_raw = self.in_proj(x).split([c.inner_dim, c.conv_dim, c.num_heads], dim=-1)
 
-        xBC, conv_state = self._causal_conv(xBC, None if state is None else state.conv_state, valid_lens)
+        scan = select_ssd_scan(x.device)
+        # The CUDA fast path: with fla's scan come fla's Triton conv and gated norm (same math; the
+        # mixer's elementwise work otherwise costs more than the scan, final_project section 6).
+        fused = scan is _ssd_scan_fla
+        xBC, conv_state = self._causal_conv(xBC, None if state is None else state.conv_state, valid_lens, fused)
         xs, B, C = xBC.split([c.inner_dim, c.num_groups * c.state_size, c.num_groups * c.state_size], dim=-1)
 
         dt = self._dt(dt_raw)  # (b, T, nh)
@@ -410,7 +435,6 @@ class Mamba2Mixer(nn.Module):
         A = -torch.exp(self.A_log.float())
         initial = None if state is None else state.ssm_state
 
-        scan = select_ssd_scan(x.device)
         y, ssm_state = scan(
             xs.view(batch, T, c.num_heads, c.head_dim),
             dt,
@@ -423,7 +447,7 @@ class Mamba2Mixer(nn.Module):
         )
 
         y = y + self.D.float()[:, None] * xs.view(batch, T, c.num_heads, c.head_dim).float()
-        out = self.out_proj(self.norm(y.reshape(batch, T, c.inner_dim), z))
+        out = self.out_proj(self.norm(y.reshape(batch, T, c.inner_dim), z, fused=fused))
 
         if state is not None:
             state.conv_state.copy_(conv_state)
@@ -477,7 +501,8 @@ class Mamba2Mixer(nn.Module):
             dt = dt.clamp(*self.config.time_step_min_max)
         return dt
 
-    def _causal_conv(self, xBC: Tensor, conv_state: Tensor | None, valid_lens: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _causal_conv(self, xBC: Tensor, conv_state: Tensor | None, valid_lens: Tensor | None,
+                     fused: bool = False) -> tuple[Tensor, Tensor]:
         """Depthwise causal conv + SiLU over xBC [b, T, conv_dim], continuing from conv_state [b, conv_dim, K-1].
 
         Returns (conv output [b, T, conv_dim], conv state after the last real input [b, conv_dim, K-1]).
@@ -487,20 +512,30 @@ class Mamba2Mixer(nn.Module):
             valid_lens 5 ->                x2 x3 x4
             valid_lens 2 ->          s2 x0 x1       (columns valid_lens .. valid_lens+K-2)
             valid_lens 0 ->   s0 s1 s2              (unchanged)
+
+        fused: the conv by fla's Triton causal_conv1d (CUDA), reading xBC in place; the state is copied
+        from the same window either way, so both paths give the same state bit for bit.
         """
         batch, T, conv_dim = xBC.shape
         keep = self.config.conv_kernel - 1
         if conv_state is None:
             conv_state = xBC.new_zeros(batch, conv_dim, keep)
-        window = torch.cat([conv_state.to(xBC.dtype), xBC.transpose(1, 2)], dim=-1)  # (b, conv_dim, K-1+T)
-        out = F.silu(F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=conv_dim))  # (b, conv_dim, T)
-
-        if valid_lens is None:
-            new_state = window[:, :, T:]
-        else:
+        conv_state = conv_state.to(xBC.dtype)
+        if not fused:
+            window = torch.cat([conv_state, xBC.transpose(1, 2)], dim=-1)  # (b, conv_dim, K-1+T)
+            out = F.silu(F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=conv_dim))  # (b, conv_dim, T)
+            if valid_lens is None:
+                return out.transpose(1, 2), window[:, :, T:]
             cols = valid_lens.to(window.device, torch.long)[:, None] + torch.arange(keep, device=window.device)
-            new_state = window.gather(2, cols[:, None, :].expand(batch, conv_dim, keep))
-        return out.transpose(1, 2), new_state
+            return out.transpose(1, 2), window.gather(2, cols[:, None, :].expand(batch, conv_dim, keep))
+
+        from fla.modules.causal_conv1d import causal_conv1d
+
+        # fla's state holds the last K inputs, oldest first; a width-K conv never reads the oldest
+        initial = F.pad(conv_state, (1, 0))
+        out, _ = causal_conv1d(xBC.contiguous(), self.conv1d.weight[:, 0], self.conv1d.bias, initial_state=initial,
+                               activation="silu")
+        return out, conv_state_after(xBC, conv_state, valid_lens)
 
     def _check_state(self, state: Mamba2State | None, batch: int) -> None:
         if state is None:

@@ -237,6 +237,23 @@ def test_padded_batch_property(valid_lens, seed):
     check_padded_batch(mixer, x, valid_lens, random_state(len(valid_lens), seed=seed))
 
 
+@given(lens=st.lists(st.integers(0, 7), min_size=1, max_size=4), T=st.integers(1, 7), seed=st.integers(0, 2**16))
+@settings(max_examples=40, deadline=None)
+def test_conv_state_without_the_window_equals_the_windowed_state(lens, T, seed):
+    """conv_state_after (the fused CUDA path's state) against the window the reference conv builds,
+    including rows with fewer real inputs than the conv keeps (part of the old state survives) and 0."""
+    g = torch.Generator().manual_seed(seed)
+    lens = [min(n, T) for n in lens]
+    b, dim, keep = len(lens), 5, 3
+    xBC = torch.randn(b, T, dim, generator=g)
+    state = torch.randn(b, dim, keep, generator=g)
+    window = torch.cat([state, xBC.transpose(1, 2)], dim=-1)
+    expected = torch.stack([window[i, :, n: n + keep] for i, n in enumerate(lens)])
+    assert torch.equal(ssm.conv_state_after(xBC, state, torch.tensor(lens)), expected)
+    if all(n == T for n in lens):
+        assert torch.equal(ssm.conv_state_after(xBC, state, None), expected)
+
+
 def test_step_returns_new_states_and_leaves_its_inputs():
     mixer = make_mixer()
     x = torch.randn(3, 1, TINY.hidden_size)
@@ -433,7 +450,8 @@ def test_fla_fast_path_matches_reference(monkeypatch, dtype, num_groups, T):
     is_real = torch.arange(T, device="cuda")[None, :] < valid_lens[:, None]
     assert max_relative_error(fast[is_real], ref[is_real]) < tol
     assert max_relative_error(fast_state.ssm_state, ref_state.ssm_state) < tol
-    assert torch.equal(fast_state.conv_state, ref_state.conv_state)  # the conv is shared, not fla's
+    # the state is copied from the inputs on both paths (the fast path's conv is fla's, its state is not)
+    assert torch.equal(fast_state.conv_state, ref_state.conv_state)
 
 
 def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
