@@ -114,6 +114,14 @@ case "${1:-all}" in
       --attn_name sdpa,paged --sweep context --base_batch 8 --context_lengths 8192 16384 --max_new_tokens 64 \
       --repeats 3 --warmup 1 --decode_window 16 --cuda_graphs
     ;;
+  session6-fused)
+    # the fused fast path (fla conv + scan + gated norm) against the reference, then mixer and model prefill
+    fla_site
+    FMS_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -p no:warnings tests/modules/test_ssm.py 2>&1 | tail -3
+    timeout 300 python3 scripts/profile_hybrid.py --sections mixer,prefill --paths fast,reference --variant 4.0-h-1b \
+      --dtype bf16 --device cuda --batch_sizes 1,8 --context_lengths 4096,16384 --repeats 5 --warmup 2 \
+      --output_dir "$OUT" --run_name profile_hybrid_fused 2>&1 | grep -v "^WARNING" | tail -40
+    ;;
   session6-mixer)
     # #5: the Mamba scan and mixer alone, fla vs the PyTorch reference (eager and CUDA-graphed)
     fla_site
