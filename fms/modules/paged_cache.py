@@ -247,9 +247,7 @@ class PagedKVCache(SequenceCache):
         return freed
 
     def why_not_packed(self) -> str | None:
-        if self.state_pool is not None:
-            return "a recurrent (Mamba) layer runs each sequence as its own row"
-        return None
+        return None  # Mamba layers take packed steps too (Mamba2Mixer, cu_seqlens)
 
     def _build_meta(self, base, seq_ids, context, num_new, positions):
         ps, width = self.page_size, self.max_pages_per_seq

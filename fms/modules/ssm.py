@@ -252,8 +252,12 @@ def _ssd_scan_fla(
     chunk_size: int,
     initial_state: Tensor | None = None,
     output_final_state: bool = True,
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """SSD scan through flash-linear-attention's scalar-decay gated linear attention (Triton, CUDA only).
+
+    cu_seqlens (N+1,): x holds N sequences back to back in one row (b = 1); initial_state and the final
+    state then have one row per sequence.
 
     chunk_simple_gla computes S_t = exp(g_t) S_{t-1} + k_t^T v_t, o_t = scale * q_t S_t with S in [K, V]
     layout, which is the SSD recurrence with q=C, k=B, v=x*dt, g=dt*A, scale=1, S = our state transposed.
@@ -269,7 +273,8 @@ def _ssd_scan_fla(
     v = (x.float() * dt[..., None]).to(k.dtype)  # (b, T, nh, p)
     h0 = None if initial_state is None else initial_state.float().transpose(-1, -2)  # (b, nh, n, p): fla's K x V
     y, final = chunk_simple_gla(
-        q, k, v, g=dt * A, scale=1.0, initial_state=h0, output_final_state=output_final_state
+        q, k, v, g=dt * A, scale=1.0, initial_state=h0, output_final_state=output_final_state,
+        cu_seqlens=None if cu_seqlens is None else cu_seqlens.long(),
     )
     return y.float(), (None if final is None else final.float().transpose(-1, -2))
 
@@ -332,15 +337,23 @@ def select_ssd_scan(device: torch.device) -> SsdScan:
 
 def conv_state_after(xBC: Tensor, conv_state: Tensor, valid_lens: Tensor | None) -> Tensor:
     """The conv state [b, D, K-1] after the real inputs of xBC [b, T, D], without building the
-    (b, D, K-1+T) window: column j is input position valid_lens - (K-1) + j, or the carried state's
-    column where that position is negative (valid_lens None: every row has T real inputs)."""
+    (b, D, K-1+T) window (valid_lens None: every row has T real inputs)."""
     batch, T, dim = xBC.shape
-    keep = conv_state.shape[-1]
-    lens = torch.full((batch,), T, device=xBC.device) if valid_lens is None else valid_lens.to(xBC.device)
-    pos = lens.long()[:, None] - keep + torch.arange(keep, device=xBC.device)  # (b, K-1)
-    from_x = xBC.gather(1, pos.clamp(0, T - 1)[:, :, None].expand(batch, keep, dim)).transpose(1, 2)
-    from_state = conv_state.gather(2, (pos + keep).clamp(0, keep - 1)[:, None, :].expand(batch, dim, keep))
-    return torch.where((pos >= 0)[:, None, :], from_x.to(conv_state.dtype), from_state)
+    lens = torch.full((batch,), T, device=xBC.device) if valid_lens is None else valid_lens.to(xBC.device).long()
+    starts = torch.arange(batch, device=xBC.device) * T
+    return packed_conv_state_after(xBC.reshape(batch * T, dim), conv_state, starts, starts + lens)
+
+
+def packed_conv_state_after(x: Tensor, conv_state: Tensor, starts: Tensor, ends: Tensor) -> Tensor:
+    """Conv state [n, D, K-1] of n sequences whose inputs are x[starts[i]:ends[i]] (x [total, D]),
+    continuing from conv_state: column j is input ends[i] - (K-1) + j, or the carried state's column
+    where that input lies before starts[i]."""
+    n, dim, keep = conv_state.shape
+    pos = ends.long()[:, None] - keep + torch.arange(keep, device=x.device)  # (n, K-1) inputs, flat
+    from_x = x.index_select(0, pos.clamp(0, x.shape[0] - 1).flatten()).view(n, keep, dim).transpose(1, 2)
+    back = (pos - starts.long()[:, None] + keep).clamp(0, keep - 1)  # carried-state column
+    from_state = conv_state.gather(2, back[:, None, :].expand(n, dim, keep))
+    return torch.where((pos >= starts.long()[:, None])[:, None, :], from_x.to(conv_state.dtype), from_state)
 
 
 class GatedRMSNorm(nn.Module):
@@ -381,6 +394,8 @@ class Mamba2Mixer(nn.Module):
       valid_lens [B] int: rows are right-padded; only the first valid_lens[b] tokens of row b are real. Padding
         never reaches the state (dt = 0 there, and the conv state is cut at the last real input); rows with
         valid_lens 0 keep their state bit for bit. Outputs at padded positions are finite but meaningless.
+      cu_seqlens [n+1] int: instead of padded rows, x [1, N, H] packs n sequences back to back (no padding);
+        state then has n rows (see _forward_packed).
     """
 
     def __init__(self, config: Mamba2Config) -> None:
@@ -397,10 +412,13 @@ class Mamba2Mixer(nn.Module):
         self.norm = GatedRMSNorm(c.inner_dim, group_size=c.inner_dim // c.num_groups, eps=c.norm_eps)
         self.out_proj = Linear(c.inner_dim, c.hidden_size, bias=c.use_bias)
 
-    def forward(self, x: Tensor, state: Mamba2State | None = None, valid_lens: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, state: Mamba2State | None = None, valid_lens: Tensor | None = None,
+                cu_seqlens: Tensor | None = None) -> Tensor:
         c = self.config
         if x.dim() != 3 or x.shape[-1] != c.hidden_size or x.shape[1] == 0:
             raise ValueError(f"x must be [batch, seq_len >= 1, {c.hidden_size}], got {tuple(x.shape)}")
+        if cu_seqlens is not None:
+            return self._forward_packed(x, state, cu_seqlens, valid_lens)
         batch, T, _ = x.shape
         self._check_state(state, batch)
         self._check_valid_lens(valid_lens, batch, T)
@@ -452,6 +470,55 @@ class Mamba2Mixer(nn.Module):
         if state is not None:
             state.conv_state.copy_(conv_state)
             state.ssm_state.copy_(ssm_state)
+        return out
+
+    def _forward_packed(self, x: Tensor, state: Mamba2State, cu_seqlens: Tensor, valid_lens) -> Tensor:
+        """x [1, N, H]: n sequences back to back, sequence i at tokens cu_seqlens[i] .. cu_seqlens[i+1]-1
+        (every one >= 1 token); state has their n rows and is updated in place, as forward does.
+
+        The fast path (fla) runs the conv and the scan over the packed row with per-sequence
+        boundaries; otherwise each sequence runs alone through the padded path (ground truth).
+        """
+        c = self.config
+        if valid_lens is not None:
+            raise ValueError("give valid_lens (padded rows) or cu_seqlens (packed sequences), not both")
+        if state is None:
+            raise ValueError("packed sequences (cu_seqlens) need a state with one row per sequence")
+        if x.shape[0] != 1:
+            raise ValueError(f"packed sequences come as one row, x [1, N, H]; got {tuple(x.shape)}")
+        n = cu_seqlens.shape[0] - 1
+        self._check_state(state, n)
+        scan = select_ssd_scan(x.device)
+        if scan is not _ssd_scan_fla:
+            bounds = cu_seqlens.tolist()
+            if bounds[0] != 0 or bounds[-1] != x.shape[1] or any(b >= e for b, e in zip(bounds, bounds[1:])):
+                raise ValueError(f"cu_seqlens must rise strictly from 0 to {x.shape[1]}, got {bounds}")
+            outs = []
+            for i in range(n):  # row i's state is a view into `state`: forward updates it in place
+                row = Mamba2State(state.conv_state[i: i + 1], state.ssm_state[i: i + 1])
+                outs.append(self.forward(x[:, bounds[i]: bounds[i + 1]], row))
+            return torch.cat(outs, dim=1)
+
+        from fla.modules.causal_conv1d import causal_conv1d
+
+        total = x.shape[1]
+        cu = cu_seqlens.long()
+        z, xBC, dt_raw = self.in_proj(x).split([c.inner_dim, c.conv_dim, c.num_heads], dim=-1)
+        xBC = xBC.contiguous()
+        carried = state.conv_state.to(xBC.dtype)
+        conv_out, _ = causal_conv1d(xBC, self.conv1d.weight[:, 0], self.conv1d.bias,
+                                    initial_state=F.pad(carried, (1, 0)), activation="silu", cu_seqlens=cu)
+        conv_state = packed_conv_state_after(xBC[0], carried, cu[:-1], cu[1:])
+        xs, B, C = conv_out.split([c.inner_dim, c.num_groups * c.state_size, c.num_groups * c.state_size], dim=-1)
+        xs = xs.view(1, total, c.num_heads, c.head_dim)
+        y, ssm_state = _ssd_scan_fla(xs, self._dt(dt_raw), -torch.exp(self.A_log.float()),
+                                     B.view(1, total, c.num_groups, c.state_size),
+                                     C.view(1, total, c.num_groups, c.state_size), c.chunk_size,
+                                     state.ssm_state, True, cu_seqlens=cu)
+        y = y + self.D.float()[:, None] * xs.float()
+        out = self.out_proj(self.norm(y.reshape(1, total, c.inner_dim), z, fused=True))
+        state.conv_state.copy_(conv_state)
+        state.ssm_state.copy_(ssm_state)
         return out
 
     def step(

@@ -61,8 +61,11 @@ class ModelRunner:
             bucket_prefills = self.device.type == "cuda" and op.prefill_uses_flex(variant, cache)
         self.bucket_prefills = bucket_prefills
         # torch.compile fuses the prefill forward's elementwise work (norms, rotary, activations: about
-        # as much GPU time as its GEMMs when eager); packed steps only, one dynamic-shape compile
-        self.prefill_compiled = compile_prefill and self.pack_prefill and self.device.type == "cuda"
+        # as much GPU time as its GEMMs when eager); packed steps only, one dynamic-shape compile.
+        # Not for Mamba layers: inductor failed on the hybrid prefill on the H100 (a codegen error in a
+        # cumsum, final_project section 6), and their prefill runs fla's Triton kernels anyway.
+        self.prefill_compiled = (compile_prefill and self.pack_prefill and self.device.type == "cuda"
+                                 and cache.state_pool is None)
         self._prefill_forward = torch.compile(model, dynamic=True) if self.prefill_compiled else model
         graph_sizes = None
         if use_cuda_graphs:

@@ -254,6 +254,52 @@ def test_conv_state_without_the_window_equals_the_windowed_state(lens, T, seed):
         assert torch.equal(ssm.conv_state_after(xBC, state, None), expected)
 
 
+def test_packed_sequences_equal_padded_rows():
+    """x [1, N, H] holding sequences back to back (cu_seqlens) gives each sequence's padded-row output
+    and state, lengths 1 (a single token), under and over the conv width and several chunks."""
+    mixer = make_mixer()
+    lens = [1, 2, 2 * CHUNK + 3, 5]
+    T = max(lens)
+    x = torch.randn(len(lens), T, TINY.hidden_size)
+    init = random_state(len(lens))
+    padded_state, packed_state = clone_state(init), clone_state(init)
+    with torch.no_grad():
+        padded = mixer(x, padded_state, valid_lens=torch.tensor(lens))
+        flat = torch.cat([x[i, :n] for i, n in enumerate(lens)])[None]
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+        packed = mixer(flat, packed_state, cu_seqlens=cu)
+    assert packed.shape == (1, sum(lens), TINY.hidden_size)
+    for i, n in enumerate(lens):
+        torch.testing.assert_close(packed[0, cu[i]: cu[i + 1]], padded[i, :n], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed_state.ssm_state, padded_state.ssm_state, atol=1e-5, rtol=1e-5)
+    # copies of the conv inputs; the single-token sequence takes the one-token step, whose in_proj is
+    # another GEMM shape, so its inputs (and state) agree to rounding only
+    torch.testing.assert_close(packed_state.conv_state, padded_state.conv_state, atol=1e-6, rtol=1e-6)
+
+
+def test_packed_conv_state_takes_the_carried_state_for_short_sequences():
+    keep, dim = 3, 2
+    x = torch.arange(10, dtype=torch.float32).repeat_interleave(dim).view(10, dim)  # input t holds value t
+    state = -torch.arange(1, 1 + 3 * dim * keep, dtype=torch.float32).view(3, dim, keep)
+    starts, ends = torch.tensor([0, 1, 3]), torch.tensor([1, 3, 10])
+    out = ssm.packed_conv_state_after(x, state, starts, ends)
+    # sequence 0 (1 input): two carried columns, then input 0; sequence 1 (2 inputs): one carried, inputs 1, 2
+    assert out[0, 0].tolist() == [state[0, 0, 1].item(), state[0, 0, 2].item(), 0.0]
+    assert out[1, 1].tolist() == [state[1, 1, 2].item(), 1.0, 2.0]
+    assert out[2, 0].tolist() == [7.0, 8.0, 9.0]
+
+
+def test_packed_input_errors():
+    mixer = make_mixer()
+    x = torch.randn(1, 6, TINY.hidden_size)
+    with pytest.raises(ValueError, match="rise strictly from 0 to 6"):
+        mixer(x, random_state(2), cu_seqlens=torch.tensor([0, 4, 4]))
+    with pytest.raises(ValueError, match="need a state"):
+        mixer(x, None, cu_seqlens=torch.tensor([0, 6]))
+    with pytest.raises(ValueError, match="not both"):
+        mixer(x, random_state(1), valid_lens=torch.tensor([6]), cu_seqlens=torch.tensor([0, 6]))
+
+
 def test_step_returns_new_states_and_leaves_its_inputs():
     mixer = make_mixer()
     x = torch.randn(3, 1, TINY.hidden_size)
@@ -323,7 +369,7 @@ def test_pooled_decode_updates_only_its_rows_and_copies_no_pool():
     pool, layer, cache = _pool_and_layer()
     slots = torch.tensor([4, 1, 16])  # 16: the scratch slot, as a padded row of a CUDA-graph batch uses
     num_new = torch.tensor([1, 0, 1])  # row 1 idles (a sequence past the end of its decode window)
-    meta = SimpleNamespace(state_slots=slots, num_new_tokens=num_new)
+    meta = SimpleNamespace(state_slots=slots, num_new_tokens=num_new, packed=False)
     x = torch.randn(3, 1, TINY.hidden_size)
     before_conv, before_ssm = [t.clone() for t in pool.conv], [t.clone() for t in pool.ssm]
     expected = Mamba2State(before_conv[1][slots], before_ssm[1][slots])
@@ -452,6 +498,34 @@ def test_fla_fast_path_matches_reference(monkeypatch, dtype, num_groups, T):
     assert max_relative_error(fast_state.ssm_state, ref_state.ssm_state) < tol
     # the state is copied from the inputs on both paths (the fast path's conv is fla's, its state is not)
     assert torch.equal(fast_state.conv_state, ref_state.conv_state)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(not _fla_available(), reason="flash-linear-attention (fla) is not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_groups", [1, 2])
+def test_fla_packed_sequences_match_reference(monkeypatch, dtype, num_groups):
+    """fla's conv and scan over packed sequences (cu_seqlens) against each sequence run alone on the
+    reference path, with carried states; lengths 1, 2 (under the conv width), 64, 65, 300."""
+    tol = 2e-3 if dtype == torch.float32 else 2e-2
+    config = Mamba2Config(hidden_size=64, num_heads=4, head_dim=32, state_size=64, num_groups=num_groups,
+                          chunk_size=64)
+    mixer = make_mixer(config).to("cuda", dtype)
+    lens = [1, 2, 64, 65, 300]
+    x = torch.randn(1, sum(lens), config.hidden_size, device="cuda", dtype=dtype)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
+    init = random_state(len(lens), config)
+    fast_state = Mamba2State(init.conv_state.to("cuda", dtype), init.ssm_state.cuda())
+    ref_state = clone_state(fast_state)
+    with torch.no_grad():
+        fast = mixer(x, fast_state, cu_seqlens=cu)
+        monkeypatch.setattr(ssm, "select_ssd_scan", lambda device: ssd_scan_reference)
+        ref = mixer(x, ref_state, cu_seqlens=cu)
+    assert max_relative_error(fast, ref) < tol
+    assert max_relative_error(fast_state.ssm_state, ref_state.ssm_state) < tol
+    # copies of the conv inputs, which come from in_proj GEMMs of other shapes on the reference path
+    assert max_relative_error(fast_state.conv_state, ref_state.conv_state) < tol
 
 
 def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
