@@ -117,7 +117,7 @@ case "${1:-all}" in
   session6-fused)
     # the fused fast path (fla conv + scan + gated norm) against the reference, then mixer and model prefill
     fla_site
-    FMS_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -p no:warnings tests/modules/test_ssm.py 2>&1 | tail -3
+    FMS_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:warnings tests/modules/test_ssm.py 2>&1 | tail -3
     timeout 300 python3 scripts/profile_hybrid.py --sections mixer,prefill --paths fast,reference --variant 4.0-h-1b \
       --dtype bf16 --device cuda --batch_sizes 1,8 --context_lengths 4096,16384 --repeats 5 --warmup 2 \
       --output_dir "$OUT" --run_name profile_hybrid_fused 2>&1 | grep -v "^WARNING" | tail -40
@@ -125,9 +125,9 @@ case "${1:-all}" in
   session6-packed)
     # packed hybrid prefill: fla over cu_seqlens against the reference, the engine on the GPU, hybrid serving
     fla_site
-    FMS_TEST_DEVICE=cuda timeout 200 python3 -m pytest -q -p no:warnings tests/modules/test_ssm.py \
+    FMS_TEST_DEVICE=cuda timeout 400 python3 -m pytest -q -p no:warnings tests/modules/test_ssm.py \
       tests/serving/test_engine_gpu.py -k "packed or hybrid" 2>&1 | tail -3
-    SERVING_TIMEOUT=330 serving hybrid_packed --architecture granite_hybrid --variant 4.0-h-1b --num_requests 64 \
+    SERVING_TIMEOUT=560 serving hybrid_packed --architecture granite_hybrid --variant 4.0-h-1b --num_requests 64 \
       --prompt_range 512,2048 --output_range 128
     ;;
   session6-mixer)
