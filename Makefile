@@ -16,10 +16,16 @@ BATCH_SIZES ?=
 CONTEXT_LENGTHS ?=
 MAX_NEW_TOKENS ?=
 WANDB ?= 0
+# decode in windows of DECODE_WINDOW steps (e.g. 16); CUDA_GRAPHS=1 replays them from graphs, COMPILE=1 compiles
+DECODE_WINDOW ?=
+CUDA_GRAPHS ?= 0
+COMPILE ?= 0
 BENCH = $(PYTHON) scripts/benchmark_inference.py --results_dir $(RESULTS) \
 	$(if $(MODEL_PATH),--model_path $(MODEL_PATH)) $(if $(TOKENIZER),--tokenizer $(TOKENIZER)) \
 	$(if $(BATCH_SIZES),--batch_sizes $(BATCH_SIZES)) $(if $(CONTEXT_LENGTHS),--context_lengths $(CONTEXT_LENGTHS)) \
-	$(if $(MAX_NEW_TOKENS),--max_new_tokens $(MAX_NEW_TOKENS)) $(if $(filter 1,$(WANDB)),--wandb)
+	$(if $(MAX_NEW_TOKENS),--max_new_tokens $(MAX_NEW_TOKENS)) $(if $(filter 1,$(WANDB)),--wandb) \
+	$(if $(DECODE_WINDOW),--decode_window $(DECODE_WINDOW)) $(if $(filter 1,$(CUDA_GRAPHS)),--cuda_graphs) \
+	$(if $(filter 1,$(COMPILE)),--compile)
 
 .PHONY: install test test-paged-attention check-torch download-tokenizer \
 	bench-llama bench-llama-paged bench-llama-t4 bench-llama-paged-t4 bench-granite bench-granite-paged \
