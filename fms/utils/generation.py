@@ -152,7 +152,9 @@ class Generator:
     row samples after its EOS in a window are dropped. Sampling in windows uses the serving sampler
     (counter-based noise from seed + row), so sampled tokens differ from the per-token path's
     torch.Generator stream. cuda_graphs replays each window step from a CUDA graph captured for
-    max_batch_size rows (CUDA only); compile_decode torch.compiles the step.
+    max_batch_size rows (CUDA only); compile_decode torch.compiles the step. A window reserves room
+    for all its steps when it starts, so return_stats counts up to k - 1 tokens per row that a row
+    ending at EOS never writes.
     """
 
     def __init__(self, model, attn_name: str | None = None, *, max_batch_size: int, max_seq_len: int,
