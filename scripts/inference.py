@@ -27,6 +27,10 @@ def parse_args(argv=None):
     p.add_argument("--top_p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--page_size", type=int, default=16, help="paged op only")
+    p.add_argument("--decode_window", type=int, default=None,
+                   help="decode up to this many tokens per host synchronization (inputs computed on the device)")
+    p.add_argument("--cuda_graphs", action="store_true", help="with --decode_window: replay steps from CUDA graphs")
+    p.add_argument("--compile", action="store_true", help="with --decode_window: torch.compile the decode step")
     return p.parse_args(argv)
 
 
@@ -50,7 +54,9 @@ def main(argv=None) -> int:
     eos = tokenizer.eos_token_id if args.model_path else None
     try:
         outputs = generate(model, ids, args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
-                           top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_token_id=eos, **cache_options)
+                           top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_token_id=eos,
+                           decode_window=args.decode_window, cuda_graphs=args.cuda_graphs, compile_decode=args.compile,
+                           **cache_options)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

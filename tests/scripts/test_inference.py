@@ -29,7 +29,18 @@ def test_both_backends_print_the_same_text(inference, capsys):
     assert texts[0] == texts[1]
 
 
+def test_decode_window_prints_the_per_token_text(inference, capsys):
+    texts = []
+    for extra in ([], ["--decode_window", "4"]):
+        assert inference.main(["--attn_name", "paged", "--device_type", "cpu", "--max_new_tokens", "9",
+                               "--prompt", "Hi", *extra]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1]
+
+
 @pytest.mark.parametrize("argv,message", [
+    (["--decode_window", "0"], "decode_window must be an int >= 1"),
+    (["--cuda_graphs"], "give decode_window too"),
     (["--attn_name", "nope"], "unknown attn_name 'nope'"),
     (["--variant", "huge"], "unknown variant 'huge'"),
     (["--max_new_tokens", "-2"], "max_new_tokens must be an int >= 0"),
