@@ -308,11 +308,7 @@ def path_unavailable(path: str, device: torch.device) -> str | None:
 
 def measure_prefill(model, args, clock: Clock, skipped: list) -> list[dict]:
     rows = []
-    unavailable = {p: path_unavailable(p, args.torch_device) for p in args.paths}
-    for path, reason in unavailable.items():
-        if reason:
-            print(f"prefill: skipping the {path} path: {reason}")
-            skipped.append({"section": "prefill", "path": path, "reason": reason})
+    unavailable = _unavailable_paths("prefill", args, skipped)
     for batch in args.batch_sizes:
         for context in args.context_lengths:
             ids = random_ids(batch, context, model.config.vocab_size, args.seed, args.torch_device)
@@ -321,9 +317,7 @@ def measure_prefill(model, args, clock: Clock, skipped: list) -> list[dict]:
                 if unavailable[path]:
                     continue
                 where = {"path": path, "batch_size": batch, "context_len": context}
-                if path == "recurrent" and context > args.max_recurrent_context:
-                    skipped.append({"section": "prefill", **where,
-                                    "reason": f"context > --max_recurrent_context ({args.max_recurrent_context})"})
+                if _over_recurrent_cap("prefill", where, args, skipped):
                     continue
                 try:
                     with use_ssd_scan(SCAN_OF_PATH[path]):
@@ -347,15 +341,40 @@ def measure_prefill(model, args, clock: Clock, skipped: list) -> list[dict]:
     return rows
 
 
+def _unavailable_paths(section: str, args, skipped: list) -> dict[str, str | None]:
+    """path -> why it cannot run here (recorded in skipped once), or None."""
+    unavailable = {p: path_unavailable(p, args.torch_device) for p in args.paths}
+    for path, reason in unavailable.items():
+        if reason:
+            print(f"{section}: skipping the {path} path: {reason}")
+            skipped.append({"section": section, "path": path, "reason": reason})
+    return unavailable
+
+
+def _over_recurrent_cap(section: str, where: dict, args, skipped: list) -> bool:
+    """True (and recorded in skipped) for the token-by-token path past --max_recurrent_context."""
+    if where["path"] != "recurrent" or where["context_len"] <= args.max_recurrent_context:
+        return False
+    skipped.append({"section": section, **where,
+                    "reason": f"context > --max_recurrent_context ({args.max_recurrent_context})"})
+    return True
+
+
+SPEEDUP_PAIRS = (("reference", "fast"), ("recurrent", "fast"), ("recurrent", "reference"))  # (slow, fast)
+
+
+def _ratio(slow_ms, fast_ms) -> float | None:
+    return slow_ms / fast_ms if slow_ms is not None and fast_ms else None
+
+
 def speedups(prefill: list[dict], args) -> list[dict]:
     ms = {(r["path"], r["batch_size"], r["context_len"]): r["median_ms"] for r in prefill}
     out = []
     for batch in args.batch_sizes:
         for context in args.context_lengths:
-            slow_over_fast = {}
-            for slow, fast in (("reference", "fast"), ("recurrent", "fast"), ("recurrent", "reference")):
-                a, b = ms.get((slow, batch, context)), ms.get((fast, batch, context))
-                slow_over_fast[f"{fast}_vs_{slow}"] = a / b if a is not None and b else None
+            slow_over_fast = {f"{fast}_vs_{slow}": _ratio(ms.get((slow, batch, context)),
+                                                          ms.get((fast, batch, context)))
+                              for slow, fast in SPEEDUP_PAIRS}
             out.append({"batch_size": batch, "context_len": context, **slow_over_fast})
     return out
 
@@ -625,11 +644,7 @@ def measure_mixer(mixer: Mamba2Mixer, args, clock: Clock, skipped: list) -> list
     if not graphs:
         skipped.append({"section": "mixer", "figure": "scan_graph, mixer_graph",
                         "reason": "CUDA graphs need a CUDA device; only the eager figures are timed"})
-    unavailable = {p: path_unavailable(p, device) for p in args.paths}
-    for path, reason in unavailable.items():
-        if reason:
-            print(f"mixer: skipping the {path} path: {reason}")
-            skipped.append({"section": "mixer", "path": path, "reason": reason})
+    unavailable = _unavailable_paths("mixer", args, skipped)
     # the reference first, so that each other path's scan output is compared with it as soon as it is timed
     order = sorted(args.paths, key=lambda p: p != "reference")
     rows = []
@@ -642,9 +657,7 @@ def measure_mixer(mixer: Mamba2Mixer, args, clock: Clock, skipped: list) -> list
                 if unavailable[path]:
                     continue
                 where = {"path": path, "batch_size": batch, "context_len": context}
-                if path == "recurrent" and context > args.max_recurrent_context:
-                    skipped.append({"section": "mixer", **where,
-                                    "reason": f"context > --max_recurrent_context ({args.max_recurrent_context})"})
+                if _over_recurrent_cap("mixer", where, args, skipped):
                     continue
                 row = dict(where)
                 bench.reset_peak_memory(device)
@@ -689,10 +702,9 @@ def mixer_speedups(rows: list[dict], args) -> list[dict]:
         for context in args.context_lengths:
             entry = {"batch_size": batch, "context_len": context}
             for figure in MIXER_FIGURES:
-                for slow, fast in (("reference", "fast"), ("recurrent", "fast"), ("recurrent", "reference")):
-                    a = by.get((slow, batch, context), {}).get(f"{figure}_ms")
-                    b = by.get((fast, batch, context), {}).get(f"{figure}_ms")
-                    entry[f"{figure}_{fast}_vs_{slow}"] = a / b if a is not None and b else None
+                for slow, fast in SPEEDUP_PAIRS:
+                    entry[f"{figure}_{fast}_vs_{slow}"] = _ratio(by.get((slow, batch, context), {}).get(f"{figure}_ms"),
+                                                                 by.get((fast, batch, context), {}).get(f"{figure}_ms"))
             out.append(entry)
     return out
 

@@ -116,13 +116,12 @@ class MambaLayer(nn.Module):
             return self.mamba(x)
         pool, slots = cache.state_pool, meta.state_slots
         state = pool.layer_state(self.layer_idx, slots)
-        if x.shape[1] == 1 and not meta.packed:
-            # decode: one recurrent step on the gathered rows, whose new states are stored as they come
-            out, conv, ssm = self.mamba.step(x, state.conv_state, state.ssm_state, meta.num_new_tokens > 0)
-            pool.store(self.layer_idx, slots, Mamba2State(conv_state=conv, ssm_state=ssm))
-            return out
         if meta.packed:  # one row of every sequence's new tokens back to back
             out = self.mamba(x, state=state, cu_seqlens=meta.varlen.cu_q)
+        elif x.shape[1] == 1:
+            # decode: one recurrent step on the gathered rows, whose new states are stored as they come
+            out, conv, ssm = self.mamba.step(x, state.conv_state, state.ssm_state, meta.num_new_tokens > 0)
+            state = Mamba2State(conv_state=conv, ssm_state=ssm)
         else:
             out = self.mamba(x, state=state, valid_lens=meta.num_new_tokens)
         pool.store(self.layer_idx, slots, state)

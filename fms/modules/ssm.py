@@ -432,18 +432,25 @@ class Mamba2Mixer(nn.Module):
             state.conv_state.copy_(conv_state)
             state.ssm_state.copy_(ssm_state)
             return out
+        return self._prefill(x, state, select_ssd_scan(x.device), valid_lens=valid_lens)
 
+    def _prefill(self, x: Tensor, state: Mamba2State | None, scan: SsdScan, valid_lens: Tensor | None = None,
+                 cu_seqlens: Tensor | None = None) -> Tensor:
+        """The chunked-scan path over right-padded rows (valid_lens), or over packed sequences
+        (cu_seqlens, x [1, N, H]; the fla scan only)."""
+        c = self.config
+        batch, T, _ = x.shape
         is_real = None  # (b, T) bool
         if valid_lens is not None:
             is_real = torch.arange(T, device=x.device) < valid_lens.to(x.device)[:, None]
 
         z, xBC, dt_raw = self.in_proj(x).split([c.inner_dim, c.conv_dim, c.num_heads], dim=-1)
 
-        scan = select_ssd_scan(x.device)
         # The CUDA fast path: with fla's scan come fla's Triton conv and gated norm (same math; the
         # mixer's elementwise work otherwise costs more than the scan, final_project section 6).
         fused = scan is _ssd_scan_fla
-        xBC, conv_state = self._causal_conv(xBC, None if state is None else state.conv_state, valid_lens, fused)
+        xBC, conv_state = self._causal_conv(xBC, None if state is None else state.conv_state, valid_lens, fused,
+                                            cu_seqlens)
         xs, B, C = xBC.split([c.inner_dim, c.num_groups * c.state_size, c.num_groups * c.state_size], dim=-1)
 
         dt = self._dt(dt_raw)  # (b, T, nh)
@@ -462,6 +469,7 @@ class Mamba2Mixer(nn.Module):
             c.chunk_size,
             initial,
             state is not None,
+            **({} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}),
         )
 
         y = y + self.D.float()[:, None] * xs.view(batch, T, c.num_heads, c.head_dim).float()
@@ -479,7 +487,6 @@ class Mamba2Mixer(nn.Module):
         The fast path (fla) runs the conv and the scan over the packed row with per-sequence
         boundaries; otherwise each sequence runs alone through the padded path (ground truth).
         """
-        c = self.config
         if valid_lens is not None:
             raise ValueError("give valid_lens (padded rows) or cu_seqlens (packed sequences), not both")
         if state is None:
@@ -489,37 +496,16 @@ class Mamba2Mixer(nn.Module):
         n = cu_seqlens.shape[0] - 1
         self._check_state(state, n)
         scan = select_ssd_scan(x.device)
-        if scan is not _ssd_scan_fla:
-            bounds = cu_seqlens.tolist()
-            if bounds[0] != 0 or bounds[-1] != x.shape[1] or any(b >= e for b, e in zip(bounds, bounds[1:])):
-                raise ValueError(f"cu_seqlens must rise strictly from 0 to {x.shape[1]}, got {bounds}")
-            outs = []
-            for i in range(n):  # row i's state is a view into `state`: forward updates it in place
-                row = Mamba2State(state.conv_state[i: i + 1], state.ssm_state[i: i + 1])
-                outs.append(self.forward(x[:, bounds[i]: bounds[i + 1]], row))
-            return torch.cat(outs, dim=1)
-
-        from fla.modules.causal_conv1d import causal_conv1d
-
-        total = x.shape[1]
-        cu = cu_seqlens.long()
-        z, xBC, dt_raw = self.in_proj(x).split([c.inner_dim, c.conv_dim, c.num_heads], dim=-1)
-        xBC = xBC.contiguous()
-        carried = state.conv_state.to(xBC.dtype)
-        conv_out, _ = causal_conv1d(xBC, self.conv1d.weight[:, 0], self.conv1d.bias,
-                                    initial_state=F.pad(carried, (1, 0)), activation="silu", cu_seqlens=cu)
-        conv_state = packed_conv_state_after(xBC[0], carried, cu[:-1], cu[1:])
-        xs, B, C = conv_out.split([c.inner_dim, c.num_groups * c.state_size, c.num_groups * c.state_size], dim=-1)
-        xs = xs.view(1, total, c.num_heads, c.head_dim)
-        y, ssm_state = _ssd_scan_fla(xs, self._dt(dt_raw), -torch.exp(self.A_log.float()),
-                                     B.view(1, total, c.num_groups, c.state_size),
-                                     C.view(1, total, c.num_groups, c.state_size), c.chunk_size,
-                                     state.ssm_state, True, cu_seqlens=cu)
-        y = y + self.D.float()[:, None] * xs.float()
-        out = self.out_proj(self.norm(y.reshape(1, total, c.inner_dim), z, fused=True))
-        state.conv_state.copy_(conv_state)
-        state.ssm_state.copy_(ssm_state)
-        return out
+        if scan is _ssd_scan_fla:
+            return self._prefill(x, state, scan, cu_seqlens=cu_seqlens)
+        bounds = cu_seqlens.tolist()
+        if bounds[0] != 0 or bounds[-1] != x.shape[1] or any(b >= e for b, e in zip(bounds, bounds[1:])):
+            raise ValueError(f"cu_seqlens must rise strictly from 0 to {x.shape[1]}, got {bounds}")
+        outs = []
+        for i in range(n):  # row i's state is a view into `state`: forward updates it in place
+            row = Mamba2State(state.conv_state[i: i + 1], state.ssm_state[i: i + 1])
+            outs.append(self.forward(x[:, bounds[i]: bounds[i + 1]], row))
+        return torch.cat(outs, dim=1)
 
     def step(
         self, x: Tensor, conv_state: Tensor, ssm_state: Tensor, is_active: Tensor | None = None
@@ -569,7 +555,7 @@ class Mamba2Mixer(nn.Module):
         return dt
 
     def _causal_conv(self, xBC: Tensor, conv_state: Tensor | None, valid_lens: Tensor | None,
-                     fused: bool = False) -> tuple[Tensor, Tensor]:
+                     fused: bool = False, cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Depthwise causal conv + SiLU over xBC [b, T, conv_dim], continuing from conv_state [b, conv_dim, K-1].
 
         Returns (conv output [b, T, conv_dim], conv state after the last real input [b, conv_dim, K-1]).
@@ -580,8 +566,9 @@ class Mamba2Mixer(nn.Module):
             valid_lens 2 ->          s2 x0 x1       (columns valid_lens .. valid_lens+K-2)
             valid_lens 0 ->   s0 s1 s2              (unchanged)
 
-        fused: the conv by fla's Triton causal_conv1d (CUDA), reading xBC in place; the state is copied
-        from the same window either way, so both paths give the same state bit for bit.
+        fused: the conv by fla's Triton causal_conv1d (CUDA); the state is copied from the same window
+        either way, so both paths give the same state bit for bit. cu_seqlens (fused only): xBC [1, N, D]
+        packs sequences back to back, conv_state has one row per sequence.
         """
         batch, T, conv_dim = xBC.shape
         keep = self.config.conv_kernel - 1
@@ -598,11 +585,14 @@ class Mamba2Mixer(nn.Module):
 
         from fla.modules.causal_conv1d import causal_conv1d
 
+        xBC = xBC.contiguous()
+        cu = None if cu_seqlens is None else cu_seqlens.long()
         # fla's state holds the last K inputs, oldest first; a width-K conv never reads the oldest
-        initial = F.pad(conv_state, (1, 0))
-        out, _ = causal_conv1d(xBC.contiguous(), self.conv1d.weight[:, 0], self.conv1d.bias, initial_state=initial,
-                               activation="silu")
-        return out, conv_state_after(xBC, conv_state, valid_lens)
+        out, _ = causal_conv1d(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, initial_state=F.pad(conv_state, (1, 0)),
+                               activation="silu", cu_seqlens=cu)
+        if cu is None:
+            return out, conv_state_after(xBC, conv_state, valid_lens)
+        return out, packed_conv_state_after(xBC[0], conv_state, cu[:-1], cu[1:])
 
     def _check_state(self, state: Mamba2State | None, batch: int) -> None:
         if state is None:

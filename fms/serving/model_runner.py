@@ -421,7 +421,7 @@ class DecodeWindowRunner:
         self.tokens[:b, 0].copy_(longs[:, 0])
         self.positions[:b, 0].copy_(longs[:, 1])
         self.ends[:b].copy_(longs[:, 2])
-        self.rows[:width].copy_(_to_device(host_rows, self.tokens.device))
+        self.rows[:b].copy_(_to_device(window.rows, self.tokens.device))  # padding rows: _idle below
         if self.state_slots is not None:
             self.state_slots[:b].copy_(_to_device(torch.tensor(window.state_slots), self.tokens.device))
         if mode == "sample":

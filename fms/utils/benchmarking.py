@@ -326,9 +326,7 @@ def measure_point(model, point: SweepPoint, backends, max_new_tokens: int, *, re
     def warm(backend, i):
         if i == 0:
             reference_run(backend)
-        if i == 0 and backend in generators:  # first use of the generator: compiles, captures
-            timed_generate(model, prompts, max_new_tokens, backend, generator=generators[backend])
-        elif i > 0:
+        if i > 0 or backend in generators:  # a generator's first run compiles and captures
             timed_generate(model, prompts, max_new_tokens, backend, generator=generators.get(backend),
                            **cache_options(backend, page_size))
 

@@ -128,16 +128,25 @@ def generate(
     each (Generator); cuda_graphs and compile_decode apply to those steps. A single call pays the
     graph capture and compilation: reuse a Generator to amortize them.
     """
-    config = model.config
-    ids = validate_prompts(prompts, config.vocab_size, max_new_tokens, config.max_position_embeddings)
-    counts = _per_prompt_counts(max_new_tokens, len(ids))
+    ids, counts = _checked_call(model, prompts, max_new_tokens, do_sample, temperature, top_k, top_p,
+                                prefill_chunk_size)
     max_seq_len = max(len(p) + n for p, n in zip(ids, counts))
-    generator = Generator(model, attn_name, max_batch_size=len(ids), max_seq_len=max(max_seq_len, 1),
+    generator = Generator(model, attn_name, max_batch_size=len(ids), max_seq_len=max_seq_len,
                           decode_window=decode_window, cuda_graphs=cuda_graphs, compile_decode=compile_decode,
                           **cache_options)
-    return generator.generate(ids, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                              top_p=top_p, seed=seed, eos_token_id=eos_token_id,
-                              prefill_chunk_size=prefill_chunk_size, return_stats=return_stats, on_step=on_step)
+    return generator._run(ids, counts, do_sample, temperature, top_k, top_p, seed, eos_token_id,
+                          prefill_chunk_size, return_stats, on_step)
+
+
+def _checked_call(model, prompts, max_new_tokens, do_sample, temperature, top_k, top_p, prefill_chunk_size):
+    """A generation call's arguments checked before anything is allocated: (token-id lists, count per prompt)."""
+    config = model.config
+    ids = validate_prompts(prompts, config.vocab_size, max_new_tokens, config.max_position_embeddings)
+    if do_sample:
+        _check_sampling(temperature, top_k, top_p)
+    if prefill_chunk_size is not None and prefill_chunk_size < 1:
+        raise ValueError(f"prefill_chunk_size must be >= 1 or None, got {prefill_chunk_size}")
+    return ids, _per_prompt_counts(max_new_tokens, len(ids))
 
 
 class Generator:
@@ -182,21 +191,22 @@ class Generator:
             self.runner = DecodeWindowRunner(model, self.cache, self.op.name, decode_window,
                                              [max_batch_size] if cuda_graphs else None, compile_model=compile_decode)
 
-    @torch.no_grad()
     def generate(self, prompts: Sequence, max_new_tokens, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                  eos_token_id: int | Sequence[int] | None = None, prefill_chunk_size: int | None = None,
                  return_stats: bool = False, on_step=None):
         """As the module's generate(), over this generator's cache."""
+        ids, counts = _checked_call(self.model, prompts, max_new_tokens, do_sample, temperature, top_k, top_p,
+                                    prefill_chunk_size)
+        return self._run(ids, counts, do_sample, temperature, top_k, top_p, seed, eos_token_id, prefill_chunk_size,
+                         return_stats, on_step)
+
+    @torch.no_grad()
+    def _run(self, ids, new_counts, do_sample, temperature, top_k, top_p, seed, eos_token_id, prefill_chunk_size,
+             return_stats, on_step):
+        """generate() on arguments _checked_call has checked."""
         model, cache, op = self.model, self.cache, self.op
-        config = model.config
-        ids = validate_prompts(prompts, config.vocab_size, max_new_tokens, config.max_position_embeddings)
-        if do_sample:
-            _check_sampling(temperature, top_k, top_p)
-        if prefill_chunk_size is not None and prefill_chunk_size < 1:
-            raise ValueError(f"prefill_chunk_size must be >= 1 or None, got {prefill_chunk_size}")
         eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or ()))
-        new_counts = _per_prompt_counts(max_new_tokens, len(ids))
         if len(ids) > cache.max_batch_size:
             raise ValueError(f"{len(ids)} prompts, over this generator's max_batch_size of {cache.max_batch_size}")
         for i, (p, n) in enumerate(zip(ids, new_counts)):
