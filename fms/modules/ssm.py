@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fms.modules import ssd_kernel
 from fms.modules.gemv import Linear
 
 __all__ = [
@@ -288,7 +289,7 @@ def _fla_available() -> bool:
     return True
 
 
-SSD_SCAN_NAMES = ("auto", "fla", "reference", "recurrent")
+SSD_SCAN_NAMES = ("auto", "triton", "fla", "reference", "recurrent")
 _scan_choice = "auto"  # set only through use_ssd_scan; a plain global, which torch.compile can guard on
 
 
@@ -296,8 +297,9 @@ _scan_choice = "auto"  # set only through use_ssd_scan; a plain global, which to
 def use_ssd_scan(name: str):
     """Force the prefill scan inside the block (process-wide; benchmarks and tests).
 
-    "auto": the default choice; "fla": the Triton kernel (CUDA only); "reference": the chunked PyTorch scan;
-    "recurrent": ssd_scan_recurrent. Raises ValueError on another name, RuntimeError on "fla" without fla.
+    "auto": the default choice; "triton": our grouped SSD kernel (fms/modules/ssd_kernel.py, CUDA only);
+    "fla": fla's scalar-decay GLA kernel (CUDA only); "reference": the chunked PyTorch scan; "recurrent":
+    ssd_scan_recurrent. Raises ValueError on another name, RuntimeError on a kernel that cannot be imported.
     """
     global _scan_choice
     if name not in SSD_SCAN_NAMES:
@@ -305,8 +307,10 @@ def use_ssd_scan(name: str):
     if name == "fla" and not _fla_available():
         raise RuntimeError(
             "SSD scan 'fla' needs flash-linear-attention (pip install flash-linear-attention) with a working "
-            "Triton; it is not importable here. Use 'reference' or 'auto'."
+            "Triton; it is not importable here. Use 'triton', 'reference' or 'auto'."
         )
+    if name == "triton" and not ssd_kernel.HAS_TRITON:
+        raise RuntimeError("SSD scan 'triton' needs Triton, which is not importable here. Use 'reference' or 'auto'.")
     previous, _scan_choice = _scan_choice, name
     try:
         yield
@@ -315,21 +319,27 @@ def use_ssd_scan(name: str):
 
 
 def select_ssd_scan(device: torch.device) -> SsdScan:
-    """The one place that picks the prefill scan: fla's Triton kernel on CUDA when installed, else the reference.
-
-    use_ssd_scan(name) overrides the choice.
+    """The one place that picks the prefill scan: on CUDA our Triton kernel (ssd_kernel.ssd_scan_triton), else
+    the reference. use_ssd_scan(name) overrides the choice.
     """
     if _scan_choice == "reference":
         return ssd_scan_reference
     if _scan_choice == "recurrent":
         return ssd_scan_recurrent
-    if _scan_choice == "fla":
-        if device.type != "cuda":
-            raise RuntimeError(f"SSD scan 'fla' runs on CUDA only, got a tensor on {device}")
-        return _ssd_scan_fla
-    if device.type == "cuda" and _fla_available():
-        return _ssd_scan_fla
+    if _scan_choice in ("fla", "triton"):
+        if not (device.type == "cuda" or (_scan_choice == "triton" and ssd_kernel.can_run(device))):
+            raise RuntimeError(f"SSD scan {_scan_choice!r} runs on CUDA only, got a tensor on {device}")
+        return _ssd_scan_fla if _scan_choice == "fla" else ssd_kernel.ssd_scan_triton
+    if device.type == "cuda" and ssd_kernel.HAS_TRITON:
+        return ssd_kernel.ssd_scan_triton
     return ssd_scan_reference
+
+
+def _uses_fla_conv_and_norm(scan: SsdScan, device: torch.device) -> bool:
+    """The CUDA fast path: with a Triton scan come fla's Triton causal conv and gated norm when fla is installed
+    (same math; the mixer's elementwise work otherwise costs more than the scan, final_project section 6)."""
+    is_triton_scan = scan is _ssd_scan_fla or scan is ssd_kernel.ssd_scan_triton
+    return is_triton_scan and device.type == "cuda" and _fla_available()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -437,7 +447,7 @@ class Mamba2Mixer(nn.Module):
     def _prefill(self, x: Tensor, state: Mamba2State | None, scan: SsdScan, valid_lens: Tensor | None = None,
                  cu_seqlens: Tensor | None = None) -> Tensor:
         """The chunked-scan path over right-padded rows (valid_lens), or over packed sequences
-        (cu_seqlens, x [1, N, H]; the fla scan only)."""
+        (cu_seqlens, x [1, N, H]; the CUDA fast path only)."""
         c = self.config
         batch, T, _ = x.shape
         is_real = None  # (b, T) bool
@@ -446,9 +456,7 @@ class Mamba2Mixer(nn.Module):
 
         z, xBC, dt_raw = self.in_proj(x).split([c.inner_dim, c.conv_dim, c.num_heads], dim=-1)
 
-        # The CUDA fast path: with fla's scan come fla's Triton conv and gated norm (same math; the
-        # mixer's elementwise work otherwise costs more than the scan, final_project section 6).
-        fused = scan is _ssd_scan_fla
+        fused = _uses_fla_conv_and_norm(scan, x.device)
         xBC, conv_state = self._causal_conv(xBC, None if state is None else state.conv_state, valid_lens, fused,
                                             cu_seqlens)
         xs, B, C = xBC.split([c.inner_dim, c.num_groups * c.state_size, c.num_groups * c.state_size], dim=-1)
@@ -484,7 +492,7 @@ class Mamba2Mixer(nn.Module):
         """x [1, N, H]: n sequences back to back, sequence i at tokens cu_seqlens[i] .. cu_seqlens[i+1]-1
         (every one >= 1 token); state has their n rows and is updated in place, as forward does.
 
-        The fast path (fla) runs the conv and the scan over the packed row with per-sequence
+        The CUDA fast path (fla's conv, a Triton scan) runs over the packed row with per-sequence
         boundaries; otherwise each sequence runs alone through the padded path (ground truth).
         """
         if valid_lens is not None:
@@ -496,7 +504,7 @@ class Mamba2Mixer(nn.Module):
         n = cu_seqlens.shape[0] - 1
         self._check_state(state, n)
         scan = select_ssd_scan(x.device)
-        if scan is _ssd_scan_fla:
+        if _uses_fla_conv_and_norm(scan, x.device):  # the conv that takes cu_seqlens is fla's
             return self._prefill(x, state, scan, cu_seqlens=cu_seqlens)
         bounds = cu_seqlens.tolist()
         if bounds[0] != 0 or bounds[-1] != x.shape[1] or any(b >= e for b, e in zip(bounds, bounds[1:])):

@@ -14,12 +14,13 @@ from fms.modules.ssm import (
     Mamba2Mixer,
     Mamba2State,
     _fla_available,
-    _ssd_scan_fla,
     mamba_state_bytes,
     select_ssd_scan,
     ssd_scan_reference,
     ssd_step,
+    use_ssd_scan,
 )
+from fms.modules.ssd_kernel import ssd_scan_triton
 
 # fp32 tolerances for the module vs an fp64 loop; states are compared with the same bounds.
 ATOL, RTOL = 1e-4, 1e-4
@@ -465,29 +466,35 @@ def test_matches_hf_granitemoehybrid_mamba_layer(num_groups):
 # ------------------------------------------------------------------------------------------------------------
 
 
+def fast_scan_or_skip(name: str) -> None:
+    if name == "fla" and not _fla_available():
+        pytest.skip("flash-linear-attention (fla) is not installed")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.skipif(not _fla_available(), reason="flash-linear-attention (fla) is not installed")
+@pytest.mark.parametrize("scan", ["triton", "fla"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_groups", [1, 2])
 @pytest.mark.parametrize("T", [2, 63, 64, 65, 300])
-def test_fla_fast_path_matches_reference(monkeypatch, dtype, num_groups, T):
-    # Error relative to the largest reference value, since bf16 rounding scales with magnitude. fp32: fla's dots may
-    # run in TF32 -> 2e-3. bf16: C/B/x*dt enter the kernel in bf16 and outputs are rounded twice -> 2e-2.
+def test_fast_path_matches_reference(monkeypatch, scan, dtype, num_groups, T):
+    # Error relative to the largest reference value, since bf16 rounding scales with magnitude. fp32: the kernels'
+    # dots may run in TF32 -> 2e-3. bf16: C/B/x*dt enter the kernel in bf16 and outputs are rounded twice -> 2e-2.
+    fast_scan_or_skip(scan)
     tol = 2e-3 if dtype == torch.float32 else 2e-2
     config = Mamba2Config(
         hidden_size=64, num_heads=4, head_dim=32, state_size=64, num_groups=num_groups, chunk_size=64
     )
-    assert select_ssd_scan(torch.device("cuda")) is _ssd_scan_fla
+    assert select_ssd_scan(torch.device("cuda")) is ssd_scan_triton  # the default on CUDA
     mixer = make_mixer(config).to("cuda", dtype)
     x = torch.randn(3, T, config.hidden_size, device="cuda", dtype=dtype)
     valid_lens = torch.tensor([T, max(T - 5, 0), 1], device="cuda")
     init = random_state(3, config)
     fast_state = Mamba2State(init.conv_state.to("cuda", dtype), init.ssm_state.cuda())
     ref_state = clone_state(fast_state)
-    with torch.no_grad():
+    with torch.no_grad(), use_ssd_scan(scan):
         fast = mixer(x, fast_state, valid_lens=valid_lens)
-        fast_stateless = mixer(x)  # no initial state, no final state asked of fla
+        fast_stateless = mixer(x)  # no initial state, no final state asked of the kernel
         # Same module, device and dtype; only the scan differs.
         monkeypatch.setattr(ssm, "select_ssd_scan", lambda device: ssd_scan_reference)
         ref = mixer(x, ref_state, valid_lens=valid_lens)
@@ -502,11 +509,13 @@ def test_fla_fast_path_matches_reference(monkeypatch, dtype, num_groups, T):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.skipif(not _fla_available(), reason="flash-linear-attention (fla) is not installed")
+@pytest.mark.skipif(not _fla_available(), reason="flash-linear-attention (fla) is not installed: its conv "
+                    "takes packed sequences")
+@pytest.mark.parametrize("scan", ["triton", "fla"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_groups", [1, 2])
-def test_fla_packed_sequences_match_reference(monkeypatch, dtype, num_groups):
-    """fla's conv and scan over packed sequences (cu_seqlens) against each sequence run alone on the
+def test_packed_sequences_on_the_fast_path_match_reference(monkeypatch, scan, dtype, num_groups):
+    """fla's conv and a Triton scan over packed sequences (cu_seqlens) against each sequence run alone on the
     reference path, with carried states; lengths 1, 2 (under the conv width), 64, 65, 300."""
     tol = 2e-3 if dtype == torch.float32 else 2e-2
     config = Mamba2Config(hidden_size=64, num_heads=4, head_dim=32, state_size=64, num_groups=num_groups,
@@ -519,7 +528,8 @@ def test_fla_packed_sequences_match_reference(monkeypatch, dtype, num_groups):
     fast_state = Mamba2State(init.conv_state.to("cuda", dtype), init.ssm_state.cuda())
     ref_state = clone_state(fast_state)
     with torch.no_grad():
-        fast = mixer(x, fast_state, cu_seqlens=cu)
+        with use_ssd_scan(scan):
+            fast = mixer(x, fast_state, cu_seqlens=cu)
         monkeypatch.setattr(ssm, "select_ssd_scan", lambda device: ssd_scan_reference)
         ref = mixer(x, ref_state, cu_seqlens=cu)
     assert max_relative_error(fast, ref) < tol

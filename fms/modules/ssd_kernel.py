@@ -1,0 +1,250 @@
+"""The Mamba2 SSD prefill scan as one Triton kernel that reads each B/C group once (grouped heads).
+
+Why our own kernel: fla's chunk_simple_gla (the previous fast path) wants one q/k per head, so a
+Mamba2 layer's single B/C group is copied to all 48 heads before the call (at batch 8 x 4k tokens,
+0.8 GB of extra traffic) and its q·k products are computed per head from those copies. Here each
+program loads its group's B and C straight from the conv output (strided, no copy) and keeps the
+state on chip across the whole sequence.
+
+One program per (sequence, head, block of head_dim rows); it walks its sequence chunk by chunk:
+
+    chunk c (BLOCK_T steps)          cs = cumsum(dt * A)      (log decay from the chunk start)
+      y   = (C·Sᵀ) * exp(cs)                                 the state entering the chunk, decayed
+          + ((C·Bᵀ) ∘ L) · (x*dt)    L[i, j] = exp(cs_i - cs_j) for j <= i, else 0
+      S   = exp(cs_last) * S + (x*dt * exp(cs_last - cs))ᵀ · B
+
+    S [BLOCK_P, N] fp32 stays in registers; x [b, T, nh, P], B/C [b, T, G, N] and y are read and
+    written once. Padded steps have dt = 0 (and are masked past a sequence's end), so they neither
+    decay nor feed the state.
+
+Same arguments and results as ssm.ssd_scan_reference (notation at the top of the SSD section there);
+`cu_seqlens` packs sequences in one row as fla's does.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # CPU-only installs use the PyTorch reference scan
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_DIM = 256  # head_dim and state_size: one program holds a [head_dim rows, state_size] fp32 state
+_MIN_BLOCK = 16  # the smallest tl.dot tile side
+_DEFAULT_NUM_SMS = 132  # H100 SXM; only used to size blocks when no GPU is present
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0
+
+
+def can_run(device: torch.device) -> bool:
+    """CUDA with Triton, or Triton's interpreter (tests on CPU)."""
+    return HAS_TRITON and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _block(size: int) -> int:
+    return max(_MIN_BLOCK, 1 << (size - 1).bit_length())
+
+
+def choose_block_p(num_sequences: int, num_heads: int, head_dim: int, num_sms: int) -> int:
+    """Rows of head_dim per program: the whole head when (sequence, head) pairs alone fill the GPU,
+    else split the head (down to the smallest dot tile) until about one program per SM."""
+    block_p = _block(head_dim)
+    while block_p > _MIN_BLOCK and num_sequences * num_heads * -(-head_dim // block_p) < num_sms:
+        block_p //= 2
+    return block_p
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _ssd_scan_kernel(
+        x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, y_ptr, h0_ptr, ht_ptr, cu_ptr,
+        seq_len,
+        sx_b, sx_t, sx_h,
+        sdt_b, sdt_t,
+        sb_b, sb_t, sb_g,
+        sc_b, sc_t, sc_g,
+        sy_b, sy_t, sy_h,
+        HEADS_PER_GROUP: tl.constexpr,
+        P: tl.constexpr,
+        N: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        HAS_H0: tl.constexpr,
+        STORE_HT: tl.constexpr,
+        IS_VARLEN: tl.constexpr,
+        DOT_LOW: tl.constexpr,
+    ):
+        seq = tl.program_id(0)
+        head = tl.program_id(1)
+        p0 = tl.program_id(2) * BLOCK_P
+        group = head // HEADS_PER_GROUP
+        if IS_VARLEN:  # sequences back to back in row 0
+            start = tl.load(cu_ptr + seq).to(tl.int64)
+            end = tl.load(cu_ptr + seq + 1).to(tl.int64)
+            row = 0
+        else:
+            start = 0
+            end = seq_len
+            row = seq.to(tl.int64)
+
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        offs_n = tl.arange(0, BLOCK_N)
+        is_p = offs_p < P  # head_dim and state_size are padded up to powers of two; the padding is zeros
+        is_n = offs_n < N
+        offs_t = tl.arange(0, BLOCK_T)
+        causal = offs_t[:, None] >= offs_t[None, :]
+        a = tl.load(a_ptr + head)
+
+        # state rows p0 .. p0+BLOCK_P of S [P, N] (fp32)
+        state_off = (seq.to(tl.int64) * tl.num_programs(1) + head) * P * N + offs_p[:, None] * N + offs_n[None, :]
+        is_pn = is_p[:, None] & is_n[None, :]
+        if HAS_H0:
+            state = tl.load(h0_ptr + state_off, mask=is_pn, other=0.0)
+        else:
+            state = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+
+        x_base = x_ptr + row * sx_b + head * sx_h
+        dt_base = dt_ptr + row * sdt_b + head
+        b_base = b_ptr + row * sb_b + group * sb_g
+        c_base = c_ptr + row * sc_b + group * sc_g
+        y_base = y_ptr + row * sy_b + head * sy_h
+
+        for t0 in range(start, end, BLOCK_T):
+            t = t0 + offs_t
+            is_in = t < end
+            dt = tl.load(dt_base + t * sdt_t, mask=is_in, other=0.0)
+            cs = tl.cumsum(dt * a, axis=0)  # log decay from the chunk start, [BLOCK_T]
+            cs_last = tl.sum(dt * a, axis=0)  # steps past the end add 0
+            x = tl.load(x_base + t[:, None] * sx_t + offs_p[None, :], mask=is_in[:, None] & is_p[None, :], other=0.0)
+            bm = tl.load(b_base + t[:, None] * sb_t + offs_n[None, :], mask=is_in[:, None] & is_n[None, :], other=0.0)
+            cm = tl.load(c_base + t[:, None] * sc_t + offs_n[None, :], mask=is_in[:, None] & is_n[None, :], other=0.0)
+            xdt = x.to(tl.float32) * dt[:, None]  # [BLOCK_T, BLOCK_P]
+
+            # the entering state, decayed to each step (fp32 operands: the state is not rounded)
+            y = tl.dot(cm.to(tl.float32), tl.trans(state)) * tl.exp(cs)[:, None]
+            # inside the chunk: a causal, decayed (C·Bᵀ) applied to x*dt
+            scores = tl.dot(cm, tl.trans(bm))  # [BLOCK_T, BLOCK_T] fp32
+            decay = tl.exp(tl.where(causal, cs[:, None] - cs[None, :], float("-inf")))
+            if DOT_LOW:  # rounded to the model dtype for the tensor cores, as fla and mamba_ssm do
+                y += tl.dot((scores * decay).to(x.dtype), xdt.to(x.dtype))
+            else:
+                y += tl.dot(scores * decay, xdt)
+            tl.store(y_base + t[:, None] * sy_t + offs_p[None, :], y, mask=is_in[:, None] & is_p[None, :])
+
+            to_end = xdt * tl.exp(cs_last - cs)[:, None]  # each step's input as it survives to the chunk end
+            state = state * tl.exp(cs_last) + tl.dot(tl.trans(to_end), bm.to(tl.float32))
+
+        if STORE_HT:
+            tl.store(ht_ptr + state_off, state, mask=is_pn)
+
+
+def _validate(x, dt, A, B, C, initial_state, cu_seqlens) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"x must be [batch, seq_len, num_heads, head_dim], got shape {tuple(x.shape)}")
+    b, T, nh, P = x.shape
+    if B.dim() != 4 or B.shape[:2] != (b, T) or C.shape != B.shape:
+        raise ValueError(f"B and C must be [{b}, {T}, num_groups, state_size], got {tuple(B.shape)} and {tuple(C.shape)}")
+    G, N = B.shape[2], B.shape[3]
+    if G < 1 or nh % G != 0:
+        raise ValueError(f"num_heads={nh} must be a multiple of num_groups={G}")
+    if dt.shape != (b, T, nh) or dt.dtype != torch.float32:
+        raise ValueError(f"dt must be float32 [{b}, {T}, {nh}], got {dt.dtype} {tuple(dt.shape)}")
+    if A.shape != (nh,):
+        raise ValueError(f"A must be [{nh}], got {tuple(A.shape)}")
+    for name, size in (("head_dim", P), ("state_size", N)):
+        if not 1 <= size <= _MAX_DIM:
+            raise ValueError(f"{name}={size} not supported by the Triton SSD scan; allowed: 1 to {_MAX_DIM}")
+    if x.dtype not in _SUPPORTED_DTYPES or B.dtype != x.dtype or C.dtype != x.dtype:
+        raise ValueError(f"x, B, C must share one dtype of {_SUPPORTED_DTYPES}; got {x.dtype}, {B.dtype}, {C.dtype}")
+    for name, t in (("x", x), ("B", B), ("C", C)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
+    if cu_seqlens is not None:
+        if b != 1:
+            raise ValueError(f"packed sequences (cu_seqlens) come as one row, x [1, N, ...]; got batch {b}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2 or cu_seqlens.is_floating_point():
+            raise ValueError(f"cu_seqlens must be an integer tensor [num_sequences + 1], got {cu_seqlens.dtype} "
+                             f"{tuple(cu_seqlens.shape)}")
+    num_seq = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    if initial_state is not None and tuple(initial_state.shape) != (num_seq, nh, P, N):
+        raise ValueError(f"initial_state must be [{num_seq}, {nh}, {P}, {N}], got {tuple(initial_state.shape)}")
+
+
+def ssd_scan_triton(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = True,
+    cu_seqlens: Tensor | None = None,
+    *,
+    block_t: int = 64,
+    block_p: int | None = None,
+    num_warps: int = 4,
+    low_precision_dots: bool | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """SSD scan by _ssd_scan_kernel: returns (y [b, T, nh, P] fp32, final state [num_sequences, nh, P, N] fp32).
+
+    `chunk_size` (the model's) only matters for the reference; the kernel walks `block_t` steps at a time.
+    block_p: head_dim rows per program (None: choose_block_p). low_precision_dots (None: when x is bf16/fp16):
+    the intra-chunk product runs on model-dtype operands, as fla and mamba_ssm do; the state's products stay fp32.
+    """
+    _validate(x, dt, A, B, C, initial_state, cu_seqlens)
+    if not can_run(x.device):
+        raise RuntimeError(f"the Triton SSD scan runs on CUDA (or under TRITON_INTERPRET=1), got a tensor on {x.device}")
+    b, T, nh, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    num_seq = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    if block_p is None:
+        num_sms = _num_sms(x.device.index or 0) if x.is_cuda else _DEFAULT_NUM_SMS
+        block_p = choose_block_p(num_seq, nh, P, num_sms)
+    if not (_is_power_of_two(block_p) and _MIN_BLOCK <= block_p <= _block(P)):
+        raise ValueError(f"block_p={block_p} must be a power of two in [{_MIN_BLOCK}, {_block(P)}]")
+    if not (_is_power_of_two(block_t) and _MIN_BLOCK <= block_t <= 256):
+        raise ValueError(f"block_t={block_t} must be a power of two in [{_MIN_BLOCK}, 256]")
+    if low_precision_dots is None:
+        low_precision_dots = x.dtype != torch.float32
+
+    dt = dt.contiguous()
+    A = A.float().contiguous()
+    y = torch.empty(b, T, nh, P, dtype=torch.float32, device=x.device)
+    h0 = None if initial_state is None else initial_state.float().contiguous()
+    ht = torch.empty(num_seq, nh, P, N, dtype=torch.float32, device=x.device) if output_final_state else None
+    cu = None if cu_seqlens is None else cu_seqlens.to(device=x.device, dtype=torch.int32)
+    grid = (num_seq, nh, -(-P // block_p))
+    _ssd_scan_kernel[grid](
+        x, dt, A, B, C, y, h0, ht, cu,
+        T,
+        x.stride(0), x.stride(1), x.stride(2),
+        dt.stride(0), dt.stride(1),
+        B.stride(0), B.stride(1), B.stride(2),
+        C.stride(0), C.stride(1), C.stride(2),
+        y.stride(0), y.stride(1), y.stride(2),
+        HEADS_PER_GROUP=nh // G, P=P, N=N, BLOCK_P=block_p, BLOCK_N=_block(N), BLOCK_T=block_t,
+        HAS_H0=h0 is not None, STORE_HT=ht is not None, IS_VARLEN=cu is not None, DOT_LOW=low_precision_dots,
+        num_warps=num_warps,
+    )
+    return y, ht
