@@ -10,7 +10,9 @@ State pool (one per cache, all Mamba layers):
 
 Each layer's tensors are separate allocations, not views of one block: under torch.compile a write
 through a view of a graph input is replayed onto its whole base (a copy of every slot of every layer),
-and a step touches only its rows: index_select the rows, step, index_copy_ them back.
+and a step touches only its rows. A decode step updates its rows' SSM states in place, one fused kernel
+reading and writing each row once (fms.modules.mamba_decode_kernel), and gathers and scatters back the
+small conv states; a multi-token step gathers both (index_select), runs, and scatters them back (index_copy_).
 """
 
 from dataclasses import dataclass
@@ -84,19 +86,19 @@ class MambaStatePool:
     def bytes_in_use(self) -> int:
         return len(self._slot) * self.spec.bytes_per_sequence
 
-    def _layer_pools(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def layer_pools(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(conv, ssm) of one Mamba layer, every slot."""
         i = self._layer[layer_idx]
         return self.conv[i], self.ssm[i]
 
     def layer_state(self, layer_idx: int, slots: torch.Tensor) -> Mamba2State:
         """A gathered copy of the rows (only those rows are read); write it back with store()."""
-        conv, ssm = self._layer_pools(layer_idx)
+        conv, ssm = self.layer_pools(layer_idx)
         return Mamba2State(conv_state=conv.index_select(0, slots), ssm_state=ssm.index_select(0, slots))
 
     def store(self, layer_idx: int, slots: torch.Tensor, state: Mamba2State) -> None:
         """Write the rows back (only those rows are written)."""
-        conv, ssm = self._layer_pools(layer_idx)
+        conv, ssm = self.layer_pools(layer_idx)
         conv.index_copy_(0, slots, state.conv_state)
         ssm.index_copy_(0, slots, state.ssm_state)
 
@@ -115,13 +117,13 @@ class MambaLayer(nn.Module):
             # the real tokens, so it cannot reach them
             return self.mamba(x)
         pool, slots = cache.state_pool, meta.state_slots
+        if x.shape[1] == 1 and not meta.packed:
+            # decode: one recurrent step on the rows of the slots, updated in place in the pools
+            conv, ssm = pool.layer_pools(self.layer_idx)
+            return self.mamba.step(x, conv, ssm, meta.num_new_tokens > 0, slots=slots)[0]
         state = pool.layer_state(self.layer_idx, slots)
         if meta.packed:  # one row of every sequence's new tokens back to back
             out = self.mamba(x, state=state, cu_seqlens=meta.varlen.cu_q)
-        elif x.shape[1] == 1:
-            # decode: one recurrent step on the gathered rows, whose new states are stored as they come
-            out, conv, ssm = self.mamba.step(x, state.conv_state, state.ssm_state, meta.num_new_tokens > 0)
-            state = Mamba2State(conv_state=conv, ssm_state=ssm)
         else:
             out = self.mamba(x, state=state, valid_lens=meta.num_new_tokens)
         pool.store(self.layer_idx, slots, state)

@@ -516,16 +516,21 @@ class Mamba2Mixer(nn.Module):
         return torch.cat(outs, dim=1)
 
     def step(
-        self, x: Tensor, conv_state: Tensor, ssm_state: Tensor, is_active: Tensor | None = None
+        self, x: Tensor, conv_state: Tensor, ssm_state: Tensor, is_active: Tensor | None = None,
+        slots: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """One token per row (decode): the recurrence written out, nothing of the chunked scan.
 
         x [b, 1, H]; conv_state [b, conv_dim, K-1] (model dtype); ssm_state [b, nh, P, N] fp32; is_active [b]
         bool or None (all). Returns (out [b, 1, H], new conv state, new ssm state); the inputs are not
-        modified, so a caller holding the states in a pool gathers its rows, steps, and scatters the results
-        (compiled, the gather fuses into the update, which reads each row once). A row with is_active False keeps
-        both states bit for bit (dt = 0 makes the SSM update an exact identity; the conv window is not
-        shifted); its output is finite but meaningless.
+        modified. A row with is_active False keeps both states bit for bit (dt = 0 makes the SSM update an exact
+        identity; the conv window is not shifted); its output is finite but meaningless.
+
+        slots [b] int64, for a caller holding the states in pools: conv_state [S, conv_dim, K-1] and ssm_state
+        [S, nh, P, N] are then the pools, row i's states sit at slots[i], those rows are updated in place and
+        the pools are returned. The SSM state is updated by one fused kernel that reads and writes each row
+        once (fms.modules.mamba_decode_kernel; its torch reference off CUDA); the small conv state is gathered
+        and scattered back. Rows may share a slot (padded rows on a scratch slot), which then holds garbage.
 
             conv:  window = [s0 s1 s2 | x]  ->  out = silu(sum_k w_k window_k + bias),  state <- [s1 s2 x]
             ssm:   h' = exp(dt A) h + dt x ⊗ B          y = h' · C + D x
@@ -533,6 +538,9 @@ class Mamba2Mixer(nn.Module):
         c = self.config
         b = x.shape[0]
         G, P, N = c.num_groups, c.head_dim, c.state_size
+        conv_pool = conv_state
+        if slots is not None:
+            conv_state = conv_pool.index_select(0, slots)
         z, xBC, dt_raw = self.in_proj(x[:, 0]).split([c.inner_dim, c.conv_dim, c.num_heads], dim=-1)
 
         window = torch.cat([conv_state, xBC.to(conv_state.dtype)[:, :, None]], dim=-1)  # (b, conv_dim, K)
@@ -549,9 +557,18 @@ class Mamba2Mixer(nn.Module):
         dt = self._dt(dt_raw)  # (b, nh) fp32
         if is_active is not None:
             dt = dt.masked_fill(~is_active[:, None], 0.0)
-        xs = xs.float().view(b, c.num_heads, P)
-        y, h = ssd_step(xs, dt, -torch.exp(self.A_log.float()), B.view(b, G, N), C.view(b, G, N), ssm_state)
-        y = y + self.D.float()[:, None] * xs  # (b, nh, P)
+        A = -torch.exp(self.A_log.float())
+        xs, B, C = xs.view(b, c.num_heads, P), B.view(b, G, N), C.view(b, G, N)
+        if slots is None:
+            xs = xs.float()
+            y, h = ssd_step(xs, dt, A, B, C, ssm_state)
+            y = y + self.D.float()[:, None] * xs  # (b, nh, P)
+        else:
+            from fms.modules.mamba_decode_kernel import mamba_decode_update  # it imports ssd_step from here
+
+            conv_pool.index_copy_(0, slots, new_conv_state)
+            y = mamba_decode_update(ssm_state, slots, xs, dt, A, B, C, self.D)  # (b, nh, P) fp32, D x included
+            new_conv_state, h = conv_pool, ssm_state
 
         out = self.out_proj(self.norm(y.reshape(b, 1, c.inner_dim), z[:, None]))
         return out, new_conv_state, h

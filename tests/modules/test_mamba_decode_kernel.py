@@ -194,6 +194,33 @@ def test_compiled_op_equals_eager():
     assert torch.equal(got, want) and torch.equal(compiled_pool, eager_pool)
 
 
+def decode_two_ways(device, graph_batch_sizes=None, monkeypatch=None):
+    """The tiny hybrid's decode windows (3 rows, one idling after 2 steps) on two prefilled caches: eagerly on
+    the first, then on the second with CUDA graphs (graph_batch_sizes) or with the Triton kernel in place of
+    the op's device choice (monkeypatch). Asserts the same tokens and Mamba states; -> the second runner."""
+    from fms.serving.model_runner import DecodeWindowRunner
+    from tests.models.test_hybrid_decode_compile import STEPS, _model, _prefilled_cache, _prompts, _window
+
+    model = _model(device)
+    prompts = _prompts((5, 19, 3), model.config.vocab_size)
+    (eager_cache, firsts), (other_cache, _) = (_prefilled_cache(model, prompts) for _ in range(2))
+    eager = DecodeWindowRunner(model, eager_cache, "paged", max_steps=STEPS, graph_batch_sizes=None)
+    other = DecodeWindowRunner(model, other_cache, "paged", max_steps=STEPS, graph_batch_sizes=graph_batch_sizes)
+    want = _window(eager, firsts, [STEPS, 2, STEPS])
+    if monkeypatch is not None:
+        monkeypatch.setattr(kernel, "_by_device", mamba_decode_triton)
+    assert _window(other, firsts, [STEPS, 2, STEPS]) == want
+    for a, b in zip(eager_cache.state_pool.conv + eager_cache.state_pool.ssm,
+                    other_cache.state_pool.conv + other_cache.state_pool.ssm):
+        torch.testing.assert_close(b, a, atol=ATOL, rtol=RTOL)
+    return other
+
+
+def test_hybrid_decode_with_the_kernel_equals_the_reference(monkeypatch):
+    """The model's decode with the Triton kernel (the interpreter on CPU) in place of the reference."""
+    decode_two_ways(DEVICE, monkeypatch=monkeypatch)
+
+
 def test_choose_block_p():
     # Granite-4.0-H-1B (48 heads x 64 x 128): the largest 16 KB tile once the batch fills the GPU ...
     assert choose_block_p(32, 48, 64, 128, num_sms=132) == 32
@@ -264,3 +291,13 @@ def test_gpu_granite_4_h_1b_shapes(batch_size, dtype):
                      num_slots=num_slots, dtype=dtype, seed=batch_size)
     y, pool = run("op", case)
     check(case, y, pool, rows=[i for i, s in enumerate(slots) if s != num_slots])
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_hybrid_decode_step_in_a_cuda_graph():
+    """The tiny hybrid's eager decode step captured in CUDA graphs (the kernel launched inside the capture)
+    and replayed: the eager step's tokens and Mamba states (fp32)."""
+    graphed = decode_two_ways("cuda", graph_batch_sizes=(1, 2, 4))
+    assert graphed.use_graphs, "CUDA graph capture failed and fell back to eager (see the log)"
+    assert graphed.num_graph_steps > 0
