@@ -4,7 +4,8 @@ Random weights. Four measurements (--sections picks them; all by default), writt
 --output_dir and summarized on stdout:
 
   prefill  no-cache forward (logits for the last token only) at each batch x context, once per scan path:
-           fast (fla's Triton scan, CUDA only), reference (chunked PyTorch), recurrent (ssd_step per token);
+           fast (our Triton SSD scan, fms/modules/ssd_kernel.py, with fla's conv and norm when installed; CUDA
+           only), reference (chunked PyTorch), recurrent (ssd_step per token);
            median ms over --repeats after --warmup, and the speedups of fast over the other two.
   split    one prefill and one decode step (paged cache by default) timed per layer kind: forward hooks on the
            mixers sum the Mamba and attention time; other = total - both (embedding, MLPs, norms, LM head).
@@ -48,7 +49,7 @@ ARCHITECTURE = "granite_hybrid"
 SECTIONS = ("prefill", "split", "memory", "mixer")
 MODEL_SECTIONS = ("prefill", "split", "memory")  # the sections that build the whole model
 PATHS = ("fast", "reference", "recurrent")
-SCAN_OF_PATH = {"fast": "fla", "reference": "reference", "recurrent": "recurrent"}
+SCAN_OF_PATH = {"fast": "triton", "reference": "reference", "recurrent": "recurrent"}
 KINDS = ("mamba", "attention")
 MIXER_FIGURES = ("scan", "scan_graph", "mixer", "mixer_graph")  # eager and CUDA-graphed, for the scan and the mixer
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -297,9 +298,9 @@ def path_unavailable(path: str, device: torch.device) -> str | None:
     if path != "fast":
         return None
     if device.type != "cuda":
-        return "fla's Triton scan runs on CUDA only"
+        return "the Triton scan runs on CUDA only"
     try:
-        with use_ssd_scan("fla"):
+        with use_ssd_scan(SCAN_OF_PATH[path]):
             pass
     except RuntimeError as exc:
         return str(exc)
@@ -786,7 +787,7 @@ def _where(entry: dict) -> str:
 
 def _scan_label(device: torch.device) -> str:
     scan = select_ssd_scan(device)
-    return "reference" if scan is ssd_scan_reference else "fast" if scan.__name__ == "_ssd_scan_fla" else scan.__name__
+    return "reference" if scan is ssd_scan_reference else "fast" if scan.__name__ == "ssd_scan_triton" else scan.__name__
 
 
 def main(argv=None) -> int:

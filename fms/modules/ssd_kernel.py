@@ -13,7 +13,7 @@ One program per (sequence, head, block of head_dim rows); it walks its sequence 
           + ((C·Bᵀ) ∘ L) · (x*dt)    L[i, j] = exp(cs_i - cs_j) for j <= i, else 0
       S   = exp(cs_last) * S + (x*dt * exp(cs_last - cs))ᵀ · B
 
-    S [BLOCK_P, N] fp32 stays in registers; x [b, T, nh, P], B/C [b, T, G, N] and y are read and
+    S (held as Sᵀ [N, BLOCK_P], fp32) stays in registers; x [b, T, nh, P], B/C [b, T, G, N] and y are read and
     written once. Padded steps have dt = 0 (and are masked past a sequence's end), so they neither
     decay nor feed the state.
 
@@ -42,6 +42,9 @@ except ImportError:  # CPU-only installs use the PyTorch reference scan
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_DIM = 256  # head_dim and state_size: one program holds a [head_dim rows, state_size] fp32 state
 _MIN_BLOCK = 16  # the smallest tl.dot tile side
+_MIN_SEGMENT_LEN = 512  # steps: below this a segment's extra state pass costs more than its parallelism gains
+_MAX_BLOCK_P = 64  # a [state_size, 64] fp32 state tile is 32 KB of registers at state_size 128
+_PROGRAMS_PER_SM = 3
 _DEFAULT_NUM_SMS = 132  # H100 SXM; only used to size blocks when no GPU is present
 
 
@@ -63,21 +66,32 @@ def _block(size: int) -> int:
     return max(_MIN_BLOCK, 1 << (size - 1).bit_length())
 
 
-def choose_block_p(num_sequences: int, num_heads: int, head_dim: int, num_sms: int) -> int:
-    """Rows of head_dim per program: the whole head when (sequence, head) pairs alone fill the GPU,
-    else split the head (down to the smallest dot tile) until about one program per SM."""
-    block_p = _block(head_dim)
-    while block_p > _MIN_BLOCK and num_sequences * num_heads * -(-head_dim // block_p) < num_sms:
+def choose_block_p(num_sequences: int, num_heads: int, head_dim: int, num_sms: int, can_segment: bool) -> int:
+    """Rows of head_dim per program: the whole head up to _MAX_BLOCK_P rows (C·Bᵀ, computed per program, is then
+    shared by the most rows). Packed sequences (no segments) split the head instead when the (sequence, head)
+    programs alone leave SMs idle, down to the smallest dot tile."""
+    block_p = min(_block(head_dim), _MAX_BLOCK_P)
+    while (not can_segment and block_p > _MIN_BLOCK
+           and num_sequences * num_heads * -(-head_dim // block_p) < num_sms):
         block_p //= 2
     return block_p
+
+
+def choose_num_segments(num_programs: int, seq_len: int, num_sms: int) -> int:
+    """Segments per row (padded batch only): about _PROGRAMS_PER_SM programs per SM, a power of two, in segments
+    of at least _MIN_SEGMENT_LEN steps; at batch 8 of a 48-head mixer the rows alone are enough (H100 sweep,
+    final_project section 7)."""
+    wanted = max(1, _PROGRAMS_PER_SM * num_sms // num_programs)
+    segments = 1 << (wanted.bit_length() - 1)  # round down to a power of two
+    return max(1, min(segments, seq_len // _MIN_SEGMENT_LEN))
 
 
 if HAS_TRITON:
 
     @triton.jit
     def _ssd_scan_kernel(
-        x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, y_ptr, h0_ptr, ht_ptr, cu_ptr,
-        seq_len,
+        x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, y_ptr, h0_ptr, ht_ptr, cu_ptr, local_ptr, local_decay_ptr,
+        seq_len, segment_len, num_segments,
         sx_b, sx_t, sx_h,
         sdt_b, sdt_t,
         sb_b, sb_t, sb_g,
@@ -93,18 +107,23 @@ if HAS_TRITON:
         STORE_HT: tl.constexpr,
         IS_VARLEN: tl.constexpr,
         DOT_LOW: tl.constexpr,
+        STATE_ONLY: tl.constexpr,
+        IS_SEGMENTED: tl.constexpr,
     ):
-        seq = tl.program_id(0)
+        # program (seq, segment): segment k of a row covers steps k*segment_len .. (k+1)*segment_len - 1
+        pid = tl.program_id(0)
+        seq = pid // num_segments
+        segment = pid % num_segments
         head = tl.program_id(1)
         p0 = tl.program_id(2) * BLOCK_P
         group = head // HEADS_PER_GROUP
-        if IS_VARLEN:  # sequences back to back in row 0
+        if IS_VARLEN:  # sequences back to back in row 0 (one segment each)
             start = tl.load(cu_ptr + seq).to(tl.int64)
             end = tl.load(cu_ptr + seq + 1).to(tl.int64)
             row = 0
         else:
-            start = 0
-            end = seq_len
+            start = segment * segment_len
+            end = tl.minimum(start + segment_len, seq_len)
             row = seq.to(tl.int64)
 
         offs_p = p0 + tl.arange(0, BLOCK_P)
@@ -115,13 +134,26 @@ if HAS_TRITON:
         causal = offs_t[:, None] >= offs_t[None, :]
         a = tl.load(a_ptr + head)
 
-        # state rows p0 .. p0+BLOCK_P of S [P, N] (fp32)
-        state_off = (seq.to(tl.int64) * tl.num_programs(1) + head) * P * N + offs_p[:, None] * N + offs_n[None, :]
-        is_pn = is_p[:, None] & is_n[None, :]
-        if HAS_H0:
-            state = tl.load(h0_ptr + state_off, mask=is_pn, other=0.0)
+        # Sᵀ [N, BLOCK_P] for rows p0 .. p0+BLOCK_P of S [P, N] (fp32). Every operand is loaded or kept in
+        # the layout its dot wants, so the kernel has no tl.trans.
+        # h0 and ht hold one state per sequence; local (the segments' own states) one per (sequence, segment
+        # but the last), at row seq * (num_segments - 1) + segment, with its log decay in local_decay.
+        state_size = tl.num_programs(1) * P * N
+        in_head = head * P * N + offs_n[:, None] + offs_p[None, :] * N
+        seq_off = seq.to(tl.int64) * state_size + in_head
+        is_np = is_n[:, None] & is_p[None, :]
+        if HAS_H0 and not STATE_ONLY:
+            state_t = tl.load(h0_ptr + seq_off, mask=is_np, other=0.0)
         else:
-            state = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+            state_t = tl.zeros([BLOCK_N, BLOCK_P], dtype=tl.float32)
+        if IS_SEGMENTED and not STATE_ONLY:
+            # the state entering this segment: the earlier segments' own states chained onto the initial one
+            first_local = seq.to(tl.int64) * (num_segments - 1)
+            for k in range(0, segment):
+                log_decay = tl.load(local_decay_ptr + (first_local + k) * tl.num_programs(1) + head)
+                own = tl.load(local_ptr + (first_local + k) * state_size + in_head, mask=is_np, other=0.0)
+                state_t = state_t * tl.exp(log_decay) + own
+        log_decay_sum = 0.0
 
         x_base = x_ptr + row * sx_b + head * sx_h
         dt_base = dt_ptr + row * sdt_b + head
@@ -136,26 +168,34 @@ if HAS_TRITON:
             cs = tl.cumsum(dt * a, axis=0)  # log decay from the chunk start, [BLOCK_T]
             cs_last = tl.sum(dt * a, axis=0)  # steps past the end add 0
             x = tl.load(x_base + t[:, None] * sx_t + offs_p[None, :], mask=is_in[:, None] & is_p[None, :], other=0.0)
-            bm = tl.load(b_base + t[:, None] * sb_t + offs_n[None, :], mask=is_in[:, None] & is_n[None, :], other=0.0)
-            cm = tl.load(c_base + t[:, None] * sc_t + offs_n[None, :], mask=is_in[:, None] & is_n[None, :], other=0.0)
+            b_t = tl.load(b_base + t[None, :] * sb_t + offs_n[:, None], mask=is_n[:, None] & is_in[None, :], other=0.0)
             xdt = x.to(tl.float32) * dt[:, None]  # [BLOCK_T, BLOCK_P]
 
-            # the entering state, decayed to each step (fp32 operands: the state is not rounded)
-            y = tl.dot(cm.to(tl.float32), tl.trans(state)) * tl.exp(cs)[:, None]
-            # inside the chunk: a causal, decayed (C·Bᵀ) applied to x*dt
-            scores = tl.dot(cm, tl.trans(bm))  # [BLOCK_T, BLOCK_T] fp32
-            decay = tl.exp(tl.where(causal, cs[:, None] - cs[None, :], float("-inf")))
-            if DOT_LOW:  # rounded to the model dtype for the tensor cores, as fla and mamba_ssm do
-                y += tl.dot((scores * decay).to(x.dtype), xdt.to(x.dtype))
-            else:
-                y += tl.dot(scores * decay, xdt)
-            tl.store(y_base + t[:, None] * sy_t + offs_p[None, :], y, mask=is_in[:, None] & is_p[None, :])
+            if not STATE_ONLY:
+                cm = tl.load(c_base + t[:, None] * sc_t + offs_n[None, :], mask=is_in[:, None] & is_n[None, :],
+                             other=0.0)
+                # the entering state, decayed to each step (fp32 operands: the state is not rounded)
+                y = tl.dot(cm.to(tl.float32), state_t) * tl.exp(cs)[:, None]
+                # inside the chunk: a causal, decayed (C·Bᵀ) applied to x*dt
+                scores = tl.dot(cm, b_t)  # [BLOCK_T, BLOCK_T] fp32
+                decay = tl.exp(tl.where(causal, cs[:, None] - cs[None, :], float("-inf")))
+                if DOT_LOW:  # rounded to the model dtype for the tensor cores, as fla and mamba_ssm do
+                    y += tl.dot((scores * decay).to(x.dtype), xdt.to(x.dtype))
+                else:
+                    y += tl.dot(scores * decay, xdt)
+                tl.store(y_base + t[:, None] * sy_t + offs_p[None, :], y, mask=is_in[:, None] & is_p[None, :])
 
             to_end = xdt * tl.exp(cs_last - cs)[:, None]  # each step's input as it survives to the chunk end
-            state = state * tl.exp(cs_last) + tl.dot(tl.trans(to_end), bm.to(tl.float32))
+            state_t = state_t * tl.exp(cs_last) + tl.dot(b_t.to(tl.float32), to_end)
+            log_decay_sum += cs_last
 
-        if STORE_HT:
-            tl.store(ht_ptr + state_off, state, mask=is_pn)
+        if STATE_ONLY:  # launched over segments 0 .. num_segments-1 of each row, num_segments = the caller's k - 1
+            tl.store(local_ptr + pid.to(tl.int64) * state_size + in_head, state_t, mask=is_np)
+            if tl.program_id(2) == 0:
+                tl.store(local_decay_ptr + pid.to(tl.int64) * tl.num_programs(1) + head, log_decay_sum)
+        elif STORE_HT:
+            if segment == num_segments - 1:
+                tl.store(ht_ptr + seq_off, state_t, mask=is_np)
 
 
 def _validate(x, dt, A, B, C, initial_state, cu_seqlens) -> None:
@@ -201,16 +241,20 @@ def ssd_scan_triton(
     output_final_state: bool = True,
     cu_seqlens: Tensor | None = None,
     *,
-    block_t: int = 64,
+    block_t: int = 32,
     block_p: int | None = None,
+    num_segments: int | None = None,
     num_warps: int = 4,
-    low_precision_dots: bool | None = None,
+    low_precision_dots: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """SSD scan by _ssd_scan_kernel: returns (y [b, T, nh, P] fp32, final state [num_sequences, nh, P, N] fp32).
 
     `chunk_size` (the model's) only matters for the reference; the kernel walks `block_t` steps at a time.
-    block_p: head_dim rows per program (None: choose_block_p). low_precision_dots (None: when x is bf16/fp16):
-    the intra-chunk product runs on model-dtype operands, as fla and mamba_ssm do; the state's products stay fp32.
+    block_p: head_dim rows per program (None: choose_block_p). num_segments (padded rows only; None:
+    choose_num_segments): with k > 1, a first launch computes the state each segment but the last leaves from
+    zero (and its total decay); the second scans every segment from its entering state, which each program
+    chains from the earlier segments' states itself. low_precision_dots: the intra-chunk product on model-dtype operands, as fla and mamba_ssm do
+    (~2x the error; not faster on an H100); the state's products are fp32 (TF32) either way.
     """
     _validate(x, dt, A, B, C, initial_state, cu_seqlens)
     if not can_run(x.device):
@@ -218,15 +262,21 @@ def ssd_scan_triton(
     b, T, nh, P = x.shape
     G, N = B.shape[2], B.shape[3]
     num_seq = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    num_sms = _num_sms(x.device.index or 0) if x.is_cuda else _DEFAULT_NUM_SMS
     if block_p is None:
-        num_sms = _num_sms(x.device.index or 0) if x.is_cuda else _DEFAULT_NUM_SMS
-        block_p = choose_block_p(num_seq, nh, P, num_sms)
+        block_p = choose_block_p(num_seq, nh, P, num_sms, can_segment=cu_seqlens is None)
     if not (_is_power_of_two(block_p) and _MIN_BLOCK <= block_p <= _block(P)):
         raise ValueError(f"block_p={block_p} must be a power of two in [{_MIN_BLOCK}, {_block(P)}]")
     if not (_is_power_of_two(block_t) and _MIN_BLOCK <= block_t <= 256):
         raise ValueError(f"block_t={block_t} must be a power of two in [{_MIN_BLOCK}, 256]")
-    if low_precision_dots is None:
-        low_precision_dots = x.dtype != torch.float32
+    p_blocks = -(-P // block_p)
+    if num_segments is None:
+        num_segments = 1 if cu_seqlens is not None else choose_num_segments(num_seq * nh * p_blocks, T, num_sms)
+    if num_segments < 1 or (num_segments > 1 and cu_seqlens is not None):
+        raise ValueError(f"num_segments={num_segments} must be >= 1, and 1 with packed sequences (cu_seqlens)")
+    # whole chunks per segment; fewer segments when T is short
+    segment_len = -(-(-(-T // num_segments)) // block_t) * block_t
+    num_segments = -(-T // segment_len)
 
     dt = dt.contiguous()
     A = A.float().contiguous()
@@ -234,17 +284,27 @@ def ssd_scan_triton(
     h0 = None if initial_state is None else initial_state.float().contiguous()
     ht = torch.empty(num_seq, nh, P, N, dtype=torch.float32, device=x.device) if output_final_state else None
     cu = None if cu_seqlens is None else cu_seqlens.to(device=x.device, dtype=torch.int32)
-    grid = (num_seq, nh, -(-P // block_p))
-    _ssd_scan_kernel[grid](
-        x, dt, A, B, C, y, h0, ht, cu,
-        T,
-        x.stride(0), x.stride(1), x.stride(2),
-        dt.stride(0), dt.stride(1),
-        B.stride(0), B.stride(1), B.stride(2),
-        C.stride(0), C.stride(1), C.stride(2),
-        y.stride(0), y.stride(1), y.stride(2),
-        HEADS_PER_GROUP=nh // G, P=P, N=N, BLOCK_P=block_p, BLOCK_N=_block(N), BLOCK_T=block_t,
-        HAS_H0=h0 is not None, STORE_HT=ht is not None, IS_VARLEN=cu is not None, DOT_LOW=low_precision_dots,
-        num_warps=num_warps,
-    )
+
+    local = local_decay = None
+    if num_segments > 1:  # the state each segment but the last leaves behind from zero, and its log decay
+        local = torch.empty(b, num_segments - 1, nh, P, N, dtype=torch.float32, device=x.device)
+        local_decay = torch.empty(b, num_segments - 1, nh, dtype=torch.float32, device=x.device)
+
+    def launch(segments, rows, state_only):
+        _ssd_scan_kernel[(rows, nh, p_blocks)](
+            x, dt, A, B, C, y, h0, ht, cu, local, local_decay,
+            T, segment_len, segments,
+            x.stride(0), x.stride(1), x.stride(2),
+            dt.stride(0), dt.stride(1),
+            B.stride(0), B.stride(1), B.stride(2),
+            C.stride(0), C.stride(1), C.stride(2),
+            y.stride(0), y.stride(1), y.stride(2),
+            HEADS_PER_GROUP=nh // G, P=P, N=N, BLOCK_P=block_p, BLOCK_N=_block(N), BLOCK_T=block_t,
+            HAS_H0=h0 is not None, STORE_HT=ht is not None, IS_VARLEN=cu is not None,
+            DOT_LOW=low_precision_dots, STATE_ONLY=state_only, IS_SEGMENTED=num_segments > 1, num_warps=num_warps,
+        )
+
+    if num_segments > 1:
+        launch(num_segments - 1, b * (num_segments - 1), True)
+    launch(num_segments, num_seq * num_segments, False)
     return y, ht

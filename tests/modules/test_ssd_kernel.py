@@ -60,6 +60,36 @@ def test_scan_matches_token_by_token_recurrence_without_initial_state():
     assert rel_err(y, y_ref) < FP32_TOL
 
 
+@pytest.mark.parametrize("num_segments", [2, 3, 7])
+@pytest.mark.parametrize("with_state", [True, False])
+def test_segmented_rows_match_reference(num_segments, with_state):
+    """Rows cut into segments scanned in parallel (state pass, chaining, output pass); 7 asks for more segments
+    than the 4 chunks there are. A mild decay (dt*A ~ -0.05) lets the carried state matter across segments."""
+    x, dt, A, B, C, h0 = make_inputs(2, 3 * BLOCK_T + 5, 4, 16, 2, 16, with_state=with_state)
+    dt = dt * 0.1
+    y, h = ssd_kernel.ssd_scan_triton(x, dt, A, B, C, 8, h0, True, block_t=BLOCK_T, num_segments=num_segments)
+    y_ref, h_ref = ssd_scan_reference(x, dt, A, B, C, 8, h0, True)
+    assert rel_err(y, y_ref) < FP32_TOL
+    assert rel_err(h, h_ref) < FP32_TOL
+    y_only, none = ssd_kernel.ssd_scan_triton(x, dt, A, B, C, 8, h0, False, block_t=BLOCK_T,
+                                              num_segments=num_segments)
+    assert none is None and torch.equal(y_only, y)
+
+
+def test_block_and_segment_choice():
+    """The H100 sweep's choices for a 48-head, head_dim 64 mixer: whole heads, and segments until ~3 programs per
+    SM (batch 1 -> 8, 2 -> 4, 4 -> 2, 8 -> 1), at least 512 steps each; packed sequences split heads instead."""
+    assert ssd_kernel.choose_block_p(1, 48, 64, 132, can_segment=True) == 64
+    assert ssd_kernel.choose_block_p(1, 4, 256, 132, can_segment=True) == 64
+    assert ssd_kernel.choose_block_p(1, 4, 20, 132, can_segment=True) == 32
+    assert ssd_kernel.choose_block_p(1, 48, 64, 132, can_segment=False) == 16  # 48 -> 96 -> 192 programs
+    assert ssd_kernel.choose_block_p(8, 48, 64, 132, can_segment=False) == 64
+    assert [ssd_kernel.choose_num_segments(b * 48, 4096, 132) for b in (1, 2, 4, 8, 16)] == [8, 4, 2, 1, 1]
+    assert ssd_kernel.choose_num_segments(48, 16384, 132) == 8
+    assert ssd_kernel.choose_num_segments(48, 1000, 132) == 1  # segments of at least 512 steps
+    assert ssd_kernel.choose_num_segments(48, 1500, 132) == 2
+
+
 @pytest.mark.parametrize(("P", "N", "block_p"), [(32, 16, 16), (24, 20, None), (8, 8, None)])
 def test_head_split_and_sizes_that_are_not_tiles(P, N, block_p):
     """Heads split over programs (block_p < head_dim), and head_dim / state_size that are not powers of two or
@@ -127,13 +157,6 @@ def test_half_precision_inputs(dtype):
     assert rel_err(h, h_ref) < BF16_TOL
 
 
-def test_block_choice_fills_the_gpu_at_small_batch():
-    assert ssd_kernel.choose_block_p(8, 48, 64, 132) == 64  # 384 programs already
-    assert ssd_kernel.choose_block_p(1, 48, 64, 132) == 16  # 48 -> 96 -> 192 programs
-    assert ssd_kernel.choose_block_p(1, 4, 20, 132) == 16  # never below the dot tile
-    assert ssd_kernel.choose_block_p(1, 4, 8, 132) == 16
-
-
 def test_bad_inputs_raise_naming_the_value():
     x, dt, A, B, C, h0 = make_inputs(2, 5, 4, 16, 1, 16)
     scan = ssd_kernel.ssd_scan_triton
@@ -151,6 +174,10 @@ def test_bad_inputs_raise_naming_the_value():
         scan(x, dt, A, B, C, 8, block_p=32)
     with pytest.raises(ValueError, match="block_t=24"):
         scan(x, dt, A, B, C, 8, block_t=24)
+    with pytest.raises(ValueError, match="num_segments=0"):
+        scan(x, dt, A, B, C, 8, num_segments=0)
+    with pytest.raises(ValueError, match="num_segments=2 must be"):
+        scan(x[:1], dt[:1], A, B[:1], C[:1], 8, cu_seqlens=torch.tensor([0, 2, 5], device=DEVICE), num_segments=2)
 
 
 def test_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
