@@ -49,6 +49,37 @@ case "${1:-all}" in
     FMS_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q tests/modules/test_paged_attention.py \
       tests/models/test_paged_generation.py -k "not 256 and not 128" 2>&1 | tee -a "$OUT/tests.log" | tail -4
     ;;
+  session7-ssd)
+    # #5: the Triton SSD scan swept over its blocks against fla and the reference (one process per block_t:
+    # a kernel fault kills only its own sweep); its GPU tests
+    fla_site
+    FMS_TEST_DEVICE=cuda timeout 120 python3 -m pytest -q tests/modules/test_ssd_kernel.py 2>&1 \
+      | tee "$OUT/tests_ssd_kernel.log" | tail -3
+    if [ -n "${SWEEP:-}" ]; then
+      for bt in ${BLOCK_TS:-32 64}; do
+        for point in "1,2,4,8 4096" "1,8 16384"; do
+          set -- $point
+          timeout ${BENCH_TIMEOUT:-150} python3 scripts/bench_ssd_scan.py --batch_sizes $1 --context_lengths $2 \
+            --repeats 10 --block_t $bt --output "$OUT/bench_ssd_scan_t${bt}_$2.json" 2>&1 \
+            | tee "$OUT/bench_ssd_scan_t${bt}_$2.log" | tail -6
+        done
+      done
+    fi
+    timeout 150 python3 scripts/bench_ssd_scan.py --defaults_only --batch_sizes 1,2,4,8 \
+      --context_lengths 1024,4096,16384 --repeats 20 --output "$OUT/bench_ssd_scan_defaults.json" 2>&1 \
+      | tee "$OUT/bench_ssd_scan_defaults.log" | tail -14
+    [ -n "${NO_PROFILE:-}" ] || timeout 150 python3 scripts/profile_hybrid.py --sections mixer --paths fast,reference --variant 4.0-h-1b \
+      --dtype bf16 --device cuda --batch_sizes 1,8 --context_lengths 4096,16384 --repeats 5 --warmup 2 \
+      --output_dir "$OUT" --run_name profile_hybrid_mixer 2>&1 | tail -12
+    ;;
+  session7-tests)
+    fla_site
+    FMS_TEST_DEVICE=cuda timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q tests/modules/test_ssm.py \
+      -k "fast_path or packed" 2>&1 | tee "$OUT/tests_ssd.log" | tail -4
+    timeout 150 python3 -m pytest -q tests/modules/test_mamba_decode_kernel.py 2>&1 | tee "$OUT/tests_decode_kernel.log" | tail -4
+    timeout 330 python3 -m pytest -q tests/models/test_hybrid_decode_compile.py tests/serving/test_engine_gpu.py -k "hybrid or mamba" \
+      2>&1 | tee "$OUT/tests_engine.log" | tail -4
+    ;;
   session4)
     # this session's report runs: eval parity on the Llama shape, serving (decode-window sweep, batch 1), profile
     for task in "mmlu fms/resources/eval/mmlu" "truthfulqa_mc2 fms/resources/eval/truthfulqa_mc.json"; do
