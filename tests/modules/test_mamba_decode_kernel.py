@@ -260,10 +260,11 @@ def test_rejects_bad_inputs(fn, change, match):
 
 
 def test_kernel_refuses_what_it_cannot_run(monkeypatch):
-    args = _valid_args()
+    args = {name: t.to(DEVICE) for name, t in _valid_args().items()}
     with pytest.raises(ValueError, match="block_p=3"):
         mamba_decode_triton(**args, block_p=3)
-    big = dict(args, ssm_pool=torch.zeros(5, 4, 8, 2048), B=torch.zeros(2, 2, 2048), C=torch.zeros(2, 2, 2048))
+    big = dict(args, ssm_pool=torch.zeros(5, 4, 8, 2048, device=DEVICE), B=torch.zeros(2, 2, 2048, device=DEVICE),
+               C=torch.zeros(2, 2, 2048, device=DEVICE))
     with pytest.raises(ValueError, match="state_size=2048"):
         mamba_decode_triton(**big)
     if DEVICE == "cpu":
