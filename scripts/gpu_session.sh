@@ -73,12 +73,19 @@ case "${1:-all}" in
       --output_dir "$OUT" --run_name profile_hybrid_mixer 2>&1 | tail -12
     ;;
   session7-tests)
+    # the mixer's fast paths (Triton and fla scans) and the fused decode update on CUDA
     fla_site
-    FMS_TEST_DEVICE=cuda timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q tests/modules/test_ssm.py \
+    FMS_TEST_DEVICE=cuda timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q tests/modules/test_ssm.py \
       -k "fast_path or packed" 2>&1 | tee "$OUT/tests_ssd.log" | tail -4
-    timeout 150 python3 -m pytest -q tests/modules/test_mamba_decode_kernel.py 2>&1 | tee "$OUT/tests_decode_kernel.log" | tail -4
-    timeout 330 python3 -m pytest -q tests/models/test_hybrid_decode_compile.py tests/serving/test_engine_gpu.py -k "hybrid or mamba" \
-      2>&1 | tee "$OUT/tests_engine.log" | tail -4
+    timeout 200 python3 -m pytest -q tests/modules/test_mamba_decode_kernel.py 2>&1 | tee "$OUT/tests_decode_kernel.log" | tail -4
+    ;;
+  session7-engine)
+    # the hybrid model compiled and graphed, and the engine, on this code
+    fla_site
+    FMS_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q tests/modules/test_ssm.py -k "packed" 2>&1 \
+      | tee "$OUT/tests_packed.log" | tail -3
+    timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q tests/models/test_hybrid_decode_compile.py \
+      tests/serving/test_engine_gpu.py -k "hybrid or mamba" 2>&1 | tee "$OUT/tests_engine.log" | tail -4
     ;;
   session4)
     # this session's report runs: eval parity on the Llama shape, serving (decode-window sweep, batch 1), profile
