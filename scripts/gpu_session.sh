@@ -168,6 +168,12 @@ case "${1:-all}" in
     SERVING_TIMEOUT=560 serving hybrid_packed --architecture granite_hybrid --variant 4.0-h-1b --num_requests 64 \
       --prompt_range 512,2048 --output_range 128
     ;;
+  session7-serving)
+    # hybrid serving on this session's kernels (Triton scan in packed prefill, fused decode update)
+    fla_site
+    SERVING_TIMEOUT=${SERVING_TIMEOUT:-560} serving hybrid --architecture granite_hybrid --variant 4.0-h-1b \
+      --num_requests 64 --prompt_range 512,2048 --output_range 128
+    ;;
   session6-mixer)
     # #5: the Mamba scan and mixer alone, fla vs the PyTorch reference (eager and CUDA-graphed)
     fla_site
