@@ -88,7 +88,9 @@ def choose_num_segments(num_programs: int, seq_len: int, num_sms: int) -> int:
 
 if HAS_TRITON:
 
-    @triton.jit
+    # The lengths and the batch strides change with every prompt length (a packed serving step has a new total
+    # length each time): specializing on them would compile the kernel again in the middle of serving.
+    @triton.jit(do_not_specialize=["seq_len", "segment_len", "sx_b", "sdt_b", "sb_b", "sc_b", "sy_b"])
     def _ssd_scan_kernel(
         x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, y_ptr, h0_ptr, ht_ptr, cu_ptr, local_ptr, local_decay_ptr,
         seq_len, segment_len, num_segments,
