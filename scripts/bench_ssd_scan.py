@@ -41,11 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--batch_sizes", type=_ints, default=[1, 8])
     p.add_argument("--context_lengths", type=_ints, default=[4096, 16384])
-    p.add_argument("--block_t", type=_ints, default=[32, 64, 128], help="kernel chunk lengths to sweep")
+    p.add_argument("--block_t", type=_ints, default=[32, 64], help="kernel chunk lengths to sweep")
     p.add_argument("--block_p", type=_ints, default=[16, 32, 64], help="head_dim rows per program to sweep")
     p.add_argument("--num_segments", type=_ints, default=[1, 2, 4, 8], help="segments per row to sweep")
     p.add_argument("--num_warps", type=_ints, default=[4])
-    p.add_argument("--low_precision_dots", default="0", help="1: intra-chunk dot on model-dtype operands; 0: fp32")
     p.add_argument("--defaults_only", action="store_true", help="time the default choice only (no sweep)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
@@ -63,8 +62,7 @@ def main(argv=None) -> int:
     clock = Clock(device)
     config = get_config("granite_hybrid", args.variant).mamba_config()
     dtype = DTYPES[args.dtype]
-    low = [bool(int(v)) for v in args.low_precision_dots.split(",")]
-    variants = list(itertools.product(args.block_t, args.block_p, args.num_segments, args.num_warps, low))
+    variants = list(itertools.product(args.block_t, args.block_p, args.num_segments, args.num_warps))
     rows = []
     for batch, context in itertools.product(args.batch_sizes, args.context_lengths):
         inputs = scan_inputs(config, batch, context, dtype, device, args.seed)
@@ -92,13 +90,13 @@ def main(argv=None) -> int:
         ref = record("reference", lambda: ssd_scan_reference(*inputs, chunk, None, True))
         if _fla_available():
             record("fla", lambda: _ssd_scan_fla(*inputs, chunk, None, True))
-        for block_t, block_p, segments, warps, lp in ([] if args.defaults_only else variants):
+        for block_t, block_p, segments, warps in ([] if args.defaults_only else variants):
             if block_p > config.head_dim:
                 continue
             record("triton", lambda: ssd_kernel.ssd_scan_triton(*inputs, chunk, None, True, block_t=block_t,
                                                                block_p=block_p, num_segments=segments,
-                                                               num_warps=warps, low_precision_dots=lp),
-                   block_t=block_t, block_p=block_p, num_segments=segments, num_warps=warps, low_precision_dots=lp)
+                                                               num_warps=warps),
+                   block_t=block_t, block_p=block_p, num_segments=segments, num_warps=warps)
         num_sms = torch.cuda.get_device_properties(0).multi_processor_count
         default_block_p = ssd_kernel.choose_block_p(batch, config.num_heads, config.head_dim, num_sms, True)
         default_segments = ssd_kernel.choose_num_segments(
@@ -117,8 +115,7 @@ def main(argv=None) -> int:
         entry = {"batch_size": batch, "context_len": context, "reference_ms": ref_ms,
                  "fla_ms": by.get("fla", {}).get("median_ms"), "default_ms": by.get("default", {}).get("median_ms"),
                  "best_ms": best and best["median_ms"],
-                 "best": best and {k: best[k] for k in ("block_t", "block_p", "num_segments", "num_warps",
-                                                        "low_precision_dots")}}
+                 "best": best and {k: best[k] for k in ("block_t", "block_p", "num_segments", "num_warps")}}
         for name in ("fla", "default", "best"):
             ms = entry[f"{name}_ms"]
             entry[f"{name}_vs_reference"] = ref_ms / ms if ref_ms and ms else None

@@ -17,6 +17,13 @@ One program per (sequence, head, block of head_dim rows); it walks its sequence 
     written once. Padded steps have dt = 0 (and are masked past a sequence's end), so they neither
     decay nor feed the state.
 
+A short batch would leave SMs idle with one long chain per (sequence, head), so rows are cut into
+segments (padded rows only):
+
+    row:        | segment 0 | segment 1 | segment 2 |
+    launch 1:     S0, d0       S1, d1                  each segment's state from zero, and its total decay
+    launch 2:     from h0    | from d0·h0 + S0 | from d1·(d0·h0 + S0) + S1   (chained in each prologue)
+
 Same arguments and results as ssm.ssd_scan_reference (notation at the top of the SSD section there);
 `cu_seqlens` packs sequences in one row as fla's does.
 """
@@ -108,7 +115,6 @@ if HAS_TRITON:
         HAS_H0: tl.constexpr,
         STORE_HT: tl.constexpr,
         IS_VARLEN: tl.constexpr,
-        DOT_LOW: tl.constexpr,
         STATE_ONLY: tl.constexpr,
         IS_SEGMENTED: tl.constexpr,
     ):
@@ -181,10 +187,8 @@ if HAS_TRITON:
                 # inside the chunk: a causal, decayed (C·Bᵀ) applied to x*dt
                 scores = tl.dot(cm, b_t)  # [BLOCK_T, BLOCK_T] fp32
                 decay = tl.exp(tl.where(causal, cs[:, None] - cs[None, :], float("-inf")))
-                if DOT_LOW:  # rounded to the model dtype for the tensor cores, as fla and mamba_ssm do
-                    y += tl.dot((scores * decay).to(x.dtype), xdt.to(x.dtype))
-                else:
-                    y += tl.dot(scores * decay, xdt)
+                # fp32 (TF32) operands: on an H100 bf16 ones were no faster and doubled the error
+                y += tl.dot(scores * decay, xdt)
                 tl.store(y_base + t[:, None] * sy_t + offs_p[None, :], y, mask=is_in[:, None] & is_p[None, :])
 
             to_end = xdt * tl.exp(cs_last - cs)[:, None]  # each step's input as it survives to the chunk end
@@ -247,7 +251,6 @@ def ssd_scan_triton(
     block_p: int | None = None,
     num_segments: int | None = None,
     num_warps: int = 4,
-    low_precision_dots: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """SSD scan by _ssd_scan_kernel: returns (y [b, T, nh, P] fp32, final state [num_sequences, nh, P, N] fp32).
 
@@ -255,8 +258,7 @@ def ssd_scan_triton(
     block_p: head_dim rows per program (None: choose_block_p). num_segments (padded rows only; None:
     choose_num_segments): with k > 1, a first launch computes the state each segment but the last leaves from
     zero (and its total decay); the second scans every segment from its entering state, which each program
-    chains from the earlier segments' states itself. low_precision_dots: the intra-chunk product on model-dtype operands, as fla and mamba_ssm do
-    (~2x the error; not faster on an H100); the state's products are fp32 (TF32) either way.
+    chains from the earlier segments' states itself. Every dot takes fp32 operands (TF32 on a GPU).
     """
     _validate(x, dt, A, B, C, initial_state, cu_seqlens)
     if not can_run(x.device):
@@ -303,7 +305,7 @@ def ssd_scan_triton(
             y.stride(0), y.stride(1), y.stride(2),
             HEADS_PER_GROUP=nh // G, P=P, N=N, BLOCK_P=block_p, BLOCK_N=_block(N), BLOCK_T=block_t,
             HAS_H0=h0 is not None, STORE_HT=ht is not None, IS_VARLEN=cu is not None,
-            DOT_LOW=low_precision_dots, STATE_ONLY=state_only, IS_SEGMENTED=num_segments > 1, num_warps=num_warps,
+            STATE_ONLY=state_only, IS_SEGMENTED=num_segments > 1, num_warps=num_warps,
         )
 
     if num_segments > 1:
