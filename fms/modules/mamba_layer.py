@@ -120,7 +120,7 @@ class MambaLayer(nn.Module):
         if x.shape[1] == 1 and not meta.packed:
             # decode: one recurrent step on the rows of the slots, updated in place in the pools
             conv, ssm = pool.layer_pools(self.layer_idx)
-            return self.mamba.step(x, conv, ssm, meta.num_new_tokens > 0, slots=slots)[0]
+            return self.mamba.step_in_pools(x, conv, ssm, slots, meta.num_new_tokens > 0)
         state = pool.layer_state(self.layer_idx, slots)
         if meta.packed:  # one row of every sequence's new tokens back to back
             out = self.mamba(x, state=state, cu_seqlens=meta.varlen.cu_q)

@@ -516,8 +516,7 @@ class Mamba2Mixer(nn.Module):
         return torch.cat(outs, dim=1)
 
     def step(
-        self, x: Tensor, conv_state: Tensor, ssm_state: Tensor, is_active: Tensor | None = None,
-        slots: Tensor | None = None,
+        self, x: Tensor, conv_state: Tensor, ssm_state: Tensor, is_active: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """One token per row (decode): the recurrence written out, nothing of the chunked scan.
 
@@ -526,21 +525,37 @@ class Mamba2Mixer(nn.Module):
         modified. A row with is_active False keeps both states bit for bit (dt = 0 makes the SSM update an exact
         identity; the conv window is not shifted); its output is finite but meaningless.
 
-        slots [b] int64, for a caller holding the states in pools: conv_state [S, conv_dim, K-1] and ssm_state
-        [S, nh, P, N] are then the pools, row i's states sit at slots[i], those rows are updated in place and
-        the pools are returned. The SSM state is updated by one fused kernel that reads and writes each row
-        once (fms.modules.mamba_decode_kernel; its torch reference off CUDA); the small conv state is gathered
-        and scattered back. Rows may share a slot (padded rows on a scratch slot), which then holds garbage.
-
             conv:  window = [s0 s1 s2 | x]  ->  out = silu(sum_k w_k window_k + bias),  state <- [s1 s2 x]
             ssm:   h' = exp(dt A) h + dt x ⊗ B          y = h' · C + D x
         """
+        z, xs, B, C, dt, new_conv_state = self._step_inputs(x, conv_state, is_active)
+        xs = xs.float()
+        y, h = ssd_step(xs, dt, -torch.exp(self.A_log.float()), B, C, ssm_state)
+        y = y + self.D.float()[:, None] * xs  # (b, nh, P)
+        return self._step_output(y, z), new_conv_state, h
+
+    def step_in_pools(self, x: Tensor, conv_pool: Tensor, ssm_pool: Tensor, slots: Tensor,
+                      is_active: Tensor | None = None) -> Tensor:
+        """step() for a caller holding the states in pools: conv_pool [S, conv_dim, K-1], ssm_pool [S, nh, P, N];
+        row i's states sit at slots[i] [b] and are updated in place. Returns out [b, 1, H].
+
+        The SSM state is updated by one fused kernel that reads and writes each row once
+        (fms.modules.mamba_decode_kernel; its torch reference off CUDA); the small conv state is gathered and
+        scattered back. Rows may share a slot (padded rows on a scratch slot), which then holds garbage.
+        """
+        from fms.modules.mamba_decode_kernel import mamba_decode_update  # it imports ssd_step from here
+
+        z, xs, B, C, dt, new_conv_state = self._step_inputs(x, conv_pool.index_select(0, slots), is_active)
+        conv_pool.index_copy_(0, slots, new_conv_state)
+        y = mamba_decode_update(ssm_pool, slots, xs, dt, -torch.exp(self.A_log.float()), B, C, self.D)  # D x in
+        return self._step_output(y, z)
+
+    def _step_inputs(self, x: Tensor, conv_state: Tensor, is_active: Tensor | None):
+        """in_proj and the conv of one decode token: (z, x [b, nh, P], B and C [b, G, N], dt [b, nh] fp32 (0 on
+        idle rows), new conv state [b, conv_dim, K-1])."""
         c = self.config
         b = x.shape[0]
         G, P, N = c.num_groups, c.head_dim, c.state_size
-        conv_pool = conv_state
-        if slots is not None:
-            conv_state = conv_pool.index_select(0, slots)
         z, xBC, dt_raw = self.in_proj(x[:, 0]).split([c.inner_dim, c.conv_dim, c.num_heads], dim=-1)
 
         window = torch.cat([conv_state, xBC.to(conv_state.dtype)[:, :, None]], dim=-1)  # (b, conv_dim, K)
@@ -557,21 +572,11 @@ class Mamba2Mixer(nn.Module):
         dt = self._dt(dt_raw)  # (b, nh) fp32
         if is_active is not None:
             dt = dt.masked_fill(~is_active[:, None], 0.0)
-        A = -torch.exp(self.A_log.float())
-        xs, B, C = xs.view(b, c.num_heads, P), B.view(b, G, N), C.view(b, G, N)
-        if slots is None:
-            xs = xs.float()
-            y, h = ssd_step(xs, dt, A, B, C, ssm_state)
-            y = y + self.D.float()[:, None] * xs  # (b, nh, P)
-        else:
-            from fms.modules.mamba_decode_kernel import mamba_decode_update  # it imports ssd_step from here
+        return z, xs.view(b, c.num_heads, P), B.view(b, G, N), C.view(b, G, N), dt, new_conv_state
 
-            conv_pool.index_copy_(0, slots, new_conv_state)
-            y = mamba_decode_update(ssm_state, slots, xs, dt, A, B, C, self.D)  # (b, nh, P) fp32, D x included
-            new_conv_state, h = conv_pool, ssm_state
-
-        out = self.out_proj(self.norm(y.reshape(b, 1, c.inner_dim), z[:, None]))
-        return out, new_conv_state, h
+    def _step_output(self, y: Tensor, z: Tensor) -> Tensor:
+        """y [b, nh, P] fp32 (D skip included) -> out [b, 1, H]."""
+        return self.out_proj(self.norm(y.reshape(y.shape[0], 1, self.config.inner_dim), z[:, None]))
 
     def _dt(self, dt_raw: Tensor) -> Tensor:
         dt = F.softplus(dt_raw.float() + self.dt_bias.float())
