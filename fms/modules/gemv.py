@@ -17,11 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - triton ships with CUDA torch builds
-    triton = None
+from fms.modules.triton_support import tl, triton
 
 
 if triton is not None:

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 from torch import Tensor
 
 from fms.modules.ssm import ssd_step
-
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # CPU-only installs use the torch reference
-    triton = None
-    tl = None
-    HAS_TRITON = False
+from fms.modules.triton_support import (
+    DEFAULT_NUM_SMS,
+    HAS_TRITON,
+    can_run_triton,
+    cdiv,
+    next_power_of_two,
+    sm_count,
+    tl,
+    triton,
+)
 
 __all__ = [
     "HAS_TRITON",
@@ -47,29 +44,19 @@ _MAX_STATE_SIZE = 1024  # one program holds a full row of N in registers
 # Elements of the state tile one program holds: 16 KB of fp32, 32 registers per thread at 4 warps.
 _MAX_TILE = 4096
 _MIN_BLOCK_P = 4
-# Programs to aim for per SM when the batch alone cannot fill the GPU; SM count assumed without one (H100).
+# Programs to aim for per SM when the batch alone cannot fill the GPU.
 _PROGRAMS_PER_SM = 2
-_DEFAULT_NUM_SMS = 132
-
-
-def _next_power_of_two(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
 
 
 def choose_block_p(batch_size: int, num_heads: int, head_dim: int, state_size: int,
-                   num_sms: int = _DEFAULT_NUM_SMS) -> int:
+                   num_sms: int = DEFAULT_NUM_SMS) -> int:
     """Rows of P per program: the largest tile that fits `_MAX_TILE`, halved while there are fewer than
     `_PROGRAMS_PER_SM` programs per SM (small batches), down to `_MIN_BLOCK_P`."""
-    block_n = _next_power_of_two(state_size)
-    block_p = max(1, min(_next_power_of_two(head_dim), _MAX_TILE // block_n))
-    while block_p > _MIN_BLOCK_P and batch_size * num_heads * -(-head_dim // block_p) < _PROGRAMS_PER_SM * num_sms:
+    block_n = next_power_of_two(state_size)
+    block_p = max(1, min(next_power_of_two(head_dim), _MAX_TILE // block_n))
+    while block_p > _MIN_BLOCK_P and batch_size * num_heads * cdiv(head_dim, block_p) < _PROGRAMS_PER_SM * num_sms:
         block_p //= 2
     return block_p
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _validate(ssm_pool, slots, x, dt, A, B, C, D) -> None:
@@ -167,10 +154,6 @@ if HAS_TRITON:
         tl.store(y_ptr + row * stride_yb + head * stride_yh + p, y, mask=p_ok)
 
 
-def _can_run_triton(device: torch.device) -> bool:
-    return HAS_TRITON and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
-
-
 def mamba_decode_triton(ssm_pool: Tensor, slots: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
                         D: Tensor, *, block_p: int | None = None, num_warps: int = 4) -> Tensor:
     """The Triton kernel (CUDA, or Triton's interpreter with TRITON_INTERPRET=1); see mamba_decode_update.
@@ -178,7 +161,7 @@ def mamba_decode_triton(ssm_pool: Tensor, slots: Tensor, x: Tensor, dt: Tensor, 
     block_p: rows of head_dim per program (a power of two), None = choose_block_p.
     """
     _validate(ssm_pool, slots, x, dt, A, B, C, D)
-    if not _can_run_triton(x.device):
+    if not can_run_triton(x.device):
         raise RuntimeError(f"the Mamba decode kernel needs Triton and a CUDA device (or TRITON_INTERPRET=1); "
                            f"got device {x.device}, Triton {'installed' if HAS_TRITON else 'not installed'}")
     batch_size, num_heads, head_dim = x.shape
@@ -186,8 +169,7 @@ def mamba_decode_triton(ssm_pool: Tensor, slots: Tensor, x: Tensor, dt: Tensor, 
     if state_size > _MAX_STATE_SIZE:
         raise ValueError(f"state_size={state_size} too large for the Mamba decode kernel (at most {_MAX_STATE_SIZE})")
     if block_p is None:
-        num_sms = _num_sms(x.device.index or 0) if x.is_cuda else _DEFAULT_NUM_SMS
-        block_p = choose_block_p(batch_size, num_heads, head_dim, state_size, num_sms)
+        block_p = choose_block_p(batch_size, num_heads, head_dim, state_size, sm_count(x.device))
     elif not isinstance(block_p, int) or block_p < 1 or block_p & (block_p - 1):
         raise ValueError(f"block_p={block_p!r} must be None or a power of two >= 1")
     if not isinstance(num_warps, int) or num_warps < 1:
@@ -195,7 +177,7 @@ def mamba_decode_triton(ssm_pool: Tensor, slots: Tensor, x: Tensor, dt: Tensor, 
     y = torch.empty(batch_size, num_heads, head_dim, device=x.device, dtype=torch.float32)
     if batch_size == 0:
         return y
-    grid = (batch_size, num_heads, triton.cdiv(head_dim, block_p))
+    grid = (batch_size, num_heads, cdiv(head_dim, block_p))
     _mamba_decode_kernel[grid](
         ssm_pool, slots, x, dt, A, B, C, D, y,
         head_dim, state_size,
@@ -207,7 +189,7 @@ def mamba_decode_triton(ssm_pool: Tensor, slots: Tensor, x: Tensor, dt: Tensor, 
         y.stride(0), y.stride(1),
         HEADS_PER_GROUP=num_heads // B.shape[1],
         BLOCK_P=block_p,
-        BLOCK_N=_next_power_of_two(state_size),
+        BLOCK_N=next_power_of_two(state_size),
         num_warps=num_warps,
     )
     return y

@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 
 import torch
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # CPU-only installs fall back to the torch reference
-    triton = None
-    tl = None
-    HAS_TRITON = False
+from fms.modules.triton_support import (
+    DEFAULT_NUM_SMS,
+    HAS_TRITON,
+    can_run_triton,
+    cdiv,
+    is_power_of_two,
+    next_power_of_two,
+    sm_count,
+    tl,
+    triton,
+)
 
 # Pool layout read by this module (one layer):
 #
@@ -39,22 +39,6 @@ _MIN_HEAD_DIM, _MAX_HEAD_DIM = 16, 256
 # short contexts fewer blocks per program means fewer dependent load latencies in a row.
 _PROGRAMS_PER_SM = 2
 _MAX_SPLITS = 64
-# SM count assumed when no GPU is present (H100 SXM); only shapes the split heuristic.
-_DEFAULT_NUM_SMS = 132
-
-
-def _is_power_of_two(n: int) -> bool:
-    return n > 0 and (n & (n - 1)) == 0
-
-
-def _next_power_of_two(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def default_pages_per_iter(page_size: int, head_dim: int) -> int:
     """Pages loaded per inner-loop step: aim for a key block of 64 rows at head_dim >= 128
     (a 16 KB bf16 tile per K and V, small enough for 3 pipeline stages) and 128 rows below."""
@@ -67,7 +51,7 @@ def choose_num_splits(
     num_kv_heads: int,
     max_seq_len: int,
     block_n: int,
-    num_sms: int = _DEFAULT_NUM_SMS,
+    num_sms: int = DEFAULT_NUM_SMS,
 ) -> int:
     """Split-KV factor for a decode step.
 
@@ -78,14 +62,9 @@ def choose_num_splits(
     num_programs = batch_size * num_kv_heads
     if num_programs >= num_sms:
         return 1
-    wanted = _cdiv(_PROGRAMS_PER_SM * num_sms, num_programs)
-    num_blocks = _cdiv(max(max_seq_len, 1), block_n)
+    wanted = cdiv(_PROGRAMS_PER_SM * num_sms, num_programs)
+    num_blocks = cdiv(max(max_seq_len, 1), block_n)
     return max(1, min(wanted, num_blocks, _MAX_SPLITS))
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _validate(q, k_pool, v_pool, page_table, seq_lens, page_size, window, num_splits, page_logical_start):
@@ -105,7 +84,7 @@ def _validate(q, k_pool, v_pool, page_table, seq_lens, page_size, window, num_sp
     num_kv_heads, num_slots, kv_head_dim = k_pool.shape
     if kv_head_dim != head_dim:
         raise ValueError(f"head_dim mismatch: q has {head_dim}, k_pool/v_pool have {kv_head_dim}")
-    if not (_is_power_of_two(head_dim) and _MIN_HEAD_DIM <= head_dim <= _MAX_HEAD_DIM):
+    if not (is_power_of_two(head_dim) and _MIN_HEAD_DIM <= head_dim <= _MAX_HEAD_DIM):
         raise ValueError(
             f"head_dim={head_dim} not supported; must be a power of two in [{_MIN_HEAD_DIM}, {_MAX_HEAD_DIM}]"
         )
@@ -114,7 +93,7 @@ def _validate(q, k_pool, v_pool, page_table, seq_lens, page_size, window, num_sp
             f"num_q_heads={num_q_heads} must be a multiple of num_kv_heads={num_kv_heads}"
         )
     if not isinstance(page_size, int) or not (
-        _is_power_of_two(page_size) and _MIN_PAGE_SIZE <= page_size <= _MAX_PAGE_SIZE
+        is_power_of_two(page_size) and _MIN_PAGE_SIZE <= page_size <= _MAX_PAGE_SIZE
     ):
         raise ValueError(
             f"page_size={page_size!r} not supported; must be a power of two in [{_MIN_PAGE_SIZE}, {_MAX_PAGE_SIZE}]"
@@ -350,12 +329,6 @@ if HAS_TRITON:
         tl.store(out_ptr + b * stride_ob + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty))
 
 
-def _can_use_triton(q: Tensor) -> bool:
-    if not HAS_TRITON:
-        return False
-    return q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def paged_decode_attention(
     q: Tensor,
     k_pool: Tensor,
@@ -390,14 +363,14 @@ def paged_decode_attention(
     Runs the Triton kernel on CUDA (or under TRITON_INTERPRET=1), else the torch reference.
     """
     _validate(q, k_pool, v_pool, page_table, seq_lens, page_size, window, num_splits, page_logical_start)
-    if pages_per_iter is not None and (not isinstance(pages_per_iter, int) or not _is_power_of_two(pages_per_iter)):
+    if pages_per_iter is not None and (not isinstance(pages_per_iter, int) or not is_power_of_two(pages_per_iter)):
         raise ValueError(f"pages_per_iter={pages_per_iter!r} must be None or a power of two >= 1")
     if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 1):
         raise ValueError(f"max_seq_len={max_seq_len!r} must be None or an int >= 1")
     for name, knob in (("num_warps", num_warps), ("num_stages", num_stages)):
         if not isinstance(knob, int) or knob < 1:
             raise ValueError(f"{name}={knob!r} must be an int >= 1")
-    if not _can_use_triton(q):
+    if not can_run_triton(q.device):
         return paged_decode_reference(
             q, k_pool, v_pool, page_table, seq_lens, page_size, scale,
             window=window, page_logical_start=page_logical_start,
@@ -421,7 +394,7 @@ def paged_decode_attention(
         seq_bound = max_pages * page_size if max_seq_len is None else max_seq_len
         if window is not None:
             seq_bound = min(seq_bound, window + page_size)
-        num_sms = _num_sms(q.device.index or 0) if q.is_cuda else _DEFAULT_NUM_SMS
+        num_sms = sm_count(q.device)
         num_splits = choose_num_splits(batch_size, num_kv_heads, seq_bound, block_n, num_sms)
 
     is_split = num_splits > 1
@@ -449,7 +422,7 @@ def paged_decode_attention(
         part_out.stride(0), part_out.stride(1), part_out.stride(2),
         part_lse.stride(0), part_lse.stride(1),
         GROUP_SIZE=group_size,
-        GROUP_PAD=max(16, _next_power_of_two(group_size)),
+        GROUP_PAD=max(16, next_power_of_two(group_size)),
         HEAD_DIM=head_dim,
         PAGE_SIZE=page_size,
         PAGES_PER_ITER=pages_per_iter,
@@ -469,7 +442,7 @@ def paged_decode_attention(
             HEAD_DIM=head_dim,
             PAGE_SIZE=page_size,
             PAGES_PER_ITER=pages_per_iter,
-            SPLIT_PAD=_next_power_of_two(num_splits),
+            SPLIT_PAD=next_power_of_two(num_splits),
             HAS_PAGE_START=has_page_start,
             num_warps=4 if head_dim * num_splits >= 4096 else 1,
         )

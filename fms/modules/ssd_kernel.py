@@ -30,21 +30,19 @@ Same arguments and results as ssm.ssd_scan_reference (notation at the top of the
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # CPU-only installs use the PyTorch reference scan
-    triton = None
-    tl = None
-    HAS_TRITON = False
+from fms.modules.triton_support import (
+    HAS_TRITON,
+    can_run_triton,
+    cdiv,
+    is_power_of_two,
+    next_power_of_two,
+    sm_count,
+    tl,
+    triton,
+)
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_DIM = 256  # head_dim and state_size: one program holds a [head_dim rows, state_size] fp32 state
@@ -52,25 +50,10 @@ _MIN_BLOCK = 16  # the smallest tl.dot tile side
 _MIN_SEGMENT_LEN = 512  # steps: below this a segment's extra state pass costs more than its parallelism gains
 _MAX_BLOCK_P = 64  # a [state_size, 64] fp32 state tile is 32 KB of registers at state_size 128
 _PROGRAMS_PER_SM = 3
-_DEFAULT_NUM_SMS = 132  # H100 SXM; only used to size blocks when no GPU is present
-
-
-def _is_power_of_two(n: int) -> bool:
-    return n > 0 and (n & (n - 1)) == 0
-
-
-def can_run(device: torch.device) -> bool:
-    """CUDA with Triton, or Triton's interpreter (tests on CPU)."""
-    return HAS_TRITON and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _block(size: int) -> int:
-    return max(_MIN_BLOCK, 1 << (size - 1).bit_length())
+    return max(_MIN_BLOCK, next_power_of_two(size))
 
 
 def choose_block_p(num_sequences: int, num_heads: int, head_dim: int, num_sms: int, can_segment: bool) -> int:
@@ -79,7 +62,7 @@ def choose_block_p(num_sequences: int, num_heads: int, head_dim: int, num_sms: i
     programs alone leave SMs idle, down to the smallest dot tile."""
     block_p = min(_block(head_dim), _MAX_BLOCK_P)
     while (not can_segment and block_p > _MIN_BLOCK
-           and num_sequences * num_heads * -(-head_dim // block_p) < num_sms):
+           and num_sequences * num_heads * cdiv(head_dim, block_p) < num_sms):
         block_p //= 2
     return block_p
 
@@ -261,26 +244,26 @@ def ssd_scan_triton(
     chains from the earlier segments' states itself. Every dot takes fp32 operands (TF32 on a GPU).
     """
     _validate(x, dt, A, B, C, initial_state, cu_seqlens)
-    if not can_run(x.device):
+    if not can_run_triton(x.device):
         raise RuntimeError(f"the Triton SSD scan runs on CUDA (or under TRITON_INTERPRET=1), got a tensor on {x.device}")
     b, T, nh, P = x.shape
     G, N = B.shape[2], B.shape[3]
     num_seq = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    num_sms = _num_sms(x.device.index or 0) if x.is_cuda else _DEFAULT_NUM_SMS
+    num_sms = sm_count(x.device)
     if block_p is None:
         block_p = choose_block_p(num_seq, nh, P, num_sms, can_segment=cu_seqlens is None)
-    if not (_is_power_of_two(block_p) and _MIN_BLOCK <= block_p <= _block(P)):
+    if not (is_power_of_two(block_p) and _MIN_BLOCK <= block_p <= _block(P)):
         raise ValueError(f"block_p={block_p} must be a power of two in [{_MIN_BLOCK}, {_block(P)}]")
-    if not (_is_power_of_two(block_t) and _MIN_BLOCK <= block_t <= 256):
+    if not (is_power_of_two(block_t) and _MIN_BLOCK <= block_t <= 256):
         raise ValueError(f"block_t={block_t} must be a power of two in [{_MIN_BLOCK}, 256]")
-    p_blocks = -(-P // block_p)
+    p_blocks = cdiv(P, block_p)
     if num_segments is None:
         num_segments = 1 if cu_seqlens is not None else choose_num_segments(num_seq * nh * p_blocks, T, num_sms)
     if num_segments < 1 or (num_segments > 1 and cu_seqlens is not None):
         raise ValueError(f"num_segments={num_segments} must be >= 1, and 1 with packed sequences (cu_seqlens)")
     # whole chunks per segment; fewer segments when T is short
-    segment_len = -(-(-(-T // num_segments)) // block_t) * block_t
-    num_segments = -(-T // segment_len)
+    segment_len = cdiv(cdiv(T, num_segments), block_t) * block_t
+    num_segments = cdiv(T, segment_len)
 
     dt = dt.contiguous()
     A = A.float().contiguous()

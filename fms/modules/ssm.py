@@ -327,7 +327,7 @@ def select_ssd_scan(device: torch.device) -> SsdScan:
     if _scan_choice == "recurrent":
         return ssd_scan_recurrent
     if _scan_choice in ("fla", "triton"):
-        if not (device.type == "cuda" or (_scan_choice == "triton" and ssd_kernel.can_run(device))):
+        if not (device.type == "cuda" or (_scan_choice == "triton" and ssd_kernel.can_run_triton(device))):
             raise RuntimeError(f"SSD scan {_scan_choice!r} runs on CUDA only, got a tensor on {device}")
         return _ssd_scan_fla if _scan_choice == "fla" else ssd_kernel.ssd_scan_triton
     if device.type == "cuda" and ssd_kernel.HAS_TRITON:

@@ -1,0 +1,49 @@
+"""What the Triton kernel modules share: the optional import, where a kernel can run, and launch sizing."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # CPU-only installs fall back to each kernel's torch reference
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+# SM count assumed when no GPU is present (H100 SXM); it only shapes launch heuristics.
+DEFAULT_NUM_SMS = 132
+
+
+def can_run_triton(device: torch.device) -> bool:
+    """A Triton kernel can launch on `device`: CUDA, or any device under Triton's interpreter (TRITON_INTERPRET=1,
+    the CPU tests)."""
+    return HAS_TRITON and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device, DEFAULT_NUM_SMS elsewhere."""
+    return _cuda_num_sms(device.index or 0) if device.type == "cuda" else DEFAULT_NUM_SMS
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def is_power_of_two(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0
+
+
+def next_power_of_two(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
