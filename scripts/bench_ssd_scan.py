@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from fms.models import get_config
 from fms.modules import ssd_kernel
+from fms.modules.triton_support import cdiv, sm_count
 from fms.modules.ssm import _fla_available, _ssd_scan_fla, ssd_scan_reference
 from fms.utils.benchmarking import run_metadata
 from scripts.profile_hybrid import Clock, _rel_err, scan_inputs, time_graph
@@ -53,6 +54,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def record(rows: list, where: dict, name: str, fn, ref, args, clock: Clock, **knobs):
+    """Time one scan call replayed from a CUDA graph and append its row (or the error it raised); its output."""
+    try:
+        with torch.no_grad():
+            out = fn()
+            times = time_graph(fn, args, clock)
+    except Exception as exc:  # noqa: BLE001 - a variant that does not compile is a result
+        error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        rows.append({**where, "path": name, **knobs, "error": error})
+        print(f"{where} {name} {knobs}: {error}", flush=True)
+        return None
+    row = {**where, "path": name, **knobs, "median_ms": statistics.median(times), "times_ms": times,
+           "rel_err_vs_reference": None if ref is None else _rel_err(out, ref)}
+    rows.append(row)
+    print(f"{where} {name:9s} {knobs}: {row['median_ms']:.4f} ms err {row['rel_err_vs_reference']}", flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if not torch.cuda.is_available():
@@ -63,47 +82,28 @@ def main(argv=None) -> int:
     config = get_config("granite_hybrid", args.variant).mamba_config()
     dtype = DTYPES[args.dtype]
     variants = list(itertools.product(args.block_t, args.block_p, args.num_segments, args.num_warps))
+    num_sms = sm_count(device)
     rows = []
     for batch, context in itertools.product(args.batch_sizes, args.context_lengths):
+        where = {"batch_size": batch, "context_len": context}
         inputs = scan_inputs(config, batch, context, dtype, device, args.seed)
         chunk = config.chunk_size
-
-        def record(name, fn, **extra):
-            try:
-                with torch.no_grad():
-                    out = fn()
-                    times = time_graph(fn, args, clock)
-            except Exception as exc:  # noqa: BLE001 - a variant that does not compile is a result
-                rows.append({"batch_size": batch, "context_len": context, "path": name, **extra,
-                             "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"})
-                print(f"b{batch} T{context} {name} {extra}: {rows[-1]['error']}", flush=True)
-                return None
-            row = {"batch_size": batch, "context_len": context, "path": name, **extra,
-                   "median_ms": statistics.median(times), "times_ms": times,
-                   "rel_err_vs_reference": None if ref is None else _rel_err(out, ref)}
-            rows.append(row)
-            print(f"b{batch} T{context} {name:9s} {extra}: {row['median_ms']:.4f} ms err {row['rel_err_vs_reference']}",
-                  flush=True)
-            return out
-
-        ref = None
-        ref = record("reference", lambda: ssd_scan_reference(*inputs, chunk, None, True))
+        ref = record(rows, where, "reference", lambda: ssd_scan_reference(*inputs, chunk, None, True), None, args,
+                     clock)
         if _fla_available():
-            record("fla", lambda: _ssd_scan_fla(*inputs, chunk, None, True))
+            record(rows, where, "fla", lambda: _ssd_scan_fla(*inputs, chunk, None, True), ref, args, clock)
         for block_t, block_p, segments, warps in ([] if args.defaults_only else variants):
             if block_p > config.head_dim:
                 continue
-            record("triton", lambda: ssd_kernel.ssd_scan_triton(*inputs, chunk, None, True, block_t=block_t,
-                                                               block_p=block_p, num_segments=segments,
-                                                               num_warps=warps),
-                   block_t=block_t, block_p=block_p, num_segments=segments, num_warps=warps)
-        num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+            knobs = {"block_t": block_t, "block_p": block_p, "num_segments": segments, "num_warps": warps}
+            record(rows, where, "triton", lambda: ssd_kernel.ssd_scan_triton(*inputs, chunk, None, True, **knobs),
+                   ref, args, clock, **knobs)
         default_block_p = ssd_kernel.choose_block_p(batch, config.num_heads, config.head_dim, num_sms, True)
         default_segments = ssd_kernel.choose_num_segments(
-            batch * config.num_heads * -(-config.head_dim // default_block_p), context, num_sms)
-        record("default", lambda: ssd_kernel.ssd_scan_triton(*inputs, chunk, None, True), block_p=default_block_p,
-               num_segments=default_segments)
-        del inputs, ref
+            batch * config.num_heads * cdiv(config.head_dim, default_block_p), context, num_sms)
+        record(rows, where, "default", lambda: ssd_kernel.ssd_scan_triton(*inputs, chunk, None, True), ref, args,
+               clock, block_p=default_block_p, num_segments=default_segments)
+        inputs = ref = None  # free them before the next point's inputs
         torch.cuda.empty_cache()
 
     summary = []
