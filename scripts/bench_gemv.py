@@ -1,4 +1,4 @@
-"""Batch-1 GEMV timing on the GPU: cuBLAS (F.linear) against fms.modules.gemv's Triton kernel.
+"""Batch-1 GEMV timing on the GPU: cuBLAS (F.linear) against fms.triton.gemv's Triton kernel.
 
 For each weight shape of a model (Llama-3.2-1B by default), 16 distinct weights (one per layer,
 so that L2 holds none of them) are multiplied by one row in a CUDA graph of 16 launches, the way
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from fms.modules.gemv import gemv
+from fms.triton.gemv import gemv
 from fms.utils.benchmarking import run_metadata
 
 

@@ -95,7 +95,7 @@ def flex_decode_fn(page_size, context_len, scale):
     """The lead's paged FlexAttention path for one decode step, or None if it is not importable."""
     try:
         from fms.modules.attention import flex_attention
-        from fms.modules.paged_cache import build_paged_block_mask
+        from fms.cache.paged import build_paged_block_mask
     except ImportError as e:
         print(f"  flex: skipped ({e})")
         return None
@@ -136,7 +136,7 @@ def main():
         raise SystemExit("bench_paged_decode_kernel.py needs a CUDA GPU")
     from triton.testing import do_bench
 
-    from fms.modules.paged_decode_kernel import (
+    from fms.triton.paged_decode import (
         choose_num_splits,
         default_pages_per_iter,
         paged_decode_attention,
@@ -296,7 +296,7 @@ def prefill_main(args, device, props):
     from triton.testing import do_bench
 
     from fms.modules.attention import flex_attention
-    from fms.modules.paged_cache import build_paged_block_mask
+    from fms.cache.paged import build_paged_block_mask
 
     ps, scale, results = args.page_size, HEAD_DIM**-0.5, []
     print(f"{props.name}: prefill, Hq={NUM_Q_HEADS} Hkv={NUM_KV_HEADS} D={HEAD_DIM} bf16, page_size={ps}")

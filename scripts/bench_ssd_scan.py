@@ -1,4 +1,4 @@
-"""Mamba2 SSD prefill scan on the GPU: our Triton kernel (fms.modules.ssd_kernel) swept over its block sizes,
+"""Mamba2 SSD prefill scan on the GPU: our Triton kernel (fms.triton.ssd_scan) swept over its block sizes,
 against fla's chunk_simple_gla and the chunked PyTorch reference, at one mixer's shape (Granite-4.0-H-1B by
 default: 48 heads x 64, state 128, one B/C group).
 
@@ -23,8 +23,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from fms.models import get_config
-from fms.modules import ssd_kernel
-from fms.modules.triton_support import cdiv, sm_count
+from fms.triton import ssd_scan
+from fms.triton.support import cdiv, sm_count
 from fms.modules.ssm import _fla_available, _ssd_scan_fla, ssd_scan_reference
 from fms.utils.benchmarking import run_metadata
 from scripts.profile_hybrid import Clock, _rel_err, scan_inputs, time_graph
@@ -96,12 +96,12 @@ def main(argv=None) -> int:
             if block_p > config.head_dim:
                 continue
             knobs = {"block_t": block_t, "block_p": block_p, "num_segments": segments, "num_warps": warps}
-            record(rows, where, "triton", lambda: ssd_kernel.ssd_scan_triton(*inputs, chunk, None, True, **knobs),
+            record(rows, where, "triton", lambda: ssd_scan.ssd_scan_triton(*inputs, chunk, None, True, **knobs),
                    ref, args, clock, **knobs)
-        default_block_p = ssd_kernel.choose_block_p(batch, config.num_heads, config.head_dim, num_sms, True)
-        default_segments = ssd_kernel.choose_num_segments(
+        default_block_p = ssd_scan.choose_block_p(batch, config.num_heads, config.head_dim, num_sms, True)
+        default_segments = ssd_scan.choose_num_segments(
             batch * config.num_heads * cdiv(config.head_dim, default_block_p), context, num_sms)
-        record(rows, where, "default", lambda: ssd_kernel.ssd_scan_triton(*inputs, chunk, None, True), ref, args,
+        record(rows, where, "default", lambda: ssd_scan.ssd_scan_triton(*inputs, chunk, None, True), ref, args,
                clock, block_p=default_block_p, num_segments=default_segments)
         inputs = ref = None  # free them before the next point's inputs
         torch.cuda.empty_cache()

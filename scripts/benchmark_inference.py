@@ -24,7 +24,7 @@ import torch
 
 from fms.models import get_config, get_model, list_variants, read_hf_config
 from fms.modules.attention import attention_op_names, get_attention_op
-from fms.modules.paged_cache import SUPPORTED_PAGE_SIZES
+from fms.cache.paged import SUPPORTED_PAGE_SIZES
 from fms.utils import benchmarking as bench
 
 ARCHITECTURES = ("llama", "granite", "granite_hybrid")

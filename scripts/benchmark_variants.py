@@ -23,8 +23,8 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 import torch
 
 from fms.models import get_model
-from fms.modules.block_allocator import OutOfPagesError
-from fms.modules.paged_cache import SUPPORTED_PAGE_SIZES
+from fms.cache.allocator import OutOfPagesError
+from fms.cache.paged import SUPPORTED_PAGE_SIZES
 from fms.utils import benchmarking as bench
 from fms.utils.generation import generate
 

@@ -8,7 +8,7 @@ import time
 import torch
 
 from fms.modules.attention import flex_attention
-from fms.modules.paged_cache import build_paged_block_mask
+from fms.cache.paged import build_paged_block_mask
 
 torch._dynamo.config.cache_size_limit = 256
 device = torch.device("cuda")

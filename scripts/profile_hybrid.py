@@ -4,7 +4,7 @@ Random weights. Four measurements (--sections picks them; all by default), writt
 --output_dir and summarized on stdout:
 
   prefill  no-cache forward (logits for the last token only) at each batch x context, once per scan path:
-           fast (our Triton SSD scan, fms/modules/ssd_kernel.py, with fla's conv and norm when installed; CUDA
+           fast (our Triton SSD scan, fms/modules/ssd_scan.py, with fla's conv and norm when installed; CUDA
            only), reference (chunked PyTorch), recurrent (ssd_step per token);
            median ms over --repeats after --warmup, and the speedups of fast over the other two.
   split    one prefill and one decode step (paged cache by default) timed per layer kind: forward hooks on the
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from fms.models import get_config, get_model, list_variants
 from fms.modules.attention import MultiHeadAttention, attention_op_names, get_attention_op
 from fms.modules.mamba_layer import MambaLayer
-from fms.modules.paged_cache import SUPPORTED_PAGE_SIZES
+from fms.cache.paged import SUPPORTED_PAGE_SIZES
 from fms.modules.ssm import Mamba2Config, Mamba2Mixer, select_ssd_scan, ssd_scan_reference, use_ssd_scan
 from fms.utils import benchmarking as bench
 

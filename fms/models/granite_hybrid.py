@@ -135,9 +135,9 @@ class GraniteHybrid(LLaMA):
         mamba_layers = tuple(i for i, t in enumerate(self.config.layer_types) if t == "mamba")
         if not mamba_layers:
             return None
-        from fms.modules.mamba_layer import MambaStateSpec
+        from fms.modules.mamba_layer import MambaLayer
 
-        return MambaStateSpec(self.config.mamba_config(), mamba_layers, self.embedding.weight.dtype)
+        return MambaLayer.state_spec(self.config.mamba_config(), mamba_layers, self.embedding.weight.dtype)
 
 
 def granite_hybrid_config_from_hf(hf: dict) -> GraniteHybridConfig:

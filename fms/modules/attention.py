@@ -18,18 +18,39 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fms.modules.gemv import Linear
-from fms.modules.kv_cache import ContiguousKVCache, KVCacheSpec, SequenceCache
+from fms.modules.linear import Linear
+from fms.cache.base import ContiguousKVCache, KVCacheSpec, SequenceCache
 from fms.modules.masks import AttentionVariant, dense_attention_bias, variant_predicate, variant_score_fn
-from fms.modules.paged_cache import PagedKVCache
+from fms.cache.paged import PagedKVCache
 from fms.modules.positions import RotaryEmbedding
-from fms.modules.varlen_attention import varlen_causal_attention
+from fms.triton.varlen import varlen_causal_attention
 
 
 class AttentionOp:
-    """An attention backend: how K/V are cached and how attention is computed over them."""
+    """An attention backend: how K/V are cached and how attention is computed over them.
+
+    Drivers never compare op names; they ask the op what it can do:
+        cache_options        keyword options create_cache takes (e.g. page_size for a page pool)
+        uses_pages           its cache is a pool of fixed-size pages (page_size, page counts apply)
+        why_no_graph_decode  why a one-token step cannot be replayed from a CUDA graph, or None
+        can_pack             whether it computes packed steps (every row's tokens back to back)
+        prefill_uses_flex    whether multi-token steps run compiled FlexAttention (few shapes wanted)
+    """
 
     name: str = ""
+    cache_options: frozenset[str] = frozenset()
+    uses_pages: bool = False
+
+    def cache_kwargs(self, **options) -> dict:
+        """The subset of `options` this op's create_cache takes (others, e.g. page_size for a contiguous
+        cache, are dropped), so a caller can pass one set of options to any op."""
+        return {k: v for k, v in options.items() if k in self.cache_options and v is not None}
+
+    def why_no_graph_decode(self, variant: AttentionVariant, device: torch.device) -> str | None:
+        """Why a one-token decode step cannot be captured in a CUDA graph, or None if it can."""
+        if device.type != "cuda":
+            return f"the model is on {device.type}, not CUDA"
+        return None
 
     def create_cache(self, spec: KVCacheSpec, max_batch_size: int, max_seq_len: int, **options) -> SequenceCache:
         raise NotImplementedError
@@ -211,6 +232,10 @@ def _contiguous_flex(q, k, v, scale, variant, q_start=None):
 class FlexOp(AttentionOp):
     """Contiguous cache like sdpa, attention by FlexAttention: covers every variant (soft-capping too)."""
 
+    def why_no_graph_decode(self, variant, device):
+        return super().why_no_graph_decode(variant, device) or (
+            "the decode step would use FlexAttention, whose BlockMask is rebuilt every step")
+
     def create_cache(self, spec, max_batch_size, max_seq_len, **options):
         _no_options(self.name, options)
         return ContiguousKVCache(spec, max_batch_size, max_seq_len)
@@ -229,7 +254,7 @@ class FlexOp(AttentionOp):
 def _paged_decode(q, *args, **kwargs):
     """One-token paged attention: the Triton kernel on CUDA, its torch reference elsewhere (chosen
     here by device, not by TRITON_INTERPRET, so a test process that sets it does not slow others)."""
-    from fms.modules import paged_decode_kernel as kernel
+    from fms.triton import paged_decode as kernel
 
     if q.is_cuda:
         if torch.compiler.is_compiling():  # one opaque op in the traced graph
@@ -266,10 +291,13 @@ class PagedOp(AttentionOp):
                                      reference on CPU); FlexAttention with `decode_kernel="flex"`
         multi-token (prefill, chunk  causal, no window: flash-attention varlen over the real tokens,
         of a prompt, continuation)   keys gathered from the pool when a row has cached context
-                                     (fms.modules.varlen_attention); packed steps take only this path
+                                     (fms.triton.varlen); packed steps take only this path
         any step, other variants     FlexAttention over the pool with a BlockMask built from the page
         (ALiBi, window, soft-cap)    tables; `prefill_kernel="flex"` sends every multi-token step here
     """
+
+    cache_options = frozenset({"page_size", "num_pages", "memory_gb", "memory_fraction"})
+    uses_pages = True
 
     def __init__(self, decode_kernel: str = "auto", prefill_kernel: str = "auto"):
         if decode_kernel not in ("auto", "flex", "triton"):
@@ -284,6 +312,17 @@ class PagedOp(AttentionOp):
 
     def can_pack(self, variant, cache) -> bool:
         return self._can_varlen(variant, cache) and cache.can_pack
+
+    def why_no_graph_decode(self, variant, device):
+        why = super().why_no_graph_decode(variant, device)
+        if why is None and (self.decode_kernel == "flex" or variant.alibi or variant.softcap is not None):
+            why = "the decode step would use FlexAttention, whose BlockMask is rebuilt every step"
+        if why is None:
+            from fms.triton.support import HAS_TRITON
+
+            if not HAS_TRITON:
+                why = "Triton is not installed (the graphed paged decode path is the Triton paged kernel)"
+        return why
 
     def prefill_uses_flex(self, variant, cache) -> bool:
         return not self._can_varlen(variant, cache)
@@ -327,7 +366,7 @@ class PagedOp(AttentionOp):
                               kernel_options=options)
 
     def _use_triton_decode(self, q, variant) -> bool:
-        """Decode through fms.modules.paged_decode_kernel: the Triton kernel on CUDA, its torch
+        """Decode through fms.triton.paged_decode: the Triton kernel on CUDA, its torch
         reference (gather this row's pages, dense math) on CPU, where eager FlexAttention would
         score every slot of the pool."""
         if self.decode_kernel == "flex" or variant.alibi or variant.softcap is not None:

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fms.modules.gemv import Linear, swiglu_down
+from fms.modules.linear import Linear, swiglu_down
 
 
 class SwiGLU(nn.Module):

@@ -11,96 +11,16 @@ State pool (one per cache, all Mamba layers):
 Each layer's tensors are separate allocations, not views of one block: under torch.compile a write
 through a view of a graph input is replayed onto its whole base (a copy of every slot of every layer),
 and a step touches only its rows. A decode step updates its rows' SSM states in place, one fused kernel
-reading and writing each row once (fms.modules.mamba_decode_kernel), and gathers and scatters back the
+reading and writing each row once (fms.triton.mamba_decode), and gathers and scatters back the
 small conv states; a multi-token step gathers both (index_select), runs, and scatters them back (index_copy_).
 """
 
-from dataclasses import dataclass
-from typing import Hashable
 
 import torch
 from torch import nn
 
-from fms.modules.ssm import Mamba2Config, Mamba2Mixer, Mamba2State, mamba_state_bytes
-
-
-@dataclass(frozen=True)
-class MambaStateSpec:
-    config: Mamba2Config
-    layers: tuple[int, ...]  # model layer indices that are Mamba layers
-    dtype: torch.dtype
-
-    @property
-    def bytes_per_sequence(self) -> int:
-        return len(self.layers) * mamba_state_bytes(self.config, self.dtype)
-
-
-class MambaStatePool:
-    def __init__(self, spec: MambaStateSpec, num_slots: int, device):
-        c = spec.config
-        self.spec = spec
-        n = len(spec.layers)
-        self.conv = [torch.zeros(num_slots + 1, c.conv_dim, c.conv_kernel - 1, dtype=spec.dtype, device=device)
-                     for _ in range(n)]
-        self.ssm = [torch.zeros(num_slots + 1, c.num_heads, c.head_dim, c.state_size, dtype=torch.float32,
-                                device=device) for _ in range(n)]
-        self.scratch_slot = num_slots
-        self._free = list(range(num_slots))
-        self._slot: dict[Hashable, int] = {}
-        self._layer = {layer: i for i, layer in enumerate(spec.layers)}
-
-    @property
-    def tensors(self) -> list[torch.Tensor]:
-        return [*self.conv, *self.ssm]
-
-    @property
-    def num_slots(self) -> int:
-        return self.scratch_slot
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def allocate(self, seq_id: Hashable) -> int:
-        if seq_id in self._slot:
-            raise ValueError(f"sequence {seq_id!r} already holds state slot {self._slot[seq_id]}")
-        if not self._free:
-            raise RuntimeError(f"all {self.num_slots} Mamba state slots are in use")
-        slot = self._free.pop(0)
-        for conv, ssm in zip(self.conv, self.ssm):  # a new sequence starts from the zero state
-            conv[slot].zero_()
-            ssm[slot].zero_()
-        self._slot[seq_id] = slot
-        return slot
-
-    def free(self, seq_id: Hashable) -> None:
-        try:
-            self._free.append(self._slot.pop(seq_id))
-        except KeyError:
-            raise KeyError(f"sequence {seq_id!r} holds no Mamba state slot") from None
-        self._free.sort()
-
-    def slot_of(self, seq_id: Hashable) -> int:
-        return self._slot[seq_id]
-
-    def bytes_in_use(self) -> int:
-        return len(self._slot) * self.spec.bytes_per_sequence
-
-    def layer_pools(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(conv, ssm) of one Mamba layer, every slot."""
-        i = self._layer[layer_idx]
-        return self.conv[i], self.ssm[i]
-
-    def layer_state(self, layer_idx: int, slots: torch.Tensor) -> Mamba2State:
-        """A gathered copy of the rows (only those rows are read); write it back with store()."""
-        conv, ssm = self.layer_pools(layer_idx)
-        return Mamba2State(conv_state=conv.index_select(0, slots), ssm_state=ssm.index_select(0, slots))
-
-    def store(self, layer_idx: int, slots: torch.Tensor, state: Mamba2State) -> None:
-        """Write the rows back (only those rows are written)."""
-        conv, ssm = self.layer_pools(layer_idx)
-        conv.index_copy_(0, slots, state.conv_state)
-        ssm.index_copy_(0, slots, state.ssm_state)
+from fms.cache.state import MambaStateSpec
+from fms.modules.ssm import Mamba2Config, Mamba2Mixer, Mamba2State
 
 
 class MambaLayer(nn.Module):
@@ -121,13 +41,19 @@ class MambaLayer(nn.Module):
             # decode: one recurrent step on the rows of the slots, updated in place in the pools
             conv, ssm = pool.layer_pools(self.layer_idx)
             return self.mamba.step_in_pools(x, conv, ssm, slots, meta.num_new_tokens > 0)
-        state = pool.layer_state(self.layer_idx, slots)
+        state = Mamba2State(*pool.layer_state(self.layer_idx, slots))
         if meta.packed:  # one row of every sequence's new tokens back to back
             out = self.mamba(x, state=state, cu_seqlens=meta.varlen.cu_q)
         else:
             out = self.mamba(x, state=state, valid_lens=meta.num_new_tokens)
-        pool.store(self.layer_idx, slots, state)
+        pool.store(self.layer_idx, slots, state.conv_state, state.ssm_state)
         return out
+
+    @staticmethod
+    def state_spec(config: Mamba2Config, layers: tuple[int, ...], dtype: torch.dtype) -> MambaStateSpec:
+        """The cache's per-slot state spec for Mamba layers `layers` of this config."""
+        return MambaStateSpec(layers, dtype, config.conv_dim, config.conv_kernel, config.num_heads, config.head_dim,
+                              config.state_size)
 
     @torch.no_grad()
     def reset_parameters_seeded(self, generator):

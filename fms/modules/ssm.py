@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fms.modules import ssd_kernel
-from fms.modules.gemv import Linear
+from fms.triton import ssd_scan
+from fms.triton.mamba_decode import mamba_decode_update
+from fms.triton.ssd_reference import SsdScan, ssd_scan_recurrent, ssd_scan_reference, ssd_step
+from fms.modules.linear import Linear
 
 __all__ = [
     "Mamba2Config",
@@ -111,139 +111,6 @@ def mamba_state_bytes(config: Mamba2Config, dtype: torch.dtype) -> int:
     return conv + ssm
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# SSD scan. Notation for every implementation below:
-#   x [b, T, nh, P]  dt [b, T, nh] (fp32, after softplus/clamp, 0 at padding)  A [nh] (fp32, negative)
-#   B, C [b, T, G, N]  state [b, nh, P, N] (fp32)     head h reads group h // (nh // G)
-#   S_t = exp(dt_t*A) * S_{t-1} + dt_t * x_t ⊗ B_t ;   y_t = S_t · C_t      (the D skip is added by the caller)
-# A scan returns (y [b, T, nh, P] fp32, final state [b, nh, P, N] fp32 or None when not asked for).
-# ---------------------------------------------------------------------------------------------------------------
-
-SsdScan = Callable[..., tuple[Tensor, Tensor | None]]
-
-
-def _segment_sum(a: Tensor) -> Tensor:
-    """seg[..., i, j] = a[j+1] + ... + a[i] for i >= j, -inf above the diagonal.
-
-    Summing the masked terms directly (rather than cumsum[i] - cumsum[j]) avoids cancellation when the
-    cumulative log-decay is large and the difference small.
-    """
-    Q = a.shape[-1]
-    ones = torch.ones(Q, Q, dtype=torch.bool, device=a.device)
-    terms = a[..., :, None].expand(*a.shape, Q).masked_fill(~ones.tril(-1), 0.0)  # [..., i, j] = a[i] if i > j
-    return terms.cumsum(-2).masked_fill(~ones.tril(), -math.inf)
-
-
-def ssd_scan_reference(
-    x: Tensor,
-    dt: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    chunk_size: int,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = True,
-) -> tuple[Tensor, Tensor | None]:
-    """Chunked SSD scan in pure PyTorch, fp32. Ground truth and the CPU path.
-
-    Within a chunk the recurrence is unrolled into a masked (C·B) * decay matrix; across chunks the state is
-    carried by a short loop (one step per chunk), which also yields the final state.
-    """
-    b, T, nh, P = x.shape
-    G, N = B.shape[2], B.shape[3]
-    R = nh // G
-    Q = chunk_size
-    num_chunks = -(-T // Q)
-    pad = num_chunks * Q - T
-
-    # Zero-padded tail steps have dt = 0: no decay, no input, so they leave the final state as it is.
-    xdt = F.pad(x.float() * dt[..., None], (0, 0, 0, 0, 0, pad))
-    log_decay = F.pad(dt * A, (0, 0, 0, pad))
-    B = F.pad(B.float(), (0, 0, 0, 0, 0, pad))
-    C = F.pad(C.float(), (0, 0, 0, 0, 0, pad))
-
-    xdt = xdt.view(b, num_chunks, Q, G, R, P)  # (b, c, l, g, r, p); head = g*R + r
-    B = B.view(b, num_chunks, Q, G, N)  # (b, c, l, g, n)
-    C = C.view(b, num_chunks, Q, G, N)
-    log_decay = log_decay.view(b, num_chunks, Q, nh).permute(0, 1, 3, 2)  # (b, c, h, l)
-
-    # decay[..., i, j] = prod_{k=j+1..i} exp(dt_k*A): how much of step j's input survives to step i.
-    decay = torch.exp(_segment_sum(log_decay)).view(b, num_chunks, G, R, Q, Q)  # (b, c, g, r, i, j)
-
-    # 1. Contributions from inside the chunk (a causal, decayed "attention" with q=C, k=B, v=x*dt).
-    scores = torch.einsum("bcign,bcjgn->bcgij", C, B)  # (b, c, g, i, j)
-    y = torch.einsum("bcgrij,bcjgrp->bcigrp", scores[:, :, :, None] * decay, xdt)  # (b, c, l, g, r, p)
-
-    # 2. Each chunk's own contribution to the state at its last step.
-    decay_to_end = decay[..., Q - 1, :]  # (b, c, g, r, j)
-    chunk_input = torch.einsum("bcgrj,bcjgn,bcjgrp->bcgrpn", decay_to_end, B, xdt).reshape(b, num_chunks, nh, P, N)
-    chunk_decay = torch.exp(log_decay.sum(-1))  # (b, c, h): decay across a whole chunk
-
-    # 3. Carry the state across chunks; remember the state entering each chunk.
-    state = x.new_zeros(b, nh, P, N, dtype=torch.float32) if initial_state is None else initial_state.float()
-    entering = []
-    for c in range(num_chunks):
-        entering.append(state)
-        state = chunk_decay[:, c, :, None, None] * state + chunk_input[:, c]
-    entering_states = torch.stack(entering, dim=1).view(b, num_chunks, G, R, P, N)
-
-    # 4. Contribution of the entering state to each step, decayed from the chunk start to that step.
-    decay_from_start = torch.exp(log_decay.cumsum(-1)).view(b, num_chunks, G, R, Q).permute(0, 1, 4, 2, 3)
-    y = y + torch.einsum("bcign,bcgrpn->bcigrp", C, entering_states) * decay_from_start[..., None]
-
-    y = y.reshape(b, num_chunks * Q, nh, P)[:, :T]  # (b, T, nh, p)
-    return y, (state if output_final_state else None)
-
-
-def ssd_scan_recurrent(
-    x: Tensor,
-    dt: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    chunk_size: int,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = True,
-) -> tuple[Tensor, Tensor | None]:
-    """Token-by-token scan: ssd_step over the sequence, one step per token. The naive baseline for benchmarks.
-
-    Same arguments and results as ssd_scan_reference; `chunk_size` is unused.
-    """
-    b, T, nh, P = x.shape
-    if initial_state is None:
-        state = x.new_zeros(b, nh, P, B.shape[-1], dtype=torch.float32)
-    else:
-        state = initial_state.float()
-    ys = []
-    for t in range(T):
-        y, state = ssd_step(x[:, t], dt[:, t], A, B[:, t], C[:, t], state)
-        ys.append(y)
-    return torch.stack(ys, dim=1), (state if output_final_state else None)
-
-
-def ssd_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-    """One recurrent step (decode). x [b, nh, P], dt [b, nh], B/C [b, G, N], state [b, nh, P, N] fp32.
-
-    Returns (y [b, nh, P] fp32 without the D skip, new state fp32); `state` itself is not modified.
-    Heads are viewed as (group, head in group) so that B and C are shared without copies:
-
-        h' = exp(dt A) h + dt x ⊗ B        y = h' · C
-    """
-    b, nh, P = x.shape
-    G, N = B.shape[1], B.shape[2]
-    R = nh // G  # head g*R + r reads group g of B and C
-    decay = torch.exp(dt * A).view(b, G, R, 1, 1)
-    xdt = (x.float() * dt[..., None]).view(b, G, R, P, 1)
-    B, C = B.float()[:, :, None, None, :], C.float()  # (b, G, 1, 1, N), (b, G, N)
-    h = (state.float().view(b, G, R, P, N) * decay).addcmul_(xdt, B)  # a new tensor: state is untouched
-    if torch.compiler.is_compiling():
-        # a reduction the compiler fuses into the kernel that computes h (h is read once)
-        y = (h * C[:, :, None, None, :]).sum(-1)
-    else:
-        y = torch.einsum("bgrpn,bgn->bgrp", h, C)  # one batched GEMV, no (b, G, R, P, N) product
-    return y.reshape(b, nh, P), h.view(b, nh, P, N)
-
-
 def _ssd_scan_fla(
     x: Tensor,
     dt: Tensor,
@@ -297,7 +164,7 @@ _scan_choice = "auto"  # set only through use_ssd_scan; a plain global, which to
 def use_ssd_scan(name: str):
     """Force the prefill scan inside the block (process-wide; benchmarks and tests).
 
-    "auto": the default choice; "triton": our grouped SSD kernel (fms/modules/ssd_kernel.py, CUDA only);
+    "auto": the default choice; "triton": our grouped SSD kernel (fms/modules/ssd_scan.py, CUDA only);
     "fla": fla's scalar-decay GLA kernel (CUDA only); "reference": the chunked PyTorch scan; "recurrent":
     ssd_scan_recurrent. Raises ValueError on another name, RuntimeError on a kernel that cannot be imported.
     """
@@ -309,7 +176,7 @@ def use_ssd_scan(name: str):
             "SSD scan 'fla' needs flash-linear-attention (pip install flash-linear-attention) with a working "
             "Triton; it is not importable here. Use 'triton', 'reference' or 'auto'."
         )
-    if name == "triton" and not ssd_kernel.HAS_TRITON:
+    if name == "triton" and not ssd_scan.HAS_TRITON:
         raise RuntimeError("SSD scan 'triton' needs Triton, which is not importable here. Use 'reference' or 'auto'.")
     previous, _scan_choice = _scan_choice, name
     try:
@@ -319,7 +186,7 @@ def use_ssd_scan(name: str):
 
 
 def select_ssd_scan(device: torch.device) -> SsdScan:
-    """The one place that picks the prefill scan: on CUDA our Triton kernel (ssd_kernel.ssd_scan_triton), else
+    """The one place that picks the prefill scan: on CUDA our Triton kernel (ssd_scan.ssd_scan_triton), else
     the reference. use_ssd_scan(name) overrides the choice.
     """
     if _scan_choice == "reference":
@@ -327,18 +194,18 @@ def select_ssd_scan(device: torch.device) -> SsdScan:
     if _scan_choice == "recurrent":
         return ssd_scan_recurrent
     if _scan_choice in ("fla", "triton"):
-        if not (device.type == "cuda" or (_scan_choice == "triton" and ssd_kernel.can_run_triton(device))):
+        if not (device.type == "cuda" or (_scan_choice == "triton" and ssd_scan.can_run_triton(device))):
             raise RuntimeError(f"SSD scan {_scan_choice!r} runs on CUDA only, got a tensor on {device}")
-        return _ssd_scan_fla if _scan_choice == "fla" else ssd_kernel.ssd_scan_triton
-    if device.type == "cuda" and ssd_kernel.HAS_TRITON:
-        return ssd_kernel.ssd_scan_triton
+        return _ssd_scan_fla if _scan_choice == "fla" else ssd_scan.ssd_scan_triton
+    if device.type == "cuda" and ssd_scan.HAS_TRITON:
+        return ssd_scan.ssd_scan_triton
     return ssd_scan_reference
 
 
 def _uses_fla_conv_and_norm(scan: SsdScan, device: torch.device) -> bool:
     """The CUDA fast path: with a Triton scan come fla's Triton causal conv and gated norm when fla is installed
     (same math; the mixer's elementwise work otherwise costs more than the scan, final_project section 6)."""
-    is_triton_scan = scan is _ssd_scan_fla or scan is ssd_kernel.ssd_scan_triton
+    is_triton_scan = scan is _ssd_scan_fla or scan is ssd_scan.ssd_scan_triton
     return is_triton_scan and device.type == "cuda" and _fla_available()
 
 
@@ -540,10 +407,9 @@ class Mamba2Mixer(nn.Module):
         row i's states sit at slots[i] [b] and are updated in place. Returns out [b, 1, H].
 
         The SSM state is updated by one fused kernel that reads and writes each row once
-        (fms.modules.mamba_decode_kernel; its torch reference off CUDA); the small conv state is gathered and
+        (fms.triton.mamba_decode; its torch reference off CUDA); the small conv state is gathered and
         scattered back. Rows may share a slot (padded rows on a scratch slot), which then holds garbage.
         """
-        from fms.modules.mamba_decode_kernel import mamba_decode_update  # it imports ssd_step from here
 
         z, xs, B, C, dt, new_conv_state = self._step_inputs(x, conv_pool.index_select(0, slots), is_active)
         conv_pool.index_copy_(0, slots, new_conv_state)

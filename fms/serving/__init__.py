@@ -1,7 +1,7 @@
 """Host side of continuous batching: requests, scheduler, prefix cache, model runner, engine."""
 
 from fms.serving.engine import LLMEngine, StepOutput
-from fms.serving.prefix_cache import PrefixCache
+from fms.cache.prefix_cache import PrefixCache
 from fms.serving.request import FinishReason, Request, RequestOutput, RequestState, SamplingParams
 from fms.serving.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 

@@ -13,7 +13,7 @@ import torch
 
 from fms.modules.attention import get_attention_op
 from fms.serving.model_runner import DEFAULT_GRAPH_BATCH_SIZES, ModelRunner
-from fms.serving.prefix_cache import PrefixCache
+from fms.cache.prefix_cache import PrefixCache
 from fms.serving.request import Request, RequestOutput, SamplingParams
 from fms.serving.scheduler import Scheduler
 

@@ -23,8 +23,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Hashable
 
-from fms.modules.paged_cache import PagedKVCache
-from fms.serving.prefix_cache import PrefixCache
+from fms.cache.paged import PagedKVCache
+from fms.cache.prefix_cache import PrefixCache
 from fms.serving.request import FinishReason, Request, RequestState, SamplingParams
 
 

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 from fms.modules.attention import get_attention_op
-from fms.modules.block_allocator import OutOfPagesError
-from fms.modules.paged_cache import PagedKVCache
-from fms.utils.generation import Generator, generate, sample_tokens, validate_prompts
+from fms.cache.allocator import OutOfPagesError
+from fms.cache.paged import PagedKVCache
+from fms.utils.generation import Generator, generate, validate_prompts
 
 GB = 1e9
 

@@ -5,6 +5,9 @@ from typing import Sequence
 import torch
 
 from fms.modules.attention import get_attention_op
+from fms.runtime.decode import DecodeRow, DecodeWindowRunner, why_no_graphs
+from fms.runtime.sampling_params import SamplingParams
+from fms.runtime.sampler import SamplingTensors, needs_sampling, sample, sample_tokens
 
 
 def _as_id_lists(prompts) -> list[list[int]]:
@@ -64,35 +67,6 @@ def _check_sampling(temperature, top_k, top_p):
         raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
-
-
-def nucleus_drop(sorted_logits: torch.Tensor, top_p) -> torch.Tensor:
-    """Top-p over logits sorted descending (B, V): True where a token falls outside the nucleus.
-
-    A token is dropped once the probability mass ranked before it already reaches top_p (a float,
-    or a (B, 1) tensor), so the first token always stays.
-    """
-    probs = sorted_logits.softmax(dim=-1)
-    return (probs.cumsum(dim=-1) - probs) >= top_p
-
-
-def sample_tokens(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0,
-                  top_k: int | None = None, top_p: float | None = None,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) -> token ids (B,). Greedy unless do_sample."""
-    if not do_sample:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        drop_sorted = nucleus_drop(sorted_logits, top_p)
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
 def generate(
@@ -157,7 +131,7 @@ class Generator:
     decode_window=None: one host synchronization per generated token; each step's inputs are
     prepared on the host (cache.prepare), exactly sized. decode_window=k: decode in windows of up to
     k one-token steps run back to back with the inputs computed on the device
-    (fms.serving.model_runner.DecodeWindowRunner), the host synchronizing once per window: tokens a
+    (fms.runtime.decode.DecodeWindowRunner), the host synchronizing once per window: tokens a
     row samples after its EOS in a window are dropped. Sampling in windows uses the serving sampler
     (counter-based noise from seed + row), so sampled tokens differ from the per-token path's
     torch.Generator stream. cuda_graphs replays each window step from a CUDA graph captured for
@@ -182,8 +156,6 @@ class Generator:
         self.decode_window = decode_window
         self.runner = None
         if decode_window is not None:
-            from fms.serving.model_runner import DecodeWindowRunner, why_no_graphs
-
             if cuda_graphs:
                 why_not = why_no_graphs(model, self.op.name, self.device)
                 if why_not is not None:
@@ -309,16 +281,12 @@ class Generator:
 
 
 def _window_params(do_sample, temperature, top_k, top_p):
-    from fms.serving.request import SamplingParams
-
     if not do_sample:
         return SamplingParams()
     return SamplingParams(temperature=temperature, top_k=top_k, top_p=1.0 if top_p is None else top_p)
 
 
 def _sample_first(logits, params, base_seed: int, prompt_lens: list[int]) -> torch.Tensor:
-    from fms.serving.sampler import SamplingTensors, needs_sampling, sample
-
     if not needs_sampling([params]):
         return sample(logits, None)
     rows = len(prompt_lens)
@@ -328,6 +296,4 @@ def _sample_first(logits, params, base_seed: int, prompt_lens: list[int]) -> tor
 
 
 def _decode_chunk(cache, seq_id, token, num_steps, params, seed):
-    from fms.serving.scheduler import ScheduledChunk
-
-    return ScheduledChunk(seq_id, [token], cache.length(seq_id), True, params, num_steps=num_steps, seed=seed)
+    return DecodeRow(seq_id, token, num_steps, params, seed)

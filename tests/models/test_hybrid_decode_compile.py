@@ -14,9 +14,8 @@ import torch
 
 from fms.models import get_model
 from fms.modules.attention import get_attention_op
-from fms.serving.model_runner import DecodeWindowRunner
+from fms.runtime.decode import DecodeRow, DecodeWindowRunner
 from fms.serving.request import SamplingParams
-from fms.serving.scheduler import ScheduledChunk
 
 PAGE_SIZE = 16
 STEPS = 4
@@ -57,7 +56,7 @@ def _prefilled_cache(model, prompts):
 
 
 def _window(runner, first_tokens, num_steps):
-    chunks = [ScheduledChunk(i, [t], runner.cache.length(i), True, SamplingParams(max_new_tokens=n), num_steps=n)
+    chunks = [DecodeRow(i, t, n, SamplingParams(max_new_tokens=n), 0)
               for i, (t, n) in enumerate(zip(first_tokens, num_steps))]
     with torch.no_grad():
         return runner.run(chunks)

@@ -48,7 +48,7 @@ def test_model_chosen_per_model_and_per_call():
 
 
 def test_paged_pool_too_small_is_a_clear_error():
-    from fms.modules.block_allocator import OutOfPagesError
+    from fms.cache.allocator import OutOfPagesError
 
     model = get_model("llama", "nano")
     with pytest.raises(OutOfPagesError):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from fms.modules.attention import get_attention_op
-from fms.modules.kv_cache import KVCacheSpec
+from fms.cache.base import KVCacheSpec
 from fms.modules.masks import AttentionVariant
 
 FP32_ATOL = 2e-5

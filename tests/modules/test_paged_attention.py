@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from fms.modules.attention import PagedOp, get_attention_op
-from fms.modules.block_allocator import OutOfPagesError
-from fms.modules.kv_cache import KVCacheSpec
+from fms.cache.allocator import OutOfPagesError
+from fms.cache.base import KVCacheSpec
 from fms.modules.masks import AttentionVariant
-from fms.modules.paged_cache import SUPPORTED_PAGE_SIZES, PagedKVCache, build_paged_block_mask
+from fms.cache.paged import SUPPORTED_PAGE_SIZES, PagedKVCache, build_paged_block_mask
 
 pytestmark = pytest.mark.paged
 

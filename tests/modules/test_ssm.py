@@ -20,7 +20,7 @@ from fms.modules.ssm import (
     ssd_step,
     use_ssd_scan,
 )
-from fms.modules.ssd_kernel import ssd_scan_triton
+from fms.triton.ssd_scan import ssd_scan_triton
 
 # fp32 tolerances for the module vs an fp64 loop; states are compared with the same bounds.
 ATOL, RTOL = 1e-4, 1e-4
@@ -351,9 +351,10 @@ class _OpRecorder(torch.utils._python_dispatch.TorchDispatchMode):
 def _pool_and_layer(num_slots=16):
     from types import SimpleNamespace
 
-    from fms.modules.mamba_layer import MambaLayer, MambaStatePool, MambaStateSpec
+    from fms.cache.state import MambaStatePool
+    from fms.modules.mamba_layer import MambaLayer
 
-    pool = MambaStatePool(MambaStateSpec(TINY, layers=(0, 2), dtype=torch.float32), num_slots, "cpu")
+    pool = MambaStatePool(MambaLayer.state_spec(TINY, layers=(0, 2), dtype=torch.float32), num_slots, "cpu")
     g = torch.Generator().manual_seed(4)
     for t in pool.conv + pool.ssm:
         t.copy_(torch.randn(t.shape, generator=g))

@@ -2,9 +2,9 @@
 
 import torch
 
-from fms.modules.kv_cache import KVCacheSpec
-from fms.modules.paged_cache import PagedKVCache
-from fms.serving.prefix_cache import PrefixCache
+from fms.cache.base import KVCacheSpec
+from fms.cache.paged import PagedKVCache
+from fms.cache.prefix_cache import PrefixCache
 from fms.serving.request import Request, SamplingParams
 from fms.serving.scheduler import Scheduler
 

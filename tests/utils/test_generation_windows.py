@@ -142,7 +142,7 @@ def test_bad_window_options(llama_nano):
 
 
 def test_graph_blockers_are_named(llama_nano):
-    from fms.serving.model_runner import why_no_graphs
+    from fms.runtime.decode import why_no_graphs
 
     cuda = torch.device("cuda")
     assert "not CUDA" in why_no_graphs(llama_nano, "sdpa", torch.device("cpu"))

@@ -1,4 +1,4 @@
-"""The batch-1 GEMV kernel (fms.modules.gemv) against torch.
+"""The batch-1 GEMV kernel (fms.triton.gemv) against torch.
 
 On CPU the kernel runs in Triton's interpreter with small block sizes; on CUDA with the tuned ones.
 Tolerances: fp32 atol 1e-4 (sums of up to 1k products in a different order); bf16 outputs are
@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton", reason="triton is not installed; the GEMV kernel needs it")
 
-from fms.modules import gemv as gemv_mod
-from fms.modules.gemv import Linear, fits, gemv_reference, swiglu_down
+from fms.triton import gemv as gemv_mod
+from fms.modules.linear import Linear, swiglu_down
+from fms.triton.gemv import fits, gemv_reference
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fms.modules.varlen_attention import uses_flash, varlen_causal_attention, varlen_causal_reference
+from fms.triton.varlen import uses_flash, varlen_causal_attention, varlen_causal_reference
 
 
 def _rows(lens_q, lens_k, hq, hkv, d, device, dtype, seed):

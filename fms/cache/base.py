@@ -142,7 +142,7 @@ class SequenceCache:
         self._lengths: dict[Hashable, int] = {}
         self.state_pool = None
         if spec.state_spec is not None:
-            from fms.modules.mamba_layer import MambaStatePool
+            from fms.cache.state import MambaStatePool
 
             self.state_pool = MambaStatePool(spec.state_spec, max_batch_size, spec.device)
         self._layer_slot = {layer: i for i, layer in enumerate(spec.attention_layers)}

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from fms.modules.triton_support import (
+from fms.triton.support import (
     DEFAULT_NUM_SMS,
     HAS_TRITON,
     can_run_triton,

@@ -5,8 +5,8 @@ import random
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fms.modules.block_allocator import BlockAllocator
-from fms.serving.prefix_cache import PrefixCache
+from fms.cache.allocator import BlockAllocator
+from fms.cache.prefix_cache import PrefixCache
 from fms.serving.request import RequestState
 from tests.serving.helpers import PAGE, check_pages, make_scheduler, request, run_step
 

@@ -1,4 +1,4 @@
-"""The fused Mamba2 decode update (fms.modules.mamba_decode_kernel) against `ssd_step` on gathered rows.
+"""The fused Mamba2 decode update (fms.triton.mamba_decode) against `ssd_step` on gathered rows.
 
 On CPU the Triton kernel runs in Triton's interpreter (slow), so shapes are small; the custom op runs
 the torch reference there and the kernel on CUDA.
@@ -14,14 +14,14 @@ import torch
 # On CPU, tests/conftest.py has put Triton in interpreter mode before anything imported it.
 pytest.importorskip("triton", reason="triton is not installed; the Mamba decode kernel needs it")
 
-from fms.modules import mamba_decode_kernel as kernel  # noqa: E402
-from fms.modules.mamba_decode_kernel import (  # noqa: E402
+from fms.triton import mamba_decode as kernel  # noqa: E402
+from fms.triton.mamba_decode import (  # noqa: E402
     choose_block_p,
     mamba_decode_reference,
     mamba_decode_triton,
     mamba_decode_update,
 )
-from fms.modules.ssm import ssd_step  # noqa: E402
+from fms.triton.ssd_reference import ssd_step  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -198,7 +198,7 @@ def decode_two_ways(device, graph_batch_sizes=None, monkeypatch=None):
     """The tiny hybrid's decode windows (3 rows, one idling after 2 steps) on two prefilled caches: eagerly on
     the first, then on the second with CUDA graphs (graph_batch_sizes) or with the Triton kernel in place of
     the op's device choice (monkeypatch). Asserts the same tokens and Mamba states; -> the second runner."""
-    from fms.serving.model_runner import DecodeWindowRunner
+    from fms.runtime.decode import DecodeWindowRunner
     from tests.models.test_hybrid_decode_compile import STEPS, _model, _prefilled_cache, _prompts, _window
 
     model = _model(device)

@@ -19,8 +19,8 @@ from typing import Hashable, Sequence
 
 import torch
 
-from fms.modules.block_allocator import BlockAllocator, OutOfPagesError, PageTables
-from fms.modules.kv_cache import DecodeWindow, KVCacheSpec, MemoryStats, SequenceCache, StepMeta, segment_ids
+from fms.cache.allocator import BlockAllocator, OutOfPagesError, PageTables
+from fms.cache.base import DecodeWindow, KVCacheSpec, MemoryStats, SequenceCache, StepMeta, segment_ids
 
 __all__ = ["PagedKVCache", "PagedStepMeta", "VarlenMeta", "DecodeWindow", "OutOfPagesError", "SUPPORTED_PAGE_SIZES", "pages_for_budget"]
 
@@ -59,7 +59,7 @@ def pages_for_budget(spec: KVCacheSpec, page_size: int, memory_gb: float | None 
 
 @dataclass(frozen=True)
 class VarlenMeta:
-    """A multi-token step's rows as packed runs (fms.modules.varlen_attention): the real query tokens
+    """A multi-token step's rows as packed runs (fms.triton.varlen): the real query tokens
     back to back, and each row's keys (cached context, then the step's tokens) back to back."""
 
     cu_q: torch.Tensor  # (B+1,) int32: row b's queries are packed tokens cu_q[b] .. cu_q[b+1]-1

@@ -3,7 +3,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from fms.modules.block_allocator import RELEASED, BlockAllocator, OutOfPagesError, PageTables
+from fms.cache.allocator import RELEASED, BlockAllocator, OutOfPagesError, PageTables
 
 pytestmark = pytest.mark.paged
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fms.modules.triton_support import (
+from fms.triton.support import (
     HAS_TRITON,
     can_run_triton,
     cdiv,

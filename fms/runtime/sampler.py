@@ -18,8 +18,7 @@ from typing import Sequence
 
 import torch
 
-from fms.serving.request import SamplingParams
-from fms.utils.generation import nucleus_drop
+from fms.runtime.sampling_params import SamplingParams
 
 _MASK32 = 0xFFFFFFFF
 
@@ -61,6 +60,35 @@ class SamplingTensors:
         floats, longs = cls.pack(params, seeds, vocab_size)
         floats, longs = floats.to(device), longs.to(device)
         return cls(floats[:, 0], longs[:, 0], floats[:, 1], longs[:, 1])
+
+
+def nucleus_drop(sorted_logits: torch.Tensor, top_p) -> torch.Tensor:
+    """Top-p over logits sorted descending (B, V): True where a token falls outside the nucleus.
+
+    A token is dropped once the probability mass ranked before it already reaches top_p (a float,
+    or a (B, 1) tensor), so the first token always stays.
+    """
+    probs = sorted_logits.softmax(dim=-1)
+    return (probs.cumsum(dim=-1) - probs) >= top_p
+
+
+def sample_tokens(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0,
+                  top_k: int | None = None, top_p: float | None = None,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,). Greedy unless do_sample."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        drop_sorted = nucleus_drop(sorted_logits, top_p)
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Sequence
 
-from fms.modules.block_allocator import BlockAllocator
+from fms.cache.allocator import BlockAllocator
 
 _ROOT = None  # parent of page 0
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fms.modules.ssm import ssd_step
-from fms.modules.triton_support import (
+from fms.triton.ssd_reference import ssd_step
+from fms.triton.support import (
     DEFAULT_NUM_SMS,
     HAS_TRITON,
     can_run_triton,

@@ -6,7 +6,7 @@ reduction launch and stay well under the copy bandwidth (`scripts/bench_gemv.py`
 gives each program a few full output rows (no split-K) and can compute the SwiGLU product
 silu(gate) * up of its input chunk on the fly, which removes the MLP's activation kernel.
 
-`Linear` is an `nn.Linear` (same parameters, same checkpoint names) that takes this kernel for a
+`fms.modules.linear.Linear` is an `nn.Linear` (same parameters, same checkpoint names) that takes this kernel for a
 single CUDA row and `F.linear` otherwise; `swiglu_down` does the same for the SwiGLU down
 projection. The torch expression each replaces is the reference (`gemv_reference`).
 """
@@ -15,9 +15,8 @@ import os
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from fms.modules.triton_support import tl, triton
+from fms.triton.support import tl, triton
 
 
 if triton is not None:
@@ -117,20 +116,3 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if torch.compiler.is_compiling():
         return _gemv_op(x, weight, bias, silu_mul)
     return _launch(x, weight, bias, silu_mul, blocks)
-
-
-def swiglu_down(gate_up: torch.Tensor, down: nn.Linear) -> torch.Tensor:
-    """down(silu(gate) * up) for gate_up = [gate | up] on the last dim; one fused kernel for one CUDA row."""
-    if fits(gate_up, down.weight):
-        return gemv(gate_up, down.weight, down.bias, silu_mul=True).view(*gate_up.shape[:-1], -1)
-    gate, up = gate_up.split(gate_up.shape[-1] // 2, dim=-1)
-    return down(F.silu(gate) * up)
-
-
-class Linear(nn.Linear):
-    """nn.Linear that multiplies a single CUDA row with the GEMV kernel (batch-1 decode)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fits(x, self.weight):
-            return gemv(x, self.weight, self.bias).view(*x.shape[:-1], -1)
-        return F.linear(x, self.weight, self.bias)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fms.serving.request import SamplingParams
-from fms.serving.sampler import argmax_rows, SamplingTensors, sample, uniform_noise
+from fms.runtime.sampler import argmax_rows, SamplingTensors, sample, uniform_noise
 
 pytestmark = pytest.mark.paged
 

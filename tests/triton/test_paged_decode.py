@@ -15,7 +15,7 @@ pytest.importorskip("triton", reason="triton is not installed; the paged decode 
 
 import torch.nn.functional as F  # noqa: E402
 
-from fms.modules.paged_decode_kernel import (  # noqa: E402
+from fms.triton.paged_decode import (  # noqa: E402
     choose_num_splits,
     paged_decode_attention,
     paged_decode_reference,
