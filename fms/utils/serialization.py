@@ -1,7 +1,9 @@
 """Loading Hugging Face checkpoint folders (single or sharded safetensors) into fms models by name mapping.
 
 Each architecture registers rules `(our parameter regex, [HF name templates], transform)`; several HF
-tensors listed for one parameter are concatenated along dim 0 (e.g. gate_proj + up_proj -> fused).
+tensors listed for one parameter are concatenated along dim 0 (e.g. gate_proj + up_proj -> fused), each
+checked first against the rows the config gives it. Every tensor's shape is checked from the file
+headers before any weight is copied, and no file outside the checkpoint folder is read.
 """
 
 import json
@@ -23,6 +25,9 @@ class Rule:
     pattern: str  # regex over our parameter name; groups fill the templates
     sources: tuple[str, ...]  # HF names, "{0}", "{1}" ... filled from the groups
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # rows of each source along dim 0, from the model config; required when there are several sources,
+    # so that pieces of the wrong sizes whose total happens to fit (q_proj and k_proj swapped) are refused
+    split: Callable[[object], tuple[int, ...]] | None = None
 
 
 _RULES: dict[str, tuple[list[Rule], list[str]]] = {}
@@ -36,6 +41,9 @@ def register_checkpoint_rules(architecture: str, rules: list[Rule], ignore: list
     optional_prefixes: prefixes some exports put before the names the rules use (GPT-2's
     "transformer."); a checkpoint's names are matched with such a prefix removed.
     """
+    unsplit = [r.pattern for r in rules if len(r.sources) > 1 and r.split is None]
+    if unsplit:
+        raise ValueError(f"checkpoint rules {unsplit} of {architecture!r} fuse several tensors but give no split")
     _RULES[architecture] = (list(rules), list(ignore))
     _OPTIONAL_PREFIXES[architecture] = tuple(optional_prefixes)
 
@@ -48,7 +56,8 @@ def _llama_core(mlp: list[Rule]) -> list[Rule]:
         Rule(r"dec_norm\.weight", ("model.norm.weight",)),
         Rule(layer + r"ln\.weight", ("model.layers.{0}.input_layernorm.weight",)),
         Rule(layer + r"ff_ln\.weight", ("model.layers.{0}.post_attention_layernorm.weight",)),
-        Rule(layer + r"mixer\.qkv_fused\.weight", tuple(f"model.layers.{{0}}.self_attn.{n}_proj.weight" for n in "qkv")),
+        Rule(layer + r"mixer\.qkv_fused\.weight", tuple(f"model.layers.{{0}}.self_attn.{n}_proj.weight" for n in "qkv"),
+             split=lambda c: (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim)),
         Rule(layer + r"mixer\.dense\.weight", ("model.layers.{0}.self_attn.o_proj.weight",)),
         *mlp,
     ]
@@ -56,7 +65,8 @@ def _llama_core(mlp: list[Rule]) -> list[Rule]:
 
 _LLAMA_MLP = [
     Rule(r"layers\.(\d+)\.ff\.wg1_fused\.weight",
-         ("model.layers.{0}.mlp.gate_proj.weight", "model.layers.{0}.mlp.up_proj.weight")),
+         ("model.layers.{0}.mlp.gate_proj.weight", "model.layers.{0}.mlp.up_proj.weight"),
+         split=lambda c: (c.intermediate_size, c.intermediate_size)),
     Rule(r"layers\.(\d+)\.ff\.w2\.weight", ("model.layers.{0}.mlp.down_proj.weight",)),
 ]
 _GRANITE4_MLP = [
@@ -77,36 +87,88 @@ register_checkpoint_rules("granite_hybrid", _llama_core(_GRANITE4_MLP), _IGNORE)
 # ---------------------------------------------------------------------------------------------
 # files
 # ---------------------------------------------------------------------------------------------
+_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+               type(None): "null"}
+
+
+def read_json_object(file: Path) -> dict:
+    """The JSON object in file; anything else (bad JSON, a list, ...) is a CheckpointError naming the file."""
+    try:
+        value = json.loads(Path(file).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{file} is not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file} holds {_JSON_TYPES.get(type(value), type(value).__name__)}; "
+                              "expected a JSON object {...}")
+    return value
+
+
+def _allowed_roots(folder: Path) -> tuple[Path, ...]:
+    """Folders a checkpoint's files may resolve into: its own, and for a Hugging Face hub cache snapshot
+    (<repo>/snapshots/<revision>/, whose files are symlinks into <repo>/blobs/) that repository's blobs."""
+    root = folder.resolve()
+    blobs = root.parent.parent / "blobs"
+    if root.parent.name == "snapshots" and blobs.is_dir():
+        return root, blobs
+    return (root,)
+
+
+def _inside(folder: Path, roots: tuple[Path, ...], file: str, what: str) -> Path:
+    """folder/file, refused when it is absolute or resolves (through .. or symlinks) outside roots."""
+    if Path(file).is_absolute():
+        raise CheckpointError(f"{what} is an absolute path; a checkpoint's files must lie in its folder {folder}")
+    resolved = (folder / file).resolve()
+    if not any(resolved.is_relative_to(root) for root in roots):
+        raise CheckpointError(
+            f"{what} resolves to {resolved}, outside the checkpoint folder {folder.resolve()}; refusing to read it"
+        )
+    return folder / file
+
+
+def _open_safetensors(file: Path):
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"cannot read safetensors file {file}: {err}") from err
+
+
 def checkpoint_index(model_path: str | Path) -> dict[str, Path]:
     """HF tensor name -> the safetensors file holding it."""
     path = Path(model_path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder {model_path} does not exist")
+    roots = _allowed_roots(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        weight_map = read_json_object(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index} has no 'weight_map' object")
-        files = {name: path / file for name, file in weight_map.items()}
-        missing_files = sorted({str(f.name) for f in files.values() if not f.is_file()})
+        files = {}
+        for name, file in weight_map.items():
+            entry = f"{index}: weight_map[{name!r}] = {file!r}"
+            if not isinstance(file, str) or not file:
+                raise CheckpointError(f"{entry} is not a file name")
+            files[name] = _inside(path, roots, file, entry)
+        missing_files = sorted({file for file in weight_map.values() if not (path / file).is_file()})
         if missing_files:
             raise CheckpointError(f"{index} lists shard files that are not in {path}: {missing_files}")
         return files
     shards = sorted(path.glob("*.safetensors"))
     if not shards:
         raise CheckpointError(f"no *.safetensors files in {path} (pytorch_model.bin checkpoints are not supported)")
-    from safetensors import safe_open
-
     files = {}
     for shard in shards:
-        with safe_open(str(shard), framework="pt") as f:
+        _inside(path, roots, shard.name, str(shard))
+        with _open_safetensors(shard) as f:
             for name in f.keys():
                 files[name] = shard
     return files
 
 
 class _Reader:
-    """Opens each shard once and hands out tensors by name."""
+    """Opens each shard once and hands out tensors (or just their shapes, from the header) by name."""
 
     def __init__(self, files: dict[str, Path], strip_prefixes: tuple[str, ...] = ()):
         self._stored = {}  # name the rules use -> name in the file
@@ -118,21 +180,22 @@ class _Reader:
         self.files = {name: files[stored] for name, stored in self._stored.items()}
         self._open = {}
 
-    def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
+    def _read(self, name: str, what: Callable):
+        from safetensors import SafetensorError
 
         file = self.files[name]
         if file not in self._open:
-            self._open[file] = safe_open(str(file), framework="pt")
-        return self._open[file].get_tensor(self._stored[name])
+            self._open[file] = _open_safetensors(file)
+        try:
+            return what(self._open[file], self._stored[name])
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"cannot read tensor {self._stored[name]!r} from {file}: {err}") from err
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._read(name, lambda f, stored: f.get_tensor(stored))
 
     def shape(self, name: str) -> list[int]:
-        from safetensors import safe_open
-
-        file = self.files[name]
-        if file not in self._open:
-            self._open[file] = safe_open(str(file), framework="pt")
-        return list(self._open[file].get_slice(self._stored[name]).get_shape())
+        return self._read(name, lambda f, stored: list(f.get_slice(stored).get_shape()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,6 +213,32 @@ def _parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     """Our tensors to fill; a tied head is filled through the embedding."""
     params = dict(model.named_parameters(remove_duplicate=True))
     return params
+
+
+def _check_source_shapes(reader: _Reader, name: str, param: torch.Tensor, sources: list[str], rule: Rule,
+                         config) -> None:
+    """Each source's shape from its file header against what the config gives it, before reading any data.
+
+    Sources concatenated along dim 0 each get their own rows from rule.split:
+        param rows [0, r0) <- sources[0], [r0, r0 + r1) <- sources[1], ...
+    """
+    if rule.transform is not None:
+        return  # the stored layout differs from ours; checked once transformed
+    rows = rule.split(config) if rule.split else (param.shape[0],)
+    if sum(rows) != param.shape[0] or len(rows) != len(sources):
+        raise CheckpointError(f"checkpoint rule for {name} splits {list(param.shape)} into rows {list(rows)} "
+                              f"for {len(sources)} tensors; the rule does not match the model")
+    start = 0
+    for source, num_rows in zip(sources, rows):
+        expected = [num_rows, *param.shape[1:]] if param.dim() else []
+        got = reader.shape(source)
+        if got != expected:
+            target = f"{name}" if len(sources) == 1 else f"rows {start}:{start + num_rows} of {name}"
+            raise CheckpointError(
+                f"checkpoint tensor {source} has shape {got}, but the config needs {expected} for {target}"
+                + ("" if len(sources) == 1 else f" (fused from {', '.join(sources)})")
+            )
+        start += num_rows
 
 
 @torch.no_grad()
@@ -181,6 +270,8 @@ def load_hf_checkpoint(model: nn.Module, model_path: str | Path, architecture: s
             f"checkpoint {model_path} has tensors the {architecture!r} model does not use: {shown} "
             "(is the config.json right for these weights?)"
         )
+    for name, (param, sources, rule) in plan.items():
+        _check_source_shapes(reader, name, param, sources, rule, model.config)
     for name, (param, sources, rule) in plan.items():
         pieces = [reader.get(s) for s in sources]
         tensor = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
