@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fms.models import register_architecture, register_hf_model_type, register_variants
-from fms.models.llama import LLaMA, LlamaConfig
+from fms.models.llama import LLaMA, LlamaConfig, hf_float, hf_int, require_float
 from fms.modules.attention import MultiHeadAttention
 from fms.modules.feedforward import GeluMLP
 from fms.utils.serialization import Rule, register_checkpoint_rules
@@ -49,6 +49,7 @@ class GPT2Config(LlamaConfig):
         if self.alibi:
             self.position_embedding_type = "nope"
         super().__post_init__()
+        require_float(type(self).__name__, "layer_norm_eps", self.layer_norm_eps, positive=True)
         if self.num_kv_heads != self.num_heads:
             raise ValueError(f"GPT-2 attention is multi-head: num_kv_heads {self.num_kv_heads} must equal "
                              f"num_heads {self.num_heads}")
@@ -116,21 +117,22 @@ def gpt2_config_from_hf(hf: dict) -> GPT2Config:
     if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
         raise ValueError("GPT-2 configs with scale_attn_by_inverse_layer_idx or reorder_and_upcast_attn "
                          "are not supported")
-    hidden = hf["n_embd"]
+    hidden_size = hf_int(hf, "n_embd")
+    num_heads = hf_int(hf, "n_head")
     return GPT2Config(
-        vocab_size=hf["vocab_size"],
-        hidden_size=hidden,
-        num_layers=hf["n_layer"],
-        num_heads=hf["n_head"],
-        num_kv_heads=hf["n_head"],
-        intermediate_size=hf.get("n_inner") or 4 * hidden,
-        max_position_embeddings=hf.get("n_positions", hf.get("n_ctx", 1024)),
-        layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        vocab_size=hf_int(hf, "vocab_size"),
+        hidden_size=hidden_size,
+        num_layers=hf_int(hf, "n_layer"),
+        num_heads=num_heads,
+        num_kv_heads=num_heads,
+        intermediate_size=hf_int(hf, "n_inner", 4 * hidden_size),
+        max_position_embeddings=hf_int(hf, "n_positions", hf_int(hf, "n_ctx", 1024)),
+        layer_norm_eps=hf_float(hf, "layer_norm_epsilon", 1e-5),
         attention_multiplier=None if hf.get("scale_attn_weights", True) else 1.0,
         tie_word_embeddings=hf.get("tie_word_embeddings", True),
         # GPT-2 configs carry neither; read like llama_config_from_hf for derived checkpoints that do
-        sliding_window=hf.get("sliding_window"),
-        attn_logit_softcapping=hf.get("attn_logit_softcapping"),
+        sliding_window=hf_int(hf, "sliding_window", None),
+        attn_logit_softcapping=hf_float(hf, "attn_logit_softcapping", None),
         bos_token_id=hf.get("bos_token_id", 50256),
         eos_token_id=hf.get("eos_token_id", 50256),
         pad_token_id=hf.get("pad_token_id"),

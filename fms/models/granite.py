@@ -1,17 +1,21 @@
 """Granite 3.x dense: the Llama computation with Granite's four scalars (all in LlamaConfig)."""
 
 from fms.models import register_hf_model_type, register_variants
-from fms.models.llama import LLaMA, LlamaConfig, llama_config_from_hf
+from fms.models.llama import LLaMA, LlamaConfig, hf_float, llama_config_from_hf
+
+
+def granite_scalars_from_hf(hf: dict) -> dict:
+    """Granite's four scalars (LlamaConfig fields) from config.json; absent ones leave the Llama computation."""
+    return dict(
+        embedding_multiplier=hf_float(hf, "embedding_multiplier", 1.0),
+        attention_multiplier=hf_float(hf, "attention_multiplier", None),
+        residual_multiplier=hf_float(hf, "residual_multiplier", 1.0),
+        logits_scaling=hf_float(hf, "logits_scaling", 1.0),
+    )
 
 
 def granite_config_from_hf(hf: dict) -> LlamaConfig:
-    return llama_config_from_hf(
-        hf,
-        embedding_multiplier=hf.get("embedding_multiplier", 1.0),
-        attention_multiplier=hf.get("attention_multiplier"),
-        residual_multiplier=hf.get("residual_multiplier", 1.0),
-        logits_scaling=hf.get("logits_scaling", 1.0),
-    )
+    return llama_config_from_hf(hf, **granite_scalars_from_hf(hf))
 
 
 _GRANITE_3 = dict(vocab_size=49159, num_layers=40, num_heads=32, num_kv_heads=8, max_position_embeddings=131072,

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fms.models import register_architecture, register_hf_model_type, register_variants
-from fms.models.llama import LLaMA, LlamaConfig, llama_config_from_hf
+from fms.models.granite import granite_scalars_from_hf
+from fms.models.llama import LLaMA, LlamaConfig, hf_int, llama_config_from_hf, require_int
 from fms.modules.feedforward import SwiGLU
 
 LAYER_TYPES = ("attention", "mamba")
@@ -42,6 +43,11 @@ class GraniteHybridConfig(LlamaConfig):
         bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
         if bad:
             raise ValueError(f"unknown layer types {bad}; allowed: {list(LAYER_TYPES)}")
+        for name in ("num_experts", "num_experts_per_token", "expert_intermediate_size", "mamba_num_heads",
+                     "mamba_head_dim"):
+            require_int(type(self).__name__, name, getattr(self, name), minimum=0)
+        if self.num_experts:
+            require_int(type(self).__name__, "expert_intermediate_size", self.expert_intermediate_size, minimum=1)
         if self.num_experts and not 0 < self.num_experts_per_token <= self.num_experts:
             raise ValueError(
                 f"num_experts_per_token must be in 1..{self.num_experts}, got {self.num_experts_per_token}"
@@ -143,14 +149,20 @@ class GraniteHybrid(LLaMA):
 def granite_hybrid_config_from_hf(hf: dict) -> GraniteHybridConfig:
     layer_types = hf.get("layer_types") or hf.get("layers_block_type")
     if layer_types is None:
-        layer_types = ["mamba"] * hf["num_hidden_layers"]
+        layer_types = ["mamba"] * hf_int(hf, "num_hidden_layers")
+    if not isinstance(layer_types, (list, tuple)):
+        raise ValueError(f"key 'layer_types' must be a list of layer kinds, got {layer_types!r}")
     # transformers 5 may spell the layer kinds differently
     aliases = {"linear_attention": "mamba", "full_attention": "attention"}
     layer_types = [aliases.get(t, t) for t in layer_types]
-    num_heads = hf.get("mamba_n_heads", 0)
+    num_heads = hf_int(hf, "mamba_n_heads", 0, minimum=0)
     head_dim = hf.get("mamba_d_head", 0)
     if head_dim == "auto":
-        head_dim = hf.get("mamba_expand", 2) * hf["hidden_size"] // num_heads
+        if not num_heads:
+            raise ValueError("key 'mamba_n_heads' must be an int >= 1 when 'mamba_d_head' is 'auto'")
+        head_dim = hf_int(hf, "mamba_expand", 2) * hf_int(hf, "hidden_size") // num_heads
+    else:
+        head_dim = hf_int(hf, "mamba_d_head", 0, minimum=0)
     limit = hf.get("time_step_limit")
     if limit not in (None, [0.0, float("inf")], (0.0, float("inf"))) and not _is_default_limit(limit):
         raise ValueError(f"time_step_limit {limit} is not supported (only the default (0, inf))")
@@ -158,20 +170,17 @@ def granite_hybrid_config_from_hf(hf: dict) -> GraniteHybridConfig:
         {**hf, "intermediate_size": hf.get("shared_intermediate_size", hf.get("intermediate_size"))},
         config_class=GraniteHybridConfig,
         position_embedding_type=hf.get("position_embedding_type") or "rope",
-        embedding_multiplier=hf.get("embedding_multiplier", 1.0),
-        attention_multiplier=hf.get("attention_multiplier"),
-        residual_multiplier=hf.get("residual_multiplier", 1.0),
-        logits_scaling=hf.get("logits_scaling", 1.0),
+        **granite_scalars_from_hf(hf),
         layer_types=tuple(layer_types),
-        num_experts=hf.get("num_local_experts", 0) or 0,
-        num_experts_per_token=hf.get("num_experts_per_tok", 0) or 0,
-        expert_intermediate_size=hf.get("intermediate_size", 0),
+        num_experts=hf_int(hf, "num_local_experts", 0, minimum=0),
+        num_experts_per_token=hf_int(hf, "num_experts_per_tok", 0, minimum=0),
+        expert_intermediate_size=hf_int(hf, "intermediate_size", 0, minimum=0),
         mamba_num_heads=num_heads,
         mamba_head_dim=head_dim,
-        mamba_state_size=hf.get("mamba_d_state", 128),
-        mamba_num_groups=hf.get("mamba_n_groups", 1),
-        mamba_conv_kernel=hf.get("mamba_d_conv", 4),
-        mamba_chunk_size=hf.get("mamba_chunk_size", 256),
+        mamba_state_size=hf_int(hf, "mamba_d_state", 128),
+        mamba_num_groups=hf_int(hf, "mamba_n_groups", 1),
+        mamba_conv_kernel=hf_int(hf, "mamba_d_conv", 4),
+        mamba_chunk_size=hf_int(hf, "mamba_chunk_size", 256),
         mamba_conv_bias=hf.get("mamba_conv_bias", True),
         mamba_proj_bias=hf.get("mamba_proj_bias", False),
     )

@@ -1,5 +1,7 @@
 """Llama-style decoder (Llama 2/3.x, and Granite 3.x through four scalars in the same config)."""
 
+import math
+import numbers
 from dataclasses import dataclass, field, fields, replace
 from typing import Callable
 
@@ -13,6 +15,25 @@ from fms.cache.base import KVCacheSpec
 from fms.modules.layernorm import RMSNorm
 from fms.modules.masks import AttentionVariant
 from fms.modules.positions import RopeScaling, RotaryEmbedding
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def require_int(owner: str, name: str, value, minimum: int) -> None:
+    if not _is_int(value) or value < minimum:
+        raise ValueError(f"{owner}.{name} must be an int >= {minimum}, got {value!r}")
+
+
+def require_float(owner: str, name: str, value, positive: bool = False, nonzero: bool = False) -> None:
+    allowed = "a finite number" + (" > 0" if positive else " != 0" if nonzero else "")
+    if not _is_number(value) or (positive and value <= 0) or (nonzero and value == 0):
+        raise ValueError(f"{owner}.{name} must be {allowed}, got {value!r}")
 
 
 @dataclass
@@ -49,16 +70,17 @@ class LlamaConfig:
     position_embedding_types = ("rope", "nope")
 
     def __post_init__(self):
+        name = type(self).__name__
+        for field_name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                           "intermediate_size", "max_position_embeddings"):
+            require_int(name, field_name, getattr(self, field_name), minimum=1)
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
                 raise ValueError(
                     f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; give head_dim"
                 )
             self.head_dim = self.hidden_size // self.num_heads
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
-                     "max_position_embeddings"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        require_int(name, "head_dim", self.head_dim, minimum=1)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.position_embedding_type not in self.position_embedding_types:
@@ -66,10 +88,39 @@ class LlamaConfig:
                 f"position_embedding_type must be one of {list(self.position_embedding_types)}, "
                 f"got {self.position_embedding_type!r}"
             )
+        for field_name in ("rms_norm_eps", "rope_theta", "init_std"):
+            require_float(name, field_name, getattr(self, field_name), positive=field_name != "init_std")
+        for field_name in ("embedding_multiplier", "residual_multiplier"):
+            require_float(name, field_name, getattr(self, field_name))
+        require_float(name, "logits_scaling", self.logits_scaling, nonzero=True)  # logits are divided by it
+        for field_name in ("attention_multiplier", "attn_logit_softcapping"):
+            if getattr(self, field_name) is not None:
+                require_float(name, field_name, getattr(self, field_name), positive=True)
+        if self.sliding_window is not None:
+            require_int(name, "sliding_window", self.sliding_window, minimum=1)
+        for field_name in ("tie_word_embeddings", "alibi"):
+            if not isinstance(getattr(self, field_name), bool):
+                raise ValueError(f"{name}.{field_name} must be True or False, got {getattr(self, field_name)!r}")
         if isinstance(self.rope_scaling, dict):
             self.rope_scaling = RopeScaling(**self.rope_scaling)
         if isinstance(self.eos_token_id, list):
             self.eos_token_id = tuple(self.eos_token_id)
+        self._check_token_ids()
+
+    def _check_token_ids(self):
+        # bos/eos must be embeddable (and eos producible by the head); pad is only compared with, and some
+        # HF configs carry a pad id outside the vocabulary (-1, or vocab_size), so only its type is checked.
+        name = type(self).__name__
+        for field_name, ids in (("bos_token_id", (self.bos_token_id,)), ("eos_token_id", self.eos_token_ids)):
+            for token_id in ids:
+                if token_id is None and field_name == "bos_token_id":
+                    continue
+                require_int(name, field_name, token_id, minimum=0)
+                if token_id >= self.vocab_size:
+                    raise ValueError(f"{name}.{field_name} {token_id} is outside the vocabulary: allowed "
+                                     f"0 <= id < vocab_size ({self.vocab_size})")
+        if self.pad_token_id is not None:
+            require_int(name, "pad_token_id", self.pad_token_id, minimum=-1)
 
     def updated(self, **overrides) -> "LlamaConfig":
         unknown = set(overrides) - {f.name for f in fields(self)}
@@ -235,44 +286,79 @@ def _normal_(weight, std, generator):
 # ---------------------------------------------------------------------------------------------
 # HF config.json -> LlamaConfig, and the registered variants
 # ---------------------------------------------------------------------------------------------
+_REQUIRED = object()
+
+
+def _hf_value(hf: dict, key: str, default):
+    """hf[key], or None when missing or null (an error naming the key when it is required)."""
+    value = hf.get(key)
+    if value is None and default is _REQUIRED:
+        raise ValueError(f"required key {key!r} is " + ("null" if key in hf else "missing"))
+    return value
+
+
+def hf_int(hf: dict, key: str, default=_REQUIRED, minimum: int = 1):
+    """config.json's hf[key] as an int >= minimum, or default when missing or null.
+
+    Errors name the HF key; read_hf_config adds the file.
+    """
+    value = _hf_value(hf, key, default)
+    if value is None:
+        return default
+    if not _is_int(value) or value < minimum:
+        raise ValueError(f"key {key!r} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def hf_float(hf: dict, key: str, default=_REQUIRED):
+    """config.json's hf[key] as a float (range checks are the config's), or default when missing or null."""
+    value = _hf_value(hf, key, default)
+    if value is None:
+        return default
+    if not _is_number(value):
+        raise ValueError(f"key {key!r} must be a finite number, got {value!r}")
+    return float(value)
+
+
 def rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
     """(theta, llama3 scaling) from either the v4 keys (rope_theta/rope_scaling) or v5 rope_parameters."""
     params = hf.get("rope_parameters") or {}
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    theta = hf_float(params, "rope_theta", hf_float(hf, "rope_theta", 10000.0))
     scaling = hf.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
     if not scaling:
-        return float(theta), None
+        return theta, None
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "default":
-        return float(theta), None
+        return theta, None
     if rope_type != "llama3":
         raise ValueError(f"unsupported rope scaling type {rope_type!r}; supported: 'llama3' (or none)")
-    return float(theta), RopeScaling(
-        factor=float(scaling["factor"]),
-        low_freq_factor=float(scaling["low_freq_factor"]),
-        high_freq_factor=float(scaling["high_freq_factor"]),
-        original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+    return theta, RopeScaling(
+        factor=hf_float(scaling, "factor"),
+        low_freq_factor=hf_float(scaling, "low_freq_factor"),
+        high_freq_factor=hf_float(scaling, "high_freq_factor"),
+        original_max_position_embeddings=hf_int(scaling, "original_max_position_embeddings"),
     )
 
 
 def llama_config_from_hf(hf: dict, config_class=LlamaConfig, **extra) -> LlamaConfig:
     theta, scaling = rope_from_hf(hf)
-    heads = hf["num_attention_heads"]
+    hidden_size = hf_int(hf, "hidden_size")
+    num_heads = hf_int(hf, "num_attention_heads")
     return config_class(
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        intermediate_size=hf.get("intermediate_size", 4 * hf["hidden_size"]),
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
-        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        vocab_size=hf_int(hf, "vocab_size"),
+        hidden_size=hidden_size,
+        num_layers=hf_int(hf, "num_hidden_layers"),
+        num_heads=num_heads,
+        num_kv_heads=hf_int(hf, "num_key_value_heads", num_heads),
+        head_dim=hf_int(hf, "head_dim", hidden_size // num_heads),  # HF floors it too
+        intermediate_size=hf_int(hf, "intermediate_size", 4 * hidden_size),
+        rms_norm_eps=hf_float(hf, "rms_norm_eps", 1e-5),
+        max_position_embeddings=hf_int(hf, "max_position_embeddings", 4096),
         rope_theta=theta,
         rope_scaling=scaling,
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
-        sliding_window=hf.get("sliding_window") if hf.get("use_sliding_window", True) else None,
-        attn_logit_softcapping=hf.get("attn_logit_softcapping"),
+        sliding_window=hf_int(hf, "sliding_window", None) if hf.get("use_sliding_window", True) else None,
+        attn_logit_softcapping=hf_float(hf, "attn_logit_softcapping", None),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_id=hf.get("eos_token_id"),
         pad_token_id=hf.get("pad_token_id"),
