@@ -1,6 +1,6 @@
 """Model registry: architectures, their named variants (configs), and `get_model`."""
 
-import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -70,19 +70,30 @@ def get_config(architecture: str, variant: str):
 
 
 def read_hf_config(model_path: str | Path) -> tuple[str, object]:
-    """(architecture, our config) from a HF checkpoint folder's config.json."""
+    """(architecture, our config) from a HF checkpoint folder's config.json.
+
+    Anything wrong in the file (bad JSON, a missing or mistyped key, a value out of range) is a
+    CheckpointError naming the file and the key.
+    """
+    from fms.utils.serialization import CheckpointError, read_json_object
+
     path = Path(model_path)
     config_file = path / "config.json" if path.is_dir() else path
     if not config_file.is_file():
         raise FileNotFoundError(f"no config.json in {model_path}; expected a Hugging Face checkpoint folder")
-    hf = json.loads(config_file.read_text())
+    hf = read_json_object(config_file)
     model_type = hf.get("model_type")
-    if model_type not in _HF_MODEL_TYPES:
+    if not isinstance(model_type, str) or model_type not in _HF_MODEL_TYPES:
         raise ValueError(
             f"unsupported model_type {model_type!r} in {config_file}; supported: {sorted(_HF_MODEL_TYPES)}"
         )
     architecture, convert = _HF_MODEL_TYPES[model_type]
-    return architecture, convert(hf)
+    try:
+        return architecture, convert(hf)
+    except KeyError as err:  # a nested key a converter reads directly
+        raise CheckpointError(f"{config_file}: required key {err.args[0]!r} is missing") from None
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{config_file}: {err}") from err
 
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -135,10 +146,13 @@ def get_model(
         config = config.updated(**config_overrides)
     device = torch.device(device_type)
     dtype = resolve_dtype(data_type) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an int, got {seed!r}")
     model_class = _architecture(architecture).model_class
     with torch.device("meta"):
-        model = model_class(config, attn_name=attn_name)
-    model = model.to(dtype).to_empty(device=device)
+        model = model_class(config, attn_name=attn_name).to(dtype)
+    check_fits_in_memory(model, device, architecture)
+    model = model.to_empty(device=device)
     materialize(model)
     if model_path is not None:
         serialization.load_hf_checkpoint(model, model_path, architecture)
@@ -146,6 +160,52 @@ def get_model(
         generator = torch.Generator(device="cpu").manual_seed(seed)
         model.reset_parameters(generator)
     return model.eval().requires_grad_(False)
+
+
+class InsufficientMemoryError(MemoryError):
+    """A model's weights would not fit in the memory free on its device."""
+
+
+def available_memory(device: torch.device) -> tuple[int, str] | None:
+    """(bytes free on device, where that number comes from), or None where it cannot be known."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], f"free memory of {device}"
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo"
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "free physical pages (sysconf)"
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _format_bytes(num_bytes: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if num_bytes < 1024:
+            return f"{num_bytes:.2f} {unit}" if unit != "B" else f"{num_bytes} B"
+        num_bytes /= 1024
+    return f"{num_bytes:.2f} TiB"
+
+
+def check_fits_in_memory(model: nn.Module, device: torch.device, architecture: str = "") -> None:
+    """Refuse, before any allocation, a model (still on the meta device) whose weights exceed free memory."""
+    needed = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    available = available_memory(device)
+    if available is None or needed <= available[0]:
+        return
+    free, source = available
+    dtype = next(model.parameters()).dtype
+    raise InsufficientMemoryError(
+        f"the {architecture + ' ' if architecture else ''}model needs {_format_bytes(needed)} ({needed} bytes) "
+        f"for its {dtype} weights on {device}, but only {_format_bytes(free)} ({free} bytes) is available "
+        f"({source}); use a smaller config, a smaller data_type or another device"
+    )
 
 
 def materialize(model: nn.Module) -> None:
