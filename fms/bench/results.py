@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from fms.bench.switches import env_switches
 from fms.bench.timing import GB
 
 
@@ -37,6 +38,7 @@ def run_metadata(command: str, device: torch.device) -> dict:
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "gb": "1e9 bytes",
+        "env_switches": env_switches(),
     }
     if device.type == "cuda":
         meta["gpu_memory_gb"] = torch.cuda.get_device_properties(device).total_memory / GB
