@@ -89,7 +89,7 @@ class LlamaConfig:
                 f"got {self.position_embedding_type!r}"
             )
         for field_name in ("rms_norm_eps", "rope_theta", "init_std"):
-            require_float(name, field_name, getattr(self, field_name), positive=field_name != "init_std")
+            require_float(name, field_name, getattr(self, field_name), positive=True)
         for field_name in ("embedding_multiplier", "residual_multiplier"):
             require_float(name, field_name, getattr(self, field_name))
         require_float(name, "logits_scaling", self.logits_scaling, nonzero=True)  # logits are divided by it
