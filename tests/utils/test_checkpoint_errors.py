@@ -320,3 +320,24 @@ def test_terabyte_config_fails_before_allocating(saved, tmp_path, monkeypatch):
     h = 65536
     needed = 4 * (64 * (4 * h * h + 12 * h * h + 2 * h) + 2 * VOCAB * h + h + 128 // 2)
     assert f"({needed} bytes)" in msg and "TiB" in msg and "available" in msg
+
+
+# config.json of the other families, written by transformers (config only: read_hf_config needs no weights)
+@pytest.mark.parametrize("config_name, kwargs, key, value", [
+    ("GPT2Config", dict(n_embd=32, n_layer=1, n_head=4, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2), "n_head", 0),
+    ("GPT2Config", dict(n_embd=32, n_layer=1, n_head=4, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2), "n_embd", "32"),
+    ("GraniteMoeHybridConfig", dict(_SIZES, mamba_n_heads=8, mamba_d_head=8, layer_types=["mamba", "attention"]),
+     "mamba_d_state", 0),
+    ("GraniteMoeHybridConfig", dict(_SIZES, mamba_n_heads=8, mamba_d_head=8, layer_types=["mamba", "attention"]),
+     "num_local_experts", -1),
+])
+def test_other_families_config_errors_name_file_and_key(tmp_path, config_name, kwargs, key, value):
+    from fms.models import read_hf_config
+
+    getattr(transformers, config_name)(**kwargs).save_pretrained(tmp_path)
+    read_hf_config(tmp_path)  # as written, it parses
+    edit_config(tmp_path, lambda c: c.update({key: value}))
+    with pytest.raises(CheckpointError) as err:
+        read_hf_config(tmp_path)
+    msg = str(err.value)
+    assert str(tmp_path / "config.json") in msg and repr(key) in msg and repr(value) in msg
