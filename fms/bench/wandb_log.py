@@ -1,6 +1,7 @@
 """Optional Weights & Biases logging of benchmark and eval results (offline unless configured; never required)."""
 
 import os
+import sys
 from pathlib import Path
 
 from fms.bench.results import csv_value, jsonable
@@ -56,3 +57,21 @@ def finish_wandb(run, results: dict, plots: dict[str, Path], columns) -> None:
         run.summary["results_json"] = str(results.get("paths", {}).get("json", ""))
     finally:
         run.finish()
+
+
+def log_summary(summary: dict, config: dict, project: str, name: str, run_dir: str | None = None,
+                job_type: str | None = None) -> bool:
+    """One wandb run holding these numbers as its summary; False (with a warning) when wandb is not installed."""
+    try:
+        import wandb
+    except ImportError:
+        print("warning: --wandb needs the wandb package (pip install wandb); results were not logged there",
+              file=sys.stderr)
+        return False
+    # offline unless the user has configured W&B (WANDB_MODE or an API key); sync later with `wandb sync`
+    mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    run = wandb.init(project=project, mode=mode, job_type=job_type, config=jsonable(config), dir=run_dir, name=name)
+    run.log(summary)
+    run.summary.update(summary)
+    run.finish()
+    return True

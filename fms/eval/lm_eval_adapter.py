@@ -3,15 +3,15 @@
 lm-eval is an optional extra (`pip install ibm-fms[eval]`); fms never imports this module itself.
 Importing it registers the model type:
 
-    import lm_eval, fms.utils.lm_eval_adapter
+    import lm_eval, fms.eval.lm_eval_adapter
     lm_eval.simple_evaluate(model="fms", model_args="architecture=hf_pretrained,model_path=ckpt,attn_name=paged",
                            tasks=["mmlu"])
 
 From the shell, run lm-eval's own CLI through this module so the registration happens first:
 
-    python -m fms.utils.lm_eval_adapter --model fms --model_args model_path=ckpt,attn_name=paged --tasks mmlu
+    python -m fms.eval.lm_eval_adapter --model fms --model_args model_path=ckpt,attn_name=paged --tasks mmlu
 
-Log-likelihoods come from fms.utils.evaluation.score_requests (the same code scripts/eval.py runs);
+Log-likelihoods come from fms.eval.scoring.score_requests (the same code scripts/eval.py runs);
 generation from fms.utils.generation.generate.
 """
 
@@ -25,7 +25,8 @@ from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
 from fms.models import get_model
-from fms.utils.evaluation import TokenRequest, encode_pair, score_requests
+from fms.eval.scoring import TokenRequest, encode_pair, score_requests
+from fms.modules.attention import get_attention_op
 from fms.utils.generation import generate
 from fms.utils.tokenizers import get_tokenizer
 
@@ -93,7 +94,7 @@ class FMSLM(LM):
         self.tokenizer = tokenizer
         self.attn_name = attn_name
         self.batch_size = _as_int("batch_size", batch_size)
-        self.cache_options = {"page_size": _as_int("page_size", page_size)} if attn_name == "paged" else {}
+        self.cache_options = get_attention_op(attn_name).cache_kwargs(page_size=_as_int("page_size", page_size))
         context = model.config.max_position_embeddings
         self.max_length = min(_as_int("max_length", max_length), context) if max_length is not None else context
         self.max_gen_toks = _as_int("max_gen_toks", max_gen_toks)
@@ -196,8 +197,11 @@ class FMSLM(LM):
 
 if __name__ == "__main__":
     # Run as a script this file is `__main__`; register the importable class, not this copy of it.
-    import fms.utils.lm_eval_adapter  # noqa: F401
+    import importlib
+
     from lm_eval.__main__ import cli_evaluate
+
+    importlib.import_module("fms.eval.lm_eval_adapter")
 
     cli_evaluate()
 else:

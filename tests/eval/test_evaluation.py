@@ -7,20 +7,10 @@ import pytest
 import torch
 
 from fms.models import get_model
-from fms.utils import evaluation
-from fms.utils.evaluation import (
-    EvalDataError,
-    EvalError,
-    MultipleChoiceItem,
-    TokenRequest,
-    build_questions,
-    choice_scores,
-    encode_pair,
-    get_task,
-    load_task_data,
-    sample_data_path,
-    score_requests,
-)
+from fms.eval.data import SAMPLE_DATA_DIR, load_task_data, sample_data_path
+from fms.eval.modes import choice_scores, evaluate
+from fms.eval.scoring import TokenRequest, encode_pair, score_requests
+from fms.eval.tasks import EvalDataError, EvalError, MultipleChoiceItem, build_questions, get_task
 from fms.utils.tokenizers import get_tokenizer
 
 # fp32 on CPU: cached (sdpa / paged) and plain forwards differ only by summation order
@@ -190,7 +180,7 @@ def test_evaluate_paged_matches_default_on_shipped_truthfulqa(nano, tokenizer):
     # MMLU runs both modes end to end in tests/scripts/test_eval.py
     task = "truthfulqa_mc2"
     data = load_task_data(task, sample_data_path(task), limit=2)
-    _, results, comparison = evaluation.evaluate(nano, tokenizer, task, data.items, ("default", "paged"),
+    _, results, comparison = evaluate(nano, tokenizer, task, data.items, ("default", "paged"),
                                                  batch_size=8, warmup=False)
     assert comparison["answer_agreement"] == 1.0
     assert comparison["max_abs_loglikelihood_diff"] < LOGPROB_ATOL
@@ -204,7 +194,7 @@ def test_shipped_files_load_in_every_format():
     mmlu = load_task_data("mmlu", sample_data_path("mmlu"))
     assert {i.subject for i in mmlu.items} == {"astronomy", "computer_science"} and len(mmlu.items) == 8
     assert set(mmlu.dev) == {"astronomy"} and len(mmlu.dev["astronomy"]) == 3
-    export = load_task_data("mmlu", evaluation.SAMPLE_DATA_DIR / "mmlu.jsonl")
+    export = load_task_data("mmlu", SAMPLE_DATA_DIR / "mmlu.jsonl")
     assert [i.gold for i in export.items if i.subject == "nutrition"] == [2, 0, 1]  # int and letter answers
     mc1 = load_task_data("truthfulqa_mc1", sample_data_path("truthfulqa_mc1")).items
     mc2 = load_task_data("truthfulqa_mc2", sample_data_path("truthfulqa_mc2")).items
@@ -284,8 +274,11 @@ def test_empty_folder_and_missing_data_path(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def fms_lm(tokenizer_dir):
     pytest.importorskip("lm_eval", reason="lm-eval is an optional extra (pip install 'ibm-fms[eval]')")
-    import fms.utils.lm_eval_adapter  # noqa: F401  (registers the model type)
+    import importlib
+
     from lm_eval.api.registry import get_model as get_lm
+
+    importlib.import_module("fms.eval.lm_eval_adapter")  # registers the model type
 
     return get_lm("fms").create_from_arg_string(
         f"architecture=llama,variant=nano,tokenizer={tokenizer_dir},attn_name=paged,batch_size=2,max_gen_toks=6",
@@ -316,7 +309,7 @@ def test_lm_eval_loglikelihood(fms_lm, nano, tokenizer):
 
 
 def test_lm_eval_generate_until_is_greedy_and_stops_at_until(fms_lm, nano, tokenizer):
-    from fms.utils.lm_eval_adapter import FMSLM
+    from fms.eval.lm_eval_adapter import FMSLM
 
     # model and tokenizer objects through the Python API; sdpa keeps the CPU run short
     lm = FMSLM(model=nano, tokenizer=tokenizer, attn_name="sdpa", batch_size=2, max_gen_toks=6)

@@ -1,14 +1,15 @@
-"""scripts/eval.py end to end on the shipped items with llama 'nano': paged agrees with default; complete JSON."""
+"""fms.eval.report (what scripts/eval.py runs) end to end on the shipped items with llama 'nano': paged agrees with
+default; complete JSON; clear errors. One smoke test calls the script's cli(argv)."""
 
 import json
 import sys
-import types
 from pathlib import Path
 
 import pytest
 
-from tests.script_loader import load_script
-from tests.utils.test_evaluation import LOGPROB_ATOL, build_tiny_tokenizer
+from fms.eval.report import EvalConfig, run_eval
+from fms.eval.tasks import EvalError
+from tests.eval.test_evaluation import LOGPROB_ATOL, build_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "fms" / "resources" / "eval"
@@ -17,23 +18,17 @@ MODE_METRICS = ("accuracy", "accuracy_macro", "per_subject", "num_questions", "l
 
 
 @pytest.fixture(scope="module")
-def eval_script():
-    return load_script("eval")
-
-
-@pytest.fixture(scope="module")
 def model_args(tmp_path_factory):
     tokenizer = build_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
     # no warm-up batch: on CPU it only doubles the (eager FlexAttention) paged run
-    return ["--architecture", "llama", "--variant", "nano", "--tokenizer", str(tokenizer), "--no_progress",
-            "--no_warmup", "--device_type", "cpu"]
+    return dict(architecture="llama", variant="nano", tokenizer=str(tokenizer), progress=False, warmup=False,
+                device_type="cpu")
 
 
-def test_mmlu_both_modes_agree_and_json_holds_every_metric(eval_script, model_args, tmp_path, capsys):
+def test_mmlu_both_modes_agree_and_json_holds_every_metric(model_args, tmp_path, capsys):
     out = tmp_path / "mmlu.json"
-    report = eval_script.main(model_args + ["--task", "mmlu", "--data", str(SAMPLES / "mmlu"), "--mode", "both",
-                                            "--num_fewshot", "1", "--batch_size", "8", "--output", str(out),
-                                            "--log_samples"])
+    report = run_eval(EvalConfig(**model_args, task="mmlu", data=str(SAMPLES / "mmlu"), mode="both", num_fewshot=1,
+                                 batch_size=8, output=str(out), log_samples=True))
     saved = json.loads(out.read_text())
     assert saved["modes"].keys() == {"default", "paged"}
     for mode, attn_name in (("default", "sdpa"), ("paged", "paged")):
@@ -56,74 +51,77 @@ def test_mmlu_both_modes_agree_and_json_holds_every_metric(eval_script, model_ar
 
 
 @pytest.mark.parametrize("task", ["truthfulqa_mc1", "truthfulqa_mc2"])
-def test_truthfulqa_one_mode_from_original_json(eval_script, model_args, task):
-    report = eval_script.main(model_args + ["--task", task, "--data", str(SAMPLES / "truthfulqa_mc.json"),
-                                            "--mode", "default", "--limit", "3"])
+def test_truthfulqa_one_mode_from_original_json(model_args, task):
+    report = run_eval(EvalConfig(**model_args, task=task, data=str(SAMPLES / "truthfulqa_mc.json"), mode="default",
+                                 limit=3))
     metrics = report["modes"]["default"]
     assert metrics["num_questions"] == 3 and 0.0 <= metrics["accuracy"] <= 1.0
     assert metrics["metric"] == ("acc" if task == "truthfulqa_mc1" else "mc2")
     assert report["comparison"] == {}
 
 
-def _error(eval_script, argv, capsys) -> str:
-    assert eval_script.cli(argv) == 2
-    return capsys.readouterr().err
+def _error(model_args, **options) -> str:
+    with pytest.raises((EvalError, ValueError, FileNotFoundError)) as exc:
+        run_eval(EvalConfig(**{**model_args, **options}))
+    return str(exc.value)
 
 
-def test_bad_input_gives_clear_errors(eval_script, model_args, tmp_path, monkeypatch, capsys):
-    err = _error(eval_script, model_args + ["--task", "hellaswag", "--data", str(SAMPLES)], capsys)
+def test_bad_input_gives_clear_errors(model_args, tmp_path, monkeypatch):
+    err = _error(model_args, task="hellaswag", data=str(SAMPLES))
     assert "unknown task 'hellaswag'; allowed: mmlu, summarization, truthfulqa_mc1, truthfulqa_mc2" in err
+    assert "unknown mode 'fast'; allowed: default, paged, both" in _error(model_args, mode="fast")
 
     monkeypatch.setenv("FMS_EVAL_DATA", str(tmp_path / "none"))
-    err = _error(eval_script, model_args + ["--task", "mmlu"], capsys)
+    err = _error(model_args, task="mmlu")
     assert "no data path: put MMLU CSVs" in err and "or pass --data PATH; this tool never downloads" in err
 
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "law_test.csv").write_text("q,a,b,c,d,A\nq,a,b,c,d\n")
-    err = _error(eval_script, model_args + ["--task", "mmlu", "--data", str(bad)], capsys)
-    assert "law_test.csv row 2: expected 6 columns" in err
+    assert "law_test.csv row 2: expected 6 columns" in _error(model_args, task="mmlu", data=str(bad))
 
     (bad / "law_test.csv").write_text("")
-    err = _error(eval_script, model_args + ["--task", "mmlu", "--data", str(bad)], capsys)
-    assert "law_test.csv holds no questions" in err
+    assert "law_test.csv holds no questions" in _error(model_args, task="mmlu", data=str(bad))
 
-    err = _error(eval_script, model_args + ["--task", "mmlu", "--data", str(tmp_path / "missing")], capsys)
+    err = _error(model_args, task="mmlu", data=str(tmp_path / "missing"))
     assert "data path" in err and "does not exist" in err
-
-    err = _error(eval_script, model_args + ["--task", "mmlu", "--data", str(SAMPLES / "mmlu"), "--batch_size", "0"],
-                 capsys)
-    assert "--batch_size must be >= 1, got 0" in err
+    assert "--batch_size must be >= 1, got 0" in _error(model_args, task="mmlu", data=str(SAMPLES / "mmlu"),
+                                                       batch_size=0)
 
 
-def test_summarization_is_delegated_lazily(eval_script, model_args, tmp_path, monkeypatch, capsys):
+def test_summarization_passes_each_mode_its_ops_cache_options(model_args, tmp_path, monkeypatch):
     data = tmp_path / "news.jsonl"
-    data.write_text("{}\n")
-    import fms.utils
-
-    monkeypatch.setitem(sys.modules, "fms.utils.summarization", None)  # as if the module were not there
-    monkeypatch.delattr(fms.utils, "summarization", raising=False)  # set by any earlier import of it
-    err = _error(eval_script, model_args + ["--task", "summarization", "--data", str(data)], capsys)
-    assert "--task summarization needs fms.utils.summarization" in err
-
+    data.write_text(json.dumps({"document": "a b c", "summary": "a"}) + "\n" + json.dumps(
+        {"document": "d e f", "summary": "d"}) + "\n")
+    assert "no data path" in _error(model_args, task="summarization")
     calls = []
-    fake = types.ModuleType("fms.utils.summarization")
-    fake.load_summarization_data = lambda path: [{"document": "a b c", "summary": "a"}] * 2
 
     def summarize_and_score(model, tokenizer, examples, attn_name, max_new_tokens, batch_size=1, **kwargs):
-        calls.append((attn_name, max_new_tokens, batch_size, kwargs))
-        return {"rougeL": 0.5, "predictions": ["x", "y"]}
+        calls.append((attn_name, max_new_tokens, batch_size, kwargs, len(examples)))
+        return {"rougeL": 0.5, "predictions": ["x", "y"], "per_example": [{}, {}]}
 
-    fake.summarize_and_score = summarize_and_score
-    monkeypatch.setitem(sys.modules, "fms.utils.summarization", fake)
-    report = eval_script.main(model_args + ["--task", "summarization", "--data", str(data), "--max_new_tokens", "4",
-                                            "--batch_size", "2"])
-    assert calls == [("sdpa", 4, 2, {}), ("paged", 4, 2, {"page_size": 16})]
+    monkeypatch.setattr("fms.eval.summarization.summarize_and_score", summarize_and_score)
+    report = run_eval(EvalConfig(**model_args, task="summarization", data=str(data), max_new_tokens=4, batch_size=2))
+    # only the paged op takes a page size
+    assert calls == [("sdpa", 4, 2, {}, 2), ("paged", 4, 2, {"page_size": 16}, 2)]
     assert report["modes"]["paged"]["rougeL"] == 0.5 and report["comparison"]["identical_outputs"] == 1.0
+    assert "per_example" not in report["modes"]["paged"]  # per-example lists only with log_samples
 
 
-def test_wandb_is_optional(eval_script, model_args, monkeypatch, capsys):
+def test_wandb_is_optional(model_args, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
-    assert eval_script.cli(model_args + ["--task", "mmlu", "--data", str(SAMPLES / "mmlu.jsonl"), "--mode", "default",
-                                         "--limit", "1", "--wandb"]) == 0
+    run_eval(EvalConfig(**model_args, task="mmlu", data=str(SAMPLES / "mmlu.jsonl"), mode="default", limit=1,
+                        wandb=True))
     assert "--wandb needs the wandb package (pip install wandb)" in capsys.readouterr().err
+
+
+def test_script_cli_smoke(capsys):
+    """scripts/eval.py: flags -> EvalConfig -> run_eval; exit 2 with the message on bad input."""
+    from scripts import eval as eval_script
+
+    argv = ["--variant", "micro", "--device_type", "cpu", "--no_progress", "--no_warmup", "--task", "truthfulqa_mc1",
+            "--data", str(SAMPLES / "truthfulqa_mc.json"), "--mode", "default", "--limit", "1"]
+    assert eval_script.cli(argv) == 0
+    assert "truthfulqa_mc1" in capsys.readouterr().out
+    assert eval_script.cli([*argv, "--batch_size", "0"]) == 2
+    assert "--batch_size must be >= 1, got 0" in capsys.readouterr().err

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from fms.utils.summarization import (
+from fms.eval.summarization import (
     PROMPT_SUFFIX,
     build_prompt,
     load_summarization_data,

@@ -1,0 +1,218 @@
+"""Log-likelihood scoring of (context, continuation) requests through any attention op, as lm-eval scores them.
+
+Scoring follows lm-evaluation-harness: a request is a (context, continuation) pair and its score is
+the summed log-probability of the continuation tokens given the context. The model always runs
+through the cache driver protocol (create_cache -> add -> prepare -> model(cache=, meta=) -> free),
+so `--mode default` (sdpa) and `--mode paged` (paged KV cache + FlexAttention) execute the same code
+apart from the attention op. Each request is scored in two steps over one cache:
+
+    tokens:  c0 c1 c2 c3 | k0 k1 k2          context c*, continuation k*
+    step 1:  c0 c1 c2 c3                       logits at c3 only   -> log p(k0)
+    step 2:               k0 k1                logits at k0, k1    -> log p(k1), log p(k2)
+
+so the vocabulary-sized logits exist only for continuation tokens, and step 2 attends to context
+that is already in the (paged) cache. Requests that share their input (MMLU's four one-token answers
+share the whole prompt) are run once.
+"""
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from fms.bench.timing import synchronize
+from fms.eval.tasks import EvalError
+from fms.modules.attention import get_attention_op
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenization, the lm-evaluation-harness way
+# ---------------------------------------------------------------------------------------------
+def encode_pair(tokenizer, context: str, continuation: str, add_bos: bool | None = None) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) for a causal LM.
+
+    Trailing spaces of the context move to the continuation (" A" scores the space with the
+    letter). The whole string is encoded once and split at the context's length, so the
+    continuation gets the ids it has in running text. An empty context becomes one BOS (or EOS).
+    """
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    if context:
+        whole = tokenizer.encode(context + continuation, add_bos=add_bos)
+        context_ids = tokenizer.encode(context, add_bos=add_bos)
+        if context_ids:
+            return context_ids, whole[len(context_ids):]
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    continuation_ids = tokenizer.encode(continuation, add_bos=False)
+    if prefix is None:
+        if len(continuation_ids) < 2:
+            raise EvalError("an empty context needs a BOS or EOS token to condition on, and this tokenizer has neither")
+        return continuation_ids[:1], continuation_ids[1:]
+    return [prefix], continuation_ids
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TokenRequest:
+    context: tuple[int, ...]
+    continuation: tuple[int, ...]
+
+
+@dataclass
+class ScoreRun:
+    """What one scoring pass returns: results in request order plus what it cost."""
+
+    results: list[tuple[float, bool]]  # (log-likelihood, is_greedy) per request
+    request_batch: list[int | None]  # the forward batch that computed each request (None: nothing to run)
+    batch_seconds: list[float]
+    input_tokens: int  # tokens run through the model (after sharing identical inputs)
+    num_rows: int  # distinct model inputs
+    peak_cache: dict = field(default_factory=dict)  # cache.memory_stats() at the fullest step
+
+
+@dataclass
+class _Row:
+    """One model input: the context, then the continuation minus its last token."""
+
+    context: tuple[int, ...]
+    extension: tuple[int, ...]
+    requests: list[int] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return len(self.context) + len(self.extension)
+
+
+def _build_rows(requests: Sequence[TokenRequest], vocab_size: int, max_len: int) -> list[_Row]:
+    rows: dict[tuple, _Row] = {}
+    for i, req in enumerate(requests):
+        context, continuation = tuple(req.context), tuple(req.continuation)
+        if not context:
+            raise EvalError(f"request {i} has an empty context: give at least one token (e.g. BOS)")
+        if len(continuation) > max_len:
+            raise EvalError(
+                f"request {i} has a continuation of {len(continuation)} tokens, over the model's context of "
+                f"{max_len} tokens"
+            )
+        bad = [t for t in context + continuation if not 0 <= t < vocab_size]
+        if bad:
+            raise EvalError(
+                f"request {i} has token ids outside the model's vocabulary [0, {vocab_size}): {bad[:5]}; "
+                f"the tokenizer does not match the model (pass the model's own --tokenizer)"
+            )
+        if not continuation:
+            continue  # scores 0.0 and is trivially greedy; nothing to run
+        # keep the newest tokens when the input exceeds the context, as lm-eval does
+        context = context[-(max_len - len(continuation) + 1):]
+        key = (context, continuation[:-1])
+        if key not in rows:
+            rows[key] = _Row(context, continuation[:-1])
+        rows[key].requests.append(i)
+    return list(rows.values())
+
+
+@torch.no_grad()
+def score_requests(
+    model,
+    requests: Sequence[TokenRequest],
+    attn_name: str = "sdpa",
+    batch_size: int = 8,
+    cache_options: dict | None = None,
+    warmup: bool = False,
+    progress: bool = False,
+    desc: str | None = None,
+) -> ScoreRun:
+    """Log-likelihood and is_greedy of each continuation given its context.
+
+    Rows run longest first, `batch_size` per forward; each batch's sequences are freed from the
+    cache after it. With warmup, the first and last batches run once, untimed, before the timed
+    pass (CUDA compilation of the attention kernels).
+    """
+    if batch_size < 1:
+        raise EvalError(f"batch_size must be >= 1, got {batch_size}")
+    op = get_attention_op(attn_name)
+    config = model.config
+    device = model.embedding.weight.device
+    rows = _build_rows(requests, config.vocab_size, config.max_position_embeddings)
+    results: list[tuple[float, bool]] = [(0.0, True)] * len(requests)
+    request_batch: list[int | None] = [None] * len(requests)
+    run = ScoreRun(results, request_batch, [], 0, len(rows))
+    if not rows:
+        return run
+    order = sorted(range(len(rows)), key=lambda r: -rows[r].length)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    cache = op.create_cache(
+        model.cache_spec(), max_batch_size=min(batch_size, len(rows)),
+        max_seq_len=max(row.length for row in rows), **(cache_options or {}),
+    )
+    if warmup:
+        # the longest and the shortest batch: two shapes, so torch.compile has made its shapes dynamic
+        for batch in {0: batches[0], len(batches) - 1: batches[-1]}.values():
+            _score_batch(model, op, cache, [rows[r] for r in batch], requests, device)
+
+    from tqdm.auto import tqdm
+
+    for b, batch in enumerate(tqdm(batches, desc=desc or attn_name, disable=not progress, file=sys.stderr)):
+        synchronize(device)
+        start = time.perf_counter()
+        scores, stats = _score_batch(model, op, cache, [rows[r] for r in batch], requests, device)
+        synchronize(device)
+        run.batch_seconds.append(time.perf_counter() - start)
+        run.input_tokens += sum(rows[r].length for r in batch)
+        if stats["kv_bytes_in_use"] >= run.peak_cache.get("kv_bytes_in_use", -1):
+            run.peak_cache = stats
+        for i, score in scores.items():
+            results[i] = score
+            request_batch[i] = b
+    return run
+
+
+def _score_batch(model, op, cache, rows: list[_Row], requests, device) -> tuple[dict[int, tuple[float, bool]], dict]:
+    seq_ids = list(range(len(rows)))
+    for seq_id in seq_ids:
+        cache.add(seq_id)
+    try:
+        # step 1: every context, logits at its last token only
+        meta = cache.prepare(seq_ids, [len(row.context) for row in rows])
+        tokens = _right_padded([row.context for row in rows], meta.query_len, device)
+        last = torch.tensor([len(row.context) - 1 for row in rows], device=device)
+        first = model(tokens, attn_name=op.name, logits_positions=last, cache=cache, meta=meta)
+        first = first[:, 0].float().log_softmax(dim=-1)  # (B, V)
+        # step 2: continuations longer than one token, logits at every fed token
+        extended = [s for s in seq_ids if rows[s].extension]
+        rest = None
+        if extended:
+            meta = cache.prepare(extended, [len(rows[s].extension) for s in extended])
+            tokens = _right_padded([rows[s].extension for s in extended], meta.query_len, device)
+            rest = model(tokens, attn_name=op.name, cache=cache, meta=meta).float().log_softmax(dim=-1)  # (B2, T, V)
+        stats = cache.memory_stats().as_dict()
+    finally:
+        for seq_id in seq_ids:
+            cache.free(seq_id)
+
+    row_in_rest = {s: k for k, s in enumerate(extended)}
+    logprobs, greedy, owners = [], [], []
+    for s, row in enumerate(rows):
+        m = len(row.extension) + 1
+        row_logp = first[s:s + 1]
+        if m > 1:
+            row_logp = torch.cat([row_logp, rest[row_in_rest[s], : m - 1]])  # (m, V)
+        targets = torch.tensor([requests[i].continuation for i in row.requests], device=device)  # (R, m)
+        picked = row_logp[torch.arange(m, device=device)[None, :], targets]  # (R, m)
+        logprobs.append(picked.sum(dim=-1))
+        greedy.append((row_logp.argmax(dim=-1)[None, :] == targets).all(dim=-1))
+        owners += row.requests
+    values = torch.cat(logprobs).tolist()
+    is_greedy = torch.cat(greedy).tolist()
+    return {i: (v, g) for i, v, g in zip(owners, values, is_greedy)}, stats
+
+
+def _right_padded(seqs: Sequence[Sequence[int]], width: int, device) -> torch.Tensor:
+    return torch.tensor([list(s) + [0] * (width - len(s)) for s in seqs], dtype=torch.long, device=device)
+
+
