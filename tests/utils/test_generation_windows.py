@@ -75,9 +75,11 @@ def test_windows_equal_the_per_token_loop_hybrid_with_eos(hybrid, attn_name):
 def test_windows_cover_attention_variants(variant, attn_name):
     """ALiBi (a per-head bias; FlexAttention decoding on paged) and a sliding window (pages released
     at window starts) through the device-side step."""
-    model = get_model("gpt2", variant, seed=2, data_type="float32")
+    # init_std 0.3 (seed 3): nano's own weights repeat one token on the windowed row
+    model = get_model("gpt2", variant, seed=3, data_type="float32", init_std=0.3)
     prompts = _prompts((40, 7), model.config.vocab_size, seed=1)
     reference = generate(model, prompts, 12, attn_name=attn_name, **_options(attn_name))
+    assert all(len(set(seq)) >= 6 for seq in reference), reference
     out = generate(model, prompts, 12, attn_name=attn_name, decode_window=5, **_options(attn_name))
     assert out == reference
 
