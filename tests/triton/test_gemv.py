@@ -1,9 +1,10 @@
 """The batch-1 GEMV kernel (fms.triton.gemv) against torch.
 
 On CPU the kernel runs in Triton's interpreter with small block sizes; on CUDA with the tuned ones.
-Tolerances: fp32 atol 1e-4 (sums of up to 1k products in a different order); bf16 outputs are
-compared against an fp32 reference of the same bf16 inputs within 2 bf16 ulps of the output
-scale (each side rounds once).
+The reference is a float64 matmul of the same inputs (not F.linear, which is the layers' own
+fallback). Tolerances: fp32 atol 1e-4 (sums of up to 1k products in a different order); bf16
+outputs within 2 bf16 ulps of the output scale of a reference on the same bf16 inputs (each side
+rounds once).
 """
 
 import pytest
@@ -26,6 +27,16 @@ def kernel():  # on CPU, tests/conftest.py has put Triton in interpreter mode
     return lambda x, w, b=None, silu_mul=False: gemv_mod._launch(x, w, b, silu_mul, None if CUDA else SMALL_BLOCKS)
 
 
+def _reference64(x, w, b=None, silu_mul=False):
+    """x @ w.T (+ b) in float64, with x = silu(gate) * up for x = [gate | up] when silu_mul."""
+    x = x.double()
+    if silu_mul:
+        gate, up = x.chunk(2, dim=-1)
+        x = gate * torch.sigmoid(gate) * up
+    out = x @ w.double().T
+    return out if b is None else out + b.double()
+
+
 def _inputs(n, k, dtype, silu_mul=False, bias=False, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = (torch.randn(n, k, generator=g) / k ** 0.5).to(DEVICE, dtype)
@@ -41,7 +52,10 @@ def test_kernel_matches_torch_fp32(kernel, n, k, silu_mul, bias):
     x, w, b = _inputs(n, k, torch.float32, silu_mul, bias)
     out = kernel(x, w, b, silu_mul)
     assert out.shape == (1, n) and out.dtype == torch.float32
-    torch.testing.assert_close(out, gemv_reference(x, w, b, silu_mul), atol=1e-4, rtol=1e-4)
+    ref = _reference64(x, w, b, silu_mul)
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+    # the torch fallback's definition of the same product
+    torch.testing.assert_close(gemv_reference(x, w, b, silu_mul).double(), ref, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("silu_mul", [False, True])
@@ -80,18 +94,57 @@ def test_fits_only_single_cuda_rows():
         assert not fits(torch.randn(1, 32), w)  # CPU rows stay on F.linear
 
 
-def test_linear_is_an_nn_linear_with_the_same_state_dict():
-    lin = Linear(32, 16, bias=True)
-    assert isinstance(lin, torch.nn.Linear) and set(lin.state_dict()) == {"weight", "bias"}
-    x = torch.randn(3, 5, 32)
-    torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias))
+@pytest.fixture
+def kernel_launches(monkeypatch):
+    """Linear and swiglu_down on the path that launches the kernel; returns the list of launches.
+
+    On CUDA the layers' own fits() picks the kernel for a single row. On CPU fits() keeps every row
+    on F.linear, so a single row of the weight's dtype is let through to the kernel in Triton's
+    interpreter (small blocks) instead; rows that do not fit still take F.linear.
+    """
+    from fms.modules import linear as linear_mod
+
+    launches = []
+
+    def launch(x, w, b=None, silu_mul=False):
+        launches.append(silu_mul)
+        return gemv_mod._launch(x, w, b, silu_mul, None if CUDA else SMALL_BLOCKS)
+
+    monkeypatch.setattr(linear_mod, "gemv", launch)
+    if not CUDA:
+        monkeypatch.setattr(linear_mod, "fits", lambda x, w: x.numel() == x.shape[-1] and x.dtype == w.dtype)
+    return launches
 
 
-def test_swiglu_down_without_the_kernel_is_the_torch_expression():
-    down = torch.nn.Linear(16, 8, bias=False)
-    h = torch.randn(2, 3, 32)
-    gate, up = h.split(16, dim=-1)
-    torch.testing.assert_close(swiglu_down(h, down), down(F.silu(gate) * up))
+@torch.no_grad()
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_single_row_goes_through_the_kernel(kernel_launches, bias):
+    torch.manual_seed(0)
+    lin = Linear(96, 40, bias=bias).to(DEVICE)
+    assert isinstance(lin, torch.nn.Linear) and set(lin.state_dict()) == ({"weight", "bias"} if bias else {"weight"})
+    x = torch.randn(1, 1, 96, device=DEVICE)
+    out = lin(x)
+    assert kernel_launches == [False] and out.shape == (1, 1, 40)
+    torch.testing.assert_close(out.double(), _reference64(x.view(1, -1), lin.weight, lin.bias).view(1, 1, 40),
+                               atol=1e-4, rtol=1e-4)
+    rows = torch.randn(3, 5, 96, device=DEVICE)  # not one row: F.linear
+    torch.testing.assert_close(lin(rows).double(), _reference64(rows, lin.weight, lin.bias), atol=1e-4, rtol=1e-4)
+    assert kernel_launches == [False]
+
+
+@torch.no_grad()
+def test_swiglu_down_single_row_goes_through_the_fused_kernel(kernel_launches):
+    torch.manual_seed(1)
+    down = Linear(48, 24, bias=False).to(DEVICE)
+    h = torch.randn(1, 1, 96, device=DEVICE)
+    out = swiglu_down(h, down)
+    assert kernel_launches == [True] and out.shape == (1, 1, 24)
+    torch.testing.assert_close(out.double(), _reference64(h.view(1, -1), down.weight, silu_mul=True).view(1, 1, 24),
+                               atol=1e-4, rtol=1e-4)
+    rows = torch.randn(2, 3, 96, device=DEVICE)  # not one row: the torch expression through down (F.linear)
+    torch.testing.assert_close(swiglu_down(rows, down).double(), _reference64(rows, down.weight, silu_mul=True),
+                               atol=1e-4, rtol=1e-4)
+    assert kernel_launches == [True]
 
 
 @pytest.mark.gpu
