@@ -110,6 +110,29 @@ def test_matches_dense_sdpa(page_size, group_size, num_splits, pages_per_iter):
     assert_close(out, dense_sdpa(case, scale), torch.float32)
 
 
+@pytest.mark.parametrize("page_size", [64, 128, 256])
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        torch.float32,
+        torch.float16,
+        pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+            DEVICE == "cpu", reason="Triton's interpreter gets bf16 wrong (NumPy has no bfloat16; errors ~1e8 here); "
+                              "bf16 runs on CUDA here and in test_gpu_llama_shapes_bf16")),
+    ],
+)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_large_pages_and_half_precision(page_size, dtype, num_splits):
+    """The serving page sizes and fp16 / bf16 K/V, small enough for the interpreter on CPU."""
+    seq_lens = [1, page_size - 1, page_size, page_size + 1, 3 * page_size + 5]
+    case = make_paged_case(seq_lens, page_size, 2, 4, 32, dtype, seed=page_size)
+    scale = 32**-0.5
+    out = run_kernel(case, page_size, scale, num_splits=num_splits)
+    assert_close(out, dense_sdpa(case, scale), dtype)
+    out_w = run_kernel(case, page_size, scale, num_splits=num_splits, window=page_size + 3)
+    assert_close(out_w, dense_sdpa(case, scale, window=page_size + 3), dtype)
+
+
 @pytest.mark.parametrize("head_dim", [16, 64, 128, 256])
 def test_head_dims(head_dim):
     page_size = 16
