@@ -22,7 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from fms.triton.gemv import gemv
-from fms.utils.benchmarking import run_metadata
+from fms.bench.results import run_metadata
 
 
 def graph_time_us(fn, calls: int, replays: int) -> float:

@@ -6,6 +6,7 @@ import sys
 import torch
 
 from fms.models import get_model
+from fms.modules.attention import get_attention_op
 from fms.utils.generation import generate
 from fms.utils.tokenizers import get_tokenizer
 
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
         print(f"note: {args.architecture}/{variant} has random weights; the text will be gibberish", file=sys.stderr)
     prompts = args.prompt or ["Paged attention keeps the KV cache"]
     ids = [tokenizer.encode(p) for p in prompts]
-    cache_options = {"page_size": args.page_size} if args.attn_name == "paged" else {}
+    cache_options = get_attention_op(args.attn_name).cache_kwargs(page_size=args.page_size)
     eos = tokenizer.eos_token_id if args.model_path else None
     try:
         outputs = generate(model, ids, args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,

@@ -68,10 +68,12 @@ class ServingBenchConfig:
         is_cuda = torch.device(self.device).type == "cuda"
         if self.variant is None and self.model_path is None:
             self.variant = "3.2-1b" if is_cuda else "micro"
-        self.num_requests = self.num_requests or (128 if is_cuda else 8)
-        self.prompt_range = tuple(self.prompt_range or ((64, 512) if is_cuda else (16, 32)))
-        self.output_range = tuple(self.output_range or ((256, 256) if is_cuda else (8, 8)))
-        self.max_num_seqs = self.max_num_seqs or (128 if is_cuda else 8)
+        defaults = dict(num_requests=128, prompt_range=(64, 512), output_range=(256, 256), max_num_seqs=128) \
+            if is_cuda else dict(num_requests=8, prompt_range=(16, 32), output_range=(8, 8), max_num_seqs=8)
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        self.prompt_range, self.output_range = tuple(self.prompt_range), tuple(self.output_range)
         for name in ("num_requests", "page_size", "max_num_seqs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

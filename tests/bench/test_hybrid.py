@@ -1,4 +1,5 @@
-"""scripts/profile_hybrid.py on the CPU with granite_hybrid h-micro-test, and the scan switch in fms.modules.ssm."""
+"""The hybrid profile (fms.bench.hybrid*) on the CPU with granite_hybrid h-micro-test, the SSD scan inputs
+(fms.bench.ssd), and the scan switch in fms.modules.ssm."""
 
 import json
 import math
@@ -9,18 +10,22 @@ import torch
 from fms.models import get_config
 from fms.modules import ssm
 from fms.modules.ssm import select_ssd_scan, ssd_scan_recurrent, ssd_scan_reference, use_ssd_scan
-from tests.script_loader import load_script
+from fms.bench import hybrid
+from fms.bench.hybrid import HybridProfileConfig, run_hybrid_profile
+from fms.bench.ssd import rel_err, scan_fn, scan_inputs
+from fms.bench.timing import graph_failure
 
-script = load_script("profile_hybrid")
+SMALL = dict(variant="h-micro-test", dtype="fp32", device="cpu", context_lengths=[24], batch_sizes=[1], repeats=1,
+             warmup=1)
 
-SMALL = ["--variant", "h-micro-test", "--dtype", "fp32", "--device", "cpu", "--context_lengths", "24",
-         "--batch_sizes", "1", "--repeats", "1", "--warmup", "1"]
+
+def run(tmp_path, run_name, **options) -> dict:
+    run_hybrid_profile(HybridProfileConfig(**{**SMALL, **options}, output_dir=str(tmp_path), run_name=run_name))
+    return json.loads((tmp_path / f"{run_name}.json").read_text())
 
 
 def test_cpu_run_writes_prefill_split_and_memory(tmp_path):
-    argv = [*SMALL, "--paths", "reference,recurrent", "--output_dir", str(tmp_path), "--run_name", "run"]
-    assert script.main(argv) == 0
-    results = json.loads((tmp_path / "run.json").read_text())
+    results = run(tmp_path, "run", paths=["reference", "recurrent"])
     for key in ("command", "device", "torch_version", "git_commit"):
         assert results["meta"][key]
     assert results["config"]["variant"] == "h-micro-test" and results["config"]["dtype"] == "fp32"
@@ -55,12 +60,10 @@ def test_cpu_run_writes_prefill_split_and_memory(tmp_path):
 
 
 def test_mixer_section_times_each_scan_path_alone_without_building_the_model(tmp_path, monkeypatch):
-    monkeypatch.setattr(script, "get_model", lambda *a, **k: pytest.fail("--sections mixer built the whole model"))
+    monkeypatch.setattr(hybrid, "get_model", lambda *a, **k: pytest.fail("sections mixer built the whole model"))
     # 80 tokens span two 64-token chunks; the recurrent path stops at 64
-    argv = [*SMALL, "--sections", "mixer", "--context_lengths", "24,80", "--batch_sizes", "1,2",
-            "--max_recurrent_context", "64", "--output_dir", str(tmp_path), "--run_name", "mixer"]
-    assert script.main(argv) == 0
-    results = json.loads((tmp_path / "mixer.json").read_text())
+    results = run(tmp_path, "mixer", sections=["mixer"], context_lengths=[24, 80], batch_sizes=[1, 2],
+                  max_recurrent_context=64)
     assert results["prefill"] == [] and results["speedups"] == [] and results["memory"] is None
     assert results["split"] == {"prefill": [], "decode": []}
     assert results["model"]["num_parameters"] is None and results["model"]["mixer"].startswith("standalone")
@@ -89,7 +92,7 @@ def test_mixer_section_times_each_scan_path_alone_without_building_the_model(tmp
     assert "CUDA only" in reasons[("fast", None, None, None)]
     assert "CUDA graphs need a CUDA device" in reasons[(None, "scan_graph, mixer_graph", None, None)]
     for batch in (1, 2):
-        assert "--max_recurrent_context (64)" in reasons[("recurrent", None, batch, 80)]
+        assert "max_recurrent_context (64)" in reasons[("recurrent", None, batch, 80)]
 
     speedups = {(s["batch_size"], s["context_len"]): s for s in results["mixer_speedups"]}
     assert set(speedups) == {(b, c) for b in (1, 2) for c in (24, 80)}
@@ -108,22 +111,22 @@ def test_mixer_section_times_each_scan_path_alone_without_building_the_model(tmp
 def test_mixer_scan_inputs_are_seeded_and_the_reference_and_recurrent_scans_agree_on_them(batch, context):
     config = get_config("granite_hybrid", "h-micro-test").mamba_config()
     cpu = torch.device("cpu")
-    inputs = script.scan_inputs(config, batch, context, torch.float32, cpu, seed=3)
+    inputs = scan_inputs(config, batch, context, torch.float32, cpu, seed=3)
     x, dt, A, B, C = inputs
     assert x.shape == (batch, context, config.num_heads, config.head_dim) and dt.shape == x.shape[:3]
     assert B.shape == C.shape == (batch, context, config.num_groups, config.state_size) and A.shape == (8,)
     assert all(t.dtype == torch.float32 for t in inputs) and bool((dt > 0).all()) and bool((A < 0).all())
-    assert all(torch.equal(a, b) for a, b in zip(inputs, script.scan_inputs(config, batch, context, torch.float32,
+    assert all(torch.equal(a, b) for a, b in zip(inputs, scan_inputs(config, batch, context, torch.float32,
                                                                            cpu, seed=3)))
-    assert not torch.equal(x, script.scan_inputs(config, batch, context, torch.float32, cpu, seed=4)[0])
+    assert not torch.equal(x, scan_inputs(config, batch, context, torch.float32, cpu, seed=4)[0])
 
     # the calls the section times, on these inputs
-    y_ref, final_ref = script.scan_fn("reference", cpu, inputs, config.chunk_size)()
-    y_rec, final_rec = script.scan_fn("recurrent", cpu, inputs, config.chunk_size)()
+    y_ref, final_ref = scan_fn("reference", cpu, inputs, config.chunk_size)()
+    y_rec, final_rec = scan_fn("recurrent", cpu, inputs, config.chunk_size)()
     assert y_ref.shape == x.shape and final_ref.shape == (batch, config.num_heads, config.head_dim, config.state_size)
     assert torch.allclose(y_rec, y_ref, rtol=1e-4, atol=1e-4 * y_ref.abs().max().item())
     assert torch.allclose(final_rec, final_ref, rtol=1e-4, atol=1e-4 * final_ref.abs().max().item())
-    assert script._rel_err((y_rec, final_rec), (y_ref, final_ref)) < 1e-4
+    assert rel_err((y_rec, final_rec), (y_ref, final_ref)) < 1e-4
 
     if context > config.chunk_size:  # the slow heads' state carries into the last chunk, so the check covers it
         tail = [t[:, -config.chunk_size:] for t in (x, dt)] + [A] + [t[:, -config.chunk_size:] for t in (B, C)]
@@ -137,25 +140,25 @@ def test_mixer_graph_failure_reason_names_the_capture_error():
             raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
         finally:
             raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
-    reason = script._graph_failure(exc.value)
+    reason = graph_failure(exc.value)
     assert reason.startswith("CUDA graph capture failed: RuntimeError: CUDA error: operation not permitted")
     assert "previous error during capture" in reason
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    (["--variant", "no-such-variant"], "allowed"),
-    (["--variant", "nano"], "Mamba"),
-    (["--batch_sizes", "0"], "--batch_sizes"),
-    (["--context_lengths", "5000"], "max_position_embeddings"),
-    (["--paths", "fast,warp"], "--paths"),
-    (["--sections", "prefill,warp"], "--sections"),
-    (["--sections", "split", "--no_split"], "no section"),
+    (dict(variant="no-such-variant"), "allowed: "),
+    (dict(variant="nano"), "not a granite_hybrid variant with Mamba layers"),
+    (dict(batch_sizes=[0]), "batch_sizes must all be >= 1, got [0]"),
+    (dict(context_lengths=[5000]), "5000 (+ 3 decode steps) is longer than h-micro-test's max_position_embeddings"),
+    (dict(paths=["fast", "warp"]), "paths: unknown path(s) ['warp']; allowed: fast, reference, recurrent"),
+    (dict(sections=["prefill", "warp"]), "sections: unknown section(s) ['warp']"),
+    (dict(sections=["split"], no_split=True), "no_split leaves no section to run"),
+    (dict(attn_name="nope"), "attn_name: unknown attention op 'nope'"),
 ])
-def test_bad_arguments_exit_with_a_message(tmp_path, capsys, extra, message):
-    with pytest.raises(SystemExit) as exc:
-        script.main([*SMALL, "--output_dir", str(tmp_path), *extra])
-    assert exc.value.code != 0
-    assert message in capsys.readouterr().err
+def test_bad_config_names_the_value_and_writes_nothing(tmp_path, extra, message):
+    with pytest.raises(ValueError) as exc:
+        HybridProfileConfig(**{**SMALL, **extra}, output_dir=str(tmp_path))
+    assert message in str(exc.value)
     assert not list(tmp_path.iterdir())
 
 

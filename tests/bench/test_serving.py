@@ -1,29 +1,49 @@
-"""scripts/benchmark_serving.py end to end on a tiny CPU workload (llama "nano")."""
+"""The serving benchmark (fms.bench.serving) end to end on a tiny CPU workload (llama "nano")."""
 
 import json
 
-from tests.script_loader import load_script
+import pytest
+
+from fms.bench.serving import ServingBenchConfig, run_serving_benchmark
+
+TINY = dict(variant="nano", num_requests=3, prompt_range=(4, 20), device="cpu")
 
 
-def test_benchmark_serving_writes_json_and_csv(tmp_path):
-    module = load_script("benchmark_serving")
-    module.main(["--results_dir", str(tmp_path), "--variant", "nano", "--num_requests", "3",
-                 "--prompt_range", "4,20", "--output_range", "2,3", "--device", "cpu"])
+def test_benchmark_serving_writes_json_and_csv_with_the_roofline(tmp_path):
+    run_serving_benchmark(ServingBenchConfig(**TINY, results_dir=tmp_path, output_range=(2, 3)))
     results = json.loads((tmp_path / "serving.json").read_text())
     row = results["results"][0]
     assert row["num_requests"] == 3 and row["output_tokens_per_s"] > 0 and row["ttft_p50_ms"] > 0
     assert row["finish_reasons"] == {"length": 3} and results["cpu_demo"] is True
     assert results["metadata"]["command"] and results["metadata"]["torch_version"]
+    assert set(results["metadata"]["env_switches"]) == {"FMS_GEMV", "FMS_COMBO_KERNELS"}
+    roofline = results["roofline"]
+    assert roofline["bandwidth_bytes_per_s"] == 4.28e12 and roofline["peak_flops"] == 790e12
+    assert roofline["num_output_tokens"] == row["num_output_tokens"]
+    assert row["limit_tok_s"] == roofline["limit_tok_s"]
+    assert row["pct_of_limit"] == pytest.approx(100 * row["output_tokens_per_s"] / row["limit_tok_s"])
     assert (tmp_path / "serving.csv").read_text().startswith("system,num_requests")
 
 
 def test_decode_steps_sweep_and_batch1_share_one_engine(tmp_path):
-    module = load_script("benchmark_serving")
-    module.main(["--results_dir", str(tmp_path), "--variant", "nano", "--num_requests", "3",
-                 "--prompt_range", "4,20", "--output_range", "5,5", "--device", "cpu",
-                 "--decode_steps_sweep", "1,4", "--batch1_tokens", "6", "--num_pages", "64"])
+    run_serving_benchmark(ServingBenchConfig(**TINY, results_dir=tmp_path, output_range=(5, 5),
+                                             decode_steps_sweep=(1, 4), batch1_tokens=6, num_pages=64))
     rows = json.loads((tmp_path / "serving.json").read_text())["results"]
     assert [r["system"] for r in rows] == ["fms LLMEngine (max_decode_steps=1)", "fms LLMEngine (max_decode_steps=4)",
                                            "fms LLMEngine batch-1"]
     assert rows[0]["engine_stats"]["num_decode_windows"] == 0 < rows[1]["engine_stats"]["num_decode_windows"]
     assert rows[2]["num_requests"] == 1 and rows[2]["num_output_tokens"] == 6
+    # batch-1: a 128-token prompt and 6 new tokens -> 5 decode steps
+    assert rows[2]["roofline"]["num_decode_steps"] == 5 and rows[2]["batch1_decode_limit_tok_s"] > 0
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(num_requests=0), "num_requests must be >= 1, got 0"),
+    (dict(prompt_range=(9, 3)), "prompt_range must be LO,HI with 1 <= LO <= HI, got 9,3"),
+    (dict(decode_steps_sweep=(4, 0)), "decode_steps_sweep values must be >= 1, got [0]"),
+    (dict(peers=("vllm",)), "unknown peer ['vllm']; allowed: hf"),
+])
+def test_bad_config_names_the_value(options, message):
+    with pytest.raises(ValueError) as exc:
+        ServingBenchConfig(**{**TINY, **options})
+    assert message in str(exc.value)

@@ -1,4 +1,4 @@
-"""scripts/benchmark_inference.py and fms.utils.benchmarking on the CPU with llama nano (tiny, seconds)."""
+"""The static benchmark (fms.bench.static, fms.bench.static_run) on the CPU with llama nano (tiny, seconds)."""
 
 import csv
 import json
@@ -7,26 +7,29 @@ import sys
 import pytest
 import torch
 
+from fms.bench import static as bench
+from fms.bench.hf_peer import hf_generate_point, hf_twin
+from fms.bench.static_run import StaticBenchConfig, run_static_benchmark
+from fms.bench.wandb_log import WANDB_MISSING, start_wandb
+from fms.bench.workloads import random_prompts
 from fms.models import get_model
-from fms.utils import benchmarking as bench
-from fms.utils.generation import generate
-from tests.script_loader import load_script
+from fms.utils.generation import Generator, generate
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
+ONE_POINT = dict(architecture="llama", variant="nano", device_type="cpu", batch_sizes=[1], context_lengths=[16],
+                 base_context=16, max_new_tokens=3, repeats=1, warmup=1, progress=False)
 
-script = load_script("benchmark_inference")
 
-ONE_POINT = ["--architecture", "llama", "--variant", "nano", "--device_type", "cpu", "--batch_sizes", "1",
-             "--context_lengths", "16", "--base_context", "16", "--max_new_tokens", "3", "--repeats", "1",
-             "--warmup", "1", "--no_progress"]
+def run(tmp_path, run_name, **options) -> dict:
+    """results.json of one run with ONE_POINT's settings updated by options."""
+    run_static_benchmark(StaticBenchConfig(**{**ONE_POINT, **options}, results_dir=str(tmp_path), run_name=run_name))
+    return json.loads((tmp_path / run_name / "results.json").read_text())
 
 
 def test_one_point_both_backends_writes_valid_results(tmp_path):
-    assert script.main([*ONE_POINT, "--attn_name", "sdpa,paged", "--results_dir", str(tmp_path),
-                        "--run_name", "run"]) == 0
-    run = tmp_path / "run"
-    results = json.loads((run / "results.json").read_text())
+    results = run(tmp_path, "run", backends=("sdpa", "paged"))
+    run_dir = tmp_path / "run"
     for key in ("command", "device", "torch_version", "git_commit", "timestamp"):
         assert results["meta"][key]
     points = results["points"]
@@ -44,17 +47,21 @@ def test_one_point_both_backends_writes_valid_results(tmp_path):
         assert p["kv_bytes_holding_tokens"] == 18 * results["model"]["kv_bytes_per_token"]
         assert p["matches_generate"] is True and p["generate_agreement"] == 1.0
         assert "outputs" not in p
+        # the roofline of this point (1 row, 16 prompt + 3 new tokens) and the inputs it came from
+        assert p["roofline"]["num_decode_steps"] == 2 and p["roofline"]["num_output_tokens"] == 3
+        assert p["roofline"]["kv_bytes_per_token"] == results["model"]["kv_bytes_per_token"]
+        assert p["pct_of_limit"] == pytest.approx(100 * p["output_tokens_per_s"] / p["limit_tok_s"])
     assert points[1]["pages_in_use"] == 2 and points[1]["page_size"] == 16
-    with (run / "points.csv").open() as f:
+    with (run_dir / "points.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert set(bench.FIGURES) <= set(rows[0])
     assert [r["backend"] for r in rows] == ["sdpa", "paged"]
-    pngs = sorted(run.glob("*.png"))
+    pngs = sorted(run_dir.glob("*.png"))
     assert {p.stem for p in pngs} >= {"latency_vs_batch", "ms_per_token_vs_context", "peak_memory_vs_context",
                                       "throughput_vs_batch"}
     for png in pngs:
         assert png.read_bytes()[:8] == PNG_MAGIC
-    assert (run / "tables.md").read_text().count("| paged |") >= 1
+    assert (run_dir / "tables.md").read_text().count("| paged |") >= 1
 
 
 def test_timed_loop_matches_generate_with_per_row_lengths():
@@ -69,12 +76,8 @@ def test_timed_loop_matches_generate_with_per_row_lengths():
 
 
 def test_mixed_workload_and_capacity(tmp_path):
-    argv = ["--architecture", "llama", "--variant", "nano", "--device_type", "cpu", "--sweep", "none", "--mixed",
-            "--mixed_requests", "6", "--mixed_prompt_range", "4,40", "--mixed_output_range", "2,5",
-            "--memory_budget_gb", "0.001", "--repeats", "1", "--warmup", "1", "--no_progress",
-            "--results_dir", str(tmp_path), "--run_name", "mixed"]
-    assert script.main(argv) == 0
-    mixed = json.loads((tmp_path / "mixed" / "results.json").read_text())["mixed"]
+    mixed = run(tmp_path, "mixed", sweep="none", mixed=True, mixed_requests=6, mixed_prompt_range=(4, 40),
+                mixed_output_range=(2, 5), memory_budget_gb=0.001)["mixed"]
     runs = {r["backend"]: r for r in mixed["runs"]}
     assert runs["sdpa"]["kv_bytes_holding_tokens"] == runs["paged"]["kv_bytes_holding_tokens"]
     assert runs["paged"]["kv_bytes_allocated"] < runs["sdpa"]["kv_bytes_allocated"]
@@ -90,10 +93,7 @@ def _failing_backend(gm, example_inputs):
 
 def test_compile_records_graphs_per_backend_and_no_fallback(tmp_path):
     torch._dynamo.reset()
-    assert script.main([*ONE_POINT, "--batch_sizes", "2", "--max_new_tokens", "4", "--attn_name", "sdpa,paged",
-                        "--compile", "--compile_backend", "aot_eager", "--results_dir", str(tmp_path),
-                        "--run_name", "c"]) == 0
-    results = json.loads((tmp_path / "c" / "results.json").read_text())
+    results = run(tmp_path, "c", batch_sizes=[2], max_new_tokens=4, compile=True, compile_backend="aot_eager")
     compiled = results["config"]["compile"]
     assert compiled["requested"] and compiled["active"] and not compiled["fell_back_to_eager"]
     assert "aot_eager" in compiled["mode"] and compiled["graph_breaks"] == {}
@@ -107,10 +107,8 @@ def test_compile_records_graphs_per_backend_and_no_fallback(tmp_path):
 
 def test_compile_scope_decode_leaves_prefill_eager(tmp_path):
     torch._dynamo.reset()
-    assert script.main([*ONE_POINT, "--batch_sizes", "2", "--max_new_tokens", "4", "--attn_name", "paged",
-                        "--compile", "--compile_scope", "decode", "--compile_backend", "aot_eager",
-                        "--results_dir", str(tmp_path), "--run_name", "d"]) == 0
-    compiled = json.loads((tmp_path / "d" / "results.json").read_text())["config"]["compile"]
+    compiled = run(tmp_path, "d", batch_sizes=[2], max_new_tokens=4, backends=("paged",), compile=True,
+                   compile_scope="decode", compile_backend="aot_eager")["config"]["compile"]
     assert compiled["active"] and compiled["scope"] == "decode"
     assert compiled["graphs"]["paged"]["prefill"] == 0 and compiled["graphs"]["paged"]["decode"] >= 1
 
@@ -118,38 +116,33 @@ def test_compile_scope_decode_leaves_prefill_eager(tmp_path):
 def test_decode_windows_time_per_token_and_match_generate(tmp_path):
     """--decode_window: each backend's timed runs go through one Generator (windows of 3 steps); its
     tokens equal the per-token generate() pass, and ms/token divides each window by its steps."""
-    assert script.main([*ONE_POINT, "--batch_sizes", "2", "--max_new_tokens", "8", "--attn_name", "sdpa,paged",
-                        "--decode_window", "3", "--results_dir", str(tmp_path), "--run_name", "w"]) == 0
-    results = json.loads((tmp_path / "w" / "results.json").read_text())
+    results = run(tmp_path, "w", batch_sizes=[2], max_new_tokens=8, decode_window=3)
     assert results["config"]["compile"]["decode_windows"]["decode_window"] == 3
     assert {p["backend"] for p in results["points"]} == {"sdpa", "paged"}
     assert all(p["matches_generate"] and p["decode_ms_per_token"] > 0 for p in results["points"])
     model = get_model("llama", "nano")
-    prompts = bench.random_prompts(2, 16, model.config.vocab_size, seed=0)
-    gen = bench.Generator(model, "paged", max_batch_size=2, max_seq_len=24, decode_window=3, page_size=16)
+    prompts = random_prompts(2, 16, model.config.vocab_size, seed=0)
+    gen = Generator(model, "paged", max_batch_size=2, max_seq_len=24, decode_window=3, page_size=16)
     timing = bench.timed_generate(model, prompts, 8, "paged", generator=gen)
     assert len(timing.decode_step_ms) == 3  # 7 decode tokens after the prefill's: windows of 3, 3, 1
     assert timing.outputs == generate(model, prompts, 8, attn_name="paged", page_size=16)
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--decode_window", "0"], "--decode_window must be >= 1"),
-    (["--cuda_graphs"], "--cuda_graphs applies to decode windows"),
-    (["--decode_window", "4", "--cuda_graphs"], "--cuda_graphs needs --device_type cuda"),
+    (dict(decode_window=0), "decode_window must be >= 1, got 0"),
+    (dict(cuda_graphs=True), "cuda_graphs applies to decode windows"),
+    (dict(decode_window=4, cuda_graphs=True), "cuda_graphs needs device_type cuda"),
 ])
-def test_bad_decode_window_arguments(extra, message, capsys):
-    with pytest.raises(SystemExit) as exc:
-        script.main(["--architecture", "llama", "--variant", "nano", "--device_type", "cpu", *extra])
-    assert exc.value.code == 2 and message in capsys.readouterr().err
+def test_bad_decode_window_arguments(extra, message):
+    with pytest.raises(ValueError, match=message):
+        StaticBenchConfig(architecture="llama", variant="nano", device_type="cpu", **extra)
 
 
 def test_compile_failure_falls_back_to_eager_and_says_so(tmp_path):
     torch._dynamo.reset()
     if "fms_test_failing" not in torch._dynamo.list_backends(exclude_tags=()):
         torch._dynamo.register_backend(_failing_backend, name="fms_test_failing")
-    assert script.main([*ONE_POINT, "--attn_name", "sdpa", "--compile", "--compile_backend", "fms_test_failing",
-                        "--results_dir", str(tmp_path), "--run_name", "f"]) == 0
-    results = json.loads((tmp_path / "f" / "results.json").read_text())
+    results = run(tmp_path, "f", backends=("sdpa",), compile=True, compile_backend="fms_test_failing")
     compiled = results["config"]["compile"]
     assert compiled["requested"] and compiled["fell_back_to_eager"] and not compiled["active"]
     assert compiled["fell_back_at"] == "batch 1 context 16" and "never compiles" in compiled["error"]
@@ -161,39 +154,49 @@ def test_wandb_offline_writes_a_local_run(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    assert script.main([*ONE_POINT, "--attn_name", "sdpa", "--wandb", "--results_dir", str(tmp_path),
-                        "--run_name", "wb"]) == 0
+    run(tmp_path, "wb", backends=("sdpa",), wandb=True)
     assert list((tmp_path / "wb" / "wandb").glob("offline-run-*")), "no offline wandb run directory"
 
 
 def test_wandb_missing_is_a_message_not_an_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
-    assert bench.start_wandb({}, tmp_path, "x") is None
-    assert bench.WANDB_MISSING in capsys.readouterr().out
+    assert start_wandb({}, tmp_path, "x") is None
+    assert WANDB_MISSING in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--attn_name", "sdpa,nope"], "unknown attention backend 'nope'"),
-    (["--batch_sizes", "0"], "--batch_sizes must all be >= 1"),
-    (["--batch_sizes", "-2"], "--batch_sizes must all be >= 1"),
-    (["--context_lengths", "1020", "--max_new_tokens", "8"], "longer than the model's max_position_embeddings (1024)"),
-    (["--variant", "giant"], "unknown variant 'giant'"),
+    (dict(backends=("sdpa", "nope")), "unknown attention backend 'nope'"),
+    (dict(backends=("sdpa", "sdpa")), "lists a backend twice"),
+    (dict(batch_sizes=[0]), "batch_sizes must all be >= 1, got [0]"),
+    (dict(batch_sizes=[-2, 4]), "batch_sizes must all be >= 1, got [-2]"),
+    (dict(context_lengths=[1020], max_new_tokens=8), "longer than the model's max_position_embeddings (1024)"),
+    (dict(variant="giant"), "unknown variant 'giant'"),
+    (dict(sweep="diagonal"), "sweep must be one of both, batch, context, none, got 'diagonal'"),
+    (dict(page_size=12), "page_size must be one of"),
+    (dict(peers=("vllm",)), "unknown peer ['vllm']; allowed: hf"),
 ])
-def test_bad_arguments_exit_nonzero_with_a_message(extra, message, capsys):
-    argv = ["--architecture", "llama", "--variant", "nano", "--device_type", "cpu", *extra]
-    with pytest.raises(SystemExit) as exc:
-        script.main(argv)
-    assert exc.value.code == 2
-    assert message in capsys.readouterr().err
+def test_bad_config_names_the_value_and_what_is_allowed(extra, message):
+    with pytest.raises(ValueError) as exc:
+        StaticBenchConfig(**{**dict(architecture="llama", variant="nano", device_type="cpu"), **extra})
+    assert message in str(exc.value)
+
+
+def test_profile_defaults_are_clipped_to_the_model_and_explicit_lengths_are_not():
+    # CPU profile: contexts 32, 64, 128 + 8 new tokens; nano has 1024 positions, so nothing is clipped
+    config = StaticBenchConfig(architecture="llama", variant="nano", device_type="cpu")
+    assert config.context_lengths == [32, 64, 128] and config.max_new_tokens == 8 and config.repeats == 1
+    # 1020 of the 1024 positions leave 4 for new tokens: the defaults are clipped to 1024 - 1020 = 4
+    config = StaticBenchConfig(architecture="llama", variant="nano", device_type="cpu", max_new_tokens=1020)
+    assert config.context_lengths == [4] and config.base_context == 4
 
 
 def test_hf_twin_has_our_weights():
     pytest.importorskip("transformers", reason="transformers is not installed")
     model = get_model("llama", "nano")
-    hf_model = bench.hf_twin(model, "llama")
+    hf_model = hf_twin(model, "llama")
     tokens = torch.randint(0, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(hf_model(tokens).logits, model(tokens), atol=1e-4, rtol=1e-4)
     prompts = tokens.tolist()
-    peer = bench.hf_generate_point(hf_model, prompts, 4, repeats=1, warmup=0, device=torch.device("cpu"))
+    peer = hf_generate_point(hf_model, prompts, 4, repeats=1, warmup=0, device=torch.device("cpu"))
     assert peer["outputs"] == generate(model, prompts, 4)

@@ -3,12 +3,12 @@
 
 import pytest
 
-from tests.script_loader import load_script
+from scripts import inference as inference_script
 
 
 @pytest.fixture(scope="module")
 def inference():
-    return load_script("inference")
+    return inference_script
 
 
 @pytest.mark.parametrize("attn_name", ["sdpa", "paged"])

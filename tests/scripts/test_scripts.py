@@ -1,0 +1,89 @@
+"""One smoke test per command-line front end: main(argv) with tiny settings on the CPU (or its clear refusal
+without a GPU). What the scripts run is tested in tests/bench and tests/eval; these check the wiring of flags."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+from scripts import (
+    bench_paged_decode_kernel,
+    bench_ssd_scan,
+    benchmark_inference,
+    benchmark_serving,
+    benchmark_variants,
+    probe_flex_page_sizes,
+    profile_hybrid,
+    profile_serving,
+)
+
+NO_GPU = not torch.cuda.is_available()
+
+
+def test_benchmark_inference(tmp_path):
+    assert benchmark_inference.main(["--variant", "nano", "--device_type", "cpu", "--batch_sizes", "1",
+                                     "--context_lengths", "8", "--base_context", "8", "--max_new_tokens", "2",
+                                     "--attn_name", "sdpa", "--no_progress", "--results_dir", str(tmp_path),
+                                     "--run_name", "r"]) == 0
+    points = json.loads((tmp_path / "r" / "results.json").read_text())["points"]
+    assert [p["backend"] for p in points] == ["sdpa"] and points[0]["limit_tok_s"] > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--attn_name", "sdpa,nope"], "unknown attention backend 'nope'"),
+    (["--batch_sizes", "x"], "--batch_sizes / --context_lengths take integers"),
+    (["--cuda_graphs"], "cuda_graphs applies to decode windows"),
+])
+def test_benchmark_inference_bad_flags_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        benchmark_inference.main(["--variant", "nano", "--device_type", "cpu", *argv])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_benchmark_serving(tmp_path, capsys):
+    results = benchmark_serving.main(["--results_dir", str(tmp_path), "--variant", "nano", "--num_requests", "2",
+                                      "--prompt_range", "4,8", "--output_range", "2", "--device", "cpu",
+                                      "--peers", "hf2"])
+    assert results["results"][0]["num_output_tokens"] == 4
+    assert "unknown peers ignored: ['hf2']" in capsys.readouterr().out
+
+
+def test_profile_hybrid(tmp_path):
+    assert profile_hybrid.main(["--variant", "h-micro-test", "--dtype", "fp32", "--device", "cpu", "--sections",
+                                "memory", "--context_lengths", "16", "--output_dir", str(tmp_path),
+                                "--run_name", "m"]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["memory"]["per_context"][0]["context_len"] == 16
+
+
+def test_benchmark_variants(tmp_path):
+    results = benchmark_variants.main(["--variants", "standard", "--context_lengths", "8", "--max_new_tokens", "2",
+                                       "--device_type", "cpu", "--results_dir", str(tmp_path)])
+    assert [r["backend"] for r in results["rows"]] == ["sdpa", "paged"]
+    assert (tmp_path / "gpt2_variants_nano_cpu.csv").is_file()
+
+
+def test_profile_serving(tmp_path):
+    results = profile_serving.main(["--results_dir", str(tmp_path), "--variant", "nano", "--device", "cpu",
+                                    "--num_requests", "2", "--prompt_range", "4,8", "--output_len", "2", "--top", "3"])
+    assert len(results["host_ops"]) == 3 and (tmp_path / "profile.json").is_file()
+
+
+@pytest.mark.skipif(not NO_GPU, reason="checks the refusal without a GPU")
+def test_cuda_only_scripts_refuse_clearly_without_a_gpu(tmp_path, capsys):
+    assert bench_ssd_scan.main(["--output", str(tmp_path / "x.json")]) == 2
+    assert "no CUDA device here" in capsys.readouterr().err
+    assert probe_flex_page_sizes.main() == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        bench_paged_decode_kernel.main(["--page-size", "16"])
+
+
+def test_gemv_script_refuses_clearly_without_a_gpu(monkeypatch):
+    if not NO_GPU:
+        pytest.skip("checks the refusal without a GPU")
+    from scripts import bench_gemv
+
+    monkeypatch.setattr(sys, "argv", ["bench_gemv.py"])
+    with pytest.raises(SystemExit, match="no CUDA device here"):
+        bench_gemv.main()
