@@ -11,7 +11,7 @@ from fms.bench.hybrid_sections import KINDS, measure_prefill, measure_split, mem
 from fms.bench.results import device_name, run_metadata, write_json
 from fms.bench.ssd import DTYPES, PATHS, scan_label
 from fms.bench.tables import markdown_table
-from fms.bench.timing import Clock
+from fms.bench.timing import Clock, checked_device_type
 from fms.cache.paged import SUPPORTED_PAGE_SIZES
 from fms.models import get_config, get_model, list_variants
 from fms.modules.attention import attention_op_names
@@ -76,12 +76,7 @@ class HybridProfileConfig:
         def bad(message):
             raise ValueError(message)
 
-        if self.device is None:
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if self.device not in ("cuda", "cpu"):
-            bad(f"device must be cuda or cpu, got {self.device!r}")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            bad("device cuda: no CUDA GPU is available (use device cpu)")
+        self.device = checked_device_type(self.device, "device")
         if self.dtype not in DTYPES:
             bad(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         allowed = hybrid_variants()

@@ -14,7 +14,7 @@ from fms.bench.hf_peer import hf_generate_batch_point, hf_generate_point, hf_twi
 from fms.bench.results import device_name, run_metadata, write_csv, write_json
 from fms.bench.roofline import ModelCost, limit_fields, serving_roofline, static_roofline
 from fms.bench.static import CSV_COLUMNS, FIGURES, measure_mixed, measure_point, token_agreement
-from fms.bench.timing import release_memory
+from fms.bench.timing import checked_device_type, release_memory
 from fms.bench.wandb_log import finish_wandb, log_wandb_points, start_wandb
 from fms.bench.workloads import MixedWorkload, random_prompts, sweep_points
 from fms.cache.paged import SUPPORTED_PAGE_SIZES
@@ -84,12 +84,7 @@ class StaticBenchConfig:
         def bad(message):
             raise ValueError(message)
 
-        if self.device_type is None:
-            self.device_type = "cuda" if torch.cuda.is_available() else "cpu"
-        if self.device_type not in ("cuda", "cpu"):
-            bad(f"device_type must be cuda or cpu, got {self.device_type!r}")
-        if self.device_type == "cuda" and not torch.cuda.is_available():
-            bad("device_type cuda: no CUDA GPU is available (use device_type cpu)")
+        self.device_type = checked_device_type(self.device_type)
         if self.architecture not in models.ARCHITECTURES:
             bad(f"architecture must be one of {', '.join(models.ARCHITECTURES)}, got {self.architecture!r}")
         for name, value, allowed in (("profile", self.profile, PROFILES), ("sweep", self.sweep, SWEEPS),

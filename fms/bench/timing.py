@@ -155,3 +155,14 @@ def graph_failure(exc: BaseException) -> str:
         root = root.__context__
     reason = f"CUDA graph capture failed: {first_line(root)}"
     return reason if root is exc else f"{reason} (then {first_line(exc)})"
+
+
+def checked_device_type(value: str | None, name: str = "device_type") -> str:
+    """"cuda" or "cpu" (None: cuda when there is a GPU); ValueError naming the field for anything else."""
+    if value is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if value not in ("cuda", "cpu"):
+        raise ValueError(f"{name} must be cuda or cpu, got {value!r}")
+    if value == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name} cuda: no CUDA GPU is available (use {name} cpu)")
+    return value
