@@ -22,6 +22,6 @@ setup(
     extras_require={
         "hf": _requirements("hf-requirements.txt"),
         "test": _requirements("test-requirements.txt"),
-        "eval": ["lm-eval>=0.4"],
+        "eval": ["lm-eval>=0.4", "pyarrow>=14"],  # the harness adapter; parquet task data
     },
 )
