@@ -228,6 +228,25 @@ class PageTables:
         self._lengths[seq_id] += num_new_tokens
         return copies
 
+    def unreserve(self, seq_id: Hashable, num_tokens: int, num_pages: int, copies: list[tuple[int, int]]) -> None:
+        """Undo reserve(): back to num_tokens tokens in num_pages table entries; a copy-on-write
+        (src, dst) of the last page is reverted (the sequence holds src again, dst is dropped)."""
+        self._check_known(seq_id)
+        table = self._tables[seq_id]
+        if num_tokens > self._lengths[seq_id] or num_pages > len(table) or num_pages != self._pages_for(num_tokens):
+            raise ValueError(f"cannot unreserve sequence {seq_id!r} to {num_tokens} tokens in {num_pages} pages: it "
+                             f"holds {self._lengths[seq_id]} tokens in {len(table)} pages")
+        self._drop(table[num_pages:])
+        del table[num_pages:]
+        for src, dst in copies:
+            if table[-1] != dst:
+                raise ValueError(f"sequence {seq_id!r}: last page is {table[-1]}, not the copy {dst} to revert")
+            self.allocator.share([src])
+            self._hold(src, len(table) - 1)
+            table[-1] = src
+            self._drop([dst])
+        self._lengths[seq_id] = num_tokens
+
     def free(self, seq_id: Hashable) -> None:
         self._check_known(seq_id)
         self._drop([p for p in self._tables.pop(seq_id) if p != RELEASED])

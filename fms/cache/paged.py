@@ -19,8 +19,11 @@ from typing import Hashable, Sequence
 
 import torch
 
-from fms.cache.allocator import BlockAllocator, OutOfPagesError, PageTables
-from fms.cache.base import DecodeWindow, KVCacheSpec, MemoryStats, SequenceCache, StepMeta, segment_ids
+from fms.cache.allocator import OutOfPagesError
+from fms.cache.base import SequenceCache
+from fms.cache.kv_manager import KVManager, PageGrant
+from fms.cache.metadata import DecodeWindow, MemoryStats, StepMeta, segment_ids
+from fms.cache.spec import KVCacheSpec
 
 __all__ = ["PagedKVCache", "PagedStepMeta", "VarlenMeta", "DecodeWindow", "OutOfPagesError", "SUPPORTED_PAGE_SIZES", "pages_for_budget"]
 
@@ -90,129 +93,105 @@ class PagedStepMeta(StepMeta):
 
 
 class PagedKVCache(SequenceCache):
+    """K/V pages of every attention layer in one pool per layer, laid out by the KV manager's page ids.
+
+    manager: the driver's KVManager (its page_size and page count size the pool); without one the
+    cache makes its own from page_size and num_pages / memory_gb / memory_fraction (default: room
+    for every sequence at full length).
+    """
+
     def __init__(
         self,
         spec: KVCacheSpec,
         max_batch_size: int,
         max_seq_len: int,
-        page_size: int = 16,
+        page_size: int | None = None,
         num_pages: int | None = None,
         memory_gb: float | None = None,
         memory_fraction: float | None = None,
+        manager: KVManager | None = None,
     ):
-        super().__init__(spec, max_batch_size, max_seq_len)
-        self.page_size = validate_page_size(page_size)
-        if num_pages is None:
-            if (memory_gb is None and memory_fraction is None) or not spec.attention_layers:
-                # Enough for every sequence at full length: the safe default for a static batch. With
-                # no attention layers (an all-Mamba hybrid) a page stores nothing, so no budget limits them.
-                num_pages = max_batch_size * math.ceil(max_seq_len / page_size)
-            else:
-                num_pages = pages_for_budget(spec, page_size, memory_gb, memory_fraction)
-        if num_pages < 1:
-            raise ValueError(f"the page pool needs at least 1 page, got num_pages={num_pages}")
-        self.num_pages = num_pages
-        self.allocator = BlockAllocator(num_pages)
-        self.tables = PageTables(self.allocator, page_size)
-        self.max_pages_per_seq = math.ceil(max_seq_len / page_size)
-        self.num_slots = (num_pages + 1) * page_size
+        if manager is None:
+            page_size = validate_page_size(16 if page_size is None else page_size)
+            if num_pages is None:
+                if (memory_gb is None and memory_fraction is None) or not spec.attention_layers:
+                    # Enough for every sequence at full length: the safe default for a static batch. With
+                    # no attention layers (an all-Mamba hybrid) a page stores nothing, so no budget limits them.
+                    num_pages = max_batch_size * math.ceil(max_seq_len / page_size)
+                else:
+                    num_pages = pages_for_budget(spec, page_size, memory_gb, memory_fraction)
+            if isinstance(num_pages, bool) or not isinstance(num_pages, int) or num_pages < 1:
+                raise ValueError(f"the page pool needs num_pages >= 1, got num_pages={num_pages!r}")
+            manager = KVManager(num_pages, page_size, max_num_seqs=max_batch_size)
+        else:
+            validate_page_size(manager.page_size)
+            given = {k: v for k, v in dict(page_size=page_size, num_pages=num_pages, memory_gb=memory_gb,
+                                           memory_fraction=memory_fraction).items() if v is not None}
+            if given and given != {"page_size": manager.page_size}:
+                raise ValueError(f"with a KV manager the pool is the manager's (page_size {manager.page_size}, "
+                                 f"{manager.num_pages} pages); got {given} as well")
+        super().__init__(spec, max_batch_size, max_seq_len, manager)
+        self.page_size = manager.page_size
+        self.num_pages = manager.num_pages
+        self.max_pages_per_seq = math.ceil(max_seq_len / self.page_size)
+        self.num_slots = (self.num_pages + 1) * self.page_size
         shape = (spec.num_kv_heads, self.num_slots, spec.head_dim)
         # One tensor per layer, not one (layers, ...) block: a layer's view of a shared block starts
         # past 2**31 elements once the pool is large, which FlexAttention's kernels cannot address.
         self.keys = [torch.zeros(shape, dtype=spec.dtype, device=spec.device) for _ in spec.attention_layers]
         self.values = [torch.zeros(shape, dtype=spec.dtype, device=spec.device) for _ in spec.attention_layers]
-        self.page_logical = torch.zeros(num_pages + 1, dtype=torch.int32, device=spec.device)
-        self.scratch_page = num_pages
+        self.page_logical = torch.zeros(self.num_pages + 1, dtype=torch.int32, device=spec.device)
+        self.scratch_page = self.num_pages
         self.window = spec.sliding_window
-        # Host copy of every live sequence's page table, one row per sequence, updated only where
-        # pages change; a step gathers its rows instead of rebuilding tables from Python lists.
+        # Host copy of every live sequence's page table, one row per KV-manager slot, written only
+        # where grants change it; a step gathers its rows instead of rebuilding tables from lists.
         self._host_table = torch.zeros(max_batch_size, self.max_pages_per_seq, dtype=torch.int32)
-        self._row: dict[Hashable, int] = {}
-        self._free_rows = list(range(max_batch_size - 1, -1, -1))
 
     # -- sequences -------------------------------------------------------------------------
-    def _take_row(self, seq_id) -> int:
-        row = self._free_rows.pop()
-        self._row[seq_id] = row
-        self._host_table[row].zero_()
-        return row
-
-    def _write_row(self, seq_id, start: int = 0) -> None:
-        pages = self.tables.pages_from(seq_id, start)
-        if pages:
-            row = self._host_table[self._row[seq_id]]
-            row[start: start + len(pages)] = torch.tensor(pages, dtype=torch.int32).clamp_min(0)
-
-    def _add(self, seq_id):
-        self.tables.add(seq_id)
-        self._take_row(seq_id)
-
-    def _free(self, seq_id):
-        self.tables.free(seq_id)
-        self._free_rows.append(self._row.pop(seq_id))
-
     def add(self, seq_id: Hashable, prefix_pages: Sequence[int] = (), prefix_len: int = 0) -> None:
         """Start a sequence; with prefix_pages, it begins holding those (shared) pages and prefix_len tokens.
 
         prefix_pages are pages already in the pool holding a prefix's K/V (a prefix cache's pages),
         as logical pages 0..; the next prepare() computes from position prefix_len on.
         """
-        if not prefix_pages and not prefix_len:
-            return super().add(seq_id)
-        if self.state_pool is not None:
+        if (prefix_pages or prefix_len) and self.state_pool is not None:
             raise NotImplementedError("a cached prefix holds no recurrent (Mamba) state to resume from")
-        if seq_id in self:
-            raise ValueError(f"sequence {seq_id!r} is already in the cache")
-        if len(self._lengths) >= self.max_batch_size:
-            raise ValueError(f"the cache holds at most {self.max_batch_size} sequences")
         if prefix_len > self.max_seq_len:
             raise ValueError(f"prefix_len {prefix_len} exceeds this cache's max_seq_len of {self.max_seq_len}")
-        self.tables.add_with_prefix(seq_id, list(prefix_pages), prefix_len)
-        self._set_logical(list(prefix_pages), list(range(len(prefix_pages))))
-        self._take_row(seq_id)
-        self._write_row(seq_id)
-        self._lengths[seq_id] = prefix_len
+        slot, grant = self.manager.add(seq_id, prefix_pages, prefix_len)
+        self.init_slots([slot])
+        if grant is not None:
+            self.apply([grant])
 
     def fork(self, parent: Hashable, child: Hashable) -> None:
         """child starts as parent's copy, sharing its pages (copy-on-write of a partial last page)."""
-        self._check_known(parent)
-        if child in self:
-            raise ValueError(f"sequence {child!r} is already in the cache")
-        if len(self._lengths) >= self.max_batch_size:
-            raise ValueError(f"the cache holds at most {self.max_batch_size} sequences")
         if self.state_pool is not None:
             raise NotImplementedError("forking a sequence with recurrent state is not supported")
-        self.tables.fork(parent, child)
-        self._take_row(child)
-        self._write_row(child)
-        self._lengths[child] = self._lengths[parent]
+        slot, grant = self.manager.fork(parent, child)
+        self.init_slots([slot])
+        self.apply([grant])
 
     def block_table(self, seq_id) -> list[int]:
-        return self.tables.block_table(seq_id)
+        return self.manager.block_table(seq_id)
 
-    # -- steps -----------------------------------------------------------------------------
-    def _reserve(self, seq_ids, num_new_tokens):
-        # Cheap bound first (each row needs at most its new pages plus one copy-on-write page);
-        # the exact count only when the pool is nearly full.
-        bound = sum(-(-n // self.page_size) + 1 for n in num_new_tokens)
-        if bound > self.allocator.num_free:
-            needed = sum(self.tables.num_pages_needed(s, n) for s, n in zip(seq_ids, num_new_tokens))
-            if needed > self.allocator.num_free:
-                raise OutOfPagesError(needed, self.allocator.num_free)
-        copies, changed_pages, changed_logical = [], [], []
-        for seq_id, n in zip(seq_ids, num_new_tokens):
-            before = self.tables.num_pages(seq_id)
-            seq_copies = self.tables.reserve(seq_id, n)
-            if seq_copies:  # the last page was shared and partial: it was replaced by a private copy
-                self._write_row(seq_id, before - 1)
-                changed_pages += [dst for _, dst in seq_copies]
-                changed_logical += [before - 1] * len(seq_copies)
-                copies += seq_copies
-            after = self.tables.num_pages(seq_id)
-            if after > before:
-                self._write_row(seq_id, before)
-                changed_pages += self.tables.pages_from(seq_id, before)
-                changed_logical += list(range(before, after))
+    # -- applying the manager's decisions ------------------------------------------------------
+    def init_slots(self, slots: Sequence[int]) -> None:
+        super().init_slots(slots)
+        for slot in slots:
+            self._host_table[slot].zero_()
+
+    def apply(self, grants: Sequence[PageGrant]) -> None:
+        changed_pages, changed_logical, copies = [], [], []
+        for grant in grants:
+            if not grant.pages:
+                continue
+            end = grant.start + len(grant.pages)
+            row = self._host_table[self.manager.slot_of(grant.seq_id)]
+            row[grant.start: end] = torch.tensor(grant.pages, dtype=torch.int32).clamp_min(0)
+            held = [(p, j) for j, p in enumerate(grant.pages, grant.start) if p >= 0]
+            changed_pages += [p for p, _ in held]
+            changed_logical += [j for _, j in held]
+            copies += grant.copies
         self._set_logical(changed_pages, changed_logical)  # one device update for the whole step
         if copies:
             src = torch.tensor([s for s, _ in copies], device=self.spec.device)
@@ -232,20 +211,6 @@ class PagedKVCache(SequenceCache):
         for pool in (*self.keys, *self.values):
             pool[:, dst_slots] = pool[:, src_slots]
 
-    def release_out_of_window(self, seq_id) -> list[int]:
-        """Free pages no future query of this sequence can see (sliding-window attention)."""
-        if self.window is None:
-            return []
-        next_pos = self._lengths[seq_id]  # position of the next query
-        first_visible = max(next_pos - self.window + 1, 0)
-        released = self.tables.num_released_pages(seq_id)
-        droppable = first_visible // self.page_size - released
-        if droppable <= 0:
-            return []
-        freed = self.tables.truncate_front(seq_id, droppable)
-        self._host_table[self._row[seq_id], released: released + droppable] = 0
-        return freed
-
     def why_not_packed(self) -> str | None:
         return None  # Mamba layers take packed steps too (Mamba2Mixer, cu_seqlens)
 
@@ -253,7 +218,7 @@ class PagedKVCache(SequenceCache):
         ps, width = self.page_size, self.max_pages_per_seq
         device = self.spec.device
         b, t, packed = len(seq_ids), base["query_len"], base["packed"]
-        rows = torch.tensor([self._row[s] for s in seq_ids])
+        rows = torch.tensor([self.manager.slot_of(s) for s in seq_ids])
         table = self._host_table.index_select(0, rows)  # (B, W)
         ctx = torch.tensor(context, dtype=torch.int64)
         new = torch.tensor(num_new, dtype=torch.int64)
@@ -326,7 +291,7 @@ class PagedKVCache(SequenceCache):
         return self.max_pages_per_seq
 
     def _window_rows(self, seq_ids) -> torch.Tensor:
-        return self._host_table.index_select(0, torch.tensor([self._row[s] for s in seq_ids]))
+        return self._host_table.index_select(0, torch.tensor([self.manager.slot_of(s) for s in seq_ids]))
 
     def idle_window_rows(self, start, end):
         return torch.full((end - start, self.max_pages_per_seq), self.scratch_page, dtype=torch.int32)
@@ -342,7 +307,7 @@ class PagedKVCache(SequenceCache):
         seq_lens = torch.where(active, pos + 1, 1).to(torch.int32)
         return active, active.long(), pos, slots, seq_lens
 
-    def window_meta(self, positions, rows, state_slots, inputs, layout):
+    def window_meta(self, positions, rows, state_slots, inputs, layout, bounds=None):
         _, num_new, pos, slots, seq_lens = inputs
         ps, page_logical, kv_len, window = self.page_size, self.page_logical, self.num_slots, self.window
 
@@ -367,16 +332,17 @@ class PagedKVCache(SequenceCache):
     def memory_stats(self) -> MemoryStats:
         page_bytes = self.spec.kv_bytes_per_token * self.page_size
         fill: dict[int, int] = {}
-        for seq_id in self.tables.sequences():
-            length = self.tables.length(seq_id)
-            for j, page in enumerate(self.tables.block_table(seq_id)):
+        kv = self.manager
+        for seq_id in kv.sequences:
+            length = kv.length(seq_id)
+            for j, page in enumerate(kv.block_table(seq_id)):
                 if page >= 0:
                     fill[page] = max(fill.get(page, 0), min(self.page_size, length - j * self.page_size))
         return MemoryStats(
             bytes_allocated=self.num_pages * page_bytes,
-            bytes_in_use=self.allocator.num_used * page_bytes,
+            bytes_in_use=kv.allocator.num_used * page_bytes,
             bytes_holding_tokens=sum(fill.values()) * self.spec.kv_bytes_per_token,
-            pages_in_use=self.allocator.num_used,
+            pages_in_use=kv.allocator.num_used,
             num_pages=self.num_pages,
             state_bytes=self._state_bytes(),
             extra={"page_size": self.page_size},

@@ -5,7 +5,7 @@ State pool (one per cache, all Mamba layers):
     conv[mamba layer i] : (num_slots + 1, conv_dim, K-1)          model dtype
     ssm [mamba layer i] : (num_slots + 1, heads, head_dim, N)     fp32 (the recurrence accumulates over
                                                                    the whole sequence; bf16 would drift)
-    slot_of[seq_id] -> row in both, taken on add, zeroed, returned on free
+    slot -> row in both: the KV manager's slot of a sequence (zeroed when the sequence starts)
     row num_slots is a scratch slot: padded rows of a CUDA-graph batch read and write it, no sequence holds it
 
 Each layer's tensors are separate allocations, not views of one block: under torch.compile a write
@@ -16,7 +16,6 @@ small conv states; a multi-token step gathers both (index_select), runs, and sca
 """
 
 from dataclasses import dataclass
-from typing import Hashable
 
 import torch
 
@@ -54,8 +53,6 @@ class MambaStatePool:
         self.ssm = [torch.zeros(num_slots + 1, c.num_heads, c.head_dim, c.state_size, dtype=torch.float32,
                                 device=device) for _ in range(n)]
         self.scratch_slot = num_slots
-        self._free = list(range(num_slots))
-        self._slot: dict[Hashable, int] = {}
         self._layer = {layer: i for i, layer in enumerate(spec.layers)}
 
     @property
@@ -66,34 +63,14 @@ class MambaStatePool:
     def num_slots(self) -> int:
         return self.scratch_slot
 
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def allocate(self, seq_id: Hashable) -> int:
-        if seq_id in self._slot:
-            raise ValueError(f"sequence {seq_id!r} already holds state slot {self._slot[seq_id]}")
-        if not self._free:
-            raise RuntimeError(f"all {self.num_slots} Mamba state slots are in use")
-        slot = self._free.pop(0)
-        for conv, ssm in zip(self.conv, self.ssm):  # a new sequence starts from the zero state
-            conv[slot].zero_()
-            ssm[slot].zero_()
-        self._slot[seq_id] = slot
-        return slot
-
-    def free(self, seq_id: Hashable) -> None:
-        try:
-            self._free.append(self._slot.pop(seq_id))
-        except KeyError:
-            raise KeyError(f"sequence {seq_id!r} holds no Mamba state slot") from None
-        self._free.sort()
-
-    def slot_of(self, seq_id: Hashable) -> int:
-        return self._slot[seq_id]
-
-    def bytes_in_use(self) -> int:
-        return len(self._slot) * self.spec.bytes_per_sequence
+    def zero(self, slots: list[int]) -> None:
+        """A new sequence starts from the zero state in each of its (KV manager's) slots."""
+        if not slots:
+            return
+        idx = torch.tensor(slots, dtype=torch.int64).to(self.conv[0].device if self.conv else "cpu")
+        for conv, ssm in zip(self.conv, self.ssm):
+            conv.index_fill_(0, idx, 0)
+            ssm.index_fill_(0, idx, 0)
 
     def layer_pools(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(conv, ssm) of one Mamba layer, every slot."""

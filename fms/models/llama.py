@@ -11,7 +11,7 @@ from torch import nn
 from fms.modules.attention import MultiHeadAttention
 from fms.modules.feedforward import SwiGLU
 from fms.modules.linear import Linear
-from fms.cache.base import KVCacheSpec
+from fms.cache.spec import KVCacheSpec
 from fms.modules.layernorm import RMSNorm
 from fms.modules.masks import AttentionVariant
 from fms.modules.positions import RopeScaling, RotaryEmbedding

@@ -19,7 +19,9 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fms.modules.linear import Linear
-from fms.cache.base import ContiguousKVCache, KVCacheSpec, SequenceCache
+from fms.cache.base import SequenceCache
+from fms.cache.contiguous import ContiguousKVCache
+from fms.cache.spec import KVCacheSpec
 from fms.modules.masks import AttentionVariant, dense_attention_bias, variant_predicate, variant_score_fn
 from fms.cache.paged import PagedKVCache
 from fms.modules.positions import RotaryEmbedding

@@ -33,10 +33,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DecodeRow:
-    """One sequence of a decode window: its last token (computed first) and how many steps it runs."""
+    """One sequence of a decode window: its last token (computed first, at position `start`) and how many
+    steps it runs. The caller has reserved room for the steps (KV manager grants applied to the cache)."""
 
     seq_id: Hashable
     token: int
+    start: int
     num_steps: int
     params: SamplingParams
     seed: int
@@ -44,7 +46,8 @@ class DecodeRow:
     @classmethod
     def of_chunk(cls, chunk) -> "DecodeRow":
         """From a scheduler's one-token chunk (request_id, token_ids, num_steps, params, seed)."""
-        return cls(chunk.request_id, chunk.token_ids[0], chunk.num_steps, chunk.params, chunk.seed)
+        return cls(chunk.request_id, chunk.token_ids[0], chunk.start_position, chunk.num_steps, chunk.params,
+                   chunk.seed)
 
 
 def why_no_graphs(model, attn_name: str, device: torch.device) -> str | None:
@@ -87,7 +90,8 @@ class DecodeWindowRunner:
         if max_steps < 1:
             raise ValueError(f"max_decode_steps must be >= 1, got {max_steps}")
         self.model, self.cache, self.attn_name = model, cache, attn_name
-        cache.mark_static()
+        if compile_model:  # its compiles take dynamic=True over this one cache (see SequenceCache.mark_static)
+            cache.mark_static()
         # torch.compile fuses the step's small elementwise kernels (norms, rotary, activations), which
         # bound a graphed batch-1 step otherwise; one symbolic-batch compile serves every bucket.
         self._set_compiled(compile_model)
@@ -147,10 +151,10 @@ class DecodeWindowRunner:
             self._forward, self._inputs_fn, self._outputs_fn = self.model, self.cache.window_inputs, _step_outputs
 
     # -- one step, on the buffers ----------------------------------------------------------
-    def _step(self, bs: int, mode: str, layout) -> None:
+    def _step(self, bs: int, mode: str, layout, bounds=None) -> None:
         inputs = self._inputs_fn(self.positions[:bs], self.ends[:bs], self.rows[:bs])
         state_slots = None if self.state_slots is None else self.state_slots[:bs]
-        meta = self.cache.window_meta(self.positions[:bs], self.rows[:bs], state_slots, inputs, layout)
+        meta = self.cache.window_meta(self.positions[:bs], self.rows[:bs], state_slots, inputs, layout, bounds)
         logits = self._forward(self.tokens[:bs], attn_name=self.attn_name, cache=self.cache, meta=meta)[:, 0]  # (bs, V)
         params = None
         if mode == "sample":
@@ -199,10 +203,10 @@ class DecodeWindowRunner:
 
     # -- a window --------------------------------------------------------------------------
     def run(self, rows: Sequence[DecodeRow]) -> list[list[int]]:
-        """Reserve pages, run max(num_steps) steps; -> the num_steps tokens each chunk sampled."""
+        """Run max(num_steps) steps over room already reserved; -> the num_steps tokens each row sampled."""
         b = len(rows)
         start_time = time.perf_counter()
-        window = self.cache.prepare_decode_window([r.seq_id for r in rows], [r.num_steps for r in rows])
+        window = self.cache.decode_window([r.seq_id for r in rows], [r.start for r in rows], [r.num_steps for r in rows])
         num_steps = max(window.num_steps)
         if num_steps > self.max_steps:
             raise ValueError(f"a decode window of {num_steps} steps exceeds max_decode_steps={self.max_steps}")
@@ -242,8 +246,14 @@ class DecodeWindowRunner:
                 graph.replay()
             self.num_graph_steps += num_steps
         else:
+            # Eager steps need no fixed shapes: a cache may read only up to the window's longest end,
+            # and a one-step window whose rows all sit at one position is uniform (no mask).
+            bounds = None
+            if not self.compiled:
+                bounds = (max(s + n for s, n in zip(starts, window.num_steps)),
+                          num_steps == 1 and len(set(starts)) == 1)
             for _ in range(num_steps):
-                self._step(b, mode, layout)
+                self._step(b, mode, layout, bounds)
             self.num_eager_steps += num_steps
         launched = time.perf_counter()
         out = self.out_tokens[:num_steps, :b].T.tolist()  # the window's one host synchronization

@@ -11,11 +11,12 @@ from typing import Hashable, Iterator, NamedTuple, Sequence
 
 import torch
 
+from fms.cache.kv_manager import KVManager
+from fms.cache.paged import pages_for_budget
 from fms.modules.attention import get_attention_op
 from fms.serving.model_runner import DEFAULT_GRAPH_BATCH_SIZES, ModelRunner
-from fms.cache.prefix_cache import PrefixCache
 from fms.serving.request import Request, RequestOutput, SamplingParams
-from fms.serving.scheduler import Scheduler
+from fms.serving.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -82,24 +83,24 @@ class LLMEngine:
         max_num_seqs = max_num_seqs or (128 if is_cuda else 16)
         # a large CUDA budget: fewer, larger prefill forwards amortize each forward's fixed host cost
         max_num_batched_tokens = max_num_batched_tokens or (8192 if is_cuda else 256)
-        options = dict(page_size=page_size)
-        if num_pages is not None:
-            options["num_pages"] = num_pages
-        elif is_cuda:
-            options["memory_fraction"] = 0.9 if memory_fraction is None else memory_fraction
-        else:
-            if memory_fraction is not None:
-                raise ValueError("memory_fraction sizes the pool from free GPU memory; on CPU give num_pages")
-            options["num_pages"] = max_num_seqs * math.ceil(min(max_model_len, 1024) / page_size)
-        self.cache = get_attention_op("paged").create_cache(
-            spec, max_batch_size=max_num_seqs, max_seq_len=max_model_len, **options
-        )
+        op = get_attention_op("paged")
+        if num_pages is None:
+            if is_cuda:
+                num_pages = pages_for_budget(spec, page_size,
+                                             memory_fraction=0.9 if memory_fraction is None else memory_fraction)
+            else:
+                if memory_fraction is not None:
+                    raise ValueError("memory_fraction sizes the pool from free GPU memory; on CPU give num_pages")
+                num_pages = max_num_seqs * math.ceil(min(max_model_len, 1024) / page_size)
         if enable_prefix_caching and spec.state_spec is not None:
             logger.info("prefix caching off: a cached prefix would also need the Mamba state at its end")
             enable_prefix_caching = False
-        self.prefix_cache = PrefixCache(self.cache.allocator, page_size) if enable_prefix_caching else None
-        self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, max_model_len,
-                                   self.prefix_cache, max_decode_steps=max_decode_steps)
+        # the one host owner of pages, slots and prefix hits; the scheduler decides through it, the
+        # cache (the paged op's device pool) applies its grants
+        self.kv = KVManager(num_pages, page_size, max_num_seqs, enable_prefix_caching=enable_prefix_caching)
+        self.cache = op.create_cache(spec, max_batch_size=max_num_seqs, max_seq_len=max_model_len, manager=self.kv)
+        self.scheduler = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens, max_model_len,
+                                   max_decode_steps=max_decode_steps, window=self.cache.window)
         if use_cuda_graphs is None:
             use_cuda_graphs = is_cuda
         self.runner = ModelRunner(model, self.cache, use_cuda_graphs=use_cuda_graphs,
@@ -107,7 +108,7 @@ class LLMEngine:
                                   compile_decode=is_cuda if compile_decode is None else compile_decode,
                                   compile_prefill=is_cuda if compile_prefill is None else compile_prefill)
         if is_cuda:
-            self.runner.warmup_prefill(max_num_batched_tokens)
+            self._warmup_prefill(max_num_batched_tokens)
         eos = set(model.config.eos_token_ids) if hasattr(model.config, "eos_token_ids") else set()
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -119,6 +120,11 @@ class LLMEngine:
         self.num_batched_tokens = 0
         self.num_decode_windows = 0  # steps that ran several decode steps back to back
         self.time_s = dict.fromkeys(("schedule", "execute", "update"), 0.0)  # host wall time per phase
+
+    @property
+    def prefix_cache(self):
+        """The KV manager's prefix cache, or None when prefix caching is off."""
+        return self.kv.prefix_cache
 
     # -- online API ------------------------------------------------------------------------
     def add_request(self, prompt, params: SamplingParams | None = None, request_id: Hashable | None = None) -> Hashable:
@@ -240,11 +246,12 @@ class LLMEngine:
         self.time_s = dict.fromkeys(self.time_s, 0.0)
         self.scheduler.num_preemptions = 0
         self.runner.reset_counters()
-        if self.prefix_cache is not None:
-            self.prefix_cache.num_queried_tokens = self.prefix_cache.num_hit_tokens = 0
+        if self.kv.prefix_cache is not None:
+            self.kv.prefix_cache.num_queried_tokens = self.kv.prefix_cache.num_hit_tokens = 0
 
     def stats(self) -> dict:
-        pc = self.prefix_cache
+        pc = self.kv.prefix_cache
+        kv = self.kv.stats()
         return {
             "num_steps": self.num_steps,
             "num_batched_tokens": self.num_batched_tokens,
@@ -261,8 +268,11 @@ class LLMEngine:
             # wall time: scheduler, runner (decode windows split into host launch and waiting for
             # the GPU), applying results; prefill forwards are in execute - decode
             "time_s": {**self.time_s, **self.runner.decoder.time_s},
-            "num_pages": self.cache.num_pages,
-            "page_size": self.cache.page_size,
+            "num_pages": kv.num_pages,
+            "page_size": self.kv.page_size,
+            "num_free_pages": kv.num_free_pages,
+            "num_cached_pages": kv.num_cached_pages,
+            "num_used_pages": kv.num_used_pages,
             "prefix_caching": pc is not None,
             "prefix_cache_queried_tokens": pc.num_queried_tokens if pc else 0,
             "prefix_cache_hit_tokens": pc.num_hit_tokens if pc else 0,
@@ -270,6 +280,30 @@ class LLMEngine:
         }
 
     # -- helpers ---------------------------------------------------------------------------
+    def _warmup_prefill(self, max_chunk_tokens: int) -> None:
+        """Run the runner's warm-up prefill steps on scratch sequences, freed afterwards whatever happens."""
+        kv, ps = self.kv, self.kv.page_size
+        for scenario in self.runner.warmup_steps(max_chunk_tokens):
+            totals: dict[int, int] = {}
+            for step in scenario:
+                for i, n in step.items():
+                    totals[i] = totals.get(i, 0) + n
+            if sum(math.ceil(n / ps) for n in totals.values()) > kv.num_free_pages:
+                break
+            ids = {i: ("fms.serving", "warmup", i) for i in totals}
+            new_slots = [kv.add(seq_id)[0] for seq_id in ids.values()]
+            try:
+                for step in scenario:
+                    chunks = [ScheduledChunk(ids[i], [0] * n, kv.length(ids[i]), False, SamplingParams())
+                              for i, n in step.items()]
+                    grants = kv.reserve([c.request_id for c in chunks], [len(c.token_ids) for c in chunks])
+                    self.runner.execute(SchedulerOutput(chunks=chunks, grants=grants, new_slots=new_slots))
+                    new_slots = []
+            finally:
+                for seq_id in ids.values():
+                    kv.free(seq_id)
+        self.runner.num_eager_forwards = 0
+
     def _add_all(self, prompts, sampling_params) -> list[Hashable]:
         if isinstance(prompts, (str, torch.Tensor)) or not isinstance(prompts, (list, tuple)):
             raise ValueError("prompts must be a list of prompts (token-id lists, or strings with a tokenizer)")

@@ -1,24 +1,14 @@
-"""Runs one scheduled step on the model: inputs built once per forward, the forward passes, sampling on the device.
+"""Runs one scheduled step on the model: applies the step's page grants to the device, builds the
+step metadata once per forward, runs the forwards, samples on the device. It never allocates:
+pages and slots come reserved in the SchedulerOutput (the KV manager's grants).
 
-A step's decode rows (one token each) run as a decode window: num_steps one-token steps back to
-back, each step's inputs (token, position, slot, sequence length) computed on the device from the
-previous step's, so the host synchronizes once per window instead of once per token. On CUDA each
-step replays a CUDA graph captured for the next bucketed batch size; the graphs read static
-buffers which the window fills once:
-
-    rows 0..B-1      the window's sequences: last token, position, end position, cache row (the
-                     page-table row of a paged cache), sampling parameters; a row past its end
-                     idles (writes scratch storage: the scratch page, or the scratch column)
-    rows B..bucket   padding: idle from the start (scratch storage, scratch state slot)
-    out_tokens[k, b] the token row b sampled at step k; read back after the window
-
-DecodeWindowRunner works over any SequenceCache (its window_* methods); static generate() uses
-it with the contiguous cache too (fms.utils.generation, decode_window=).
+A step's decode rows (one token each) run as a decode window (fms.runtime.decode): num_steps
+one-token steps back to back on the device with one host synchronization, replayed from CUDA
+graphs on CUDA.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 from typing import Sequence
@@ -27,11 +17,11 @@ import torch
 
 from fms.modules.attention import get_attention_op
 from fms.modules.masks import AttentionVariant
-from fms.cache.paged import Q_BLOCK_SIZE, PagedKVCache
-from fms.serving.request import SamplingParams
+from fms.cache.base import SequenceCache
+from fms.cache.paged import Q_BLOCK_SIZE
 from fms.runtime.decode import DecodeRow, DecodeWindowRunner, to_device as _to_device, why_no_graphs
 from fms.runtime.sampler import SamplingTensors, needs_sampling, sample
-from fms.serving.scheduler import ScheduledChunk, SchedulerOutput
+from fms.serving.scheduler import SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +29,7 @@ DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class ModelRunner:
-    def __init__(self, model, cache: PagedKVCache, use_cuda_graphs: bool = False,
+    def __init__(self, model, cache: SequenceCache, use_cuda_graphs: bool = False,
                  graph_batch_sizes: Sequence[int] = DEFAULT_GRAPH_BATCH_SIZES, attn_name: str = "paged",
                  bucket_prefills: bool | None = None, max_decode_steps: int = 1,
                  compile_decode: bool = False, compile_prefill: bool = False):
@@ -93,40 +83,24 @@ class ModelRunner:
         self.decoder.num_graph_steps = self.decoder.num_eager_steps = 0
         self.decoder.time_s = dict.fromkeys(self.decoder.time_s, 0.0)
 
-    @torch.no_grad()
-    def warmup_prefill(self, max_chunk_tokens: int) -> None:
-        """Compile prefill kernels up front, so that no step compiles (seconds) in the middle of serving:
-        the compiled packed forward (one and several rows), or FlexAttention for every padded length
-        a resumed chunk can take."""
+    def warmup_steps(self, max_chunk_tokens: int) -> list[list[dict[int, int]]]:
+        """Prefill steps to run once before serving, so that no step compiles (seconds) in the middle of
+        it: the compiled packed forward (one and several rows), or FlexAttention for every padded length
+        a resumed chunk can take. Each scenario is a list of steps, each {sequence index: new tokens};
+        the engine runs them on scratch sequences (this runner never allocates)."""
         if self.pack_prefill:
-            if self.prefill_compiled and self.cache.allocator.num_free >= 8:
-                with self._scratch_sequences(2) as (a, b):
-                    self._forward([_chunk(a, 48, 0), _chunk(b, 16, 0)], "packed")
-                    self._forward([_chunk(a, 8, 48)], "packed")
-        elif self.bucket_prefills:
+            return [[{0: 48, 1: 16}, {0: 8}]] if self.prefill_compiled else []
+        scenarios = []
+        if self.bucket_prefills:
             bucket = Q_BLOCK_SIZE
             while bucket // 2 < max_chunk_tokens:
                 n = min(bucket, self.cache.max_seq_len - 1)
-                if n <= bucket // 2 or -(-(n + 1) // self.cache.page_size) > self.cache.allocator.num_free:
+                if n <= bucket // 2:
                     break
-                with self._scratch_sequences(1) as (a,):
-                    # one fresh token gives the chunk cached context, which routes it to FlexAttention
-                    self._forward([_chunk(a, 1, 0)], "fresh")
-                    self._forward([_chunk(a, n, 1)], "resumed")
+                # one fresh token gives the chunk cached context, which routes it to FlexAttention
+                scenarios.append([{0: 1}, {0: n}])
                 bucket *= 2
-        self.num_eager_forwards = 0
-
-    @contextlib.contextmanager
-    def _scratch_sequences(self, count: int):
-        """count sequences in the cache for warm-up forwards, freed afterwards whatever happens."""
-        ids = [("fms.serving", "warmup", i) for i in range(count)]
-        for seq_id in ids:
-            self.cache.add(seq_id)
-        try:
-            yield ids
-        finally:
-            for seq_id in ids:
-                self.cache.free(seq_id)
+        return scenarios
 
     @torch.no_grad()
     def execute(self, out: SchedulerOutput) -> list[list[int]]:
@@ -143,12 +117,15 @@ class ModelRunner:
         (batch, query length), each runs alone on CUDA (bucket_prefills) with its length padded to a
         power of two: a handful of shapes in all. Packed steps put every prefill chunk in one row.
         """
+        self.cache.init_slots(out.new_slots)
+        self.cache.apply(out.grants)
         chunks = out.chunks
         for chunk in chunks:
-            if self.cache.length(chunk.request_id) != chunk.start_position:
+            end = chunk.start_position + len(chunk.token_ids) + chunk.num_steps - 1
+            if self.cache.length(chunk.request_id) != end:
                 raise RuntimeError(
-                    f"request {chunk.request_id!r}: the scheduler starts at position {chunk.start_position} but "
-                    f"the cache holds {self.cache.length(chunk.request_id)} tokens"
+                    f"request {chunk.request_id!r}: the step computes positions up to {end} but the KV manager "
+                    f"reserved room for {self.cache.length(chunk.request_id)} tokens"
                 )
         decode = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1 and c.sample]
         is_decode = set(decode)
@@ -193,8 +170,9 @@ class ModelRunner:
         """
         seq_ids = [c.request_id for c in chunks]
         num_new = [len(c.token_ids) for c in chunks]
+        context = [c.start_position for c in chunks]
         if kind == "packed":
-            meta = self.cache.prepare(seq_ids, num_new, packed=True)
+            meta = self.cache.build_meta(seq_ids, context, num_new, packed=True)
             tokens = _to_device(torch.tensor([[t for c in chunks for t in c.token_ids]], dtype=torch.long),
                                 self.device)
             last = _to_device(torch.tensor([list(itertools.accumulate(num_new))], dtype=torch.long) - 1, self.device)
@@ -205,7 +183,7 @@ class ModelRunner:
             # at least one FlexAttention query block: shorter queries take flex's decoding kernel, which
             # found no valid kernel config for a large bf16 pool on H100 (torch 2.11)
             query_len = max(Q_BLOCK_SIZE, 1 << (max(num_new) - 1).bit_length())
-        meta = self.cache.prepare(seq_ids, num_new, query_len=query_len)
+        meta = self.cache.build_meta(seq_ids, context, num_new, query_len=query_len)
         width = meta.query_len
         rows = [c.token_ids + [0] * (width - len(c.token_ids)) for c in chunks]
         tokens = _to_device(torch.tensor(rows, dtype=torch.long), self.device)
@@ -225,8 +203,3 @@ class ModelRunner:
                                exc_info=True)
                 self.prefill_compiled, self._prefill_forward = False, self.model
         return self.model(tokens, attn_name=self.attn_name, cache=self.cache, meta=meta, logits_positions=last)
-
-
-def _chunk(seq_id, num_tokens: int, start: int) -> ScheduledChunk:
-    """A warm-up prefill chunk of token 0, sampling nothing."""
-    return ScheduledChunk(seq_id, [0] * num_tokens, start, False, SamplingParams())

@@ -8,11 +8,13 @@ the token budget, so a long prompt never stalls the running decodes:
     budget 8, page_size 16       running: A decode, B prefill at 40/100     waiting: C (30 tokens)
     step:  A 1 token  |  B tokens 40..46 (7, budget spent)  |  C waits for a later step
 
-Pages: a step is only scheduled if the allocator (plus evictable prefix-cache pages) can give every
-chunk its pages. When a running request cannot get its pages, the most recently admitted request
-is preempted: its pages go back, it returns to the front of the queue and later recomputes its
-prompt + outputs (full pages of it may still be in the prefix cache). The scheduler adds and frees
-sequences in the cache; the model runner's cache.prepare() reserves the pages counted here.
+Pages: the scheduler works only through the KV manager. A step is only scheduled if the manager
+(free plus evictable prefix-cache pages) can give every chunk its pages; it then reserves them, and
+the step's SchedulerOutput carries the grants (new page ids per request) and the slots of requests
+that started, which the model runner applies to the device. When a running request cannot get its
+pages, the most recently admitted request is preempted: its pages go back, it returns to the front
+of the queue and later recomputes its prompt + outputs (full pages of it may still be in the prefix
+cache).
 """
 
 from __future__ import annotations
@@ -23,8 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Hashable
 
-from fms.cache.paged import PagedKVCache
-from fms.cache.prefix_cache import PrefixCache
+from fms.cache.kv_manager import KVManager, PageGrant
 from fms.serving.request import FinishReason, Request, RequestState, SamplingParams
 
 
@@ -41,9 +42,12 @@ class ScheduledChunk:
 
 @dataclass
 class SchedulerOutput:
-    """The one thing the scheduler hands the model runner per step."""
+    """The one thing the scheduler hands the model runner per step: what to compute, and the pages
+    and slots the KV manager gave for it (already reserved; the runner writes them to the device)."""
 
     chunks: list[ScheduledChunk] = field(default_factory=list)
+    grants: list[PageGrant] = field(default_factory=list)  # per request: table entries it was given
+    new_slots: list[int] = field(default_factory=list)  # slots of requests that started this step
     preempted_ids: list[Hashable] = field(default_factory=list)  # preempted this step (pages freed)
     finished_ids: list[Hashable] = field(default_factory=list)  # ended since the last step
 
@@ -61,8 +65,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, cache: PagedKVCache, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, prefix_cache: PrefixCache | None = None, max_decode_steps: int = 1):
+    """window: the model's sliding window (pages before it are released as requests advance)."""
+
+    def __init__(self, kv: KVManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int, max_decode_steps: int = 1, window: int | None = None):
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError(
                 f"max_num_seqs and max_num_batched_tokens must be >= 1, got {max_num_seqs}, {max_num_batched_tokens}"
@@ -70,20 +76,18 @@ class Scheduler:
         if max_decode_steps < 1:
             raise ValueError(f"max_decode_steps must be >= 1, got {max_decode_steps}")
         self.max_decode_steps = max_decode_steps
-        if max_num_seqs > cache.max_batch_size:
-            raise ValueError(f"max_num_seqs {max_num_seqs} exceeds the cache's max_batch_size {cache.max_batch_size}")
-        self.cache = cache
-        self.page_size = cache.page_size
+        if max_num_seqs > kv.max_num_seqs:
+            raise ValueError(f"max_num_seqs {max_num_seqs} exceeds the KV manager's {kv.max_num_seqs} sequences")
+        self.kv = kv
+        self.window = window
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_model_len = min(max_model_len, cache.max_seq_len)
-        self.prefix_cache = prefix_cache
+        self.max_model_len = max_model_len
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order
         self.num_preemptions = 0
         self._scheduled: list[Request] = []
         self._finished_ids: list[Hashable] = []
-        self._num_registered: dict[Hashable, int] = {}  # full pages of a request already in the prefix cache
 
     # -- requests --------------------------------------------------------------------------
     def add(self, request: Request) -> bool:
@@ -114,10 +118,10 @@ class Scheduler:
             return (f"prompt of {request.num_prompt_tokens} tokens + max_new_tokens {request.params.max_new_tokens} "
                     f"= {total} tokens exceeds the model length of {self.max_model_len}; shorten the prompt or "
                     "lower max_new_tokens")
-        pages = math.ceil(request.max_num_tokens / self.page_size)
-        if pages > self.cache.num_pages:
+        pages = math.ceil(request.max_num_tokens / self.kv.page_size)
+        if pages > self.kv.num_pages:
             return (f"request needs up to {pages} KV-cache pages ({request.max_num_tokens} tokens, page_size "
-                    f"{self.page_size}) but the whole pool has {self.cache.num_pages}; give the engine more "
+                    f"{self.kv.page_size}) but the whole pool has {self.kv.num_pages}; give the engine more "
                     "pages (num_pages / memory_fraction) or lower max_new_tokens")
         return None
 
@@ -129,9 +133,10 @@ class Scheduler:
         if window is not None:
             self._scheduled = list(self.running)
             out.chunks = [self._chunk(r, 1, steps) for r, steps in zip(self.running, window)]
+            out.grants = self.kv.reserve([r.request_id for r in self.running], window)
             return out
         budget = self.max_num_batched_tokens
-        claimed = 0  # pages this step's chunks will take in cache.prepare
+        claimed = 0  # pages this step's chunks will take when reserved
         planned: dict[Hashable, tuple[Request, int, int]] = {}  # id -> (request, tokens, pages)
 
         def available() -> int:
@@ -145,7 +150,7 @@ class Scheduler:
             if budget == 0:
                 break
             n = min(request.num_tokens_to_compute, budget)
-            need = self.cache.tables.num_pages_needed(request.request_id, n)
+            need = self.kv.num_pages_needed(request.request_id, n)
             while need > available() and request.state is RequestState.RUNNING:
                 victim = self.running[-1]
                 if victim.request_id in planned:  # give back what it was counted for
@@ -163,21 +168,19 @@ class Scheduler:
         while (not out.preempted_ids and self.waiting and budget > 0
                and len(self.running) < self.max_num_seqs):
             request = self.waiting[0]
-            prefix = []
-            if self.prefix_cache is not None:
-                prefix = self.prefix_cache.match(request.all_token_ids, request.page_hashes)
-            num_cached = len(prefix) * self.page_size
+            prefix = self.kv.match_prefix(request.all_token_ids, request.page_hashes)
+            num_cached = len(prefix) * self.kv.page_size
             n = min(request.num_tokens - num_cached, budget)
-            need = math.ceil((num_cached + n) / self.page_size) - len(prefix)
+            need = math.ceil((num_cached + n) / self.kv.page_size) - len(prefix)
             # matched pages nobody holds count as evictable now, but stop being so once shared
-            reused = self.prefix_cache.num_evictable_among(prefix) if self.prefix_cache else 0
-            if need + reused > available():
+            if need + self.kv.num_evictable_among(prefix) > available():
                 break
             self.waiting.popleft()
-            self.cache.add(request.request_id, prefix_pages=prefix, prefix_len=num_cached)
-            if self.prefix_cache is not None:
-                self.prefix_cache.acquire(prefix, request.num_tokens)
-            self._num_registered[request.request_id] = len(prefix)
+            slot, grant = self.kv.add(request.request_id, prefix_pages=prefix, prefix_len=num_cached,
+                                      num_query_tokens=request.num_tokens)
+            out.new_slots.append(slot)
+            if grant is not None:
+                out.grants.append(grant)
             request.num_computed_tokens = num_cached
             request.num_cached_tokens = num_cached
             request.state = RequestState.RUNNING
@@ -186,11 +189,12 @@ class Scheduler:
             budget -= n
             claimed += need
 
-        self._free_pages_for(claimed)
+        self.kv.make_room(claimed)
         self._scheduled = []
         for request, n, _ in planned.values():
             out.chunks.append(self._chunk(request, n))
             self._scheduled.append(request)
+        out.grants += self.kv.reserve([c.request_id for c in out.chunks], [len(c.token_ids) for c in out.chunks])
         return out
 
     def _chunk(self, request: Request, n: int, num_steps: int = 1) -> ScheduledChunk:
@@ -222,10 +226,10 @@ class Scheduler:
         if any(r.num_tokens_to_compute != 1 for r in self.running):
             return None
         steps = [min(self.max_decode_steps, r.params.max_new_tokens - len(r.output_token_ids)) for r in self.running]
-        need = sum(self.cache.tables.num_pages_needed(r.request_id, n) for r, n in zip(self.running, steps))
-        if need > self._num_obtainable_pages():
+        need = sum(self.kv.num_pages_needed(r.request_id, n) for r, n in zip(self.running, steps))
+        if need > self.kv.num_obtainable_pages:
             return None
-        self._free_pages_for(need)
+        self.kv.make_room(need)
         return steps
 
     def update(self, out: SchedulerOutput, sampled: list[list[int]]) -> list[tuple[Hashable, list[int], bool]]:
@@ -250,48 +254,25 @@ class Scheduler:
                     break
             # a window's step k computes the token sampled at step k - 1
             request.num_computed_tokens += len(chunk.token_ids) + max(len(new_tokens) - 1, 0)
-            self._register_pages(request)
+            self.kv.commit_computed(request.request_id, request.all_token_ids, request.num_computed_tokens,
+                                    request.page_hashes)
             if request.is_finished:
                 self._release(request)
                 self.running.remove(request)
                 self._finished_ids.append(request.request_id)
             else:
-                dropped = self.cache.release_out_of_window(request.request_id)
-                if dropped and self.prefix_cache is not None:
-                    self.prefix_cache.release(dropped)
+                self.kv.release_out_of_window(request.request_id, self.window)
             results.append((request.request_id, new_tokens, request.is_finished))
         self._scheduled = []
         return results
 
     # -- pages -----------------------------------------------------------------------------
     def _num_obtainable_pages(self) -> int:
-        """Free pages plus cached pages nobody holds (evictable on demand)."""
-        evictable = self.prefix_cache.num_evictable if self.prefix_cache else 0
-        return self.cache.allocator.num_free + evictable
-
-    def _free_pages_for(self, num_pages: int) -> None:
-        """Evict prefix-cache pages until the allocator has num_pages free (counted as obtainable)."""
-        shortfall = num_pages - self.cache.allocator.num_free
-        if shortfall > 0:
-            self.prefix_cache.evict(shortfall)
-
-    def _register_pages(self, request: Request) -> None:
-        if self.prefix_cache is None:
-            return
-        num_full = request.num_computed_tokens // self.page_size
-        first = self._num_registered[request.request_id]
-        if num_full > first:
-            table = self.cache.block_table(request.request_id)
-            self.prefix_cache.insert(request.all_token_ids, table, first, num_full, request.page_hashes)
-            self._num_registered[request.request_id] = num_full
+        return self.kv.num_obtainable_pages
 
     def _release(self, request: Request) -> None:
-        """Free the request's sequence in the cache; cached pages it held may become evictable."""
-        table = self.cache.block_table(request.request_id)
-        self.cache.free(request.request_id)
-        self._num_registered.pop(request.request_id, None)
-        if self.prefix_cache is not None:
-            self.prefix_cache.release([p for p in table if p >= 0])
+        """End the request's sequence in the KV manager; cached pages it held may become evictable."""
+        self.kv.free(request.request_id)
 
     def _preempt(self, request: Request) -> None:
         self._release(request)

@@ -7,7 +7,7 @@ import torch
 from fms.modules.attention import get_attention_op
 from fms.runtime.decode import DecodeRow, DecodeWindowRunner, why_no_graphs
 from fms.runtime.sampling_params import SamplingParams
-from fms.runtime.sampler import SamplingTensors, needs_sampling, sample, sample_tokens
+from fms.runtime.sampler import SamplingTensors, needs_sampling, sample
 
 
 def _as_id_lists(prompts) -> list[list[int]]:
@@ -128,16 +128,18 @@ class Generator:
     of up to max_seq_len tokens with their new tokens), so that what a run sets up once (the cache,
     a decode window's CUDA graphs and compiled step) serves every call.
 
-    decode_window=None: one host synchronization per generated token; each step's inputs are
-    prepared on the host (cache.prepare), exactly sized. decode_window=k: decode in windows of up to
-    k one-token steps run back to back with the inputs computed on the device
-    (fms.runtime.decode.DecodeWindowRunner), the host synchronizing once per window: tokens a
-    row samples after its EOS in a window are dropped. Sampling in windows uses the serving sampler
-    (counter-based noise from seed + row), so sampled tokens differ from the per-token path's
-    torch.Generator stream. cuda_graphs replays each window step from a CUDA graph captured for
-    max_batch_size rows (CUDA only); compile_decode torch.compiles the step. A window reserves room
-    for all its steps when it starts, so return_stats counts up to k - 1 tokens per row that a row
-    ending at EOS never writes.
+    It drives the cache's KV manager as its own scheduler: each step reserves room through the
+    manager, the cache applies the grants and builds the step's metadata. Decoding always goes
+    through the runtime's decode loop (fms.runtime.decode.DecodeWindowRunner) and its one sampler
+    (counter-based noise from seed + row and the position):
+
+    decode_window=None: windows of one step, one host synchronization per generated token.
+    decode_window=k: windows of up to k one-token steps run back to back with the inputs computed on
+    the device, the host synchronizing once per window: tokens a row samples after its EOS in a
+    window are dropped. cuda_graphs replays each step from a CUDA graph captured for max_batch_size
+    rows (CUDA only); compile_decode torch.compiles the step. A window reserves room for all its
+    steps when it starts, so return_stats counts up to k - 1 tokens per row that a row ending at EOS
+    never writes.
     """
 
     def __init__(self, model, attn_name: str | None = None, *, max_batch_size: int, max_seq_len: int,
@@ -153,15 +155,14 @@ class Generator:
         self.device = model.embedding.weight.device
         self.cache = self.op.create_cache(model.cache_spec(), max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                                           **cache_options)
-        self.decode_window = decode_window
-        self.runner = None
-        if decode_window is not None:
-            if cuda_graphs:
-                why_not = why_no_graphs(model, self.op.name, self.device)
-                if why_not is not None:
-                    raise ValueError(f"cuda_graphs cannot be used here: {why_not}")
-            self.runner = DecodeWindowRunner(model, self.cache, self.op.name, decode_window,
-                                             [max_batch_size] if cuda_graphs else None, compile_model=compile_decode)
+        self.kv = self.cache.manager
+        self.decode_window = decode_window or 1
+        if cuda_graphs:
+            why_not = why_no_graphs(model, self.op.name, self.device)
+            if why_not is not None:
+                raise ValueError(f"cuda_graphs cannot be used here: {why_not}")
+        self.runner = DecodeWindowRunner(model, self.cache, self.op.name, self.decode_window,
+                                         [max_batch_size] if cuda_graphs else None, compile_model=compile_decode)
 
     def generate(self, prompts: Sequence, max_new_tokens, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
@@ -173,11 +174,29 @@ class Generator:
         return self._run(ids, counts, do_sample, temperature, top_k, top_p, seed, eos_token_id, prefill_chunk_size,
                          return_stats, on_step)
 
+    def _step(self, seq_ids, chunks) -> torch.Tensor:
+        """One forward over these prompt chunks (rows right-padded); -> each row's last-token logits (B, V)."""
+        cache, num_new = self.cache, [len(c) for c in chunks]
+        context = cache.check_step(seq_ids, num_new)
+        cache.apply(self.kv.reserve(seq_ids, num_new))
+        meta = cache.build_meta(seq_ids, context, num_new)
+        width = meta.query_len
+        tokens = torch.tensor([c + [0] * (width - len(c)) for c in chunks], dtype=torch.long).to(self.device)
+        last = torch.tensor([n - 1 for n in num_new], device=self.device)
+        return self.model(tokens, attn_name=self.op.name, logits_positions=last, cache=cache, meta=meta)[:, 0]
+
+    def _decode(self, rows: list[DecodeRow]) -> list[list[int]]:
+        """A decode window: room for every row's steps through the manager, then the runtime's loop."""
+        seq_ids, steps = [r.seq_id for r in rows], [r.num_steps for r in rows]
+        self.cache.check_step(seq_ids, steps)
+        self.cache.apply(self.kv.reserve(seq_ids, steps))
+        return self.runner.run(rows)
+
     @torch.no_grad()
     def _run(self, ids, new_counts, do_sample, temperature, top_k, top_p, seed, eos_token_id, prefill_chunk_size,
              return_stats, on_step):
         """generate() on arguments _checked_call has checked."""
-        model, cache, op = self.model, self.cache, self.op
+        cache, kv = self.cache, self.kv
         eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or ()))
         if len(ids) > cache.max_batch_size:
             raise ValueError(f"{len(ids)} prompts, over this generator's max_batch_size of {cache.max_batch_size}")
@@ -188,13 +207,12 @@ class Generator:
         outputs: list[list[int]] = [[] for _ in ids]
         if max(new_counts) == 0:
             return (outputs, {}) if return_stats else outputs
-        if cache.sequences:
-            raise RuntimeError(f"the cache still holds sequences {cache.sequences} from an interrupted call")
+        if kv.sequences:
+            raise RuntimeError(f"the cache still holds sequences {kv.sequences} from an interrupted call")
 
-        device = self.device
-        generator = None
-        if do_sample and seed is not None and self.runner is None:
-            generator = torch.Generator(device=device).manual_seed(seed)
+        params = _sampling_params(do_sample, temperature, top_k, top_p)
+        # unseeded: drawn from torch's generator, so that torch.manual_seed makes a run repeatable
+        base_seed = seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
         peak = {}
 
         def record():
@@ -204,25 +222,18 @@ class Generator:
             if stats["kv_bytes_in_use"] >= peak.get("kv_bytes_in_use", -1):
                 peak.update(stats)
 
-        def run(seq_ids, chunks):
-            meta = cache.prepare(seq_ids, [len(c) for c in chunks])
-            width = meta.query_len
-            tokens = torch.tensor([c + [0] * (width - len(c)) for c in chunks], dtype=torch.long).to(device)
-            last = torch.tensor([len(c) - 1 for c in chunks], device=device)
-            logits = model(tokens, attn_name=op.name, logits_positions=last, cache=cache, meta=meta)
-            return logits[:, 0]
-
         def finish(seq_id, token) -> bool:
             """Record a sampled token; True (and the sequence freed) when the row has ended."""
             outputs[seq_id].append(token)
             if token in eos or len(outputs[seq_id]) >= new_counts[seq_id]:
-                cache.free(seq_id)  # pages go back to the pool as soon as a sequence ends
+                kv.free(seq_id)  # pages go back to the pool as soon as a sequence ends
                 return True
             return False
 
         try:
             for seq_id in range(len(ids)):
-                cache.add(seq_id)
+                slot, _ = kv.add(seq_id)
+                cache.init_slots([slot])
             # prefill, in chunks if asked; every row advances by up to one chunk per step
             chunk = prefill_chunk_size or max(len(p) for p in ids)
             done = [0] * len(ids)
@@ -232,68 +243,47 @@ class Generator:
                 for seq_id in rows:  # a chunked long prompt keeps only the window's pages, like decode
                     cache.release_out_of_window(seq_id)
                 chunks = [ids[i][done[i]: done[i] + chunk] for i in rows]
-                logits = run(rows, chunks)
+                logits = self._step(rows, chunks)
                 for r, i in enumerate(rows):
                     done[i] += len(chunks[r])
                     last_logits[i] = logits[r]
             record()
-            if self.runner is None:
-                next_tokens = sample_tokens(torch.stack(last_logits), do_sample, temperature, top_k, top_p, generator)
-            else:  # the serving sampler, as the window steps: seeded by (seed + row, position)
-                params = _window_params(do_sample, temperature, top_k, top_p)
-                base_seed = seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
-                next_tokens = _sample_first(torch.stack(last_logits), params, base_seed, [len(p) for p in ids])
+            next_tokens = _sample_first(torch.stack(last_logits), params, base_seed, [len(p) for p in ids])
             if on_step is not None:
                 on_step("prefill", cache, 0)
             active = [i for i, n in enumerate(new_counts) if n > 0]
             next_tokens = next_tokens[active] if len(active) < len(ids) else next_tokens
             for seq_id in set(range(len(ids))) - set(active):
-                cache.free(seq_id)
+                kv.free(seq_id)
             active = [s for s, t in zip(active, next_tokens.tolist()) if not finish(s, t)]
-            if self.runner is not None:
-                while active:
-                    for seq_id in active:
-                        cache.release_out_of_window(seq_id)
-                    chunks = [_decode_chunk(cache, s, outputs[s][-1], min(self.decode_window,
-                                            new_counts[s] - len(outputs[s])), params, base_seed + s) for s in active]
-                    sampled = self.runner.run(chunks)
-                    record()
-                    if on_step is not None:
-                        on_step("decode", cache, max(c.num_steps for c in chunks))
-                    still = []
-                    for seq_id, tokens in zip(active, sampled):
-                        if not any(finish(seq_id, t) for t in tokens):  # stops at the row's first end
-                            still.append(seq_id)
-                    active = still
-            while active:
+            while active:  # one decode loop: per-token decoding is a window of one step
                 for seq_id in active:
                     cache.release_out_of_window(seq_id)
-                logits = run(active, [[outputs[s][-1]] for s in active])
+                rows = [DecodeRow(s, outputs[s][-1], kv.length(s), min(self.decode_window,
+                                  new_counts[s] - len(outputs[s])), params, base_seed + s) for s in active]
+                sampled = self._decode(rows)
                 record()
-                next_tokens = sample_tokens(logits, do_sample, temperature, top_k, top_p, generator)
                 if on_step is not None:
-                    on_step("decode", cache, 1)
-                active = [s for s, t in zip(active, next_tokens.tolist()) if not finish(s, t)]
+                    on_step("decode", cache, max(r.num_steps for r in rows))
+                active = [s for s, tokens in zip(active, sampled)
+                          if not any(finish(s, t) for t in tokens)]  # stops at the row's first end
         finally:
-            for seq_id in cache.sequences:
-                cache.free(seq_id)
+            for seq_id in kv.sequences:
+                kv.free(seq_id)
         return (outputs, peak) if return_stats else outputs
 
 
-def _window_params(do_sample, temperature, top_k, top_p):
+def _sampling_params(do_sample, temperature, top_k, top_p) -> SamplingParams:
     if not do_sample:
         return SamplingParams()
     return SamplingParams(temperature=temperature, top_k=top_k, top_p=1.0 if top_p is None else top_p)
 
 
 def _sample_first(logits, params, base_seed: int, prompt_lens: list[int]) -> torch.Tensor:
+    """The token after each prompt, by the runtime's sampler (row i seeded base_seed + i)."""
     if not needs_sampling([params]):
         return sample(logits, None)
     rows = len(prompt_lens)
     tensors = SamplingTensors.build([params] * rows, [base_seed + i for i in range(rows)], logits.shape[-1],
                                     logits.device)
     return sample(logits, tensors, torch.tensor(prompt_lens, device=logits.device))
-
-
-def _decode_chunk(cache, seq_id, token, num_steps, params, seed):
-    return DecodeRow(seq_id, token, num_steps, params, seed)

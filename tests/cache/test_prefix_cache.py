@@ -23,23 +23,23 @@ def test_shared_prefix_pages_are_reused_with_refcounts():
     a = request("a", SHARED + [1] * 8, max_new_tokens=3)
     s.add(a)
     run_step(s)  # A computes 40 tokens: pages 0, 1 full -> cached
-    assert s.cache.block_table("a") == [0, 1, 2]
-    assert s.prefix_cache.num_cached_pages == 2 and s.cache.allocator.refcount(0) == 2
+    assert s.kv.block_table("a") == [0, 1, 2]
+    assert s.kv.prefix_cache.num_cached_pages == 2 and s.kv.allocator.refcount(0) == 2
     b = request("b", SHARED + [2] * 5, max_new_tokens=3)
     s.add(b)
     out, _ = run_step(s)
     chunk_b = out.chunks[1]
     assert (chunk_b.request_id, chunk_b.start_position, chunk_b.token_ids) == ("b", 32, [2] * 5)
-    assert s.cache.block_table("b") == [0, 1, 3]
-    assert s.cache.allocator.refcount(0) == 3 and s.cache.allocator.refcount(1) == 3
-    assert b.num_cached_tokens == 32 and s.prefix_cache.num_hit_tokens == 32
-    assert s.prefix_cache.hit_rate == 32 / (40 + 37)
+    assert s.kv.block_table("b") == [0, 1, 3]
+    assert s.kv.allocator.refcount(0) == 3 and s.kv.allocator.refcount(1) == 3
+    assert b.num_cached_tokens == 32 and s.kv.prefix_cache.num_hit_tokens == 32
+    assert s.kv.prefix_cache.hit_rate == 32 / (40 + 37)
     check_pages(s)
     _finish_all(s)
     check_pages(s)
     # A's 40 prompt + 2 computed outputs: pages 0, 1 (shared); page 2 holds 42 tokens -> not full.
-    assert s.prefix_cache.num_cached_pages == 2 and s.prefix_cache.num_evictable == 2
-    assert s.cache.allocator.num_free == 6
+    assert s.kv.prefix_cache.num_cached_pages == 2 and s.kv.prefix_cache.num_evictable == 2
+    assert s.kv.allocator.num_free == 6
 
 
 def test_whole_prompt_cached_still_recomputes_its_last_token():
@@ -51,7 +51,7 @@ def test_whole_prompt_cached_still_recomputes_its_last_token():
     out, _ = run_step(s)
     # only page 0 is reused: position 31 must be computed to get logits
     assert [(c.start_position, len(c.token_ids), c.sample) for c in out.chunks] == [(16, 16, True)]
-    assert s.cache.block_table("b")[0] == 0 and s.cache.block_table("b")[1] != 1
+    assert s.kv.block_table("b")[0] == 0 and s.kv.block_table("b")[1] != 1
     check_pages(s)
 
 
@@ -61,9 +61,9 @@ def test_output_pages_are_cached_and_reused_after_preemption():
     s.add(a)
     for _ in range(13):
         run_step(s, token=4)  # 20 prompt + 12 outputs computed: 2 full pages
-    assert s.prefix_cache.num_cached_pages == 2
+    assert s.kv.prefix_cache.num_cached_pages == 2
     s._preempt(a)
-    assert s.prefix_cache.num_evictable == 2 and a.state is RequestState.PREEMPTED
+    assert s.kv.prefix_cache.num_evictable == 2 and a.state is RequestState.PREEMPTED
     out, _ = run_step(s, token=4)
     assert [(c.start_position, len(c.token_ids)) for c in out.chunks] == [(32, 1)]
     assert a.num_cached_tokens == 32
@@ -75,14 +75,14 @@ def test_lru_eviction_takes_tails_first_and_only_when_needed():
     s = make_scheduler(num_pages=6, prefix=True)
     s.add(request("a", list(range(1, 50)), max_new_tokens=1))  # 49 tokens: pages 0, 1, 2 full
     _finish_all(s)
-    assert s.prefix_cache.num_evictable == 3 and s.cache.allocator.num_free == 3
+    assert s.kv.prefix_cache.num_evictable == 3 and s.kv.allocator.num_free == 3
     s.add(request("b", list(range(200, 240)), max_new_tokens=4))  # 40 tokens: 3 pages, all free ones
     run_step(s)
-    assert s.prefix_cache.num_evictable == 3 and s.prefix_cache.num_evicted == 0
+    assert s.kv.prefix_cache.num_evictable == 3 and s.kv.prefix_cache.num_evicted == 0
     s.add(request("c", list(range(300, 317)), max_new_tokens=4))  # 17 tokens: 2 pages -> evict 2
     run_step(s)
-    assert s.prefix_cache.num_evicted == 2
-    assert s.cache.block_table("c") == [1, 2]  # A's deepest pages went first; page 0 (its head) stays
+    assert s.kv.prefix_cache.num_evicted == 2
+    assert s.kv.block_table("c") == [1, 2]  # A's deepest pages went first; page 0 (its head) stays
     check_pages(s)
 
 
@@ -94,7 +94,7 @@ def test_disabled_prefix_caching_holds_nothing():
     out, _ = run_step(s)
     assert out.chunks[0].start_position == 0
     _finish_all(s)
-    assert s.cache.allocator.num_free == 8
+    assert s.kv.allocator.num_free == 8
 
 
 def test_prefix_cache_unit():
@@ -144,11 +144,11 @@ def test_random_lifecycles_leak_no_pages(num_pages, budget, max_num_seqs, prefix
         check_pages(s)
     _finish_all(s, token=lambda c: rng.choice([0] + [1] * 9))
     check_pages(s)
-    assert all(r.is_finished for r in requests) and s.cache.sequences == []
+    assert all(r.is_finished for r in requests) and s.kv.sequences == []
     for r in requests:
         assert len(r.output_token_ids) <= r.params.max_new_tokens
-    reclaimable = s.cache.allocator.num_free + (s.prefix_cache.num_evictable if prefix else 0)
+    reclaimable = s.kv.allocator.num_free + (s.kv.prefix_cache.num_evictable if prefix else 0)
     assert reclaimable == num_pages
     if prefix:
-        s.prefix_cache.clear()
-    assert s.cache.allocator.num_free == num_pages
+        s.kv.prefix_cache.clear()
+    assert s.kv.allocator.num_free == num_pages

@@ -252,13 +252,14 @@ def test_paged_equals_sdpa_on_hybrid(h_nano, prefill_chunk_size):
 def _drive_greedy(model, cache, op, prompts, budgets, seq_ids):
     """Greedy by hand: one prefill step, then decode; sequence i stops after budgets[i] tokens and is
     freed at once, so later steps run with fewer rows."""
-    pool = cache.state_pool
-    free_before = pool.num_free
+    kv = cache.manager
+    live_before = kv.num_seqs
     for s in seq_ids:
         cache.add(s)
-    assert pool.num_free == free_before - len(seq_ids)
-    in_use = (pool.num_slots - pool.num_free) * model.cache_spec().state_spec.bytes_per_sequence
-    assert cache.memory_stats().state_bytes == pool.bytes_in_use() == in_use > 0
+    assert kv.num_seqs == live_before + len(seq_ids)
+    assert sorted(kv.slot_of(s) for s in seq_ids) == list(range(len(seq_ids)))  # one state slot each
+    in_use = kv.num_seqs * model.cache_spec().state_spec.bytes_per_sequence
+    assert cache.memory_stats().state_bytes == in_use > 0
 
     last = torch.tensor([len(p) - 1 for p in prompts])
     logits = _step(model, cache, op, seq_ids, prompts, logits_positions=last)
@@ -292,20 +293,21 @@ def test_driver_returns_every_page_and_state_slot(h_nano, attn_name):
     got = _drive_greedy(h_nano, cache, op, prompts, budgets, seq_ids=list(range(len(prompts))))
     assert got == [e[:n] for e, n in zip(expected, budgets)]
 
-    assert pool.num_free == pool.num_slots
+    assert cache.manager.num_seqs == 0
+    cache.manager.check_invariants()
     stats = cache.memory_stats().as_dict()
-    assert stats["state_bytes"] == 0 and pool.bytes_in_use() == 0
+    assert stats["state_bytes"] == 0
     if attn_name == "paged":
-        assert cache.allocator.num_free == cache.num_pages
+        assert cache.manager.allocator.num_free == cache.num_pages
         assert stats["pages_in_use"] == 0 and stats["kv_bytes_in_use"] == 0
 
     # a second round reuses the slots, which held the first round's (nonzero) state: it must start from zero
     assert sum(s.abs().sum() for s in pool.ssm) > 0
     again = _drive_greedy(h_nano, cache, op, prompts[::-1], budgets[::-1], seq_ids=["a", "b", "c", "d"])
     assert again == [e[:n] for e, n in zip(expected[::-1], budgets[::-1])]
-    assert pool.num_free == pool.num_slots and cache.memory_stats().state_bytes == 0
+    assert cache.manager.num_seqs == 0 and cache.memory_stats().state_bytes == 0
     if attn_name == "paged":
-        assert cache.allocator.num_free == cache.num_pages
+        assert cache.manager.allocator.num_free == cache.num_pages
 
 
 def test_generate_reports_state_bytes(h_nano):

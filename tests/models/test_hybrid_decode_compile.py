@@ -56,10 +56,14 @@ def _prefilled_cache(model, prompts):
 
 
 def _window(runner, first_tokens, num_steps):
-    chunks = [DecodeRow(i, t, n, SamplingParams(max_new_tokens=n), 0)
-              for i, (t, n) in enumerate(zip(first_tokens, num_steps))]
+    """Reserve the window's room (the caller's job), then run it."""
+    ids = list(range(len(first_tokens)))
+    starts = [runner.cache.length(i) for i in ids]
+    runner.cache.prepare_decode_window(ids, list(num_steps))
+    rows = [DecodeRow(i, t, s, n, SamplingParams(max_new_tokens=n), 0)
+            for i, t, s, n in zip(ids, first_tokens, starts, num_steps)]
     with torch.no_grad():
-        return runner.run(chunks)
+        return runner.run(rows)
 
 
 def _prompts(lengths, vocab, seed=0):

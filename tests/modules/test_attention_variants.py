@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from fms.modules.attention import get_attention_op
-from fms.cache.base import KVCacheSpec
+from fms.cache.spec import KVCacheSpec
 from fms.modules.masks import AttentionVariant
 
 FP32_ATOL = 2e-5
@@ -221,8 +221,8 @@ def test_paged_window_bounds_pages_held_per_sequence(window, page_size):
         cache.prepare([0, 1], [1, 1])  # would raise OutOfPagesError if released pages were not reused
         held += [sum(p >= 0 for p in cache.block_table(s)) for s in (0, 1)]
         assert cache.memory_stats().pages_in_use == held[-1] + held[-2]
-    cache.tables.check_invariants()
-    cache.allocator.check_invariants()
+    cache.manager.tables.check_invariants()
+    cache.manager.allocator.check_invariants()
     # Tight: pages (q - W, q] span, reached whenever q starts a page; ps dividing W - 1 gives bound - 1.
     assert max(held) == math.ceil((window - 1) / page_size) + 1 <= bound
 
@@ -240,27 +240,27 @@ def test_paged_window_generation_holds_few_pages_and_matches_contiguous(monkeypa
     prompts = [[(7 * i) % 500 + 3 for i in range(70)], [11, 12]]
     expected = generate(model, prompts, new, attn_name="sdpa")
 
-    # generate() releases pages before every step; watch the cache it creates.
+    # generate() releases pages before every step; watch the KV manager of the cache it creates.
     op = get_attention_op("paged")
     seen = {"held": [], "page_ids": set(), "num_free": [], "cache": None}
     create = op.create_cache
 
     def spying_create(*args, **kwargs):
         cache = seen["cache"] = create(*args, **kwargs)
-        prepare = cache.prepare
+        reserve = cache.manager.reserve
 
-        def spying_prepare(seq_ids, counts):
-            meta = prepare(seq_ids, counts)
+        def spying_reserve(seq_ids, counts):
+            grants = reserve(seq_ids, counts)
             bound = decode_bound if max(counts) == 1 else prefill_bound
             for s in seq_ids:
                 table = cache.block_table(s)
                 assert sum(p >= 0 for p in table) <= bound, f"sequence {s} holds {table}"
                 seen["held"].append(sum(p >= 0 for p in table))
                 seen["page_ids"].update(p for p in table if p >= 0)
-            seen["num_free"].append(cache.allocator.num_free)
-            return meta
+            seen["num_free"].append(cache.manager.allocator.num_free)
+            return grants
 
-        cache.prepare = spying_prepare
+        cache.manager.reserve = spying_reserve
         return cache
 
     monkeypatch.setattr(op, "create_cache", spying_create)
@@ -271,7 +271,7 @@ def test_paged_window_generation_holds_few_pages_and_matches_contiguous(monkeypa
     assert cache.num_pages - min(seen["num_free"]) <= prefill_bound + decode_bound
     # freed pages are handed out again: a few physical pages serve all 13 logical pages
     assert len(seen["page_ids"]) <= prefill_bound + decode_bound + 1
-    assert cache.allocator.num_free == cache.num_pages  # all pages back after the run
+    assert cache.manager.allocator.num_free == cache.num_pages  # all pages back after the run
 
 
 @pytest.mark.paged
@@ -282,7 +282,7 @@ def test_released_pages_are_reused_lowest_id_first():
     cache.prepare([0], [33])  # positions 0..32 -> pages 0, 1, 2
     assert cache.block_table(0) == [0, 1, 2]
     assert cache.release_out_of_window(0) == [0]  # the next query (33) sees 17..33: page 0 (0..15) is out
-    assert cache.allocator.num_free == 1
+    assert cache.manager.allocator.num_free == 1
     for _ in range(14):  # positions 33..46
         cache.prepare([0], [1])
         assert cache.release_out_of_window(0) == []
@@ -294,5 +294,5 @@ def test_released_pages_are_reused_lowest_id_first():
         cache.prepare([0], [1])
         cache.release_out_of_window(0)
     assert cache.block_table(0) == [-1, -1, -1, -1, 1]  # the next query (80) sees 64..80: page 4 only
-    cache.tables.check_invariants()
+    cache.manager.tables.check_invariants()
     assert cache.memory_stats().pages_in_use == 1

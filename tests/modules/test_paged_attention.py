@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from fms.modules.attention import PagedOp, get_attention_op
 from fms.cache.allocator import OutOfPagesError
-from fms.cache.base import KVCacheSpec
+from fms.cache.spec import KVCacheSpec
 from fms.modules.masks import AttentionVariant
 from fms.cache.paged import SUPPORTED_PAGE_SIZES, PagedKVCache, build_paged_block_mask
 
@@ -227,10 +227,10 @@ def test_out_of_pages_raises_and_leaves_the_cache_intact():
     driver.add(0)
     driver.add(1)
     driver.step([0, 1], [30, 20])  # 2 + 2 pages: pool full
-    before = (cache.block_table(0), cache.block_table(1), cache.length(0), cache.allocator.num_free)
+    before = (cache.block_table(0), cache.block_table(1), cache.length(0), cache.manager.allocator.num_free)
     with pytest.raises(OutOfPagesError, match="pages"):
         cache.prepare([0, 1], [1, 20])
-    assert (cache.block_table(0), cache.block_table(1), cache.length(0), cache.allocator.num_free) == before
+    assert (cache.block_table(0), cache.block_table(1), cache.length(0), cache.manager.allocator.num_free) == before
     driver.step([0], [2])  # seq 0's last page still has room; nothing was corrupted
     driver.step([1], [1])
 
@@ -261,7 +261,7 @@ def test_pool_too_small_for_one_prompt():
     cache.add(0)
     with pytest.raises(OutOfPagesError, match="3"):
         cache.prepare([0], [40])
-    assert cache.allocator.num_free == 2
+    assert cache.manager.allocator.num_free == 2
 
 
 def test_unknown_attention_op():

@@ -402,8 +402,11 @@ def test_state_pool_layers_are_separate_tensors():
     pool, _, _ = _pool_and_layer()
     storages = {t.untyped_storage().data_ptr() for t in pool.conv + pool.ssm}
     assert len(storages) == len(pool.conv) + len(pool.ssm)
-    slot = pool.allocate("seq")
-    assert all(not t[slot].any() for t in pool.conv + pool.ssm)  # a new sequence starts from zeros
+    before = [t.clone() for t in pool.conv + pool.ssm]
+    pool.zero([3])  # the KV manager gave slot 3 to a new sequence: it starts from zeros
+    assert all(not t[3].any() for t in pool.conv + pool.ssm)
+    for t, b in zip(pool.conv + pool.ssm, before):  # no other slot is touched
+        assert torch.equal(t[:3], b[:3]) and torch.equal(t[4:], b[4:]) and b[3].any()
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -151,9 +151,9 @@ def test_step_api_and_text_prompts(model):
 def _assert_no_leaks(engine):
     cache = engine.cache
     assert cache.sequences == []
-    cache.allocator.check_invariants()
+    engine.kv.check_invariants()
     evictable = engine.prefix_cache.num_evictable if engine.prefix_cache else 0
-    assert cache.allocator.num_free + evictable == cache.num_pages
+    assert engine.kv.allocator.num_free + evictable == cache.num_pages
 
 
 def test_hybrid_granite_through_the_same_cache():
@@ -170,8 +170,7 @@ def test_hybrid_granite_through_the_same_cache():
     assert [o.token_ids for o in outs] == reference
     stats = engine.stats()
     assert stats["num_preemptions"] > 0 and not stats["prefix_caching"]  # no Mamba state for a cached prefix
-    pool = engine.cache.state_pool
-    assert pool.num_free == pool.num_slots
+    assert engine.kv.num_seqs == 0  # every state slot back
     _assert_no_leaks(engine)
 
 
@@ -186,5 +185,5 @@ def test_all_mamba_hybrid(options):
     engine = LLMEngine(model, **options)
     outs = engine.generate(prompts, SamplingParams(max_new_tokens=NEW), use_tqdm=False)
     assert [o.token_ids for o in outs] == reference
-    assert engine.cache.keys == [] and engine.cache.state_pool.num_free == engine.cache.state_pool.num_slots
+    assert engine.cache.keys == [] and engine.kv.num_seqs == 0
     _assert_no_leaks(engine)

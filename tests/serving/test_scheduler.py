@@ -18,19 +18,19 @@ def test_chunked_prefill_then_admission_exact_pages():
     out, res = run_step(s)
     assert _chunks(out) == [(0, 32, 0, False)]  # budget spent on A's first chunk; B waits
     assert res == [(0, [], False)]
-    assert s.cache.block_table(0) == [0, 1] and a.num_computed_tokens == 32
+    assert s.kv.block_table(0) == [0, 1] and a.num_computed_tokens == 32
     assert [r.request_id for r in s.waiting] == [1]
 
     out, res = run_step(s, token=5)
     assert _chunks(out) == [(0, 8, 32, True), (1, 20, 0, True)]
     assert out.chunks[0].token_ids == a.prompt_token_ids[32:]
-    assert s.cache.block_table(0) == [0, 1, 2] and s.cache.block_table(1) == [3, 4]
+    assert s.kv.block_table(0) == [0, 1, 2] and s.kv.block_table(1) == [3, 4]
     assert res == [(0, [5], False), (1, [5], False)]
 
     out, _ = run_step(s)
     assert _chunks(out) == [(0, 1, 40, True), (1, 1, 20, True)]
     assert out.is_decode_only and out.num_batched_tokens == 2
-    assert s.cache.allocator.num_free == 3
+    assert s.kv.allocator.num_free == 3
     check_pages(s)
 
 
@@ -52,13 +52,13 @@ def test_preempts_most_recent_and_recomputes_prompt_plus_outputs():
     s.add(a), s.add(b)
     out, _ = run_step(s, token=7)
     assert _chunks(out) == [(0, 30, 0, True), (1, 30, 0, True)]
-    assert s.cache.block_table(0) == [0, 1] and s.cache.block_table(1) == [2, 3]
+    assert s.kv.block_table(0) == [0, 1] and s.kv.block_table(1) == [2, 3]
     run_step(s, token=7)  # positions 30
     run_step(s, token=7)  # position 31: both pages full now
     out, _ = run_step(s, token=7)  # position 32 needs a third page each: B (newest) is preempted
     assert out.preempted_ids == [1]
     assert _chunks(out) == [(0, 1, 32, True)]
-    assert s.cache.block_table(0) == [0, 1, 2] and 1 not in s.cache
+    assert s.kv.block_table(0) == [0, 1, 2] and 1 not in s.kv
     assert b.state is RequestState.PREEMPTED and b.num_computed_tokens == 0 and b.num_preemptions == 1
     assert b.output_token_ids == [7, 7, 7] and s.num_preemptions == 1
     assert list(s.waiting) == [b]
@@ -73,7 +73,7 @@ def test_preempts_most_recent_and_recomputes_prompt_plus_outputs():
     while s.has_unfinished():
         run_step(s, token=7)
     assert b.finish_reason is FinishReason.LENGTH and len(b.output_token_ids) == 10
-    assert s.cache.allocator.num_free == 4
+    assert s.kv.allocator.num_free == 4
 
 
 def test_preempting_a_request_already_planned_this_step_refunds_it():
@@ -85,15 +85,15 @@ def test_preempting_a_request_already_planned_this_step_refunds_it():
     s.max_num_batched_tokens = 17
     out, _ = run_step(s)  # A decodes at 16 -> page 1; B's first chunk of 16 -> page 2
     assert _chunks(out) == [(0, 1, 16, True), (1, 16, 0, False)]
-    assert s.cache.block_table(0) == [0, 1] and s.cache.block_table(1) == [2]
+    assert s.kv.block_table(0) == [0, 1] and s.kv.block_table(1) == [2]
     # Make the decoding A the most recently admitted: it is planned first (decodes go first), then
     # B's chunk needs a page, and the victim is A, whose planned token and pages are given back.
     s.running.reverse()
     out, _ = run_step(s)  # B 16..32 takes the last page (3)
-    assert _chunks(out) == [(0, 1, 17, True), (1, 16, 16, False)] and s.cache.allocator.num_free == 0
+    assert _chunks(out) == [(0, 1, 17, True), (1, 16, 16, False)] and s.kv.allocator.num_free == 0
     out, _ = run_step(s)
     assert out.preempted_ids == [0] and _chunks(out) == [(1, 16, 32, False)]
-    assert s.cache.block_table(1) == [2, 3, 0] and a.state is RequestState.PREEMPTED
+    assert s.kv.block_table(1) == [2, 3, 0] and a.state is RequestState.PREEMPTED
     check_pages(s)
 
 
@@ -134,13 +134,13 @@ def test_max_num_seqs_caps_running():
 
 
 def test_scheduler_validates_limits():
-    from tests.serving.helpers import make_cache
+    from fms.cache.kv_manager import KVManager
     from fms.serving.scheduler import Scheduler
 
     with pytest.raises(ValueError, match="max_num_seqs"):
-        Scheduler(make_cache(4), 0, 16, 100)
-    with pytest.raises(ValueError, match="max_batch_size"):
-        Scheduler(make_cache(4, max_num_seqs=2), 3, 16, 100)
+        Scheduler(KVManager(4, 16, 4), 0, 16, 100)
+    with pytest.raises(ValueError, match="KV manager's 2 sequences"):
+        Scheduler(KVManager(4, 16, 2), 3, 16, 100)
 
 
 def test_decode_window_runs_several_steps_and_drops_tokens_after_a_stop():
@@ -153,13 +153,13 @@ def test_decode_window_runs_several_steps_and_drops_tokens_after_a_stop():
     assert out.num_decode_steps == 1
     out = s.schedule()
     assert [(c.request_id, c.num_steps, c.token_ids) for c in out.chunks] == [(0, 4, [1]), (1, 2, [1])]
-    s.cache.prepare_decode_window([0, 1], [4, 2])
-    assert s.cache.length(0) == 9 and s.cache.length(1) == 22
+    # the schedule reserved room for every step of the window: 5 + 4 and 20 + 2 tokens
+    assert s.kv.length(0) == 9 and s.kv.length(1) == 22
     results = s.update(out, [[5, 3, 7, 8], [9, 9]])
     assert results == [(0, [5, 3], True), (1, [9, 9], True)]
     assert a.output_token_ids == [1, 5, 3] and a.finish_reason is FinishReason.STOP
     assert b.output_token_ids == [1, 9, 9] and b.finish_reason is FinishReason.LENGTH
-    assert s.cache.sequences == [] and s.cache.allocator.num_free == 16
+    assert s.kv.sequences == [] and s.kv.allocator.num_free == 16
     check_pages(s)
 
 
@@ -169,8 +169,8 @@ def test_decode_window_continues_with_exact_positions():
     s.add(a)
     run_step(s, token=1)
     out, _ = run_step(s, token=2)  # positions 14..17: crosses into the second page
-    assert out.num_decode_steps == 4 and a.num_computed_tokens == 18 == s.cache.length(0)
-    assert a.output_token_ids == [1, 2, 2, 2, 2] and len(s.cache.block_table(0)) == 2
+    assert out.num_decode_steps == 4 and a.num_computed_tokens == 18 == s.kv.length(0)
+    assert a.output_token_ids == [1, 2, 2, 2, 2] and len(s.kv.block_table(0)) == 2
     out = s.schedule()
     assert out.chunks[0].start_position == 18 and out.chunks[0].token_ids == [2]
     check_pages(s)

@@ -91,8 +91,8 @@ def test_generator_serves_many_calls_and_returns_storage(hybrid):
     reference = generate(hybrid, prompts, 8, attn_name="paged", **PAGED)
     for _ in range(2):
         assert gen.generate(prompts, 8) == reference
-        assert cache.sequences == [] and cache.allocator.num_used == 0
-        assert cache.state_pool.num_free == cache.state_pool.num_slots
+        assert cache.sequences == [] and cache.manager.allocator.num_used == 0
+        assert cache.manager.num_seqs == 0
     # fewer rows than max_batch_size, in another order
     assert gen.generate(prompts[::-1][:2], 8) == generate(hybrid, prompts[::-1][:2], 8, attn_name="paged", **PAGED)
     with pytest.raises(ValueError, match="max_batch_size of 3"):

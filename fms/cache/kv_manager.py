@@ -1,0 +1,289 @@
+"""The KV manager: the one host owner of page ids, page tables, sequence slots and prefix-cache hits.
+
+Both drivers use it: static generate() (fms.utils.generation) and the serving scheduler. It decides;
+the device caches (fms.cache.paged, fms.cache.contiguous) only apply its decisions, which it hands
+out as PageGrants:
+
+    kv = KVManager(num_pages=8, page_size=4, max_num_seqs=2)
+    kv.add("a")                        -> slot 0 ("a"'s row in the device page table / Mamba state pool)
+    kv.reserve(["a"], [6])             -> [PageGrant("a", start=0, pages=[0, 1])]   6 tokens, 2 pages
+    kv.reserve(["a"], [3])             -> [PageGrant("a", start=2, pages=[2])]      9 tokens, 3 pages
+    kv.free("a")                       -> pages 0, 1, 2 back to the pool (or kept by the prefix cache)
+
+A grant lists the table entries that changed, from logical page `start` on: freshly allocated pages,
+or a private copy that replaced a shared partial last page (copy-on-write; `copies` then says which
+page's K/V to copy where). The device cache writes them into its page table; the manager never
+touches the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Hashable, Sequence
+
+from fms.cache.allocator import RELEASED, BlockAllocator, OutOfPagesError, PageTables
+from fms.cache.prefix_cache import PrefixCache
+
+__all__ = ["KVManager", "PageGrant", "OutOfPagesError"]
+
+
+@dataclass(frozen=True)
+class PageGrant:
+    """Table entries of one sequence that changed in one reservation (what the device must write)."""
+
+    seq_id: Hashable
+    start: int  # logical page index of pages[0]
+    pages: tuple[int, ...]  # physical pages now at logical start, start + 1, ...; RELEASED (-1) possible after fork
+    copies: tuple[tuple[int, int], ...] = ()  # (src, dst): copy page src's K/V into dst before the step
+    # what undo() needs: the sequence's length and table size before this reservation
+    num_tokens_before: int = 0
+    num_pages_before: int = 0
+
+
+@dataclass
+class KVStats:
+    num_pages: int
+    num_free_pages: int  # in the allocator's free list
+    num_cached_pages: int  # held only by the prefix cache: evictable on demand
+    num_used_pages: int  # held by at least one sequence
+    num_seqs: int
+    prefix_cache_hit_tokens: int = 0
+    prefix_cache_queried_tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class KVManager:
+    """Pages (through a BlockAllocator and PageTables), one slot per live sequence, the prefix cache.
+
+    num_pages, page_size: the page pool. A contiguous cache is a pool of max_num_seqs pages of
+    max_seq_len tokens: a sequence's one page is its cache row.
+    max_num_seqs: live sequences at once; each holds a slot in 0..max_num_seqs-1 (lowest free first)
+    from add() to free(): its row in the device page table and in the Mamba state pool.
+    enable_prefix_caching: full pages stay cached after their sequences end, found again by a hash
+    chained over their tokens, and evicted least recently used when the pool needs room.
+    """
+
+    def __init__(self, num_pages: int, page_size: int, max_num_seqs: int, enable_prefix_caching: bool = False):
+        for name, value in (("num_pages", num_pages), ("page_size", page_size), ("max_num_seqs", max_num_seqs)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        self.page_size = page_size
+        self.max_num_seqs = max_num_seqs
+        self.allocator = BlockAllocator(num_pages)
+        self.tables = PageTables(self.allocator, page_size)
+        self.prefix_cache = PrefixCache(self.allocator, page_size) if enable_prefix_caching else None
+        self._slot: dict[Hashable, int] = {}
+        self._free_slots = list(range(max_num_seqs - 1, -1, -1))  # pop() gives the lowest
+        self._num_registered: dict[Hashable, int] = {}  # full pages of a sequence already in the prefix cache
+
+    # -- sequences -----------------------------------------------------------------------------
+    @property
+    def num_pages(self) -> int:
+        return self.allocator.num_pages
+
+    def __contains__(self, seq_id: Hashable) -> bool:
+        return seq_id in self._slot
+
+    @property
+    def sequences(self) -> list[Hashable]:
+        return list(self._slot)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self._slot)
+
+    def add(self, seq_id: Hashable, prefix_pages: Sequence[int] = (), prefix_len: int = 0,
+            num_query_tokens: int | None = None) -> tuple[int, PageGrant | None]:
+        """Start a sequence; -> (its slot, the grant of its prefix pages or None).
+
+        prefix_pages: pages already in the pool holding the K/V of the first prefix_len tokens (a
+        prefix-cache match), shared as logical pages 0..; num_query_tokens (the prompt's length)
+        counts toward the prefix cache's hit rate.
+        """
+        if seq_id in self._slot:
+            raise ValueError(f"sequence {seq_id!r} is already in the cache")
+        if not self._free_slots:
+            raise ValueError(f"the cache holds at most {self.max_num_seqs} sequences")
+        prefix_pages = list(prefix_pages)
+        if prefix_pages or prefix_len:
+            self.tables.add_with_prefix(seq_id, prefix_pages, prefix_len)
+        else:
+            self.tables.add(seq_id)
+        if self.prefix_cache is not None:
+            self.prefix_cache.acquire(prefix_pages, num_query_tokens or 0)
+        self._num_registered[seq_id] = len(prefix_pages)
+        slot = self._free_slots.pop()
+        self._slot[seq_id] = slot
+        grant = PageGrant(seq_id, 0, tuple(prefix_pages)) if prefix_pages else None
+        return slot, grant
+
+    def fork(self, parent: Hashable, child: Hashable) -> tuple[int, PageGrant]:
+        """child starts as parent's copy, sharing its pages (copy-on-write of a partial last page)."""
+        self._check_known(parent)
+        if child in self._slot:
+            raise ValueError(f"sequence {child!r} is already in the cache")
+        if not self._free_slots:
+            raise ValueError(f"the cache holds at most {self.max_num_seqs} sequences")
+        self.tables.fork(parent, child)
+        slot = self._free_slots.pop()
+        self._slot[child] = slot
+        self._num_registered[child] = self._num_registered.get(parent, 0)
+        return slot, PageGrant(child, 0, tuple(self.tables.block_table(child)))
+
+    def free(self, seq_id: Hashable) -> None:
+        """End a sequence: its slot and pages go back (cached full pages stay, evictable)."""
+        self._check_known(seq_id)
+        table = self.tables.block_table(seq_id)
+        self.tables.free(seq_id)
+        self._num_registered.pop(seq_id, None)
+        self._free_slots.append(self._slot.pop(seq_id))
+        self._free_slots.sort(reverse=True)
+        if self.prefix_cache is not None:
+            self.prefix_cache.release([p for p in table if p != RELEASED])
+
+    def slot_of(self, seq_id: Hashable) -> int:
+        self._check_known(seq_id)
+        return self._slot[seq_id]
+
+    def length(self, seq_id: Hashable) -> int:
+        """Tokens the sequence holds room for (computed, or reserved for the step being run)."""
+        self._check_known(seq_id)
+        return self.tables.length(seq_id)
+
+    def block_table(self, seq_id: Hashable) -> list[int]:
+        self._check_known(seq_id)
+        return self.tables.block_table(seq_id)
+
+    # -- pages for steps -----------------------------------------------------------------------
+    def num_pages_needed(self, seq_id: Hashable, num_new_tokens: int) -> int:
+        return self.tables.num_pages_needed(seq_id, num_new_tokens)
+
+    @property
+    def num_free_pages(self) -> int:
+        return self.allocator.num_free
+
+    @property
+    def num_evictable_pages(self) -> int:
+        return self.prefix_cache.num_evictable if self.prefix_cache is not None else 0
+
+    @property
+    def num_obtainable_pages(self) -> int:
+        """Free pages plus cached pages nobody holds (evicted on demand)."""
+        return self.allocator.num_free + self.num_evictable_pages
+
+    def make_room(self, num_pages: int) -> None:
+        """Evict least recently used prefix-cache pages until num_pages are free (if it can)."""
+        shortfall = num_pages - self.allocator.num_free
+        if shortfall > 0 and self.prefix_cache is not None:
+            self.prefix_cache.evict(min(shortfall, self.prefix_cache.num_evictable))
+
+    def reserve(self, seq_ids: Sequence[Hashable], num_new_tokens: Sequence[int]) -> list[PageGrant]:
+        """Room for num_new_tokens more tokens of each sequence; all or nothing.
+
+        Raises OutOfPagesError with nothing changed when the pool (after evicting prefix-cache pages)
+        cannot give every sequence its pages. Returns one grant per sequence whose table changed.
+        """
+        if len(seq_ids) != len(num_new_tokens):
+            raise ValueError(f"reserve needs one token count per sequence, got {len(seq_ids)} ids and "
+                             f"{len(num_new_tokens)} counts")
+        ps = self.page_size
+        # A cheap bound first (each sequence needs at most its new pages plus one copy-on-write page);
+        # the exact count only when the pool is nearly full.
+        bound = sum(-(-n // ps) + 1 for n in num_new_tokens)
+        if bound > self.allocator.num_free:
+            needed = sum(self.tables.num_pages_needed(s, n) for s, n in zip(seq_ids, num_new_tokens))
+            self.make_room(needed)
+            if needed > self.allocator.num_free:
+                raise OutOfPagesError(needed, self.allocator.num_free)
+        grants = []
+        for seq_id, n in zip(seq_ids, num_new_tokens):
+            self._check_known(seq_id)
+            before = self.tables.num_pages(seq_id)
+            length = self.tables.length(seq_id)
+            copies = self.tables.reserve(seq_id, n)
+            start = before - 1 if copies else before
+            if self.tables.num_pages(seq_id) > start:
+                grants.append(PageGrant(seq_id, start, tuple(self.tables.pages_from(seq_id, start)), tuple(copies),
+                                        length, before))
+            elif n:
+                grants.append(PageGrant(seq_id, before, (), (), length, before))  # undo() still needs the length
+        return grants
+
+    def undo(self, grants: Sequence[PageGrant]) -> None:
+        """Take back reservations (the grants of one reserve() call, in any order), restoring each
+        sequence's length and table: for a step that failed before its results were committed."""
+        for grant in reversed(grants):
+            self.tables.unreserve(grant.seq_id, grant.num_tokens_before, grant.num_pages_before, list(grant.copies))
+
+    def release_out_of_window(self, seq_id: Hashable, window: int | None) -> list[int]:
+        """Free the pages no future query of this sequence can see (sliding-window attention)."""
+        if window is None:
+            return []
+        next_pos = self.tables.length(seq_id)  # position of the next query
+        first_visible = max(next_pos - window + 1, 0)
+        droppable = first_visible // self.page_size - self.tables.num_released_pages(seq_id)
+        if droppable <= 0:
+            return []
+        dropped = self.tables.truncate_front(seq_id, droppable)
+        if self.prefix_cache is not None:
+            self.prefix_cache.release(dropped)
+        return dropped
+
+    # -- prefix cache --------------------------------------------------------------------------
+    def match_prefix(self, token_ids: Sequence[int], hashes: list[int]) -> list[int]:
+        """Pages of the longest cached prefix of token_ids (at least one token left to compute); [] when
+        prefix caching is off. Changes nothing but the hash memo `hashes`."""
+        if self.prefix_cache is None:
+            return []
+        return self.prefix_cache.match(token_ids, hashes)
+
+    def num_evictable_among(self, pages: Sequence[int]) -> int:
+        return self.prefix_cache.num_evictable_among(pages) if self.prefix_cache is not None else 0
+
+    def commit_computed(self, seq_id: Hashable, token_ids: Sequence[int], num_computed: int,
+                        hashes: list[int]) -> None:
+        """The sequence's first num_computed tokens now hold K/V: cache its new full pages."""
+        if self.prefix_cache is None:
+            return
+        num_full = num_computed // self.page_size
+        first = self._num_registered[seq_id]
+        if num_full > first:
+            self.prefix_cache.insert(token_ids, self.tables.block_table(seq_id), first, num_full, hashes)
+            self._num_registered[seq_id] = num_full
+
+    # -- statistics and checks ----------------------------------------------------------------
+    def stats(self) -> KVStats:
+        pc = self.prefix_cache
+        cached = self.num_evictable_pages
+        return KVStats(
+            num_pages=self.num_pages,
+            num_free_pages=self.allocator.num_free,
+            num_cached_pages=cached,
+            num_used_pages=self.allocator.num_used - cached,
+            num_seqs=self.num_seqs,
+            prefix_cache_hit_tokens=pc.num_hit_tokens if pc else 0,
+            prefix_cache_queried_tokens=pc.num_queried_tokens if pc else 0,
+        )
+
+    def check_invariants(self) -> None:
+        """Assert allocator, tables, slots and prefix cache agree (tests call this after every step)."""
+        self.allocator.check_invariants()
+        self.tables.check_invariants()
+        if self.prefix_cache is not None:
+            self.prefix_cache.check_invariants()
+        if set(self._slot) != set(self.tables.sequences()):
+            raise AssertionError(f"slots {sorted(map(str, self._slot))} != sequences "
+                                 f"{sorted(map(str, self.tables.sequences()))}")
+        slots = sorted(self._slot.values()) + sorted(self._free_slots)
+        if sorted(slots) != list(range(self.max_num_seqs)):
+            raise AssertionError(f"slots held {sorted(self._slot.values())} and free {self._free_slots} do not "
+                                 f"partition 0..{self.max_num_seqs - 1}")
+        held = {p for s in self.tables.sequences() for p in self.tables.block_table(s) if p != RELEASED}
+        for page in range(self.num_pages):
+            expected = (page in held) + (self.prefix_cache is not None and self.prefix_cache.is_cached(page))
+            if expected == 0 and self.allocator.refcount(page):
+                raise AssertionError(f"page {page} has refcount {self.allocator.refcount(page)} but no holder")
+
+    def _check_known(self, seq_id: Hashable) -> None:
+        if seq_id not in self._slot:
+            raise KeyError(f"sequence {seq_id!r} is not in the cache")
