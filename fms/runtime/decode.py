@@ -15,7 +15,6 @@ previous step's; the graphs read static buffers which a window fills once:
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import Hashable, Sequence
@@ -56,13 +55,6 @@ def why_no_graphs(model, attn_name: str, device: torch.device) -> str | None:
     return get_attention_op(attn_name).why_no_graph_decode(variant, device)
 
 
-def _decode_compile_options() -> dict:
-    # Inductor's combo kernels fuse independent small kernels of the step (rotary on q and on k, the
-    # K and V cache writes) horizontally into one launch: about 3% more batch-1 decode throughput
-    # on the H100 (final_project section 5). FMS_COMBO_KERNELS=0 turns them off.
-    return {} if os.environ.get("FMS_COMBO_KERNELS") == "0" else {"combo_kernels": True}
-
-
 def _step_outputs(logits, params, active, num_new, tokens, positions, out_tokens, step_index) -> None:
     """Sample, record the token at out_tokens[step_index], and advance the buffers by one step."""
     token = torch.where(active, sample(logits, params, positions[:, 0] + 1), tokens[:, 0])
@@ -86,10 +78,14 @@ class DecodeWindowRunner:
     """
 
     def __init__(self, model, cache: SequenceCache, attn_name: str, max_steps: int,
-                 graph_batch_sizes: Sequence[int] | None, compile_model: bool = False):
+                 graph_batch_sizes: Sequence[int] | None, compile_model: bool = False, combo_kernels: bool = True):
         if max_steps < 1:
             raise ValueError(f"max_decode_steps must be >= 1, got {max_steps}")
         self.model, self.cache, self.attn_name = model, cache, attn_name
+        # Inductor's combo kernels fuse independent small kernels of the step (rotary on q and on k,
+        # the K and V cache writes) horizontally into one launch: about 3% more batch-1 decode
+        # throughput on the H100 (final_project/LOG.md, session 5).
+        self.combo_kernels = combo_kernels
         if compile_model:  # its compiles take dynamic=True over this one cache (see SequenceCache.mark_static)
             cache.mark_static()
         # torch.compile fuses the step's small elementwise kernels (norms, rotary, activations), which
@@ -143,7 +139,7 @@ class DecodeWindowRunner:
         dozen eager ones per step; sampled (non-greedy) steps keep the eager bookkeeping."""
         self.compiled = compiled
         if compiled:
-            options = _decode_compile_options() if backend == "inductor" else None
+            options = {"combo_kernels": True} if backend == "inductor" and self.combo_kernels else None
             self._forward = torch.compile(self.model, dynamic=True, backend=backend, options=options)
             self._inputs_fn = torch.compile(self.cache.window_inputs, dynamic=True, backend=backend)
             self._outputs_fn = torch.compile(_step_outputs, dynamic=True, backend=backend)

@@ -1,11 +1,11 @@
-"""Host side of continuous batching: requests, scheduler, prefix cache, model runner, engine."""
+"""Continuous batching: engine config, requests, scheduler (over the KV manager), model runner, engine."""
 
+from fms.serving.config import EngineConfig
 from fms.serving.engine import LLMEngine, StepOutput
-from fms.cache.prefix_cache import PrefixCache
 from fms.serving.request import FinishReason, Request, RequestOutput, RequestState, SamplingParams
 from fms.serving.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 
 __all__ = [
-    "LLMEngine", "StepOutput", "PrefixCache", "FinishReason", "Request", "RequestOutput", "RequestState",
+    "EngineConfig", "LLMEngine", "StepOutput", "FinishReason", "Request", "RequestOutput", "RequestState",
     "SamplingParams", "ScheduledChunk", "Scheduler", "SchedulerOutput",
 ]

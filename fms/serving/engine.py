@@ -7,21 +7,21 @@ import logging
 import math
 import operator
 import time
-from typing import Hashable, Iterator, NamedTuple, Sequence
+from dataclasses import replace
+from typing import Hashable, Iterator, NamedTuple
 
 import torch
 
 from fms.cache.kv_manager import KVManager
 from fms.cache.paged import pages_for_budget
 from fms.modules.attention import get_attention_op
-from fms.serving.model_runner import DEFAULT_GRAPH_BATCH_SIZES, ModelRunner
+from fms.serving.config import EngineConfig
+from fms.serving.model_runner import ModelRunner
 from fms.serving.request import Request, RequestOutput, SamplingParams
 from fms.serving.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_MODEL_LEN = 4096  # caps the page-table width (and the decode kernel's split sizing)
-DEFAULT_MAX_DECODE_STEPS = 16
 
 
 class StepOutput(NamedTuple):
@@ -37,78 +37,51 @@ class LLMEngine:
         outs = engine.generate(["Hello", [1, 2, 3]], SamplingParams(max_new_tokens=32))
         rid = engine.add_request([1, 2, 3], SamplingParams()); engine.step() ...
 
-    page_size, num_pages / memory_fraction: the page pool (default on CUDA: 90% of free GPU memory;
-    on CPU: room for max_num_seqs sequences of min(max_model_len, 1024) tokens).
-    max_num_seqs, max_num_batched_tokens: per-step limits on sequences and computed tokens.
-    max_model_len: longest prompt + output (default min(model context, 4096)).
-    use_cuda_graphs: decode steps replay CUDA graphs (default: on for CUDA models).
-    max_decode_steps: when every running request is decoding and none could be admitted, up to this
-    many decode steps run back to back on the device with one host synchronization (a decode
-    window; 1 = synchronize every token). Tokens then reach the caller in bursts of up to this many;
-    a request waiting for admission waits at most one window.
-    compile_decode: torch.compile the decode step before capturing its graphs (default: on for
-    CUDA; falls back to the uncompiled step if compilation fails).
-    compile_prefill: torch.compile the packed prefill forward (default: on for CUDA; same fallback).
+    Options: an EngineConfig (fms.serving.config), or its fields as keywords
+    (LLMEngine(model, max_num_seqs=8) is LLMEngine(model, config=EngineConfig(max_num_seqs=8))).
     Prefill chunks of one step run as one packed row without padding when the model allows it
-    (causal attention without a window, no Mamba layers); otherwise as right-padded rows.
+    (causal attention without a window); otherwise as right-padded rows.
     """
 
-    def __init__(
-        self,
-        model,
-        tokenizer=None,
-        page_size: int = 16,
-        num_pages: int | None = None,
-        memory_fraction: float | None = None,
-        max_num_seqs: int | None = None,
-        max_num_batched_tokens: int | None = None,
-        max_model_len: int | None = None,
-        enable_prefix_caching: bool = True,
-        use_cuda_graphs: bool | None = None,
-        graph_batch_sizes: Sequence[int] = DEFAULT_GRAPH_BATCH_SIZES,
-        max_decode_steps: int = DEFAULT_MAX_DECODE_STEPS,
-        compile_decode: bool | None = None,
-        compile_prefill: bool | None = None,
-    ):
+    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None, **options):
+        if config is None:
+            config = EngineConfig.from_kwargs(**options)
+        elif not isinstance(config, EngineConfig):
+            raise ValueError(f"config must be an EngineConfig, got {type(config).__name__}")
+        elif options:
+            EngineConfig.check_names(options)
+            config = replace(config, **options)
         self.model = model
         self.tokenizer = tokenizer
         spec = model.cache_spec()
         is_cuda = spec.device.type == "cuda"
-        context = model.config.max_position_embeddings
-        if max_model_len is None:
-            max_model_len = min(context, DEFAULT_MAX_MODEL_LEN)
-        if not 1 <= max_model_len <= context:
-            raise ValueError(f"max_model_len must be in [1, {context}] (the model context), got {max_model_len}")
-        self.max_model_len = max_model_len
-        max_num_seqs = max_num_seqs or (128 if is_cuda else 16)
-        # a large CUDA budget: fewer, larger prefill forwards amortize each forward's fixed host cost
-        max_num_batched_tokens = max_num_batched_tokens or (8192 if is_cuda else 256)
-        op = get_attention_op("paged")
+        self.config = config = config.for_device(is_cuda, model.config.max_position_embeddings)
+        self.max_model_len = config.max_model_len
+        num_pages = config.num_pages
         if num_pages is None:
-            if is_cuda:
-                num_pages = pages_for_budget(spec, page_size,
-                                             memory_fraction=0.9 if memory_fraction is None else memory_fraction)
+            if is_cuda or config.memory_gb is not None:
+                fraction = config.memory_fraction if config.memory_gb is None and config.memory_fraction else None
+                if config.memory_gb is None and fraction is None:
+                    fraction = 0.9
+                num_pages = pages_for_budget(spec, config.page_size, memory_gb=config.memory_gb,
+                                             memory_fraction=fraction)
             else:
-                if memory_fraction is not None:
-                    raise ValueError("memory_fraction sizes the pool from free GPU memory; on CPU give num_pages")
-                num_pages = max_num_seqs * math.ceil(min(max_model_len, 1024) / page_size)
+                num_pages = config.max_num_seqs * math.ceil(min(config.max_model_len, 1024) / config.page_size)
+        enable_prefix_caching = config.enable_prefix_caching
         if enable_prefix_caching and spec.state_spec is not None:
             logger.info("prefix caching off: a cached prefix would also need the Mamba state at its end")
             enable_prefix_caching = False
         # the one host owner of pages, slots and prefix hits; the scheduler decides through it, the
         # cache (the paged op's device pool) applies its grants
-        self.kv = KVManager(num_pages, page_size, max_num_seqs, enable_prefix_caching=enable_prefix_caching)
-        self.cache = op.create_cache(spec, max_batch_size=max_num_seqs, max_seq_len=max_model_len, manager=self.kv)
-        self.scheduler = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens, max_model_len,
-                                   max_decode_steps=max_decode_steps, window=self.cache.window)
-        if use_cuda_graphs is None:
-            use_cuda_graphs = is_cuda
-        self.runner = ModelRunner(model, self.cache, use_cuda_graphs=use_cuda_graphs,
-                                  graph_batch_sizes=graph_batch_sizes, max_decode_steps=max_decode_steps,
-                                  compile_decode=is_cuda if compile_decode is None else compile_decode,
-                                  compile_prefill=is_cuda if compile_prefill is None else compile_prefill)
+        self.kv = KVManager(num_pages, config.page_size, config.max_num_seqs,
+                            enable_prefix_caching=enable_prefix_caching)
+        self.cache = get_attention_op("paged").create_cache(spec, max_batch_size=config.max_num_seqs,
+                                                            max_seq_len=config.max_model_len, manager=self.kv)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len,
+                                   max_decode_steps=config.max_decode_steps, window=self.cache.window)
+        self.runner = ModelRunner(model, self.cache, config)
         if is_cuda:
-            self._warmup_prefill(max_num_batched_tokens)
+            self._warmup_prefill(config.max_num_batched_tokens)
         eos = set(model.config.eos_token_ids) if hasattr(model.config, "eos_token_ids") else set()
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)

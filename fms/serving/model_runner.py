@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Sequence
 
 import torch
 
@@ -21,18 +20,21 @@ from fms.cache.base import SequenceCache
 from fms.cache.paged import Q_BLOCK_SIZE
 from fms.runtime.decode import DecodeRow, DecodeWindowRunner, to_device as _to_device, why_no_graphs
 from fms.runtime.sampler import SamplingTensors, needs_sampling, sample
+from fms.serving.config import EngineConfig
 from fms.serving.scheduler import SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class ModelRunner:
-    def __init__(self, model, cache: SequenceCache, use_cuda_graphs: bool = False,
-                 graph_batch_sizes: Sequence[int] = DEFAULT_GRAPH_BATCH_SIZES, attn_name: str = "paged",
-                 bucket_prefills: bool | None = None, max_decode_steps: int = 1,
-                 compile_decode: bool = False, compile_prefill: bool = False):
+    """config: the engine's EngineConfig with its device defaults filled in (EngineConfig.for_device)."""
+
+    def __init__(self, model, cache: SequenceCache, config: EngineConfig, attn_name: str = "paged",
+                 bucket_prefills: bool | None = None):
+        use_cuda_graphs, graph_batch_sizes = config.use_cuda_graphs, config.graph_batch_sizes
+        max_decode_steps, compile_decode, compile_prefill = (config.max_decode_steps, config.compile_decode,
+                                                             config.compile_prefill)
         self.model = model
         self.cache = cache
         cache.mark_static()  # the compiled forwards below take dynamic=True; this cache lives as long as they do
@@ -63,7 +65,8 @@ class ModelRunner:
             else:
                 logger.warning("CUDA graphs off, decoding eagerly: %s", why_not)
         self.decoder = DecodeWindowRunner(model, cache, attn_name, max_decode_steps, graph_sizes,
-                                          compile_model=compile_decode and self.device.type == "cuda")
+                                          compile_model=compile_decode and self.device.type == "cuda",
+                                          combo_kernels=config.combo_kernels)
 
     @property
     def graphs(self) -> "DecodeWindowRunner | None":

@@ -187,3 +187,36 @@ def test_all_mamba_hybrid(options):
     assert [o.token_ids for o in outs] == reference
     assert engine.cache.keys == [] and engine.kv.num_seqs == 0
     _assert_no_leaks(engine)
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(max_num_seqs=0), "max_num_seqs must be an int >= 1 or None"),
+    (dict(max_num_seqs=-1), "max_num_seqs must be"),
+    (dict(max_num_seqs=2.5), r"max_num_seqs must be .* got 2\.5"),
+    (dict(max_num_batched_tokens=0), "max_num_batched_tokens must be"),
+    (dict(page_size=True), "page_size must be an int >= 1, got True"),
+    (dict(num_pages=8, memory_gb=1.0), "at most one of num_pages, memory_gb, memory_fraction"),
+    (dict(memory_fraction=1.5), r"memory_fraction must be in \(0, 1\]"),
+    (dict(graph_batch_sizes=[4, 0]), "graph_batch_sizes must be"),
+    (dict(enable_prefix_caching="yes"), "enable_prefix_caching must be a bool"),
+    (dict(max_model_len=10**9), r"max_model_len must be in \[1, "),
+    (dict(memory_fraction=0.5), "on CPU give num_pages or memory_gb"),
+])
+def test_engine_options_are_validated_with_the_value_named(options, match):
+    model = get_model("llama", "nano", seed=0)
+    with pytest.raises(ValueError, match=match):
+        LLMEngine(model, **options)
+
+
+def test_engine_config_and_keywords_are_one_thing():
+    from fms.serving import EngineConfig
+
+    model = get_model("llama", "nano", seed=0)
+    engine = LLMEngine(model, config=EngineConfig(max_num_seqs=3, num_pages=20), max_decode_steps=2)
+    assert (engine.config.max_num_seqs, engine.kv.num_pages, engine.scheduler.max_decode_steps,
+            engine.runner.decoder.max_steps) == (3, 20, 2, 2)  # one value feeds scheduler and runner
+    assert engine.config.max_num_batched_tokens == 256 and engine.config.use_cuda_graphs is False  # CPU defaults
+    with pytest.raises(TypeError, match=r"unknown engine option\(s\) \['max_num_seq'\]"):
+        LLMEngine(model, max_num_seq=3)
+    pages = LLMEngine(model, memory_gb=0.001).kv.num_pages  # a byte budget on CPU
+    assert pages == int(1e6 // (model.cache_spec().kv_bytes_per_token * 16)) - 1

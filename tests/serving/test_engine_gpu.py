@@ -71,14 +71,18 @@ def test_packed_compiled_prefill_matches_padded_eager_bf16():
     kernel family on right-padded rows). Logits within bf16 rounding; both steps: fresh rows, then
     chunks after cached context (keys gathered from the pool)."""
     from fms.modules.attention import get_attention_op
+    from dataclasses import replace
+
+    from fms.serving.config import EngineConfig
     from fms.serving.model_runner import ModelRunner
 
     model = get_model("llama", "nano", device_type="cuda", data_type="bfloat16", head_dim=64)
     op = get_attention_op("paged")
     caches = [op.create_cache(model.cache_spec(), max_batch_size=3, max_seq_len=512, num_pages=64) for _ in range(2)]
-    packed = ModelRunner(model, caches[0], compile_prefill=True)
+    config = EngineConfig(compile_prefill=True).for_device(True, model.config.max_position_embeddings)
+    packed = ModelRunner(model, caches[0], config)
     assert packed.pack_prefill and packed.prefill_compiled
-    padded = ModelRunner(model, caches[1])
+    padded = ModelRunner(model, caches[1], replace(config, compile_prefill=False))
     padded.pack_prefill = False
     g = torch.Generator().manual_seed(3)
     for cache in caches:
