@@ -72,25 +72,6 @@ def nucleus_drop(sorted_logits: torch.Tensor, top_p) -> torch.Tensor:
     return (probs.cumsum(dim=-1) - probs) >= top_p
 
 
-def sample_tokens(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0,
-                  top_k: int | None = None, top_p: float | None = None,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) -> token ids (B,). Greedy unless do_sample."""
-    if not do_sample:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        drop_sorted = nucleus_drop(sorted_logits, top_p)
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
-
-
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     """x (B, V) -> (B,) index of each row's first maximum, as x.argmax(-1).
 
