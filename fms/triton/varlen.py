@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fms.modules.masks import causal_predicate
 
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -50,7 +49,7 @@ def varlen_causal_reference(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k:
             raise ValueError(f"row {b} has {lq} queries but only {lk} keys; a query's own key must be among them")
         qb, kb, vb = (t.transpose(0, 1)[None] for t in (q[q0:q1], k[k0:k1], v[k0:k1]))  # (1, H, L, D)
         q_pos = torch.arange(lk - lq, lk, device=q.device)  # a row's queries are its last lq tokens
-        visible = causal_predicate()(q_pos[:, None], torch.arange(lk, device=q.device)[None, :])  # (lq, lk)
+        visible = torch.arange(lk, device=q.device)[None, :] <= q_pos[:, None]  # (lq, lk): causal
         o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=visible, scale=scale,
                                            enable_gqa=qb.shape[1] != kb.shape[1])
         out[q0:q1] = o[0].transpose(0, 1)
