@@ -287,7 +287,7 @@ def summary_line(row: dict) -> str:
         return f"{row['system']}: {row['error']}"
     line = (f"{row['system']}: {row['requests_per_s']:.2f} req/s, {row['output_tokens_per_s']:.1f} output tok/s, "
             f"{row['total_tokens_per_s']:.1f} total tok/s")
-    if "ttft_p50_ms" in row:
+    if row.get("ttft_p50_ms") is not None:  # None: no request produced a token (e.g. all rejected)
         line += (f", TTFT p50 {row['ttft_p50_ms']:.0f} ms, TPOT p50 {row['tpot_p50_ms'] or 0:.2f} ms, "
                  f"preemptions {row['num_preemptions']}, prefix hit rate {row['prefix_cache_hit_rate']:.1%}")
     if row.get("limit_tok_s"):
