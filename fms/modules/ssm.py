@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -13,6 +12,7 @@ from torch import Tensor, nn
 from fms.triton import ssd_scan
 from fms.triton.mamba_decode import mamba_decode_update
 from fms.triton.ssd_reference import SsdScan, ssd_scan_recurrent, ssd_scan_reference, ssd_step
+from fms.modules.kernel_config import SSD_SCAN_NAMES, KernelConfig, apply_kernels, check_kernel_config
 from fms.modules.linear import Linear
 
 __all__ = [
@@ -25,7 +25,7 @@ __all__ = [
     "ssd_scan_recurrent",
     "ssd_step",
     "select_ssd_scan",
-    "use_ssd_scan",
+    "check_ssd_scan_available",
     "SSD_SCAN_NAMES",
 ]
 
@@ -156,21 +156,8 @@ def _fla_available() -> bool:
     return True
 
 
-SSD_SCAN_NAMES = ("auto", "triton", "fla", "reference", "recurrent")
-_scan_choice = "auto"  # set only through use_ssd_scan; a plain global, which torch.compile can guard on
-
-
-@contextlib.contextmanager
-def use_ssd_scan(name: str):
-    """Force the prefill scan inside the block (process-wide; benchmarks and tests).
-
-    "auto": the default choice; "triton": our grouped SSD kernel (fms/modules/ssd_scan.py, CUDA only);
-    "fla": fla's scalar-decay GLA kernel (CUDA only); "reference": the chunked PyTorch scan; "recurrent":
-    ssd_scan_recurrent. Raises ValueError on another name, RuntimeError on a kernel that cannot be imported.
-    """
-    global _scan_choice
-    if name not in SSD_SCAN_NAMES:
-        raise ValueError(f"unknown SSD scan {name!r}; allowed: {', '.join(SSD_SCAN_NAMES)}")
+def check_ssd_scan_available(name: str) -> None:
+    """Raise RuntimeError if the scan `name` (one of SSD_SCAN_NAMES) needs a kernel that cannot be imported here."""
     if name == "fla" and not _fla_available():
         raise RuntimeError(
             "SSD scan 'fla' needs flash-linear-attention (pip install flash-linear-attention) with a working "
@@ -178,25 +165,22 @@ def use_ssd_scan(name: str):
         )
     if name == "triton" and not ssd_scan.HAS_TRITON:
         raise RuntimeError("SSD scan 'triton' needs Triton, which is not importable here. Use 'reference' or 'auto'.")
-    previous, _scan_choice = _scan_choice, name
-    try:
-        yield
-    finally:
-        _scan_choice = previous
 
 
-def select_ssd_scan(device: torch.device) -> SsdScan:
-    """The one place that picks the prefill scan: on CUDA our Triton kernel (ssd_scan.ssd_scan_triton), else
-    the reference. use_ssd_scan(name) overrides the choice.
-    """
-    if _scan_choice == "reference":
+def select_ssd_scan(device: torch.device, name: str = "auto") -> SsdScan:
+    """The one place that picks the prefill scan for a KernelConfig.ssd_scan name: "auto" is our Triton kernel
+    (ssd_scan.ssd_scan_triton) on CUDA, else the reference; any other name is that scan (SSD_SCAN_NAMES)."""
+    if name not in SSD_SCAN_NAMES:
+        raise ValueError(f"unknown SSD scan {name!r}; allowed: {', '.join(SSD_SCAN_NAMES)}")
+    if name == "reference":
         return ssd_scan_reference
-    if _scan_choice == "recurrent":
+    if name == "recurrent":
         return ssd_scan_recurrent
-    if _scan_choice in ("fla", "triton"):
-        if not (device.type == "cuda" or (_scan_choice == "triton" and ssd_scan.can_run_triton(device))):
-            raise RuntimeError(f"SSD scan {_scan_choice!r} runs on CUDA only, got a tensor on {device}")
-        return _ssd_scan_fla if _scan_choice == "fla" else ssd_scan.ssd_scan_triton
+    if name in ("fla", "triton"):
+        check_ssd_scan_available(name)
+        if not (device.type == "cuda" or (name == "triton" and ssd_scan.can_run_triton(device))):
+            raise RuntimeError(f"SSD scan {name!r} runs on CUDA only, got a tensor on {device}")
+        return _ssd_scan_fla if name == "fla" else ssd_scan.ssd_scan_triton
     if device.type == "cuda" and ssd_scan.HAS_TRITON:
         return ssd_scan.ssd_scan_triton
     return ssd_scan_reference
@@ -288,6 +272,18 @@ class Mamba2Mixer(nn.Module):
         self.D = nn.Parameter(torch.ones(c.num_heads))
         self.norm = GatedRMSNorm(c.inner_dim, group_size=c.inner_dim // c.num_groups, eps=c.norm_eps)
         self.out_proj = Linear(c.inner_dim, c.hidden_size, bias=c.use_bias)
+        self.kernels = KernelConfig()
+
+    def check_kernels(self, kernels: KernelConfig) -> None:
+        """RuntimeError for a scan whose kernel cannot be imported here (one that needs CUDA is refused when a
+        tensor on another device arrives)."""
+        check_ssd_scan_available(check_kernel_config(kernels).ssd_scan)
+
+    def set_kernels(self, kernels: KernelConfig) -> None:
+        """Use kernels.ssd_scan for prefill, and kernels in the projections."""
+        self.check_kernels(kernels)
+        apply_kernels(self, kernels)
+        self.kernels = kernels
 
     def forward(self, x: Tensor, state: Mamba2State | None = None, valid_lens: Tensor | None = None,
                 cu_seqlens: Tensor | None = None) -> Tensor:
@@ -309,7 +305,7 @@ class Mamba2Mixer(nn.Module):
             state.conv_state.copy_(conv_state)
             state.ssm_state.copy_(ssm_state)
             return out
-        return self._prefill(x, state, select_ssd_scan(x.device), valid_lens=valid_lens)
+        return self._prefill(x, state, select_ssd_scan(x.device, self.kernels.ssd_scan), valid_lens=valid_lens)
 
     def _prefill(self, x: Tensor, state: Mamba2State | None, scan: SsdScan, valid_lens: Tensor | None = None,
                  cu_seqlens: Tensor | None = None) -> Tensor:
@@ -370,7 +366,7 @@ class Mamba2Mixer(nn.Module):
             raise ValueError(f"packed sequences come as one row, x [1, N, H]; got {tuple(x.shape)}")
         n = cu_seqlens.shape[0] - 1
         self._check_state(state, n)
-        scan = select_ssd_scan(x.device)
+        scan = select_ssd_scan(x.device, self.kernels.ssd_scan)
         if _uses_fla_conv_and_norm(scan, x.device):  # the conv that takes cu_seqlens is fla's
             return self._prefill(x, state, scan, cu_seqlens=cu_seqlens)
         bounds = cu_seqlens.tolist()
@@ -474,10 +470,12 @@ class Mamba2Mixer(nn.Module):
         if not fused:
             window = torch.cat([conv_state, xBC.transpose(1, 2)], dim=-1)  # (b, conv_dim, K-1+T)
             out = F.silu(F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=conv_dim))  # (b, conv_dim, T)
+            # channels last in memory: the Triton scan takes x, B, C only with a unit stride there (an exact copy)
+            out = out.transpose(1, 2).contiguous()  # (b, T, conv_dim)
             if valid_lens is None:
-                return out.transpose(1, 2), window[:, :, T:]
+                return out, window[:, :, T:]
             cols = valid_lens.to(window.device, torch.long)[:, None] + torch.arange(keep, device=window.device)
-            return out.transpose(1, 2), window.gather(2, cols[:, None, :].expand(batch, conv_dim, keep))
+            return out, window.gather(2, cols[:, None, :].expand(batch, conv_dim, keep))
 
         from fla.modules.causal_conv1d import causal_conv1d
 
