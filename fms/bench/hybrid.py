@@ -29,7 +29,7 @@ NOTES = [
      "before the forward is not timed)"),
     ("mixer: one Mamba2Mixer of the variant's shape in the model dtype (the built model's first Mamba layer, or "
      "a standalone one with the same random init when the model is not built), per scan path. scan_ms: one call "
-     "of the path's scan function (select_ssd_scan under use_ssd_scan) on x [b,T,nh,P] and B, C [b,T,G,N] randn "
+     "of the path's scan function (select_ssd_scan(device, ssd_scan)) on x [b,T,nh,P] and B, C [b,T,G,N] randn "
      "in the model dtype, dt [b,T,nh] = softplus(randn) fp32, A [nh] fp32 = -logspace(-2, 0) over the heads, "
      "the config's chunk_size, no initial state, final state returned; it includes the path's own casts and "
      "layout changes. mixer_ms: one mixer(hidden [b,T,H] randn) forward, no state, no valid_lens (in_proj, causal "

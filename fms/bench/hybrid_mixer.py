@@ -91,7 +91,7 @@ def measure_mixer(mixer: Mamba2Mixer, args, clock: Clock, skipped: list) -> list
                     continue
                 row = dict(where)
                 reset_peak_memory(device)
-                with scan_path(path):
+                with scan_path(mixer, path):
                     calls = {"scan": scan_fn(path, device, inputs, config.chunk_size),
                              "mixer": lambda hidden=hidden: mixer(hidden)}
                     for figure in MIXER_FIGURES:

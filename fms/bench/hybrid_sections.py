@@ -96,7 +96,7 @@ def measure_prefill(model, args, clock: Clock, skipped: list) -> list[dict]:
                 if over_recurrent_cap("prefill", where, args, skipped):
                     continue
                 try:
-                    with scan_path(path):
+                    with scan_path(model, path):
                         for _ in range(args.warmup):
                             run()
                         reset_peak_memory(args.torch_device)
@@ -167,8 +167,8 @@ def measure_split_prefill(model, args, clock: Clock, timer: KindTimer, batch: in
     finally:
         timer.enabled = False
         timer.collect()
-    return {"scan": scan_label(args.torch_device), "unhooked_total_ms": statistics.median(unhooked),
-            **split_row(runs)}
+    return {"scan": scan_label(args.torch_device, model.kernels.ssd_scan),
+            "unhooked_total_ms": statistics.median(unhooked), **split_row(runs)}
 
 
 def measure_split_decode(model, args, clock: Clock, timer: KindTimer, batch: int, context: int) -> dict:

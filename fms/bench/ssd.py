@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from fms.bench.results import run_metadata, write_json
-from fms.bench.switches import SCAN_OF_PATH, scan_path
+from fms.bench.switches import SCAN_OF_PATH, scan_of_path
 from fms.bench.timing import Clock, time_graph
 from fms.models import get_config
-from fms.modules.ssm import Mamba2Config, select_ssd_scan, ssd_scan_reference
+from fms.modules.ssm import Mamba2Config, check_ssd_scan_available, select_ssd_scan, ssd_scan_reference
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PATHS = tuple(SCAN_OF_PATH)  # fast, reference, recurrent
@@ -55,9 +55,8 @@ def mixer_input(config: Mamba2Config, batch: int, context: int, dtype: torch.dty
 
 
 def scan_fn(path: str, device: torch.device, inputs: tuple, chunk_size: int):
-    """One call of the path's scan as the mixer picks it (select_ssd_scan under use_ssd_scan), on inputs."""
-    with scan_path(path):
-        scan = select_ssd_scan(device)
+    """One call of the path's scan as a mixer configured for the path picks it (select_ssd_scan), on inputs."""
+    scan = select_ssd_scan(device, scan_of_path(path))
     return lambda: scan(*inputs, chunk_size, None, True)
 
 
@@ -80,8 +79,7 @@ def path_unavailable(path: str, device: torch.device) -> str | None:
     if device.type != "cuda":
         return "the Triton scan runs on CUDA only"
     try:
-        with scan_path(path):
-            pass
+        check_ssd_scan_available(scan_of_path(path))
     except RuntimeError as exc:
         return str(exc)
     return None
@@ -89,9 +87,9 @@ def path_unavailable(path: str, device: torch.device) -> str | None:
 
 
 
-def scan_label(device: torch.device) -> str:
-    """The path the default scan choice takes on this device."""
-    scan = select_ssd_scan(device)
+def scan_label(device: torch.device, ssd_scan: str = "auto") -> str:
+    """The path a KernelConfig.ssd_scan choice (default: "auto") takes on this device."""
+    scan = select_ssd_scan(device, ssd_scan)
     return "reference" if scan is ssd_scan_reference else "fast" if scan.__name__ == "ssd_scan_triton" else scan.__name__
 
 

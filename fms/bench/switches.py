@@ -1,29 +1,43 @@
-"""The process-wide switches benchmarks flip or record, kept in this one place until they become config fields.
+"""How benchmarks choose kernels: the SSD scan of a benchmark path, set on one module for a block, and the
+environment switches a results file records.
 
-Global switches in use today (the lead turns these into config fields):
-  - SSD prefill scan: fms.modules.ssm.use_ssd_scan(name), a process-wide context manager. Benchmarks go
-    through scan_path() below (fms/bench/ssd.py, fms/bench/hybrid_sections.py, fms/bench/hybrid_mixer.py).
-  - FMS_GEMV: read once at import by fms/triton/gemv.py ("0" keeps every projection on F.linear).
-  - FMS_COMBO_KERNELS: read by fms/runtime/decode.py when it compiles a decode step ("0" turns inductor's
-    combo kernels off).
-No script sets the two environment variables itself; runs set them in the shell (A/B timings), and
-every results file records their values (env_switches()).
+Kernel choices are fields of the model's KernelConfig (fms.modules.kernel_config): gemv and ssd_scan, held by
+each layer, set with get_model(..., kernels=) or model.set_kernels(cfg). Inductor's combo kernels are
+EngineConfig.combo_kernels. The one environment variable left is FMS_GEMV, read only by get_model when it is
+given no kernels= (the default of KernelConfig.gemv), so that shell A/B runs (FMS_GEMV=0) stay reproducible;
+every results file records it (env_switches()).
 """
 
+import contextlib
+import dataclasses
 import os
 
-from fms.modules.ssm import use_ssd_scan
+from torch import nn
 
-# benchmark path name -> the scan use_ssd_scan selects for it
+from fms.modules.kernel_config import GEMV_ENV
+
+# benchmark path name -> KernelConfig.ssd_scan
 SCAN_OF_PATH = {"fast": "triton", "reference": "reference", "recurrent": "recurrent"}
-ENV_SWITCHES = ("FMS_GEMV", "FMS_COMBO_KERNELS")
+ENV_SWITCHES = (GEMV_ENV,)
 
 
-def scan_path(path: str):
-    """A context in which the Mamba prefill scan is the benchmark path's ("fast", "reference", "recurrent")."""
+def scan_of_path(path: str) -> str:
+    """The KernelConfig.ssd_scan of a benchmark path ("fast", "reference", "recurrent")."""
     if path not in SCAN_OF_PATH:
         raise ValueError(f"unknown scan path {path!r}; allowed: {', '.join(SCAN_OF_PATH)}")
-    return use_ssd_scan(SCAN_OF_PATH[path])
+    return SCAN_OF_PATH[path]
+
+
+@contextlib.contextmanager
+def scan_path(module: nn.Module, path: str):
+    """Inside the block, module (a model or a Mamba2 mixer) prefills with the path's scan; its own kernel
+    config comes back afterwards. Other modules, and other models, are untouched."""
+    previous = module.kernels
+    module.set_kernels(dataclasses.replace(previous, ssd_scan=scan_of_path(path)))
+    try:
+        yield
+    finally:
+        module.set_kernels(previous)
 
 
 def env_switches() -> dict[str, str | None]:

@@ -118,17 +118,22 @@ def get_model(
     data_type=None,
     attn_name: str = "sdpa",
     seed: int = 0,
+    kernels=None,
     **config_overrides,
 ) -> nn.Module:
     """Build a model. With model_path, weights come from that HF checkpoint folder; else random (seeded).
 
     architecture "hf_pretrained" reads the architecture and config from model_path/config.json.
     data_type: torch dtype or name ("bf16", "float32", ...); default fp32 on CPU, bf16 on CUDA.
+    kernels: a KernelConfig (fms.modules.kernel_config) for this model's layers; None: the defaults, with
+    gemv from the environment variable FMS_GEMV. Change it later with model.set_kernels(cfg).
     """
     from fms.modules.attention import get_attention_op
+    from fms.modules.kernel_config import KernelConfig, check_kernel_config
     from fms.utils import serialization
 
     get_attention_op(attn_name)  # fail early on an unknown op name
+    kernels = KernelConfig.from_env() if kernels is None else check_kernel_config(kernels)
     if source not in (None, "hf"):
         raise ValueError(f"unknown checkpoint source {source!r}; allowed: 'hf'")
     if architecture == "hf_pretrained" or (variant is None and model_path is not None):
@@ -151,6 +156,7 @@ def get_model(
     model_class = _architecture(architecture).model_class
     with torch.device("meta"):
         model = model_class(config, attn_name=attn_name).to(dtype)
+    model.set_kernels(kernels)  # before any allocation: a scan whose kernel is missing is refused here
     check_fits_in_memory(model, device, architecture)
     model = model.to_empty(device=device)
     materialize(model)

@@ -10,6 +10,7 @@ from torch import nn
 
 from fms.modules.attention import MultiHeadAttention
 from fms.modules.feedforward import SwiGLU
+from fms.modules.kernel_config import KernelConfig, apply_kernels
 from fms.modules.linear import Linear
 from fms.cache.spec import KVCacheSpec
 from fms.modules.layernorm import RMSNorm
@@ -181,6 +182,12 @@ class LLaMA(nn.Module):
         self.head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.head.weight = self.embedding.weight
+        self.kernels = KernelConfig()
+
+    def set_kernels(self, kernels: KernelConfig) -> None:
+        """Kernel choices (GEMV, SSD scan) for every layer of this model; other models keep theirs."""
+        apply_kernels(self, kernels)
+        self.kernels = kernels
 
     # -- per-layer construction (overridden by hybrid models) ---------------------------------
     def layer_type(self, layer_idx: int) -> str:

@@ -4,21 +4,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fms.modules.kernel_config import KernelConfig, check_kernel_config
 from fms.triton.gemv import fits, gemv
 
 
-def swiglu_down(gate_up: torch.Tensor, down: nn.Linear) -> torch.Tensor:
-    """down(silu(gate) * up) for gate_up = [gate | up] on the last dim; one fused kernel for one CUDA row."""
-    if fits(gate_up, down.weight):
+def swiglu_down(gate_up: torch.Tensor, down: "Linear") -> torch.Tensor:
+    """down(silu(gate) * up) for gate_up = [gate | up] on the last dim; one fused kernel for one CUDA row
+    when down's kernel config allows the GEMV kernel."""
+    if down.kernels.gemv and fits(gate_up, down.weight):
         return gemv(gate_up, down.weight, down.bias, silu_mul=True).view(*gate_up.shape[:-1], -1)
     gate, up = gate_up.split(gate_up.shape[-1] // 2, dim=-1)
     return down(F.silu(gate) * up)
 
 
 class Linear(nn.Linear):
-    """nn.Linear that multiplies a single CUDA row with the GEMV kernel (batch-1 decode)."""
+    """nn.Linear that multiplies a single CUDA row with the GEMV kernel (batch-1 decode) unless its kernel
+    config says gemv=False (then always F.linear)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.kernels = KernelConfig()
+
+    def set_kernels(self, kernels: KernelConfig) -> None:
+        self.kernels = check_kernel_config(kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fits(x, self.weight):
+        if self.kernels.gemv and fits(x, self.weight):
             return gemv(x, self.weight, self.bias).view(*x.shape[:-1], -1)
         return F.linear(x, self.weight, self.bias)

@@ -8,10 +8,10 @@ silu(gate) * up of its input chunk on the fly, which removes the MLP's activatio
 
 `fms.modules.linear.Linear` is an `nn.Linear` (same parameters, same checkpoint names) that takes this kernel for a
 single CUDA row and `F.linear` otherwise; `swiglu_down` does the same for the SwiGLU down
-projection. The torch expression each replaces is the reference (`gemv_reference`).
+projection. The torch expression each replaces is the reference (`gemv_reference`). Whether a layer
+uses the kernel at all is its own setting (`KernelConfig.gemv`, fms.modules.kernel_config); this
+module only says whether a row can go through it (`fits`).
 """
-
-import os
 
 import torch
 import torch.nn.functional as F
@@ -51,9 +51,6 @@ if triton is not None:
         tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
-# FMS_GEMV=0 keeps every projection on F.linear (cuBLAS), for A/B timings; read once at import
-ENABLED = os.environ.get("FMS_GEMV", "1") != "0"
-
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): the best total over the sweep of scripts/bench_gemv.py
 # on the H100 for every Llama-3.2-1B projection, the LM head and the fused SwiGLU down projection
 # (final_project/results/session5/bench_gemv.json); BLOCK_K shrinks to fit a smaller K
@@ -73,7 +70,7 @@ def gemv_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 def fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether x is one CUDA row that the kernel can multiply by weight (N, K), for inference (the
     kernel has no backward; with gradients on, F.linear runs)."""
-    return (ENABLED and triton is not None and x.is_cuda and x.numel() == x.shape[-1] and x.dtype == weight.dtype
+    return (triton is not None and x.is_cuda and x.numel() == x.shape[-1] and x.dtype == weight.dtype
             and weight.dim() == 2 and weight.stride(1) == 1
             and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)))
 

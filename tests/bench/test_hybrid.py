@@ -1,5 +1,5 @@
 """The hybrid profile (fms.bench.hybrid*) on the CPU with granite_hybrid h-micro-test, the SSD scan inputs
-(fms.bench.ssd), and the scan switch in fms.modules.ssm."""
+(fms.bench.ssd), and scan_path (fms.bench.switches), which sets one module's KernelConfig.ssd_scan."""
 
 import json
 import math
@@ -9,8 +9,10 @@ import torch
 
 from fms.models import get_config
 from fms.modules import ssm
-from fms.modules.ssm import select_ssd_scan, ssd_scan_recurrent, ssd_scan_reference, use_ssd_scan
+from fms.modules.kernel_config import KernelConfig
+from fms.modules.ssm import Mamba2Mixer, select_ssd_scan, ssd_scan_recurrent, ssd_scan_reference
 from fms.bench import hybrid
+from fms.bench.switches import scan_of_path, scan_path
 from fms.bench.hybrid import HybridProfileConfig, run_hybrid_profile
 from fms.bench.ssd import rel_err, scan_fn, scan_inputs
 from fms.bench.timing import graph_failure
@@ -181,29 +183,51 @@ def test_recurrent_scan_equals_reference(T, num_groups, with_state):
     assert ssd_scan_recurrent(x, dt, A, B, C, chunk, h0, output_final_state=False)[1] is None
 
 
-def test_use_ssd_scan_switches_and_restores():
+def _mixer():
+    return Mamba2Mixer(get_config("granite_hybrid", "h-micro-test").mamba_config())
+
+
+def test_scan_path_sets_one_module_and_restores_it():
     cpu = torch.device("cpu")
-    assert select_ssd_scan(cpu) is ssd_scan_reference
-    with use_ssd_scan("recurrent"):
-        assert select_ssd_scan(cpu) is ssd_scan_recurrent
-        with use_ssd_scan("reference"):
-            assert select_ssd_scan(cpu) is ssd_scan_reference
-        assert select_ssd_scan(cpu) is ssd_scan_recurrent
-    assert select_ssd_scan(cpu) is ssd_scan_reference
+    mixer, other = _mixer(), _mixer()
+    assert select_ssd_scan(cpu) is ssd_scan_reference  # "auto" off CUDA
+    with scan_path(mixer, "recurrent"):
+        assert mixer.kernels == KernelConfig(ssd_scan="recurrent")
+        assert select_ssd_scan(cpu, mixer.kernels.ssd_scan) is ssd_scan_recurrent
+        with scan_path(mixer, "reference"):
+            assert mixer.kernels.ssd_scan == "reference"
+        assert mixer.kernels.ssd_scan == "recurrent"
+        assert other.kernels == KernelConfig()  # no process-wide state: another mixer keeps its own
+    assert mixer.kernels == KernelConfig()
+    assert scan_of_path("fast") == "triton"
 
 
-def test_unknown_scan_name_raises_with_the_allowed_names():
-    with pytest.raises(ValueError) as exc, use_ssd_scan("warp"):
+def test_scan_path_restores_after_an_exception_and_keeps_the_gemv_field():
+    mixer = _mixer()
+    mixer.set_kernels(KernelConfig(gemv=False))
+    with pytest.raises(RuntimeError, match="boom"), scan_path(mixer, "recurrent"):
+        assert mixer.kernels == KernelConfig(gemv=False, ssd_scan="recurrent")
+        assert not mixer.in_proj.kernels.gemv
+        raise RuntimeError("boom")
+    assert mixer.kernels == KernelConfig(gemv=False) and mixer.out_proj.kernels == KernelConfig(gemv=False)
+
+
+def test_unknown_scan_path_or_name_raises_with_the_allowed_names():
+    mixer = _mixer()
+    with pytest.raises(ValueError) as exc, scan_path(mixer, "warp"):
         pass
-    for name in ("auto", "fla", "reference", "recurrent"):
+    assert "'warp'" in str(exc.value) and "fast, reference, recurrent" in str(exc.value)
+    assert mixer.kernels == KernelConfig()
+    with pytest.raises(ValueError) as exc:
+        select_ssd_scan(torch.device("cpu"), "warp")
+    for name in ("auto", "triton", "fla", "reference", "recurrent"):
         assert name in str(exc.value)
-    assert select_ssd_scan(torch.device("cpu")) is ssd_scan_reference
 
 
 def test_fla_scan_errors_clearly_where_it_cannot_run():
     if not ssm._fla_available():
-        with pytest.raises(RuntimeError, match="flash-linear-attention"), use_ssd_scan("fla"):
-            pass
+        with pytest.raises(RuntimeError, match="flash-linear-attention"):
+            _mixer().set_kernels(KernelConfig(ssd_scan="fla"))
     else:
-        with use_ssd_scan("fla"), pytest.raises(RuntimeError, match="CUDA only"):
-            select_ssd_scan(torch.device("cpu"))
+        with pytest.raises(RuntimeError, match="CUDA only"):
+            select_ssd_scan(torch.device("cpu"), "fla")

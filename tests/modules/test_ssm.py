@@ -18,8 +18,8 @@ from fms.modules.ssm import (
     select_ssd_scan,
     ssd_scan_reference,
     ssd_step,
-    use_ssd_scan,
 )
+from fms.modules.kernel_config import KernelConfig
 from fms.triton.ssd_scan import ssd_scan_triton
 
 # fp32 tolerances for the module vs an fp64 loop; states are compared with the same bounds.
@@ -470,6 +470,28 @@ def test_matches_hf_granitemoehybrid_mamba_layer(num_groups):
 # ------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("scan", ["auto", "recurrent", "triton"])
+def test_each_scan_that_runs_on_cpu_equals_the_reference_with_state_and_padding(scan):
+    """The mixer's KernelConfig.ssd_scan choices on CPU ("triton" in Triton's interpreter) against the same mixer
+    on the reference scan: outputs at real positions and both states, from a carried state, rows right-padded."""
+    if scan == "triton" and not ssm.ssd_scan.can_run_triton(torch.device("cpu")):
+        pytest.skip("the Triton scan runs on CPU only in Triton's interpreter (TRITON_INTERPRET=1)")
+    mixer = make_mixer()
+    T = 2 * CHUNK + 3
+    valid_lens = torch.tensor([T, CHUNK + 1, 2, 0])
+    x = torch.randn(4, T, TINY.hidden_size, generator=torch.Generator().manual_seed(2))
+    state, ref_state = random_state(4), random_state(4)
+    with torch.no_grad():
+        mixer.set_kernels(KernelConfig(ssd_scan="reference"))
+        ref = mixer(x, ref_state, valid_lens=valid_lens)
+        mixer.set_kernels(KernelConfig(ssd_scan=scan))
+        out = mixer(x, state, valid_lens=valid_lens)
+    is_real = torch.arange(T)[None, :] < valid_lens[:, None]
+    assert_close(out[is_real], ref[is_real])
+    assert_state_close(state, ref_state)
+    assert not torch.equal(ref_state.ssm_state[0], random_state(4).ssm_state[0])  # the scan moved the state
+
+
 def fast_scan_or_skip(name: str) -> None:
     if name == "fla" and not _fla_available():
         pytest.skip("flash-linear-attention (fla) is not installed")
@@ -481,7 +503,7 @@ def fast_scan_or_skip(name: str) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_groups", [1, 2])
 @pytest.mark.parametrize("T", [2, 63, 64, 65, 300])
-def test_fast_path_matches_reference(monkeypatch, scan, dtype, num_groups, T):
+def test_fast_path_matches_reference(scan, dtype, num_groups, T):
     # Error relative to the largest reference value, since bf16 rounding scales with magnitude. fp32: the kernels'
     # dots may run in TF32 -> 2e-3. bf16: C/B/x*dt enter the kernel in bf16 and outputs are rounded twice -> 2e-2.
     fast_scan_or_skip(scan)
@@ -496,11 +518,12 @@ def test_fast_path_matches_reference(monkeypatch, scan, dtype, num_groups, T):
     init = random_state(3, config)
     fast_state = Mamba2State(init.conv_state.to("cuda", dtype), init.ssm_state.cuda())
     ref_state = clone_state(fast_state)
-    with torch.no_grad(), use_ssd_scan(scan):
+    with torch.no_grad():
+        mixer.set_kernels(KernelConfig(ssd_scan=scan))
         fast = mixer(x, fast_state, valid_lens=valid_lens)
         fast_stateless = mixer(x)  # no initial state, no final state asked of the kernel
         # Same module, device and dtype; only the scan differs.
-        monkeypatch.setattr(ssm, "select_ssd_scan", lambda device: ssd_scan_reference)
+        mixer.set_kernels(KernelConfig(ssd_scan="reference"))
         ref = mixer(x, ref_state, valid_lens=valid_lens)
         ref_stateless = mixer(x)
     assert max_relative_error(fast_stateless, ref_stateless) < tol
@@ -518,7 +541,7 @@ def test_fast_path_matches_reference(monkeypatch, scan, dtype, num_groups, T):
 @pytest.mark.parametrize("scan", ["triton", "fla"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_groups", [1, 2])
-def test_packed_sequences_on_the_fast_path_match_reference(monkeypatch, scan, dtype, num_groups):
+def test_packed_sequences_on_the_fast_path_match_reference(scan, dtype, num_groups):
     """fla's conv and a Triton scan over packed sequences (cu_seqlens) against each sequence run alone on the
     reference path, with carried states; lengths 1, 2 (under the conv width), 64, 65, 300."""
     tol = 2e-3 if dtype == torch.float32 else 2e-2
@@ -532,9 +555,9 @@ def test_packed_sequences_on_the_fast_path_match_reference(monkeypatch, scan, dt
     fast_state = Mamba2State(init.conv_state.to("cuda", dtype), init.ssm_state.cuda())
     ref_state = clone_state(fast_state)
     with torch.no_grad():
-        with use_ssd_scan(scan):
-            fast = mixer(x, fast_state, cu_seqlens=cu)
-        monkeypatch.setattr(ssm, "select_ssd_scan", lambda device: ssd_scan_reference)
+        mixer.set_kernels(KernelConfig(ssd_scan=scan))
+        fast = mixer(x, fast_state, cu_seqlens=cu)
+        mixer.set_kernels(KernelConfig(ssd_scan="reference"))
         ref = mixer(x, ref_state, cu_seqlens=cu)
     assert max_relative_error(fast, ref) < tol
     assert max_relative_error(fast_state.ssm_state, ref_state.ssm_state) < tol
