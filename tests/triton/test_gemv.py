@@ -14,6 +14,7 @@ import torch.nn.functional as F
 pytest.importorskip("triton", reason="triton is not installed; the GEMV kernel needs it")
 
 from fms.triton import gemv as gemv_mod
+from fms.modules.kernel_config import KernelConfig
 from fms.modules.linear import Linear, swiglu_down
 from fms.triton.gemv import fits, gemv_reference
 
@@ -145,6 +146,26 @@ def test_swiglu_down_single_row_goes_through_the_fused_kernel(kernel_launches):
     torch.testing.assert_close(swiglu_down(rows, down).double(), _reference64(rows, down.weight, silu_mul=True),
                                atol=1e-4, rtol=1e-4)
     assert kernel_launches == [True]
+
+
+@torch.no_grad()
+def test_gemv_off_keeps_single_rows_on_f_linear_with_the_same_outputs(kernel_launches):
+    """KernelConfig(gemv=False) on a layer: the row that launched the kernel now takes F.linear; same product."""
+    torch.manual_seed(2)
+    lin, down = Linear(96, 40, bias=True).to(DEVICE), Linear(48, 24, bias=False).to(DEVICE)
+    x, h = torch.randn(1, 1, 96, device=DEVICE), torch.randn(1, 1, 96, device=DEVICE)
+    on = (lin(x), swiglu_down(h, down))
+    assert kernel_launches == [False, True]
+    for layer in (lin, down):
+        layer.set_kernels(KernelConfig(gemv=False))
+    off = (lin(x), swiglu_down(h, down))
+    assert kernel_launches == [False, True]  # no launch with the switch off
+    for a, b in zip(on, off):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    other = Linear(96, 40, bias=True).to(DEVICE)  # a layer built now still has the default: no global switch
+    assert other.kernels == KernelConfig() and other(x).shape == (1, 1, 40) and kernel_launches == [False, True, False]
+    with pytest.raises(TypeError, match="kernels must be a KernelConfig"):
+        lin.set_kernels(False)
 
 
 @pytest.mark.gpu
