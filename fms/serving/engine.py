@@ -297,18 +297,6 @@ class LLMEngine:
             if self.tokenizer is None:
                 raise ValueError("got a text prompt but the engine has no tokenizer; pass token ids or a tokenizer")
             prompt = self.tokenizer.encode(prompt)
-        if isinstance(prompt, torch.Tensor):
-            if prompt.dim() != 1:
-                raise ValueError(f"a prompt tensor must be 1-D token ids, got shape {tuple(prompt.shape)}")
-            prompt = prompt.tolist()
-        try:
-            token_ids = [operator.index(t) for t in prompt]
-        except TypeError:
-            raise ValueError(f"a prompt must be text or a sequence of int token ids, got {prompt!r:.80}") from None
-        if not token_ids:
-            raise ValueError("a prompt needs at least one token")
-        vocab = self.model.config.vocab_size
-        bad = [t for t in token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids must be ints in [0, {vocab}), got {bad[:5]}")
-        return token_ids
+        from fms.runtime.inputs import prompt_token_ids
+
+        return prompt_token_ids(prompt, self.model.config.vocab_size)

@@ -6,35 +6,19 @@ import torch
 
 from fms.modules.attention import get_attention_op
 from fms.runtime.decode import DecodeRow, DecodeWindowRunner, why_no_graphs
-from fms.runtime.sampling_params import SamplingParams
+from fms.runtime.inputs import as_int, eos_token_ids, prompt_batch
+from fms.runtime.sampling_params import SamplingParams, check_seed
 from fms.runtime.sampler import SamplingTensors, needs_sampling, sample
 
 
-def _as_id_lists(prompts) -> list[list[int]]:
-    if isinstance(prompts, torch.Tensor) or not isinstance(prompts, (list, tuple)):
-        raise ValueError("prompts must be a list of token-id lists or 1-D tensors (one per sequence)")
-    if not prompts:
-        raise ValueError("prompts is empty: give at least one prompt")
-    out = []
-    for i, p in enumerate(prompts):
-        if isinstance(p, torch.Tensor):
-            if p.dim() != 1:
-                raise ValueError(f"prompt {i} must be a 1-D tensor of token ids, got shape {tuple(p.shape)}")
-            p = p.tolist()
-        p = list(p)
-        if not p:
-            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
-        out.append([int(t) for t in p])
-    return out
-
-
 def _per_prompt_counts(max_new_tokens, num_prompts: int) -> list[int]:
-    if isinstance(max_new_tokens, int) and not isinstance(max_new_tokens, bool):
-        if max_new_tokens < 0:
+    count = as_int(max_new_tokens)
+    if count is not None:
+        if count < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        return [max_new_tokens] * num_prompts
-    counts = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else []
-    if len(counts) != num_prompts or any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in counts):
+        return [count] * num_prompts
+    counts = [as_int(n) for n in max_new_tokens] if isinstance(max_new_tokens, (list, tuple)) else []
+    if len(counts) != num_prompts or any(n is None or n < 0 for n in counts):
         raise ValueError(
             f"max_new_tokens must be an int >= 0 or one such int per prompt ({num_prompts}), got {max_new_tokens!r}"
         )
@@ -42,16 +26,13 @@ def _per_prompt_counts(max_new_tokens, num_prompts: int) -> list[int]:
 
 
 def validate_prompts(prompts, vocab_size: int, max_new_tokens, max_len: int) -> list[list[int]]:
-    """Token-id lists, checked against the vocabulary and the context length.
+    """Token-id lists (fms.runtime.inputs.prompt_batch), checked against the vocabulary and the context length.
 
     max_new_tokens: one count for every prompt or one per prompt.
     """
-    ids = _as_id_lists(prompts)
+    ids = prompt_batch(prompts, vocab_size)
     counts = _per_prompt_counts(max_new_tokens, len(ids))
     for i, (p, n) in enumerate(zip(ids, counts)):
-        bad = [t for t in p if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
         if len(p) + n > max_len:
             raise ValueError(
                 f"prompt {i} has {len(p)} tokens; with max_new_tokens={n} that is "
@@ -61,12 +42,10 @@ def validate_prompts(prompts, vocab_size: int, max_new_tokens, max_len: int) -> 
 
 
 def _check_sampling(temperature, top_k, top_p):
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+    """do_sample's parameters, refused with SamplingParams' messages (which name the value and the range)."""
+    if isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling (do_sample=True), got {temperature!r}")
+    _sampling_params(True, temperature, top_k, top_p)
 
 
 def generate(
@@ -102,8 +81,8 @@ def generate(
     each (Generator); cuda_graphs and compile_decode apply to those steps. A single call pays the
     graph capture and compilation: reuse a Generator to amortize them.
     """
-    ids, counts = _checked_call(model, prompts, max_new_tokens, do_sample, temperature, top_k, top_p,
-                                prefill_chunk_size)
+    ids, counts, seed, eos_token_id = _checked_call(model, prompts, max_new_tokens, do_sample, temperature, top_k,
+                                                    top_p, seed, eos_token_id, prefill_chunk_size)
     max_seq_len = max(len(p) + n for p, n in zip(ids, counts))
     generator = Generator(model, attn_name, max_batch_size=len(ids), max_seq_len=max_seq_len,
                           decode_window=decode_window, cuda_graphs=cuda_graphs, compile_decode=compile_decode,
@@ -112,15 +91,20 @@ def generate(
                           prefill_chunk_size, return_stats, on_step)
 
 
-def _checked_call(model, prompts, max_new_tokens, do_sample, temperature, top_k, top_p, prefill_chunk_size):
-    """A generation call's arguments checked before anything is allocated: (token-id lists, count per prompt)."""
+def _checked_call(model, prompts, max_new_tokens, do_sample, temperature, top_k, top_p, seed, eos_token_id,
+                  prefill_chunk_size):
+    """A generation call's arguments checked before anything is allocated.
+
+    -> (token-id lists, count per prompt, seed as an int or None, EOS ids as a tuple of ints).
+    """
     config = model.config
     ids = validate_prompts(prompts, config.vocab_size, max_new_tokens, config.max_position_embeddings)
     if do_sample:
         _check_sampling(temperature, top_k, top_p)
-    if prefill_chunk_size is not None and prefill_chunk_size < 1:
-        raise ValueError(f"prefill_chunk_size must be >= 1 or None, got {prefill_chunk_size}")
-    return ids, _per_prompt_counts(max_new_tokens, len(ids))
+    if prefill_chunk_size is not None and (as_int(prefill_chunk_size) is None or prefill_chunk_size < 1):
+        raise ValueError(f"prefill_chunk_size must be >= 1 (an int) or None, got {prefill_chunk_size!r}")
+    return (ids, _per_prompt_counts(max_new_tokens, len(ids)), check_seed(seed),
+            eos_token_ids(eos_token_id, config.vocab_size))
 
 
 class Generator:
@@ -169,8 +153,8 @@ class Generator:
                  eos_token_id: int | Sequence[int] | None = None, prefill_chunk_size: int | None = None,
                  return_stats: bool = False, on_step=None):
         """As the module's generate(), over this generator's cache."""
-        ids, counts = _checked_call(self.model, prompts, max_new_tokens, do_sample, temperature, top_k, top_p,
-                                    prefill_chunk_size)
+        ids, counts, seed, eos_token_id = _checked_call(self.model, prompts, max_new_tokens, do_sample, temperature,
+                                                        top_k, top_p, seed, eos_token_id, prefill_chunk_size)
         return self._run(ids, counts, do_sample, temperature, top_k, top_p, seed, eos_token_id, prefill_chunk_size,
                          return_stats, on_step)
 
