@@ -31,11 +31,27 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def uniform_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """(B,) int64 seeds and positions -> (B, V) float32 uniforms strictly inside (0, 1)."""
+    """(B,) int64 seeds (all 64 bits count) and positions -> (B, V) float32 uniforms strictly inside (0, 1).
+
+    The low 32 seed bits key the row with the position; the high 32 bits, mixed, key the final
+    mix. _mix32 is a bijection on 32 bits (and _mix32(0) == 0), so two seeds that differ only in
+    their low half, or only in their high half, get different noise at every vocabulary index,
+    and seeds below 2**32 draw the same numbers as when only the low half was used.
+    """
+    high = _mix32((seeds >> 32) & _MASK32)  # (B,) arithmetic shift: masked to the high 32 bits
     row = _mix32((seeds & _MASK32) ^ _mix32((positions * 0x9E3779B1) & _MASK32))  # (B,)
     vocab = torch.arange(vocab_size, device=seeds.device)
-    bits = _mix32(_mix32(row[:, None] ^ vocab[None, :]) ^ 0x27D4EB2F)  # (B, V)
+    bits = _mix32(_mix32(row[:, None] ^ vocab[None, :]) ^ (high ^ 0x27D4EB2F)[:, None])  # (B, V)
     return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))  # top 24 bits: exact in float32, never 0 or 1
+
+
+def seed_bits(seed: int) -> int:
+    """Any int seed -> its 64-bit two's-complement pattern as an int64 value (seed mod 2**64).
+
+    SamplingParams bounds seeds to [-2**63, 2**64 - 1]; generate() seeds row i with seed + i,
+    which may pass 2**64 - 1 and wraps here instead of overflowing the int64 tensor.
+    """
+    return ((seed + 2**63) % 2**64) - 2**63
 
 
 @dataclass
@@ -51,7 +67,7 @@ class SamplingTensors:
     def pack(params: Sequence[SamplingParams], seeds: Sequence[int], vocab_size: int):
         """Host rows: (B, 2) float32 [temperature, top_p] and (B, 2) int64 [top_k, seed]."""
         floats = torch.tensor([[p.temperature, p.top_p] for p in params], dtype=torch.float32)
-        longs = torch.tensor([[min(p.top_k or vocab_size, vocab_size), s] for p, s in zip(params, seeds)],
+        longs = torch.tensor([[min(p.top_k or vocab_size, vocab_size), seed_bits(s)] for p, s in zip(params, seeds)],
                              dtype=torch.int64)
         return floats, longs
 

@@ -9,7 +9,7 @@ from typing import Hashable
 
 import torch
 
-from fms.runtime.sampling_params import SamplingParams
+from fms.runtime.sampling_params import SamplingParams, check_seed
 
 
 
@@ -58,6 +58,8 @@ class Request:
     def __post_init__(self):
         if self.seed is None:
             self.seed = self.params.seed if self.params.seed is not None else int(torch.randint(0, 2**31 - 1, ()))
+        else:
+            self.seed = check_seed(self.seed)
 
     @property
     def all_token_ids(self) -> list[int]:
