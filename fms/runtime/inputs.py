@@ -29,7 +29,7 @@ def as_int(value) -> int | None:
 
 
 def _describe(value) -> str:
-    text = repr(value)
+    text = repr(value) if isinstance(value, (str, bytes)) else str(value)  # str: NumPy 2 reprs read np.int64(3)
     text = text if len(text) <= 60 else text[:57] + "..."
     return f"{text} ({type(value).__name__})"
 
