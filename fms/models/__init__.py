@@ -1,72 +1,22 @@
 """Model registry: architectures, their named variants (configs), and `get_model`."""
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
-
-@dataclass
-class _Architecture:
-    model_class: type
-    variants: dict[str, Callable[[], object]] = field(default_factory=dict)
-
-
-_ARCHITECTURES: dict[str, _Architecture] = {}
-# HF `model_type` -> (architecture, function(hf_config_dict) -> our config)
-_HF_MODEL_TYPES: dict[str, tuple[str, Callable[[dict], object]]] = {}
-
-
-def register_architecture(name: str, model_class: type) -> None:
-    if name in _ARCHITECTURES:
-        raise ValueError(f"architecture {name!r} is already registered")
-    _ARCHITECTURES[name] = _Architecture(model_class)
-
-
-def register_model(architecture: str, variant: str, config_factory: Callable[[], object]) -> None:
-    arch = _architecture(architecture)
-    if variant in arch.variants:
-        raise ValueError(f"variant {variant!r} of {architecture!r} is already registered")
-    arch.variants[variant] = config_factory
-
-
-def register_variants(architecture: str, config_class: type, variants: dict[str, dict]) -> None:
-    """Register each named variant as a factory building config_class(**fields)."""
-    for name, values in variants.items():
-        register_model(architecture, name, lambda values=values: config_class(**values))
-
-
-def register_hf_model_type(model_type: str, architecture: str, config_from_hf: Callable[[dict], object]) -> None:
-    _HF_MODEL_TYPES[model_type] = (architecture, config_from_hf)
-
-
-def list_architectures() -> list[str]:
-    return sorted(_ARCHITECTURES)
-
-
-def list_variants(architecture: str) -> list[str]:
-    return sorted(_architecture(architecture).variants)
-
-
-def _architecture(name: str) -> _Architecture:
-    try:
-        return _ARCHITECTURES[name]
-    except KeyError:
-        allowed = sorted(_ARCHITECTURES) + ["hf_pretrained"]
-        raise ValueError(f"unknown architecture {name!r}; allowed: {allowed}") from None
-
-
-def get_config(architecture: str, variant: str):
-    arch = _architecture(architecture)
-    try:
-        return arch.variants[variant]()
-    except KeyError:
-        raise ValueError(
-            f"unknown variant {variant!r} for architecture {architecture!r}; allowed: {sorted(arch.variants)}"
-        ) from None
+from fms.models.registry import (  # noqa: F401  (re-exported: the public registry API)
+    HF_MODEL_TYPES,
+    lookup_architecture as _architecture,
+    get_config,
+    list_architectures,
+    list_variants,
+    register_architecture,
+    register_hf_model_type,
+    register_model,
+    register_variants,
+)
 
 
 def read_hf_config(model_path: str | Path) -> tuple[str, object]:
@@ -83,11 +33,11 @@ def read_hf_config(model_path: str | Path) -> tuple[str, object]:
         raise FileNotFoundError(f"no config.json in {model_path}; expected a Hugging Face checkpoint folder")
     hf = read_json_object(config_file)
     model_type = hf.get("model_type")
-    if not isinstance(model_type, str) or model_type not in _HF_MODEL_TYPES:
+    if not isinstance(model_type, str) or model_type not in HF_MODEL_TYPES:
         raise ValueError(
-            f"unsupported model_type {model_type!r} in {config_file}; supported: {sorted(_HF_MODEL_TYPES)}"
+            f"unsupported model_type {model_type!r} in {config_file}; supported: {sorted(HF_MODEL_TYPES)}"
         )
-    architecture, convert = _HF_MODEL_TYPES[model_type]
+    architecture, convert = HF_MODEL_TYPES[model_type]
     try:
         return architecture, convert(hf)
     except KeyError as err:  # a nested key a converter reads directly

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fms.models import register_architecture, register_hf_model_type, register_variants
+from fms.models.registry import register_architecture, register_hf_model_type, register_variants
 from fms.models.llama import LLaMA, LlamaConfig, hf_float, hf_int, require_float
 from fms.modules.attention import MultiHeadAttention
 from fms.modules.feedforward import GeluMLP

@@ -1,6 +1,6 @@
 """Granite 3.x dense: the Llama computation with Granite's four scalars (all in LlamaConfig)."""
 
-from fms.models import register_hf_model_type, register_variants
+from fms.models.registry import register_hf_model_type, register_variants
 from fms.models.llama import LLaMA, LlamaConfig, hf_float, llama_config_from_hf
 
 
@@ -37,7 +37,7 @@ _GRANITE_VARIANTS = {
 
 
 def _register():
-    from fms.models import register_architecture
+    from fms.models.registry import register_architecture
 
     register_architecture("granite", LLaMA)
     register_variants("granite", LlamaConfig, _GRANITE_VARIANTS)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fms.models import register_architecture, register_hf_model_type, register_variants
+from fms.models.registry import register_architecture, register_hf_model_type, register_variants
 from fms.models.granite import granite_scalars_from_hf
 from fms.models.llama import LLaMA, LlamaConfig, hf_int, llama_config_from_hf, require_int
 from fms.modules.feedforward import SwiGLU

@@ -399,7 +399,7 @@ _LLAMA_VARIANTS = {
 
 
 def _register():
-    from fms.models import register_architecture, register_hf_model_type, register_variants
+    from fms.models.registry import register_architecture, register_hf_model_type, register_variants
 
     register_architecture("llama", LLaMA)
     register_variants("llama", LlamaConfig, _LLAMA_VARIANTS)
