@@ -55,6 +55,8 @@ def _int_list(ids, name: str) -> list[int]:
         items = list(ids)
     except TypeError:
         raise ValueError(f"{name} must be a sequence of token ids, got {_describe(ids)}") from None
+    if all(type(t) is int for t in items):  # the common case, ~20x faster than as_int per item (bool is not int)
+        return items
     out = []
     for i, t in enumerate(items):
         value = as_int(t)

@@ -106,10 +106,13 @@ class LLMEngine:
         Raises ValueError for a malformed prompt. A prompt that can never fit (model length, page
         pool) is not an error here: it finishes at once with finish_reason "rejected" and a message.
         """
+        return self._add(self._encode(prompt), params, request_id)
+
+    def _add(self, token_ids: list[int], params: SamplingParams | None, request_id: Hashable | None = None) -> Hashable:
+        """add_request on a prompt already encoded and checked."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
-        token_ids = self._encode(prompt)
         if request_id is None:
             request_id = next(self._ids)
             while request_id in self.requests:
@@ -290,7 +293,7 @@ class LLMEngine:
                 raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts; give one or one each")
         # Encode (and so validate) everything before queueing anything.
         encoded = [self._encode(p) for p in prompts]
-        return [self.add_request(ids, p) for ids, p in zip(encoded, params)]
+        return [self._add(ids, p) for ids, p in zip(encoded, params)]
 
     def _encode(self, prompt) -> list[int]:
         if isinstance(prompt, str):
