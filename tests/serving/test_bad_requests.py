@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from fms.models import get_model
 from fms.serving import LLMEngine, SamplingParams
 from fms.utils.generation import generate
 
@@ -22,8 +21,8 @@ SEEDS = "seed must be None or an int in [-2**63, 2**64 - 1]"
 
 
 @pytest.fixture(scope="module")
-def model():
-    return get_model("llama", "nano", seed=0)
+def model(llama_nano):
+    return llama_nano
 
 
 @pytest.fixture(scope="module")
