@@ -135,7 +135,8 @@ def test_generate_refuses_bad_arguments_naming_the_value(llama_nano, prompts, kw
 
 
 def test_generate_max_new_tokens_must_be_ints(llama_nano):
-    with pytest.raises(ValueError, match=re.escape("max_new_tokens must be an int >= 0 or one such int per prompt (1), got 2.5")):
+    message = "max_new_tokens must be an int >= 0 or one such int per prompt (1), got 2.5"
+    with pytest.raises(ValueError, match=re.escape(message)):
         generate(llama_nano, [[1, 2]], 2.5, attn_name="sdpa")
     with pytest.raises(ValueError, match=re.escape("one such int per prompt (2), got [1, True]")):
         generate(llama_nano, [[1, 2], [3]], [1, True], attn_name="sdpa")
