@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import operator
 import time
 from dataclasses import replace
 from typing import Hashable, Iterator, NamedTuple
@@ -15,6 +14,7 @@ import torch
 from fms.cache.kv_manager import KVManager
 from fms.cache.paged import pages_for_budget
 from fms.modules.attention import get_attention_op
+from fms.runtime.inputs import prompt_token_ids
 from fms.serving.config import EngineConfig
 from fms.serving.model_runner import ModelRunner
 from fms.serving.request import Request, RequestOutput, SamplingParams
@@ -300,6 +300,4 @@ class LLMEngine:
             if self.tokenizer is None:
                 raise ValueError("got a text prompt but the engine has no tokenizer; pass token ids or a tokenizer")
             prompt = self.tokenizer.encode(prompt)
-        from fms.runtime.inputs import prompt_token_ids
-
         return prompt_token_ids(prompt, self.model.config.vocab_size)
