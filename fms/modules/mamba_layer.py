@@ -1,20 +1,10 @@
-"""Per-sequence Mamba2 state slots beside the KV cache, and the layer that runs a mixer against them.
+"""MambaLayer: a Mamba2 mixer with the attention layer's call signature, run against the cache's state pool.
 
-State pool (one per cache, all Mamba layers):
-
-    conv[mamba layer i] : (num_slots + 1, conv_dim, K-1)          model dtype
-    ssm [mamba layer i] : (num_slots + 1, heads, head_dim, N)     fp32 (the recurrence accumulates over
-                                                                   the whole sequence; bf16 would drift)
-    slot_of[seq_id] -> row in both, taken on add, zeroed, returned on free
-    row num_slots is a scratch slot: padded rows of a CUDA-graph batch read and write it, no sequence holds it
-
-Each layer's tensors are separate allocations, not views of one block: under torch.compile a write
-through a view of a graph input is replayed onto its whole base (a copy of every slot of every layer),
-and a step touches only its rows. A decode step updates its rows' SSM states in place, one fused kernel
+The pool (fms.cache.state.MambaStatePool) holds each running sequence's conv and SSM state in the
+KV manager's slot for it. A decode step updates its rows' SSM states in place, one fused kernel
 reading and writing each row once (fms.triton.mamba_decode), and gathers and scatters back the
 small conv states; a multi-token step gathers both (index_select), runs, and scatters them back (index_copy_).
 """
-
 
 import torch
 from torch import nn
