@@ -149,20 +149,27 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def _request(self, request_id: Hashable) -> Request:
+        try:
+            return self.requests[request_id]
+        except KeyError:
+            raise KeyError(f"unknown request id {request_id!r}: not added to this engine, or its output was "
+                           f"already popped ({len(self.requests)} requests held)") from None
+
     def abort(self, request_id: Hashable) -> None:
-        request = self.requests[request_id]
+        request = self._request(request_id)
         if not request.is_finished:
             self.scheduler.abort(request)
 
     def get_output(self, request_id: Hashable) -> RequestOutput:
-        request = self.requests[request_id]
+        request = self._request(request_id)
         text = self.tokenizer.decode(request.output_token_ids) if self.tokenizer is not None else None
         return RequestOutput.from_request(request, text)
 
     def pop_output(self, request_id: Hashable) -> RequestOutput:
         """The finished request's output; the engine forgets the request."""
         output = self.get_output(request_id)
-        if not self.requests[request_id].is_finished:
+        if not self._request(request_id).is_finished:
             raise ValueError(f"request {request_id!r} has not finished")
         del self.requests[request_id]
         return output
@@ -246,6 +253,9 @@ class LLMEngine:
             "time_s": {**self.time_s, **self.runner.decoder.time_s},
             "num_pages": kv.num_pages,
             "page_size": self.kv.page_size,
+            "num_running_requests": len(self.scheduler.running),
+            "num_waiting_requests": len(self.scheduler.waiting),
+            "num_finished_held_requests": sum(r.is_finished for r in self.requests.values()),
             "num_free_pages": kv.num_free_pages,
             "num_cached_pages": kv.num_cached_pages,
             "num_used_pages": kv.num_used_pages,

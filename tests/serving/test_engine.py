@@ -220,3 +220,24 @@ def test_engine_config_and_keywords_are_one_thing():
         LLMEngine(model, max_num_seq=3)
     pages = LLMEngine(model, memory_gb=0.001).kv.num_pages  # a byte budget on CPU
     assert pages == int(1e6 // (model.cache_spec().kv_bytes_per_token * 16)) - 1
+
+
+def test_unknown_request_ids_and_request_counts_in_stats():
+    model = get_model("llama", "nano", seed=0)
+    engine = LLMEngine(model, num_pages=32)
+    for call in (engine.abort, engine.get_output, engine.pop_output):
+        with pytest.raises(KeyError, match="unknown request id 'nope'"):
+            call("nope")
+    rid = engine.add_request([1, 2, 3], SamplingParams(max_new_tokens=2))
+    engine.add_request([4, 5], SamplingParams(max_new_tokens=2))
+    stats = engine.stats()
+    assert (stats["num_waiting_requests"], stats["num_running_requests"], stats["num_finished_held_requests"]) == (2, 0, 0)
+    while engine.has_unfinished_requests():
+        engine.step()
+    stats = engine.stats()
+    assert (stats["num_waiting_requests"], stats["num_running_requests"], stats["num_finished_held_requests"]) == (0, 0, 2)
+    assert stats["num_used_pages"] == 0 and stats["num_free_pages"] + stats["num_cached_pages"] == 32
+    engine.pop_output(rid)
+    assert engine.stats()["num_finished_held_requests"] == 1
+    with pytest.raises(KeyError, match="already popped"):
+        engine.get_output(rid)
