@@ -59,12 +59,10 @@ class LLMEngine:
         self.max_model_len = config.max_model_len
         num_pages = config.num_pages
         if num_pages is None:
-            if is_cuda or config.memory_gb is not None:
-                fraction = config.memory_fraction if config.memory_gb is None and config.memory_fraction else None
-                if config.memory_gb is None and fraction is None:
-                    fraction = 0.9
-                num_pages = pages_for_budget(spec, config.page_size, memory_gb=config.memory_gb,
-                                             memory_fraction=fraction)
+            if config.memory_gb is not None:
+                num_pages = pages_for_budget(spec, config.page_size, memory_gb=config.memory_gb)
+            elif is_cuda:
+                num_pages = pages_for_budget(spec, config.page_size, memory_fraction=config.memory_fraction or 0.9)
             else:
                 num_pages = config.max_num_seqs * math.ceil(min(config.max_model_len, 1024) / config.page_size)
         enable_prefix_caching = config.enable_prefix_caching

@@ -140,7 +140,7 @@ class Scheduler:
         planned: dict[Hashable, tuple[Request, int, int]] = {}  # id -> (request, tokens, pages)
 
         def available() -> int:
-            return self._num_obtainable_pages() - claimed
+            return self.kv.num_obtainable_pages - claimed
 
         decodes = [r for r in self.running if r.num_tokens_to_compute == 1]
         prefills = [r for r in self.running if r.num_tokens_to_compute > 1]
@@ -267,9 +267,6 @@ class Scheduler:
         return results
 
     # -- pages -----------------------------------------------------------------------------
-    def _num_obtainable_pages(self) -> int:
-        return self.kv.num_obtainable_pages
-
     def _release(self, request: Request) -> None:
         """End the request's sequence in the KV manager; cached pages it held may become evictable."""
         self.kv.free(request.request_id)

@@ -161,9 +161,7 @@ class Generator:
     def _step(self, seq_ids, chunks) -> torch.Tensor:
         """One forward over these prompt chunks (rows right-padded); -> each row's last-token logits (B, V)."""
         cache, num_new = self.cache, [len(c) for c in chunks]
-        context = cache.check_step(seq_ids, num_new)
-        cache.apply(self.kv.reserve(seq_ids, num_new))
-        meta = cache.build_meta(seq_ids, context, num_new)
+        meta = cache.prepare(seq_ids, num_new)  # reserve through the KV manager, apply, build the metadata
         width = meta.query_len
         tokens = torch.tensor([c + [0] * (width - len(c)) for c in chunks], dtype=torch.long).to(self.device)
         last = torch.tensor([n - 1 for n in num_new], device=self.device)
