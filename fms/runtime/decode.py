@@ -24,8 +24,8 @@ import torch
 from fms.cache.base import SequenceCache
 from fms.modules.attention import get_attention_op
 from fms.modules.masks import AttentionVariant
-from fms.runtime.sampler import SamplingTensors, needs_sampling, sample
-from fms.runtime.sampling_params import SamplingParams
+from fms.runtime.sampler import SamplingTensors, TokenLogprobs, host_logprobs, logprobs_of, needs_sampling, sample
+from fms.runtime.sampling_params import MAX_LOGPROBS, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,15 @@ def _step_outputs(logits, params, active, num_new, tokens, positions, out_tokens
     step_index.add_(1)
 
 
+def _step_logprobs(logits, tokens, step_index, out_logprobs, out_top_ids, out_top_logprobs) -> None:
+    """Record the log-probabilities of the tokens _step_outputs just sampled (at step_index - 1)."""
+    chosen, top_ids, top_logprobs = logprobs_of(logits, tokens[:, 0], MAX_LOGPROBS)
+    at = step_index - 1
+    out_logprobs.index_copy_(0, at, chosen[None])
+    out_top_ids.index_copy_(0, at, top_ids[None])
+    out_top_logprobs.index_copy_(0, at, top_logprobs[None])
+
+
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
@@ -73,8 +82,10 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 class DecodeWindowRunner:
     """Decode windows over static buffers: eager steps, or one CUDA graph per (padded batch size, mode).
 
-    mode "greedy" samples by argmax only; "sample" runs the full sampler (temperature, top-k, top-p).
-    Graphs are captured on first use of a (batch size, mode); greedy ones up front.
+    mode "greedy" samples by argmax only; "sample" runs the full sampler (temperature, top-k, top-p);
+    a "+logprobs" mode (any row of the window asked for logprobs) also records every row's sampled-token
+    log-probability and top MAX_LOGPROBS alternatives per step, read back after the window into
+    last_logprobs. Graphs are captured on first use of a (batch size, mode); greedy ones up front.
     """
 
     def __init__(self, model, cache: SequenceCache, attn_name: str, max_steps: int,
@@ -109,6 +120,11 @@ class DecodeWindowRunner:
         self.top_k = torch.full((n,), model.config.vocab_size, dtype=torch.long, device=device)
         self.seeds = torch.zeros(n, dtype=torch.long, device=device)
         self.out_tokens = torch.zeros(max_steps, n, dtype=torch.long, device=device)
+        self.out_logprobs = torch.zeros(max_steps, n, dtype=torch.float32, device=device)
+        self.out_top_ids = torch.zeros(max_steps, n, MAX_LOGPROBS, dtype=torch.long, device=device)
+        self.out_top_logprobs = torch.zeros(max_steps, n, MAX_LOGPROBS, dtype=torch.float32, device=device)
+        # per row of the last window: one TokenLogprobs per token it returned, or None (did not ask)
+        self.last_logprobs: list[list[TokenLogprobs] | None] = []
         self.step_index = torch.zeros(1, dtype=torch.long, device=device)
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._pool = None
@@ -153,12 +169,15 @@ class DecodeWindowRunner:
         meta = self.cache.window_meta(self.positions[:bs], self.rows[:bs], state_slots, inputs, layout, bounds)
         logits = self._forward(self.tokens[:bs], attn_name=self.attn_name, cache=self.cache, meta=meta)[:, 0]  # (bs, V)
         params = None
-        if mode == "sample":
+        if mode.startswith("sample"):
             params = SamplingTensors(self.temperature[:bs], self.top_k[:bs], self.top_p[:bs], self.seeds[:bs])
         outputs_fn = self._outputs_fn if params is None else _step_outputs
         active, num_new = inputs[0], inputs[1]
         outputs_fn(logits, params, active, num_new, self.tokens[:bs], self.positions[:bs], self.out_tokens[:, :bs],
                    self.step_index)
+        if mode.endswith("+logprobs"):
+            _step_logprobs(logits, self.tokens[:bs], self.step_index, self.out_logprobs[:, :bs],
+                           self.out_top_ids[:, :bs], self.out_top_logprobs[:, :bs])
 
     def _idle(self, start: int, end: int) -> None:
         """Rows start..end compute nothing: scratch page, scratch state slot, end position 0."""
@@ -207,6 +226,9 @@ class DecodeWindowRunner:
         if num_steps > self.max_steps:
             raise ValueError(f"a decode window of {num_steps} steps exceeds max_decode_steps={self.max_steps}")
         mode = "sample" if needs_sampling([r.params for r in rows]) else "greedy"
+        wants_logprobs = any(r.params.logprobs is not None for r in rows)
+        if wants_logprobs:
+            mode += "+logprobs"
         bs = next((size for size in self.batch_sizes if size >= b), None) if self.use_graphs else None
         width = bs or b
         host_rows = window.rows
@@ -225,7 +247,7 @@ class DecodeWindowRunner:
         self.rows[:b].copy_(to_device(window.rows, self.tokens.device))  # padding rows: _idle below
         if self.state_slots is not None:
             self.state_slots[:b].copy_(to_device(torch.tensor(window.state_slots), self.tokens.device))
-        if mode == "sample":
+        if mode.startswith("sample"):
             floats, params = SamplingTensors.pack([r.params for r in rows], [r.seed for r in rows],
                                                   self.model.config.vocab_size)
             floats, params = to_device(floats, self.tokens.device), to_device(params, self.tokens.device)
@@ -255,4 +277,22 @@ class DecodeWindowRunner:
         out = self.out_tokens[:num_steps, :b].T.tolist()  # the window's one host synchronization
         self.time_s["decode_launch"] += launched - start_time
         self.time_s["decode_wait"] += time.perf_counter() - launched
+        self.last_logprobs = [None] * b
+        if wants_logprobs:
+            self.last_logprobs = self._read_logprobs(rows, window.num_steps)
         return [row[:n] for row, n in zip(out, window.num_steps)]
+
+    def _read_logprobs(self, rows: Sequence[DecodeRow], num_steps: Sequence[int]) -> list[list[TokenLogprobs] | None]:
+        """The window's recorded log-probabilities, for the rows that asked."""
+        asked = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        index = torch.tensor(asked, device=self.out_logprobs.device)
+        steps = max(num_steps)
+        chosen = self.out_logprobs[:steps].index_select(1, index).T  # (A, steps)
+        top_ids = self.out_top_ids[:steps].index_select(1, index).transpose(0, 1)  # (A, steps, K)
+        top_logprobs = self.out_top_logprobs[:steps].index_select(1, index).transpose(0, 1)
+        chosen, top_ids, top_logprobs = chosen.cpu(), top_ids.cpu(), top_logprobs.cpu()  # one copy each
+        result: list[list[TokenLogprobs] | None] = [None] * len(rows)
+        for j, i in enumerate(asked):
+            n, k = num_steps[i], rows[i].params.logprobs
+            result[i] = host_logprobs(chosen[j, :n], top_ids[j, :n], top_logprobs[j, :n], [k] * n)
+        return result

@@ -14,7 +14,7 @@ usable inside graph capture), which is why the hash is written here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -132,3 +132,31 @@ def sample(logits: torch.Tensor, params: SamplingTensors | None, positions: torc
     gumbel = -torch.log(-torch.log(uniform_noise(params.seeds, positions, vocab)))
     sampled = argmax_rows(x + gumbel)
     return torch.where(is_greedy, greedy, sampled)
+
+
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, k: int):
+    """log-probabilities under the raw logits (B, V) of the sampled tokens (B,) and of each row's k most
+    likely tokens: -> (token_logprob (B,), top_ids (B, k), top_logprobs (B, k)), all on the device.
+
+    The caller passes only the rows that asked (prefill), or a decode window's rows (fixed shapes for
+    CUDA graphs). No host synchronization.
+    """
+    logprobs = logits.float().log_softmax(dim=-1)  # (B, V)
+    chosen = logprobs.gather(1, tokens[:, None].long())[:, 0]  # (B,)
+    top_logprobs, top_ids = logprobs.topk(k, dim=-1) if k > 0 else (logprobs[:, :0], tokens[:, None][:, :0])
+    return chosen, top_ids, top_logprobs
+
+
+class TokenLogprobs(NamedTuple):
+    """One output token's log-probability and its request's top-k alternatives [(token id, logprob)], most
+    likely first (k = SamplingParams.logprobs; the sampled token may or may not be among them)."""
+
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def host_logprobs(chosen: torch.Tensor, top_ids: torch.Tensor, top_logprobs: torch.Tensor,
+                  ks: Sequence[int]) -> list[TokenLogprobs]:
+    """logprobs_of's device tensors for B rows -> B TokenLogprobs, row b keeping its first ks[b] alternatives."""
+    chosen, top_ids, top_logprobs = chosen.tolist(), top_ids.tolist(), top_logprobs.tolist()
+    return [TokenLogprobs(c, list(zip(ids[:k], lps[:k]))) for c, ids, lps, k in zip(chosen, top_ids, top_logprobs, ks)]

@@ -17,6 +17,9 @@ MIN_TOP_P = 1e-6
 # A seed is any int torch.manual_seed takes: the signed and the unsigned 64-bit ranges.
 MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
 DEFAULT_MAX_NEW_TOKENS = 16
+# Most top alternatives a request may ask logprobs for (OpenAI's top_logprobs bound, vLLM's default
+# max_logprobs); a decode window computes this many for every row when any row asks.
+MAX_LOGPROBS = 20
 
 
 def check_seed(seed, name: str = "seed") -> int | None:
@@ -52,8 +55,18 @@ class SamplingParams:
     torch.manual_seed makes a run repeatable.
 
     The request stops at max_new_tokens (max_tokens is vLLM's name for it: give either, or both
-    equal), at an EOS token of the model / tokenizer (unless ignore_eos) or at any of
-    stop_token_ids.
+    equal), at an EOS token of the model / tokenizer (unless ignore_eos), at any of
+    stop_token_ids, or when its text contains one of the `stop` strings (the engine needs a
+    tokenizer for those; the returned text ends before the stop string unless
+    include_stop_str_in_output). Before min_tokens output tokens none of these stop it (as in
+    vLLM, except that here an EOS / stop token sampled early is kept in the output).
+
+    stream_text: build the output text token by token as the request runs (what a streaming server
+    reads each step) instead of decoding it once when asked; stop strings imply it.
+
+    logprobs: None, or k in [0, 20]: each output token carries its log-probability under the
+    model (log_softmax of the raw logits, before temperature / top-k / top-p) and the k most
+    likely tokens with theirs, computed on the device in the step that samples it.
     """
 
     temperature: float = 0.0
@@ -63,6 +76,11 @@ class SamplingParams:
     max_new_tokens: int | None = None  # None: max_tokens, or DEFAULT_MAX_NEW_TOKENS
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    stop: tuple[str, ...] = ()
+    include_stop_str_in_output: bool = False
+    min_tokens: int = 0
+    logprobs: int | None = None
+    stream_text: bool = False
     max_tokens: InitVar[int | None] = None
 
     def __post_init__(self, max_tokens):
@@ -92,8 +110,21 @@ class SamplingParams:
         if not all(t is not None and t >= 0 for t in ids):
             raise ValueError(f"stop_token_ids must be ints >= 0, got {list(stops)}")
         store("stop_token_ids", ids)
-        if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        for name in ("ignore_eos", "include_stop_str_in_output", "stream_text"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        store("stop", _stop_strings(self.stop))
+        min_tokens = as_int(self.min_tokens)
+        if min_tokens is None or not 0 <= min_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_tokens must be an int in [0, max_new_tokens={self.max_new_tokens}], "
+                             f"got {self.min_tokens!r}")
+        store("min_tokens", min_tokens)
+        if self.logprobs is not None:
+            logprobs = as_int(self.logprobs)
+            if logprobs is None or not 0 <= logprobs <= MAX_LOGPROBS:
+                raise ValueError(f"logprobs must be None or an int in [0, {MAX_LOGPROBS}] (top alternatives per "
+                                 f"token), got {self.logprobs!r}")
+            store("logprobs", logprobs)
 
     def _resolve_max_new_tokens(self, max_tokens) -> int:
         given = {name: value for name, value in (("max_new_tokens", self.max_new_tokens), ("max_tokens", max_tokens))
@@ -111,3 +142,17 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _stop_strings(stop) -> tuple[str, ...]:
+    """None, a string or a sequence of non-empty strings -> a tuple of strings."""
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    if isinstance(stop, bytes) or not hasattr(stop, "__iter__"):
+        raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
+    stop = tuple(stop)
+    if not all(isinstance(s, str) and s for s in stop):
+        raise ValueError(f"stop must hold non-empty strings, got {list(stop)!r}")
+    return stop

@@ -19,7 +19,7 @@ from fms.modules.masks import AttentionVariant
 from fms.cache.base import SequenceCache
 from fms.cache.paged import Q_BLOCK_SIZE
 from fms.runtime.decode import DecodeRow, DecodeWindowRunner, to_device as _to_device, why_no_graphs
-from fms.runtime.sampler import SamplingTensors, needs_sampling, sample
+from fms.runtime.sampler import SamplingTensors, TokenLogprobs, host_logprobs, logprobs_of, needs_sampling, sample
 from fms.serving.config import EngineConfig
 from fms.serving.scheduler import SchedulerOutput
 
@@ -42,6 +42,8 @@ class ModelRunner:
         self.device = cache.spec.device
         self.vocab_size = model.config.vocab_size
         self.num_eager_forwards = 0  # prefill forwards (not graphed; compiled when prefill_compiled)
+        # per chunk of the last execute(): one TokenLogprobs per sampled token when its request asked, else None
+        self.last_logprobs: list[list[TokenLogprobs] | None] = []
         # Prefill chunks of a step run as one packed row (no padding) when the attention op computes
         # packed steps (causal attention on an attention-only model); otherwise as padded rows.
         variant = getattr(model.config, "attention_variant", AttentionVariant())
@@ -157,13 +159,30 @@ class ModelRunner:
                 params = SamplingTensors.build([c.params for c in picked], [c.seed for c in picked],
                                                self.vocab_size, self.device)
             positions = torch.tensor([c.start_position + len(c.token_ids) for c in picked], device=self.device)
-            pending = rows, sample(torch.stack([logits_of[i] for i in rows]), params, positions)
+            logits = torch.stack([logits_of[i] for i in rows])
+            tokens = sample(logits, params, positions)
+            asked = [j for j, c in enumerate(picked) if c.params.logprobs is not None]
+            device_logprobs = None
+            if asked:  # the rows that asked, on the device, before the decode window is launched
+                index = torch.tensor(asked, device=self.device)
+                k = max(picked[j].params.logprobs for j in asked)
+                device_logprobs = logprobs_of(logits.index_select(0, index), tokens.index_select(0, index), k)
+            pending = rows, tokens, asked, device_logprobs
+        logprobs: list[list[TokenLogprobs] | None] = [None] * len(chunks)
         if decode:
             for i, tokens in zip(decode, self.decoder.run([DecodeRow.of_chunk(chunks[i]) for i in decode])):
                 sampled[i] = tokens
+            for i, row_logprobs in zip(decode, self.decoder.last_logprobs):
+                logprobs[i] = row_logprobs
         if pending is not None:
-            for i, token in zip(pending[0], pending[1].tolist()):
+            rows, tokens, asked, device_logprobs = pending
+            for i, token in zip(rows, tokens.tolist()):
                 sampled[i] = [token]
+            if asked:
+                ks = [chunks[rows[j]].params.logprobs for j in asked]
+                for j, token_logprobs in zip(asked, host_logprobs(*device_logprobs, ks)):
+                    logprobs[rows[j]] = [token_logprobs]
+        self.last_logprobs = logprobs
         return sampled
 
     def _forward(self, chunks, kind: str) -> torch.Tensor:

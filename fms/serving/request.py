@@ -9,7 +9,9 @@ from typing import Hashable
 
 import torch
 
+from fms.runtime.sampler import TokenLogprobs
 from fms.runtime.sampling_params import SamplingParams, check_seed
+from fms.serving.detokenizer import IncrementalDetokenizer
 
 
 
@@ -22,7 +24,7 @@ class RequestState(enum.Enum):
 
 class FinishReason(str, enum.Enum):
     LENGTH = "length"  # reached max_new_tokens
-    STOP = "stop"  # produced EOS or a stop token
+    STOP = "stop"  # produced EOS, a stop token or a stop string
     REJECTED = "rejected"  # can never fit the page pool or the model context; see Request.error
     ABORTED = "aborted"  # the caller gave up on it (LLMEngine.abort)
 
@@ -54,12 +56,17 @@ class Request:
     page_hashes: list[int] = field(default_factory=list)
     # the sampler's noise counter key: params.seed, or one drawn from torch's host generator
     seed: int | None = None
+    # the output's text, built token by token (stop strings, streaming); None: decoded when asked
+    detokenizer: IncrementalDetokenizer | None = None
+    logprobs: list[TokenLogprobs] | None = None  # one per output token, when params.logprobs is set
 
     def __post_init__(self):
         if self.seed is None:
             self.seed = self.params.seed if self.params.seed is not None else int(torch.randint(0, 2**31 - 1, ()))
         else:
             self.seed = check_seed(self.seed)
+        if self.params.logprobs is not None and self.logprobs is None:
+            self.logprobs = []
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -92,7 +99,9 @@ class Request:
         if self.first_token_time is None:
             self.first_token_time = now
         self.token_times.append(now)
-        if token in self.params.stop_token_ids or (not self.params.ignore_eos and token in self.eos_token_ids):
+        may_stop = len(self.output_token_ids) > self.params.min_tokens
+        if may_stop and (token in self.params.stop_token_ids
+                         or (not self.params.ignore_eos and token in self.eos_token_ids)):
             self.finish(FinishReason.STOP)
         elif len(self.output_token_ids) >= self.params.max_new_tokens:
             self.finish(FinishReason.LENGTH)
@@ -105,7 +114,11 @@ class Request:
 
 @dataclass
 class RequestOutput:
-    """What generate() returns per prompt; times are seconds."""
+    """What generate() returns per prompt; times are seconds.
+
+    logprobs: one TokenLogprobs per token of token_ids when the request asked (SamplingParams.logprobs).
+    stop_reason: the stop string that ended the request, if one did.
+    """
 
     request_id: Hashable
     prompt_token_ids: list[int]
@@ -118,6 +131,8 @@ class RequestOutput:
     latency: float | None = None  # arrival to last token
     num_cached_tokens: int = 0
     num_preemptions: int = 0
+    logprobs: list[TokenLogprobs] | None = None
+    stop_reason: str | None = None
 
     @classmethod
     def from_request(cls, request: Request, text: str | None = None) -> "RequestOutput":
@@ -135,4 +150,6 @@ class RequestOutput:
             latency=times[-1] - request.arrival_time if times else None,
             num_cached_tokens=request.num_cached_tokens,
             num_preemptions=request.num_preemptions,
+            logprobs=None if request.logprobs is None else list(request.logprobs),
+            stop_reason=request.detokenizer.stop_reason if request.detokenizer is not None else None,
         )
