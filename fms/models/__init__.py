@@ -69,6 +69,7 @@ def get_model(
     attn_name: str = "sdpa",
     seed: int = 0,
     kernels=None,
+    distributed_strategy: str | None = None,
     **config_overrides,
 ) -> nn.Module:
     """Build a model. With model_path, weights come from that HF checkpoint folder; else random (seeded).
@@ -77,6 +78,10 @@ def get_model(
     data_type: torch dtype or name ("bf16", "float32", ...); default fp32 on CPU, bf16 on CUDA.
     kernels: a KernelConfig (fms.modules.kernel_config) for this model's layers; None: the defaults, with
     gemv from the environment variable FMS_GEMV. Change it later with model.set_kernels(cfg).
+    distributed_strategy: None (the whole model here) or "tp": this rank's tensor-parallel shard, in a process
+    where torch.distributed is initialized or can be from torchrun's environment (fms.distributed); random
+    weights equal the whole model's for the same seed, and a checkpoint is read only for this rank's slices.
+    With one rank the model is the whole model, without collectives. See docs/tensor_parallel.md.
     """
     from fms.modules.attention import get_attention_op
     from fms.modules.kernel_config import KernelConfig, check_kernel_config
@@ -104,8 +109,9 @@ def get_model(
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed must be an int, got {seed!r}")
     model_class = _architecture(architecture).model_class
+    tp = _tensor_parallel(distributed_strategy, architecture, model_class)
     with torch.device("meta"):
-        model = model_class(config, attn_name=attn_name).to(dtype)
+        model = model_class(config, attn_name=attn_name, **({} if tp is None else {"tp": tp})).to(dtype)
     model.set_kernels(kernels)  # before any allocation: a scan whose kernel is missing is refused here
     check_fits_in_memory(model, device, architecture)
     model = model.to_empty(device=device)
@@ -116,6 +122,27 @@ def get_model(
         generator = torch.Generator(device="cpu").manual_seed(seed)
         model.reset_parameters(generator)
     return model.eval().requires_grad_(False)
+
+
+def _tensor_parallel(distributed_strategy, architecture: str, model_class):
+    """The TensorParallel a model is built for, or None for the whole model (no strategy, or one rank)."""
+    if distributed_strategy is None:
+        return None
+    if distributed_strategy != "tp":
+        raise ValueError(f"unknown distributed_strategy {distributed_strategy!r}; allowed: None, 'tp'")
+    if not getattr(model_class, "supports_tensor_parallel", False):
+        raise ValueError(f"architecture {architecture!r} has no tensor-parallel form; "
+                         f"distributed_strategy='tp' supports {sorted(_tp_architectures())}")
+    from fms.distributed import init_distributed
+
+    tp = init_distributed()
+    return None if tp.world_size == 1 else tp  # one rank holds everything: the plain model, no collectives
+
+
+def _tp_architectures() -> list[str]:
+    from fms.models.registry import ARCHITECTURES
+
+    return [name for name, arch in ARCHITECTURES.items() if getattr(arch.model_class, "supports_tensor_parallel", 0)]
 
 
 class InsufficientMemoryError(MemoryError):

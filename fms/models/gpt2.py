@@ -65,6 +65,7 @@ class GPT2(LLaMA):
     """h = wte[ids] (+ wpe[pos]); pre-LN blocks x + attn(ln_1(x)), x + mlp(ln_2(x)); ln_f; logits = h @ wte^T."""
 
     config_class = GPT2Config
+    supports_tensor_parallel = False  # its GELU MLP and learned positions have no sharded form here
 
     def __init__(self, config: GPT2Config, attn_name: str = "sdpa"):
         super().__init__(config, attn_name)

@@ -126,14 +126,25 @@ class GraniteHybrid(LLaMA):
         if self.layer_type(layer_idx) == "mamba":
             from fms.modules.mamba_layer import MambaLayer
 
+            if self.tp is not None:
+                raise ValueError(
+                    f"tensor parallel does not split Mamba2 layers (layer {layer_idx} of this Granite-4.0-H "
+                    f"config is one): the gated RMSNorm normalizes over all heads of a group "
+                    f"(mamba_num_groups={self.config.mamba_num_groups}), so a head split needs a cross-rank norm "
+                    "that is not built; run this model with tensor parallel size 1, or a dense Granite 4.0 / Llama"
+                )
+
             return MambaLayer(self.config.mamba_config(), layer_idx)
         return super().build_mixer(layer_idx)
 
     def build_ffn(self, layer_idx: int) -> nn.Module:
         c = self.config
-        shared = SwiGLU(c.hidden_size, c.intermediate_size)
+        shared = SwiGLU(c.hidden_size, c.intermediate_size, tp=self.tp)
         if not c.num_experts:
             return shared
+        if self.tp is not None:
+            raise ValueError(f"tensor parallel does not split mixture-of-experts layers (num_experts="
+                             f"{c.num_experts}); run this model with tensor parallel size 1")
         return SharedPlusMoE(shared, MoE(c.hidden_size, c.expert_intermediate_size, c.num_experts,
                                          c.num_experts_per_token))
 

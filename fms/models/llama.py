@@ -8,10 +8,13 @@ from typing import Callable
 import torch
 from torch import nn
 
+from fms.distributed.group import TensorParallel
+from fms.distributed.sharding import TensorShard, head_ranges
 from fms.modules.attention import MultiHeadAttention
 from fms.modules.feedforward import SwiGLU
 from fms.modules.kernel_config import KernelConfig, apply_kernels
 from fms.modules.linear import Linear
+from fms.modules.parallel import VocabParallelEmbedding, VocabParallelHead
 from fms.cache.spec import KVCacheSpec
 from fms.modules.layernorm import RMSNorm
 from fms.modules.masks import AttentionVariant
@@ -164,12 +167,19 @@ class LLaMA(nn.Module):
     """Embeddings, a stack of DecoderBlocks, final norm, LM head. Subclasses swap mixers or FFNs per layer."""
 
     config_class = LlamaConfig
+    supports_tensor_parallel = True
 
-    def __init__(self, config: LlamaConfig, attn_name: str = "sdpa"):
+    def __init__(self, config: LlamaConfig, attn_name: str = "sdpa", tp: TensorParallel | None = None):
+        """tp: build this rank's shard for tensor parallel (fms.distributed): attention by heads, the MLP by
+        hidden units, embedding and LM head by vocabulary rows; None: the whole model."""
         super().__init__()
         self.config = config
         self.attn_name = attn_name
-        self.embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.tp = tp
+        if tp is None:
+            self.embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        else:
+            self.embedding = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.rotary = None
         if config.position_embedding_type == "rope":
             self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
@@ -179,7 +189,10 @@ class LLaMA(nn.Module):
             for i in range(config.num_layers)
         )
         self.dec_norm = self.build_norm()
-        self.head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        if tp is None:
+            self.head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        else:
+            self.head = VocabParallelHead(config.hidden_size, config.vocab_size, tp)
         if config.tie_word_embeddings:
             self.head.weight = self.embedding.weight
         self.kernels = KernelConfig()
@@ -197,11 +210,11 @@ class LLaMA(nn.Module):
         c = self.config
         return MultiHeadAttention(
             c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, layer_idx,
-            scale=c.attention_multiplier, rotary=self.rotary, variant=c.attention_variant,
+            scale=c.attention_multiplier, rotary=self.rotary, variant=c.attention_variant, tp=self.tp,
         )
 
     def build_ffn(self, layer_idx: int) -> nn.Module:
-        return SwiGLU(self.config.hidden_size, self.config.intermediate_size)
+        return SwiGLU(self.config.hidden_size, self.config.intermediate_size, tp=self.tp)
 
     def build_norm(self) -> nn.Module:
         return RMSNorm(self.config.hidden_size, self.config.rms_norm_eps)
@@ -210,13 +223,24 @@ class LLaMA(nn.Module):
         """Recurrent-state spec for the cache; None for attention-only models."""
         return None
 
+    @property
+    def num_local_kv_heads(self) -> int:
+        """KV heads this process computes and caches: all of them, or this rank's under tensor parallel."""
+        if self.tp is None:
+            return self.config.num_kv_heads
+        _, (kv0, kv1) = head_ranges(self.config.num_heads, self.config.num_kv_heads, self.tp.rank,
+                                    self.tp.world_size)
+        return kv1 - kv0
+
     # -- weights / cache ------------------------------------------------------------------------
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None):
-        """Random weights: normal(0, init_std) matrices, unit norms, zero biases."""
+        """Random weights: normal(0, init_std) matrices, unit norms, zero biases. A tensor-parallel shard draws
+        each full matrix and keeps its slice, so its weights are the whole model's for the same seed."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                _normal_(module.weight, self.config.init_std, generator)
+                shard = getattr(module, "shards", {}).get("weight")
+                _normal_(module.weight, self.config.init_std, generator, shard)
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
             elif isinstance(module, RMSNorm):
@@ -230,7 +254,7 @@ class LLaMA(nn.Module):
         return KVCacheSpec(
             num_layers=self.config.num_layers,
             attention_layers=attention_layers,
-            num_kv_heads=self.config.num_kv_heads,
+            num_kv_heads=self.num_local_kv_heads,  # under tensor parallel, this rank's pool holds its heads
             head_dim=self.config.head_dim,
             dtype=dtype or param.dtype,
             device=torch.device(device) if device is not None else param.device,
@@ -283,11 +307,18 @@ class LLaMA(nn.Module):
         return x
 
 
-def _normal_(weight, std, generator):
-    if generator is None or generator.device == weight.device:
-        weight.normal_(0.0, std, generator=generator)
-    else:  # draw on the generator's device so a seed gives the same weights everywhere
-        weight.copy_(torch.empty(weight.shape, dtype=torch.float32).normal_(0.0, std, generator=generator))
+def _normal_(weight, std, generator, shard: TensorShard | None = None):
+    """weight ~ normal(0, std); with a shard, weight is shard's slice of a full tensor drawn the same way."""
+    if shard is None:
+        if generator is None or generator.device == weight.device:
+            weight.normal_(0.0, std, generator=generator)
+        else:  # draw on the generator's device so a seed gives the same weights everywhere
+            weight.copy_(torch.empty(weight.shape, dtype=torch.float32).normal_(0.0, std, generator=generator))
+        return
+    same_device = generator is None or generator.device == weight.device
+    full = torch.empty(shard.full_shape, dtype=weight.dtype if same_device else torch.float32,
+                       device=weight.device if same_device else generator.device)
+    weight.copy_(shard.take(full.normal_(0.0, std, generator=generator)))
 
 
 # ---------------------------------------------------------------------------------------------

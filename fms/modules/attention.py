@@ -18,7 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from fms.distributed.group import TensorParallel
+from fms.distributed.sharding import head_ranges
 from fms.modules.linear import Linear
+from fms.modules.parallel import RowParallelLinear, column_parallel
 from fms.cache.base import SequenceCache
 from fms.cache.contiguous import ContiguousKVCache
 from fms.cache.spec import KVCacheSpec
@@ -404,18 +407,31 @@ class MultiHeadAttention(nn.Module):
         bias: bool = False,
         rotary: RotaryEmbedding | None = None,
         variant: AttentionVariant | None = None,
+        tp: TensorParallel | None = None,
     ):
+        """tp: this rank's share under tensor parallel (fms.distributed): its query heads and KV heads
+        (fms.distributed.sharding.head_ranges); the output projection is row-parallel (one all-reduce)."""
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.layer_idx = layer_idx
         self.scale = scale if scale is not None else head_dim**-0.5
+        self.head_dim = head_dim
         # q, k and v in one matrix (rows: q heads, k heads, v heads): one GEMM instead of three, which
         # at batch 1 is three weight reads of which two are too small to reach full bandwidth
-        self.qkv_splits = (num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim)
-        self.qkv_fused = Linear(emb_dim, sum(self.qkv_splits), bias=bias)
-        self.dense = Linear(num_heads * head_dim, emb_dim, bias=bias)
+        if tp is None:
+            self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+            self.qkv_splits = (num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim)
+            self.qkv_fused = Linear(emb_dim, sum(self.qkv_splits), bias=bias)
+            self.dense = Linear(num_heads * head_dim, emb_dim, bias=bias)
+        else:
+            (q0, q1), (kv0, kv1) = head_ranges(num_heads, num_kv_heads, tp.rank, tp.world_size)
+            self.num_heads, self.num_kv_heads = q1 - q0, kv1 - kv0
+            self.qkv_splits = (self.num_heads * head_dim, self.num_kv_heads * head_dim, self.num_kv_heads * head_dim)
+            d, k_at, v_at = head_dim, num_heads * head_dim, (num_heads + num_kv_heads) * head_dim  # full rows
+            pieces = ((q0 * d, q1 * d), (k_at + kv0 * d, k_at + kv1 * d), (v_at + kv0 * d, v_at + kv1 * d))
+            self.qkv_fused = column_parallel(emb_dim, pieces, (num_heads + 2 * num_kv_heads) * head_dim, bias=bias)
+            self.dense = RowParallelLinear(num_heads * head_dim, emb_dim, tp, (q0 * d, q1 * d), bias=bias)
         self.rotary = rotary
         self.variant = variant or AttentionVariant()
 

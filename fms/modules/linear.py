@@ -9,12 +9,8 @@ from fms.triton.gemv import fits, gemv
 
 
 def swiglu_down(gate_up: torch.Tensor, down: "Linear") -> torch.Tensor:
-    """down(silu(gate) * up) for gate_up = [gate | up] on the last dim; one fused kernel for one CUDA row
-    when down's kernel config allows the GEMV kernel."""
-    if down.kernels.gemv and fits(gate_up, down.weight):
-        return gemv(gate_up, down.weight, down.bias, silu_mul=True).view(*gate_up.shape[:-1], -1)
-    gate, up = gate_up.split(gate_up.shape[-1] // 2, dim=-1)
-    return down(F.silu(gate) * up)
+    """down(silu(gate) * up) for gate_up = [gate | up] on the last dim (down.forward_swiglu)."""
+    return down.forward_swiglu(gate_up)
 
 
 class Linear(nn.Linear):
@@ -32,3 +28,11 @@ class Linear(nn.Linear):
         if self.kernels.gemv and fits(x, self.weight):
             return gemv(x, self.weight, self.bias).view(*x.shape[:-1], -1)
         return F.linear(x, self.weight, self.bias)
+
+    def forward_swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """self(silu(gate) * up) for gate_up = [gate | up] on the last dim; one fused kernel for one CUDA row
+        when the kernel config allows the GEMV kernel. A method so that a row-parallel layer adds its all-reduce."""
+        if self.kernels.gemv and fits(gate_up, self.weight):
+            return gemv(gate_up, self.weight, self.bias, silu_mul=True).view(*gate_up.shape[:-1], -1)
+        gate, up = gate_up.split(gate_up.shape[-1] // 2, dim=-1)
+        return self(F.silu(gate) * up)

@@ -15,6 +15,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from fms.distributed.sharding import tensor_shards
+
 
 class CheckpointError(ValueError):
     pass
@@ -197,6 +199,11 @@ class _Reader:
     def shape(self, name: str) -> list[int]:
         return self._read(name, lambda f, stored: list(f.get_slice(stored).get_shape()))
 
+    def get_range(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """tensor[start:stop] along dim 0 or 1, reading only those bytes (a tensor-parallel rank's slice)."""
+        index = (slice(start, stop),) if dim == 0 else (slice(None), slice(start, stop))
+        return self._read(name, lambda f, stored: f.get_slice(stored)[index])
+
 
 # ---------------------------------------------------------------------------------------------
 # loading
@@ -215,7 +222,7 @@ def _parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     return params
 
 
-def _check_source_shapes(reader: _Reader, name: str, param: torch.Tensor, sources: list[str], rule: Rule,
+def _check_source_shapes(reader: _Reader, name: str, param_shape: tuple[int, ...], sources: list[str], rule: Rule,
                          config) -> None:
     """Each source's shape from its file header against what the config gives it, before reading any data.
 
@@ -224,13 +231,10 @@ def _check_source_shapes(reader: _Reader, name: str, param: torch.Tensor, source
     """
     if rule.transform is not None:
         return  # the stored layout differs from ours; checked once transformed
-    rows = rule.split(config) if rule.split else (param.shape[0],)
-    if sum(rows) != param.shape[0] or len(rows) != len(sources):
-        raise CheckpointError(f"checkpoint rule for {name} splits {list(param.shape)} into rows {list(rows)} "
-                              f"for {len(sources)} tensors; the rule does not match the model")
+    rows = _source_rows(name, param_shape, sources, rule, config)
     start = 0
     for source, num_rows in zip(sources, rows):
-        expected = [num_rows, *param.shape[1:]] if param.dim() else []
+        expected = [num_rows, *param_shape[1:]] if param_shape else []
         got = reader.shape(source)
         if got != expected:
             target = f"{name}" if len(sources) == 1 else f"rows {start}:{start + num_rows} of {name}"
@@ -241,8 +245,45 @@ def _check_source_shapes(reader: _Reader, name: str, param: torch.Tensor, source
         start += num_rows
 
 
+def _source_rows(name: str, param_shape: tuple[int, ...], sources: list[str], rule: Rule, config) -> tuple[int, ...]:
+    """Rows (dim 0) of the full parameter that each source fills, in order."""
+    rows = tuple(rule.split(config)) if rule.split else (param_shape[0],)
+    if sum(rows) != param_shape[0] or len(rows) != len(sources):
+        raise CheckpointError(f"checkpoint rule for {name} splits {list(param_shape)} into rows {list(rows)} "
+                              f"for {len(sources)} tensors; the rule does not match the model")
+    return rows
+
+
+def _read_shard(reader: _Reader, name: str, shard, sources: list[str], rule: Rule, config) -> torch.Tensor:
+    """Only this rank's slices of the sources (safetensors get_slice), concatenated as the shard says.
+
+    The full parameter is the sources stacked on dim 0 (rows [o_i, o_i + r_i) <- sources[i]); each
+    shard piece lies inside one source (a head range inside q_proj, a unit range inside up_proj, ...).
+    """
+    if rule.transform is not None:
+        raise CheckpointError(f"{name} is split across tensor-parallel ranks, but its checkpoint tensor is "
+                              "transformed on load; loading it by slices is not supported")
+    rows = _source_rows(name, shard.full_shape, sources, rule, config)
+    offsets = [sum(rows[:i]) for i in range(len(rows))]
+    pieces = []
+    for a, b in shard.pieces:
+        if shard.dim != 0:
+            if len(sources) != 1:
+                raise CheckpointError(f"{name} is split on dim {shard.dim} but fused from {len(sources)} tensors")
+            pieces.append(reader.get_range(sources[0], shard.dim, a, b))
+            continue
+        inside = [i for i, (o, r) in enumerate(zip(offsets, rows)) if o <= a and b <= o + r]
+        if not inside:
+            raise CheckpointError(f"{name}: the rank's rows {a}:{b} straddle two checkpoint tensors {sources}")
+        i = inside[0]
+        pieces.append(reader.get_range(sources[i], 0, a - offsets[i], b - offsets[i]))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=shard.dim)
+
+
 @torch.no_grad()
 def load_hf_checkpoint(model: nn.Module, model_path: str | Path, architecture: str) -> None:
+    """Fill model's parameters from the checkpoint folder. A tensor-parallel shard (parameters recorded in
+    fms.distributed.sharding) reads only its own slice of each split tensor."""
     if architecture not in _RULES:
         raise CheckpointError(f"no checkpoint rules for architecture {architecture!r}; known: {sorted(_RULES)}")
     rules, ignore = _RULES[architecture]
@@ -270,9 +311,14 @@ def load_hf_checkpoint(model: nn.Module, model_path: str | Path, architecture: s
             f"checkpoint {model_path} has tensors the {architecture!r} model does not use: {shown} "
             "(is the config.json right for these weights?)"
         )
+    shards = tensor_shards(model)
     for name, (param, sources, rule) in plan.items():
-        _check_source_shapes(reader, name, param, sources, rule, model.config)
+        full_shape = shards[name].full_shape if name in shards else tuple(param.shape)
+        _check_source_shapes(reader, name, full_shape, sources, rule, model.config)
     for name, (param, sources, rule) in plan.items():
+        if name in shards:
+            param.copy_(_read_shard(reader, name, shards[name], sources, rule, model.config).to(param.dtype))
+            continue
         pieces = [reader.get(s) for s in sources]
         tensor = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
         if rule.transform is not None:
