@@ -86,7 +86,8 @@ class LLMEngine:
         self.eos_token_ids = frozenset(eos)
         self.requests: dict[Hashable, Request] = {}
         self._ids = itertools.count()
-        self._rejected: list[Hashable] = []  # reported by the next step()
+        self._rejected: list[Hashable] = []  # finished outside a step (rejected, error): reported by the next step()
+        self.last_failed_request_ids: list[Hashable] = []  # requeued by the last step that raised
         self.num_steps = 0
         self.num_batched_tokens = 0
         self.num_decode_windows = 0  # steps that ran several decode steps back to back
@@ -111,6 +112,10 @@ class LLMEngine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        vocab_size = self.model.config.vocab_size
+        outside = [t for t in params.stop_token_ids if t >= vocab_size]
+        if outside:
+            raise ValueError(f"stop_token_ids {outside} are outside the vocabulary (ids 0..{vocab_size - 1})")
         if request_id is None:
             request_id = next(self._ids)
             while request_id in self.requests:
@@ -125,16 +130,36 @@ class LLMEngine:
         return request_id
 
     def step(self) -> list[StepOutput]:
-        """Run one scheduled batch; returns the new tokens per request touched (and rejections)."""
-        rejected, self._rejected = [StepOutput(rid, [], True) for rid in self._rejected], []
+        """Run one scheduled batch; returns the new tokens per request touched (and rejections).
+
+        A step is a transaction. If anything in it raises (the forward, sampling, an interrupt), the
+        scheduler rolls it back before the exception reaches the caller: no request gains or loses a
+        token, the step's requests recompute their K/V later, and calling step() again goes on. After
+        an Exception (not an interrupt) each request of the failed step runs alone for one step; one
+        that fails twice alone finishes with finish_reason "error", reported by the next step.
+        """
+        held, self._rejected = self._rejected, []
         t0 = time.perf_counter()
-        out = self.scheduler.schedule()
-        if not out.chunks and self.scheduler.has_unfinished():
-            raise RuntimeError("the scheduler could not schedule any request; this is a bug in the page accounting")
-        t1 = time.perf_counter()
-        sampled = self.runner.execute(out)
-        t2 = time.perf_counter()
-        results = self.scheduler.update(out, sampled)
+        try:
+            out = self.scheduler.schedule()
+            if not out.chunks and self.scheduler.has_unfinished():
+                raise RuntimeError("the scheduler could not schedule any request; this is a bug in the page "
+                                   "accounting")
+            t1 = time.perf_counter()
+            sampled = self.runner.execute(out)
+            t2 = time.perf_counter()
+            results = self.scheduler.update(out, sampled)
+        except BaseException as e:
+            failed = self.scheduler.rollback()
+            self.last_failed_request_ids = [r.request_id for r in failed]
+            errored = []
+            if isinstance(e, Exception):
+                errored = self.scheduler.isolate(failed, f"{type(e).__name__}: {e}")
+            self._rejected = held + self._rejected + [r.request_id for r in errored]
+            logger.warning("step failed (%s: %s); rolled back %d request(s)%s", type(e).__name__, e, len(failed),
+                           f", finished {len(errored)} with an error" if errored else "")
+            raise
+        rejected = [StepOutput(rid, [], True) for rid in held]
         t3 = time.perf_counter()
         self.time_s["schedule"] += t1 - t0
         self.time_s["execute"] += t2 - t1
@@ -175,7 +200,10 @@ class LLMEngine:
     def stream(self, prompts, sampling_params=None) -> Iterator[StepOutput]:
         """Queue prompts and yield (index of the prompt, new token ids, finished) as tokens come out.
 
-        Other requests already queued run alongside but are not reported here.
+        Other requests already queued run alongside but are not reported here. Each request is released
+        once its last tokens are yielded (the stream is its output); closing the stream early aborts
+        and releases the rest. A request that fails (see step()) ends with no new tokens; its reason
+        is not reported here, use add_request/get_output for it.
         """
         ids = self._add_all(prompts, sampling_params)
         index = {rid: i for i, rid in enumerate(ids)}
@@ -184,17 +212,35 @@ class LLMEngine:
             for rid in ids:
                 if self.requests[rid].is_finished:  # rejected on arrival
                     pending.discard(rid)
+                    del self.requests[rid]
                     yield StepOutput(index[rid], [], True)
             while pending:
-                for rid, tokens, finished in self.step():
+                for rid, tokens, finished in self._step_on():
                     if rid in pending and (tokens or finished):
                         if finished:
                             pending.discard(rid)
+                            del self.requests[rid]
                         yield StepOutput(index[rid], tokens, finished)
         finally:
-            for rid in ids:
-                if rid in self.requests and not self.requests[rid].is_finished:
-                    self.abort(rid)
+            self._release(ids)
+
+    def _step_on(self) -> list[StepOutput]:
+        """step() for generate() and stream(): a step that failed and rolled back requests is logged
+        (by step()) and the loop goes on, since isolation ends each request that keeps failing with an
+        error; a failure that rolled back nothing, or an interrupt, is raised."""
+        try:
+            return self.step()
+        except Exception:
+            if not self.last_failed_request_ids:
+                raise
+            return []
+
+    def _release(self, ids) -> None:
+        """Abort and forget these requests, whatever state they are in (generate/stream cleanup)."""
+        for rid in ids:
+            request = self.requests.pop(rid, None)
+            if request is not None and not request.is_finished:
+                self.scheduler.abort(request)
 
     # -- offline API -----------------------------------------------------------------------
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
@@ -208,18 +254,22 @@ class LLMEngine:
             progress = tqdm(total=len(ids), desc="requests", unit="req", dynamic_ncols=True)
             progress.update(len(ids) - len(pending))
         start, num_out = time.perf_counter(), 0
-        while pending:
-            for rid, tokens, finished in self.step():
-                num_out += len(tokens)
-                if finished and rid in pending:
-                    pending.discard(rid)
-                    if progress is not None:
-                        progress.update(1)
+        try:
+            while pending:
+                for rid, tokens, finished in self._step_on():
+                    num_out += len(tokens)
+                    if finished and rid in pending:
+                        pending.discard(rid)
+                        if progress is not None:
+                            progress.update(1)
+                if progress is not None:
+                    progress.set_postfix_str(f"{num_out / (time.perf_counter() - start):.1f} output tok/s",
+                                             refresh=False)
+            return [self.pop_output(rid) for rid in ids]
+        finally:  # an interrupt leaves no request of this call behind
             if progress is not None:
-                progress.set_postfix_str(f"{num_out / (time.perf_counter() - start):.1f} output tok/s", refresh=False)
-        if progress is not None:
-            progress.close()
-        return [self.pop_output(rid) for rid in ids]
+                progress.close()
+            self._release(ids)
 
     def reset_stats(self) -> None:
         """Zero the counters stats() reports (e.g. after a warm-up run)."""

@@ -27,6 +27,7 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # produced EOS, a stop token or a stop string
     REJECTED = "rejected"  # can never fit the page pool or the model context; see Request.error
     ABORTED = "aborted"  # the caller gave up on it (LLMEngine.abort)
+    ERROR = "error"  # two steps with it alone failed (see Request.error)
 
 
 @dataclass(eq=False)
@@ -47,6 +48,7 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at the last admission
     num_preemptions: int = 0
+    num_failures: int = 0  # failed steps it ran alone in, since its last step alone that succeeded
     finish_reason: FinishReason | None = None
     error: str | None = None
     arrival_time: float = field(default_factory=time.perf_counter)

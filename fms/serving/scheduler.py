@@ -86,8 +86,14 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order
         self.num_preemptions = 0
-        self._scheduled: list[Request] = []
         self._finished_ids: list[Hashable] = []
+        # the step in progress, for rollback(): what it scheduled and admitted, set by schedule()
+        self._out: SchedulerOutput | None = None
+        self._scheduled: list[Request] = []
+        self._admitted: list[Request] = []
+        # requests of failed steps, each to run alone for one step before the batch goes on
+        self.suspects: list[Request] = []
+        self.num_failed_steps = 0
 
     # -- requests --------------------------------------------------------------------------
     def add(self, request: Request) -> bool:
@@ -106,6 +112,8 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+        if request in self.suspects:
+            self.suspects.remove(request)
         request.finish(FinishReason.ABORTED)
         self._finished_ids.append(request.request_id)
 
@@ -129,6 +137,9 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(finished_ids=self._finished_ids)
         self._finished_ids = []
+        self._out, self._scheduled, self._admitted = out, [], []
+        if self.suspects:
+            return self._schedule_alone(self.suspects[0], out)
         window = self._plan_decode_window()
         if window is not None:
             self._scheduled = list(self.running)
@@ -176,25 +187,62 @@ class Scheduler:
             if need + self.kv.num_evictable_among(prefix) > available():
                 break
             self.waiting.popleft()
-            slot, grant = self.kv.add(request.request_id, prefix_pages=prefix, prefix_len=num_cached,
-                                      num_query_tokens=request.num_tokens)
-            out.new_slots.append(slot)
-            if grant is not None:
-                out.grants.append(grant)
-            request.num_computed_tokens = num_cached
-            request.num_cached_tokens = num_cached
-            request.state = RequestState.RUNNING
-            self.running.append(request)
+            self._admit(request, prefix, out)
             planned[request.request_id] = (request, n, need)
             budget -= n
             claimed += need
 
         self.kv.make_room(claimed)
-        self._scheduled = []
         for request, n, _ in planned.values():
             out.chunks.append(self._chunk(request, n))
             self._scheduled.append(request)
         out.grants += self.kv.reserve([c.request_id for c in out.chunks], [len(c.token_ids) for c in out.chunks])
+        return out
+
+    def _admit(self, request: Request, prefix: list[int], out: SchedulerOutput) -> None:
+        """Start a waiting request (already taken off the queue) on its matched prefix pages."""
+        num_cached = len(prefix) * self.kv.page_size
+        slot, grant = self.kv.add(request.request_id, prefix_pages=prefix, prefix_len=num_cached,
+                                  num_query_tokens=request.num_tokens)
+        self._admitted.append(request)
+        out.new_slots.append(slot)
+        if grant is not None:
+            out.grants.append(grant)
+        request.num_computed_tokens = num_cached
+        request.num_cached_tokens = num_cached
+        request.state = RequestState.RUNNING
+        self.running.append(request)
+
+    def _schedule_alone(self, request: Request, out: SchedulerOutput) -> SchedulerOutput:
+        """A step of this one request (a suspect of a failed step), preempting others for room if needed.
+
+        The other running requests keep their pages but wait; nothing is admitted alongside."""
+        ps = self.kv.page_size
+
+        def make_room(fits) -> None:
+            while not fits():
+                others = [r for r in self.running if r is not request]
+                if not others:  # alone, it fits: add() rejected what could not
+                    raise RuntimeError(f"request {request.request_id!r} does not fit the pool alone; this is a bug")
+                self._preempt(others[-1])
+                out.preempted_ids.append(others[-1].request_id)
+
+        if request.state is not RequestState.RUNNING:
+            prefix = self.kv.match_prefix(request.all_token_ids, request.page_hashes)
+            num_cached = len(prefix) * ps
+            n = min(request.num_tokens - num_cached, self.max_num_batched_tokens)
+            need = math.ceil((num_cached + n) / ps) - len(prefix)
+            make_room(lambda: (len(self.running) < self.max_num_seqs and
+                               need + self.kv.num_evictable_among(prefix) <= self.kv.num_obtainable_pages))
+            self.waiting.remove(request)
+            self._admit(request, prefix, out)
+        n = min(request.num_tokens_to_compute, self.max_num_batched_tokens)
+        need = self.kv.num_pages_needed(request.request_id, n)
+        make_room(lambda: need <= self.kv.num_obtainable_pages)
+        self.kv.make_room(need)
+        out.chunks = [self._chunk(request, n)]
+        self._scheduled = [request]
+        out.grants += self.kv.reserve([request.request_id], [n])
         return out
 
     def _chunk(self, request: Request, n: int, num_steps: int = 1) -> ScheduledChunk:
@@ -263,8 +311,67 @@ class Scheduler:
             else:
                 self.kv.release_out_of_window(request.request_id, self.window)
             results.append((request.request_id, new_tokens, request.is_finished))
-        self._scheduled = []
+        if len(self._scheduled) == 1 and self.suspects and self._scheduled[0] is self.suspects[0]:
+            self.suspects.pop(0).num_failures = 0  # it ran alone and succeeded
+        self._out, self._scheduled, self._admitted = None, [], []
         return results
+
+    # -- failed steps ----------------------------------------------------------------------
+    def rollback(self) -> list[Request]:
+        """Undo the step in progress after schedule(), the forward or update() raised.
+
+        Every request the step scheduled or admitted gets back the tokens it had before the step
+        (outputs appended by a partial update() are dropped, a finish in it is undone), leaves the
+        KV manager and goes to the front of the queue to recompute its K/V (its full pages are found
+        again in the prefix cache when caching is on). Recomputing, not restoring, is what makes this
+        exact for every model: a failed forward may have written Mamba states in place. Requests
+        preempted by the step stay preempted, as after any step. Returns the requeued requests.
+        """
+        touched = list(dict.fromkeys(self._scheduled + self._admitted))
+        chunk_of = {c.request_id: c for c in self._out.chunks} if self._out is not None else {}
+        for request in touched:
+            chunk = chunk_of.get(request.request_id)
+            if chunk is not None and chunk.sample:  # update() may have appended from here on
+                num_outputs = chunk.start_position + len(chunk.token_ids) - request.num_prompt_tokens
+                if len(request.output_token_ids) > num_outputs:
+                    del request.output_token_ids[num_outputs:]
+                    del request.token_times[num_outputs:]
+                    if num_outputs == 0:
+                        request.first_token_time = None
+            if request.is_finished:  # finished by the failed update()
+                request.finish_reason = request.error = None
+                self._finished_ids = [i for i in self._finished_ids if i != request.request_id]
+            if request in self.running:
+                self.running.remove(request)
+            if request.request_id in self.kv:
+                self.kv.free(request.request_id)
+            request.state = RequestState.PREEMPTED
+            request.num_computed_tokens = 0
+        self.waiting.extendleft(reversed(touched))
+        self._out, self._scheduled, self._admitted = None, [], []
+        self.num_failed_steps += 1
+        return touched
+
+    def isolate(self, failed: list[Request], error: str) -> list[Request]:
+        """After rollback() of a step that raised: each failed request runs alone for a step before the
+        batch goes on. One that fails twice running alone finishes with finish_reason "error" (the
+        others go on); returns those. Two faults in a row harm nobody; a request that fails every
+        step it is in costs the engine at most three failed steps."""
+        errored = []
+        for request in failed:
+            if len(failed) == 1:
+                request.num_failures += 1
+            if request.num_failures >= 2:
+                self.waiting.remove(request)
+                if request in self.suspects:
+                    self.suspects.remove(request)
+                request.finish(FinishReason.ERROR, f"{request.num_failures} steps with this request alone failed; "
+                                                   f"the last: {error}")
+                self._finished_ids.append(request.request_id)
+                errored.append(request)
+            elif request not in self.suspects:
+                self.suspects.append(request)
+        return errored
 
     # -- pages -----------------------------------------------------------------------------
     def _release(self, request: Request) -> None:

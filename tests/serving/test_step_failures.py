@@ -1,0 +1,260 @@
+"""A failed step harms no request: faults injected into the model's forward (the k-th call raises),
+into update() and as interrupts. After each fault the engine steps on; every request's output equals
+the fault-free run's, and no page, slot or refcount leaks. A request that fails by itself finishes
+with finish_reason "error" while the others go on."""
+
+import contextlib
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fms.serving import LLMEngine, SamplingParams
+from fms.utils.generation import Generator, generate
+from tests.serving.helpers import check_pages
+
+pytestmark = pytest.mark.paged
+
+VOCAB = 512  # llama "nano"
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def faulty_forward(model, fail_on=(), exc=InjectedFault, when=None):
+    """model.forward raises exc on the calls numbered in fail_on (1-based), or when when(tokens) is true."""
+    original = model.forward
+    calls = [0]
+
+    def forward(x, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] in fail_on or (when is not None and when(x)):
+            raise exc(f"injected fault at forward call {calls[0]}")
+        return original(x, *args, **kwargs)
+
+    model.forward = forward
+    try:
+        yield calls
+    finally:
+        del model.forward  # the class's forward again
+
+
+@pytest.fixture(scope="module")
+def model(llama_nano):
+    return llama_nano
+
+
+def workload(seed: int, n: int, shared: bool):
+    """n prompts of 3..40 tokens (with shared: half start with one 20-token prefix); every third
+    request samples with its own seed, the rest are greedy."""
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(1, VOCAB, (20,), generator=g).tolist()
+    prompts, params = [], []
+    for i in range(n):
+        length = int(torch.randint(3, 41, (1,), generator=g))
+        prompt = torch.randint(1, VOCAB, (length,), generator=g).tolist()
+        if shared and i % 2 == 0:
+            prompt = prefix + prompt[:8]
+        prompts.append(prompt)
+        new = int(torch.randint(4, 25, (1,), generator=g))
+        params.append(SamplingParams(max_new_tokens=new, temperature=0.9, seed=1000 + i) if i % 3 == 2
+                      else SamplingParams(max_new_tokens=new))
+    return prompts, params
+
+
+def make_engine(model, prefix: bool, window: int, num_pages: int = 6):
+    # 6 pages of 16 tokens for up to 6 requests of up to 64 tokens: preemption and prefix eviction
+    return LLMEngine(model, page_size=16, num_pages=num_pages, max_num_seqs=6, max_num_batched_tokens=48,
+                     enable_prefix_caching=prefix, max_decode_steps=window)
+
+
+def run(engine, prompts, params):
+    """Drive the step API to the end, stepping on after every failure; -> (outputs by request, failures)."""
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    failures = 0
+    for _ in range(2000):  # bounded
+        if not engine.has_unfinished_requests():
+            break
+        try:
+            engine.step()
+        except (InjectedFault, KeyboardInterrupt):
+            failures += 1
+    else:
+        pytest.fail("the engine did not finish the workload in 2000 steps")
+    outs = [engine.pop_output(rid) for rid in ids]
+    return [(o.token_ids, o.finish_reason) for o in outs], failures
+
+
+def assert_no_leaks(engine):
+    kv = engine.kv
+    assert kv.num_seqs == 0 and not engine.requests
+    assert engine.scheduler.suspects == [] and not engine.scheduler.running and not engine.scheduler.waiting
+    check_pages(engine.scheduler)  # refcount of every page = its holders; none held by a sequence now
+    stats = engine.stats()
+    assert stats["num_used_pages"] == 0
+    assert stats["num_free_pages"] + stats["num_cached_pages"] == stats["num_pages"]
+
+
+CONFIGS = [(False, 1), (True, 1), (False, 4), (True, 4)]  # (prefix caching, decode window)
+
+
+@pytest.fixture(scope="module")
+def references(model):
+    """The fault-free outputs per config (and the number of forwards each run takes)."""
+    refs = {}
+    prompts, params = workload(0, 7, shared=True)
+    for prefix, window in CONFIGS:
+        engine = make_engine(model, prefix, window)
+        with faulty_forward(model) as calls:
+            outs, failures = run(engine, prompts, params)
+        stats = engine.stats()
+        assert failures == 0 and stats["num_preemptions"] > 0  # under page pressure
+        assert (stats["prefix_cache_hit_tokens"] > 0) == prefix and (stats["num_decode_windows"] > 0) == (window > 1)
+        refs[prefix, window] = outs, calls[0]
+    outs = refs[False, 1][0]
+    assert len({t for tokens, _ in outs for t in tokens}) >= 12  # diverse tokens: a mix-up would show
+    return prompts, params, refs
+
+
+@pytest.mark.parametrize("prefix,window", CONFIGS, ids=["plain", "prefix", "window", "prefix+window"])
+def test_a_fault_at_every_forward_leaves_outputs_exact(model, references, prefix, window):
+    prompts, params, refs = references
+    expected, num_forwards = refs[prefix, window]
+    assert num_forwards >= 40
+    for k in range(1 + window % 3, num_forwards + 1, 3):  # every third forward (CI time), offset per config
+        engine = make_engine(model, prefix, window)
+        with faulty_forward(model, fail_on={k}):
+            outs, failures = run(engine, prompts, params)
+        assert failures == 1, k
+        assert outs == expected, f"fault at forward {k}"
+        assert engine.scheduler.num_failed_steps == 1
+        assert_no_leaks(engine)
+
+
+def test_interrupts_and_repeated_faults_roll_back_too(model, references):
+    prompts, params, refs = references
+    expected, num_forwards = refs[True, 4]
+    engine = make_engine(model, True, 4)
+    with faulty_forward(model, fail_on={2, 3, 7}, exc=KeyboardInterrupt):
+        outs, failures = run(engine, prompts, params)
+    assert failures == 3 and outs == expected
+    assert_no_leaks(engine)
+    # two faults in a row hit the isolated requests of the first: still no request is harmed
+    engine = make_engine(model, False, 1)
+    with faulty_forward(model, fail_on={5, 6}):
+        outs, failures = run(engine, prompts, params)
+    assert failures == 2 and outs == refs[False, 1][0]
+    assert_no_leaks(engine)
+
+
+@pytest.mark.parametrize("fail_on", [1, 2, 5, 9])
+def test_a_fault_inside_update_is_rolled_back(model, references, fail_on):
+    """The KV manager raising in the middle of update(), after some requests got their tokens."""
+    prompts, params, refs = references
+    expected, _ = refs[True, 1]
+    engine = make_engine(model, True, 1)
+    commit, calls = engine.kv.commit_computed, [0]
+
+    def commit_computed(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == fail_on:
+            raise InjectedFault("injected fault in update()")
+        return commit(*args, **kwargs)
+
+    engine.kv.commit_computed = commit_computed
+    outs, failures = run(engine, prompts, params)
+    assert failures == 1 and outs == expected
+    assert_no_leaks(engine)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 10_000), faults=st.sets(st.integers(1, 40), max_size=3),
+       prefix=st.booleans(), window=st.sampled_from([1, 3]), num_pages=st.integers(6, 12))
+def test_property_faults_anywhere(model, seed, faults, prefix, window, num_pages):
+    prompts, params = workload(seed, 5, shared=seed % 2 == 0)
+    params = [SamplingParams(max_new_tokens=p.max_new_tokens) for p in params]  # greedy
+    clean = make_engine(model, prefix, window, num_pages)
+    expected, _ = run(clean, prompts, params)
+    engine = make_engine(model, prefix, window, num_pages)
+    with faulty_forward(model, fail_on=faults):
+        outs, failures = run(engine, prompts, params)
+    assert failures == engine.scheduler.num_failed_steps <= len(faults)
+    assert outs == expected
+    assert_no_leaks(engine)
+
+
+POISON = 7  # a token id the faulty model cannot take
+
+
+def test_a_request_that_fails_alone_errors_and_the_others_go_on(model):
+    g = torch.Generator().manual_seed(5)
+    good = [torch.randint(8, VOCAB, (n,), generator=g).tolist() for n in (5, 12, 30)]
+    bad = [9, 10, POISON, 11]
+    params = SamplingParams(max_new_tokens=6)
+    expected = generate(model, good, 6, attn_name="sdpa")
+    assert len({t for seq in expected for t in seq}) >= 8
+    engine = make_engine(model, True, 4, num_pages=16)
+    with faulty_forward(model, when=lambda x: bool((x == POISON).any())):
+        outs = engine.generate(good[:2] + [bad] + good[2:], params, use_tqdm=False)
+    assert [o.token_ids for o in outs[:2] + outs[3:]] == expected
+    assert all(o.finish_reason != "error" for o in outs[:2] + outs[3:])
+    assert outs[2].finish_reason == "error" and outs[2].token_ids == []
+    assert "injected fault" in outs[2].error and "alone" in outs[2].error
+    assert_no_leaks(engine)
+
+
+def test_a_fault_that_touches_no_request_is_raised_by_generate(model):
+    engine = make_engine(model, False, 1)
+    schedule = engine.scheduler.schedule
+    engine.scheduler.schedule = lambda: (_ for _ in ()).throw(InjectedFault("the scheduler broke"))
+    with pytest.raises(InjectedFault, match="the scheduler broke"):
+        engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2), use_tqdm=False)
+    engine.scheduler.schedule = schedule
+    assert_no_leaks(engine)  # generate() released its request on the way out
+
+
+def test_an_interrupted_generate_leaves_nothing_and_the_next_call_is_exact(model):
+    prompts, params = workload(3, 5, shared=False)
+    engine = make_engine(model, True, 4)
+    expected = [o.token_ids for o in engine.generate(prompts, params, use_tqdm=False)]
+    with faulty_forward(model, fail_on={3}, exc=KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt):
+            engine.generate(prompts, params, use_tqdm=False)
+    assert_no_leaks(engine)
+    assert [o.token_ids for o in engine.generate(prompts, params, use_tqdm=False)] == expected
+
+
+@pytest.mark.parametrize("attn_name", ["sdpa", "paged"])
+def test_static_generate_after_a_failed_call_is_exact(model, attn_name):
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (4, 9, 17)]
+    gen = Generator(model, attn_name, max_batch_size=3, max_seq_len=64, decode_window=2)
+    expected = gen.generate(prompts, 6)
+    for k in (1, 3):
+        with faulty_forward(model, fail_on={k}):
+            with pytest.raises(InjectedFault):
+                gen.generate(prompts, 6)
+        assert gen.kv.num_seqs == 0 and gen.kv.stats().num_used_pages == 0
+        assert gen.generate(prompts, 6) == expected
+
+
+def test_streamed_requests_are_released(model):
+    """After 1,000 streamed requests the engine holds none of them."""
+    engine = LLMEngine(model, page_size=16, num_pages=128, max_num_seqs=64, max_num_batched_tokens=512)
+    prompts = [[1 + i % 500, 2 + i % 7] for i in range(1000)]
+    finished = 0
+    for _, tokens, done in engine.stream(prompts, SamplingParams(max_new_tokens=2)):
+        finished += done
+        assert len(engine.requests) == 1000 - finished  # a request is let go as its last tokens come out
+        # finished but not yet yielded: at most one step's worth
+        assert engine.stats()["num_finished_held_requests"] <= 64
+    assert finished == 1000 and not engine.requests
+    assert engine.kv.num_seqs == 0
+    # a stream closed early aborts and releases what it had not finished
+    stream = engine.stream(prompts[:10], SamplingParams(max_new_tokens=4))
+    next(stream)
+    stream.close()
+    assert not engine.requests and engine.kv.num_seqs == 0
