@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from fms.triton import ssd_scan
 from fms.triton.mamba_decode import mamba_decode_update
-from fms.triton.ssd_reference import SsdScan, ssd_scan_recurrent, ssd_scan_reference, ssd_step
+from fms.triton.ssd_reference import SsdScan, check_emit, ssd_scan_recurrent, ssd_scan_reference, ssd_step
 from fms.modules.kernel_config import SSD_SCAN_NAMES, KernelConfig, apply_kernels, check_kernel_config
 from fms.modules.linear import Linear
 
@@ -257,6 +257,9 @@ class Mamba2Mixer(nn.Module):
         valid_lens 0 keep their state bit for bit. Outputs at padded positions are finite but meaningless.
       cu_seqlens [n+1] int: instead of padded rows, x [1, N, H] packs n sequences back to back (no padding);
         state then has n rows (see _forward_packed).
+      emit (seq [K], num_tokens [K]) int: also return the states on the way (prefix-cache checkpoints), from
+        the same scan: forward then returns (out, Mamba2State with K rows), row k being sequence seq[k]'s state
+        (conv window and SSM state) after its first num_tokens[k] tokens of x (state given: continuing it).
     """
 
     def __init__(self, config: Mamba2Config) -> None:
@@ -286,31 +289,36 @@ class Mamba2Mixer(nn.Module):
         self.kernels = kernels
 
     def forward(self, x: Tensor, state: Mamba2State | None = None, valid_lens: Tensor | None = None,
-                cu_seqlens: Tensor | None = None) -> Tensor:
+                cu_seqlens: Tensor | None = None, emit: tuple[Tensor, Tensor] | None = None):
         c = self.config
         if x.dim() != 3 or x.shape[-1] != c.hidden_size or x.shape[1] == 0:
             raise ValueError(f"x must be [batch, seq_len >= 1, {c.hidden_size}], got {tuple(x.shape)}")
         if cu_seqlens is not None:
-            return self._forward_packed(x, state, cu_seqlens, valid_lens)
+            return self._forward_packed(x, state, cu_seqlens, valid_lens, emit)
         batch, T, _ = x.shape
         self._check_state(state, batch)
         self._check_valid_lens(valid_lens, batch, T)
+        if emit is not None:
+            check_emit(emit, batch, T if valid_lens is None else valid_lens.to(emit[0].device))
 
         if T == 1:
             is_active = None if valid_lens is None else valid_lens.to(x.device) > 0
             if state is None:
-                zeros = Mamba2State.zeros(batch, c, x.dtype, x.device)
-                return self.step(x, zeros.conv_state, zeros.ssm_state, is_active)[0]
+                state = Mamba2State.zeros(batch, c, x.dtype, x.device)
             out, conv_state, ssm_state = self.step(x, state.conv_state, state.ssm_state, is_active)
             state.conv_state.copy_(conv_state)
             state.ssm_state.copy_(ssm_state)
-            return out
-        return self._prefill(x, state, select_ssd_scan(x.device, self.kernels.ssd_scan), valid_lens=valid_lens)
+            if emit is None:
+                return out
+            rows = emit[0].to(x.device).long()  # after one token: the state after the step
+            return out, Mamba2State(conv_state.index_select(0, rows), ssm_state.index_select(0, rows))
+        return self._prefill(x, state, select_ssd_scan(x.device, self.kernels.ssd_scan), valid_lens=valid_lens,
+                             emit=emit)
 
     def _prefill(self, x: Tensor, state: Mamba2State | None, scan: SsdScan, valid_lens: Tensor | None = None,
-                 cu_seqlens: Tensor | None = None) -> Tensor:
+                 cu_seqlens: Tensor | None = None, emit: tuple[Tensor, Tensor] | None = None):
         """The chunked-scan path over right-padded rows (valid_lens), or over packed sequences
-        (cu_seqlens, x [1, N, H]; the CUDA fast path only)."""
+        (cu_seqlens, x [1, N, H]; the CUDA fast path only). emit: see forward."""
         c = self.config
         batch, T, _ = x.shape
         is_real = None  # (b, T) bool
@@ -320,8 +328,10 @@ class Mamba2Mixer(nn.Module):
         z, xBC, dt_raw = self.in_proj(x).split([c.inner_dim, c.conv_dim, c.num_heads], dim=-1)
 
         fused = _uses_fla_conv_and_norm(scan, x.device)
-        xBC, conv_state = self._causal_conv(xBC, None if state is None else state.conv_state, valid_lens, fused,
-                                            cu_seqlens)
+        if emit is not None and scan is _ssd_scan_fla:
+            scan = ssd_scan.ssd_scan_triton  # same math; fla's kernel cannot emit states on the way
+        conv_inputs, initial_conv = xBC, None if state is None else state.conv_state
+        xBC, conv_state = self._causal_conv(xBC, initial_conv, valid_lens, fused, cu_seqlens)
         xs, B, C = xBC.split([c.inner_dim, c.num_groups * c.state_size, c.num_groups * c.state_size], dim=-1)
 
         dt = self._dt(dt_raw)  # (b, T, nh)
@@ -331,7 +341,7 @@ class Mamba2Mixer(nn.Module):
         A = -torch.exp(self.A_log.float())
         initial = None if state is None else state.ssm_state
 
-        y, ssm_state = scan(
+        y, ssm_state, *emitted = scan(
             xs.view(batch, T, c.num_heads, c.head_dim),
             dt,
             A,
@@ -341,6 +351,7 @@ class Mamba2Mixer(nn.Module):
             initial,
             state is not None,
             **({} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}),
+            **({} if emit is None else {"emit": emit}),
         )
 
         y = y + self.D.float()[:, None] * xs.view(batch, T, c.num_heads, c.head_dim).float()
@@ -349,9 +360,19 @@ class Mamba2Mixer(nn.Module):
         if state is not None:
             state.conv_state.copy_(conv_state)
             state.ssm_state.copy_(ssm_state)
-        return out
+        if emit is None:
+            return out
+        # the conv windows at the emitted points: the last K-1 inputs before each, from the carried state
+        # where they precede this call
+        seq, num_tokens = emit[0].to(x.device).long(), emit[1].to(x.device).long()
+        starts = seq * T if cu_seqlens is None else cu_seqlens.to(x.device).long().index_select(0, seq)
+        if initial_conv is None:
+            initial_conv = conv_state.new_zeros(conv_state.shape)
+        conv = packed_conv_state_after(conv_inputs.reshape(batch * T, c.conv_dim), initial_conv.index_select(0, seq),
+                                       starts, starts + num_tokens)
+        return out, Mamba2State(conv, emitted[0])
 
-    def _forward_packed(self, x: Tensor, state: Mamba2State, cu_seqlens: Tensor, valid_lens) -> Tensor:
+    def _forward_packed(self, x: Tensor, state: Mamba2State, cu_seqlens: Tensor, valid_lens, emit=None):
         """x [1, N, H]: n sequences back to back, sequence i at tokens cu_seqlens[i] .. cu_seqlens[i+1]-1
         (every one >= 1 token); state has their n rows and is updated in place, as forward does.
 
@@ -367,16 +388,33 @@ class Mamba2Mixer(nn.Module):
         n = cu_seqlens.shape[0] - 1
         self._check_state(state, n)
         scan = select_ssd_scan(x.device, self.kernels.ssd_scan)
+        if emit is not None and cu_seqlens.device.type == "cpu":
+            check_emit(emit, n, cu_seqlens[1:] - cu_seqlens[:-1])
         if _uses_fla_conv_and_norm(scan, x.device):  # the conv that takes cu_seqlens is fla's
-            return self._prefill(x, state, scan, cu_seqlens=cu_seqlens)
+            return self._prefill(x, state, scan, cu_seqlens=cu_seqlens, emit=emit)
         bounds = cu_seqlens.tolist()
         if bounds[0] != 0 or bounds[-1] != x.shape[1] or any(b >= e for b, e in zip(bounds, bounds[1:])):
             raise ValueError(f"cu_seqlens must rise strictly from 0 to {x.shape[1]}, got {bounds}")
         outs = []
+        if emit is not None:
+            emitted = Mamba2State(state.conv_state.new_empty(emit[0].shape[0], *state.conv_state.shape[1:]),
+                                  state.ssm_state.new_empty(emit[0].shape[0], *state.ssm_state.shape[1:]))
+            seq_of = emit[0].tolist()
         for i in range(n):  # row i's state is a view into `state`: forward updates it in place
             row = Mamba2State(state.conv_state[i: i + 1], state.ssm_state[i: i + 1])
-            outs.append(self.forward(x[:, bounds[i]: bounds[i + 1]], row))
-        return torch.cat(outs, dim=1)
+            xi = x[:, bounds[i]: bounds[i + 1]]
+            ks = [] if emit is None else [k for k, s in enumerate(seq_of) if s == i]
+            if not ks:
+                outs.append(self.forward(xi, row))
+                continue
+            ks_t = torch.tensor(ks, device=emit[1].device)
+            out, states = self.forward(xi, row, emit=(torch.zeros_like(ks_t), emit[1].index_select(0, ks_t)))
+            outs.append(out)
+            ks_t = ks_t.to(x.device)
+            emitted.conv_state.index_copy_(0, ks_t, states.conv_state)
+            emitted.ssm_state.index_copy_(0, ks_t, states.ssm_state)
+        out = torch.cat(outs, dim=1)
+        return out if emit is None else (out, emitted)
 
     def step(
         self, x: Tensor, conv_state: Tensor, ssm_state: Tensor, is_active: Tensor | None = None

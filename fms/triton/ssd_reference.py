@@ -16,6 +16,9 @@ from torch import Tensor
 #   B, C [b, T, G, N]  state [b, nh, P, N] (fp32)     head h reads group h // (nh // G)
 #   S_t = exp(dt_t*A) * S_{t-1} + dt_t * x_t ⊗ B_t ;   y_t = S_t · C_t      (the D skip is added by the caller)
 # A scan returns (y [b, T, nh, P] fp32, final state [b, nh, P, N] fp32 or None when not asked for).
+# emit=(seq [K], num_tokens [K]) also asks for the states on the way (prefix-cache checkpoints): state k is
+# sequence seq[k]'s state after its first num_tokens[k] tokens (1 <= num_tokens[k] <= its length), computed
+# in the same pass; the scan then returns (y, final state, states [K, nh, P, N] fp32).
 # ---------------------------------------------------------------------------------------------------------------
 
 SsdScan = Callable[..., tuple[Tensor, Tensor | None]]
@@ -42,11 +45,13 @@ def ssd_scan_reference(
     chunk_size: int,
     initial_state: Tensor | None = None,
     output_final_state: bool = True,
-) -> tuple[Tensor, Tensor | None]:
+    emit: tuple[Tensor, Tensor] | None = None,
+):
     """Chunked SSD scan in pure PyTorch, fp32. Ground truth and the CPU path.
 
     Within a chunk the recurrence is unrolled into a masked (C·B) * decay matrix; across chunks the state is
-    carried by a short loop (one step per chunk), which also yields the final state.
+    carried by a short loop (one step per chunk), which also yields the final state. An emitted state inside
+    a chunk is that chunk's entering state and inputs decayed to its step, from the same matrices.
     """
     b, T, nh, P = x.shape
     G, N = B.shape[2], B.shape[3]
@@ -91,7 +96,36 @@ def ssd_scan_reference(
     y = y + torch.einsum("bcign,bcgrpn->bcigrp", C, entering_states) * decay_from_start[..., None]
 
     y = y.reshape(b, num_chunks * Q, nh, P)[:, :T]  # (b, T, nh, p)
-    return y, (state if output_final_state else None)
+    final = state if output_final_state else None
+    if emit is None:
+        return y, final
+    seq, last = emit[0].long(), check_emit(emit, b, T) - 1  # last: index of the last step each state includes
+    c, e = last // Q, last % Q
+    # inputs of the chunk up to step e, each decayed to e (decay[..., e, j] is 0 for j > e)
+    decay_to_e = decay[seq, c, :, :, e]  # (K, g, r, j)
+    own = torch.einsum("kgrj,kjgn,kjgrp->kgrpn", decay_to_e, B[seq, c], xdt[seq, c])
+    entering_to_e = entering_states[seq, c] * decay_from_start[seq, c, e][..., None, None]  # (K, g, r, p, n)
+    return y, final, (own + entering_to_e).reshape(-1, nh, P, N)
+
+
+def check_emit(emit: tuple[Tensor, Tensor], num_seqs: int, lengths) -> Tensor:
+    """Validate emit=(seq, num_tokens) (host tensors, or any device off the hot path); -> num_tokens (int64).
+
+    lengths: every sequence's length (an int), or a [num_seqs] tensor of them."""
+    seq, num_tokens = emit
+    if seq.dim() != 1 or seq.shape != num_tokens.shape or seq.is_floating_point() or num_tokens.is_floating_point():
+        raise ValueError(f"emit must be two integer tensors [K] (sequence, tokens), got {tuple(seq.shape)} "
+                         f"{seq.dtype} and {tuple(num_tokens.shape)} {num_tokens.dtype}")
+    num_tokens = num_tokens.long()
+    if seq.numel() and seq.device.type == "cpu" and not torch.compiler.is_compiling():
+        length = torch.as_tensor(lengths, device=seq.device).long().expand(num_seqs)
+        bad = (seq < 0) | (seq >= num_seqs)
+        if not bad.any():
+            bad = (num_tokens < 1) | (num_tokens > length[seq.long()])
+        if bad.any():
+            raise ValueError(f"emit asks for sequence {seq.tolist()} after {num_tokens.tolist()} tokens; allowed: "
+                             f"sequences 0..{num_seqs - 1}, after 1 to the sequence's length tokens")
+    return num_tokens
 
 
 def ssd_scan_recurrent(
@@ -103,7 +137,8 @@ def ssd_scan_recurrent(
     chunk_size: int,
     initial_state: Tensor | None = None,
     output_final_state: bool = True,
-) -> tuple[Tensor, Tensor | None]:
+    emit: tuple[Tensor, Tensor] | None = None,
+):
     """Token-by-token scan: ssd_step over the sequence, one step per token. The naive baseline for benchmarks.
 
     Same arguments and results as ssd_scan_reference; `chunk_size` is unused.
@@ -114,10 +149,16 @@ def ssd_scan_recurrent(
     else:
         state = initial_state.float()
     ys = []
+    num_tokens = None if emit is None else check_emit(emit, b, T)
+    emitted = None if emit is None else x.new_zeros(num_tokens.shape[0], nh, P, B.shape[-1], dtype=torch.float32)
     for t in range(T):
         y, state = ssd_step(x[:, t], dt[:, t], A, B[:, t], C[:, t], state)
         ys.append(y)
-    return torch.stack(ys, dim=1), (state if output_final_state else None)
+        if emit is not None:
+            k = (num_tokens == t + 1).nonzero()[:, 0]
+            emitted[k] = state[emit[0][k].long()]
+    out = torch.stack(ys, dim=1), (state if output_final_state else None)
+    return out if emit is None else (*out, emitted)
 
 
 def ssd_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:

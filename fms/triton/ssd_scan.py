@@ -24,6 +24,14 @@ segments (padded rows only):
     launch 1:     S0, d0       S1, d1                  each segment's state from zero, and its total decay
     launch 2:     from h0    | from d0·h0 + S0 | from d1·(d0·h0 + S0) + S1   (chained in each prologue)
 
+Checkpoints (emit=, fms.triton.ssd_reference's notation): the state a sequence holds after some of its
+tokens is stored when a chunk ends there, in the same pass. Chunks are laid so that they do: a sequence
+with states to emit starts its walk `shift` steps early (masked, identity steps), so that every chunk
+ends at a requested count of tokens (they must be congruent modulo block_t, as page boundaries are):
+
+    tokens:     0 1 2 3 4 5 6 7 8 9 ...       states after 6 and after 10 tokens, block_t 4 -> shift 2
+    chunks:  [. . 0 1][2 3 4 5][6 7 8 9]      chunk ends at 2, 6, 10 tokens: store after the 2nd and 3rd
+
 Same arguments and results as ssm.ssd_scan_reference (notation at the top of the SSD section there);
 `cu_seqlens` packs sequences in one row as fla's does.
 """
@@ -33,6 +41,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fms.triton.ssd_reference import check_emit
 from fms.triton.support import (
     HAS_TRITON,
     can_run_triton,
@@ -83,6 +92,7 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["seq_len", "segment_len", "sx_b", "sdt_b", "sb_b", "sc_b", "sy_b"])
     def _ssd_scan_kernel(
         x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, y_ptr, h0_ptr, ht_ptr, cu_ptr, local_ptr, local_decay_ptr,
+        emit_cu_ptr, emit_len_ptr, emit_shift_ptr, emit_ptr,
         seq_len, segment_len, num_segments,
         sx_b, sx_t, sx_h,
         sdt_b, sdt_t,
@@ -100,6 +110,7 @@ if HAS_TRITON:
         IS_VARLEN: tl.constexpr,
         STATE_ONLY: tl.constexpr,
         IS_SEGMENTED: tl.constexpr,
+        HAS_EMIT: tl.constexpr,
     ):
         # program (seq, segment): segment k of a row covers steps k*segment_len .. (k+1)*segment_len - 1
         pid = tl.program_id(0)
@@ -152,9 +163,15 @@ if HAS_TRITON:
         c_base = c_ptr + row * sc_b + group * sc_g
         y_base = y_ptr + row * sy_b + head * sy_h
 
-        for t0 in range(start, end, BLOCK_T):
+        first = start
+        if HAS_EMIT:  # emitted states k_emit .. k_end-1 belong to this sequence, sorted by token count
+            k_emit = tl.load(emit_cu_ptr + seq)
+            k_end = tl.load(emit_cu_ptr + seq + 1)
+            next_len = tl.load(emit_len_ptr + k_emit, mask=k_emit < k_end, other=-1)
+            first = start - tl.load(emit_shift_ptr + seq)
+        for t0 in range(first, end, BLOCK_T):
             t = t0 + offs_t
-            is_in = t < end
+            is_in = (t >= start) & (t < end)
             dt = tl.load(dt_base + t * sdt_t, mask=is_in, other=0.0)
             cs = tl.cumsum(dt * a, axis=0)  # log decay from the chunk start, [BLOCK_T]
             cs_last = tl.sum(dt * a, axis=0)  # steps past the end add 0
@@ -177,6 +194,11 @@ if HAS_TRITON:
             to_end = xdt * tl.exp(cs_last - cs)[:, None]  # each step's input as it survives to the chunk end
             state_t = state_t * tl.exp(cs_last) + tl.dot(b_t.to(tl.float32), to_end)
             log_decay_sum += cs_last
+            if HAS_EMIT:
+                if tl.minimum(t0 + BLOCK_T, end) - start == next_len:
+                    tl.store(emit_ptr + k_emit.to(tl.int64) * state_size + in_head, state_t, mask=is_np)
+                    k_emit += 1
+                    next_len = tl.load(emit_len_ptr + k_emit, mask=k_emit < k_end, other=-1)
 
         if STATE_ONLY:  # launched over segments 0 .. num_segments-1 of each row, num_segments = the caller's k - 1
             tl.store(local_ptr + pid.to(tl.int64) * state_size + in_head, state_t, mask=is_np)
@@ -229,13 +251,15 @@ def ssd_scan_triton(
     initial_state: Tensor | None = None,
     output_final_state: bool = True,
     cu_seqlens: Tensor | None = None,
+    emit: tuple[Tensor, Tensor] | None = None,
     *,
     block_t: int = 32,
     block_p: int | None = None,
     num_segments: int | None = None,
     num_warps: int = 4,
-) -> tuple[Tensor, Tensor | None]:
-    """SSD scan by _ssd_scan_kernel: returns (y [b, T, nh, P] fp32, final state [num_sequences, nh, P, N] fp32).
+):
+    """SSD scan by _ssd_scan_kernel: returns (y [b, T, nh, P] fp32, final state [num_sequences, nh, P, N] fp32),
+    and the emitted states [K, nh, P, N] fp32 when emit is given (see the module docstring; one segment then).
 
     `chunk_size` (the model's) only matters for the reference; the kernel walks `block_t` steps at a time.
     block_p: head_dim rows per program (None: choose_block_p). num_segments (padded rows only; None:
@@ -257,6 +281,10 @@ def ssd_scan_triton(
     if not (is_power_of_two(block_t) and _MIN_BLOCK <= block_t <= 256):
         raise ValueError(f"block_t={block_t} must be a power of two in [{_MIN_BLOCK}, 256]")
     p_blocks = cdiv(P, block_p)
+    emit_args, order = (None, None, None, None), None
+    if emit is not None:
+        *emit_args, order, block_t = _emit_plan(emit, num_seq, T, cu_seqlens, block_t, nh, P, N, x.device)
+        num_segments = 1  # each program walks its whole sequence: every emitted state is in its registers once
     if num_segments is None:
         num_segments = 1 if cu_seqlens is not None else choose_num_segments(num_seq * nh * p_blocks, T, num_sms)
     if num_segments < 1 or (num_segments > 1 and cu_seqlens is not None):
@@ -279,7 +307,7 @@ def ssd_scan_triton(
 
     def launch(segments, rows, state_only):
         _ssd_scan_kernel[(rows, nh, p_blocks)](
-            x, dt, A, B, C, y, h0, ht, cu, local, local_decay,
+            x, dt, A, B, C, y, h0, ht, cu, local, local_decay, *emit_args,
             T, segment_len, segments,
             x.stride(0), x.stride(1), x.stride(2),
             dt.stride(0), dt.stride(1),
@@ -288,10 +316,50 @@ def ssd_scan_triton(
             y.stride(0), y.stride(1), y.stride(2),
             HEADS_PER_GROUP=nh // G, P=P, N=N, BLOCK_P=block_p, BLOCK_N=_block(N), BLOCK_T=block_t,
             HAS_H0=h0 is not None, STORE_HT=ht is not None, IS_VARLEN=cu is not None,
-            STATE_ONLY=state_only, IS_SEGMENTED=num_segments > 1, num_warps=num_warps,
+            STATE_ONLY=state_only, IS_SEGMENTED=num_segments > 1, HAS_EMIT=emit is not None, num_warps=num_warps,
         )
 
     if num_segments > 1:
         launch(num_segments - 1, b * (num_segments - 1), True)
     launch(num_segments, num_seq * num_segments, False)
-    return y, ht
+    if emit is None:
+        return y, ht
+    sorted_states = emit_args[3]  # row k: the k-th state in the kernel's (sequence, token count) order
+    return y, ht, torch.empty_like(sorted_states).index_copy_(0, order, sorted_states)
+
+
+def _emit_plan(emit, num_seq, T, cu_seqlens, block_t, nh, P, N, device):
+    """The kernel's emission arguments: per sequence its states sorted by token count (CSR: emit_cu,
+    emit_len), the walk's shift, and the output [K, nh, P, N], rows in the caller's order; -> (args, block_t).
+
+    Every count of one sequence must be congruent modulo block_t, or be the sequence's length (its last
+    chunk ends there); block_t is halved (down to 16) until they are."""
+    seq, num_tokens = (t.detach().to("cpu", torch.int64) for t in emit)
+    if cu_seqlens is None:
+        lengths = torch.full((num_seq,), T, dtype=torch.int64)
+    else:
+        bounds = cu_seqlens.detach().to("cpu", torch.int64)
+        lengths = bounds[1:] - bounds[:-1]
+    check_emit((seq, num_tokens), num_seq, lengths)
+    order = torch.argsort(seq * (T + 1) + num_tokens)  # by sequence, then token count
+    seq_sorted, len_sorted = seq[order], num_tokens[order]
+    if (seq_sorted[1:] == seq_sorted[:-1]).logical_and(len_sorted[1:] == len_sorted[:-1]).any():
+        raise ValueError(f"emit asks twice for one state: sequences {seq.tolist()} after {num_tokens.tolist()} tokens")
+    inner = len_sorted != lengths[seq_sorted]  # states that must fall on a chunk end
+    while True:
+        # each sequence's shift from one of its inner counts (any: they must agree): (count + shift) % block_t == 0
+        shift = torch.zeros(num_seq, dtype=torch.int64)
+        shift[seq_sorted[inner]] = (-len_sorted[inner]) % block_t
+        if bool(((len_sorted + shift[seq_sorted]) % block_t != 0)[inner].any()):
+            if block_t > _MIN_BLOCK:
+                block_t //= 2
+                continue
+            raise ValueError(f"emit's token counts {num_tokens.tolist()} of one sequence must differ by multiples "
+                             f"of {_MIN_BLOCK} (page boundaries of a page size >= {_MIN_BLOCK}), or be its length")
+        break
+    emit_cu = torch.zeros(num_seq + 1, dtype=torch.int64)
+    emit_cu[1:] = torch.bincount(seq_sorted, minlength=num_seq).cumsum(0)
+    states = torch.empty(seq.shape[0], nh, P, N, dtype=torch.float32, device=device)
+    to = lambda t: t.to(device=device, dtype=torch.int32)  # noqa: E731
+    return to(emit_cu), to(len_sorted), to(shift), states, order.to(device), block_t
+
