@@ -75,16 +75,20 @@ def run(engine, prompts, params):
     """Drive the step API to the end, stepping on after every failure; -> (outputs by request, failures)."""
     ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
     failures = 0
+    streamed = {rid: [] for rid in ids}  # what step() reported, token by token
     for _ in range(2000):  # bounded
         if not engine.has_unfinished_requests():
             break
         try:
-            engine.step()
+            for rid, tokens, _ in engine.step():
+                streamed[rid] += tokens
         except (InjectedFault, KeyboardInterrupt):
             failures += 1
     else:
         pytest.fail("the engine did not finish the workload in 2000 steps")
     outs = [engine.pop_output(rid) for rid in ids]
+    for rid, out in zip(ids, outs):  # every token was reported once, by the step that made it
+        assert streamed[rid] == out.token_ids, rid
     return [(o.token_ids, o.finish_reason) for o in outs], failures
 
 
@@ -197,8 +201,18 @@ def test_a_request_that_fails_alone_errors_and_the_others_go_on(model):
     expected = generate(model, good, 6, attn_name="sdpa")
     assert len({t for seq in expected for t in seq}) >= 8
     engine = make_engine(model, True, 4, num_pages=16)
-    with faulty_forward(model, when=lambda x: bool((x == POISON).any())):
+    with faulty_forward(model, when=lambda x: bool((x == POISON).any())) as calls:
+        original = model.forward
+
+        def bounded(*args, **kwargs):  # a broken isolation would loop forever: stop it
+            if calls[0] > 200:
+                raise KeyboardInterrupt("over 200 forwards: the poisoned request was never isolated")
+            return original(*args, **kwargs)
+
+        model.forward = bounded
         outs = engine.generate(good[:2] + [bad] + good[2:], params, use_tqdm=False)
+        model.forward = original
+    assert engine.scheduler.num_failed_steps == 3  # in the batch, then twice alone
     assert [o.token_ids for o in outs[:2] + outs[3:]] == expected
     assert all(o.finish_reason != "error" for o in outs[:2] + outs[3:])
     assert outs[2].finish_reason == "error" and outs[2].token_ids == []
