@@ -34,7 +34,7 @@ from typing import Hashable, Sequence
 import torch
 
 from fms.cache.kv_manager import KVManager, PageGrant
-from fms.cache.metadata import ContextTooLongError, DecodeWindow, MemoryStats, StepMeta, segment_ids
+from fms.cache.metadata import CheckpointTargets, ContextTooLongError, DecodeWindow, MemoryStats, StepMeta, segment_ids
 from fms.cache.spec import KVCacheSpec
 from fms.cache.state import MambaStatePool
 
@@ -184,6 +184,7 @@ class SequenceCache:
         if self.state_pool is not None:
             slots = torch.tensor([self.manager.slot_of(s) for s in seq_ids], dtype=torch.int64, device=device)
         return dict(
+            checkpoints=self._checkpoint_targets(seq_ids, context, num_new),
             position_ids=positions.to(device, non_blocking=True),
             num_new_tokens=new.to(device, non_blocking=True),
             context_lens=ctx.to(device, non_blocking=True),
@@ -194,6 +195,17 @@ class SequenceCache:
             is_uniform=len(set(num_new)) == 1 and len(set(context)) == 1,
             has_context=max(context) > 0,
         ), positions
+
+    def _checkpoint_targets(self, seq_ids, context, num_new) -> CheckpointTargets | None:
+        """The Mamba states the KV manager wants checkpointed during this step (prefix caching of a hybrid)."""
+        if self.state_pool is None or self.manager.checkpoints is None:
+            return None
+        targets = [(row, n, pages) for row, (seq_id, start, count) in enumerate(zip(seq_ids, context, num_new))
+                   for n, pages in self.manager.capture_targets(seq_id, start, count)]
+        if not targets:
+            return None
+        rows, counts, pages = zip(*targets)
+        return CheckpointTargets(torch.tensor(rows), torch.tensor(counts), list(pages))
 
     # A window step on the device; the driver (DecodeWindowRunner) owns the buffers:
     #   positions (B, 1) int64 position of each row's token, ends (B,) int64 (a row computes positions

@@ -19,6 +19,17 @@ def segment_ids(lengths: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class CheckpointTargets:
+    """States a step checkpoints for the prefix cache (hybrid models; fms.cache.kv_manager): the state of
+    row rows[k] (its padded row, or its sequence when packed) after its first num_tokens[k] new tokens goes
+    to the pages pages[k] (fms.cache.state.CheckpointStore). Host tensors."""
+
+    rows: torch.Tensor  # (K,) int64
+    num_tokens: torch.Tensor  # (K,) int64, 1 .. the row's new tokens
+    pages: list[tuple[int, ...]]
+
+
+@dataclass(frozen=True)
 class StepMeta:
     """Per-step metadata common to every cache. Rows follow the order of `prepare`'s seq ids."""
 
@@ -34,6 +45,7 @@ class StepMeta:
     # for each batch size).
     is_uniform: bool = False  # every row has the same context and the same number of real tokens
     has_context: bool = True  # some row has tokens cached before this step
+    checkpoints: CheckpointTargets | None = None  # Mamba states to checkpoint during this step
 
     @property
     def batch_size(self) -> int:

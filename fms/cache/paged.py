@@ -24,6 +24,7 @@ from fms.cache.base import SequenceCache
 from fms.cache.kv_manager import KVManager, PageGrant
 from fms.cache.metadata import DecodeWindow, MemoryStats, StepMeta, segment_ids
 from fms.cache.spec import KVCacheSpec
+from fms.cache.state import CheckpointLayout, CheckpointStore
 
 __all__ = ["PagedKVCache", "PagedStepMeta", "VarlenMeta", "DecodeWindow", "OutOfPagesError", "SUPPORTED_PAGE_SIZES", "pages_for_budget"]
 
@@ -146,6 +147,15 @@ class PagedKVCache(SequenceCache):
         # Host copy of every live sequence's page table, one row per KV-manager slot, written only
         # where grants change it; a step gathers its rows instead of rebuilding tables from lists.
         self._host_table = torch.zeros(max_batch_size, self.max_pages_per_seq, dtype=torch.int32)
+        # Mamba-state checkpoints of the prefix cache (hybrid models), in the bytes of these pages
+        self.checkpoint_store = None
+        if self.state_pool is not None and manager.checkpoints is not None:
+            layout = CheckpointLayout.for_spec(spec, self.page_size)
+            if layout is None or layout.num_pages != manager.checkpoints.num_pages:
+                raise ValueError(f"the KV manager's checkpoints take {manager.checkpoints.num_pages} pages but this "
+                                 f"cache's layout needs {None if layout is None else layout.num_pages}; build the "
+                                 "policy from CheckpointLayout.for_spec(spec, page_size)")
+            self.checkpoint_store = CheckpointStore(layout, [*self.keys, *self.values], self.state_pool)
 
     # -- sequences -------------------------------------------------------------------------
     def add(self, seq_id: Hashable, prefix_pages: Sequence[int] = (), prefix_len: int = 0) -> None:
@@ -154,8 +164,9 @@ class PagedKVCache(SequenceCache):
         prefix_pages are pages already in the pool holding a prefix's K/V (a prefix cache's pages),
         as logical pages 0..; the next prepare() computes from position prefix_len on.
         """
-        if (prefix_pages or prefix_len) and self.state_pool is not None:
-            raise NotImplementedError("a cached prefix holds no recurrent (Mamba) state to resume from")
+        if (prefix_pages or prefix_len) and self.state_pool is not None and self.checkpoint_store is None:
+            raise NotImplementedError("a cached prefix holds no recurrent (Mamba) state to resume from without "
+                                      "checkpoints: give the KV manager a CheckpointPolicy with prefix caching")
         if prefix_len > self.max_seq_len:
             raise ValueError(f"prefix_len {prefix_len} exceeds this cache's max_seq_len of {self.max_seq_len}")
         slot, grant = self.manager.add(seq_id, prefix_pages, prefix_len)
@@ -181,6 +192,10 @@ class PagedKVCache(SequenceCache):
             self._host_table[slot].zero_()
 
     def apply(self, grants: Sequence[PageGrant]) -> None:
+        if self.checkpoint_store is not None:
+            scrub = [p for g in grants for p in g.scrub]
+            if scrub:
+                self.checkpoint_store.scrub(scrub)
         changed_pages, changed_logical, copies = [], [], []
         for grant in grants:
             if not grant.pages:
@@ -197,6 +212,24 @@ class PagedKVCache(SequenceCache):
             src = torch.tensor([s for s, _ in copies], device=self.spec.device)
             dst = torch.tensor([d for _, d in copies], device=self.spec.device)
             self._copy_pages(src, dst)
+        restores = [g for g in grants if g.restore]
+        if restores:  # a prefix hit: the sequence's Mamba state starts from the checkpoint at its end
+            self.checkpoint_store.restore([self.manager.slot_of(g.seq_id) for g in restores],
+                                          [g.restore for g in restores])
+
+    def capture_after_decode(self, seq_ids: Sequence[Hashable]) -> None:
+        """After one-token steps run outside build_meta (decode windows): checkpoint the states the KV
+        manager wants at the sequences' current length (a prompt's last token run as a decode row)."""
+        if self.checkpoint_store is None:
+            return
+        slots, pages = [], []
+        for seq_id in seq_ids:
+            length = self.manager.length(seq_id)
+            for _, target in self.manager.capture_targets(seq_id, length - 1, 1):
+                slots.append(self.manager.slot_of(seq_id))
+                pages.append(target)
+        if slots:
+            self.checkpoint_store.capture(slots, pages)
 
     def _set_logical(self, pages, logical):
         if pages:
@@ -345,7 +378,7 @@ class PagedKVCache(SequenceCache):
             pages_in_use=kv.allocator.num_used,
             num_pages=self.num_pages,
             state_bytes=self._state_bytes(),
-            extra={"page_size": self.page_size},
+            extra={"page_size": self.page_size, "checkpoint_bytes": kv.stats().checkpoint_bytes},
         )
 
 

@@ -27,15 +27,25 @@ class MambaLayer(nn.Module):
             # the real tokens, so it cannot reach them
             return self.mamba(x)
         pool, slots = cache.state_pool, meta.state_slots
+        # states the prefix cache checkpoints in this step (a hybrid's prefill), emitted by the same scan
+        targets = getattr(meta, "checkpoints", None)
         if x.shape[1] == 1 and not meta.packed:
             # decode: one recurrent step on the rows of the slots, updated in place in the pools
             conv, ssm = pool.layer_pools(self.layer_idx)
-            return self.mamba.step_in_pools(x, conv, ssm, slots, meta.num_new_tokens > 0)
+            out = self.mamba.step_in_pools(x, conv, ssm, slots, meta.num_new_tokens > 0)
+            if targets is not None:  # one token per row: the state after it, just written to the slot
+                rows = slots.index_select(0, targets.rows.to(slots.device))
+                cache.checkpoint_store.write(self.layer_idx, targets.pages, *pool.layer_state(self.layer_idx, rows))
+            return out
         state = Mamba2State(*pool.layer_state(self.layer_idx, slots))
+        emit = None if targets is None else (targets.rows, targets.num_tokens)
         if meta.packed:  # one row of every sequence's new tokens back to back
-            out = self.mamba(x, state=state, cu_seqlens=meta.varlen.cu_q)
+            out = self.mamba(x, state=state, cu_seqlens=meta.varlen.cu_q, emit=emit)
         else:
-            out = self.mamba(x, state=state, valid_lens=meta.num_new_tokens)
+            out = self.mamba(x, state=state, valid_lens=meta.num_new_tokens, emit=emit)
+        if emit is not None:
+            out, emitted = out
+            cache.checkpoint_store.write(self.layer_idx, targets.pages, emitted.conv_state, emitted.ssm_state)
         pool.store(self.layer_idx, slots, state.conv_state, state.ssm_state)
         return out
 

@@ -13,6 +13,7 @@ import torch
 
 from fms.cache.kv_manager import KVManager
 from fms.cache.paged import pages_for_budget
+from fms.cache.state import CheckpointLayout
 from fms.modules.attention import get_attention_op
 from fms.runtime.inputs import prompt_token_ids
 from fms.serving.config import EngineConfig
@@ -66,13 +67,18 @@ class LLMEngine:
             else:
                 num_pages = config.max_num_seqs * math.ceil(min(config.max_model_len, 1024) / config.page_size)
         enable_prefix_caching = config.enable_prefix_caching
+        checkpoints = None  # a hybrid resumes a cached prefix from a checkpoint of its Mamba state, kept in pages
         if enable_prefix_caching and spec.state_spec is not None:
-            logger.info("prefix caching off: a cached prefix would also need the Mamba state at its end")
-            enable_prefix_caching = False
+            layout = CheckpointLayout.for_spec(spec, config.page_size)
+            if layout is None:
+                logger.info("prefix caching off: a model without attention layers has no pages for state checkpoints")
+                enable_prefix_caching = False
+            else:
+                checkpoints = layout.policy()
         # the one host owner of pages, slots and prefix hits; the scheduler decides through it, the
         # cache (the paged op's device pool) applies its grants
         self.kv = KVManager(num_pages, config.page_size, config.max_num_seqs,
-                            enable_prefix_caching=enable_prefix_caching)
+                            enable_prefix_caching=enable_prefix_caching, checkpoints=checkpoints)
         self.cache = get_attention_op("paged").create_cache(spec, max_batch_size=config.max_num_seqs,
                                                             max_seq_len=config.max_model_len, manager=self.kv)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len,
@@ -311,6 +317,11 @@ class LLMEngine:
             "prefix_cache_queried_tokens": pc.num_queried_tokens if pc else 0,
             "prefix_cache_hit_tokens": pc.num_hit_tokens if pc else 0,
             "prefix_cache_hit_rate": pc.hit_rate if pc else 0.0,
+            # hybrid models: Mamba-state checkpoints, in pages of the same pool (bytes = their whole pages)
+            "num_cached_checkpoints": kv.num_checkpoints,
+            "checkpoint_pages": kv.num_checkpoint_pages,
+            "checkpoint_bytes": kv.checkpoint_bytes,
+            "checkpoint_interval_pages": self.kv.checkpoints.interval if self.kv.checkpoints else 0,
         }
 
     # -- helpers ---------------------------------------------------------------------------

@@ -172,6 +172,9 @@ class ModelRunner:
         if decode:
             for i, tokens in zip(decode, self.decoder.run([DecodeRow.of_chunk(chunks[i]) for i in decode])):
                 sampled[i] = tokens
+            # a prompt's last token run as a decode row may end at a page boundary the prefix cache
+            # checkpoints (hybrid models); only then does this copy anything
+            self.cache.capture_after_decode([chunks[i].request_id for i in decode])
             for i, row_logprobs in zip(decode, self.decoder.last_logprobs):
                 logprobs[i] = row_logprobs
         if pending is not None:
