@@ -35,6 +35,12 @@ def train(text: str, vocab_size: int, min_frequency: int) -> Tokenizer:
     return tokenizer
 
 
+# A minimal chat format for demos and tests (see the tokenizer's README): each message as
+# "<|role|>\n" + content + "\n", after BOS; the assistant's turn opens with "<|assistant|>\n".
+CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
 def tokenizer_config() -> dict:
     # Enough for transformers' PreTrainedTokenizerFast to load the same folder;
     # no space clean-up so its decode round-trips exactly like ours.
@@ -47,6 +53,7 @@ def tokenizer_config() -> dict:
         "add_bos_token": True,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
     }
 
 

@@ -17,8 +17,9 @@ from fms.cache.state import CheckpointLayout
 from fms.modules.attention import get_attention_op
 from fms.runtime.inputs import prompt_token_ids
 from fms.serving.config import EngineConfig
+from fms.serving.detokenizer import IncrementalDetokenizer
 from fms.serving.model_runner import ModelRunner
-from fms.serving.request import Request, RequestOutput, SamplingParams
+from fms.serving.request import FinishReason, Request, RequestOutput, SamplingParams
 from fms.serving.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -122,6 +123,9 @@ class LLMEngine:
         outside = [t for t in params.stop_token_ids if t >= vocab_size]
         if outside:
             raise ValueError(f"stop_token_ids {outside} are outside the vocabulary (ids 0..{vocab_size - 1})")
+        if (params.stop or params.stream_text) and self.tokenizer is None:
+            raise ValueError("stop strings and stream_text need the engine's tokenizer; pass LLMEngine(model, "
+                             "tokenizer) or use stop_token_ids")
         if request_id is None:
             request_id = next(self._ids)
             while request_id in self.requests:
@@ -165,6 +169,7 @@ class LLMEngine:
             logger.warning("step failed (%s: %s); rolled back %d request(s)%s", type(e).__name__, e, len(failed),
                            f", finished {len(errored)} with an error" if errored else "")
             raise
+        results = self._apply_text_and_logprobs(out, results)
         rejected = [StepOutput(rid, [], True) for rid in held]
         t3 = time.perf_counter()
         self.time_s["schedule"] += t1 - t0
@@ -192,7 +197,10 @@ class LLMEngine:
 
     def get_output(self, request_id: Hashable) -> RequestOutput:
         request = self._request(request_id)
-        text = self.tokenizer.decode(request.output_token_ids) if self.tokenizer is not None else None
+        if request.detokenizer is not None:  # built token by token; cut at a stop string
+            text = request.detokenizer.text
+        else:
+            text = self.tokenizer.decode(request.output_token_ids) if self.tokenizer is not None else None
         return RequestOutput.from_request(request, text)
 
     def pop_output(self, request_id: Hashable) -> RequestOutput:
@@ -325,6 +333,40 @@ class LLMEngine:
         }
 
     # -- helpers ---------------------------------------------------------------------------
+    def _apply_text_and_logprobs(self, out: SchedulerOutput, results: list[tuple]) -> list[tuple]:
+        """After the scheduler appended a step's tokens: attach their logprobs, extend the text of requests
+        that build it token by token, and end those whose text reached a stop string. Such a request keeps
+        its tokens up to the one that completed the stop string (later ones of a decode window are dropped)
+        and is released through the scheduler, finishing with reason "stop"."""
+        logprobs = {c.request_id: lp for c, lp in zip(out.chunks, self.runner.last_logprobs) if lp is not None}
+        applied = []
+        for rid, tokens, finished in results:
+            request = self.requests.get(rid)
+            if request is None or not tokens:
+                applied.append((rid, tokens, finished))
+                continue
+            if rid in logprobs and request.logprobs is not None:
+                request.logprobs.extend(logprobs[rid][:len(tokens)])
+            params = request.params
+            if request.detokenizer is None and (params.stop or params.stream_text):
+                request.detokenizer = IncrementalDetokenizer(
+                    self.tokenizer, request.prompt_token_ids, params.stop, params.include_stop_str_in_output,
+                    params.min_tokens)
+            keep = request.detokenizer.add_tokens(tokens) if request.detokenizer is not None else None
+            if keep is not None:
+                extra = len(tokens) - keep
+                if extra:
+                    del request.output_token_ids[-extra:], request.token_times[-extra:]
+                    if request.logprobs is not None:
+                        del request.logprobs[len(request.output_token_ids):]
+                    tokens = tokens[:keep]
+                if not finished:
+                    self.scheduler.abort(request)  # releases its pages; then the reason is "stop"
+                request.finish(FinishReason.STOP)
+                finished = True
+            applied.append((rid, tokens, finished))
+        return applied
+
     def _warmup_prefill(self, max_chunk_tokens: int) -> None:
         """Run the runner's warm-up prefill steps on scratch sequences, freed afterwards whatever happens."""
         kv, ps = self.kv, self.kv.page_size
