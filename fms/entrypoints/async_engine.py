@@ -1,0 +1,276 @@
+"""AsyncEngine: one LLMEngine stepped by one background thread, fed by many asyncio clients.
+
+    HTTP handlers (event loop)                  engine thread
+    submit(prompt, params) -> RequestStream --> intake queue --> engine.add_request
+    async for delta in stream                   engine.step() -> deltas per request
+        <-- loop.call_soon_threadsafe(queue.put_nowait, delta)
+    stream.abort() (client gone) ------------> abort queue  --> engine.abort (pages freed)
+
+Every request that arrives joins the running batch at the next step (continuous batching across
+clients). The engine is touched by the engine thread only; handlers talk to it through the two
+queues, so no lock is held around a step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Hashable
+
+from fms.runtime.sampler import TokenLogprobs
+from fms.serving.engine import LLMEngine
+from fms.serving.request import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+SNAPSHOT_INTERVAL_S = 0.05
+
+
+class EngineOverloaded(Exception):
+    """The waiting queue is at its bound (--max-waiting): the client should retry later (HTTP 429)."""
+
+
+class EngineStopped(Exception):
+    """The server is shutting down and takes no new requests (HTTP 503)."""
+
+
+@dataclass
+class Delta:
+    """What one step added to one request: new tokens, the text that may be sent now, their logprobs."""
+
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprobs] | None = None
+    finished: bool = False
+    finish_reason: str | None = None
+    stop_reason: str | None = None
+    error: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+
+
+@dataclass
+class RequestStream:
+    """The client side of one request: an asyncio queue of Deltas, ended by one with finished=True."""
+
+    request_id: Hashable
+    num_prompt_tokens: int
+    _engine: "AsyncEngine"
+    _queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    finished: bool = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> Delta:
+        if self.finished:
+            raise StopAsyncIteration
+        delta = await self._queue.get()
+        if isinstance(delta, BaseException):
+            self.finished = True
+            raise delta
+        self.finished = delta.finished
+        return delta
+
+    def abort(self) -> None:
+        """Give up on the request (the client went away): the engine aborts it and frees its pages."""
+        if not self.finished:
+            self.finished = True
+            self._engine._aborts.put(self.request_id)
+            self._engine._wake.set()
+
+
+@dataclass
+class _Tracked:
+    stream: RequestStream
+    loop: asyncio.AbstractEventLoop
+    num_sent_chars: int = 0
+    num_sent_tokens: int = 0
+
+
+class AsyncEngine:
+    """max_waiting: most requests queued but not yet running (None: no bound); one more is refused with
+    EngineOverloaded. on_finish(output): called on the engine thread for each finished request (metrics).
+    stats: engine.stats() plus num_pending_requests, refreshed by the engine thread every SNAPSHOT_INTERVAL_S."""
+
+    def __init__(self, engine: LLMEngine, max_waiting: int | None = None, on_finish=None):
+        if max_waiting is not None and max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0 or None, got {max_waiting}")
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self.on_finish = on_finish
+        self.stats = {**engine.stats(), "num_pending_requests": 0}
+        self._snapshot_time = 0.0
+        self._intake: queue.Queue = queue.Queue()
+        self._aborts: queue.Queue = queue.Queue()
+        self._wake = threading.Event()
+        self._tracked: dict[Hashable, _Tracked] = {}
+        self._ids = itertools.count()
+        self._num_pending = 0  # submitted, not yet running; read by submit() for the bound
+        self._accepting = True
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.num_step_failures = 0
+
+    # -- client side (event loop) ------------------------------------------------------------------
+    def submit(self, prompt_token_ids: list[int], params: SamplingParams) -> RequestStream:
+        """Queue a prompt (already tokenized and checked); raises EngineOverloaded / EngineStopped."""
+        if not self._accepting or self._stop.is_set():
+            raise EngineStopped("the server is shutting down and takes no new requests")
+        if self.max_waiting is not None and self._num_pending >= self.max_waiting:
+            raise EngineOverloaded(f"{self._num_pending} requests are already waiting (--max-waiting "
+                                   f"{self.max_waiting}); retry later")
+        request_id = f"cmpl-{next(self._ids)}"
+        stream = RequestStream(request_id, len(prompt_token_ids), self)
+        self._num_pending += 1
+        self._intake.put((request_id, prompt_token_ids, params, stream, asyncio.get_running_loop()))
+        self._wake.set()
+        return stream
+
+    @property
+    def num_pending(self) -> int:
+        return self._num_pending
+
+    @property
+    def is_accepting(self) -> bool:
+        return self._accepting and not self._stop.is_set()
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("the engine loop is already running")
+        self._thread = threading.Thread(target=self._run, name="fms-engine-loop", daemon=True)
+        self._thread.start()
+
+    def stop_intake(self) -> None:
+        """Refuse new requests from now on; the ones in flight keep running."""
+        self._accepting = False
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Stop intake, let in-flight requests finish for up to timeout_s, abort the rest, end the loop."""
+        self.stop_intake()
+        deadline = time.monotonic() + timeout_s
+        while self._tracked or not self._intake.empty():
+            if time.monotonic() > deadline or self._thread is None or not self._thread.is_alive():
+                break
+            time.sleep(0.02)
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=max(5.0, timeout_s))
+
+    # -- engine thread ------------------------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while not self._stop.is_set():
+                self._take_intake()
+                self._take_aborts()
+                if not engine.has_unfinished_requests():
+                    self._snapshot(force=False)
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+                    continue
+                try:
+                    results = engine.step()
+                except Exception as e:  # the step rolled back; requests that keep failing end with an error
+                    self.num_step_failures += 1
+                    logger.exception("engine step failed: %s", e)
+                    results = []
+                    if not getattr(engine, "last_failed_request_ids", None):
+                        time.sleep(0.05)  # nothing was rolled back: do not spin on a broken engine
+                self._num_pending = len(engine.scheduler.waiting) + self._intake.qsize()
+                for request_id, _, finished in results:
+                    if request_id in self._tracked:
+                        self._deliver(request_id, finished)
+                self._snapshot(force=False)
+        finally:
+            self._abort_all("the server shut down before the request finished")
+
+    def _snapshot(self, force: bool) -> None:
+        """Engine statistics for other threads (metrics), taken here where the engine is not changing."""
+        now = time.monotonic()
+        if force or now - self._snapshot_time >= SNAPSHOT_INTERVAL_S:
+            self.stats = {**self.engine.stats(), "num_pending_requests": self._num_pending}
+            self._snapshot_time = now
+
+    def _take_intake(self) -> None:
+        while True:
+            try:
+                request_id, token_ids, params, stream, loop = self._intake.get_nowait()
+            except queue.Empty:
+                return
+            if stream.finished:  # aborted before it reached the engine
+                self._num_pending -= 1
+                continue
+            self._tracked[request_id] = _Tracked(stream, loop)
+            try:
+                self.engine.add_request(token_ids, params, request_id=request_id)
+            except Exception as e:  # checked before submit(); anything left is reported to that client alone
+                del self._tracked[request_id]
+                loop.call_soon_threadsafe(stream._queue.put_nowait, e)
+                self._num_pending -= 1
+                continue
+            if self.engine.requests[request_id].is_finished:  # rejected: can never fit the pool
+                self._deliver(request_id, True)
+
+    def _take_aborts(self) -> None:
+        while True:
+            try:
+                request_id = self._aborts.get_nowait()
+            except queue.Empty:
+                return
+            if self._tracked.pop(request_id, None) is not None and request_id in self.engine.requests:
+                self.engine.abort(request_id)
+                self.engine.pop_output(request_id)
+
+    def _deliver(self, request_id: Hashable, finished: bool) -> None:
+        tracked = self._tracked[request_id]
+        engine = self.engine
+        request = engine.requests[request_id]
+        finished = finished or request.is_finished
+        output = engine.pop_output(request_id) if finished else None
+        detokenizer = request.detokenizer
+        text = ""
+        if detokenizer is not None:
+            stable = detokenizer.text if finished else detokenizer.stable_text(False)
+            text, tracked.num_sent_chars = stable[tracked.num_sent_chars:], len(stable)
+        num_out, sent = len(request.output_token_ids), tracked.num_sent_tokens
+        tracked.num_sent_tokens = num_out
+        delta = Delta(
+            token_ids=list(request.output_token_ids[sent:]),
+            text=text,
+            logprobs=None if request.logprobs is None else list(request.logprobs[sent:num_out]),
+            finished=finished,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_output_tokens=num_out,
+        )
+        if finished:
+            delta.finish_reason = output.finish_reason
+            delta.stop_reason = output.stop_reason
+            delta.error = output.error
+            del self._tracked[request_id]
+            if self.on_finish is not None:
+                self.on_finish(output)
+        tracked.loop.call_soon_threadsafe(tracked.stream._queue.put_nowait, delta)
+
+    def _abort_all(self, reason: str) -> None:
+        for request_id, tracked in list(self._tracked.items()):
+            if request_id in self.engine.requests:
+                try:
+                    self.engine.abort(request_id)
+                    self.engine.pop_output(request_id)
+                except Exception:  # the loop is ending; the client still gets told
+                    logger.exception("aborting %r at shutdown failed", request_id)
+            delta = Delta([], "", finished=True, finish_reason="abort", error=reason,
+                          num_prompt_tokens=tracked.stream.num_prompt_tokens)
+            try:
+                tracked.loop.call_soon_threadsafe(tracked.stream._queue.put_nowait, delta)
+            except RuntimeError:  # its event loop is closed already
+                pass
+        self._tracked.clear()

@@ -1,0 +1,343 @@
+"""The benchmark and evaluation subcommands that wrap fms.bench / fms.eval: `fms bench throughput` (offline
+engine serving throughput), `fms bench static` (static batches per attention op), `fms bench latency` (one
+batch end to end) and `fms eval`. scripts/benchmark_serving.py, scripts/benchmark_inference.py and
+scripts/eval.py call these. Options take vLLM-style dashes or the scripts' underscores alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fms.bench.models import ARCHITECTURES
+from fms.bench.serving import PEERS, ServingBenchConfig, run_serving_benchmark
+from fms.bench.static_run import PROFILES, SWEEPS, StaticBenchConfig, run_static_benchmark
+from fms.cache.paged import SUPPORTED_PAGE_SIZES
+from fms.eval.report import MODE_CHOICES, TASK_NAMES, EvalConfig, run_eval
+
+THROUGHPUT_DOC = """Offline serving throughput of LLMEngine (continuous batching over the paged cache), optionally vs HF.
+
+Workload: N requests with prompt lengths drawn uniformly from a seeded range and a fixed (or ranged)
+number of new tokens, EOS ignored, random token ids; or prompts and reply lengths from a
+ShareGPT-style JSON (--dataset). All requests arrive at t=0, so time to first token includes queueing.
+Every row carries its roofline limit (limit_tok_s, pct_of_limit). The work is fms.bench.serving.
+
+    python scripts/benchmark_serving.py --results_dir results                       # CUDA: llama 3.2-1b bf16
+    python scripts/benchmark_serving.py --results_dir results --peers hf            # + HF generate_batch
+    python scripts/benchmark_serving.py --results_dir results --dataset sharegpt.json --tokenizer PATH
+
+On CPU the defaults shrink to a demo (llama "micro", 8 requests of 16-32 + 8 tokens) that finishes in well under a
+minute; its numbers say the engine runs, not how fast it is. Writes serving.json and serving.csv.
+"""
+STATIC_DOC = """Benchmark static-batch inference per attention backend: latency, throughput, ms/token, GPU and KV memory.
+
+Sweeps batch size (at a fixed context) and context length (at batch 1); at each point every backend in
+--attn_name runs in turn (A, B, A, B, ...) on the same random prompts, EOS ignored. Writes a table to
+stdout and results.json, points.csv and PNG plots under --results_dir/<run name>/; every row carries its
+roofline limit (limit_tok_s, pct_of_limit; fms/bench/roofline.py). The work is fms.bench.static_run.
+
+    python scripts/benchmark_inference.py                                  # CPU: micro model, ~1 minute
+    python scripts/benchmark_inference.py --attn_name sdpa,paged --profile standard --mixed --peers hf
+    python scripts/benchmark_inference.py --variant 3.2-1b --batch_sizes 1,8,32 --context_lengths 512,2048
+"""
+EVAL_DOC = """Accuracy, speed and memory of one model on MMLU / TruthfulQA (or summarization), default vs paged attention.
+
+    python scripts/eval.py --task mmlu --data path/to/mmlu/test --mode both --output results/mmlu.json
+    python scripts/eval.py --task truthfulqa_mc2 --data mc_task.json --model_path ckpt/ --mode paged
+
+Data is read from local files only (see fms/resources/eval/README.md for the layouts). The work is
+fms.eval.report.run_eval.
+"""
+# how each run records the command that made it (the scripts pass their own name)
+_PROGRAM = {"throughput": ["fms", "bench", "throughput"], "static": ["fms", "bench", "static"]}
+
+
+class _Parser(argparse.ArgumentParser):
+    """Takes --max-num-seqs for --max_num_seqs (vLLM's spelling of the scripts' options)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        known = {o for a in self._actions for o in a.option_strings}
+        fixed = []
+        for arg in args:
+            flag, eq, value = arg.partition("=")
+            if flag.startswith("--") and flag not in known and flag.replace("-", "_")[2:] and \
+                    "--" + flag[2:].replace("-", "_") in known:
+                arg = "--" + flag[2:].replace("-", "_") + eq + value
+            fixed.append(arg)
+        return super().parse_known_args(fixed, namespace)
+
+
+# -- fms bench throughput (offline engine, scripts/benchmark_serving.py) ----------------------------------
+def _serving_range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition(",")
+    return int(lo), int(hi or lo)
+
+
+def throughput_parser_args(argv=None):
+    p = _Parser(prog="fms bench throughput", description=THROUGHPUT_DOC.splitlines()[0])
+    p.add_argument("--results_dir", type=Path, default=Path("results"))
+    p.add_argument("--architecture", default="llama")
+    p.add_argument("--variant", default=None, help="default: 3.2-1b on CUDA, micro on CPU")
+    p.add_argument("--model_path", default=None, help="HF checkpoint folder (real weights) instead of random ones")
+    p.add_argument("--tokenizer", default=None, help="tokenizer for --dataset (default: the shipped one)")
+    p.add_argument("--data_type", default=None, help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--num_requests", type=int, default=None, help="default 128 (CUDA) / 8 (CPU)")
+    p.add_argument("--prompt_range", type=_serving_range, default=None, help="LO,HI prompt tokens; default 64,512 / 16,32")
+    p.add_argument("--output_range", type=_serving_range, default=None, help="LO,HI new tokens; default 256 / 8")
+    p.add_argument("--dataset", type=Path, default=None, help="ShareGPT-style JSON (conversations or prompt/completion)")
+    p.add_argument("--decode_steps_sweep", default=None,
+                   help="K1,K2,...: run the workload once per max_decode_steps value on one engine (compiled once)")
+    p.add_argument("--batch1_tokens", type=int, default=0,
+                   help="also time one request (128-token prompt, this many new tokens) on the same engine")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--page_size", type=int, default=16)
+    p.add_argument("--num_pages", type=int, default=None)
+    p.add_argument("--memory_fraction", type=float, default=None, help="of free GPU memory for pages (default 0.9)")
+    p.add_argument("--max_num_seqs", type=int, default=None)
+    p.add_argument("--max_num_batched_tokens", type=int, default=None)
+    p.add_argument("--max_model_len", type=int, default=None)
+    p.add_argument("--no_prefix_caching", action="store_true")
+    p.add_argument("--no_cuda_graphs", action="store_true")
+    p.add_argument("--no_compile", action="store_true", help="decode step and prefill forward uncompiled (default: torch.compile on CUDA)")
+    p.add_argument("--max_decode_steps", type=int, default=None,
+                   help="decode steps per host synchronization (default: the engine's, 16; 1 = every token)")
+    p.add_argument("--respect_eos", action="store_true", help="stop at EOS (default: ignore it, fixed lengths)")
+    p.add_argument("--peers", default="", help="comma list of peers to run on the same weights/workload: hf")
+    p.add_argument("--no_warmup", action="store_true", help="skip the short untimed warm-up run (always off on CPU)")
+    return p, p.parse_args(argv)
+
+
+def throughput_config(argv=None) -> ServingBenchConfig:
+    parser, args = throughput_parser_args(argv)
+    peers = [p for p in args.peers.split(",") if p]
+    unknown = sorted(set(peers) - set(PEERS))
+    if unknown:
+        print(f"unknown peers ignored: {unknown} (supported: {', '.join(PEERS)})")
+    options = {k: v for k, v in vars(args).items()
+               if k not in ("no_prefix_caching", "no_cuda_graphs", "no_compile", "no_warmup", "peers",
+                            "decode_steps_sweep")}
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return ServingBenchConfig(
+            **options, prefix_caching=not args.no_prefix_caching, cuda_graphs=not args.no_cuda_graphs,
+            compile=not args.no_compile, warmup=not args.no_warmup, peers=tuple(p for p in peers if p in PEERS),
+            decode_steps_sweep=tuple(int(k) for k in args.decode_steps_sweep.split(",")) if args.decode_steps_sweep
+            else (),
+            command=" ".join(shlex.quote(a) for a in [*_PROGRAM["throughput"], *argv]))
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+
+def throughput_main(argv=None) -> dict:
+    return run_serving_benchmark(throughput_config(argv))
+
+
+# -- fms bench static (static batches, scripts/benchmark_inference.py) ------------------------------------
+def _int_list(values) -> list[int] | None:
+    if values is None:
+        return None
+    return [int(part) for v in values for part in str(v).replace(",", " ").split()]
+
+
+def _range(text: str) -> tuple[int, int]:
+    lo, hi = (int(x) for x in text.split(","))
+    return lo, hi
+
+
+def _names(text: str | None) -> tuple[str, ...]:
+    return tuple(x.strip() for x in (text or "").split(",") if x.strip())
+
+
+def static_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="fms bench static", description=STATIC_DOC.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m = p.add_argument_group("model")
+    m.add_argument("--architecture", default="llama", choices=ARCHITECTURES)
+    m.add_argument("--variant", default=None,
+                   help="a registered variant, or auto-llama / auto-granite (picked from the device); "
+                        "default: auto for the architecture")
+    m.add_argument("--model_path", default=None, help="HF checkpoint folder (else random weights)")
+    m.add_argument("--tokenizer", default=None, help="only used to decode one sample output")
+    m.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="auto: bf16 on CUDA, fp32 on CPU")
+    m.add_argument("--device_type", default=None, choices=["cuda", "cpu"], help="default: cuda if available")
+    m.add_argument("--compile", action="store_true",
+                   help="torch.compile the model forward for every backend (eager if it fails); results.json "
+                        "records the graphs compiled per backend and step kind, graph breaks and any fallback")
+    m.add_argument("--compile_scope", default="all", choices=["all", "decode"],
+                   help="with --compile, which steps run compiled: all, or one-token decode steps only (prefill "
+                        "eager, as gpt-fast compiles only its decode step)")
+    m.add_argument("--compile_backend", default="inductor",
+                   help="torch.compile backend for --compile (aot_eager: dynamo's graphs without code generation)")
+    m.add_argument("--decode_window", type=int, default=None,
+                   help="sweeps decode in windows of this many one-token steps per host synchronization, "
+                        "inputs computed on the device (fms.utils.generation.Generator); with --compile the "
+                        "window step is compiled (prefill eager)")
+    m.add_argument("--cuda_graphs", action="store_true",
+                   help="with --decode_window: replay each decode step from a CUDA graph")
+    m.add_argument("--seed", type=int, default=0)
+    w = p.add_argument_group("workload")
+    w.add_argument("--attn_name", default="sdpa,paged", help="comma list of registered attention ops")
+    w.add_argument("--profile", default="standard", choices=PROFILES,
+                   help="default sweeps; light for GPUs under 16 GB (the CPU always gets a small sweep)")
+    w.add_argument("--sweep", default="both", choices=SWEEPS)
+    w.add_argument("--batch_sizes", nargs="+", default=None, help="batch sweep, e.g. 1,2,4,8")
+    w.add_argument("--context_lengths", nargs="+", default=None, help="context sweep, e.g. 128,512,2048")
+    w.add_argument("--base_context", type=int, default=None, help="context of the batch sweep (profile default)")
+    w.add_argument("--base_batch", type=int, default=1, help="batch of the context sweep")
+    w.add_argument("--max_new_tokens", type=int, default=None)
+    w.add_argument("--page_size", type=int, default=16, choices=SUPPORTED_PAGE_SIZES)
+    w.add_argument("--repeats", type=int, default=None, help="timed runs per point (3 on CUDA, 1 on CPU)")
+    w.add_argument("--warmup", type=int, default=1, help="untimed runs per point and backend")
+    x = p.add_argument_group("mixed-length workload and capacity")
+    x.add_argument("--mixed", action="store_true", help="also run a mixed-length static batch per backend")
+    x.add_argument("--mixed_requests", type=int, default=None)
+    x.add_argument("--mixed_prompt_range", type=_range, default=None, help="LO,HI prompt tokens")
+    x.add_argument("--mixed_output_range", type=_range, default=None, help="LO,HI output tokens")
+    x.add_argument("--memory_budget_gb", type=float, default=None,
+                   help="KV-cache budget for the largest-batch search (GB = 1e9 bytes)")
+    o = p.add_argument_group("output")
+    o.add_argument("--results_dir", default="results")
+    o.add_argument("--run_name", default=None, help="subfolder of --results_dir (default: model-backends-time)")
+    o.add_argument("--wandb", action="store_true", help="log to Weights & Biases (offline unless configured)")
+    o.add_argument("--wandb_project", default="fms-inference-benchmark")
+    o.add_argument("--peers", default=None, help="comma list of peer stacks to run the same workload on: hf")
+    o.add_argument("--no_progress", action="store_true", help="no tqdm progress bars")
+    return p
+
+
+def static_config(parser: argparse.ArgumentParser, argv: list[str]) -> StaticBenchConfig:
+    args = parser.parse_args(argv)
+    try:
+        batch_sizes, context_lengths = _int_list(args.batch_sizes), _int_list(args.context_lengths)
+    except ValueError as exc:
+        parser.error(f"--batch_sizes / --context_lengths take integers: {exc}")
+    options = {k: v for k, v in vars(args).items() if k not in ("attn_name", "peers", "no_progress")}
+    options.update(batch_sizes=batch_sizes, context_lengths=context_lengths, backends=_names(args.attn_name),
+                   peers=_names(args.peers), progress=not args.no_progress,
+                   command=" ".join(shlex.quote(a) for a in [*_PROGRAM["static"], *argv]))
+    try:
+        return StaticBenchConfig(**options)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+
+def static_main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    run_static_benchmark(static_config(static_parser(), argv))
+    return 0
+
+
+# -- fms eval (scripts/eval.py) ---------------------------------------------------------------------------
+def eval_args(argv=None):
+    p = _Parser(prog="fms eval", description=EVAL_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", default="both", choices=MODE_CHOICES,
+                   help="default = sdpa attention, paged = paged KV cache + FlexAttention, both = each, compared")
+    p.add_argument("--architecture", default="llama", help="llama, granite, granite_hybrid or hf_pretrained")
+    p.add_argument("--variant", default=None, help="e.g. micro, 3.2-1b (default: micro without --model_path)")
+    p.add_argument("--model_path", default=None, help="HF checkpoint folder (config.json + safetensors)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json / tokenizer.model or a folder (default: the one in --model_path, else shipped)")
+    p.add_argument("--task", default="mmlu", help=f"one of: {', '.join(TASK_NAMES)}")
+    p.add_argument("--data", default=None, help="local data file or folder (never downloaded)")
+    p.add_argument("--fewshot_data", default=None, help="dev split to take few-shot examples from")
+    p.add_argument("--limit", type=int, default=None, help="first N questions of each subject")
+    p.add_argument("--num_fewshot", type=int, default=0)
+    p.add_argument("--fewshot_seed", type=int, default=1234, help="draws few-shot examples when there is no dev split")
+    p.add_argument("--batch_size", type=int, default=8, help="model inputs per forward")
+    p.add_argument("--device_type", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--page_size", type=int, default=16, help="paged mode's page size in tokens")
+    p.add_argument("--seed", type=int, default=0, help="random weights' seed (no --model_path)")
+    p.add_argument("--max_new_tokens", type=int, default=64, help="summarization only")
+    p.add_argument("--no_warmup", action="store_true",
+                   help="skip the untimed warm-up batches (timings then include compilation)")
+    p.add_argument("--output", default=None, help="write every metric to this JSON file")
+    p.add_argument("--log_samples", action="store_true", help="add per-question log-likelihoods to the JSON")
+    p.add_argument("--wandb", action="store_true", help="log to Weights & Biases (offline unless configured)")
+    p.add_argument("--wandb_project", default="fms-eval")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+
+def eval_main(argv=None) -> dict:
+    """Run the evaluation; returns the report. Raises EvalError (a ValueError) on bad input."""
+    args = eval_args(argv)
+    options = {k: v for k, v in vars(args).items() if k not in ("no_warmup", "no_progress")}
+    return run_eval(EvalConfig(**options, warmup=not args.no_warmup, progress=not args.no_progress))
+
+
+def eval_cli(argv=None) -> int:
+    try:
+        eval_main(argv)
+    except (ValueError, FileNotFoundError) as e:  # EvalError, and model / tokenizer set-up errors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# -- fms bench latency (one batch end to end, like vllm bench latency) ------------------------------------
+def latency_parser() -> argparse.ArgumentParser:
+    from fms.entrypoints.engine_args import add_engine_arguments, add_model_arguments
+
+    p = _Parser(prog="fms bench latency", description="End-to-end latency of one batch of requests on the engine: "
+                "random prompts of --input-len tokens, --output-len new tokens each (EOS ignored), timed "
+                "--num-iters times after --num-iters-warmup untimed runs.")
+    add_model_arguments(p)
+    add_engine_arguments(p)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--input-len", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--num-iters-warmup", type=int, default=1)
+    p.add_argument("--num-iters", type=int, default=3)
+    p.add_argument("--output-json", type=Path, default=None)
+    return p
+
+
+def latency_main(argv=None) -> dict:
+    from fms.entrypoints.engine_args import build_engine
+    from fms.entrypoints.bench_serve import _commit, _percentiles, random_requests
+    from fms.serving import SamplingParams
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = latency_parser().parse_args(argv)
+    for name in ("batch_size", "input_len", "output_len", "num_iters"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    engine, loaded = build_engine(args)
+    vocab_size = engine.model.config.vocab_size
+    prompts = [r.prompt for r in random_requests(args.batch_size, args.input_len, 1, 0.0, vocab_size, args.seed)]
+    params = SamplingParams(max_tokens=args.output_len, ignore_eos=True)
+
+    def run_once() -> float:
+        start = time.perf_counter()
+        engine.generate(prompts, params, use_tqdm=False)
+        return time.perf_counter() - start
+
+    for _ in range(args.num_iters_warmup):
+        run_once()
+    latencies = [run_once() for _ in range(args.num_iters)]
+    report = {"command": " ".join(shlex.quote(a) for a in ["fms", "bench", "latency", *argv]), "commit": _commit(),
+              "device": str(engine.model.cache_spec().device), "model": loaded.name,
+              "batch_size": args.batch_size, "input_len": args.input_len, "output_len": args.output_len,
+              "latencies_s": latencies, "avg_latency_s": sum(latencies) / len(latencies),
+              **{k.replace("_e2el_ms", "_latency_ms"): v
+                 for k, v in _percentiles(latencies, (10, 25, 50, 75, 90, 99), "e2el").items()}}
+    print(f"avg latency {report['avg_latency_s']:.3f} s over {args.num_iters} iterations "
+          f"(batch {args.batch_size}, {args.input_len} + {args.output_len} tokens)")
+    if args.output_json is not None:
+        args.output_json.parent.mkdir(parents=True, exist_ok=True)
+        args.output_json.write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.output_json}")
+    return report

@@ -1,0 +1,77 @@
+"""The model and engine options shared by `fms serve`, `fms generate` and `fms bench latency`: each engine
+option maps one-to-one onto an EngineConfig field, under vLLM's name where vLLM has one."""
+
+from __future__ import annotations
+
+import argparse
+
+from fms.entrypoints.model_loading import LoadedModel, load_model
+from fms.serving.config import EngineConfig
+from fms.serving.engine import LLMEngine
+
+# flag -> EngineConfig field (vLLM's name where there is one)
+ENGINE_FLAGS = {
+    "max_num_seqs": "max_num_seqs",
+    "max_model_len": "max_model_len",
+    "max_num_batched_tokens": "max_num_batched_tokens",
+    "gpu_memory_utilization": "memory_fraction",
+    "kv_cache_memory_gb": "memory_gb",
+    "num_pages": "num_pages",
+    "page_size": "page_size",
+    "enable_prefix_caching": "enable_prefix_caching",
+    "max_decode_steps": "max_decode_steps",
+}
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("model", nargs="?", default=None,
+                   help="a local HF checkpoint folder or a hub id (org/name); or use --architecture/--variant")
+    g.add_argument("--architecture", default=None, help="with --variant: a registered shape with random weights "
+                   "(llama, granite, granite_hybrid, gpt2); with a model: check it holds this architecture")
+    g.add_argument("--variant", default=None, help="e.g. micro, 3.2-1b (random weights, seeded by --seed)")
+    g.add_argument("--tokenizer", default=None, help="tokenizer file or folder (default: the model's, else shipped)")
+    g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    g.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"],
+                   help="default: bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--seed", type=int, default=0, help="random weights' seed")
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine (EngineConfig)")
+    g.add_argument("--max-num-seqs", type=int, default=None, help="sequences per step (default 128 CUDA / 16 CPU)")
+    g.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output (default min(ctx, 4096))")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens computed per step (default 8192 CUDA / 256 CPU)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="fraction of free GPU memory for KV pages (EngineConfig.memory_fraction; default 0.9)")
+    g.add_argument("--kv-cache-memory-gb", type=float, default=None, help="KV pages by size (EngineConfig.memory_gb)")
+    g.add_argument("--num-pages", type=int, default=None, help="KV pages by count")
+    g.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse full pages of earlier prompts")
+    g.add_argument("--max-decode-steps", type=int, default=EngineConfig.max_decode_steps,
+                   help="decode steps per host synchronization (a decode window)")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs and no torch.compile (EngineConfig use_cuda_graphs/compile_* = False)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="reserved: only 1 for now (tensor parallelism is being built in fms.distributed)")
+
+
+def engine_config(args) -> EngineConfig:
+    if args.tensor_parallel_size != 1:
+        raise ValueError(f"--tensor-parallel-size {args.tensor_parallel_size} is not supported yet: only 1 "
+                         "(one device) is; tensor parallelism for the engine is under way in fms.distributed")
+    options = {field: getattr(args, flag) for flag, field in ENGINE_FLAGS.items() if getattr(args, flag) is not None}
+    if args.enforce_eager:
+        options.update(use_cuda_graphs=False, compile_decode=False, compile_prefill=False)
+    return EngineConfig(**options)
+
+
+def build_engine(args) -> tuple[LLMEngine, LoadedModel]:
+    """The model the arguments name and an engine over it."""
+    config = engine_config(args)  # bad options fail before the model loads
+    loaded = load_model(args.model, args.architecture, args.variant, args.tokenizer, args.device, args.dtype,
+                        args.seed, args.revision)
+    return LLMEngine(loaded.model, loaded.tokenizer, config=config), loaded

@@ -1,0 +1,77 @@
+"""The server's Prometheus metrics (vLLM's names under the fms: prefix), in a registry of its own."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+# Buckets in seconds: time to first token spans queueing (seconds) down to one CPU-free prefill (ms).
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0)
+TPOT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
+                2.5)
+E2E_BUCKETS = (0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _EngineGauges:
+    """Gauges read at scrape time from the engine thread's last statistics snapshot."""
+
+    def __init__(self, stats_fn, model_name: str):
+        self.stats_fn, self.model_name = stats_fn, model_name
+
+    def collect(self):
+        stats = self.stats_fn()
+        gauges = (
+            ("fms:num_requests_running", "Requests holding pages and computed each step.", "num_running_requests"),
+            ("fms:num_requests_waiting", "Requests queued for admission.", "num_waiting_requests"),
+            ("fms:num_requests_pending", "Requests submitted but not yet running (bounded by --max-waiting).",
+             "num_pending_requests"),
+            ("fms:kv_cache_used_pages", "KV-cache pages held by running requests.", "num_used_pages"),
+            ("fms:kv_cache_free_pages", "KV-cache pages free.", "num_free_pages"),
+            ("fms:kv_cache_cached_pages", "KV-cache pages kept by the prefix cache.", "num_cached_pages"),
+            ("fms:kv_cache_total_pages", "KV-cache pages in the pool.", "num_pages"),
+            ("fms:prefix_cache_hit_rate", "Prompt tokens served from the prefix cache / prompt tokens queried.",
+             "prefix_cache_hit_rate"),
+        )
+        for name, doc, key in gauges:
+            family = GaugeMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric([self.model_name], float(stats.get(key, 0) or 0))
+            yield family
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str, stats_fn):
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        self.model_name = model_name
+        self.ttft = Histogram("fms:time_to_first_token_seconds", "Arrival to first output token.", labels,
+                              buckets=TTFT_BUCKETS, registry=self.registry)
+        self.tpot = Histogram("fms:time_per_output_token_seconds", "Mean time between output tokens per request.",
+                              labels, buckets=TPOT_BUCKETS, registry=self.registry)
+        self.e2e = Histogram("fms:e2e_request_latency_seconds", "Arrival to last output token.", labels,
+                             buckets=E2E_BUCKETS, registry=self.registry)
+        self.prompt_tokens = Counter("fms:prompt_tokens", "Prompt tokens of finished requests.", labels,
+                                     registry=self.registry)
+        self.generation_tokens = Counter("fms:generation_tokens", "Output tokens of finished requests.", labels,
+                                         registry=self.registry)
+        self.finished = Counter("fms:request_success", "Finished requests by finish reason.",
+                                labels + ["finished_reason"], registry=self.registry)
+        self.registry.register(_EngineGauges(stats_fn, model_name))
+
+    def on_finish(self, output) -> None:
+        """Record one finished request (a RequestOutput); called on the engine thread."""
+        name = self.model_name
+        self.finished.labels(name, output.finish_reason or "unknown").inc()
+        self.prompt_tokens.labels(name).inc(len(output.prompt_token_ids))
+        self.generation_tokens.labels(name).inc(len(output.token_ids))
+        if output.time_to_first_token is not None:
+            self.ttft.labels(name).observe(output.time_to_first_token)
+        if output.latency is not None and output.token_ids:
+            self.e2e.labels(name).observe(output.latency)
+        if output.inter_token_latencies:
+            gaps = output.inter_token_latencies
+            self.tpot.labels(name).observe(sum(gaps) / len(gaps))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,88 @@
+"""What the `fms` command's model argument names -> (model, tokenizer, the tokenizer's folder, a display name).
+
+    fms serve ./my-checkpoint                       a local HF folder (config.json + safetensors)
+    fms serve meta-llama/Llama-3.2-1B               a hub id, through huggingface_hub (its cache and token)
+    fms serve --architecture llama --variant micro  a registered shape with random (seeded) weights
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# What a checkpoint folder needs from the hub: config, weights, tokenizer and chat template files.
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelNotFound(ValueError):
+    """The model argument is neither a folder nor a hub id we could reach."""
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    tokenizer_folder: Path | None  # where the chat template is looked for
+    name: str  # the served model name by default
+    checkpoint: Path | None  # None: random weights
+
+
+def resolve_checkpoint(model: str, revision: str | None = None) -> Path:
+    """A local folder as is; a hub id downloaded (or found in the cache) by huggingface_hub."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelNotFound(f"model {model!r} is a file; give the checkpoint's folder (config.json + *.safetensors)")
+    if not _HUB_ID.match(model):
+        raise ModelNotFound(f"model {model!r} is not a folder here, nor a hub id of the form 'org/name'")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ModelNotFound(f"{model!r} looks like a hub id but huggingface_hub is not installed "
+                            f"(pip install huggingface_hub), or pass a local folder") from None
+    try:  # the cache first: no network needed when it is there
+        return Path(snapshot_download(model, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=True))
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise ModelNotFound(_offline_message(model, "HF_HUB_OFFLINE is set and it is not in the local cache"))
+    try:
+        return Path(snapshot_download(model, revision=revision, allow_patterns=HUB_PATTERNS, etag_timeout=10))
+    except Exception as e:  # the client's exception types vary by version: name the one we got
+        raise ModelNotFound(_offline_message(model, f"{type(e).__name__}: {e}")) from None
+
+
+def _offline_message(model: str, why: str) -> str:
+    return (f"could not get {model!r} from the Hugging Face Hub ({why}). On a machine with network access run "
+            f"`huggingface-cli download {model} --local-dir DIR` (log in first for gated models), copy DIR here "
+            f"and pass the folder instead: `fms serve DIR`")
+
+
+def load_model(model: str | None = None, architecture: str | None = None, variant: str | None = None,
+               tokenizer: str | None = None, device: str | None = None, dtype: str | None = None, seed: int = 0,
+               revision: str | None = None) -> LoadedModel:
+    from fms.models import get_model
+    from fms.utils.tokenizers import DEFAULT_TOKENIZER_PATH, get_tokenizer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if model is not None and variant is not None:
+        raise ValueError("give either a model (folder or hub id) or --architecture/--variant, not both")
+    if model is None:
+        if variant is None:
+            raise ValueError("name a model: a checkpoint folder, a hub id, or --architecture A --variant V "
+                             "(e.g. --architecture llama --variant micro)")
+        architecture = architecture or "llama"
+        built = get_model(architecture, variant, device_type=device, data_type=dtype, attn_name="paged", seed=seed)
+        tokenizer_folder = Path(tokenizer) if tokenizer else Path(DEFAULT_TOKENIZER_PATH)
+        return LoadedModel(built, get_tokenizer(tokenizer), tokenizer_folder, f"{architecture}-{variant}", None)
+    folder = resolve_checkpoint(model, revision)
+    built = get_model(architecture or "hf_pretrained", model_path=str(folder), device_type=device, data_type=dtype,
+                      attn_name="paged", seed=seed)
+    tokenizer_folder = Path(tokenizer) if tokenizer else folder
+    return LoadedModel(built, get_tokenizer(tokenizer_folder), tokenizer_folder, model, folder)

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP API: request bodies (protocol) and the FastAPI app (server)."""

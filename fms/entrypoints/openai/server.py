@@ -1,0 +1,441 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over one AsyncEngine, run by uvicorn.
+
+    GET  /health, /v1/models, /metrics (Prometheus text)
+    POST /v1/completions       prompt: text, token ids, or a list of either (one choice per prompt)
+    POST /v1/chat/completions  messages rendered by the chat template
+
+SIGTERM (or Ctrl-C): new requests are refused (503), those in flight finish (or are aborted after
+--shutdown-timeout seconds), and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Union
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from fms.entrypoints.async_engine import AsyncEngine, Delta, EngineOverloaded, EngineStopped, RequestStream
+from fms.entrypoints.chat import ChatTemplateError, render_chat
+from fms.entrypoints.metrics import CONTENT_TYPE, ServerMetrics
+from fms.entrypoints.openai.protocol import ApiError, ChatCompletionRequest, CompletionRequest
+from fms.runtime.sampler import TokenLogprobs
+from fms.serving.engine import LLMEngine
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+RETRY_AFTER_S = 1
+DISCONNECT_POLL_S = 0.25
+
+
+@dataclass
+class ServerState:
+    """What the routes need: the engine loop, the tokenizer, the served name and the chat template."""
+
+    async_engine: AsyncEngine
+    tokenizer: object
+    model_name: str
+    chat_template: str | None = None
+    metrics: ServerMetrics | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def engine(self) -> LLMEngine:
+        return self.async_engine.engine
+
+
+def make_state(engine: LLMEngine, model_name: str, chat_template: str | None = None,
+               max_waiting: int | None = None) -> ServerState:
+    """The engine loop (not started) with metrics attached."""
+    holder: dict = {}
+    metrics = ServerMetrics(model_name, lambda: holder["engine"].stats)
+    async_engine = AsyncEngine(engine, max_waiting=max_waiting, on_finish=metrics.on_finish)
+    holder["engine"] = async_engine
+    return ServerState(async_engine, engine.tokenizer, model_name, chat_template, metrics)
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+def _check_model(state: ServerState, name: str | None) -> None:
+    if name is not None and name != state.model_name:
+        raise ApiError(404, f"The model `{name}` does not exist; this server serves `{state.model_name}`", "model",
+                       "not_found_error")
+
+
+def _encode(state: ServerState, prompt: Union[str, list[int]], add_bos: bool | None = None) -> list[int]:
+    vocab_size = state.engine.model.config.vocab_size
+    if isinstance(prompt, str):
+        if state.tokenizer is None:
+            raise ApiError(400, "this server has no tokenizer: send token ids", "prompt")
+        ids = state.tokenizer.encode(prompt, add_bos=add_bos)
+    else:
+        ids = prompt
+    bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size]
+    if bad:
+        raise ApiError(400, f"prompt token ids must be ints in [0, {vocab_size}), got {bad[:5]}", "prompt")
+    if not ids:
+        raise ApiError(400, "the prompt is empty (no tokens)", "prompt")
+    return list(ids)
+
+
+def _max_tokens(state: ServerState, num_prompt: int, requested: int | None, default: int | None) -> int:
+    max_len = state.engine.max_model_len
+    room = max_len - num_prompt
+    if room < 1:
+        raise ApiError(400, f"This model's maximum context length is {max_len} tokens. However, your prompt has "
+                            f"{num_prompt} tokens: shorten it", "prompt")
+    if requested is None:
+        return min(default, room) if default is not None else room
+    if requested < 1:
+        raise ApiError(400, f"max_tokens must be an int >= 1, got {requested}", "max_tokens")
+    if num_prompt + requested > max_len:
+        raise ApiError(400, f"This model's maximum context length is {max_len} tokens. However, you requested "
+                            f"{num_prompt + requested} tokens ({num_prompt} in the prompt, {requested} for the "
+                            "completion): lower max_tokens or shorten the prompt", "max_tokens")
+    return requested
+
+
+def _submit_all(state: ServerState, prompts: list[list[int]], params: list) -> list[RequestStream]:
+    streams: list[RequestStream] = []
+    try:
+        for ids, p in zip(prompts, params):
+            streams.append(state.async_engine.submit(ids, p))
+    except EngineOverloaded as e:
+        for s in streams:
+            s.abort()
+        raise ApiError(429, str(e), headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+    except EngineStopped as e:
+        for s in streams:
+            s.abort()
+        raise ApiError(503, str(e), headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+    return streams
+
+
+async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Delta | BaseException]]:
+    """Deltas of several streams as they come, tagged with the stream's index."""
+    if len(streams) == 1:
+        try:
+            async for delta in streams[0]:
+                yield 0, delta
+        except Exception as e:
+            yield 0, e
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, stream):
+        try:
+            async for delta in stream:
+                await queue.put((i, delta))
+        except Exception as e:
+            await queue.put((i, e))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(streams)
+    try:
+        while remaining:
+            i, delta = await queue.get()
+            if isinstance(delta, BaseException) or delta.finished:
+                remaining -= 1
+            yield i, delta
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _watch_disconnect(raw: Request, streams: list[RequestStream]) -> None:
+    while True:
+        await asyncio.sleep(DISCONNECT_POLL_S)
+        if await raw.is_disconnected():
+            for s in streams:
+                s.abort()
+            return
+
+
+def _finish_error(delta: Delta) -> ApiError | None:
+    if delta.finish_reason == "rejected":
+        return ApiError(400, delta.error or "the request can never fit this server", "max_tokens")
+    if delta.finish_reason == "error":
+        return ApiError(500, f"the request failed: {delta.error}", type_="server_error")
+    if delta.finish_reason in ("abort", "aborted") and delta.error:
+        return ApiError(503, delta.error)
+    return None
+
+
+def _finish_reason(reason: str | None) -> str | None:
+    return {"aborted": "abort"}.get(reason, reason)
+
+
+def _usage(num_prompt: int, num_completion: int) -> dict:
+    return {"prompt_tokens": num_prompt, "completion_tokens": num_completion,
+            "total_tokens": num_prompt + num_completion}
+
+
+class _TokenText:
+    """Token id -> its text for logprobs (cached: the same ids come back often)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.cache = tokenizer, {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self.cache.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False) if self.tokenizer else str(token_id)
+            self.cache[token_id] = text
+        return text
+
+
+def _completion_logprobs(token_ids: list[int], logprobs: list[TokenLogprobs], text_of, offset: int) -> dict:
+    """The legacy completions shape: tokens, token_logprobs, top_logprobs (text -> logprob), text_offset."""
+    tokens, token_logprobs, tops, offsets = [], [], [], []
+    for token, lp in zip(token_ids, logprobs):
+        text = text_of(token)
+        tokens.append(text)
+        token_logprobs.append(lp.logprob)
+        top = {text_of(t): v for t, v in lp.top}
+        top.setdefault(text, lp.logprob)  # the sampled token is always listed, as vLLM does
+        tops.append(top)
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _chat_logprobs(token_ids: list[int], logprobs: list[TokenLogprobs], text_of) -> list[dict]:
+    def entry(token, value):
+        text = text_of(token)
+        return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
+
+    return [{**entry(token, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+            for token, lp in zip(token_ids, logprobs)]
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+# -- the app ------------------------------------------------------------------------------------------
+def build_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="fms OpenAI-compatible server")
+    app.state.fms = state
+    text_of = _TokenText(state.tokenizer)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_, e: ApiError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_, e: RequestValidationError):
+        errors = e.errors()
+        first = errors[0] if errors else {}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        message = "; ".join(f"{'.'.join(str(p) for p in err.get('loc', ())[1:]) or 'body'}: {err.get('msg')}"
+                            for err in errors[:5])
+        return JSONResponse(ApiError(400, message or "invalid request body", param).body(), status_code=400)
+
+    @app.get("/health")
+    async def health():
+        if not state.async_engine.is_accepting:
+            return JSONResponse({"status": "shutting down"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{
+            "id": state.model_name, "object": "model", "created": state.created, "owned_by": "fms",
+            "root": state.model_name, "max_model_len": state.engine.max_model_len}]}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, raw: Request):
+        body.check_supported()
+        _check_model(state, body.model)
+        prompts = [_encode(state, p) for p in body.prompts()]
+        params = [body.sampling_params(_max_tokens(state, len(p), body.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS),
+                                       body.logprobs) for p in prompts]
+        streams = _submit_all(state, prompts, params)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        if body.stream:
+            return StreamingResponse(_stream_completion(request_id, body, streams), media_type="text/event-stream")
+        return await _complete(request_id, body, streams, raw, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, raw: Request):
+        body.check_supported()
+        _check_model(state, body.model)
+        tokenizer = state.tokenizer
+        bos = eos = None
+        if tokenizer is not None:
+            bos = tokenizer.decode([tokenizer.bos_token_id], skip_special_tokens=False) \
+                if tokenizer.bos_token_id is not None else None
+            eos = tokenizer.decode([tokenizer.eos_token_id], skip_special_tokens=False) \
+                if tokenizer.eos_token_id is not None else None
+        try:
+            text = render_chat(state.chat_template, [m.as_template_dict() for m in body.messages],
+                               add_generation_prompt=body.add_generation_prompt, bos_token=bos, eos_token=eos,
+                               **(body.chat_template_kwargs or {}))
+        except ChatTemplateError as e:
+            raise ApiError(400, str(e), "messages") from None
+        prompt = _encode(state, text, add_bos=False)  # the template places BOS itself
+        params = body.sampling_params(_max_tokens(state, len(prompt), body.requested_max_tokens, None),
+                                      body.requested_logprobs)
+        streams = _submit_all(state, [prompt], [params])
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        if body.stream:
+            return StreamingResponse(_stream_chat(request_id, body, streams[0]), media_type="text/event-stream")
+        return await _complete(request_id, body, streams, raw, chat=True)
+
+    async def _complete(request_id: str, body, streams: list[RequestStream], raw: Request, chat: bool):
+        watcher = asyncio.create_task(_watch_disconnect(raw, streams))
+        texts = [""] * len(streams)
+        token_ids: list[list[int]] = [[] for _ in streams]
+        logprobs: list[list[TokenLogprobs]] = [[] for _ in streams]
+        last: list[Delta | None] = [None] * len(streams)
+        try:
+            async for i, delta in _merge(streams):
+                if isinstance(delta, BaseException):
+                    raise ApiError(400, str(delta))
+                texts[i] += delta.text
+                token_ids[i] += delta.token_ids
+                if delta.logprobs:
+                    logprobs[i] += delta.logprobs
+                last[i] = delta
+                if delta.finished:
+                    error = _finish_error(delta)
+                    if error is not None:
+                        raise error
+        finally:
+            watcher.cancel()
+            for s in streams:
+                s.abort()  # no-op for finished ones; frees the rest when this handler is cancelled
+        usage = _usage(sum(d.num_prompt_tokens for d in last), sum(d.num_output_tokens for d in last))
+        created = int(time.time())
+        if chat:
+            d = last[0]
+            choice = {"index": 0, "message": {"role": "assistant", "content": texts[0]},
+                      "logprobs": {"content": _chat_logprobs(token_ids[0], logprobs[0], text_of)}
+                      if body.logprobs else None,
+                      "finish_reason": _finish_reason(d.finish_reason), "stop_reason": d.stop_reason}
+            return {"id": request_id, "object": "chat.completion", "created": created, "model": state.model_name,
+                    "choices": [choice], "usage": usage}
+        choices = []
+        for i, d in enumerate(last):
+            lp = _completion_logprobs(token_ids[i], logprobs[i], text_of, 0) if body.logprobs is not None else None
+            choices.append({"index": i, "text": texts[i], "logprobs": lp,
+                            "finish_reason": _finish_reason(d.finish_reason), "stop_reason": d.stop_reason})
+        return {"id": request_id, "object": "text_completion", "created": created, "model": state.model_name,
+                "choices": choices, "usage": usage}
+
+    async def _stream_completion(request_id: str, body: CompletionRequest, streams: list[RequestStream]):
+        created = int(time.time())
+        offsets = [0] * len(streams)
+        num_prompt, num_out = [s.num_prompt_tokens for s in streams], [0] * len(streams)
+        try:
+            async for i, delta in _merge(streams):
+                if isinstance(delta, BaseException):
+                    yield _sse(ApiError(400, str(delta)).body())
+                    break
+                if delta.finished and _finish_error(delta) is not None:
+                    yield _sse(_finish_error(delta).body())
+                    continue
+                num_out[i] = delta.num_output_tokens
+                if not (delta.text or delta.token_ids or delta.finished):
+                    continue
+                lp = None
+                if body.logprobs is not None and delta.logprobs:
+                    lp = _completion_logprobs(delta.token_ids, delta.logprobs, text_of, offsets[i])
+                offsets[i] += len(delta.text)
+                chunk = {"id": request_id, "object": "text_completion", "created": created,
+                         "model": state.model_name,
+                         "choices": [{"index": i, "text": delta.text, "logprobs": lp,
+                                      "finish_reason": _finish_reason(delta.finish_reason) if delta.finished else None,
+                                      "stop_reason": delta.stop_reason}]}
+                if body.include_usage:
+                    chunk["usage"] = None
+                yield _sse(chunk)
+            if body.include_usage:
+                yield _sse({"id": request_id, "object": "text_completion", "created": created,
+                            "model": state.model_name, "choices": [],
+                            "usage": _usage(sum(num_prompt), sum(num_out))})
+            yield "data: [DONE]\n\n"
+        finally:
+            for s in streams:
+                s.abort()  # the client went away mid-stream: free its pages
+
+    async def _stream_chat(request_id: str, body: ChatCompletionRequest, stream: RequestStream):
+        created = int(time.time())
+        num_out = 0
+
+        def chunk(delta: dict, finish_reason=None, logprobs=None, stop_reason=None):
+            data = {"id": request_id, "object": "chat.completion.chunk", "created": created,
+                    "model": state.model_name,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason,
+                                 **({"stop_reason": stop_reason} if finish_reason else {})}]}
+            if body.include_usage:
+                data["usage"] = None
+            return _sse(data)
+
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            async for _, delta in _merge([stream]):
+                if isinstance(delta, BaseException):
+                    yield _sse(ApiError(400, str(delta)).body())
+                    break
+                if delta.finished and _finish_error(delta) is not None:
+                    yield _sse(_finish_error(delta).body())
+                    break
+                num_out = delta.num_output_tokens
+                if not (delta.text or delta.token_ids or delta.finished):
+                    continue
+                lp = None
+                if body.logprobs and delta.logprobs:
+                    lp = {"content": _chat_logprobs(delta.token_ids, delta.logprobs, text_of)}
+                content = {"content": delta.text} if delta.text or not delta.finished else {}
+                yield chunk(content, _finish_reason(delta.finish_reason) if delta.finished else None, lp,
+                            delta.stop_reason)
+            if body.include_usage:
+                yield _sse({"id": request_id, "object": "chat.completion.chunk", "created": created,
+                            "model": state.model_name, "choices": [],
+                            "usage": _usage(stream.num_prompt_tokens, num_out)})
+            yield "data: [DONE]\n\n"
+        finally:
+            stream.abort()
+
+    return app
+
+
+# -- running it ---------------------------------------------------------------------------------------
+def create_server(state: ServerState, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+                  shutdown_timeout_s: float = 30.0):
+    """A uvicorn server for the app whose exit (SIGTERM, Ctrl-C, should_exit) first stops the engine's intake."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            state.async_engine.stop_intake()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(build_app(state), host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=max(1, int(shutdown_timeout_s)), lifespan="off")
+    return Server(config)
+
+
+def run_server(state: ServerState, host: str, port: int, log_level: str = "info",
+               shutdown_timeout_s: float = 30.0) -> int:
+    """Serve until SIGTERM / Ctrl-C; in-flight requests finish (up to shutdown_timeout_s); returns 0."""
+    server = create_server(state, host, port, log_level, shutdown_timeout_s)
+    state.async_engine.start()
+    try:
+        server.run()
+    finally:
+        state.async_engine.shutdown(timeout_s=shutdown_timeout_s)
+    logger.info("server stopped")
+    return 0
