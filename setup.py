@@ -18,6 +18,7 @@ setup(
     packages=find_packages(include=["fms", "fms.*"]),
     package_data={"fms.resources": ["tokenizer/*", "eval/*", "eval/*/*"]},
     include_package_data=True,
+    entry_points={"console_scripts": ["fms = fms.entrypoints.cli:main"]},
     install_requires=_requirements("requirements.txt"),
     extras_require={
         "hf": _requirements("hf-requirements.txt"),
