@@ -54,6 +54,10 @@ def _tp_run():
             "paged": generate(model, prompts, NEW, attn_name="paged", page_size=16),
             "engine": _engine_outputs(model, prompts),
         }
+    # torch.compile traces the collectives into one graph (what compiled decode and CUDA graphs rely on)
+    model, ids = get_model("llama", "nano", distributed_strategy="tp"), torch.tensor([prompts[4][:5]]) % 512
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    out["compiled_max_diff"] = (compiled(ids) - model(ids)).abs().max().item()
     return out
 
 
@@ -76,6 +80,10 @@ def test_tp2_greedy_equals_tp1(tp_results, arch):
         assert tokens == reference
         assert preemptions > 0 and prefix_hits > 0
     assert tp_results[0][arch] == tp_results[1][arch]  # same outputs on every rank (torchrun scripts)
+
+
+def test_compiled_tp_forward_has_one_graph(tp_results):
+    assert [r["compiled_max_diff"] for r in tp_results] == [0.0, 0.0]
 
 
 # -- failures: a clear error, not a hang -----------------------------------------------------------
