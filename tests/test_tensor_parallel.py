@@ -44,7 +44,8 @@ def _tp_run():
     """On each rank: greedy tokens of every model through generate() (sdpa, paged) and the engine."""
     tp = current_tensor_parallel()
     prompts = _prompts()
-    out = {"rank": tp.rank, "world_size": tp.world_size}
+    out = {"rank": tp.rank, "world_size": tp.world_size,
+           "broadcast": tp.broadcast_object([("add", tp.rank)]), "min": tp.min_int(7 - tp.rank)}
     for arch, overrides in MODELS.items():
         model = get_model(arch, "micro", distributed_strategy="tp", **overrides)
         out[arch] = {
@@ -80,6 +81,12 @@ def test_tp2_greedy_equals_tp1(tp_results, arch):
         assert tokens == reference
         assert preemptions > 0 and prefix_hits > 0
     assert tp_results[0][arch] == tp_results[1][arch]  # same outputs on every rank (torchrun scripts)
+
+
+def test_host_collectives(tp_results):
+    assert [(r["rank"], r["world_size"]) for r in tp_results] == [(0, 2), (1, 2)]
+    assert [r["broadcast"] for r in tp_results] == [[("add", 0)]] * 2  # rank 0's object everywhere
+    assert [r["min"] for r in tp_results] == [6, 6]
 
 
 def test_compiled_tp_forward_has_one_graph(tp_results):

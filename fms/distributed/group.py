@@ -47,6 +47,22 @@ class TensorParallel:
         return gathered.movedim(0, -2).flatten(-2)[..., :full_size]  # (..., N * chunk) -> (..., full_size)
 
 
+    def broadcast_object(self, obj):
+        """Rank 0's obj on every rank (pickled; for host-side decisions such as a server's new requests)."""
+        box = [obj if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0) if self.group else 0,
+                                   group=self.group)
+        return box[0]
+
+    def min_int(self, value: int) -> int:
+        """The smallest of every rank's value (e.g. a page-pool size measured from each GPU's free memory)."""
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl" \
+            else torch.device("cpu")
+        t = torch.tensor([int(value)], dtype=torch.int64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        return int(t.item())
+
+
 def current_tensor_parallel() -> TensorParallel | None:
     """The default group as a TensorParallel, or None when torch.distributed is not initialized."""
     if not (dist.is_available() and dist.is_initialized()):
