@@ -200,6 +200,11 @@ def test_unsupported_models_are_refused_clearly():
     hybrid = lookup_architecture("granite_hybrid").model_class
     with torch.device("meta"), pytest.raises(ValueError, match="does not split Mamba2 layers"):
         hybrid(get_config("granite_hybrid", "h-nano"), tp=tp)
+    llama = lookup_architecture("llama").model_class
+    with torch.device("meta"), pytest.raises(ValueError, match="alibi"):
+        llama(get_config("llama", "nano").updated(alibi=True), tp=tp)
+    with torch.device("meta"), pytest.raises(ValueError, match="must divide num_heads"):
+        llama(get_config("llama", "nano"), tp=TensorParallel(0, 8))
     with pytest.raises(ValueError, match="distributed_strategy"):
         get_model("llama", "nano", distributed_strategy="fsdp")
     with pytest.raises(ValueError, match="no tensor-parallel form"):

@@ -176,6 +176,9 @@ class LLaMA(nn.Module):
         self.config = config
         self.attn_name = attn_name
         self.tp = tp
+        if tp is not None and config.alibi:
+            raise ValueError("tensor parallel does not support alibi=True: the attention op computes ALiBi slopes "
+                             "from the local head count, and a rank's heads are not heads 0..n of the model")
         if tp is None:
             self.embedding = nn.Embedding(config.vocab_size, config.hidden_size)
         else:
