@@ -212,6 +212,9 @@ class PageTables:
 
     def reserve(self, seq_id: Hashable, num_new_tokens: int) -> list[tuple[int, int]]:
         needed = self.num_pages_needed(seq_id, num_new_tokens)
+        if needed == 0:  # room in the last page, which is this sequence's alone (most decode steps)
+            self._lengths[seq_id] += num_new_tokens
+            return []
         # The one call that can fail comes before any mutation: all-or-nothing.
         fresh = self.allocator.allocate(needed)
         table = self._tables[seq_id]
@@ -354,7 +357,7 @@ class PageTables:
         # is written into, and writing into one another sequence reads would corrupt it.
         if num_new_tokens == 0 or self._lengths[seq_id] % self.page_size == 0:
             return False
-        return self.allocator.refcount(self._tables[seq_id][-1]) > 1
+        return self.allocator._refcounts[self._tables[seq_id][-1]] > 1  # (a table's pages are valid ids)
 
     def _hold(self, page: int, logical: int) -> None:
         self._num_holders[page] += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Hashable
 
 import torch
@@ -28,6 +29,36 @@ class FinishReason(str, enum.Enum):
     REJECTED = "rejected"  # can never fit the page pool or the model context; see Request.error
     ABORTED = "aborted"  # the caller gave up on it (LLMEngine.abort)
     ERROR = "error"  # two steps with it alone failed (see Request.error)
+
+
+class TokenIds(Sequence):
+    """A request's prompt + outputs read in place: a slice copies only the tokens it covers (the
+    scheduler reads a few tokens of long sequences every step)."""
+
+    __slots__ = ("prompt", "outputs")
+
+    def __init__(self, prompt: list[int], outputs: list[int]):
+        self.prompt, self.outputs = prompt, outputs
+
+    def __len__(self) -> int:
+        return len(self.prompt) + len(self.outputs)
+
+    def __getitem__(self, index):
+        n = len(self.prompt)
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                return (self.prompt + self.outputs)[index]
+            if stop <= n:
+                return self.prompt[start:stop]
+            if start >= n:
+                return self.outputs[start - n: stop - n]
+            return self.prompt[start:] + self.outputs[:stop - n]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"token index {index} out of range for {len(self)} tokens")
+        return self.prompt[index] if index < n else self.outputs[index - n]
 
 
 @dataclass(eq=False)
@@ -75,6 +106,11 @@ class Request:
         return self.prompt_token_ids + self.output_token_ids
 
     @property
+    def token_ids(self) -> TokenIds:
+        """prompt + outputs without copying them (slice it for a list)."""
+        return TokenIds(self.prompt_token_ids, self.output_token_ids)
+
+    @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
@@ -107,6 +143,28 @@ class Request:
             self.finish(FinishReason.STOP)
         elif len(self.output_token_ids) >= self.params.max_new_tokens:
             self.finish(FinishReason.LENGTH)
+
+    def append_tokens(self, tokens: list[int], now: float) -> list[int]:
+        """append_token for each of tokens (ints), stopping at the one that finishes the request;
+        returns the tokens kept. One pass in C when no stop token is among them (decode windows)."""
+        params = self.params
+        kept = tokens[:params.max_new_tokens - len(self.output_token_ids)]
+        stops = frozenset(params.stop_token_ids) if params.ignore_eos else self.eos_token_ids.union(
+            params.stop_token_ids)
+        if not stops.isdisjoint(kept):
+            for i, token in enumerate(kept):
+                self.append_token(token, now)
+                if self.is_finished:
+                    return kept[:i + 1]
+            return kept
+        if kept:
+            if self.first_token_time is None:
+                self.first_token_time = now
+            self.output_token_ids += kept
+            self.token_times += [now] * len(kept)
+            if len(self.output_token_ids) >= params.max_new_tokens:
+                self.finish(FinishReason.LENGTH)
+        return kept
 
     def finish(self, reason: FinishReason, error: str | None = None) -> None:
         self.state = RequestState.FINISHED

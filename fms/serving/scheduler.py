@@ -249,7 +249,7 @@ class Scheduler:
         start = request.num_computed_tokens
         return ScheduledChunk(
             request_id=request.request_id,
-            token_ids=request.all_token_ids[start: start + n],
+            token_ids=request.token_ids[start: start + n],
             start_position=start,
             sample=start + n == request.num_tokens,
             params=request.params,
@@ -294,15 +294,11 @@ class Scheduler:
             if chunk.sample and not 1 <= len(tokens) <= chunk.num_steps:
                 raise ValueError(f"request {chunk.request_id!r}: {len(tokens)} sampled tokens for a chunk "
                                  f"of {chunk.num_steps} step(s)")
-            new_tokens = []
-            for token in tokens if chunk.sample else ():
-                request.append_token(int(token), now)
-                new_tokens.append(int(token))
-                if request.is_finished:  # a row that stopped mid-window drops the rest
-                    break
+            # a row that stops mid-window (EOS, stop token, length) drops the rest
+            new_tokens = request.append_tokens(tokens, now) if chunk.sample else []
             # a window's step k computes the token sampled at step k - 1
             request.num_computed_tokens += len(chunk.token_ids) + max(len(new_tokens) - 1, 0)
-            self.kv.commit_computed(request.request_id, request.all_token_ids, request.num_computed_tokens,
+            self.kv.commit_computed(request.request_id, request.token_ids, request.num_computed_tokens,
                                     request.page_hashes)
             if request.is_finished:
                 self._release(request)
