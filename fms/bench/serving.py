@@ -225,17 +225,27 @@ def run_serving_benchmark(config: ServingBenchConfig) -> dict:
     if not config.is_cuda:
         print("CPU run: a tiny demo workload (llama micro, eager FlexAttention) that checks the engine end to end "
               "in under a minute; it is not a performance measurement.")
+    start = time.perf_counter()
     model = get_model(config.architecture, None if config.model_path else config.variant,
                       model_path=config.model_path, device_type=device.type, data_type=config.data_type)
+    synchronize(device)
+    startup = {"get_model_s": time.perf_counter() - start}
     cost = ModelCost.of(model)
     prompts, output_lens, workload = _workload(model, config)
+    start = time.perf_counter()
     engine = _build_engine(model, config, prompts, output_lens)
+    startup["engine_s"] = time.perf_counter() - start
+    startup["engine_phases_s"] = dict(engine.startup_s)
+    startup["graph_capture_s"] = {f"{bs}/{mode}": t for (bs, mode), t in engine.runner.decoder.capture_s.items()}
     if config.is_cuda and config.warmup:
         # untimed: compiles kernels for common shapes; a distinct seed keeps it out of the prefix cache
+        start = time.perf_counter()
         warm = config.workload(min(8, config.num_requests), (4, 4), config.seed + 9973)
         engine.generate(warm.prompts(model.config.vocab_size)[0], SamplingParams(max_new_tokens=4, ignore_eos=True),
                         use_tqdm=False)
+        startup["first_generate_s"] = time.perf_counter() - start
         _reset(engine)
+    print("start-up: " + ", ".join(f"{k} {v:.1f} s" for k, v in startup.items() if isinstance(v, float)))
     roofline = serving_roofline(cost, [len(p) for p in prompts], output_lens, config.max_num_seqs)
     rows, fms_tokens = [], None
     for k in config.decode_steps_sweep or [None]:
@@ -268,6 +278,7 @@ def run_serving_benchmark(config: ServingBenchConfig) -> dict:
         "model": {"architecture": config.architecture, "variant": None if config.model_path else config.variant,
                   "model_path": config.model_path, "dtype": str(model.embedding.weight.dtype)},
         "workload": workload,
+        "startup": startup,
         "engine_options": options,
         "roofline": roofline.as_dict(),
         "results": rows,

@@ -127,6 +127,7 @@ class DecodeWindowRunner:
         self.last_logprobs: list[list[TokenLogprobs] | None] = []
         self.step_index = torch.zeros(1, dtype=torch.long, device=device)
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self.capture_s: dict[tuple[int, str], float] = {}  # (batch size, mode) -> seconds (compile included)
         self._pool = None
         self.num_graph_steps = 0  # steps replayed from a CUDA graph
         self.num_eager_steps = 0
@@ -193,6 +194,7 @@ class DecodeWindowRunner:
 
     def _capture(self, bs: int, mode: str, layout) -> None:
         """Capture the step for (bs, mode, layout); the buffers' rows 0..bs are left idle."""
+        start = time.perf_counter()
         self._idle(0, bs)  # warm-up and capture touch only scratch storage and the scratch slot
         self.step_index.zero_()  # the warm-up step writes out_tokens[step_index]
         stream = torch.cuda.Stream()
@@ -206,6 +208,7 @@ class DecodeWindowRunner:
         self._pool = graph.pool()
         self._graphs[(bs, mode, layout)] = graph
         torch.cuda.synchronize()
+        self.capture_s[bs, mode] = time.perf_counter() - start
 
     def idle_graph(self, bs: int) -> torch.cuda.CUDAGraph:
         """The greedy graph of bucket bs with every row idle, ready to replay (for profiling a step)."""

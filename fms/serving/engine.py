@@ -26,6 +26,31 @@ logger = logging.getLogger(__name__)
 
 
 
+class _StartupProgress:
+    """Times the engine's start-up phases into `into` and shows them with tqdm on a terminal."""
+
+    def __init__(self, into: dict[str, float], names: tuple[str, ...]):
+        from tqdm.auto import tqdm
+
+        self.into, self.names, self.start = into, names, time.perf_counter()
+        self.bar = tqdm(total=len(names), desc=f"engine start-up: {names[0]}", unit="phase", disable=None,
+                        leave=False, dynamic_ncols=True)
+
+    def done(self) -> None:
+        now = time.perf_counter()
+        name = self.names[len(self.into)]
+        self.into[name] = now - self.start
+        self.start = now
+        self.bar.update(1)
+        if len(self.into) < len(self.names):
+            self.bar.set_description(f"engine start-up: {self.names[len(self.into)]} "
+                                     f"({sum(self.into.values()):.1f} s so far)")
+        else:
+            self.bar.close()
+            logger.info("engine ready in %.1f s: %s", sum(self.into.values()),
+                        ", ".join(f"{k} {v:.1f} s" for k, v in self.into.items()))
+
+
 class StepOutput(NamedTuple):
     request_id: Hashable
     new_token_ids: list[int]
@@ -78,15 +103,22 @@ class LLMEngine:
                 checkpoints = layout.policy()
         # the one host owner of pages, slots and prefix hits; the scheduler decides through it, the
         # cache (the paged op's device pool) applies its grants
+        # start-up by phase, in seconds (shown as they run on a terminal; in stats()["startup_s"])
+        self.startup_s: dict[str, float] = {}
+        phases = _StartupProgress(self.startup_s, ("KV pool", "decode step: compile + graph capture",
+                                                   "prefill warm-up"))
         self.kv = KVManager(num_pages, config.page_size, config.max_num_seqs,
                             enable_prefix_caching=enable_prefix_caching, checkpoints=checkpoints)
         self.cache = get_attention_op("paged").create_cache(spec, max_batch_size=config.max_num_seqs,
                                                             max_seq_len=config.max_model_len, manager=self.kv)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len,
                                    max_decode_steps=config.max_decode_steps, window=self.cache.window)
+        phases.done()
         self.runner = ModelRunner(model, self.cache, config)
+        phases.done()
         if is_cuda:
             self._warmup_prefill(config.max_num_batched_tokens)
+        phases.done()
         eos = set(model.config.eos_token_ids) if hasattr(model.config, "eos_token_ids") else set()
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -310,6 +342,8 @@ class LLMEngine:
             "packed_prefill": self.runner.pack_prefill,
             "compiled_prefill": self.runner.prefill_compiled,
             "max_decode_steps": self.scheduler.max_decode_steps,
+            "startup_s": dict(self.startup_s),
+            "num_failed_steps": self.scheduler.num_failed_steps,
             # wall time: scheduler, runner (decode windows split into host launch and waiting for
             # the GPU), applying results; prefill forwards are in execute - decode
             "time_s": {**self.time_s, **self.runner.decoder.time_s},
