@@ -333,6 +333,12 @@ class KVManager:
             captures.append((boundary, checkpoint.pages))
         return replace(grant, captures=tuple(captures)) if captures else grant
 
+    def drop_captures(self, seq_id: Hashable, below: int) -> None:
+        """The device could not compute these checkpoints (boundaries < below): their storage goes back."""
+        capturing = self._capturing.get(seq_id, {})
+        for boundary in [b for b in capturing if b < below]:
+            self.prefix_cache.free_checkpoint(capturing.pop(boundary))
+
     def capture_targets(self, seq_id: Hashable, num_computed: int, num_new_tokens: int) -> list[tuple[int, tuple[int, ...]]]:
         """Checkpoints a step computes for this sequence, from num_computed tokens on, num_new_tokens of them:
         (tokens of the step after which the state is taken, 1..num_new_tokens; pages to write it to)."""

@@ -218,16 +218,19 @@ class PagedKVCache(SequenceCache):
                                           [g.restore for g in restores])
 
     def capture_after_decode(self, seq_ids: Sequence[Hashable]) -> None:
-        """After one-token steps run outside build_meta (decode windows): checkpoint the states the KV
-        manager wants at the sequences' current length (a prompt's last token run as a decode row)."""
+        """After a decode window (one-token steps outside build_meta): checkpoint the states the KV manager
+        wants at the sequences' current length from their slots (a prompt's last token run as a decode row).
+        A wanted state inside a window of several steps is gone: its storage goes back (dropped)."""
         if self.checkpoint_store is None:
             return
         slots, pages = [], []
         for seq_id in seq_ids:
             length = self.manager.length(seq_id)
-            for _, target in self.manager.capture_targets(seq_id, length - 1, 1):
-                slots.append(self.manager.slot_of(seq_id))
-                pages.append(target)
+            for boundary, target in self.manager.capture_targets(seq_id, 0, length):
+                if boundary == length:
+                    slots.append(self.manager.slot_of(seq_id))
+                    pages.append(target)
+            self.manager.drop_captures(seq_id, below=length)
         if slots:
             self.checkpoint_store.capture(slots, pages)
 

@@ -1,0 +1,246 @@
+"""Prefix caching for Granite-4.0-H-shaped hybrids: Mamba-state checkpoints at page boundaries.
+
+A request resumes a cached prefix only at a page whose state was checkpointed, and its greedy tokens
+must equal the engine's with caching off and per-request SDPA generate(). The references have diverse
+tokens (asserted), so a wrong state would change them. The checkpoint policy of this model at page
+size 16 (fms.cache.kv_manager): a checkpoint takes 2 pages, periodic ones every 2 pages, plus one
+where a prompt's K/V matched deeper than any checkpoint.
+"""
+
+import pytest
+import torch
+
+from fms.cache.kv_manager import CheckpointPolicy, KVManager
+from fms.cache.prefix_cache import chain_hashes
+from fms.cache.state import CheckpointLayout, CheckpointStore, MambaStatePool
+from fms.models import get_model
+from fms.serving import LLMEngine, SamplingParams
+from fms.utils.generation import generate
+
+PAGE = 16
+NEW = 6
+GREEDY = SamplingParams(max_new_tokens=NEW, ignore_eos=True)  # generate() has no EOS here either
+
+
+@pytest.fixture(scope="module")
+def model():
+    return get_model("granite_hybrid", "h-nano", seed=5, embedding_multiplier=1.0, init_std=0.3)
+
+
+@pytest.fixture(scope="module")
+def base():
+    g = torch.Generator().manual_seed(7)
+    return torch.randint(1, 512, (4 * PAGE + 8,), generator=g).tolist()  # pages 0-3 full, 8 tokens on page 4
+
+
+def reference(model, prompts):
+    out = [generate(model, [p], NEW, attn_name="sdpa")[0] for p in prompts]
+    assert all(len(set(o)) >= 4 for o in out), out  # diverse: a wrong state would show
+    return out
+
+
+def engine(model, **options):
+    return LLMEngine(model, page_size=PAGE, **{"num_pages": 64, **options})
+
+
+def serve_one_by_one(engine, prompts):
+    """Each prompt in its own generate() call, so every later prompt sees the earlier ones' pages."""
+    return [engine.generate([p], GREEDY, use_tqdm=False)[0] for p in prompts]
+
+
+def assert_no_leaks(engine):
+    kv = engine.kv
+    kv.check_invariants()
+    assert kv.num_seqs == 0 and sorted(kv._free_slots) == list(range(kv.max_num_seqs))
+    kv.prefix_cache.clear()
+    kv.check_invariants()
+    assert kv.allocator.num_free == kv.num_pages and kv.prefix_cache.num_checkpoints == 0
+
+
+def test_policy_of_the_tiny_hybrid(model):
+    e = engine(model)
+    layout = CheckpointLayout.for_spec(model.cache_spec(), PAGE)
+    # 2 Mamba layers x (conv 96 x 3 + ssm 4 x 16 x 16 fp32) = 10.5 kB in pages of 8 KiB (2 attention layers)
+    assert layout.page_bytes == 2 * 2 * 2 * PAGE * 16 * 4 and layout.num_pages == 2
+    assert e.kv.checkpoints == CheckpointPolicy(num_pages=2, interval=2, bytes=2 * layout.page_bytes)
+    assert e.stats()["prefix_caching"] and e.stats()["checkpoint_interval_pages"] == 2
+
+
+@pytest.mark.parametrize("shared", [PAGE - 5, 2 * PAGE, 2 * PAGE + 3])  # < a page, k pages, k pages + a few
+def test_shared_prefixes_of_every_alignment(model, base, shared):
+    g = torch.Generator().manual_seed(shared)
+    prompts = [base[:shared] + torch.randint(1, 512, (n,), generator=g).tolist() for n in (5, 9, 20)]
+    expected = reference(model, prompts)
+    on, off = engine(model), engine(model, enable_prefix_caching=False)
+    outs_on, outs_off = serve_one_by_one(on, prompts), serve_one_by_one(off, prompts)
+    assert [o.token_ids for o in outs_on] == [o.token_ids for o in outs_off] == expected
+    hit = shared // (2 * PAGE) * 2 * PAGE  # whole pages up to the last periodic checkpoint in the shared part
+    assert [o.num_cached_tokens for o in outs_on] == [0, hit, hit]
+    stats = on.stats()
+    assert stats["prefix_cache_hit_tokens"] == 2 * hit and (stats["num_cached_checkpoints"] > 0) == (hit > 0)
+    assert stats["checkpoint_bytes"] == stats["checkpoint_pages"] // 2 * on.kv.checkpoints.bytes
+    assert_no_leaks(on)
+
+
+def _changed_at(prompt, index):
+    out = list(prompt)
+    out[index] = out[index] % 511 + 1
+    return out
+
+
+def test_prompts_differing_at_page_edges_never_reuse_that_page_or_its_state(model):
+    """Changed at the last token of page 0, the first of page 1, the last of page 1, the first of page 2,
+    the last prompt token; served in that order after the base prompt."""
+    g = torch.Generator().manual_seed(13)  # a prompt this tiny model answers differently to most changes
+    base = torch.randint(1, 512, (4 * PAGE + 8,), generator=g).tolist()
+    changes = [PAGE - 1, PAGE, 2 * PAGE - 1, 2 * PAGE, len(base) - 1]
+    prompts = [base] + [_changed_at(base, i) for i in changes]
+    expected = reference(model, prompts)
+    assert len({tuple(o) for o in expected}) >= 4  # a wrong page or state would likely change the tokens
+    e = engine(model)
+    outs = serve_one_by_one(e, prompts)
+    assert [o.token_ids for o in outs] == expected
+    cached = [o.num_cached_tokens for o in outs]
+    assert all(n <= i // PAGE * PAGE for n, i in zip(cached[1:], changes))  # never the differing page
+    # base checkpoints after pages 2 and 4 (periodic); the prompt changed at 16 matched page 0's K/V but
+    # no state, so it checkpointed page 0's end (divergence), which the one changed at 31 then resumes from
+    assert cached == [0, 0, 0, PAGE, 2 * PAGE, 4 * PAGE]
+    assert_no_leaks(e)
+
+
+@pytest.mark.parametrize("budget, max_decode_steps, hits", [
+    (16, 16, [0, 64, 64]),  # chunks end on the boundaries: the scan's final state is the checkpoint
+    (21, 1, [0, 64, 64]),  # boundaries inside chunks (emitted by the scan); the prompt's last token alone, run
+                           # as a one-step decode row: captured from its slot after the step
+    (21, 16, [0, 32, 64]),  # ... in a 16-step decode window: the state after its first step is gone, so the
+                            # next request resumes at 32 and checkpoints 64 (where its K/V match ended)
+])
+def test_chunked_prefill_and_decode_windows_keep_checkpoints(model, base, budget, max_decode_steps, hits):
+    prompts = [base[:4 * PAGE], base[:4 * PAGE] + [7, 8, 9], base[:4 * PAGE] + [9, 9]]
+    expected = reference(model, prompts)
+    e = engine(model, max_num_batched_tokens=budget, max_decode_steps=max_decode_steps)
+    outs = serve_one_by_one(e, prompts)
+    assert [o.token_ids for o in outs] == expected
+    assert [o.num_cached_tokens for o in outs] == hits
+    assert_no_leaks(e)
+
+
+def test_caching_on_equals_off_under_page_pressure_with_preemption(model, base):
+    g = torch.Generator().manual_seed(3)
+    prompts = [base[:40] + torch.randint(1, 512, (n,), generator=g).tolist() for n in (3, 11, 17, 24)]
+    new = 16  # decodes that cross pages, so running requests need pages and get preempted
+    expected = [generate(model, [p], new, attn_name="sdpa")[0] for p in prompts]
+    assert all(len(set(o)) >= 8 for o in expected)
+    params = SamplingParams(max_new_tokens=new, ignore_eos=True)
+    outs = {}
+    for name, caching in (("on", True), ("off", False)):
+        e = engine(model, num_pages=7, max_num_batched_tokens=32, enable_prefix_caching=caching)
+        head = e.generate(prompts[:1], params, use_tqdm=False)
+        outs[name] = head + e.generate(prompts[1:], params, use_tqdm=False)
+        assert e.stats()["num_preemptions"] > 0
+        if caching:
+            assert e.stats()["prefix_cache_hit_tokens"] > 0
+            assert_no_leaks(e)
+    assert [o.token_ids for o in outs["on"]] == [o.token_ids for o in outs["off"]] == expected
+
+
+def test_abort_mid_prefill_frees_pages_checkpoints_and_slot(model, base):
+    e = engine(model, max_num_batched_tokens=20)
+    e.generate([base], GREEDY, use_tqdm=False)  # cache its pages and checkpoints
+    rid = e.add_request(base[:48] + [1, 2, 3, 4, 5], GREEDY)
+    e.step()  # resumed at the checkpoint after page 2, computing on (holding new checkpoints' pages)
+    e.abort(rid)
+    assert_no_leaks(e)
+
+
+def test_hit_rate_is_at_least_90_percent_of_attention_only(model):
+    """Two system prompts (one 4 pages long: a whole number of checkpoint intervals; one of 50 tokens: not),
+    each followed by a question; requests arrive in waves. Hits: tokens served from cache over prompt tokens."""
+    attention = get_model("granite_hybrid", "h-nano", seed=5, embedding_multiplier=1.0, init_std=0.3,
+                          layer_types=("attention",) * 4)
+    g = torch.Generator().manual_seed(11)
+    systems = [torch.randint(1, 512, (n,), generator=g).tolist() for n in (64, 50)]
+    waves = [[s + torch.randint(1, 512, (int(n),), generator=g).tolist() for s in systems
+              for n in torch.randint(3, 30, (count,), generator=g)] for count in (1, 3, 3)]
+    rates = {}
+    for name, m in (("hybrid", model), ("attention", attention)):
+        e = engine(m, num_pages=128)
+        for wave in waves:
+            e.generate(wave, SamplingParams(max_new_tokens=2, ignore_eos=True), use_tqdm=False)
+        stats = e.stats()
+        rates[name] = stats["prefix_cache_hit_tokens"] / stats["prefix_cache_queried_tokens"]
+    assert rates["attention"] > 0.5
+    assert rates["hybrid"] >= 0.9 * rates["attention"], rates
+
+
+# -- the manager and the store, without a model ----------------------------------------------------------
+
+
+def test_free_and_undo_release_everything_a_step_took():
+    """The engine's failed step re-queues its requests and frees them: every page, slot and checkpoint
+    (being computed, or resumed from) must come back; undo() takes back one reservation exactly."""
+    kv = KVManager(40, 4, 3, enable_prefix_caching=True, checkpoints=CheckpointPolicy(num_pages=2, interval=2))
+    tokens = list(range(1, 20))
+    hashes = []
+    kv.add("a", kv.match_prefix(tokens, hashes), 0, num_query_tokens=len(tokens))
+    grants = kv.reserve(["a"], [19])
+    assert [b for b, _ in grants[0].captures] == [8, 16]
+    kv.commit_computed("a", tokens, 19, hashes)
+    kv.free("a")
+    other = tokens[:12] + [90, 91, 92]
+    prefix = kv.match_prefix(other, hashes_b := [])
+    assert len(prefix) == 2  # resumes at the checkpoint after 8 tokens
+    _, grant = kv.add("b", prefix, 8, num_query_tokens=len(other))
+    assert grant.restore and kv.prefix_cache.checkpoint_after_page(prefix[-1]).holders == 1
+    before = kv.stats()
+    grants = kv.reserve(["b"], [7])
+    assert [b for b, _ in grants[0].captures] == [12]  # where its K/V match (3 pages) ran past the checkpoint
+    kv.undo(grants)
+    assert kv.stats() == before and kv.length("b") == 8
+    kv.reserve(["b"], [7])
+    kv.free("b")  # a failed step: never committed
+    kv.check_invariants()
+    kv.prefix_cache.clear()
+    assert kv.allocator.num_free == 40 and kv.num_seqs == 0 and kv.prefix_cache.num_checkpoints == 0
+    assert len(hashes_b) == 3
+
+
+def test_store_round_trip_and_scrub():
+    spec = get_model("granite_hybrid", "h-nano", seed=5, init_std=0.3).cache_spec()
+    layout = CheckpointLayout.for_spec(spec, PAGE)
+    num_pages = 6
+    g = torch.Generator().manual_seed(0)
+    kv = [torch.randn(spec.num_kv_heads, (num_pages + 1) * PAGE, spec.head_dim, generator=g)
+          for _ in range(layout.num_tensors)]
+    kept = [t.clone() for t in kv]
+    pool = MambaStatePool(spec.state_spec, 3, "cpu")
+    for conv, ssm in zip(pool.conv, pool.ssm):
+        conv.copy_(torch.randn(conv.shape, generator=g))
+        ssm.copy_(torch.randn(ssm.shape, generator=g))
+    store = CheckpointStore(layout, kv, pool)
+    store.capture([2, 0], [(4, 1), (5, 3)])
+    for t, k in zip(kv, kept):  # only pages 1, 3, 4, 5 were written
+        for page in (0, 2, 6):
+            assert torch.equal(t[:, page * PAGE:(page + 1) * PAGE], k[:, page * PAGE:(page + 1) * PAGE])
+    expected = [(c[[2, 0]].clone(), s[[2, 0]].clone()) for c, s in zip(pool.conv, pool.ssm)]
+    for conv, ssm in zip(pool.conv, pool.ssm):
+        conv.zero_()
+        ssm.zero_()
+    store.restore([1, 2], [(4, 1), (5, 3)])
+    for (conv, ssm), (c, s) in zip(zip(pool.conv, pool.ssm), expected):
+        assert torch.equal(conv[[1, 2]], c) and torch.equal(ssm[[1, 2]], s)  # bit for bit
+    store.scrub([4, 1])
+    for t in kv:
+        assert not t[:, 4 * PAGE:5 * PAGE].any() and not t[:, PAGE:2 * PAGE].any() and t[:, 3 * PAGE:4 * PAGE].any()
+
+
+def test_hashes_key_checkpoints_like_pages():
+    kv = KVManager(20, 4, 2, enable_prefix_caching=True, checkpoints=CheckpointPolicy(num_pages=1, interval=1))
+    tokens = list(range(1, 14))
+    hashes = []
+    kv.add("a", [], 0, num_query_tokens=len(tokens))
+    kv.reserve(["a"], [13])
+    kv.commit_computed("a", tokens, 13, hashes)
+    keys = chain_hashes(tokens, 4, 3, [])
+    assert all(kv.prefix_cache.checkpoint_at(k) is not None for k in keys)
+    kv.free("a")
