@@ -244,3 +244,79 @@ def test_hashes_key_checkpoints_like_pages():
     keys = chain_hashes(tokens, 4, 3, [])
     assert all(kv.prefix_cache.checkpoint_at(k) is not None for k in keys)
     kv.free("a")
+
+
+# -- property: random shared-prefix workloads with evictions, failed steps and aborts -----------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from fms.cache.allocator import OutOfPagesError  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_random_workloads_leak_no_slot_checkpoint_or_page(data):
+    """A host-only scheduler over the KV manager: requests share a few prefixes, run in random chunks, and
+    finish, abort, fail a step (undo, or free as the engine's rollback does) or get preempted when pages run
+    out. After every operation the manager's invariants hold; a resumed request's checkpoint always holds the
+    state of exactly its prefix (each capture is tagged with the tokens it covers, as the device would write
+    them); at the end every page, slot and checkpoint is back."""
+    ps = 4
+    num_pages = data.draw(st.integers(8, 20), "num_pages")
+    policy = CheckpointPolicy(num_pages=data.draw(st.integers(1, 3), "c"), interval=data.draw(st.integers(1, 3), "k"))
+    kv = KVManager(num_pages, ps, 3, enable_prefix_caching=True, checkpoints=policy)
+    prefixes = [[p * 100 + i for i in range(data.draw(st.integers(0, 20), "prefix"))] for p in range(3)]
+    written: dict[tuple[int, ...], tuple[int, ...]] = {}  # checkpoint pages -> the tokens its state covers
+    running: dict[int, dict] = {}
+    next_id = 0
+    for _ in range(data.draw(st.integers(10, 60), "ops")):
+        op = data.draw(st.sampled_from(["admit", "step", "step", "step", "finish", "abort"]), "op")
+        if op == "admit" and kv.num_seqs < 3:
+            tokens = data.draw(st.sampled_from(prefixes), "p") + [next_id * 1000 + i for i in range(
+                data.draw(st.integers(1, 9), "tail"))]
+            hashes: list[int] = []
+            prefix = kv.match_prefix(tokens, hashes)
+            _, grant = kv.add(next_id, prefix, len(prefix) * ps, num_query_tokens=len(tokens))
+            if grant is not None:
+                assert written[grant.restore] == tuple(tokens[:len(prefix) * ps])  # its very prefix's state
+            running[next_id] = dict(tokens=tokens, hashes=hashes, done=len(prefix) * ps)
+            next_id += 1
+        elif op == "step" and running:
+            rid = data.draw(st.sampled_from(sorted(running)), "rid")
+            r = running[rid]
+            left = len(r["tokens"]) - r["done"]
+            if left == 0:
+                continue
+            n = data.draw(st.integers(1, left), "n")
+            try:
+                grants = kv.reserve([rid], [n])
+            except OutOfPagesError:
+                victim = max(running)  # preempt the newest, as the scheduler does
+                kv.free(victim)
+                del running[victim]
+                continue
+            for grant in grants:
+                for boundary, pages in grant.captures:
+                    written[pages] = tuple(r["tokens"][:boundary])
+            outcome = data.draw(st.sampled_from(["ok", "ok", "undo", "rollback"]), "outcome")
+            if outcome == "undo":
+                kv.undo(grants)
+            elif outcome == "rollback":
+                kv.free(rid)
+                del running[rid]
+            else:
+                r["done"] += n
+                kv.commit_computed(rid, r["tokens"], r["done"], r["hashes"])
+        elif op in ("finish", "abort") and running:
+            rid = data.draw(st.sampled_from(sorted(running)), "rid")
+            kv.free(rid)
+            del running[rid]
+        kv.check_invariants()
+    for rid in list(running):
+        kv.free(rid)
+    kv.check_invariants()
+    kv.prefix_cache.clear()
+    kv.check_invariants()
+    assert kv.allocator.num_free == num_pages and kv.prefix_cache.num_checkpoints == 0
+    assert sorted(kv._free_slots) == [0, 1, 2] and not kv._capturing and not kv._resumed_from and not kv._wanted
