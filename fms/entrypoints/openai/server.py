@@ -11,8 +11,11 @@ SIGTERM (or Ctrl-C): new requests are refused (503), those in flight finish (or 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import signal
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -422,6 +425,20 @@ def create_server(state: ServerState, host: str = "127.0.0.1", port: int = 8000,
         def handle_exit(self, sig, frame):
             state.async_engine.stop_intake()
             super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn re-raises a captured SIGTERM once it has shut down, which ends the process with
+            # status -15; a drained shutdown is a success here, so the signals only start it (exit 0)
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
 
     config = uvicorn.Config(build_app(state), host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=max(1, int(shutdown_timeout_s)), lifespan="off")

@@ -1,0 +1,160 @@
+"""The `fms` command: --help of every subcommand, `fms generate` (random weights and a local HF folder),
+`fms bench throughput` / `latency` on the CPU, clear refusals (tensor parallel > 1, an unreachable hub id),
+and `fms serve` in its own process: SIGTERM lets the request in flight finish, then the process exits 0."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from fms.entrypoints.cli import main
+from fms.utils.tokenizers import DEFAULT_TOKENIZER_PATH, get_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 120
+
+
+@pytest.mark.parametrize("argv", [
+    [], ["--help"], ["serve", "--help"], ["generate", "--help"], ["bench", "--help"], ["bench", "serve", "--help"],
+    ["bench", "throughput", "--help"], ["bench", "latency", "--help"], ["bench", "static", "--help"],
+    ["eval", "--help"],
+])
+def test_help(argv, capsys):
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse's own --help
+        rc = e.code
+    out = capsys.readouterr().out
+    assert rc == (2 if argv == [] else 0) and "usage: fms" in out
+    if argv[:1] == ["serve"]:
+        for flag in ("--max-num-seqs", "--max-model-len", "--gpu-memory-utilization", "--page-size",
+                     "--enable-prefix-caching", "--no-enable-prefix-caching", "--tensor-parallel-size",
+                     "--max-waiting", "--chat-template", "--served-model-name"):
+            assert flag in out, flag
+
+
+def test_unknown_command_and_benchmark(capsys):
+    assert main(["srve"]) == 2 and "unknown command 'srve'" in capsys.readouterr().err
+    assert main(["bench", "nope"]) == 2 and "unknown benchmark 'nope'" in capsys.readouterr().err
+
+
+def test_generate_with_random_weights(capsys):
+    from fms.models import get_model
+    from fms.serving import LLMEngine, SamplingParams
+
+    rc = main(["generate", "--architecture", "llama", "--variant", "micro", "--prompt", "Pages of the cache",
+               "--prompt", "Hello", "--max-tokens", "5", "--ignore-eos", "--json", "--logprobs", "2"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rc == 0 and [r["prompt"] for r in lines] == ["Pages of the cache", "Hello"]
+    engine = LLMEngine(get_model("llama", "micro", seed=0), get_tokenizer())
+    ref = engine.generate(["Pages of the cache", "Hello"], SamplingParams(max_tokens=5, ignore_eos=True),
+                          use_tqdm=False)
+    assert [r["token_ids"] for r in lines] == [o.token_ids for o in ref]
+    assert [r["text"] for r in lines] == [o.text for o in ref]
+    assert all(len(r["logprobs"]) == 5 and len(r["logprobs"][0]["top"]) == 2 for r in lines)
+
+
+def test_generate_from_a_local_hf_folder_with_chat(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      bos_token_id=1, eos_token_id=2)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(DEFAULT_TOKENIZER_PATH) / name, tmp_path / name)
+    rc = main(["generate", str(tmp_path), "--prompt", "Hi", "--chat", "--max-tokens", "3", "--ignore-eos", "--json"])
+    record = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert rc == 0 and len(record["token_ids"]) == 3
+
+
+def test_refusals_name_the_problem(tmp_path, capsys, monkeypatch):
+    assert main(["generate", "--architecture", "llama", "--variant", "micro", "--tensor-parallel-size", "2"]) == 2
+    assert "--tensor-parallel-size 2 is not supported yet: only 1" in capsys.readouterr().err
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty hub cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["generate", "some-org/some-model"]) == 2
+    err = capsys.readouterr().err
+    assert "could not get 'some-org/some-model' from the Hugging Face Hub" in err and "fms serve DIR" in err
+    assert main(["generate", str(tmp_path / "missing")]) == 2
+    assert "is not a folder here, nor a hub id" in capsys.readouterr().err
+    assert main(["generate"]) == 2 and "name a model" in capsys.readouterr().err
+
+
+def test_bench_throughput_and_latency_on_cpu(tmp_path, capsys):
+    rc = main(["bench", "throughput", "--results-dir", str(tmp_path), "--variant", "nano", "--num-requests", "2",
+               "--prompt-range", "4,8", "--output-range", "2", "--device", "cpu"])
+    assert rc == 0
+    written = json.loads((tmp_path / "serving.json").read_text())
+    assert written["results"][0]["num_output_tokens"] == 4 and "fms bench throughput" in json.dumps(written)
+    out = tmp_path / "latency.json"
+    assert main(["bench", "latency", "--architecture", "llama", "--variant", "nano", "--batch-size", "2",
+                 "--input-len", "4", "--output-len", "3", "--num-iters", "2", "--output-json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert len(report["latencies_s"]) == 2 and report["avg_latency_s"] > 0 and report["batch_size"] == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_sigterm_finishes_in_flight_requests_and_exits_0():
+    httpx = pytest.importorskip("httpx")
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "fms.entrypoints.cli", "serve", "--architecture", "llama",
+                             "--variant", "micro", "--port", str(port), "--log-level", "warning",
+                             "--max-decode-steps", "2"], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "the server did not come up"
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        result = {}
+
+        def in_flight():
+            body = {"prompt": "A long answer", "max_tokens": 48, "ignore_eos": True}
+            result["response"] = httpx.post(url + "/v1/completions", json=body, timeout=TIMEOUT_S)
+
+        thread = threading.Thread(target=in_flight)
+        thread.start()
+        deadline = time.monotonic() + TIMEOUT_S
+        while "fms:num_requests_running{" not in _running(httpx, url):  # the request is in the batch
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        thread.join(TIMEOUT_S)
+        response = result["response"]
+        assert response.status_code == 200
+        assert response.json()["usage"]["completion_tokens"] == 48  # finished, not cut off
+        assert proc.wait(timeout=TIMEOUT_S) == 0
+        with pytest.raises(httpx.TransportError):  # intake is closed
+            httpx.get(url + "/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        proc.stdout.close()
+
+
+def _running(httpx, url) -> str:
+    """The running-requests gauge line when it is above zero, else ''."""
+    text = httpx.get(url + "/metrics", timeout=5).text
+    lines = [line for line in text.splitlines() if line.startswith("fms:num_requests_running{")]
+    return lines[0] if lines and not lines[0].endswith(" 0.0") else ""
