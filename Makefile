@@ -29,7 +29,7 @@ BENCH = $(PYTHON) scripts/benchmark_inference.py --results_dir $(RESULTS) \
 
 .PHONY: install test test-paged-attention check-torch download-tokenizer \
 	bench-llama bench-llama-paged bench-llama-t4 bench-llama-paged-t4 bench-granite bench-granite-paged \
-	bench-compare bench-gpt2 bench-serving
+	bench-compare bench-gpt2 bench-serving serve bench-server-vs-offline
 
 install:
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
@@ -77,3 +77,12 @@ bench-gpt2:
 
 bench-serving:
 	$(PYTHON) scripts/benchmark_serving.py --results_dir $(RESULTS) $(if $(MODEL_PATH),--model_path $(MODEL_PATH))
+
+# the OpenAI-compatible server (`fms serve`): a checkpoint folder / hub id in MODEL_PATH, else random weights
+PORT ?= 8000
+serve:
+	$(PYTHON) -m fms.entrypoints.cli serve $(if $(MODEL_PATH),$(MODEL_PATH),--architecture llama --variant $(or $(VARIANT),micro)) --port $(PORT)
+
+# server throughput at saturation vs the offline engine on one workload (CUDA: llama 3.2-1b, 128 requests)
+bench-server-vs-offline:
+	$(PYTHON) scripts/bench_server_vs_offline.py --output $(RESULTS)/server_vs_offline.json $(if $(VARIANT),--variant $(VARIANT))

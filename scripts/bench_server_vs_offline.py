@@ -1,0 +1,190 @@
+"""Server throughput at saturation vs the offline engine on the same workload (issue: >= 90% on the GPU).
+
+One workload (seeded random token-id prompts, fixed output lengths, EOS ignored, all requests at t=0) runs
+twice: through LLMEngine.generate() in this process, then through `fms serve` in a child process driven by
+`fms bench serve`'s client (streaming /v1/completions). Each side gets an untimed warm-up first. Writes
+JSON with the command, device, commit, both throughputs and their ratio.
+
+    python scripts/bench_server_vs_offline.py --output results/server_vs_offline.json          # CUDA: 3.2-1b
+    python scripts/bench_server_vs_offline.py --variant micro --num-prompts 8 --output /tmp/s.json  # CPU demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import random
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):  # run as a file: make the repository importable
+    sys.path.insert(0, str(REPO))
+
+from fms.entrypoints.bench_serve import BenchRequest, _commit, run_load, summarize  # noqa: E402
+
+TARGET_RATIO = 0.9
+
+
+def parse_args(argv=None):
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--architecture", default="llama")
+    p.add_argument("--variant", default="3.2-1b" if cuda else "micro")
+    p.add_argument("--num-prompts", type=int, default=128 if cuda else 8)
+    p.add_argument("--prompt-range", default="64,512" if cuda else "16,32", help="LO,HI prompt tokens")
+    p.add_argument("--output-len", type=int, default=256 if cuda else 8)
+    p.add_argument("--warmup-prompts", type=int, default=16 if cuda else 2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per side; the fastest counts")
+    p.add_argument("--port", type=int, default=None, help="default: a free port")
+    p.add_argument("--server-timeout", type=float, default=1200.0, help="seconds for the server to come up")
+    p.add_argument("--engine-args", default="", help="extra engine flags for both sides, e.g. '--max-num-seqs 256'")
+    p.add_argument("--output", type=Path, default=Path("results/server_vs_offline.json"))
+    return p.parse_args(argv)
+
+
+def workload(num: int, prompt_range: str, output_len: int, vocab_size: int, seed: int) -> list[BenchRequest]:
+    lo, _, hi = prompt_range.partition(",")
+    lo, hi = int(lo), int(hi or lo)
+    rng = random.Random(seed)
+    requests = []
+    for _ in range(num):
+        n = rng.randint(lo, hi)
+        requests.append(BenchRequest([rng.randrange(4, vocab_size) for _ in range(n)], n, output_len))
+    return requests
+
+
+def _engine_args(args):
+    """The engine flags as `fms serve` parses them, and the same parsed for the offline side."""
+    from fms.entrypoints.cli import serve_parser
+
+    flags = ["--architecture", args.architecture, "--variant", args.variant, "--seed", str(args.seed),
+             *shlex.split(args.engine_args)]
+    return flags, serve_parser().parse_args(flags)
+
+
+def run_offline(args, requests, warmup) -> dict:
+    from fms.entrypoints.engine_args import build_engine
+    from fms.serving import SamplingParams
+
+    _, parsed = _engine_args(args)
+    engine, _ = build_engine(parsed)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
+    def run(batch):
+        params = [SamplingParams(max_tokens=r.output_len, ignore_eos=True) for r in batch]
+        sync()
+        start = time.perf_counter()
+        outs = engine.generate([r.prompt for r in batch], params, use_tqdm=False)
+        sync()
+        return outs, time.perf_counter() - start
+
+    run(warmup)
+    durations = []
+    for _ in range(args.repeats):
+        outs, duration = run(requests)
+        durations.append(duration)
+    duration = min(durations)
+    num_out = sum(len(o.token_ids) for o in outs)
+    num_in = sum(r.prompt_len for r in requests)
+    result = {"duration_s": duration, "total_input_tokens": num_in, "total_output_tokens": num_out,
+              "output_throughput": num_out / duration, "request_throughput": len(requests) / duration,
+              "total_token_throughput": (num_in + num_out) / duration, "durations_s": durations,
+              "engine": engine.stats()}
+    del engine, outs
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the server's pool sizes itself from free memory
+    return result
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_server(args, requests, warmup) -> dict:
+    import urllib.request
+
+    port = args.port or _free_port()
+    flags, _ = _engine_args(args)
+    command = [sys.executable, "-m", "fms.entrypoints.cli", "serve", *flags, "--port", str(port),
+               "--max-waiting", str(max(1024, len(requests))), "--log-level", "warning"]
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen(command, env=env, cwd=REPO)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + args.server_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"fms serve exited with {proc.returncode} before it was ready")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"fms serve was not ready after {args.server_timeout} s")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        with urllib.request.urlopen(url + "/v1/models", timeout=10) as r:
+            model = json.loads(r.read())["data"][0]["id"]
+        asyncio.run(run_load(url, model, warmup, float("inf"), None, args.seed, progress=False))
+        runs = [asyncio.run(run_load(url, model, requests, float("inf"), None, args.seed, progress=False))
+                for _ in range(args.repeats)]
+        results, duration = min(runs, key=lambda run: run[1])
+        summary = summarize(results, duration)
+        summary["durations_s"] = [d for _, d in runs]
+        summary["server_command"] = " ".join(shlex.quote(c) for c in command)
+        return summary
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from fms.models import get_config
+
+    vocab_size = get_config(args.architecture, args.variant).vocab_size
+    requests = workload(args.num_prompts, args.prompt_range, args.output_len, vocab_size, args.seed)
+    warmup = workload(args.warmup_prompts, args.prompt_range, min(args.output_len, 32), vocab_size, args.seed + 1)
+    offline = run_offline(args, requests, warmup)
+    print(f"offline engine: {offline['output_throughput']:.1f} output tok/s", flush=True)
+    server = run_server(args, requests, warmup)
+    print(f"server:         {server['output_throughput']:.1f} output tok/s "
+          f"({server['completed']} completed, {server['failed']} failed)", flush=True)
+    ratio = server["output_throughput"] / offline["output_throughput"]
+    report = {
+        "command": " ".join(shlex.quote(a) for a in ["python", "scripts/bench_server_vs_offline.py",
+                                                     *(sys.argv[1:] if argv is None else argv)]),
+        "commit": _commit(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "model": f"{args.architecture}/{args.variant} (random weights)",
+        "workload": {"num_prompts": args.num_prompts, "prompt_range": args.prompt_range,
+                     "output_len": args.output_len, "seed": args.seed, "arrivals": "all at t=0"},
+        "offline": offline, "server": server, "server_over_offline": ratio,
+        "target": TARGET_RATIO, "meets_target": ratio >= TARGET_RATIO,
+    }
+    print(f"server / offline = {ratio:.3f} (target >= {TARGET_RATIO})")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2, default=str))
+    print(f"wrote {args.output}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
