@@ -126,15 +126,7 @@ class GraniteHybrid(LLaMA):
         if self.layer_type(layer_idx) == "mamba":
             from fms.modules.mamba_layer import MambaLayer
 
-            if self.tp is not None:
-                raise ValueError(
-                    f"tensor parallel does not split Mamba2 layers (layer {layer_idx} of this Granite-4.0-H "
-                    f"config is one): the gated RMSNorm normalizes over all heads of a group "
-                    f"(mamba_num_groups={self.config.mamba_num_groups}), so a head split needs a cross-rank norm "
-                    "that is not built; run this model with tensor parallel size 1, or a dense Granite 4.0 / Llama"
-                )
-
-            return MambaLayer(self.config.mamba_config(), layer_idx)
+            return MambaLayer(self.config.mamba_config(), layer_idx, tp=self.tp)
         return super().build_mixer(layer_idx)
 
     def build_ffn(self, layer_idx: int) -> nn.Module:
@@ -154,7 +146,8 @@ class GraniteHybrid(LLaMA):
             return None
         from fms.modules.mamba_layer import MambaLayer
 
-        return MambaLayer.state_spec(self.config.mamba_config(), mamba_layers, self.embedding.weight.dtype)
+        config = self.layers[mamba_layers[0]].mixer.mamba.config  # this rank's heads under tensor parallel
+        return MambaLayer.state_spec(config, mamba_layers, self.embedding.weight.dtype)
 
 
 def granite_hybrid_config_from_hf(hf: dict) -> GraniteHybridConfig:

@@ -6,20 +6,27 @@ reading and writing each row once (fms.triton.mamba_decode), and gathers and sca
 small conv states; a multi-token step gathers both (index_select), runs, and scatters them back (index_copy_).
 """
 
+from dataclasses import replace
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fms.cache.state import MambaStateSpec
-from fms.modules.ssm import Mamba2Config, Mamba2Mixer, Mamba2State
+from fms.distributed.group import TensorParallel
+from fms.distributed.sharding import TensorShard, set_shards
+from fms.modules.parallel import RowParallelLinear, column_parallel
+from fms.modules.ssm import GatedRMSNorm, Mamba2Config, Mamba2Mixer, Mamba2State
 
 
 class MambaLayer(nn.Module):
     """A Mamba2 mixer with the attention layer's call signature; its state lives in the cache's pool."""
 
-    def __init__(self, config: Mamba2Config, layer_idx: int):
+    def __init__(self, config: Mamba2Config, layer_idx: int, tp: TensorParallel | None = None):
+        """tp: under tensor parallel, this rank's heads (see sharded_mixer)."""
         super().__init__()
         self.layer_idx = layer_idx
-        self.mamba = Mamba2Mixer(config)
+        self.mamba = Mamba2Mixer(config) if tp is None else sharded_mixer(config, tp)
 
     def forward(self, x, position_ids=None, attn_name=None, cache=None, meta=None, **_):
         if cache is None:
@@ -59,17 +66,80 @@ class MambaLayer(nn.Module):
     def reset_parameters_seeded(self, generator):
         """Mamba-style init for random weights: A in [1, 16], dt in [1e-3, 0.1], D = 1."""
         m = self.mamba
-        heads = m.A_log.shape[0]
+        # a tensor-parallel shard draws the full tensors (the same generator use) and keeps its slice
+        head_shard, conv_shard = (getattr(x, "shards", {}).get(n) for x, n in ((m, "A_log"), (m.conv1d, "weight")))
+        heads = head_shard.full_shape[0] if head_shard else m.A_log.shape[0]
+        local_heads = head_shard.take if head_shard else (lambda t: t)
         a = torch.empty(heads).uniform_(1.0, 16.0, generator=generator)
-        m.A_log.copy_(a.log())
+        m.A_log.copy_(local_heads(a.log()))
         dt = torch.exp(torch.empty(heads).uniform_(0, 1, generator=generator) * (torch.log(torch.tensor(0.1))
                                                                                    - torch.log(torch.tensor(1e-3)))
                        + torch.log(torch.tensor(1e-3)))
-        m.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        m.dt_bias.copy_(local_heads(dt + torch.log(-torch.expm1(-dt))))  # inverse softplus
         m.D.fill_(1.0)
         m.norm.weight.fill_(1.0)
         kernel = m.conv1d.weight.shape[-1]
         bound = kernel**-0.5  # nn.Conv1d's default range for a depthwise kernel
-        m.conv1d.weight.copy_(torch.empty(m.conv1d.weight.shape).uniform_(-bound, bound, generator=generator))
+        conv = torch.empty(conv_shard.full_shape if conv_shard else m.conv1d.weight.shape)
+        conv.uniform_(-bound, bound, generator=generator)
+        m.conv1d.weight.copy_(conv_shard.take(conv) if conv_shard else conv)
         if m.conv1d.bias is not None:
             m.conv1d.bias.zero_()
+
+
+class CrossRankGatedRMSNorm(GatedRMSNorm):
+    """GatedRMSNorm over one group whose channels lie on every rank (Mamba2 with one B/C group, heads split):
+    each token's sum of squares is all-reduced, then each rank scales its own channels."""
+
+    def __init__(self, size: int, full_size: int, eps: float, tp: TensorParallel):
+        super().__init__(size, size, eps)
+        self.full_size, self.tp = full_size, tp
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        # fused (fla's kernel) would normalize this rank's channels alone: always the two-pass form here
+        u = y.float() * F.silu(z.float())
+        sum_sq = self.tp.all_reduce(u.pow(2).sum(-1, keepdim=True))  # (..., 1) over all ranks' channels
+        return (self.weight.float() * u * torch.rsqrt(sum_sq / self.full_size + self.eps)).to(z.dtype)
+
+
+def sharded_mixer(c: Mamba2Config, tp: TensorParallel) -> Mamba2Mixer:
+    """A Mamba2 mixer computing heads [h0, h1) of the full one: a mixer of the local shape whose projections
+    and per-head parameters hold those heads' rows, recorded as shards of the full tensors.
+
+        in_proj rows   [ z: nh*P | x: nh*P | B: G*N | C: G*N | dt: nh ]   -> its heads' z, x, dt; its groups' B, C
+        conv channels  [ x: nh*P | B: G*N | C: G*N ]                       -> the same x, B, C channels
+        A_log, D, dt_bias (nh), norm weight (nh*P)                          -> its heads
+        out_proj       row-parallel over its heads' channels (one all-reduce)
+
+    Groups: with G divisible by the ranks each rank holds whole groups (G/ranks of them) and its norm is
+    local; with one group (every released Granite-4.0-H) B and C are replicated and the gated norm, which
+    spans all heads, all-reduces each token's sum of squares (a second, small all-reduce per layer).
+    """
+    n, r = tp.world_size, tp.rank
+    nh, G, N, P = c.num_heads, c.num_groups, c.state_size, c.head_dim
+    if nh % n:
+        raise ValueError(f"tensor parallel size {n} must divide the Mamba2 heads (mamba_num_heads={nh})")
+    if G != 1 and G % n:
+        raise ValueError(f"tensor parallel needs mamba_num_groups ({G}) to be 1 or a multiple of the size {n}")
+    h0, h1 = r * nh // n, (r + 1) * nh // n
+    g0, g1 = (0, 1) if G == 1 else (r * G // n, (r + 1) * G // n)
+    mixer = Mamba2Mixer(replace(c, num_heads=h1 - h0, num_groups=g1 - g0))
+    inner, gn = c.inner_dim, G * N
+    x_at, b_at, c_at, dt_at = inner, 2 * inner, 2 * inner + gn, 2 * inner + 2 * gn
+    mixer.in_proj = column_parallel(
+        c.hidden_size,
+        ((h0 * P, h1 * P), (x_at + h0 * P, x_at + h1 * P), (b_at + g0 * N, b_at + g1 * N),
+         (c_at + g0 * N, c_at + g1 * N), (dt_at + h0, dt_at + h1)),
+        2 * inner + 2 * gn + nh, bias=c.use_bias)
+    channels = ((h0 * P, h1 * P), (inner + g0 * N, inner + g1 * N), (inner + gn + g0 * N, inner + gn + g1 * N))
+    conv = mixer.conv1d
+    set_shards(conv, weight=TensorShard((c.conv_dim, *conv.weight.shape[1:]), 0, channels))
+    if conv.bias is not None:
+        set_shards(conv, bias=TensorShard((c.conv_dim,), 0, channels))
+    heads = TensorShard((nh,), 0, ((h0, h1),))
+    set_shards(mixer, A_log=heads, D=heads, dt_bias=heads)
+    if G == 1 and n > 1:
+        mixer.norm = CrossRankGatedRMSNorm((h1 - h0) * P, inner, c.norm_eps, tp)
+    set_shards(mixer.norm, weight=TensorShard((inner,), 0, ((h0 * P, h1 * P),)))
+    mixer.out_proj = RowParallelLinear(inner, c.hidden_size, tp, (h0 * P, h1 * P), bias=c.use_bias)
+    return mixer
