@@ -92,6 +92,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--memory-gb", type=float, default=None, help="KV pool size (default: the engine's)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-bracket", action="store_true", help="skip the second plain run (saves one model build)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -100,7 +101,8 @@ def main(argv=None) -> dict:
     results["args"] = vars(args)
     runs = [("plain", measure(args, None))]
     runs.append(("tp1", launch(measure, 1, (args, "tp"), start_method="spawn")[0]))
-    runs.append(("plain_again", measure(args, None)))
+    if not args.no_bracket:
+        runs.append(("plain_again", measure(args, None)))
     results["runs"] = dict(runs)
     plain = [r for name, r in runs if name.startswith("plain")]
     tp1 = results["runs"]["tp1"]
