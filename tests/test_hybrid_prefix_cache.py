@@ -234,6 +234,31 @@ def test_store_round_trip_and_scrub():
         assert not t[:, 4 * PAGE:5 * PAGE].any() and not t[:, PAGE:2 * PAGE].any() and t[:, 3 * PAGE:4 * PAGE].any()
 
 
+def test_pages_a_checkpoint_gave_back_are_zeroed_at_the_next_apply(model):
+    """Checkpoint bytes read as K/V may be NaN (0 * NaN is NaN even where attention masks them out): pages a
+    checkpoint gives back (here: a failed step's capture, freed by the rollback) are zeroed by the device's next
+    apply, before any step writes or reads them."""
+    from fms.modules.attention import get_attention_op
+
+    spec = model.cache_spec()
+    kv = KVManager(8, PAGE, 2, enable_prefix_caching=True, checkpoints=CheckpointLayout.for_spec(spec, PAGE).policy())
+    cache = get_attention_op("paged").create_cache(spec, max_batch_size=2, max_seq_len=128, manager=kv)
+    for t in (*cache.keys, *cache.values):
+        t.fill_(float("nan"))
+    kv.add("a", [], 0, num_query_tokens=40)
+    grants = kv.reserve(["a"], [40])
+    (boundary, pages), = grants[0].captures
+    assert boundary == 2 * PAGE
+    cache.apply(grants)
+    kv.free("a")  # the step failed before it was committed
+    cache.apply([])
+    for t in (*cache.keys, *cache.values):
+        for page in pages:
+            assert not t[:, page * PAGE:(page + 1) * PAGE].any()
+        assert t[:, grants[0].pages[0] * PAGE].isnan().all()  # K/V pages are not touched
+    assert kv.take_pages_to_scrub() == []
+
+
 def test_hashes_key_checkpoints_like_pages():
     kv = KVManager(20, 4, 2, enable_prefix_caching=True, checkpoints=CheckpointPolicy(num_pages=1, interval=1))
     tokens = list(range(1, 14))

@@ -28,7 +28,8 @@ page boundaries a sequence checkpoints while it is prefilled, and gives them sto
     through capture_targets() when it builds the step, and commit_computed() caches them under the
     key of the page they end (freed if that key already has one).
     grant.restore: on a hit, the checkpoint's pages, copied into the sequence's state slot.
-    grant.scrub: new pages that last held checkpoint bytes, zeroed before they hold K/V.
+    take_pages_to_scrub(): pages a checkpoint gave back since the last call, which the device zeroes
+    at its next apply (before any step can write or read them as K/V, even after a failed step).
 """
 
 from __future__ import annotations
@@ -71,11 +72,10 @@ class PageGrant:
     # what undo() needs: the sequence's length and table size before this reservation
     num_tokens_before: int = 0
     num_pages_before: int = 0
-    # hybrid models: the Mamba-state checkpoint to copy into the sequence's slot (its pages), the
-    # boundaries this step checkpoints (position, pages), pages to zero before they hold K/V
+    # hybrid models: the Mamba-state checkpoint to copy into the sequence's slot (its pages), and the
+    # boundaries this step checkpoints (position, pages)
     restore: tuple[int, ...] = ()
     captures: tuple[tuple[int, tuple[int, ...]], ...] = ()
-    scrub: tuple[int, ...] = ()
 
 
 @dataclass
@@ -297,21 +297,21 @@ class KVManager:
             copies = self.tables.reserve(seq_id, n)
             start = before - 1 if copies else before
             if self.tables.num_pages(seq_id) > start:
-                pages = tuple(self.tables.pages_from(seq_id, start))
-                grants.append(PageGrant(seq_id, start, pages, tuple(copies), length, before, scrub=self._scrub(pages)))
+                grants.append(PageGrant(seq_id, start, tuple(self.tables.pages_from(seq_id, start)), tuple(copies),
+                                        length, before))
             elif n:
                 grants.append(PageGrant(seq_id, before, (), (), length, before))  # undo() still needs the length
         if self.checkpoints is not None:  # after every page of the step: a checkpoint only takes what is left
             grants = [self._with_captures(g) for g in grants]
         return grants
 
-    def _scrub(self, pages: Sequence[int]) -> tuple[int, ...]:
+    def take_pages_to_scrub(self) -> list[int]:
+        """Pages that held checkpoint bytes since the last call (forgotten here: the caller zeroes them)."""
         if self.prefix_cache is None or not self.prefix_cache.dirty_pages:
-            return ()
-        dirty = self.prefix_cache.dirty_pages
-        scrub = tuple(p for p in pages if p in dirty)
-        dirty.difference_update(scrub)
-        return scrub
+            return []
+        pages = sorted(self.prefix_cache.dirty_pages)
+        self.prefix_cache.dirty_pages.clear()
+        return pages
 
     def _with_captures(self, grant: PageGrant) -> PageGrant:
         """The grant with storage for the checkpoints its step computes, as far as free or evictable pages
@@ -355,7 +355,6 @@ class KVManager:
             if self.checkpoints is not None:
                 for boundary, _ in grant.captures:
                     self.prefix_cache.free_checkpoint(self._capturing[grant.seq_id].pop(boundary))
-                self.prefix_cache.dirty_pages.update(grant.scrub)  # the step may not have zeroed them
             self.tables.unreserve(grant.seq_id, grant.num_tokens_before, grant.num_pages_before, list(grant.copies))
 
     def release_out_of_window(self, seq_id: Hashable, window: int | None) -> list[int]:

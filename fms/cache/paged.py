@@ -193,7 +193,8 @@ class PagedKVCache(SequenceCache):
 
     def apply(self, grants: Sequence[PageGrant]) -> None:
         if self.checkpoint_store is not None:
-            scrub = [p for g in grants for p in g.scrub]
+            # before this step's writes and reads: pages that held checkpoint bytes may hold K/V from now on
+            scrub = self.manager.take_pages_to_scrub()
             if scrub:
                 self.checkpoint_store.scrub(scrub)
         changed_pages, changed_logical, copies = [], [], []
