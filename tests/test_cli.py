@@ -25,7 +25,7 @@ TIMEOUT_S = 120
 @pytest.mark.parametrize("argv", [
     [], ["--help"], ["serve", "--help"], ["generate", "--help"], ["bench", "--help"], ["bench", "serve", "--help"],
     ["bench", "throughput", "--help"], ["bench", "latency", "--help"], ["bench", "static", "--help"],
-    ["eval", "--help"],
+    ["eval", "--help"], ["eval", "lm-eval", "--help"],
 ])
 def test_help(argv, capsys):
     try:
@@ -158,3 +158,15 @@ def _running(httpx, url) -> str:
     text = httpx.get(url + "/metrics", timeout=5).text
     lines = [line for line in text.splitlines() if line.startswith("fms:num_requests_running{")]
     return lines[0] if lines and not lines[0].endswith(" 0.0") else ""
+
+
+def test_lm_eval_on_the_shipped_data_on_cpu(tmp_path, capsys):
+    """The README's lm-eval command: a local task file over the shipped MMLU items, the device from the model."""
+    pytest.importorskip("lm_eval")
+    out = tmp_path / "lm_eval.json"
+    assert main(["eval", "lm-eval", "--architecture", "llama", "--variant", "micro", "--tasks", "mmlu", "--limit",
+                 "1", "--device", "cpu", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())["results"]["fms_mmlu_local"]
+    assert result["sample_len"] == 2 and 0 <= result["acc,none"] <= 1  # one item of each subject's test CSV
+    assert "fms_mmlu_local" in capsys.readouterr().out
+    assert main(["eval", "lm-eval", "--variant", "micro", "--tasks", "hellaswag"]) == 2

@@ -5,6 +5,7 @@
     fms bench serve --port 8000 --num-prompts 64                    load against a running server
     fms bench throughput | latency | static                         offline engine / static batches
     fms eval --task mmlu --data fms/resources/eval/mmlu             accuracy (local data only)
+    fms eval lm-eval --architecture llama --variant micro --tasks mmlu   lm-evaluation-harness, local data
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ SUBCOMMANDS = {
     "serve": "start the OpenAI-compatible HTTP server",
     "generate": "generate text for prompts with the engine",
     "bench": "benchmarks: serve (load generator), throughput (offline engine), latency (one batch), static",
-    "eval": "accuracy of a model on local task data (MMLU, TruthfulQA, summarization)",
+    "eval": "accuracy of a model on local task data (MMLU, TruthfulQA, summarization); "
+            "`fms eval lm-eval` runs lm-evaluation-harness on it",
 }
 BENCH_SUBCOMMANDS = {
     "serve": "a load generator against a running server (TTFT, TPOT, ITL, throughput, goodput)",
@@ -185,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         if command == "bench":
             return _bench(rest)
         if command == "eval":
+            if rest[:1] == ["lm-eval"]:
+                from fms.entrypoints.lm_eval_run import main as lm_eval_main
+
+                lm_eval_main(rest[1:])
+                return 0
             from fms.entrypoints.bench_cli import eval_cli
 
             return eval_cli(rest)
