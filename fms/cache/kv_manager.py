@@ -421,7 +421,11 @@ class KVManager:
     def stats(self) -> KVStats:
         pc = self.prefix_cache
         cached = self.num_evictable_pages
-        checkpoint_pages = len(self._checkpoint_page_ids()) if self.checkpoints else 0
+        checkpoint_pages = 0
+        if self.checkpoints is not None:  # counted, not listed: stats() may be read often
+            orphans = {id(c) for c in self._resumed_from.values() if c.key is None}
+            num = pc.num_checkpoints + sum(map(len, self._capturing.values())) + len(orphans)
+            checkpoint_pages = num * self.checkpoints.num_pages
         return KVStats(
             num_pages=self.num_pages,
             num_free_pages=self.allocator.num_free,
@@ -469,6 +473,9 @@ class KVManager:
             if expected == 0 and self.allocator.refcount(page):
                 raise AssertionError(f"page {page} has refcount {self.allocator.refcount(page)} but no holder")
         if self.checkpoints is not None:
+            if self.stats().num_checkpoint_pages != len(checkpoint_pages):
+                raise AssertionError(f"stats count {self.stats().num_checkpoint_pages} checkpoint pages, "
+                                     f"{len(checkpoint_pages)} are held")
             stray = (set(self._wanted) | set(self._capturing) | set(self._resumed_from)) - set(self._slot)
             if stray:
                 raise AssertionError(f"checkpoint plans of sequences no longer in the cache: {sorted(map(str, stray))}")
