@@ -64,12 +64,36 @@ def workload(num: int, prompt_range: str, output_len: int, vocab_size: int, seed
     return requests
 
 
+def _placeholder_tokenizer(architecture: str, variant: str) -> str:
+    """A word-level tokenizer with one placeholder word ("t<id>") per id of the model's vocabulary.
+
+    Random weights sample any of the model's ids (128,256 for Llama 3), which the shipped
+    2,048-token tokenizer cannot decode; both sides get this one so that text is built the same way.
+    Written once per run to a temporary folder."""
+    import tempfile
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from fms.models.registry import get_config
+
+    vocab_size = get_config(architecture, variant).vocab_size
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    folder = tempfile.mkdtemp(prefix="fms-bench-tokenizer-")
+    tokenizer.save(os.path.join(folder, "tokenizer.json"))
+    return folder
+
+
 def _engine_args(args):
     """The engine flags as `fms serve` parses them, and the same parsed for the offline side."""
     from fms.entrypoints.cli import serve_parser
 
-    flags = ["--architecture", args.architecture, "--variant", args.variant, "--seed", str(args.seed),
-             *shlex.split(args.engine_args)]
+    extra = shlex.split(args.engine_args)
+    if "--tokenizer" not in extra:
+        if getattr(args, "_tokenizer", None) is None:
+            args._tokenizer = _placeholder_tokenizer(args.architecture, args.variant)
+        extra += ["--tokenizer", args._tokenizer]
+    flags = ["--architecture", args.architecture, "--variant", args.variant, "--seed", str(args.seed), *extra]
     return flags, serve_parser().parse_args(flags)
 
 
