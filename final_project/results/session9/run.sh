@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Session 9 device runs, on clean trees (git archive), each step under its own time limit, results
+# written under OUT as they come. Usage: run.sh OUT PART
+#   part server: issue 18's server-vs-offline throughput (.gpu = git archive of the commit in .gpu/COMMIT)
+#   part eval:   issue 19's fp32 paged eval on CUDA under cProfile (where the 241x goes)
+#   part both:   server, then eval
+set -u
+OUT=${1:?out dir}; PART=${2:?part}
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/device_$PART.txt" 2>&1
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$OUT/device_$PART.txt" 2>&1
+echo "tree: $(cat .gpu/COMMIT)" >> "$OUT/device_$PART.txt"
+step() {  # step NAME LIMIT_S COMMAND...
+  local name=$1 limit=$2; shift 2
+  local start=$(date +%s.%N)
+  (cd .gpu && PYTHONPATH=$PWD timeout "$limit" "$@") > "$OUT/log_$name.txt" 2>&1
+  echo "exit $? wall $(python3 -c "import time; print(round(time.time() - $start, 1))") s" >> "$OUT/log_$name.txt"
+  tail -4 "$OUT/log_$name.txt"
+}
+case $PART in
+  server)
+    step server_vs_offline 430 python3 scripts/bench_server_vs_offline.py --repeats 2 --output "$OUT/server_vs_offline.json"
+    ;;
+  eval|both)
+    [ "$PART" = both ] && step server_vs_offline 430 python3 scripts/bench_server_vs_offline.py --repeats 2 \
+      --output "$OUT/server_vs_offline.json"
+    step eval_fp32 120 python3 -m cProfile -o "$OUT/eval_fp32.prof" scripts/eval.py --task truthfulqa_mc2 \
+      --data fms/resources/eval/truthfulqa_mc.json --mode both --device_type cuda --dtype fp32 --no_progress \
+      --output "$OUT/tqa_fp32.json"
+    python3 -c "import pstats; s = pstats.Stats('$OUT/eval_fp32.prof'); s.sort_stats('cumtime').print_stats(40); s.sort_stats('tottime').print_stats(25)" > "$OUT/eval_fp32_profile.txt" 2>&1
+    ;;
+esac
