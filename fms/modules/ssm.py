@@ -298,8 +298,8 @@ class Mamba2Mixer(nn.Module):
         batch, T, _ = x.shape
         self._check_state(state, batch)
         self._check_valid_lens(valid_lens, batch, T)
-        if emit is not None:
-            check_emit(emit, batch, T if valid_lens is None else valid_lens.to(emit[0].device))
+        if emit is not None and (valid_lens is None or valid_lens.device.type == "cpu"):  # no device sync
+            check_emit(emit, batch, T if valid_lens is None else valid_lens)
 
         if T == 1:
             is_active = None if valid_lens is None else valid_lens.to(x.device) > 0

@@ -334,25 +334,36 @@ def _emit_plan(emit, num_seq, T, cu_seqlens, block_t, nh, P, N, device):
 
     Every count of one sequence must be congruent modulo block_t, or be the sequence's length (its last
     chunk ends there); block_t is halved (down to 16) until they are."""
-    seq, num_tokens = (t.detach().to("cpu", torch.int64) for t in emit)
-    if cu_seqlens is None:
-        lengths = torch.full((num_seq,), T, dtype=torch.int64)
-    else:
-        bounds = cu_seqlens.detach().to("cpu", torch.int64)
-        lengths = bounds[1:] - bounds[:-1]
-    check_emit((seq, num_tokens), num_seq, lengths)
+    seq, num_tokens = (t.detach().to("cpu", torch.int64) for t in emit)  # host tensors in serving: no sync
+
+    def lengths_of_sequences():
+        if cu_seqlens is None:
+            return torch.full((num_seq,), T, dtype=torch.int64)
+        bounds = cu_seqlens.detach().to("cpu", torch.int64)  # a device sync when cu_seqlens is on the GPU
+        return bounds[1:] - bounds[:-1]
+
+    # Page boundaries are all congruent, the end of a chunk included: the lengths (a sync for packed GPU
+    # steps) are only read to validate on the host, or when some count is not congruent with the others.
+    lengths = lengths_of_sequences() if cu_seqlens is None or cu_seqlens.device.type == "cpu" else None
+    if lengths is not None:
+        check_emit((seq, num_tokens), num_seq, lengths)
     order = torch.argsort(seq * (T + 1) + num_tokens)  # by sequence, then token count
     seq_sorted, len_sorted = seq[order], num_tokens[order]
     if (seq_sorted[1:] == seq_sorted[:-1]).logical_and(len_sorted[1:] == len_sorted[:-1]).any():
         raise ValueError(f"emit asks twice for one state: sequences {seq.tolist()} after {num_tokens.tolist()} tokens")
-    inner = len_sorted != lengths[seq_sorted]  # states that must fall on a chunk end
     while True:
+        # states that must fall on a chunk end: all but those at their sequence's end (its last chunk ends there)
+        inner = torch.ones_like(seq_sorted, dtype=torch.bool) if lengths is None else len_sorted != lengths[seq_sorted]
         # each sequence's shift from one of its inner counts (any: they must agree): (count + shift) % block_t == 0
         shift = torch.zeros(num_seq, dtype=torch.int64)
         shift[seq_sorted[inner]] = (-len_sorted[inner]) % block_t
         if bool(((len_sorted + shift[seq_sorted]) % block_t != 0)[inner].any()):
             if block_t > _MIN_BLOCK:
                 block_t //= 2
+                continue
+            if lengths is None:
+                lengths = lengths_of_sequences()
+                check_emit((seq, num_tokens), num_seq, lengths)
                 continue
             raise ValueError(f"emit's token counts {num_tokens.tolist()} of one sequence must differ by multiples "
                              f"of {_MIN_BLOCK} (page boundaries of a page size >= {_MIN_BLOCK}), or be its length")
