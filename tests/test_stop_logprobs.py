@@ -151,6 +151,10 @@ def test_incremental_text_equals_a_whole_decode(tokenizer):
         sent.append(detok.text)
     assert detok.text == text
     assert all("\ufffd" not in s for s in sent)  # an incomplete character waits for its next byte
+    windowed = IncrementalDetokenizer(tokenizer, [1])
+    for i in range(0, len(ids), 3):  # a decode window's tokens at once
+        assert windowed.add_tokens(ids[i:i + 3]) is None
+    assert windowed.text == text
 
 
 def test_stable_text_holds_back_a_possible_stop_prefix(tokenizer):

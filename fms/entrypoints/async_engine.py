@@ -3,7 +3,7 @@
     HTTP handlers (event loop)                  engine thread
     submit(prompt, params) -> RequestStream --> intake queue --> engine.add_request
     async for delta in stream                   engine.step() -> deltas per request
-        <-- loop.call_soon_threadsafe(queue.put_nowait, delta)
+        <-- loop.call_soon_threadsafe(put every delta of the step)
     stream.abort() (client gone) ------------> abort queue  --> engine.abort (pages freed)
 
 Every request that arrives joins the running batch at the next step (continuous batching across
@@ -23,12 +23,18 @@ from dataclasses import dataclass, field
 from typing import Hashable
 
 from fms.runtime.sampler import TokenLogprobs
+from fms.serving.detokenizer import INITIAL_CONTEXT_TOKENS, IncrementalDetokenizer
 from fms.serving.engine import LLMEngine
 from fms.serving.request import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 SNAPSHOT_INTERVAL_S = 0.05
+
+
+def _put_all(items) -> None:
+    for queue_, delta in items:
+        queue_.put_nowait(delta)
 
 
 class EngineOverloaded(Exception):
@@ -41,10 +47,11 @@ class EngineStopped(Exception):
 
 @dataclass
 class Delta:
-    """What one step added to one request: new tokens, the text that may be sent now, their logprobs."""
+    """What one step added to one request: new tokens, the text that may be sent now, their logprobs.
+    text None: the engine built no text for it (no stop strings); the client side decodes the tokens."""
 
     token_ids: list[int]
-    text: str
+    text: str | None
     logprobs: list[TokenLogprobs] | None = None
     finished: bool = False
     finish_reason: str | None = None
@@ -61,7 +68,9 @@ class RequestStream:
     request_id: Hashable
     num_prompt_tokens: int
     _engine: "AsyncEngine"
+    _prompt_tail: list[int] = field(default_factory=list)
     _queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    _detokenizer: IncrementalDetokenizer | None = None
     finished: bool = False
 
     def __aiter__(self):
@@ -75,6 +84,15 @@ class RequestStream:
             self.finished = True
             raise delta
         self.finished = delta.finished
+        tokenizer = self._engine.engine.tokenizer
+        if delta.text is None and tokenizer is None:
+            delta.text = ""
+        elif delta.text is None:  # decoded here, on the event loop, while the engine thread runs the model
+            if self._detokenizer is None:
+                self._detokenizer = IncrementalDetokenizer(tokenizer, self._prompt_tail)
+            start = len(self._detokenizer.text)
+            self._detokenizer.add_tokens(delta.token_ids)
+            delta.text = self._detokenizer.text[start:]
         return delta
 
     def abort(self) -> None:
@@ -110,6 +128,7 @@ class AsyncEngine:
         self._aborts: queue.Queue = queue.Queue()
         self._wake = threading.Event()
         self._tracked: dict[Hashable, _Tracked] = {}
+        self._outbox: dict[asyncio.AbstractEventLoop, list] = {}  # this step's deltas per event loop
         self._ids = itertools.count()
         self._num_pending = 0  # submitted, not yet running; read by submit() for the bound
         self._accepting = True
@@ -126,7 +145,7 @@ class AsyncEngine:
             raise EngineOverloaded(f"{self._num_pending} requests are already waiting (--max-waiting "
                                    f"{self.max_waiting}); retry later")
         request_id = f"cmpl-{next(self._ids)}"
-        stream = RequestStream(request_id, len(prompt_token_ids), self)
+        stream = RequestStream(request_id, len(prompt_token_ids), self, prompt_token_ids[-INITIAL_CONTEXT_TOKENS:])
         self._num_pending += 1
         self._intake.put((request_id, prompt_token_ids, params, stream, asyncio.get_running_loop()))
         self._wake.set()
@@ -188,6 +207,7 @@ class AsyncEngine:
                 for request_id, _, finished in results:
                     if request_id in self._tracked:
                         self._deliver(request_id, finished)
+                self._flush()
                 self._snapshot(force=False)
         finally:
             self._abort_all("the server shut down before the request finished")
@@ -218,6 +238,7 @@ class AsyncEngine:
                 continue
             if self.engine.requests[request_id].is_finished:  # rejected: can never fit the pool
                 self._deliver(request_id, True)
+                self._flush()
 
     def _take_aborts(self) -> None:
         while True:
@@ -236,7 +257,7 @@ class AsyncEngine:
         finished = finished or request.is_finished
         output = engine.pop_output(request_id) if finished else None
         detokenizer = request.detokenizer
-        text = ""
+        text = None
         if detokenizer is not None:
             stable = detokenizer.text if finished else detokenizer.stable_text(False)
             text, tracked.num_sent_chars = stable[tracked.num_sent_chars:], len(stable)
@@ -257,7 +278,16 @@ class AsyncEngine:
             del self._tracked[request_id]
             if self.on_finish is not None:
                 self.on_finish(output)
-        tracked.loop.call_soon_threadsafe(tracked.stream._queue.put_nowait, delta)
+        self._outbox.setdefault(tracked.loop, []).append((tracked.stream._queue, delta))
+
+    def _flush(self) -> None:
+        """Hand this step's deltas to each event loop in one wake-up (not one per request)."""
+        for loop, items in self._outbox.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that loop is closed: its clients are gone
+                pass
+        self._outbox = {}
 
     def _abort_all(self, reason: str) -> None:
         for request_id, tracked in list(self._tracked.items()):
@@ -267,7 +297,7 @@ class AsyncEngine:
                     self.engine.pop_output(request_id)
                 except Exception:  # the loop is ending; the client still gets told
                     logger.exception("aborting %r at shutdown failed", request_id)
-            delta = Delta([], "", finished=True, finish_reason="abort", error=reason,
+            delta = Delta([], None, finished=True, finish_reason="abort", error=reason,
                           num_prompt_tokens=tracked.stream.num_prompt_tokens)
             try:
                 tracked.loop.call_soon_threadsafe(tracked.stream._queue.put_nowait, delta)

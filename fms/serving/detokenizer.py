@@ -42,7 +42,24 @@ class IncrementalDetokenizer:
 
     def add_tokens(self, token_ids: Sequence[int]) -> int | None:
         """Append new output tokens. -> None, or how many of them to keep when a stop string ended the
-        text (the token that completed the stop string is the last one kept)."""
+        text (the token that completed the stop string is the last one kept).
+
+        A decode window's tokens are decoded together (two tokenizer calls, not two per token); only when
+        a stop string may have appeared are they replayed one by one to find the token that completed it.
+        """
+        if len(token_ids) > 1:
+            saved = (len(self._ids), self._prefix_offset, self._read_offset, self.num_output_tokens, self.text)
+            self._ids.extend(int(t) for t in token_ids)
+            self.num_output_tokens += len(token_ids)
+            start = len(self.text)
+            self.text += self._next_text()
+            if not self.stop or self.num_output_tokens <= self.min_tokens or not self._has_stop(start):
+                return None
+            num_ids, self._prefix_offset, self._read_offset, self.num_output_tokens, self.text = saved
+            del self._ids[num_ids:]
+        return self._add_one_by_one(token_ids)
+
+    def _add_one_by_one(self, token_ids: Sequence[int]) -> int | None:
         for j, token in enumerate(token_ids):
             self._ids.append(int(token))
             self.num_output_tokens += 1
@@ -70,6 +87,10 @@ class IncrementalDetokenizer:
             return ""  # nothing printable yet (a special token, or part of a multi-byte character)
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
         return full_text[len(prefix_text):]
+
+    def _has_stop(self, start: int) -> bool:
+        search_from = max(start - self.max_stop_len + 1, 0)
+        return any(self.text.find(stop, search_from) != -1 for stop in self.stop)
 
     def _find_stop(self, start: int) -> bool:
         """Look for a stop string ending in the text added from `start` on; cut the text at the earliest."""

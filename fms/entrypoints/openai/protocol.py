@@ -82,7 +82,7 @@ class _SamplingFields(BaseModel):
                 top_k=top_k, seed=self.seed, max_tokens=max_tokens, stop=self.stop or (),
                 stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
                 min_tokens=self.min_tokens, include_stop_str_in_output=self.include_stop_str_in_output,
-                logprobs=logprobs, stream_text=True)
+                logprobs=logprobs)
         except ValueError as e:
             raise ApiError(400, str(e), _param_of(str(e))) from None
 
