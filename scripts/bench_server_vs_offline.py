@@ -125,7 +125,7 @@ def run_offline(args, requests, warmup) -> dict:
               "output_throughput": num_out / duration, "request_throughput": len(requests) / duration,
               "total_token_throughput": (num_in + num_out) / duration, "durations_s": durations,
               "engine": engine.stats()}
-    del engine, outs
+    engine = outs = None  # free the pool before the server sizes its own
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the server's pool sizes itself from free memory

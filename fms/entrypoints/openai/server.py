@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -37,6 +38,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 RETRY_AFTER_S = 1
 DISCONNECT_POLL_S = 0.25
+SWITCH_INTERVAL_S = 0.0005
 
 
 @dataclass
@@ -449,6 +451,9 @@ def run_server(state: ServerState, host: str, port: int, log_level: str = "info"
                shutdown_timeout_s: float = 30.0) -> int:
     """Serve until SIGTERM / Ctrl-C; in-flight requests finish (up to shutdown_timeout_s); returns 0."""
     server = create_server(state, host, port, log_level, shutdown_timeout_s)
+    # The engine thread gives up the GIL while it waits for the GPU; when that wait ends it must get the
+    # GIL back from the event loop (HTTP, JSON, detokenizing) quickly, not after Python's default 5 ms.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     state.async_engine.start()
     try:
         server.run()
