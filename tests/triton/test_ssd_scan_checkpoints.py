@@ -6,6 +6,8 @@ Triton kernel (Triton's interpreter on CPU), padded rows and packed sequences al
 emitted conv windows and SSM states must equal those of running the mixer on the prefix alone.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -14,7 +16,10 @@ from fms.modules.ssm import Mamba2Config, Mamba2Mixer, Mamba2State
 from fms.triton import ssd_scan
 from fms.triton.ssd_reference import ssd_scan_recurrent, ssd_scan_reference
 
-TOL = 2e-5  # fp32, relative to the largest state value (the interpreter computes in fp32 numpy)
+DEVICE = torch.device(os.environ.get("FMS_TEST_DEVICE", "cpu"))
+# fp32, relative to the largest state value: the interpreter computes in fp32 numpy; a GPU may run the Triton
+# kernel's fp32 dots in TF32
+TOL = 2e-3 if DEVICE.type == "cuda" else 2e-5
 SCANS = {"reference": ssd_scan_reference, "recurrent": ssd_scan_recurrent}
 if ssd_scan.HAS_TRITON:
     SCANS["triton"] = ssd_scan.ssd_scan_triton
@@ -28,7 +33,7 @@ def make_inputs(b, T, nh=4, P=16, G=2, N=16, seed=0):
     B = torch.randn(b, T, G, N, generator=g)
     C = torch.randn(b, T, G, N, generator=g)
     h0 = torch.randn(b, nh, P, N, generator=g)
-    return x, dt, A, B, C, h0
+    return tuple(t.to(DEVICE) for t in (x, dt, A, B, C, h0))
 
 
 def prefix_state(x, dt, A, B, C, h0, row, start, num_tokens):
@@ -64,8 +69,8 @@ def test_emitted_states_equal_the_prefix_run_alone_padded(name, T, seq, counts):
 @pytest.mark.skipif(not ssd_scan.HAS_TRITON, reason="Triton is not installed")
 def test_triton_emits_per_packed_sequence():
     x, dt, A, B, C, _ = make_inputs(1, 53)
-    h0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5))  # one per packed sequence
-    cu = torch.tensor([0, 20, 53])
+    h0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5)).to(DEVICE)  # one per sequence
+    cu = torch.tensor([0, 20, 53], device=DEVICE)
     seq, counts = torch.tensor([1, 0, 1]), torch.tensor([33, 4, 17])
     _, _, emitted = ssd_scan.ssd_scan_triton(x, dt, A, B, C, 8, h0, True, cu_seqlens=cu, emit=(seq, counts))
     for k in range(3):
