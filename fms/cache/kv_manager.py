@@ -339,7 +339,8 @@ class KVManager:
         for boundary in [b for b in capturing if b < below]:
             self.prefix_cache.free_checkpoint(capturing.pop(boundary))
 
-    def capture_targets(self, seq_id: Hashable, num_computed: int, num_new_tokens: int) -> list[tuple[int, tuple[int, ...]]]:
+    def capture_targets(self, seq_id: Hashable, num_computed: int,
+                        num_new_tokens: int) -> list[tuple[int, tuple[int, ...]]]:
         """Checkpoints a step computes for this sequence, from num_computed tokens on, num_new_tokens of them:
         (tokens of the step after which the state is taken, 1..num_new_tokens; pages to write it to)."""
         capturing = self._capturing.get(seq_id)
