@@ -170,3 +170,21 @@ def test_lm_eval_on_the_shipped_data_on_cpu(tmp_path, capsys):
     assert result["sample_len"] == 2 and 0 <= result["acc,none"] <= 1  # one item of each subject's test CSV
     assert "fms_mmlu_local" in capsys.readouterr().out
     assert main(["eval", "lm-eval", "--variant", "micro", "--tasks", "hellaswag"]) == 2
+
+
+def test_random_weights_with_a_larger_vocabulary_than_the_tokenizer():
+    """fms serve --variant 3.2-1b with the shipped tokenizer: ids past its 2,048 decode as placeholders."""
+    from fms.entrypoints.model_loading import WideVocabTokenizer
+    from fms.serving.detokenizer import IncrementalDetokenizer
+
+    tokenizer = WideVocabTokenizer(get_tokenizer(), 128256)
+    ids = tokenizer.encode("Hello world") + [5000, 77, 128255]
+    assert tokenizer.vocab_size == 128256 and tokenizer.eos_token_id == 2
+    expected = get_tokenizer().decode(ids[:-3]) + " <5000>" + get_tokenizer().decode([77]) + " <128255>"
+    assert tokenizer.decode(ids) == expected
+    detokenizer = IncrementalDetokenizer(tokenizer, [1])
+    detokenizer.add_tokens(ids[:3])
+    detokenizer.add_tokens(ids[3:])
+    assert detokenizer.text == expected
+    with pytest.raises(ValueError, match="out of range"):
+        tokenizer.decode([128256])

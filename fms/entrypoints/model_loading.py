@@ -14,9 +14,56 @@ from pathlib import Path
 
 import torch
 
+from fms.utils.tokenizers import BaseTokenizer
+
 # What a checkpoint folder needs from the hub: config, weights, tokenizer and chat template files.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class WideVocabTokenizer(BaseTokenizer):
+    """A tokenizer for a random-weight model whose vocabulary is larger than the tokenizer's (the shipped
+    2,048-token one with a 128k Llama shape): text encodes as before, and ids past the tokenizer's
+    vocabulary decode as " <id>" placeholders instead of failing."""
+
+    def __init__(self, base: BaseTokenizer, vocab_size: int):
+        self.base, self._vocab_size = base, vocab_size
+
+    def __repr__(self) -> str:
+        return f"WideVocabTokenizer({self.base!r}, vocab_size={self._vocab_size})"
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def bos_token_id(self):
+        return self.base.bos_token_id
+
+    @property
+    def eos_token_id(self):
+        return self.base.eos_token_id
+
+    @property
+    def pad_token_id(self):
+        return self.base.pad_token_id
+
+    def _encode(self, text: str, add_bos) -> list[int]:
+        return self.base._encode(text, add_bos)
+
+    def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        known, parts, run = self.base.vocab_size, [], []
+        for token_id in ids:
+            if token_id < known:
+                run.append(token_id)
+                continue
+            if run:
+                parts.append(self.base._decode(run, skip_special_tokens))
+                run = []
+            parts.append(f" <{token_id}>")
+        if run:
+            parts.append(self.base._decode(run, skip_special_tokens))
+        return "".join(parts)
 
 
 class ModelNotFound(ValueError):
@@ -80,7 +127,10 @@ def load_model(model: str | None = None, architecture: str | None = None, varian
         architecture = architecture or "llama"
         built = get_model(architecture, variant, device_type=device, data_type=dtype, attn_name="paged", seed=seed)
         tokenizer_folder = Path(tokenizer) if tokenizer else Path(DEFAULT_TOKENIZER_PATH)
-        return LoadedModel(built, get_tokenizer(tokenizer), tokenizer_folder, f"{architecture}-{variant}", None)
+        tok = get_tokenizer(tokenizer)
+        if tok.vocab_size < built.config.vocab_size:  # random weights sample any id of the model
+            tok = WideVocabTokenizer(tok, built.config.vocab_size)
+        return LoadedModel(built, tok, tokenizer_folder, f"{architecture}-{variant}", None)
     folder = resolve_checkpoint(model, revision)
     built = get_model(architecture or "hf_pretrained", model_path=str(folder), device_type=device, data_type=dtype,
                       attn_name="paged", seed=seed)
