@@ -259,6 +259,22 @@ def test_pages_a_checkpoint_gave_back_are_zeroed_at_the_next_apply(model):
     assert kv.take_pages_to_scrub() == []
 
 
+def test_decode_window_limit_stops_at_a_wanted_checkpoint():
+    """A prompt whose last token is left alone by chunked prefill, at a boundary it checkpoints: a decode
+    window that stops after that token lets the device capture it (the scheduler caps its window with this)."""
+    kv = KVManager(20, 4, 2, enable_prefix_caching=True, checkpoints=CheckpointPolicy(num_pages=1, interval=2))
+    kv.add("a", [], 0, num_query_tokens=16)  # boundaries 8 and 16 wanted
+    kv.reserve(["a"], [15])
+    assert kv.decode_steps_until_checkpoint("a") == 1
+    kv.reserve(["a"], [1])
+    assert kv.decode_steps_until_checkpoint("a") > 10**9  # past the prompt: nothing left to checkpoint
+    kv.add("b", [], 0, num_query_tokens=13)  # boundary 8 only
+    kv.reserve(["b"], [12])
+    assert kv.decode_steps_until_checkpoint("b") > 10**9
+    kv.free("a")
+    kv.free("b")
+
+
 def test_hashes_key_checkpoints_like_pages():
     kv = KVManager(20, 4, 2, enable_prefix_caching=True, checkpoints=CheckpointPolicy(num_pages=1, interval=1))
     tokens = list(range(1, 14))

@@ -34,6 +34,7 @@ page boundaries a sequence checkpoints while it is prefilled, and gives them sto
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field, replace
 from typing import Hashable, Sequence
 
@@ -332,6 +333,19 @@ class KVManager:
             self._capturing[seq_id][boundary] = checkpoint
             captures.append((boundary, checkpoint.pages))
         return replace(grant, captures=tuple(captures)) if captures else grant
+
+    def decode_steps_until_checkpoint(self, seq_id: Hashable) -> int:
+        """Most one-token steps the sequence may run in one decode window without going past a checkpoint it
+        still wants (its prompt's last token left alone by chunked prefill, at a wanted boundary): a window
+        ending there lets the device capture it from the state slot. sys.maxsize when nothing limits it."""
+        if self.checkpoints is None or seq_id not in self._wanted:
+            return sys.maxsize
+        length = self.tables.length(seq_id)
+        ps = self.page_size
+        for boundary in range((length // ps + 1) * ps, self._wanted[seq_id][0] + 1, ps):
+            if self._is_wanted(seq_id, boundary):
+                return boundary - length
+        return sys.maxsize
 
     def drop_captures(self, seq_id: Hashable, below: int) -> None:
         """The device could not compute these checkpoints (boundaries < below): their storage goes back."""
