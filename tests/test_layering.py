@@ -8,8 +8,8 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "fms"
 # Each package may import only from the packages below it (and from itself). Lower rank = lower layer.
-RANK = {"triton": 0, "cache": 0, "resources": 0, "modules": 1, "models": 2, "runtime": 3, "utils": 4,
-        "serving": 5, "eval": 6, "bench": 6}
+RANK = {"triton": 0, "cache": 0, "resources": 0, "distributed": 0, "modules": 1, "models": 2, "runtime": 3,
+        "utils": 4, "serving": 5, "eval": 6, "bench": 6, "entrypoints": 7}
 ALLOWED_SAME_RANK = {("cache", "triton"), ("eval", "bench")}  # the eval report times with bench.timing
 # fms.utils holds layers of its own: checkpoint loading and tokenizers sit below the models (which
 # register their checkpoint rules), generation above the runtime.

@@ -92,6 +92,9 @@ class LLMEngine:
                 num_pages = pages_for_budget(spec, config.page_size, memory_fraction=config.memory_fraction or 0.9)
             else:
                 num_pages = config.max_num_seqs * math.ceil(min(config.max_model_len, 1024) / config.page_size)
+        tp = getattr(model, "tp", None)
+        if tp is not None:  # every rank's scheduler must see the same pool: the smallest of the ranks'
+            num_pages = tp.min_int(num_pages)
         enable_prefix_caching = config.enable_prefix_caching
         checkpoints = None  # a hybrid resumes a cached prefix from a checkpoint of its Mamba state, kept in pages
         if enable_prefix_caching and spec.state_spec is not None:
@@ -191,8 +194,12 @@ class LLMEngine:
             sampled = self.runner.execute(out)
             t2 = time.perf_counter()
             results = self.scheduler.update(out, sampled)
+            results = self._apply_text_and_logprobs(out, results)
+            self.scheduler.commit()
         except BaseException as e:
             failed = self.scheduler.rollback()
+            for request in failed:
+                self._resync_outputs(request)
             self.last_failed_request_ids = [r.request_id for r in failed]
             errored = []
             if isinstance(e, Exception):
@@ -201,7 +208,6 @@ class LLMEngine:
             logger.warning("step failed (%s: %s); rolled back %d request(s)%s", type(e).__name__, e, len(failed),
                            f", finished {len(errored)} with an error" if errored else "")
             raise
-        results = self._apply_text_and_logprobs(out, results)
         rejected = [StepOutput(rid, [], True) for rid in held]
         t3 = time.perf_counter()
         self.time_s["schedule"] += t1 - t0
@@ -367,6 +373,20 @@ class LLMEngine:
         }
 
     # -- helpers ---------------------------------------------------------------------------
+    def _resync_outputs(self, request: Request) -> None:
+        """After a rollback dropped a request's outputs of the failed step: drop their logprobs, and
+        rebuild its text from the outputs it kept (the detokenizer may have read the dropped ones)."""
+        n = len(request.output_token_ids)
+        if request.logprobs is not None:
+            del request.logprobs[n:]
+        detokenizer = request.detokenizer
+        if detokenizer is not None and detokenizer.num_output_tokens != n:
+            params = request.params
+            request.detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.stop,
+                                                         params.include_stop_str_in_output, params.min_tokens)
+            if n:
+                request.detokenizer.add_tokens(request.output_token_ids)
+
     def _apply_text_and_logprobs(self, out: SchedulerOutput, results: list[tuple]) -> list[tuple]:
         """After the scheduler appended a step's tokens: attach their logprobs, extend the text of requests
         that build it token by token, and end those whose text reached a stop string. Such a request keeps
@@ -394,9 +414,10 @@ class LLMEngine:
                     if request.logprobs is not None:
                         del request.logprobs[len(request.output_token_ids):]
                     tokens = tokens[:keep]
-                if not finished:
-                    self.scheduler.abort(request)  # releases its pages; then the reason is "stop"
-                request.finish(FinishReason.STOP)
+                if finished:  # ended by length in the same step: the stop string names the reason
+                    request.finish(FinishReason.STOP)
+                else:
+                    self.scheduler.abort(request, FinishReason.STOP)  # releases its pages
                 finished = True
             applied.append((rid, tokens, finished))
         return applied

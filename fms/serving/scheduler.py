@@ -106,7 +106,9 @@ class Scheduler:
         self.waiting.append(request)
         return True
 
-    def abort(self, request: Request) -> None:
+    def abort(self, request: Request, reason: FinishReason = FinishReason.ABORTED) -> None:
+        """End a request now, wherever it is (its pages go back): the caller gave up on it, or (reason
+        STOP) its text reached a stop string."""
         if request.state is RequestState.RUNNING:
             self._release(request)
             self.running.remove(request)
@@ -114,7 +116,7 @@ class Scheduler:
             self.waiting.remove(request)
         if request in self.suspects:
             self.suspects.remove(request)
-        request.finish(FinishReason.ABORTED)
+        request.finish(reason)
         self._finished_ids.append(request.request_id)
 
     def has_unfinished(self) -> bool:
@@ -135,6 +137,8 @@ class Scheduler:
 
     # -- one step --------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
+        if self._out is not None:
+            self.commit()
         out = SchedulerOutput(finished_ids=self._finished_ids)
         self._finished_ids = []
         self._out, self._scheduled, self._admitted = out, [], []
@@ -274,6 +278,8 @@ class Scheduler:
         if any(r.num_tokens_to_compute != 1 for r in self.running):
             return None
         steps = [min(self.max_decode_steps, r.params.max_new_tokens - len(r.output_token_ids)) for r in self.running]
+        if self.kv.checkpoints is not None:  # a hybrid's window stops where a Mamba-state checkpoint is wanted
+            steps = [min(n, self.kv.decode_steps_until_checkpoint(r.request_id)) for r, n in zip(self.running, steps)]
         need = sum(self.kv.num_pages_needed(r.request_id, n) for r, n in zip(self.running, steps))
         if need > self.kv.num_obtainable_pages:
             return None
@@ -307,14 +313,19 @@ class Scheduler:
             else:
                 self.kv.release_out_of_window(request.request_id, self.window)
             results.append((request.request_id, new_tokens, request.is_finished))
+        return results
+
+    def commit(self) -> None:
+        """The step in progress succeeded (update() and whatever its caller did with the results):
+        forget what rollback() would need. The next schedule() commits a step nobody committed."""
         if len(self._scheduled) == 1 and self.suspects and self._scheduled[0] is self.suspects[0]:
             self.suspects.pop(0).num_failures = 0  # it ran alone and succeeded
         self._out, self._scheduled, self._admitted = None, [], []
-        return results
 
     # -- failed steps ----------------------------------------------------------------------
     def rollback(self) -> list[Request]:
-        """Undo the step in progress after schedule(), the forward or update() raised.
+        """Undo the step in progress (not yet committed) after schedule(), the forward, update() or the
+        caller's work on its results raised.
 
         Every request the step scheduled or admitted gets back the tokens it had before the step
         (outputs appended by a partial update() are dropped, a finish in it is undone), leaves the

@@ -272,3 +272,80 @@ def test_streamed_requests_are_released(model):
     next(stream)
     stream.close()
     assert not engine.requests and engine.kv.num_seqs == 0
+
+
+def test_text_stop_strings_and_logprobs_survive_faults():
+    """Faults in the forward and in the text step (detokenizer) leave text, stop strings and logprobs as
+    in the fault-free run: a rolled-back request's detokenizer and logprobs are rebuilt from the tokens
+    it kept."""
+    from fms.models import get_model
+    from fms.serving.detokenizer import IncrementalDetokenizer
+    from fms.utils.tokenizers import get_tokenizer
+
+    model = get_model("llama", "micro", seed=0, init_std=0.5)  # the shipped tokenizer's vocabulary
+    tokenizer = get_tokenizer()
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(5, 2000, (n,), generator=g).tolist() for n in (6, 13, 21, 30)]
+
+    def params():
+        return [SamplingParams(max_tokens=20, ignore_eos=True, stream_text=True),
+                SamplingParams(max_tokens=20, ignore_eos=True, logprobs=3),
+                SamplingParams(max_tokens=20, ignore_eos=True, temperature=0.8, seed=9, logprobs=0),
+                SamplingParams(max_tokens=20, ignore_eos=True, stop=[stop])]
+
+    def run_text(engine, faults=(), detok_faults=()):
+        ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params())]
+        add_tokens, calls = IncrementalDetokenizer.add_tokens, [0]
+
+        def flaky_add_tokens(self, token_ids):
+            calls[0] += 1
+            if calls[0] in detok_faults:
+                raise InjectedFault("injected fault in the detokenizer")
+            return add_tokens(self, token_ids)
+
+        IncrementalDetokenizer.add_tokens = flaky_add_tokens
+        failures = 0
+        try:
+            with faulty_forward(model, fail_on=set(faults)):
+                for _ in range(500):
+                    if not engine.has_unfinished_requests():
+                        break
+                    try:
+                        engine.step()
+                    except InjectedFault:
+                        failures += 1
+        finally:
+            IncrementalDetokenizer.add_tokens = add_tokens
+        outs = [engine.pop_output(rid) for rid in ids]
+        return [(o.token_ids, o.text, o.finish_reason, o.logprobs) for o in outs], failures
+
+    def same(got, want) -> bool:
+        """Tokens, text and finish reason exactly; logprobs to 1e-3 (a rolled-back request recomputes
+        its K/V in a prefill, whose summation order differs from decode's)."""
+        if [g[:3] for g in got] != [w[:3] for w in want]:
+            return False
+        for g, w in zip(got, want):
+            if (g[3] is None) != (w[3] is None) or (g[3] is not None and len(g[3]) != len(w[3])):
+                return False
+            for a, b in zip(g[3] or (), w[3] or ()):
+                if abs(a.logprob - b.logprob) > 1e-3 or [t for t, _ in a.top] != [t for t, _ in b.top] or any(
+                        abs(x - y) > 1e-3 for (_, x), (_, y) in zip(a.top, b.top)):
+                    return False
+        return True
+
+    def make():
+        return LLMEngine(model, tokenizer, page_size=16, num_pages=8, max_num_seqs=4, max_decode_steps=4)
+
+    stop = "x"  # replaced below by a string from the fault-free text of request 3
+    probe, _ = run_text(make())
+    text3 = probe[3][1]
+    stop = text3[len(text3) // 2: len(text3) // 2 + 3]
+    assert stop.strip()
+    expected, failures = run_text(make())
+    assert failures == 0 and expected[3][2] == "stop" and len(expected[3][0]) < 20
+    assert len(expected[1][3]) == 20 and len(expected[2][3]) == 20 and expected[0][1]
+    assert len({t for tokens, *_ in expected for t in tokens}) >= 12
+    for faults, detok_faults in [((2,), ()), ((5, 9), ()), ((), (1,)), ((), (4, 7)), ((3,), (6,))]:
+        outs, failures = run_text(make(), faults, detok_faults)
+        assert failures == len(faults) + len(detok_faults)
+        assert same(outs, expected), (faults, detok_faults)
