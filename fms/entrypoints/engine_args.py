@@ -55,6 +55,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="decode steps per host synchronization (a decode window)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs and no torch.compile (EngineConfig use_cuda_graphs/compile_* = False)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the decode step and the packed prefill (default: on CUDA); --no-compile "
+                        "keeps CUDA graphs but skips the compiles, for a start in seconds")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="reserved: only 1 for now (tensor parallelism is being built in fms.distributed)")
 
@@ -64,6 +67,8 @@ def engine_config(args) -> EngineConfig:
         raise ValueError(f"--tensor-parallel-size {args.tensor_parallel_size} is not supported yet: only 1 "
                          "(one device) is; tensor parallelism for the engine is under way in fms.distributed")
     options = {field: getattr(args, flag) for flag, field in ENGINE_FLAGS.items() if getattr(args, flag) is not None}
+    if args.compile is not None:
+        options.update(compile_decode=args.compile, compile_prefill=args.compile)
     if args.enforce_eager:
         options.update(use_cuda_graphs=False, compile_decode=False, compile_prefill=False)
     return EngineConfig(**options)

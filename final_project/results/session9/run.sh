@@ -7,19 +7,30 @@
 set -u
 OUT=${1:?out dir}; PART=${2:?part}
 export PYTHONUNBUFFERED=1
+# the server's packages the device image lacks, carried as wheels (.whl, git-ignored; fetched with
+# pip download for cp312 manylinux: fastapi starlette uvicorn pydantic pydantic_core annotated-types
+# typing-inspection opentelemetry-api, the versions of requirements.txt's resolution here)
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site || exit 1
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/device_$PART.txt" 2>&1
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$OUT/device_$PART.txt" 2>&1
 echo "tree: $(cat .gpu/COMMIT)" >> "$OUT/device_$PART.txt"
 step() {  # step NAME LIMIT_S COMMAND...
   local name=$1 limit=$2; shift 2
   local start=$(date +%s.%N)
-  (cd .gpu && PYTHONPATH=$PWD timeout "$limit" "$@") > "$OUT/log_$name.txt" 2>&1
+  (cd .gpu && PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} timeout "$limit" "$@") > "$OUT/log_$name.txt" 2>&1
   echo "exit $? wall $(python3 -c "import time; print(round(time.time() - $start, 1))") s" >> "$OUT/log_$name.txt"
   tail -4 "$OUT/log_$name.txt"
 }
 case $PART in
   server)
     step server_vs_offline 430 python3 scripts/bench_server_vs_offline.py --repeats 2 --output "$OUT/server_vs_offline.json"
+    ;;
+  server-nocompile)  # CUDA graphs, no torch.compile on either side: a start in seconds, not minutes
+    step server_vs_offline_nocompile 270 python3 scripts/bench_server_vs_offline.py --repeats 2 \
+      --engine-args=--no-compile --output "$OUT/server_vs_offline_nocompile.json"
     ;;
   eval|both)
     [ "$PART" = both ] && step server_vs_offline 430 python3 scripts/bench_server_vs_offline.py --repeats 2 \
