@@ -227,7 +227,8 @@ def run_serving_benchmark(config: ServingBenchConfig) -> dict:
               "in under a minute; it is not a performance measurement.")
     start = time.perf_counter()
     model = get_model(config.architecture, None if config.model_path else config.variant,
-                      model_path=config.model_path, device_type=device.type, data_type=config.data_type)
+                      model_path=config.model_path, device_type=device.type, data_type=config.data_type,
+                      init_on_device=config.model_path is None)  # random weights drawn on the GPU: seconds
     synchronize(device)
     startup = {"get_model_s": time.perf_counter() - start}
     cost = ModelCost.of(model)

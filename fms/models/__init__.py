@@ -70,6 +70,7 @@ def get_model(
     seed: int = 0,
     kernels=None,
     distributed_strategy: str | None = None,
+    init_on_device: bool = False,
     **config_overrides,
 ) -> nn.Module:
     """Build a model. With model_path, weights come from that HF checkpoint folder; else random (seeded).
@@ -82,6 +83,9 @@ def get_model(
     where torch.distributed is initialized or can be from torchrun's environment (fms.distributed); random
     weights equal the whole model's for the same seed, and a checkpoint is read only for this rank's slices.
     With one rank the model is the whole model, without collectives. See docs/tensor_parallel.md.
+    init_on_device: draw random weights with a generator on the model's device (seconds for an 8B model
+    on a GPU, where the CPU generator takes about a minute); the same seed then gives the same weights
+    only on the same kind of device. Default False: a CPU generator, the same weights everywhere.
     """
     from fms.modules.attention import get_attention_op
     from fms.modules.kernel_config import KernelConfig, check_kernel_config
@@ -119,7 +123,9 @@ def get_model(
     if model_path is not None:
         serialization.load_hf_checkpoint(model, model_path, architecture)
     else:
-        generator = torch.Generator(device="cpu").manual_seed(seed)
+        if not isinstance(init_on_device, bool):
+            raise ValueError(f"init_on_device must be a bool, got {init_on_device!r}")
+        generator = torch.Generator(device=device if init_on_device else "cpu").manual_seed(seed)
         model.reset_parameters(generator)
     return model.eval().requires_grad_(False)
 

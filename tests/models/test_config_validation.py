@@ -134,3 +134,19 @@ def test_terabyte_variant_fails_fast_before_allocating(monkeypatch):
     with pytest.raises(InsufficientMemoryError, match=r"needs [\d.]+ TiB .* is available"):
         get_model("llama", "nano", vocab_size=2**20, hidden_size=2**16, num_heads=512, num_kv_heads=512,
                   head_dim=None, intermediate_size=2**18, num_layers=64)
+
+
+def test_init_on_device_draws_with_the_models_device_generator():
+    """On the CPU the device generator is the CPU one: the same weights as the default; a different seed
+    differs; a non-bool is refused by name. (On CUDA it draws there: checked by the GPU benchmarks.)"""
+    import torch
+
+    from fms.models import get_model
+
+    plain = get_model("llama", "nano", seed=3)
+    on_device = get_model("llama", "nano", seed=3, init_on_device=True)
+    other = get_model("llama", "nano", seed=4, init_on_device=True)
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), on_device.parameters()))
+    assert not torch.equal(on_device.embedding.weight, other.embedding.weight)
+    with pytest.raises(ValueError, match="init_on_device must be a bool, got 'yes'"):
+        get_model("llama", "nano", init_on_device="yes")
