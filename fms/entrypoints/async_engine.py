@@ -9,6 +9,10 @@
 Every request that arrives joins the running batch at the next step (continuous batching across
 clients). The engine is touched by the engine thread only; handlers talk to it through the two
 queues, so no lock is held around a step.
+
+Under tensor parallel (fms serve -tp N) the thread also hands what it applied to the engine since the
+last step (adds with their seeds, aborts) to `followers` before each step, and a stop when it ends, so
+that the other ranks' engines apply the same and step with it (fms.entrypoints.tensor_parallel).
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Hashable
+from dataclasses import dataclass, field, replace
+from typing import Hashable, Protocol
 
 from fms.runtime.sampler import TokenLogprobs
 from fms.serving.detokenizer import INITIAL_CONTEXT_TOKENS, IncrementalDetokenizer
@@ -35,6 +39,17 @@ SNAPSHOT_INTERVAL_S = 0.05
 def _put_all(items) -> None:
     for queue_, delta in items:
         queue_.put_nowait(delta)
+
+
+class EngineFollowers(Protocol):
+    """The other ranks of a tensor-parallel engine, as the engine thread of rank 0 sees them."""
+
+    def send(self, events: list[tuple], will_step: bool) -> None:
+        """Before each loop iteration's step (will_step) or idle wait: the events applied to the engine since
+        the last call, in order: ("add", request_id, token_ids, params with its seed), ("abort", request_id)."""
+
+    def stop(self) -> None:
+        """The loop has ended: the followers leave theirs."""
 
 
 class EngineOverloaded(Exception):
@@ -114,14 +129,17 @@ class _Tracked:
 class AsyncEngine:
     """max_waiting: most requests queued but not yet running (None: no bound); one more is refused with
     EngineOverloaded. on_finish(output): called on the engine thread for each finished request (metrics).
-    stats: engine.stats() plus num_pending_requests, refreshed by the engine thread every SNAPSHOT_INTERVAL_S."""
+    stats: engine.stats() plus num_pending_requests, refreshed by the engine thread every SNAPSHOT_INTERVAL_S.
+    followers: under tensor parallel, the other ranks' engines to replicate every change to (None: one rank)."""
 
-    def __init__(self, engine: LLMEngine, max_waiting: int | None = None, on_finish=None):
+    def __init__(self, engine: LLMEngine, max_waiting: int | None = None, on_finish=None,
+                 followers: EngineFollowers | None = None):
         if max_waiting is not None and max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0 or None, got {max_waiting}")
         self.engine = engine
         self.max_waiting = max_waiting
         self.on_finish = on_finish
+        self.followers = followers
         self.stats = {**engine.stats(), "num_pending_requests": 0}
         self._snapshot_time = 0.0
         self._intake: queue.Queue = queue.Queue()
@@ -186,11 +204,16 @@ class AsyncEngine:
     # -- engine thread ------------------------------------------------------------------------------
     def _run(self) -> None:
         engine = self.engine
+        followers = self.followers
         try:
             while not self._stop.is_set():
-                self._take_intake()
-                self._take_aborts()
-                if not engine.has_unfinished_requests():
+                events = None if followers is None else []
+                self._take_intake(events)
+                self._take_aborts(events)
+                will_step = engine.has_unfinished_requests()
+                if followers is not None:
+                    followers.send(events, will_step)
+                if not will_step:
                     self._snapshot(force=False)
                     self._wake.wait(0.05)
                     self._wake.clear()
@@ -211,6 +234,8 @@ class AsyncEngine:
                 self._snapshot(force=False)
         finally:
             self._abort_all("the server shut down before the request finished")
+            if followers is not None:
+                followers.stop()
 
     def _snapshot(self, force: bool) -> None:
         """Engine statistics for other threads (metrics), taken here where the engine is not changing."""
@@ -219,7 +244,7 @@ class AsyncEngine:
             self.stats = {**self.engine.stats(), "num_pending_requests": self._num_pending}
             self._snapshot_time = now
 
-    def _take_intake(self) -> None:
+    def _take_intake(self, events: list | None) -> None:
         while True:
             try:
                 request_id, token_ids, params, stream, loop = self._intake.get_nowait()
@@ -236,11 +261,15 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(stream._queue.put_nowait, e)
                 self._num_pending -= 1
                 continue
+            if events is not None:  # a follower must sample with the seed this request drew here
+                seed = self.engine.requests[request_id].seed
+                events.append(("add", request_id, token_ids, params if params.seed is not None
+                               else replace(params, seed=seed)))
             if self.engine.requests[request_id].is_finished:  # rejected: can never fit the pool
                 self._deliver(request_id, True)
                 self._flush()
 
-    def _take_aborts(self) -> None:
+    def _take_aborts(self, events: list | None) -> None:
         while True:
             try:
                 request_id = self._aborts.get_nowait()
@@ -249,6 +278,8 @@ class AsyncEngine:
             if self._tracked.pop(request_id, None) is not None and request_id in self.engine.requests:
                 self.engine.abort(request_id)
                 self.engine.pop_output(request_id)
+                if events is not None:
+                    events.append(("abort", request_id))
 
     def _deliver(self, request_id: Hashable, finished: bool) -> None:
         tracked = self._tracked[request_id]

@@ -59,13 +59,20 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the decode step and the packed prefill (default: on CUDA); --no-compile "
                         "keeps CUDA graphs but skips the compiles, for a start in seconds")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
-                   help="reserved: only 1 for now (tensor parallelism is being built in fms.distributed)")
+                   help="split the model over N processes (one GPU each; gloo on CPU), started by the command "
+                        "itself; rank 0 serves or prints (docs/tensor_parallel.md). 1: one process")
+
+
+def check_tensor_parallel_size(args) -> int:
+    size = args.tensor_parallel_size
+    if size < 1:
+        raise ValueError(f"--tensor-parallel-size must be an int >= 1 (processes to split the model over), "
+                         f"got {size}")
+    return size
 
 
 def engine_config(args) -> EngineConfig:
-    if args.tensor_parallel_size != 1:
-        raise ValueError(f"--tensor-parallel-size {args.tensor_parallel_size} is not supported yet: only 1 "
-                         "(one device) is; tensor parallelism for the engine is under way in fms.distributed")
+    check_tensor_parallel_size(args)
     options = {field: getattr(args, flag) for flag, field in ENGINE_FLAGS.items() if getattr(args, flag) is not None}
     if args.compile is not None:
         options.update(compile_decode=args.compile, compile_prefill=args.compile)
@@ -75,8 +82,28 @@ def engine_config(args) -> EngineConfig:
 
 
 def build_engine(args) -> tuple[LLMEngine, LoadedModel]:
-    """The model the arguments name and an engine over it."""
+    """The model the arguments name and an engine over it. With --tensor-parallel-size N > 1 this process must be
+    one of N ranks (started by `fms serve` / `fms generate` themselves, or by torchrun): it gets its shard."""
     config = engine_config(args)  # bad options fail before the model loads
+    if args.tensor_parallel_size > 1:
+        _check_ranks(args.tensor_parallel_size)
     loaded = load_model(args.model, args.architecture, args.variant, args.tokenizer, args.device, args.dtype,
-                        args.seed, args.revision)
+                        args.seed, args.revision, tensor_parallel_size=args.tensor_parallel_size)
     return LLMEngine(loaded.model, loaded.tokenizer, config=config), loaded
+
+
+def _check_ranks(size: int) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        world_size = dist.get_world_size()
+    elif "WORLD_SIZE" in os.environ:  # torchrun's environment: get_model joins the group
+        world_size = int(os.environ["WORLD_SIZE"])
+    else:
+        raise ValueError(f"--tensor-parallel-size {size} needs {size} processes: `fms serve` and `fms generate` "
+                         f"start them; for other commands use `torchrun --nproc-per-node {size}`")
+    if world_size != size:
+        raise ValueError(f"--tensor-parallel-size {size} does not match the {world_size} processes started "
+                         f"(torchrun --nproc-per-node must equal it)")

@@ -111,21 +111,30 @@ def _offline_message(model: str, why: str) -> str:
             f"and pass the folder instead: `fms serve DIR`")
 
 
+def check_model_choice(model: str | None, variant: str | None) -> None:
+    """A model (folder or hub id) or a variant, exactly one; ValueError naming what is missing otherwise."""
+    if model is not None and variant is not None:
+        raise ValueError("give either a model (folder or hub id) or --architecture/--variant, not both")
+    if model is None and variant is None:
+        raise ValueError("name a model: a checkpoint folder, a hub id, or --architecture A --variant V "
+                         "(e.g. --architecture llama --variant micro)")
+
+
 def load_model(model: str | None = None, architecture: str | None = None, variant: str | None = None,
                tokenizer: str | None = None, device: str | None = None, dtype: str | None = None, seed: int = 0,
-               revision: str | None = None) -> LoadedModel:
+               revision: str | None = None, tensor_parallel_size: int = 1) -> LoadedModel:
+    """tensor_parallel_size > 1: this process is one rank of a started process group (fms.distributed.launch
+    or torchrun) and gets its shard of the model; 1: the whole model, no process group."""
     from fms.models import get_model
     from fms.utils.tokenizers import DEFAULT_TOKENIZER_PATH, get_tokenizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if model is not None and variant is not None:
-        raise ValueError("give either a model (folder or hub id) or --architecture/--variant, not both")
+    check_model_choice(model, variant)
+    strategy = "tp" if tensor_parallel_size > 1 else None
     if model is None:
-        if variant is None:
-            raise ValueError("name a model: a checkpoint folder, a hub id, or --architecture A --variant V "
-                             "(e.g. --architecture llama --variant micro)")
         architecture = architecture or "llama"
-        built = get_model(architecture, variant, device_type=device, data_type=dtype, attn_name="paged", seed=seed)
+        built = get_model(architecture, variant, device_type=device, data_type=dtype, attn_name="paged", seed=seed,
+                          distributed_strategy=strategy)
         tokenizer_folder = Path(tokenizer) if tokenizer else Path(DEFAULT_TOKENIZER_PATH)
         tok = get_tokenizer(tokenizer)
         if tok.vocab_size < built.config.vocab_size:  # random weights sample any id of the model
@@ -133,6 +142,6 @@ def load_model(model: str | None = None, architecture: str | None = None, varian
         return LoadedModel(built, tok, tokenizer_folder, f"{architecture}-{variant}", None)
     folder = resolve_checkpoint(model, revision)
     built = get_model(architecture or "hf_pretrained", model_path=str(folder), device_type=device, data_type=dtype,
-                      attn_name="paged", seed=seed)
+                      attn_name="paged", seed=seed, distributed_strategy=strategy)
     tokenizer_folder = Path(tokenizer) if tokenizer else folder
     return LoadedModel(built, get_tokenizer(tokenizer_folder), tokenizer_folder, model, folder)

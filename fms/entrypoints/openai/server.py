@@ -26,7 +26,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from fms.entrypoints.async_engine import AsyncEngine, Delta, EngineOverloaded, EngineStopped, RequestStream
+from fms.entrypoints.async_engine import (AsyncEngine, Delta, EngineFollowers, EngineOverloaded, EngineStopped,
+                                          RequestStream)
 from fms.entrypoints.chat import ChatTemplateError, render_chat
 from fms.entrypoints.metrics import CONTENT_TYPE, ServerMetrics
 from fms.entrypoints.openai.protocol import ApiError, ChatCompletionRequest, CompletionRequest
@@ -58,11 +59,11 @@ class ServerState:
 
 
 def make_state(engine: LLMEngine, model_name: str, chat_template: str | None = None,
-               max_waiting: int | None = None) -> ServerState:
-    """The engine loop (not started) with metrics attached."""
+               max_waiting: int | None = None, followers: EngineFollowers | None = None) -> ServerState:
+    """The engine loop (not started) with metrics attached; followers: the other tensor-parallel ranks."""
     holder: dict = {}
     metrics = ServerMetrics(model_name, lambda: holder["engine"].stats)
-    async_engine = AsyncEngine(engine, max_waiting=max_waiting, on_finish=metrics.on_finish)
+    async_engine = AsyncEngine(engine, max_waiting=max_waiting, on_finish=metrics.on_finish, followers=followers)
     holder["engine"] = async_engine
     return ServerState(async_engine, engine.tokenizer, model_name, chat_template, metrics)
 
