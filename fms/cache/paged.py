@@ -26,7 +26,7 @@ from fms.cache.metadata import DecodeWindow, MemoryStats, StepMeta, segment_ids
 from fms.cache.spec import KVCacheSpec
 from fms.cache.state import CheckpointLayout, CheckpointStore
 
-__all__ = ["PagedKVCache", "PagedStepMeta", "VarlenMeta", "DecodeWindow", "OutOfPagesError", "SUPPORTED_PAGE_SIZES", "pages_for_budget"]
+__all__ = ["PagedKVCache", "PagedStepMeta", "VarlenMeta", "PaddedKV", "DecodeWindow", "OutOfPagesError", "SUPPORTED_PAGE_SIZES", "pages_for_budget"]
 
 # FlexAttention's KV mask block is one page; Triton tiles need at least 16 rows.
 SUPPORTED_PAGE_SIZES = (16, 32, 64, 128, 256)
@@ -74,6 +74,25 @@ class VarlenMeta:
 
 
 @dataclass(frozen=True)
+class PaddedKV:
+    """A padded multi-token step's keys as a (B, L) grid, for one batched SDPA call per layer where
+    flash varlen cannot run (fp32, or off CUDA). L is the longest row's length after the step.
+
+        kv_slots[b] = [slot of position 0, 1, .., lens[b] - 1, lens[b] - 1, .., lens[b] - 1]   (L columns)
+        mask[b, 0, i, j] = j <= position of query i  and  j < lens[b]
+
+    The padding repeats the row's last key (masked out) rather than reading scratch or unused slots:
+    SDPA adds a boolean mask as -inf to the scores, so a NaN key there (e.g. a page's old bytes)
+    would still make the row NaN (checked on the CPU, torch 2.13).
+
+    Both None on a step where no row has cached context: each row's keys are the step's own
+    (B, Hkv, T, D), and causal attention over them is exact for every real query."""
+
+    kv_slots: torch.Tensor | None  # (B, L) int64 pool slots
+    mask: torch.Tensor | None  # (B, 1, T, L) bool
+
+
+@dataclass(frozen=True)
 class PagedStepMeta(StepMeta):
     page_size: int = 16
     slot_mapping: torch.Tensor | None = None  # (B*T,) pool slot of each query token (padding -> scratch)
@@ -85,12 +104,24 @@ class PagedStepMeta(StepMeta):
     window: int | None = None
     block_mask_builder: object | None = None  # builds block_mask on first use
     varlen: VarlenMeta | None = None  # multi-token steps (and every packed step)
+    padded_kv: PaddedKV | None = None
+    padded_kv_builder: object | None = None  # padded multi-token steps: builds padded_kv on first use
 
     def get_block_mask(self):
         """The step's BlockMask, built on first use: decode steps on the Triton kernel never need one."""
         if self.block_mask is None and self.block_mask_builder is not None:
             object.__setattr__(self, "block_mask", self.block_mask_builder())
         return self.block_mask
+
+    def get_padded_kv(self) -> PaddedKV:
+        """The step's padded key grid, built by the first layer that asks (once per step; steps on
+        flash varlen never build it), then shared read-only by every layer."""
+        if self.padded_kv is None:
+            if self.padded_kv_builder is None:
+                raise ValueError("this step has no padded key grid: only padded (not packed) multi-token "
+                                 "steps of a paged cache have one")
+            object.__setattr__(self, "padded_kv", self.padded_kv_builder())
+        return self.padded_kv
 
 
 class PagedKVCache(SequenceCache):
@@ -280,6 +311,13 @@ class PagedKVCache(SequenceCache):
         varlen = None
         if packed or t > 1:
             varlen = self._varlen_meta(table, ctx, new, t, packed)
+        padded_kv = None
+        if not packed and t > 1:
+            positions_d, has_context = base["position_ids"], base["has_context"]
+
+            def padded_kv():
+                return self._padded_kv(table, ctx + new, positions_d, has_context)
+
         return PagedStepMeta(
             **base,
             page_size=ps,
@@ -291,6 +329,7 @@ class PagedKVCache(SequenceCache):
             page_logical=self.page_logical,
             window=self.window,
             varlen=varlen,
+            padded_kv_builder=padded_kv,
         )
 
     def _slots(self, table: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -321,6 +360,19 @@ class PagedKVCache(SequenceCache):
             q_index=q_index,
             kv_slots=kv_slots,
         )
+
+    def _padded_kv(self, table, lens, positions, has_context) -> PaddedKV:
+        """table (B, W) and lens (B,) on the host; positions (B, T) the step's position_ids on the device."""
+        if not has_context:
+            return PaddedKV(kv_slots=None, mask=None)
+        ps, device = self.page_size, self.spec.device
+        max_len = int(lens.max())
+        pos = torch.minimum(torch.arange(max_len)[None, :], lens[:, None] - 1)  # (B, L) key positions
+        kv_slots = torch.gather(table, 1, pos // ps).long() * ps + pos % ps
+        lens_d = lens.to(device, non_blocking=True)
+        key_pos = torch.arange(max_len, device=device)
+        mask = (key_pos[None, None, :] <= positions[:, :, None]) & (key_pos[None, None, :] < lens_d[:, None, None])
+        return PaddedKV(kv_slots=kv_slots.to(device, non_blocking=True), mask=mask[:, None])  # mask (B, 1, T, L)
 
     # -- decode windows (see SequenceCache.prepare_decode_window) ----------------------------
     @property

@@ -12,14 +12,20 @@ Lq == Lk; a chunk of a longer prompt, or a continuation after a cached prefix, h
 On CUDA (fp16/bf16) this is the flash-attention varlen kernel that ships inside PyTorch, behind a
 custom op so that torch.compile treats it as one opaque call; elsewhere a per-row SDPA reference,
 behind a custom op too when compiled (its loop reads the row offsets on the host, a graph break).
+
+Where flash varlen cannot run (fp32 on CUDA, the CPU), a padded step is cheaper as one batched SDPA
+call over the rows padded to the longest (padded_causal_attention): the per-row loop costs one call
+per row per layer and a device-to-host copy of the offsets per layer.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
+_CUDA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @torch.library.custom_op("fms::varlen_causal_attention", mutates_args=())
@@ -80,3 +86,28 @@ def varlen_causal_attention(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k:
     if torch.compiler.is_compiling():
         return _varlen_reference_op(q, k, v, cu_q, cu_k, scale)
     return varlen_causal_reference(q, k, v, cu_q.cpu(), cu_k.cpu(), scale)
+
+
+def padded_causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | None = None) -> Tensor:
+    """One SDPA call over padded rows: q (B, Hq, T, D), k/v (B, Hkv, L, D) -> (B, Hq, T, D).
+
+    mask: (B, 1, T, L) bool, True where a query sees a key; None means causal with T == L (a fresh
+    step whose keys are its own tokens). Grouped-query heads: off CUDA SDPA broadcasts them
+    (enable_gqa); on CUDA the key heads are repeated unless the flash kernel takes the call, since
+    the memory-efficient kernel (the fast one for fp32, and the one that takes a mask) refuses
+    enable_gqa and SDPA would fall back to its unfused math form.
+    """
+    hq, hkv = q.shape[1], k.shape[1]
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    if mask is None and k.shape[2] != q.shape[2]:
+        raise ValueError(f"causal attention without a mask needs as many keys as queries, got {k.shape[2]} "
+                         f"keys for {q.shape[2]} queries; give a mask")
+    flash_can = mask is None and q.dtype in FLASH_DTYPES
+    if q.is_cuda and hq != hkv and not flash_can:
+        k, v = k.repeat_interleave(hq // hkv, dim=1), v.repeat_interleave(hq // hkv, dim=1)
+    kwargs = dict(attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=k.shape[1] != hq)
+    if not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    with sdpa_kernel(_CUDA_BACKENDS):  # not cuDNN: it builds a plan per new shape (milliseconds of host time)
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
