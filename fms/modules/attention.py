@@ -6,7 +6,8 @@ down untouched; the op owns its cache layout. Ops:
     sdpa   contiguous cache (one row per sequence), torch SDPA
     flex   contiguous cache, FlexAttention (every mask/score variant, e.g. soft-capping)
     paged  shared page pool + page tables; FlexAttention over the pool, with fast paths by step type:
-           Triton decode, flash varlen prefill over gathered pages (see PagedOp)
+           Triton decode, flash varlen prefill over gathered pages, or one padded SDPA call per
+           layer where flash varlen cannot run (see PagedOp)
 """
 
 import functools
@@ -28,7 +29,7 @@ from fms.cache.spec import KVCacheSpec
 from fms.modules.masks import AttentionVariant, dense_attention_bias, variant_predicate, variant_score_fn
 from fms.cache.paged import PagedKVCache
 from fms.modules.positions import RotaryEmbedding
-from fms.triton.varlen import varlen_causal_attention
+from fms.triton.varlen import padded_causal_attention, uses_flash, varlen_causal_attention
 
 
 class AttentionOp:
@@ -256,6 +257,9 @@ class FlexOp(AttentionOp):
 # ---------------------------------------------------------------------------------------------
 # paged
 # ---------------------------------------------------------------------------------------------
+PREFILL_KERNELS = ("auto", "varlen", "padded", "flex")
+
+
 def _paged_decode(q, *args, **kwargs):
     """One-token paged attention: the Triton kernel on CUDA, its torch reference elsewhere (chosen
     here by device, not by TRITON_INTERPRET, so a test process that sets it does not slow others)."""
@@ -289,6 +293,20 @@ def _paged_varlen(q, k, v, kp, vp, varlen, scale):
     return out.view(b, t, hq, d).transpose(1, 2)
 
 
+def _paged_padded(q, k, v, kp, vp, padded, scale):
+    """Causal attention of a padded multi-token step in one SDPA call: each row's keys (context, then
+    the step's tokens) gathered from the pool into (B, Hkv, L, D) through the step's slot grid, or,
+    when no row has context, the step's own keys. Padded queries get finite values nothing reads."""
+    if padded.kv_slots is None:
+        return padded_causal_attention(q, k, v, scale)
+    b, length = padded.kv_slots.shape
+    hkv, _, d = kp.shape
+    slots = padded.kv_slots.flatten()
+    keys = kp.index_select(1, slots).view(hkv, b, length, d).transpose(0, 1)  # (B, Hkv, L, D)
+    values = vp.index_select(1, slots).view(hkv, b, length, d).transpose(0, 1)
+    return padded_causal_attention(q, keys, values, scale, mask=padded.mask)
+
+
 class PagedOp(AttentionOp):
     """K/V in a shared pool of pages; the kernel is chosen per step type:
 
@@ -296,9 +314,15 @@ class PagedOp(AttentionOp):
                                      reference on CPU); FlexAttention with `decode_kernel="flex"`
         multi-token (prefill, chunk  causal, no window: flash-attention varlen over the real tokens,
         of a prompt, continuation)   keys gathered from the pool when a row has cached context
-                                     (fms.triton.varlen); packed steps take only this path
+                                     (fms.triton.varlen); packed steps take only this path. Padded
+                                     steps where flash varlen cannot run (fp32, CPU): one SDPA call
+                                     over keys gathered into padded rows
         any step, other variants     FlexAttention over the pool with a BlockMask built from the page
         (ALiBi, window, soft-cap)    tables; `prefill_kernel="flex"` sends every multi-token step here
+
+    prefill_kernel: "auto" (above), "varlen" (padded steps by varlen too: its per-row reference off
+    flash), "padded" (padded steps by one SDPA call even on flash; the op then takes no packed steps),
+    "flex".
     """
 
     cache_options = frozenset({"page_size", "num_pages", "memory_gb", "memory_fraction"})
@@ -307,8 +331,8 @@ class PagedOp(AttentionOp):
     def __init__(self, decode_kernel: str = "auto", prefill_kernel: str = "auto"):
         if decode_kernel not in ("auto", "flex", "triton"):
             raise ValueError(f"decode_kernel must be 'auto', 'flex' or 'triton', got {decode_kernel!r}")
-        if prefill_kernel not in ("auto", "flex"):
-            raise ValueError(f"prefill_kernel must be 'auto' or 'flex', got {prefill_kernel!r}")
+        if prefill_kernel not in PREFILL_KERNELS:
+            raise ValueError(f"prefill_kernel must be one of {PREFILL_KERNELS}, got {prefill_kernel!r}")
         self.decode_kernel = decode_kernel
         self.prefill_kernel = prefill_kernel
 
@@ -316,7 +340,7 @@ class PagedOp(AttentionOp):
         return PagedKVCache(spec, max_batch_size, max_seq_len, **options)
 
     def can_pack(self, variant, cache) -> bool:
-        return self._can_varlen(variant, cache) and cache.can_pack
+        return self._can_varlen(variant, cache) and cache.can_pack and self.prefill_kernel != "padded"
 
     def why_no_graph_decode(self, variant, device):
         why = super().why_no_graph_decode(variant, device)
@@ -333,7 +357,14 @@ class PagedOp(AttentionOp):
         return not self._can_varlen(variant, cache)
 
     def _can_varlen(self, variant, cache) -> bool:
-        return self.prefill_kernel == "auto" and variant.is_causal_only and cache.window is None
+        """Plain causal attention, which the varlen and padded SDPA paths compute (FlexAttention the rest)."""
+        return self.prefill_kernel != "flex" and variant.is_causal_only and cache.window is None
+
+    def _pads_prefill(self, q) -> bool:
+        """Whether a padded multi-token step runs as one SDPA call over padded rows, not varlen."""
+        if self.prefill_kernel == "auto":
+            return not uses_flash(q)
+        return self.prefill_kernel == "padded"
 
     def attend(self, q, k, v, *, layer_idx, scale, variant, cache=None, meta=None):
         if cache is None:
@@ -349,10 +380,12 @@ class PagedOp(AttentionOp):
         kp.index_copy_(1, meta.slot_mapping, k.permute(1, 0, 2, 3).reshape(hkv, b * t, d))
         vp.index_copy_(1, meta.slot_mapping, v.permute(1, 0, 2, 3).reshape(hkv, b * t, d))
         if meta.varlen is not None and self._can_varlen(variant, cache):
+            if not meta.packed and self._pads_prefill(q):
+                return _paged_padded(q, k, v, kp, vp, meta.get_padded_kv(), scale)
             return _paged_varlen(q, k, v, kp, vp, meta.varlen, scale)
         if meta.packed:
-            raise ValueError(f"a packed step needs causal attention without a window and prefill_kernel='auto'; "
-                             f"got {variant} with prefill_kernel={self.prefill_kernel!r}")
+            raise ValueError(f"a packed step needs causal attention without a window and a prefill_kernel other "
+                             f"than 'flex'; got {variant} with prefill_kernel={self.prefill_kernel!r}")
         if t == 1 and self._use_triton_decode(q, variant):
             out = _paged_decode(
                 q[:, :, 0], kp, vp, meta.page_table, meta.seq_lens, meta.page_size, scale, window=variant.sliding_window
