@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from datetime import timedelta
@@ -80,6 +81,7 @@ def launch_generate(args) -> tuple[list[str], list]:
 def launch_serve(args) -> int:
     """`fms serve` on N ranks until SIGTERM / Ctrl-C (forwarded to rank 0, which drains and stops the others)."""
     options = _launch_options(args)
+    _check_port_free(args.host, args.port)
     _resolve_model_once(args)
     # rank 0's pid, set once it takes signals itself (before that, a signal here stops the start-up)
     rank0_pid = torch.multiprocessing.get_context("spawn").Value("q", 0, lock=False)
@@ -91,6 +93,21 @@ def launch_serve(args) -> int:
                   flush=True)
             return 128 + e.signum
     return 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Before N ranks load the model: the address rank 0 will listen on can be bound (as uvicorn binds it)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host!r} is not an address of this machine ({e})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}; choose another --port") from None
 
 
 class _Interrupted(Exception):
