@@ -16,6 +16,7 @@ import logging
 import sys
 
 from fms.distributed import RankFailedError
+from fms.entrypoints.commands import LOG_FORMAT, generate_outputs, sampling_params, serve_engine
 from fms.entrypoints.engine_args import add_engine_arguments, add_model_arguments, build_engine, engine_config
 
 DEFAULT_MAX_WAITING = 1024
@@ -93,24 +94,6 @@ def serve_main(argv: list[str]) -> int:
     return serve_engine(args, chat_template, engine, loaded)
 
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
-def serve_engine(args, chat_template, engine, loaded, followers=None, note: str = "") -> int:
-    """Serve this engine until SIGTERM / Ctrl-C (under tensor parallel: on rank 0, with the other ranks as
-    followers of its engine loop)."""
-    from fms.entrypoints.chat import load_chat_template
-    from fms.entrypoints.openai.server import make_state, run_server
-
-    if chat_template is None:
-        chat_template = load_chat_template(None, loaded.tokenizer_folder)
-    if loaded.checkpoint is None:
-        logging.getLogger("fms").warning("%s has random weights: the text will be gibberish", loaded.name)
-    state = make_state(engine, args.served_model_name or loaded.name, chat_template, args.max_waiting, followers)
-    print(f"serving {state.model_name} on http://{args.host}:{args.port} (OpenAI API under /v1){note}", flush=True)
-    return run_server(state, args.host, args.port, args.log_level, args.shutdown_timeout)
-
-
 # -- fms generate -------------------------------------------------------------------------------------
 def generate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fms generate", description="Prompts in, text out (on the serving engine).")
@@ -132,17 +115,9 @@ def generate_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _sampling_params(args):
-    from fms.serving import SamplingParams
-
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, seed=args.sampling_seed, stop=args.stop or (),
-                          ignore_eos=args.ignore_eos, logprobs=args.logprobs)
-
-
 def generate_main(argv: list[str]) -> int:
     args = generate_parser().parse_args(argv)
-    _sampling_params(args)  # bad sampling or engine options fail before any model loads or process starts
+    sampling_params(args)  # bad sampling or engine options fail before any model loads or process starts
     engine_config(args)
     if args.tensor_parallel_size > 1:
         from fms.entrypoints.tensor_parallel import launch_generate
@@ -159,25 +134,6 @@ def generate_main(argv: list[str]) -> int:
         else:
             print(f"{text}{out.text}" if not args.chat else f"{text}\n> {out.text}")
     return 0
-
-
-def generate_outputs(args, show_note: bool = True) -> tuple[list[str], list]:
-    """The prompts' texts and their outputs (under tensor parallel: the same call on every rank)."""
-    from fms.entrypoints.chat import load_chat_template, render_chat
-
-    params = _sampling_params(args)
-    engine, loaded = build_engine(args)
-    if loaded.checkpoint is None and show_note:
-        print(f"note: {loaded.name} has random weights; the text will be gibberish", file=sys.stderr)
-    texts = args.prompt or ["Paged attention keeps the KV cache"]
-    prompts: list = list(texts)
-    if args.chat:
-        template = load_chat_template(args.chat_template, loaded.tokenizer_folder)
-        tok = loaded.tokenizer
-        bos = tok.decode([tok.bos_token_id], skip_special_tokens=False) if tok.bos_token_id is not None else None
-        prompts = [tok.encode(render_chat(template, [{"role": "user", "content": t}], bos_token=bos), add_bos=False)
-                   for t in texts]
-    return texts, engine.generate(prompts, params, use_tqdm=False)
 
 
 # -- dispatch -----------------------------------------------------------------------------------------

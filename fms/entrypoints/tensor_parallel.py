@@ -146,7 +146,7 @@ class _forward_signals:
 
 # -- the ranks ------------------------------------------------------------------------------------------------
 def generate_rank(args):
-    from fms.entrypoints.cli import generate_outputs
+    from fms.entrypoints.commands import generate_outputs
 
     is_first = current_tensor_parallel().rank == 0
     texts, outputs = generate_outputs(args, show_note=is_first)
@@ -154,7 +154,7 @@ def generate_rank(args):
 
 
 def serve_rank(args, rank0_pid, parent_pid: int) -> int:
-    from fms.entrypoints.cli import LOG_FORMAT, serve_engine
+    from fms.entrypoints.commands import LOG_FORMAT, serve_engine
     from fms.entrypoints.engine_args import build_engine
 
     os.setpgrp()  # a terminal's Ctrl-C goes to the fms command, which forwards it to rank 0 alone
