@@ -1,8 +1,8 @@
 """The paged op's padded multi-token path (one SDPA call per layer over keys gathered into padded rows)
-against dense attention per row, computed here with explicit softmax math on fp32 copies of the inputs.
+against dense attention per row, computed here with explicit softmax math in fp64 on the CPU.
 
 Tolerances: fp32 atol/rtol 1e-5; fp16 atol/rtol 4e-3 (fp16 inputs and outputs; the reference runs
-in fp32 on the same fp16 values). FMS_TEST_DEVICE=cuda runs the op-level checks on the GPU (fp32 there
+on the same fp16 values). FMS_TEST_DEVICE=cuda runs the op-level checks on the GPU (fp32 there
 within 2e-3: the fused kernels may use TF32).
 """
 
