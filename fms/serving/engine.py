@@ -197,7 +197,8 @@ class LLMEngine:
             results = self._apply_text_and_logprobs(out, results)
             self.scheduler.commit()
         except BaseException as e:
-            failed = self.scheduler.rollback()
+            # a model with Mamba layers updates their state in place: its requests recompute instead
+            failed = self.scheduler.rollback(restore=self.cache.state_pool is None)
             for request in failed:
                 self._resync_outputs(request)
             self.last_failed_request_ids = [r.request_id for r in failed]

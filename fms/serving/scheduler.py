@@ -91,6 +91,8 @@ class Scheduler:
         self._out: SchedulerOutput | None = None
         self._scheduled: list[Request] = []
         self._admitted: list[Request] = []
+        self._admitted_from: list[tuple[RequestState, int]] = []  # each admitted request's state and cached count
+        self._updating = False  # update() started on the step in progress
         # requests of failed steps, each to run alone for one step before the batch goes on
         self.suspects: list[Request] = []
         self.num_failed_steps = 0
@@ -141,7 +143,8 @@ class Scheduler:
             self.commit()
         out = SchedulerOutput(finished_ids=self._finished_ids)
         self._finished_ids = []
-        self._out, self._scheduled, self._admitted = out, [], []
+        self._out, self._scheduled, self._admitted, self._admitted_from = out, [], [], []
+        self._updating = False
         if self.suspects:
             return self._schedule_alone(self.suspects[0], out)
         window = self._plan_decode_window()
@@ -209,6 +212,7 @@ class Scheduler:
         slot, grant = self.kv.add(request.request_id, prefix_pages=prefix, prefix_len=num_cached,
                                   num_query_tokens=request.num_tokens)
         self._admitted.append(request)
+        self._admitted_from.append((request.state, request.num_cached_tokens))
         out.new_slots.append(slot)
         if grant is not None:
             out.grants.append(grant)
@@ -294,6 +298,7 @@ class Scheduler:
         """
         if len(sampled) != len(out.chunks):
             raise ValueError(f"got {len(sampled)} sampled token lists for {len(out.chunks)} scheduled chunks")
+        self._updating = True
         now = time.perf_counter()
         results = []
         for request, chunk, tokens in zip(self._scheduled, out.chunks, sampled):
@@ -320,21 +325,39 @@ class Scheduler:
         forget what rollback() would need. The next schedule() commits a step nobody committed."""
         if len(self._scheduled) == 1 and self.suspects and self._scheduled[0] is self.suspects[0]:
             self.suspects.pop(0).num_failures = 0  # it ran alone and succeeded
-        self._out, self._scheduled, self._admitted = None, [], []
+        self._out, self._scheduled, self._admitted, self._admitted_from = None, [], [], []
+        self._updating = False
 
     # -- failed steps ----------------------------------------------------------------------
-    def rollback(self) -> list[Request]:
+    def rollback(self, restore: bool = True) -> list[Request]:
         """Undo the step in progress (not yet committed) after schedule(), the forward, update() or the
-        caller's work on its results raised.
+        caller's work on its results raised. Returns the requests the step scheduled or admitted.
 
-        Every request the step scheduled or admitted gets back the tokens it had before the step
-        (outputs appended by a partial update() are dropped, a finish in it is undone), leaves the
-        KV manager and goes to the front of the queue to recompute its K/V (its full pages are found
-        again in the prefix cache when caching is on). Recomputing, not restoring, is what makes this
-        exact for every model: a failed forward may have written Mamba states in place. Requests
-        preempted by the step stay preempted, as after any step. Returns the requeued requests.
+        restore (the model keeps no state that a forward updates in place, i.e. no Mamba layers): when
+        the step preempted nothing and update() had not started, the step is undone exactly. Its page
+        reservations are taken back and the requests it admitted return to the front of the queue
+        as they were, so requests, page tables, refcounts and slots are as before the step. (Pages
+        the step evicted from the prefix cache stay evicted.)
+
+        Otherwise every request the step scheduled or admitted gets back the tokens it had before the
+        step (outputs appended by a partial update() are dropped, a finish in it is undone). It leaves
+        the KV manager and goes to the front of the queue to recompute its K/V; its full pages are
+        found again in the prefix cache when caching is on. Recomputing is exact for every model: a
+        failed forward may have written Mamba states in place, and a preemption may have handed the
+        victim's pages to the step. Requests preempted by the step stay preempted.
         """
         touched = list(dict.fromkeys(self._scheduled + self._admitted))
+        out = self._out
+        if restore and out is not None and not self._updating and not out.preempted_ids:
+            admitted = {r.request_id for r in self._admitted}
+            self.kv.undo([g for g in out.grants if g.seq_id not in admitted])
+            for request, (state, num_cached) in zip(reversed(self._admitted), reversed(self._admitted_from)):
+                self.running.remove(request)
+                self.kv.free(request.request_id)
+                request.state, request.num_cached_tokens, request.num_computed_tokens = state, num_cached, 0
+                self.waiting.appendleft(request)
+            self._end_failed_step()
+            return touched
         chunk_of = {c.request_id: c for c in self._out.chunks} if self._out is not None else {}
         for request in touched:
             chunk = chunk_of.get(request.request_id)
@@ -355,9 +378,13 @@ class Scheduler:
             request.state = RequestState.PREEMPTED
             request.num_computed_tokens = 0
         self.waiting.extendleft(reversed(touched))
-        self._out, self._scheduled, self._admitted = None, [], []
-        self.num_failed_steps += 1
+        self._end_failed_step()
         return touched
+
+    def _end_failed_step(self) -> None:
+        self._out, self._scheduled, self._admitted, self._admitted_from = None, [], [], []
+        self._updating = False
+        self.num_failed_steps += 1
 
     def isolate(self, failed: list[Request], error: str) -> list[Request]:
         """After rollback() of a step that raised: each failed request runs alone for a step before the
@@ -369,7 +396,11 @@ class Scheduler:
             if len(failed) == 1:
                 request.num_failures += 1
             if request.num_failures >= 2:
-                self.waiting.remove(request)
+                if request in self.running:  # (an exact rollback keeps running requests running)
+                    self._release(request)
+                    self.running.remove(request)
+                else:
+                    self.waiting.remove(request)
                 if request in self.suspects:
                     self.suspects.remove(request)
                 request.finish(FinishReason.ERROR, f"{request.num_failures} steps with this request alone failed; "

@@ -349,3 +349,44 @@ def test_text_stop_strings_and_logprobs_survive_faults():
         outs, failures = run_text(make(), faults, detok_faults)
         assert failures == len(faults) + len(detok_faults)
         assert same(outs, expected), (faults, detok_faults)
+
+
+def _state(engine):
+    """Everything a step may change on the host: requests, queues, tables, refcounts, slots, prefix cache."""
+    kv, sched = engine.kv, engine.scheduler
+    pc = kv.prefix_cache
+    return (
+        {rid: (r.state, r.num_computed_tokens, list(r.output_token_ids), r.num_cached_tokens, r.finish_reason)
+         for rid, r in engine.requests.items()},
+        [r.request_id for r in sched.running], [r.request_id for r in sched.waiting],
+        {s: (kv.block_table(s), kv.length(s), kv.slot_of(s)) for s in kv.sequences},
+        list(kv.allocator._refcounts), sorted(kv.allocator._free_heap),
+        None if pc is None else (dict(pc._page_of), list(pc._evictable)),
+    )
+
+
+@pytest.mark.parametrize("window", [1, 4])
+def test_a_failed_step_of_an_attention_model_leaves_everything_as_before(model, window):
+    """Without preemption (a roomy pool) a step that fails in the forward is undone exactly: requests,
+    queues, page tables, refcounts, the free list, slots and the prefix cache equal their state before
+    the step; the run then ends as the fault-free one."""
+    prompts, params = workload(0, 7, shared=True)
+    expected, _ = run(make_engine(model, True, window, num_pages=64), prompts, params)
+    checked = 0
+    for k in range(1, 40, 3):
+        engine = make_engine(model, True, window, num_pages=64)
+        ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        with faulty_forward(model, fail_on={k}):
+            for _ in range(500):
+                if not engine.has_unfinished_requests():
+                    break
+                before = _state(engine)
+                try:
+                    engine.step()
+                except InjectedFault:
+                    assert _state(engine) == before, f"fault at forward {k}"
+                    checked += 1
+        assert engine.stats()["num_preemptions"] == 0
+        assert [(o.token_ids, o.finish_reason) for o in (engine.pop_output(i) for i in ids)] == expected
+        assert_no_leaks(engine)
+    assert checked >= 10
