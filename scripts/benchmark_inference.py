@@ -14,8 +14,7 @@ from fms.entrypoints import bench_cli  # noqa: E402
 
 def main(argv=None) -> int:
     """Same as `fms bench static`; the flags live in fms.entrypoints.bench_cli."""
-    bench_cli._PROGRAM["static"] = ["scripts/benchmark_inference.py"]
-    return bench_cli.static_main(argv)
+    return bench_cli.static_main(argv, program=("python", "scripts/benchmark_inference.py"))
 
 
 if __name__ == "__main__":

@@ -24,8 +24,7 @@ from fms.entrypoints import bench_cli  # noqa: E402
 
 
 def main(argv=None):
-    bench_cli._PROGRAM["throughput"] = ["python", "scripts/benchmark_serving.py"]
-    return bench_cli.throughput_main(argv)
+    return bench_cli.throughput_main(argv, program=("python", "scripts/benchmark_serving.py"))
 
 
 if __name__ == "__main__":

@@ -55,7 +55,8 @@ Data is read from local files only (see fms/resources/eval/README.md for the lay
 fms.eval.report.run_eval.
 """
 # how each run records the command that made it (the scripts pass their own name)
-_PROGRAM = {"throughput": ["fms", "bench", "throughput"], "static": ["fms", "bench", "static"]}
+THROUGHPUT_PROGRAM = ("fms", "bench", "throughput")  # how the recorded command starts (scripts pass theirs)
+STATIC_PROGRAM = ("fms", "bench", "static")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -115,7 +116,7 @@ def throughput_parser_args(argv=None):
     return p, p.parse_args(argv)
 
 
-def throughput_config(argv=None) -> ServingBenchConfig:
+def throughput_config(argv=None, program=THROUGHPUT_PROGRAM) -> ServingBenchConfig:
     parser, args = throughput_parser_args(argv)
     peers = [p for p in args.peers.split(",") if p]
     unknown = sorted(set(peers) - set(PEERS))
@@ -131,14 +132,14 @@ def throughput_config(argv=None) -> ServingBenchConfig:
             compile=not args.no_compile, warmup=not args.no_warmup, peers=tuple(p for p in peers if p in PEERS),
             decode_steps_sweep=tuple(int(k) for k in args.decode_steps_sweep.split(",")) if args.decode_steps_sweep
             else (),
-            command=" ".join(shlex.quote(a) for a in [*_PROGRAM["throughput"], *argv]))
+            command=" ".join(shlex.quote(a) for a in [*program, *argv]))
     except ValueError as exc:
         parser.error(str(exc))
 
 
 
-def throughput_main(argv=None) -> dict:
-    return run_serving_benchmark(throughput_config(argv))
+def throughput_main(argv=None, program=THROUGHPUT_PROGRAM) -> dict:
+    return run_serving_benchmark(throughput_config(argv, program))
 
 
 # -- fms bench static (static batches, scripts/benchmark_inference.py) ------------------------------------
@@ -215,7 +216,7 @@ def static_parser() -> argparse.ArgumentParser:
     return p
 
 
-def static_config(parser: argparse.ArgumentParser, argv: list[str]) -> StaticBenchConfig:
+def static_config(parser: argparse.ArgumentParser, argv: list[str], program=STATIC_PROGRAM) -> StaticBenchConfig:
     args = parser.parse_args(argv)
     try:
         batch_sizes, context_lengths = _int_list(args.batch_sizes), _int_list(args.context_lengths)
@@ -224,7 +225,7 @@ def static_config(parser: argparse.ArgumentParser, argv: list[str]) -> StaticBen
     options = {k: v for k, v in vars(args).items() if k not in ("attn_name", "peers", "no_progress")}
     options.update(batch_sizes=batch_sizes, context_lengths=context_lengths, backends=_names(args.attn_name),
                    peers=_names(args.peers), progress=not args.no_progress,
-                   command=" ".join(shlex.quote(a) for a in [*_PROGRAM["static"], *argv]))
+                   command=" ".join(shlex.quote(a) for a in [*program, *argv]))
     try:
         return StaticBenchConfig(**options)
     except ValueError as exc:
@@ -232,9 +233,9 @@ def static_config(parser: argparse.ArgumentParser, argv: list[str]) -> StaticBen
 
 
 
-def static_main(argv=None) -> int:
+def static_main(argv=None, program=STATIC_PROGRAM) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    run_static_benchmark(static_config(static_parser(), argv))
+    run_static_benchmark(static_config(static_parser(), argv, program))
     return 0
 
 
