@@ -340,7 +340,11 @@ class PagedOp(AttentionOp):
         return PagedKVCache(spec, max_batch_size, max_seq_len, **options)
 
     def can_pack(self, variant, cache) -> bool:
-        return self._can_varlen(variant, cache) and cache.can_pack and self.prefill_kernel != "padded"
+        # On CUDA a packed step needs flash varlen (16-bit): in fp32 it would loop over rows, where a
+        # padded step takes one SDPA call per layer.
+        spec = cache.spec
+        flash = spec.device.type != "cuda" or spec.dtype in (torch.float16, torch.bfloat16)
+        return self._can_varlen(variant, cache) and cache.can_pack and self.prefill_kernel != "padded" and flash
 
     def why_no_graph_decode(self, variant, device):
         why = super().why_no_graph_decode(variant, device)

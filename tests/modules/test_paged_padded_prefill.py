@@ -187,3 +187,18 @@ def test_eval_scoring_equals_sdpa_on_both_paged_paths():
     assert len(set(scores["sdpa"].tolist())) == len(requests)  # distinct, non-degenerate scores
     torch.testing.assert_close(scores["padded"], scores["sdpa"], atol=1e-3, rtol=1e-5)
     torch.testing.assert_close(scores["varlen"], scores["sdpa"], atol=1e-3, rtol=1e-5)
+
+
+def test_fp32_on_cuda_prefers_padded_steps_to_packed_ones():
+    """A packed step on CUDA needs flash varlen (fp16/bf16); in fp32 the engine gets padded steps (one
+    SDPA call per layer) instead of packed ones (a loop over rows). Only the cache's spec is read."""
+    from types import SimpleNamespace
+
+    def cache(dtype, device):
+        spec = SimpleNamespace(dtype=dtype, device=torch.device(device))
+        return SimpleNamespace(spec=spec, can_pack=True, window=None)
+
+    op = get_attention_op("paged")
+    assert op.can_pack(CAUSAL, cache(torch.bfloat16, "cuda")) and op.can_pack(CAUSAL, cache(torch.float16, "cuda"))
+    assert not op.can_pack(CAUSAL, cache(torch.float32, "cuda"))
+    assert op.can_pack(CAUSAL, cache(torch.float32, "cpu"))
