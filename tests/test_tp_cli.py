@@ -155,6 +155,17 @@ def _alive(pid: int) -> bool:
 def test_serve_tp2_answers_like_tp1_and_exits_on_sigterm():
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("uvicorn")
+    # the one-process references (before the ranks start: CPU threads of both would contend)
+    engine, _ = build_engine(serve_parser().parse_args(MODEL_FLAGS + ["--device", "cpu"]))
+    greedy = SamplingParams(max_tokens=12, ignore_eos=True)
+    seeded = SamplingParams(max_tokens=12, ignore_eos=True, temperature=0.9, seed=7)
+    outputs = {"greedy": engine.generate(PROMPTS[:1], greedy, use_tqdm=False)[0],
+               "stream": engine.generate(PROMPTS[1:], greedy, use_tqdm=False)[0],
+               "seeded": engine.generate(PROMPTS[1:], seeded, use_tqdm=False)[0]}
+    assert all(len(set(o.token_ids)) >= 8 for o in outputs.values()), outputs  # varied text to compare
+    want = {name: o.text for name, o in outputs.items()}
+    assert len(set(want.values())) == 3, want
+
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen([sys.executable, "-m", "fms.entrypoints.cli", "serve", *MODEL_FLAGS, "--port", str(port),
@@ -165,17 +176,6 @@ def test_serve_tp2_answers_like_tp1_and_exits_on_sigterm():
     reader.start()
     url, rank_pids = f"http://127.0.0.1:{port}", []
     try:
-        # the one-process references, computed while the ranks start
-        engine, _ = build_engine(serve_parser().parse_args(MODEL_FLAGS + ["--device", "cpu"]))
-        greedy = SamplingParams(max_tokens=12, ignore_eos=True)
-        seeded = SamplingParams(max_tokens=12, ignore_eos=True, temperature=0.9, seed=7)
-        outputs = {"greedy": engine.generate(PROMPTS[:1], greedy, use_tqdm=False)[0],
-                   "stream": engine.generate(PROMPTS[1:], greedy, use_tqdm=False)[0],
-                   "seeded": engine.generate(PROMPTS[1:], seeded, use_tqdm=False)[0]}
-        assert all(len(set(o.token_ids)) >= 8 for o in outputs.values()), outputs  # varied text to compare
-        want = {name: o.text for name, o in outputs.items()}
-        assert len(set(want.values())) == 3, want
-
         def healthy():
             try:
                 return httpx.get(url + "/health", timeout=1).status_code == 200
@@ -211,21 +211,35 @@ def test_serve_tp2_answers_like_tp1_and_exits_on_sigterm():
         assert got.pop("unseeded") and got == want
 
         # a streaming client that goes away: its request is aborted on both ranks, then the ranks still agree
-        body = {"prompt": PROMPTS[0], "max_tokens": 200, "ignore_eos": True, "stream": True}
+        body = {"prompt": PROMPTS[0], "max_tokens": 4000, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=TIMEOUT_S) as response:
-            next(line for line in response.iter_lines() if line.startswith("data:"))
+            lines = response.iter_lines()  # kept: a dropped iterator would close the connection at once
+            assert next(lines).startswith("data:")
+            _wait(lambda: _gauges(httpx, url)["fms:num_requests_running"] == 1, "the request to show as running",
+                  proc)  # /metrics is a snapshot the engine thread refreshes every 50 ms
         _wait(lambda: _gauges(httpx, url)["fms:num_requests_running"] == 0
               and _gauges(httpx, url)["fms:kv_cache_used_pages"] == 0, "the aborted request's pages", proc)
         assert complete(PROMPTS[0]) == want["greedy"]
 
-        # SIGTERM with a request in flight: it finishes, both ranks leave, the command exits 0
-        result = {}
-        in_flight = threading.Thread(target=lambda: result.update(completion(PROMPTS[0], max_tokens=48)))
-        in_flight.start()
-        _wait(lambda: _gauges(httpx, url)["fms:num_requests_running"] > 0, "the request to run", proc)
+        # SIGTERM with a request in flight (its first tokens came): it finishes, both ranks leave, the command exits 0
+        started, chunks = threading.Event(), []
+
+        def in_flight():
+            body = {"prompt": PROMPTS[0], "max_tokens": 48, "ignore_eos": True, "temperature": 0, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=TIMEOUT_S) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: {"):
+                        chunks.append(json.loads(line[6:]))
+                        started.set()
+
+        thread = threading.Thread(target=in_flight)
+        thread.start()
+        assert started.wait(TIMEOUT_S), "the in-flight request sent nothing"
         proc.send_signal(signal.SIGTERM)
-        in_flight.join(TIMEOUT_S)
-        assert result["usage"]["completion_tokens"] == 48  # finished, not cut off
+        thread.join(TIMEOUT_S)
+        assert chunks[-1]["usage"]["completion_tokens"] == 48  # finished, not cut off
+        assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
         assert proc.wait(timeout=TIMEOUT_S) == 0, "".join(output)
         assert not [p for p in rank_pids if _alive(p)]
     finally:
