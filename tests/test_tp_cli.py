@@ -26,7 +26,8 @@ from fms.serving import LLMEngine, SamplingParams
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 90
-MODEL_FLAGS = ["--architecture", "llama", "--variant", "micro", "--max-decode-steps", "2"]
+# on the CPU on every machine (gloo, fp32), references included
+MODEL_FLAGS = ["--architecture", "llama", "--variant", "micro", "--max-decode-steps", "2", "--device", "cpu"]
 PROMPTS = ["The cache keeps every page", "Hello world, said the"]
 
 
@@ -110,7 +111,7 @@ def test_generate_tp2_equals_tp1(capsys):
     reference = _generate_json(capsys)
     assert all(len(set(r["token_ids"])) >= 8 for r in reference), reference  # varied text to compare
     start = time.monotonic()
-    split = _generate_json(capsys, "--tensor-parallel-size", "2", "--device", "cpu")
+    split = _generate_json(capsys, "--tensor-parallel-size", "2")
     assert time.monotonic() - start < TIMEOUT_S
     assert [(r["prompt"], r["token_ids"], r["text"]) for r in split] == \
         [(r["prompt"], r["token_ids"], r["text"]) for r in reference]
@@ -156,7 +157,7 @@ def test_serve_tp2_answers_like_tp1_and_exits_on_sigterm():
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("uvicorn")
     # the one-process references (before the ranks start: CPU threads of both would contend)
-    engine, _ = build_engine(serve_parser().parse_args(MODEL_FLAGS + ["--device", "cpu"]))
+    engine, _ = build_engine(serve_parser().parse_args(MODEL_FLAGS))
     greedy = SamplingParams(max_tokens=12, ignore_eos=True)
     seeded = SamplingParams(max_tokens=12, ignore_eos=True, temperature=0.9, seed=7)
     outputs = {"greedy": engine.generate(PROMPTS[:1], greedy, use_tqdm=False)[0],
@@ -169,7 +170,7 @@ def test_serve_tp2_answers_like_tp1_and_exits_on_sigterm():
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen([sys.executable, "-m", "fms.entrypoints.cli", "serve", *MODEL_FLAGS, "--port", str(port),
-                             "--log-level", "warning", "--device", "cpu", "--tensor-parallel-size", "2"],
+                             "--log-level", "warning", "--tensor-parallel-size", "2"],
                             env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)
