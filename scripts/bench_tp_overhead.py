@@ -2,9 +2,9 @@
 
 Measures batch-1 decode (tokens/s through a reused Generator) and offline serving (output tokens/s through
 LLMEngine.generate) three times: the plain model in this process ("plain", today's path), the model built with
-get_model(..., distributed_strategy="tp") in one rank started by fms.distributed.launch (what
---tensor-parallel-size 1 runs), then the plain model again (to bracket drift). Writes JSON with the command,
-device and commit.
+get_model(..., distributed_strategy="tp") in one rank started by fms.distributed.launch (the TP code path
+with one rank; `fms ... --tensor-parallel-size 1` itself launches nothing and uses the plain model), then the
+plain model again (to bracket drift). Writes JSON with the command, device and commit.
 
     CPU (micro):   python scripts/bench_tp_overhead.py --variant micro --device cpu --decode-tokens 32 \
                        --serving-requests 8 --serving-new-tokens 16 --out results/tp_overhead/cpu_micro.json

@@ -1,5 +1,5 @@
 """The `fms` command: --help of every subcommand, `fms generate` (random weights and a local HF folder),
-`fms bench throughput` / `latency` on the CPU, clear refusals (tensor parallel > 1, an unreachable hub id),
+`fms bench throughput` / `latency` on the CPU, clear refusals (a tensor-parallel size below 1, an unreachable hub id),
 and `fms serve` in its own process: SIGTERM lets the request in flight finish, then the process exits 0."""
 
 import json
@@ -76,8 +76,8 @@ def test_generate_from_a_local_hf_folder_with_chat(tmp_path, capsys):
 
 
 def test_refusals_name_the_problem(tmp_path, capsys, monkeypatch):
-    assert main(["generate", "--architecture", "llama", "--variant", "micro", "--tensor-parallel-size", "2"]) == 2
-    assert "--tensor-parallel-size 2 is not supported yet: only 1" in capsys.readouterr().err
+    assert main(["generate", "--architecture", "llama", "--variant", "micro", "--tensor-parallel-size", "0"]) == 2
+    assert "--tensor-parallel-size must be an int >= 1" in capsys.readouterr().err
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty hub cache
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["generate", "some-org/some-model"]) == 2
