@@ -100,6 +100,9 @@ class Request:
             self.seed = check_seed(self.seed)
         if self.params.logprobs is not None and self.logprobs is None:
             self.logprobs = []
+        # every token that can end this request early (append_tokens checks a window's tokens at once)
+        self._stop_ids = frozenset(self.params.stop_token_ids) | (
+            frozenset() if self.params.ignore_eos else frozenset(self.eos_token_ids))
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -149,9 +152,7 @@ class Request:
         returns the tokens kept. One pass in C when no stop token is among them (decode windows)."""
         params = self.params
         kept = tokens[:params.max_new_tokens - len(self.output_token_ids)]
-        stops = frozenset(params.stop_token_ids) if params.ignore_eos else self.eos_token_ids.union(
-            params.stop_token_ids)
-        if not stops.isdisjoint(kept):
+        if not self._stop_ids.isdisjoint(kept):
             for i, token in enumerate(kept):
                 self.append_token(token, now)
                 if self.is_finished:
