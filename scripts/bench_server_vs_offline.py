@@ -38,6 +38,8 @@ TARGET_RATIO = 0.9
 def parse_args(argv=None):
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="a local HF checkpoint folder instead of random weights "
+                   "(--architecture/--variant); scripts/bench_server_overhead.py passes a 1-layer one")
     p.add_argument("--architecture", default="llama")
     p.add_argument("--variant", default="3.2-1b" if cuda else "micro")
     p.add_argument("--num-prompts", type=int, default=128 if cuda else 8)
@@ -89,11 +91,12 @@ def _engine_args(args):
     from fms.entrypoints.cli import serve_parser
 
     extra = shlex.split(args.engine_args)
-    if "--tokenizer" not in extra:
+    if "--tokenizer" not in extra and not args.model:
         if getattr(args, "_tokenizer", None) is None:
             args._tokenizer = _placeholder_tokenizer(args.architecture, args.variant)
         extra += ["--tokenizer", args._tokenizer]
-    flags = ["--architecture", args.architecture, "--variant", args.variant, "--seed", str(args.seed), *extra]
+    model = [args.model] if args.model else ["--architecture", args.architecture, "--variant", args.variant]
+    flags = [*model, "--seed", str(args.seed), *extra]
     return flags, serve_parser().parse_args(flags)
 
 
@@ -138,6 +141,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _thread_cpu_s(pid: int) -> dict[int, float] | None:
+    """CPU seconds (user + system) of each thread of process pid, from /proc (None where there is none)."""
+    try:
+        tick = os.sysconf("SC_CLK_TCK")
+        out = {}
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
+        return out
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _server_cpu(pid: int, before: dict | None, after: dict | None, num_tokens: int) -> dict | None:
+    """The server's CPU time over the timed runs: its main thread (the asyncio event loop: HTTP, SSE, JSON,
+    detokenizing) and all other threads (the engine thread, torch's). Under the GIL the event loop's
+    Python work and the engine thread's do not run at the same time, so the loop's share is host overhead
+    the offline engine does not pay (except where it overlaps the engine's waits for the GPU)."""
+    if before is None or after is None:
+        return None
+    loop = after.get(pid, 0.0) - before.get(pid, 0.0)
+    other = sum(v - before.get(t, 0.0) for t, v in after.items() if t != pid)
+    return {"event_loop_cpu_s": loop, "other_threads_cpu_s": other,
+            "event_loop_cpu_us_per_output_token": 1e6 * loop / max(num_tokens, 1)}
+
+
 def run_server(args, requests, warmup) -> dict:
     import urllib.request
 
@@ -164,10 +194,14 @@ def run_server(args, requests, warmup) -> dict:
         with urllib.request.urlopen(url + "/v1/models", timeout=10) as r:
             model = json.loads(r.read())["data"][0]["id"]
         asyncio.run(run_load(url, model, warmup, float("inf"), None, args.seed, progress=False))
+        cpu_before = _thread_cpu_s(proc.pid)
         runs = [asyncio.run(run_load(url, model, requests, float("inf"), None, args.seed, progress=False))
                 for _ in range(args.repeats)]
+        cpu_after = _thread_cpu_s(proc.pid)
         results, duration = min(runs, key=lambda run: run[1])
         summary = summarize(results, duration)
+        num_tokens = sum(sum(r.output_len for r in results_) for results_, _ in runs)
+        summary["server_cpu"] = _server_cpu(proc.pid, cpu_before, cpu_after, num_tokens)
         summary["durations_s"] = [d for _, d in runs]
         summary["server_command"] = " ".join(shlex.quote(c) for c in command)
         return summary
@@ -183,7 +217,10 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     from fms.models import get_config
 
-    vocab_size = get_config(args.architecture, args.variant).vocab_size
+    if args.model:
+        vocab_size = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
+    else:
+        vocab_size = get_config(args.architecture, args.variant).vocab_size
     requests = workload(args.num_prompts, args.prompt_range, args.output_len, vocab_size, args.seed)
     warmup = workload(args.warmup_prompts, args.prompt_range, min(args.output_len, 32), vocab_size, args.seed + 1)
     offline = run_offline(args, requests, warmup)
@@ -197,13 +234,17 @@ def main(argv=None) -> dict:
                                                      *(sys.argv[1:] if argv is None else argv)]),
         "commit": _commit(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-        "model": f"{args.architecture}/{args.variant} (random weights)",
+        "model": args.model or f"{args.architecture}/{args.variant} (random weights)",
         "workload": {"num_prompts": args.num_prompts, "prompt_range": args.prompt_range,
                      "output_len": args.output_len, "seed": args.seed, "arrivals": "all at t=0"},
         "offline": offline, "server": server, "server_over_offline": ratio,
         "target": TARGET_RATIO, "meets_target": ratio >= TARGET_RATIO,
     }
     print(f"server / offline = {ratio:.3f} (target >= {TARGET_RATIO})")
+    if server.get("server_cpu"):
+        cpu = server["server_cpu"]
+        print(f"server event loop: {cpu['event_loop_cpu_s']:.2f} CPU s ({cpu['event_loop_cpu_us_per_output_token']:.0f} "
+              f"us per output token); other threads {cpu['other_threads_cpu_s']:.2f} CPU s")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2, default=str))
     print(f"wrote {args.output}")
