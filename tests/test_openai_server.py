@@ -317,3 +317,16 @@ def test_fms_bench_serve_against_the_server(server, tmp_path):
     assert report["request_goodput"] == pytest.approx(report["request_throughput"])
     assert (tmp_path / "bench_serve.png").is_file()
     _wait_idle(server)
+
+
+def test_gil_switch_interval_from_the_environment(monkeypatch):
+    from fms.entrypoints.openai.server import SWITCH_INTERVAL_ENV, switch_interval_s
+
+    monkeypatch.delenv(SWITCH_INTERVAL_ENV, raising=False)
+    assert switch_interval_s() == 0.0005
+    monkeypatch.setenv(SWITCH_INTERVAL_ENV, "5")
+    assert switch_interval_s() == pytest.approx(0.005)
+    for bad in ("0", "-1", "fast", "inf"):
+        monkeypatch.setenv(SWITCH_INTERVAL_ENV, bad)
+        with pytest.raises(ValueError, match=f"{SWITCH_INTERVAL_ENV} must be a number of milliseconds > 0, got '{bad}'"):
+            switch_interval_s()
