@@ -12,7 +12,9 @@ not the model's. Writes the same JSON as that script (command, device, commit, b
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -57,10 +59,15 @@ def main(argv=None):
 
     folder = write_checkpoint(tempfile.mkdtemp(prefix="fms-overhead-model-"), args.vocab_size, 0)
     engine_args = f"--no-compile --device cpu --dtype fp32 --max-num-seqs {args.num_prompts} --max-model-len 256"
-    return bench_server_vs_offline.main([
+    report = bench_server_vs_offline.main([
         "--model", folder, "--num-prompts", str(args.num_prompts), "--prompt-range", args.prompt_range,
         "--output-len", str(args.output_len), "--warmup-prompts", "8", "--repeats", str(args.repeats),
         f"--engine-args={engine_args}", "--output", str(args.output)])
+    # the command that reproduces this file is this script's (the checkpoint folder above is temporary)
+    report["command"] = " ".join(shlex.quote(a) for a in ["python", "scripts/bench_server_overhead.py",
+                                                         *(sys.argv[1:] if argv is None else argv)])
+    args.output.write_text(json.dumps(report, indent=2, default=str))
+    return report
 
 
 if __name__ == "__main__":
