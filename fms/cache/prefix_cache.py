@@ -195,6 +195,7 @@ class PrefixCache:
         if num_pages > self._num_evictable_pages:
             raise ValueError(f"cannot evict {num_pages} pages: only {self._num_evictable_pages} are evictable")
         freed: list[int] = []
+        kv_pages: list[int] = []  # given back in one allocator call, as before checkpoints existed
         while len(freed) < num_pages:
             entry = next(iter(self._evictable))
             self._unlist(entry)
@@ -205,9 +206,8 @@ class PrefixCache:
                 continue
             key = self._key_of.pop(entry)
             del self._page_of[key]
-            self.allocator.free([entry])
+            kv_pages.append(entry)
             freed.append(entry)
-            self.num_evicted += 1
             checkpoint = self._checkpoint_of.pop(key, None)
             if checkpoint is not None:  # nothing could reach it without its page
                 checkpoint.key = None
@@ -215,6 +215,8 @@ class PrefixCache:
                     self._unlist(checkpoint)
                     self.free_checkpoint(checkpoint)
                     freed += checkpoint.pages
+        self.allocator.free(kv_pages)
+        self.num_evicted += len(kv_pages)
         return freed
 
     def clear(self) -> None:
