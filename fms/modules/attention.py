@@ -29,7 +29,7 @@ from fms.cache.spec import KVCacheSpec
 from fms.modules.masks import AttentionVariant, dense_attention_bias, variant_predicate, variant_score_fn
 from fms.cache.paged import PagedKVCache
 from fms.modules.positions import RotaryEmbedding
-from fms.triton.varlen import padded_causal_attention, uses_flash, varlen_causal_attention
+from fms.triton.varlen import FLASH_DTYPES, padded_causal_attention, uses_flash, varlen_causal_attention
 
 
 class AttentionOp:
@@ -343,7 +343,7 @@ class PagedOp(AttentionOp):
         # On CUDA a packed step needs flash varlen (16-bit): in fp32 it would loop over rows, where a
         # padded step takes one SDPA call per layer.
         spec = cache.spec
-        flash = spec.device.type != "cuda" or spec.dtype in (torch.float16, torch.bfloat16)
+        flash = spec.device.type != "cuda" or spec.dtype in FLASH_DTYPES
         return self._can_varlen(variant, cache) and cache.can_pack and self.prefill_kernel != "padded" and flash
 
     def why_no_graph_decode(self, variant, device):
