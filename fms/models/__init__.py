@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from fms.models.registry import (  # noqa: F401  (re-exported: the public registry API)
+    ARCHITECTURES,
     HF_MODEL_TYPES,
     lookup_architecture as _architecture,
     get_config,
@@ -137,18 +138,14 @@ def _tensor_parallel(distributed_strategy, architecture: str, model_class):
     if distributed_strategy != "tp":
         raise ValueError(f"unknown distributed_strategy {distributed_strategy!r}; allowed: None, 'tp'")
     if not getattr(model_class, "supports_tensor_parallel", False):
+        supported = sorted(name for name, arch in ARCHITECTURES.items()
+                           if getattr(arch.model_class, "supports_tensor_parallel", False))
         raise ValueError(f"architecture {architecture!r} has no tensor-parallel form; "
-                         f"distributed_strategy='tp' supports {sorted(_tp_architectures())}")
+                         f"distributed_strategy='tp' supports {supported}")
     from fms.distributed import init_distributed
 
     tp = init_distributed()
     return None if tp.world_size == 1 else tp  # one rank holds everything: the plain model, no collectives
-
-
-def _tp_architectures() -> list[str]:
-    from fms.models.registry import ARCHITECTURES
-
-    return [name for name, arch in ARCHITECTURES.items() if getattr(arch.model_class, "supports_tensor_parallel", 0)]
 
 
 class InsufficientMemoryError(MemoryError):
