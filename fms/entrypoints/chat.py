@@ -56,6 +56,17 @@ def load_chat_template(override: str | None, tokenizer_folder: str | Path | None
     return find_chat_template(tokenizer_folder)
 
 
+def special_token_texts(tokenizer) -> dict[str, str | None]:
+    """The bos_token / eos_token texts a template is rendered with (None where there is no tokenizer or it
+    has no such token): render_chat(template, messages, **special_token_texts(tokenizer))."""
+    def text(token_id):
+        return tokenizer.decode([token_id], skip_special_tokens=False) if token_id is not None else None
+
+    if tokenizer is None:
+        return {"bos_token": None, "eos_token": None}
+    return {"bos_token": text(tokenizer.bos_token_id), "eos_token": text(tokenizer.eos_token_id)}
+
+
 @lru_cache(maxsize=8)
 def _compile(template: str):
     from jinja2 import TemplateError

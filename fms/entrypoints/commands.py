@@ -36,7 +36,7 @@ def sampling_params(args):
 
 def generate_outputs(args, show_note: bool = True) -> tuple[list[str], list]:
     """The prompts' texts and their outputs (under tensor parallel: the same call on every rank)."""
-    from fms.entrypoints.chat import load_chat_template, render_chat
+    from fms.entrypoints.chat import load_chat_template, render_chat, special_token_texts
 
     params = sampling_params(args)
     engine, loaded = build_engine(args)
@@ -47,7 +47,7 @@ def generate_outputs(args, show_note: bool = True) -> tuple[list[str], list]:
     if args.chat:
         template = load_chat_template(args.chat_template, loaded.tokenizer_folder)
         tok = loaded.tokenizer
-        bos = tok.decode([tok.bos_token_id], skip_special_tokens=False) if tok.bos_token_id is not None else None
+        bos = special_token_texts(tok)["bos_token"]
         prompts = [tok.encode(render_chat(template, [{"role": "user", "content": t}], bos_token=bos), add_bos=False)
                    for t in texts]
     return texts, engine.generate(prompts, params, use_tqdm=False)

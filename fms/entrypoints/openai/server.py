@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from fms.entrypoints.async_engine import (AsyncEngine, Delta, EngineFollowers, EngineOverloaded, EngineStopped,
                                           RequestStream)
-from fms.entrypoints.chat import ChatTemplateError, render_chat
+from fms.entrypoints.chat import ChatTemplateError, render_chat, special_token_texts
 from fms.entrypoints.metrics import CONTENT_TYPE, ServerMetrics
 from fms.entrypoints.openai.protocol import ApiError, ChatCompletionRequest, CompletionRequest
 from fms.runtime.sampler import TokenLogprobs
@@ -232,6 +232,7 @@ def build_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="fms OpenAI-compatible server")
     app.state.fms = state
     text_of = _TokenText(state.tokenizer)
+    chat_tokens = special_token_texts(state.tokenizer)  # the tokenizer is fixed: decoded once, not per request
 
     @app.exception_handler(ApiError)
     async def _api_error(_, e: ApiError):
@@ -279,16 +280,9 @@ def build_app(state: ServerState) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, raw: Request):
         body.check_supported()
         _check_model(state, body.model)
-        tokenizer = state.tokenizer
-        bos = eos = None
-        if tokenizer is not None:
-            bos = tokenizer.decode([tokenizer.bos_token_id], skip_special_tokens=False) \
-                if tokenizer.bos_token_id is not None else None
-            eos = tokenizer.decode([tokenizer.eos_token_id], skip_special_tokens=False) \
-                if tokenizer.eos_token_id is not None else None
         try:
             text = render_chat(state.chat_template, [m.as_template_dict() for m in body.messages],
-                               add_generation_prompt=body.add_generation_prompt, bos_token=bos, eos_token=eos,
+                               add_generation_prompt=body.add_generation_prompt, **chat_tokens,
                                **(body.chat_template_kwargs or {}))
         except ChatTemplateError as e:
             raise ApiError(400, str(e), "messages") from None
