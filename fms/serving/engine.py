@@ -104,12 +104,12 @@ class LLMEngine:
                 enable_prefix_caching = False
             else:
                 checkpoints = layout.policy()
-        # the one host owner of pages, slots and prefix hits; the scheduler decides through it, the
-        # cache (the paged op's device pool) applies its grants
         # start-up by phase, in seconds (shown as they run on a terminal; in stats()["startup_s"])
         self.startup_s: dict[str, float] = {}
         phases = _StartupProgress(self.startup_s, ("KV pool", "decode step: compile + graph capture",
                                                    "prefill warm-up"))
+        # the one host owner of pages, slots and prefix hits; the scheduler decides through it, the
+        # cache (the paged op's device pool) applies its grants
         self.kv = KVManager(num_pages, config.page_size, config.max_num_seqs,
                             enable_prefix_caching=enable_prefix_caching, checkpoints=checkpoints)
         self.cache = get_attention_op("paged").create_cache(spec, max_batch_size=config.max_num_seqs,
@@ -382,11 +382,15 @@ class LLMEngine:
             del request.logprobs[n:]
         detokenizer = request.detokenizer
         if detokenizer is not None and detokenizer.num_output_tokens != n:
-            params = request.params
-            request.detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.stop,
-                                                         params.include_stop_str_in_output, params.min_tokens)
+            request.detokenizer = self._detokenizer(request)
             if n:
                 request.detokenizer.add_tokens(request.output_token_ids)
+
+    def _detokenizer(self, request: Request) -> IncrementalDetokenizer:
+        """A fresh incremental detokenizer for this request's outputs (its stop strings, min_tokens)."""
+        params = request.params
+        return IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.stop,
+                                      params.include_stop_str_in_output, params.min_tokens)
 
     def _apply_text_and_logprobs(self, out: SchedulerOutput, results: list[tuple]) -> list[tuple]:
         """After the scheduler appended a step's tokens: attach their logprobs, extend the text of requests
@@ -404,9 +408,7 @@ class LLMEngine:
                 request.logprobs.extend(logprobs[rid][:len(tokens)])
             params = request.params
             if request.detokenizer is None and (params.stop or params.stream_text):
-                request.detokenizer = IncrementalDetokenizer(
-                    self.tokenizer, request.prompt_token_ids, params.stop, params.include_stop_str_in_output,
-                    params.min_tokens)
+                request.detokenizer = self._detokenizer(request)
             keep = request.detokenizer.add_tokens(tokens) if request.detokenizer is not None else None
             if keep is not None:
                 extra = len(tokens) - keep

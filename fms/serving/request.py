@@ -140,9 +140,7 @@ class Request:
         if self.first_token_time is None:
             self.first_token_time = now
         self.token_times.append(now)
-        may_stop = len(self.output_token_ids) > self.params.min_tokens
-        if may_stop and (token in self.params.stop_token_ids
-                         or (not self.params.ignore_eos and token in self.eos_token_ids)):
+        if len(self.output_token_ids) > self.params.min_tokens and token in self._stop_ids:
             self.finish(FinishReason.STOP)
         elif len(self.output_token_ids) >= self.params.max_new_tokens:
             self.finish(FinishReason.LENGTH)

@@ -186,10 +186,7 @@ class Scheduler:
         while (not out.preempted_ids and self.waiting and budget > 0
                and len(self.running) < self.max_num_seqs):
             request = self.waiting[0]
-            prefix = self.kv.match_prefix(request.all_token_ids, request.page_hashes)
-            num_cached = len(prefix) * self.kv.page_size
-            n = min(request.num_tokens - num_cached, budget)
-            need = math.ceil((num_cached + n) / self.kv.page_size) - len(prefix)
+            prefix, n, need = self._admission(request, budget)
             # matched pages nobody holds count as evictable now, but stop being so once shared
             if need + self.kv.num_evictable_among(prefix) > available():
                 break
@@ -205,6 +202,14 @@ class Scheduler:
             self._scheduled.append(request)
         out.grants += self.kv.reserve([c.request_id for c in out.chunks], [len(c.token_ids) for c in out.chunks])
         return out
+
+    def _admission(self, request: Request, budget: int) -> tuple[list[int], int, int]:
+        """A waiting request's first chunk if admitted now: (matched prefix pages, tokens to compute
+        within budget, new pages they take)."""
+        prefix = self.kv.match_prefix(request.token_ids, request.page_hashes)
+        num_cached = len(prefix) * self.kv.page_size
+        n = min(request.num_tokens - num_cached, budget)
+        return prefix, n, math.ceil((num_cached + n) / self.kv.page_size) - len(prefix)
 
     def _admit(self, request: Request, prefix: list[int], out: SchedulerOutput) -> None:
         """Start a waiting request (already taken off the queue) on its matched prefix pages."""
@@ -225,8 +230,6 @@ class Scheduler:
         """A step of this one request (a suspect of a failed step), preempting others for room if needed.
 
         The other running requests keep their pages but wait; nothing is admitted alongside."""
-        ps = self.kv.page_size
-
         def make_room(fits) -> None:
             while not fits():
                 others = [r for r in self.running if r is not request]
@@ -236,10 +239,7 @@ class Scheduler:
                 out.preempted_ids.append(others[-1].request_id)
 
         if request.state is not RequestState.RUNNING:
-            prefix = self.kv.match_prefix(request.all_token_ids, request.page_hashes)
-            num_cached = len(prefix) * ps
-            n = min(request.num_tokens - num_cached, self.max_num_batched_tokens)
-            need = math.ceil((num_cached + n) / ps) - len(prefix)
+            prefix, _, need = self._admission(request, self.max_num_batched_tokens)
             make_room(lambda: (len(self.running) < self.max_num_seqs and
                                need + self.kv.num_evictable_among(prefix) <= self.kv.num_obtainable_pages))
             self.waiting.remove(request)
@@ -358,7 +358,7 @@ class Scheduler:
                 self.waiting.appendleft(request)
             self._end_failed_step()
             return touched
-        chunk_of = {c.request_id: c for c in self._out.chunks} if self._out is not None else {}
+        chunk_of = {c.request_id: c for c in out.chunks} if out is not None else {}
         for request in touched:
             chunk = chunk_of.get(request.request_id)
             if chunk is not None and chunk.sample:  # update() may have appended from here on
