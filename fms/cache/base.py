@@ -145,6 +145,10 @@ class SequenceCache:
     def apply(self, grants: Sequence[PageGrant]) -> None:
         """Write the manager's page grants into the device tables (and copy-on-write pages)."""
 
+    def capture_after_decode(self, seq_ids: Sequence[Hashable]) -> None:
+        """After a decode window: store the Mamba-state checkpoints the KV manager wants at these sequences'
+        current lengths (the paged cache of a hybrid with prefix caching; nothing to store here)."""
+
     def build_meta(self, seq_ids: Sequence[Hashable], context: Sequence[int], num_new_tokens: Sequence[int],
                    query_len: int | None = None, packed: bool = False) -> StepMeta:
         """The step's metadata for sequences holding `context` tokens before it and room for the new ones."""
