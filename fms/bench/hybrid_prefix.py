@@ -16,7 +16,6 @@ benchmark end to end; its numbers are not a performance measurement.
 
 from __future__ import annotations
 
-import gc
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,8 +23,8 @@ from pathlib import Path
 import torch
 
 from fms.bench.results import run_metadata, write_json
-from fms.bench.serving import percentiles_ms
-from fms.bench.timing import synchronize
+from fms.bench.serving import percentiles_ms, reset_engine
+from fms.bench.timing import release_memory, synchronize
 from fms.cache.state import CheckpointLayout
 from fms.models import get_model
 from fms.runtime.sampling_params import SamplingParams
@@ -89,9 +88,7 @@ def run_once(model, config: HybridPrefixBenchConfig, caching: bool, prompts, dev
     if device.type == "cuda":  # untimed: compiles and warms kernels; another system prompt, dropped after
         warm = workload(config, model.config.vocab_size, config.seed + 9973)[: min(8, len(prompts))]
         engine.generate(warm, SamplingParams(max_new_tokens=4, ignore_eos=True), use_tqdm=False)
-    engine.reset_stats()
-    if engine.prefix_cache is not None:
-        engine.prefix_cache.clear()
+    reset_engine(engine)
     synchronize(device)
     start = time.perf_counter()
     outs = engine.generate(prompts, params, use_tqdm=device.type == "cuda")
@@ -126,9 +123,7 @@ def run_once(model, config: HybridPrefixBenchConfig, caching: bool, prompts, dev
         })
     row["engine_stats"] = stats
     del engine  # its pool took a fraction of free GPU memory: give it back before the next engine sizes its own
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release_memory(device)
     return row, [o.token_ids for o in outs]
 
 
@@ -149,9 +144,7 @@ def run_hybrid_prefix_benchmark(config: HybridPrefixBenchConfig) -> dict:
     if config.attention_only_reference:
         layers = ("attention",) * model.config.num_layers
         del model
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_memory(device)
         attention = get_model("granite_hybrid", config.variant, device_type=device.type, seed=config.seed,
                               layer_types=layers,
                               **({} if device.type == "cuda" else dict(embedding_multiplier=1.0, init_std=0.3)))

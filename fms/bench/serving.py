@@ -212,7 +212,8 @@ def _build_engine(model, config: ServingBenchConfig, prompts, output_lens) -> LL
     )
 
 
-def _reset(engine) -> None:
+def reset_engine(engine) -> None:
+    """Between an untimed warm-up and a timed run: zero the statistics and empty the prefix cache."""
     engine.reset_stats()
     if engine.prefix_cache is not None:
         engine.prefix_cache.clear()
@@ -245,7 +246,7 @@ def run_serving_benchmark(config: ServingBenchConfig) -> dict:
         engine.generate(warm.prompts(model.config.vocab_size)[0], SamplingParams(max_new_tokens=4, ignore_eos=True),
                         use_tqdm=False)
         startup["first_generate_s"] = time.perf_counter() - start
-        _reset(engine)
+        reset_engine(engine)
     print("start-up: " + ", ".join(f"{k} {v:.1f} s" for k, v in startup.items() if isinstance(v, float)))
     roofline = serving_roofline(cost, [len(p) for p in prompts], output_lens, config.max_num_seqs)
     rows, fms_tokens = [], None
@@ -257,7 +258,7 @@ def run_serving_benchmark(config: ServingBenchConfig) -> dict:
             row["system"] += f" (max_decode_steps={k})"
         rows.append({**row, **limit_fields(roofline, row["output_tokens_per_s"])})
         fms_tokens = fms_tokens or tokens  # the HF peer is compared with the first run
-        _reset(engine)
+        reset_engine(engine)
     if config.batch1_tokens:
         one = MixedWorkload(1, (128, 128), (config.batch1_tokens, config.batch1_tokens), seed=config.seed + 1)
         row, _ = run_fms(engine, *one.prompts(model.config.vocab_size), config.respect_eos, device)
