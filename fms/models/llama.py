@@ -312,16 +312,16 @@ class LLaMA(nn.Module):
 
 def _normal_(weight, std, generator, shard: TensorShard | None = None):
     """weight ~ normal(0, std); with a shard, weight is shard's slice of a full tensor drawn the same way."""
-    if shard is None:
-        if generator is None or generator.device == weight.device:
-            weight.normal_(0.0, std, generator=generator)
-        else:  # draw on the generator's device so a seed gives the same weights everywhere
-            weight.copy_(torch.empty(weight.shape, dtype=torch.float32).normal_(0.0, std, generator=generator))
-        return
     same_device = generator is None or generator.device == weight.device
-    full = torch.empty(shard.full_shape, dtype=weight.dtype if same_device else torch.float32,
+    if shard is None and same_device:
+        weight.normal_(0.0, std, generator=generator)
+        return
+    # draw on the generator's device so a seed gives the same weights everywhere
+    full = torch.empty(weight.shape if shard is None else shard.full_shape,
+                       dtype=weight.dtype if same_device else torch.float32,
                        device=weight.device if same_device else generator.device)
-    weight.copy_(shard.take(full.normal_(0.0, std, generator=generator)))
+    full.normal_(0.0, std, generator=generator)
+    weight.copy_(full if shard is None else shard.take(full))
 
 
 # ---------------------------------------------------------------------------------------------
