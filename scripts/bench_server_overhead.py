@@ -28,7 +28,7 @@ if __package__ in (None, ""):
 def write_checkpoint(folder: str, vocab_size: int, seed: int) -> str:
     import torch
     import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from bench_server_vs_offline import write_placeholder_tokenizer
 
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
@@ -36,9 +36,7 @@ def write_checkpoint(folder: str, vocab_size: int, seed: int) -> str:
                                       max_position_embeddings=256, initializer_range=0.5,
                                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.save(os.path.join(folder, "tokenizer.json"))
+    write_placeholder_tokenizer(folder, vocab_size)
     return folder
 
 

@@ -66,23 +66,26 @@ def workload(num: int, prompt_range: str, output_len: int, vocab_size: int, seed
     return requests
 
 
+def write_placeholder_tokenizer(folder: str, vocab_size: int) -> None:
+    """folder/tokenizer.json: a word-level tokenizer with one placeholder word ("t<id>") per id."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(os.path.join(folder, "tokenizer.json"))
+
+
 def _placeholder_tokenizer(architecture: str, variant: str) -> str:
-    """A word-level tokenizer with one placeholder word ("t<id>") per id of the model's vocabulary.
+    """A placeholder tokenizer for the model's whole vocabulary, in a temporary folder (once per run).
 
     Random weights sample any of the model's ids (128,256 for Llama 3), which the shipped
-    2,048-token tokenizer cannot decode; both sides get this one so that text is built the same way.
-    Written once per run to a temporary folder."""
+    2,048-token tokenizer cannot decode; both sides get this one so that text is built the same way."""
     import tempfile
-
-    from tokenizers import Tokenizer, models, pre_tokenizers
 
     from fms.models.registry import get_config
 
-    vocab_size = get_config(architecture, variant).vocab_size
-    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     folder = tempfile.mkdtemp(prefix="fms-bench-tokenizer-")
-    tokenizer.save(os.path.join(folder, "tokenizer.json"))
+    write_placeholder_tokenizer(folder, get_config(architecture, variant).vocab_size)
     return folder
 
 
