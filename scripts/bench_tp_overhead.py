@@ -13,7 +13,6 @@ plain model again (to bracket drift). Writes JSON with the command, device and c
 """
 
 import argparse
-import gc
 import statistics
 import sys
 import time
@@ -25,7 +24,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fms.bench.results import run_metadata, write_json  # noqa: E402
-from fms.bench.timing import synchronize  # noqa: E402
+from fms.bench.timing import release_memory, synchronize  # noqa: E402
 from fms.distributed import launch  # noqa: E402
 from fms.models import get_model  # noqa: E402
 from fms.serving import LLMEngine, SamplingParams  # noqa: E402
@@ -73,9 +72,7 @@ def measure(args: argparse.Namespace, strategy: str | None) -> dict:
     out["serving_output_tokens_per_s"] = rates
     out["serving_output_tokens_per_s_median"] = statistics.median(rates)
     del engine, model
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release_memory(device)
     return out
 
 
