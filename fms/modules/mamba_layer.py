@@ -14,7 +14,7 @@ from torch import nn
 
 from fms.cache.state import MambaStateSpec
 from fms.distributed.group import TensorParallel
-from fms.distributed.sharding import TensorShard, set_shards
+from fms.distributed.sharding import TensorShard, set_shards, split_range
 from fms.modules.parallel import RowParallelLinear, column_parallel
 from fms.modules.ssm import GatedRMSNorm, Mamba2Config, Mamba2Mixer, Mamba2State
 
@@ -121,8 +121,8 @@ def sharded_mixer(c: Mamba2Config, tp: TensorParallel) -> Mamba2Mixer:
         raise ValueError(f"tensor parallel size {n} must divide the Mamba2 heads (mamba_num_heads={nh})")
     if G != 1 and G % n:
         raise ValueError(f"tensor parallel needs mamba_num_groups ({G}) to be 1 or a multiple of the size {n}")
-    h0, h1 = r * nh // n, (r + 1) * nh // n
-    g0, g1 = (0, 1) if G == 1 else (r * G // n, (r + 1) * G // n)
+    h0, h1 = split_range(nh, r, n)
+    g0, g1 = (0, 1) if G == 1 else split_range(G, r, n)
     mixer = Mamba2Mixer(replace(c, num_heads=h1 - h0, num_groups=g1 - g0))
     inner, gn = c.inner_dim, G * N
     x_at, b_at, c_at, dt_at = inner, 2 * inner, 2 * inner + gn, 2 * inner + 2 * gn
