@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 
 from fms.distributed.group import TensorParallel
 from fms.distributed.sharding import head_ranges
@@ -29,7 +29,8 @@ from fms.cache.spec import KVCacheSpec
 from fms.modules.masks import AttentionVariant, dense_attention_bias, variant_predicate, variant_score_fn
 from fms.cache.paged import PagedKVCache
 from fms.modules.positions import RotaryEmbedding
-from fms.triton.varlen import FLASH_DTYPES, padded_causal_attention, uses_flash, varlen_causal_attention
+from fms.triton.varlen import (CUDA_SDPA_BACKENDS, FLASH_DTYPES, padded_causal_attention, uses_flash,
+                               varlen_causal_attention)
 
 
 class AttentionOp:
@@ -107,11 +108,6 @@ def _no_options(name, options):
 # ---------------------------------------------------------------------------------------------
 # sdpa
 # ---------------------------------------------------------------------------------------------
-# cuDNN attention builds an execution plan per new shape (measured on the H100, torch 2.11: ~3.7 ms
-# of host time per call when prefill shapes change every step), so CUDA calls prefer flash.
-_CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
 def _sdpa(q, k, v, scale, mask=None, is_causal=False):
     b, hq, t, d = q.shape
     hkv = k.shape[1]
@@ -128,7 +124,7 @@ def _sdpa(q, k, v, scale, mask=None, is_causal=False):
     kwargs = dict(attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     if not q.is_cuda:
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
-    with sdpa_kernel(_CUDA_SDPA_BACKENDS):
+    with sdpa_kernel(CUDA_SDPA_BACKENDS):  # prefer flash: not cuDNN (fms.triton.varlen says why)
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
