@@ -32,12 +32,14 @@ def main(argv=None):
     p.add_argument("--no_attention_only_reference", action="store_true",
                    help="skip the all-attention model of the same shape (its hit rate is the comparison)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="torch.compile the engine's decode step and prefill (--no-compile: CUDA graphs only)")
     a = p.parse_args(argv)
     config = HybridPrefixBenchConfig(
         results_dir=a.results_dir, device=a.device, variant=a.variant, num_requests=a.num_requests,
         system_tokens=a.system_tokens, unique_range=None if a.unique_range is None else tuple(a.unique_range),
         max_new_tokens=a.max_new_tokens, page_size=a.page_size, max_num_batched_tokens=a.max_num_batched_tokens,
-        attention_only_reference=not a.no_attention_only_reference, seed=a.seed,
+        attention_only_reference=not a.no_attention_only_reference, seed=a.seed, compile=a.compile,
         command=shlex.join(["python", "scripts/bench_hybrid_prefix_cache.py", *argv]),
     )
     return run_hybrid_prefix_benchmark(config)

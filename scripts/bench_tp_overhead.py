@@ -55,11 +55,15 @@ def measure(args: argparse.Namespace, strategy: str | None) -> dict:
         if i >= args.warmup:
             rates.append(len(tokens[0]) / (time.perf_counter() - start))
     out["decode_tokens_per_s"] = rates
+    out["decode_token_ids"] = tokens[0]
     out["decode_tokens_per_s_median"] = statistics.median(rates)
     del generator
 
     prompts = _prompts(args.serving_requests, args.prompt_len, vocab, seed=1)
-    engine = LLMEngine(model, memory_gb=args.memory_gb) if args.memory_gb else LLMEngine(model)
+    options = {} if args.compile else dict(compile_decode=False, compile_prefill=False)
+    if args.memory_gb:
+        options["memory_gb"] = args.memory_gb
+    engine = LLMEngine(model, **options)
     params = SamplingParams(max_new_tokens=args.serving_new_tokens)
     engine.generate(prompts, params, use_tqdm=False)  # warm: graph capture, first compiles
     rates = []
@@ -70,6 +74,10 @@ def measure(args: argparse.Namespace, strategy: str | None) -> dict:
         synchronize(device)
         rates.append(sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start))
     out["serving_output_tokens_per_s"] = rates
+    out["serving_token_ids"] = [o.token_ids for o in outs]
+    stats = engine.stats()  # whether the TP path's decode (all-reduces included) ran from CUDA graphs
+    out["engine"] = {k: stats[k] for k in ("cuda_graphs", "compiled_decode", "num_graph_forwards",
+                                           "num_eager_forwards", "startup_s")}
     out["serving_output_tokens_per_s_median"] = statistics.median(rates)
     del engine, model
     release_memory(device)
@@ -90,6 +98,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-bracket", action="store_true", help="skip the second plain run (saves one model build)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="torch.compile the engine's decode step and prefill (--no-compile: CUDA graphs only, "
+                             "a start in seconds; both sides run the same way)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -106,9 +117,13 @@ def main(argv=None) -> dict:
     for key in ("decode_tokens_per_s_median", "serving_output_tokens_per_s_median"):
         best_plain = max(r[key] for r in plain)
         results[f"tp1_over_plain_{key.removesuffix('_median')}"] = tp1[key] / best_plain
+    # with one rank the all-reduces are identities: the TP path must give the plain path's tokens exactly
+    for key in ("decode_token_ids", "serving_token_ids"):
+        results[f"tp1_{key.removesuffix('_token_ids')}_tokens_equal_plain"] = all(
+            tp1[key] == r[key] for r in plain)
     for key, value in results.items():
-        if key.startswith("tp1_over_plain"):
-            print(f"{key}: {value:.3f}")
+        if key.startswith("tp1_over_plain") or key.endswith("_equal_plain"):
+            print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
     for name, r in runs:
         print(f"{name:12s} decode {r['decode_tokens_per_s_median']:.1f} tok/s   "
               f"serving {r['serving_output_tokens_per_s_median']:.1f} tok/s")

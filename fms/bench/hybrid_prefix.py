@@ -45,6 +45,7 @@ class HybridPrefixBenchConfig:
     page_size: int = 16
     max_num_batched_tokens: int | None = None
     attention_only_reference: bool = True  # also run the workload on an all-attention model of the same shape
+    compile: bool = True  # torch.compile the engine's decode step and prefill (False: CUDA graphs only)
     seed: int = 0
     command: str = ""
 
@@ -75,6 +76,8 @@ def workload(config: HybridPrefixBenchConfig, vocab_size: int, seed: int) -> lis
 def _engine(model, config: HybridPrefixBenchConfig, caching: bool, prompts) -> LLMEngine:
     longest = max(len(p) for p in prompts) + config.max_new_tokens
     options = dict(page_size=config.page_size, enable_prefix_caching=caching, max_model_len=longest + config.page_size)
+    if not config.compile:
+        options.update(compile_decode=False, compile_prefill=False)
     if config.max_num_batched_tokens:
         options["max_num_batched_tokens"] = config.max_num_batched_tokens
     if model.embedding.weight.device.type != "cuda":  # CPU: a pool for every request at once, plus room to cache
