@@ -1,9 +1,11 @@
 """The `fms` command: --help of every subcommand, `fms generate` (random weights and a local HF folder),
 `fms bench throughput` / `latency` on the CPU, clear refusals (a tensor-parallel size below 1, an unreachable hub id),
-and `fms serve` in its own process: SIGTERM lets the request in flight finish, then the process exits 0."""
+and `fms serve` in its own process: SIGTERM lets the request in flight finish, then the process exits 0 and its
+engine process is gone."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -37,7 +39,7 @@ def test_help(argv, capsys):
     if argv[:1] == ["serve"]:
         for flag in ("--max-num-seqs", "--max-model-len", "--gpu-memory-utilization", "--page-size",
                      "--enable-prefix-caching", "--no-enable-prefix-caching", "--tensor-parallel-size",
-                     "--max-waiting", "--chat-template", "--served-model-name"):
+                     "--max-waiting", "--chat-template", "--served-model-name", "--engine-process", "--no-engine-process"):
             assert flag in out, flag
 
 
@@ -146,6 +148,10 @@ def test_serve_sigterm_finishes_in_flight_requests_and_exits_0():
         assert proc.wait(timeout=TIMEOUT_S) == 0
         with pytest.raises(httpx.TransportError):  # intake is closed
             httpx.get(url + "/health", timeout=2)
+        engine_pid = int(re.search(r"engine process pid (\d+)", proc.stdout.read())[1])  # the default: on
+        assert engine_pid != proc.pid
+        with pytest.raises(ProcessLookupError):  # reaped, not orphaned
+            os.kill(engine_pid, 0)
     finally:
         if proc.poll() is None:
             proc.kill()

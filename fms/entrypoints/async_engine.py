@@ -10,6 +10,9 @@ Every request that arrives joins the running batch at the next step (continuous 
 clients). The engine is touched by the engine thread only; handlers talk to it through the two
 queues, so no lock is held around a step.
 
+Under `fms serve` (--engine-process, the default) this loop runs in an engine process of its own: its deltas go
+to a `sink` (fms.entrypoints.engine_process) instead of event loops, and the HTTP process holds the streams.
+
 Under tensor parallel (fms serve -tp N) the thread also hands what it applied to the engine since the
 last step (adds with their seeds, aborts) to `followers` before each step, and a stop when it ends, so
 that the other ranks' engines apply the same and step with it (fms.entrypoints.tensor_parallel).
@@ -36,7 +39,8 @@ logger = logging.getLogger(__name__)
 SNAPSHOT_INTERVAL_S = 0.05
 
 
-def _put_all(items) -> None:
+def put_deltas(items) -> None:
+    """On an event loop: each (asyncio queue, delta) pair of one step, in order."""
     for queue_, delta in items:
         queue_.put_nowait(delta)
 
@@ -50,6 +54,14 @@ class EngineFollowers(Protocol):
 
     def stop(self) -> None:
         """The loop has ended: the followers leave theirs."""
+
+
+class DeltaSink(Protocol):
+    """Where the engine thread hands deltas when the clients live in another process (engine_process)."""
+
+    def publish(self, deltas: list[tuple[Hashable, "Delta | Exception"]], stats: dict | None) -> None:
+        """Once per step (and when stats change while idle): every delta of the step, in order, and the
+        latest statistics snapshot when it changed since the last call (else None)."""
 
 
 class EngineOverloaded(Exception):
@@ -82,7 +94,7 @@ class RequestStream:
 
     request_id: Hashable
     num_prompt_tokens: int
-    _engine: "AsyncEngine"
+    _client: "StreamOwner"
     _prompt_tail: list[int] = field(default_factory=list)
     _queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     _detokenizer: IncrementalDetokenizer | None = None
@@ -99,7 +111,7 @@ class RequestStream:
             self.finished = True
             raise delta
         self.finished = delta.finished
-        tokenizer = self._engine.engine.tokenizer
+        tokenizer = self._client.tokenizer
         if delta.text is None and tokenizer is None:
             delta.text = ""
         elif delta.text is None:  # decoded here, on the event loop, while the engine thread runs the model
@@ -114,14 +126,25 @@ class RequestStream:
         """Give up on the request (the client went away): the engine aborts it and frees its pages."""
         if not self.finished:
             self.finished = True
-            self._engine._aborts.put(self.request_id)
-            self._engine._wake.set()
+            self._client.abort(self.request_id)
+
+
+class StreamOwner(Protocol):
+    """What a RequestStream needs from whoever created it (AsyncEngine, or engine_process.EngineProcessClient)."""
+
+    tokenizer: object
+
+    def abort(self, request_id: Hashable) -> None:
+        ...
 
 
 @dataclass
 class _Tracked:
-    stream: RequestStream
-    loop: asyncio.AbstractEventLoop
+    """A request the engine thread delivers to: to stream on loop, or (both None) to the sink."""
+
+    stream: RequestStream | None
+    loop: asyncio.AbstractEventLoop | None
+    num_prompt_tokens: int
     num_sent_chars: int = 0
     num_sent_tokens: int = 0
 
@@ -130,23 +153,25 @@ class AsyncEngine:
     """max_waiting: most requests queued but not yet running (None: no bound); one more is refused with
     EngineOverloaded. on_finish(output): called on the engine thread for each finished request (metrics).
     stats: engine.stats() plus num_pending_requests, refreshed by the engine thread every SNAPSHOT_INTERVAL_S.
-    followers: under tensor parallel, the other ranks' engines to replicate every change to (None: one rank)."""
+    followers: under tensor parallel, the other ranks' engines to replicate every change to (None: one rank).
+    sink: deliver to it instead of to event loops; requests then come through add() (the engine process)."""
 
     def __init__(self, engine: LLMEngine, max_waiting: int | None = None, on_finish=None,
-                 followers: EngineFollowers | None = None):
+                 followers: EngineFollowers | None = None, sink: DeltaSink | None = None):
         if max_waiting is not None and max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0 or None, got {max_waiting}")
         self.engine = engine
         self.max_waiting = max_waiting
         self.on_finish = on_finish
         self.followers = followers
+        self.sink = sink
         self.stats = {**engine.stats(), "num_pending_requests": 0}
         self._snapshot_time = 0.0
         self._intake: queue.Queue = queue.Queue()
         self._aborts: queue.Queue = queue.Queue()
         self._wake = threading.Event()
         self._tracked: dict[Hashable, _Tracked] = {}
-        self._outbox: dict[asyncio.AbstractEventLoop, list] = {}  # this step's deltas per event loop
+        self._outbox: list[tuple[Hashable, _Tracked, Delta | Exception]] = []  # this step's deliveries
         self._ids = itertools.count()
         self._num_pending = 0  # submitted, not yet running; read by submit() for the bound
         self._accepting = True
@@ -165,9 +190,33 @@ class AsyncEngine:
         request_id = f"cmpl-{next(self._ids)}"
         stream = RequestStream(request_id, len(prompt_token_ids), self, prompt_token_ids[-INITIAL_CONTEXT_TOKENS:])
         self._num_pending += 1
-        self._intake.put((request_id, prompt_token_ids, params, stream, asyncio.get_running_loop()))
+        tracked = _Tracked(stream, asyncio.get_running_loop(), len(prompt_token_ids))
+        self._intake.put((request_id, prompt_token_ids, params, tracked))
         self._wake.set()
         return stream
+
+    def add(self, request_id: Hashable, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Queue a prompt whose deltas go to the sink (any thread; no bound: the sender applied it)."""
+        self._num_pending += 1
+        self._intake.put((request_id, prompt_token_ids, params, _Tracked(None, None, len(prompt_token_ids))))
+        self._wake.set()
+
+    def abort(self, request_id: Hashable) -> None:
+        """Abort a request (any thread): the engine thread frees its pages before the next step."""
+        self._aborts.put(request_id)
+        self._wake.set()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.model.config.vocab_size
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
 
     @property
     def num_pending(self) -> int:
@@ -176,6 +225,11 @@ class AsyncEngine:
     @property
     def is_accepting(self) -> bool:
         return self._accepting and not self._stop.is_set()
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine can no longer serve (None: it can); the engine thread's failures end single steps."""
+        return None
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -210,11 +264,14 @@ class AsyncEngine:
                 events = None if followers is None else []
                 self._take_intake(events)
                 self._take_aborts(events)
+                # here too, not only after a step: aborts of waiting requests lower it without a step to follow
+                self._num_pending = len(engine.scheduler.waiting) + self._intake.qsize()
                 will_step = engine.has_unfinished_requests()
                 if followers is not None:
                     followers.send(events, will_step)
                 if not will_step:
-                    self._snapshot(force=False)
+                    if self._snapshot(force=False) and self.sink is not None:
+                        self._flush(with_stats=True)
                     self._wake.wait(0.05)
                     self._wake.clear()
                     continue
@@ -230,35 +287,41 @@ class AsyncEngine:
                 for request_id, _, finished in results:
                     if request_id in self._tracked:
                         self._deliver(request_id, finished)
-                self._flush()
-                self._snapshot(force=False)
+                self._flush(with_stats=self._snapshot(force=False))
         finally:
             self._abort_all("the server shut down before the request finished")
             if followers is not None:
                 followers.stop()
 
-    def _snapshot(self, force: bool) -> None:
-        """Engine statistics for other threads (metrics), taken here where the engine is not changing."""
+    def _snapshot(self, force: bool) -> bool:
+        """Engine statistics for other threads (metrics), taken here where the engine is not changing;
+        True when they were taken and differ from the last snapshot."""
         now = time.monotonic()
-        if force or now - self._snapshot_time >= SNAPSHOT_INTERVAL_S:
-            self.stats = {**self.engine.stats(), "num_pending_requests": self._num_pending}
-            self._snapshot_time = now
+        if not (force or now - self._snapshot_time >= SNAPSHOT_INTERVAL_S):
+            return False
+        stats = {**self.engine.stats(), "num_pending_requests": self._num_pending}
+        self._snapshot_time = now
+        if stats == self.stats:
+            return False
+        self.stats = stats
+        return True
 
     def _take_intake(self, events: list | None) -> None:
         while True:
             try:
-                request_id, token_ids, params, stream, loop = self._intake.get_nowait()
+                request_id, token_ids, params, tracked = self._intake.get_nowait()
             except queue.Empty:
                 return
-            if stream.finished:  # aborted before it reached the engine
+            if tracked.stream is not None and tracked.stream.finished:  # aborted before it reached the engine
                 self._num_pending -= 1
                 continue
-            self._tracked[request_id] = _Tracked(stream, loop)
+            self._tracked[request_id] = tracked
             try:
                 self.engine.add_request(token_ids, params, request_id=request_id)
             except Exception as e:  # checked before submit(); anything left is reported to that client alone
                 del self._tracked[request_id]
-                loop.call_soon_threadsafe(stream._queue.put_nowait, e)
+                self._outbox.append((request_id, tracked, e))
+                self._flush(with_stats=False)
                 self._num_pending -= 1
                 continue
             if events is not None:  # a follower must sample with the seed this request drew here
@@ -267,7 +330,7 @@ class AsyncEngine:
                                else replace(params, seed=seed)))
             if self.engine.requests[request_id].is_finished:  # rejected: can never fit the pool
                 self._deliver(request_id, True)
-                self._flush()
+                self._flush(with_stats=False)
 
     def _take_aborts(self, events: list | None) -> None:
         while True:
@@ -309,16 +372,24 @@ class AsyncEngine:
             del self._tracked[request_id]
             if self.on_finish is not None:
                 self.on_finish(output)
-        self._outbox.setdefault(tracked.loop, []).append((tracked.stream._queue, delta))
+        self._outbox.append((request_id, tracked, delta))
 
-    def _flush(self) -> None:
-        """Hand this step's deltas to each event loop in one wake-up (not one per request)."""
-        for loop, items in self._outbox.items():
+    def _flush(self, with_stats: bool) -> None:
+        """Hand this step's deltas to the sink, or to each event loop in one wake-up (not one per request)."""
+        outbox, self._outbox = self._outbox, []
+        if self.sink is not None:
+            if outbox or with_stats:
+                self.sink.publish([(request_id, delta) for request_id, _, delta in outbox],
+                                  self.stats if with_stats else None)
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for _, tracked, delta in outbox:
+            by_loop.setdefault(tracked.loop, []).append((tracked.stream._queue, delta))
+        for loop, items in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_put_all, items)
+                loop.call_soon_threadsafe(put_deltas, items)
             except RuntimeError:  # that loop is closed: its clients are gone
                 pass
-        self._outbox = {}
 
     def _abort_all(self, reason: str) -> None:
         for request_id, tracked in list(self._tracked.items()):
@@ -328,10 +399,11 @@ class AsyncEngine:
                     self.engine.pop_output(request_id)
                 except Exception:  # the loop is ending; the client still gets told
                     logger.exception("aborting %r at shutdown failed", request_id)
-            delta = Delta([], None, finished=True, finish_reason="abort", error=reason,
-                          num_prompt_tokens=tracked.stream.num_prompt_tokens)
-            try:
-                tracked.loop.call_soon_threadsafe(tracked.stream._queue.put_nowait, delta)
-            except RuntimeError:  # its event loop is closed already
-                pass
+            self._outbox.append((request_id, tracked, Delta([], None, finished=True, finish_reason="abort",
+                                                            error=reason,
+                                                            num_prompt_tokens=tracked.num_prompt_tokens)))
         self._tracked.clear()
+        try:
+            self._flush(with_stats=False)
+        except Exception:  # a sink whose process is gone; nobody is left to tell
+            logger.exception("could not deliver the aborts at shutdown")

@@ -18,6 +18,7 @@ import sys
 from fms.distributed import RankFailedError
 from fms.entrypoints.commands import LOG_FORMAT, generate_outputs, sampling_params, serve_engine
 from fms.entrypoints.engine_args import add_engine_arguments, add_model_arguments, build_engine, engine_config
+from fms.entrypoints.engine_process import EngineProcessError
 
 DEFAULT_MAX_WAITING = 1024
 
@@ -71,6 +72,11 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="a Jinja chat template file (or the template itself); default: the tokenizer's")
     g.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
                    help="most requests queued before running; more get HTTP 429 with Retry-After")
+    g.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the engine loop in a process of its own (as vLLM's EngineCore), so that it and the "
+                        "HTTP work (routes, SSE, JSON, detokenizing) do not share one GIL; --no-engine-process runs "
+                        "it in a thread of the server process. Default: on; with --tensor-parallel-size > 1 off "
+                        "(rank 0's process holds both: the ranks are processes already), and on is refused there")
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds in-flight requests get to finish before they are aborted")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -86,10 +92,18 @@ def serve_main(argv: list[str]) -> int:
     engine_config(args)  # bad engine options fail before any model loads or process starts
     chat_template = load_chat_template(args.chat_template, None)  # so does a bad template file
     if args.tensor_parallel_size > 1:
+        if args.engine_process:
+            raise CommandError(f"--engine-process is not supported with --tensor-parallel-size "
+                               f"{args.tensor_parallel_size} (rank 0 runs the engine loop in a thread of its own "
+                               "process); leave it out or pass --no-engine-process")
         from fms.entrypoints.tensor_parallel import launch_serve
 
         return launch_serve(args)
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
+    if args.engine_process is not False:
+        from fms.entrypoints.engine_process import serve_with_engine_process
+
+        return serve_with_engine_process(args, chat_template)
     engine, loaded = build_engine(args)
     return serve_engine(args, chat_template, engine, loaded)
 
@@ -188,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CommandError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except RankFailedError as e:  # a tensor-parallel rank raised or died; the others were stopped
+    except (RankFailedError, EngineProcessError) as e:  # a rank or the engine process failed; it was reaped
         print(f"error: {e}", file=sys.stderr)
         return 1
 

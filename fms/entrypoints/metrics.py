@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
@@ -12,6 +14,25 @@ TPOT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.1
                 2.5)
 E2E_BUCKETS = (0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class FinishedRequest(NamedTuple):
+    """What the histograms and counters take from one finished request (a few numbers: it travels from the
+    engine process to the HTTP process instead of the whole RequestOutput)."""
+
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    time_to_first_token: float | None
+    latency: float | None
+    mean_time_per_output_token: float | None
+
+    @classmethod
+    def of(cls, output) -> "FinishedRequest":
+        """From a RequestOutput."""
+        gaps = output.inter_token_latencies
+        return cls(output.finish_reason, len(output.prompt_token_ids), len(output.token_ids),
+                   output.time_to_first_token, output.latency, sum(gaps) / len(gaps) if gaps else None)
 
 
 class _EngineGauges:
@@ -61,17 +82,20 @@ class ServerMetrics:
 
     def on_finish(self, output) -> None:
         """Record one finished request (a RequestOutput); called on the engine thread."""
+        self.record(FinishedRequest.of(output))
+
+    def record(self, finished: FinishedRequest) -> None:
+        """Record one finished request (in the HTTP process when the engine runs in a process of its own)."""
         name = self.model_name
-        self.finished.labels(name, output.finish_reason or "unknown").inc()
-        self.prompt_tokens.labels(name).inc(len(output.prompt_token_ids))
-        self.generation_tokens.labels(name).inc(len(output.token_ids))
-        if output.time_to_first_token is not None:
-            self.ttft.labels(name).observe(output.time_to_first_token)
-        if output.latency is not None and output.token_ids:
-            self.e2e.labels(name).observe(output.latency)
-        if output.inter_token_latencies:
-            gaps = output.inter_token_latencies
-            self.tpot.labels(name).observe(sum(gaps) / len(gaps))
+        self.finished.labels(name, finished.finish_reason or "unknown").inc()
+        self.prompt_tokens.labels(name).inc(finished.num_prompt_tokens)
+        self.generation_tokens.labels(name).inc(finished.num_output_tokens)
+        if finished.time_to_first_token is not None:
+            self.ttft.labels(name).observe(finished.time_to_first_token)
+        if finished.latency is not None and finished.num_output_tokens:
+            self.e2e.labels(name).observe(finished.latency)
+        if finished.mean_time_per_output_token is not None:
+            self.tpot.labels(name).observe(finished.mean_time_per_output_token)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

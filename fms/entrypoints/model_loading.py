@@ -120,29 +120,55 @@ def check_model_choice(model: str | None, variant: str | None) -> None:
                          "(e.g. --architecture llama --variant micro)")
 
 
+def resolve_model_once(args) -> None:
+    """A hub id is downloaded (or found in the cache) here, once, before other processes start (tensor-parallel
+    ranks, the engine process); they get the folder, and the served name stays what the user typed."""
+    check_model_choice(args.model, args.variant)
+    if args.model is not None:
+        if hasattr(args, "served_model_name"):
+            args.served_model_name = args.served_model_name or args.model
+        args.model = str(resolve_checkpoint(args.model, args.revision))
+        args.revision = None
+
+
+def load_tokenizer(model: str | None, tokenizer: str | None, vocab_size: int, revision: str | None = None):
+    """(the tokenizer, its folder) for the model argument (a checkpoint folder or hub id; None: random weights)
+    whose vocabulary has vocab_size ids; without the model itself (the HTTP process of `fms serve`)."""
+    from fms.utils.tokenizers import DEFAULT_TOKENIZER_PATH, get_tokenizer
+
+    if model is None:
+        tok = get_tokenizer(tokenizer)
+        if tok.vocab_size < vocab_size:  # random weights sample any id of the model
+            tok = WideVocabTokenizer(tok, vocab_size)
+        return tok, Path(tokenizer) if tokenizer else Path(DEFAULT_TOKENIZER_PATH)
+    folder = Path(tokenizer) if tokenizer else resolve_checkpoint(model, revision)
+    return get_tokenizer(folder), folder
+
+
+def display_name(model: str | None, architecture: str | None, variant: str | None) -> str:
+    """The served model name by default: the model argument, or ARCHITECTURE-VARIANT for random weights."""
+    return model if model is not None else f"{architecture or 'llama'}-{variant}"
+
+
 def load_model(model: str | None = None, architecture: str | None = None, variant: str | None = None,
                tokenizer: str | None = None, device: str | None = None, dtype: str | None = None, seed: int = 0,
                revision: str | None = None, tensor_parallel_size: int = 1) -> LoadedModel:
     """tensor_parallel_size > 1: this process is one rank of a started process group (fms.distributed.launch
     or torchrun) and gets its shard of the model; 1: the whole model, no process group."""
     from fms.models import get_model
-    from fms.utils.tokenizers import DEFAULT_TOKENIZER_PATH, get_tokenizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_model_choice(model, variant)
     strategy = "tp" if tensor_parallel_size > 1 else None
+    name = display_name(model, architecture, variant)
     if model is None:
-        architecture = architecture or "llama"
         # random weights drawn where the model lives: seconds for an 8B model on a GPU, not a minute
-        built = get_model(architecture, variant, device_type=device, data_type=dtype, attn_name="paged", seed=seed,
-                          distributed_strategy=strategy, init_on_device=True)
-        tokenizer_folder = Path(tokenizer) if tokenizer else Path(DEFAULT_TOKENIZER_PATH)
-        tok = get_tokenizer(tokenizer)
-        if tok.vocab_size < built.config.vocab_size:  # random weights sample any id of the model
-            tok = WideVocabTokenizer(tok, built.config.vocab_size)
-        return LoadedModel(built, tok, tokenizer_folder, f"{architecture}-{variant}", None)
+        built = get_model(architecture or "llama", variant, device_type=device, data_type=dtype, attn_name="paged",
+                          seed=seed, distributed_strategy=strategy, init_on_device=True)
+        tok, tokenizer_folder = load_tokenizer(None, tokenizer, built.config.vocab_size)
+        return LoadedModel(built, tok, tokenizer_folder, name, None)
     folder = resolve_checkpoint(model, revision)
     built = get_model(architecture or "hf_pretrained", model_path=str(folder), device_type=device, data_type=dtype,
                       attn_name="paged", seed=seed, distributed_strategy=strategy)
-    tokenizer_folder = Path(tokenizer) if tokenizer else folder
-    return LoadedModel(built, get_tokenizer(tokenizer_folder), tokenizer_folder, model, folder)
+    tok, tokenizer_folder = load_tokenizer(str(folder), tokenizer, built.config.vocab_size)
+    return LoadedModel(built, tok, tokenizer_folder, name, folder)

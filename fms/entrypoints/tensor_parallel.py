@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 from datetime import timedelta
@@ -29,6 +28,7 @@ from datetime import timedelta
 import torch
 
 from fms.distributed import DEFAULT_TIMEOUT_S, TensorParallel, current_tensor_parallel, launch
+from fms.entrypoints.model_loading import resolve_model_once
 
 logger = logging.getLogger(__name__)
 
@@ -58,31 +58,20 @@ def _launch_options(args) -> dict:
     return dict(backend="gloo", num_threads=threads)
 
 
-def _resolve_model_once(args) -> None:
-    """A hub id is downloaded (or found in the cache) here, once, not by N ranks at the same time; the ranks
-    get the folder, and the served name stays what the user typed."""
-    from fms.entrypoints.model_loading import check_model_choice, resolve_checkpoint
-
-    check_model_choice(args.model, args.variant)
-    if args.model is not None:
-        if hasattr(args, "served_model_name"):
-            args.served_model_name = args.served_model_name or args.model
-        args.model = str(resolve_checkpoint(args.model, args.revision))
-        args.revision = None
-
-
 def launch_generate(args) -> tuple[list[str], list]:
     """`fms generate` on N ranks: every rank runs the same generate() call; rank 0's texts and outputs."""
     options = _launch_options(args)
-    _resolve_model_once(args)
+    resolve_model_once(args)
     return launch(generate_rank, args.tensor_parallel_size, (args,), **options)[0]
 
 
 def launch_serve(args) -> int:
     """`fms serve` on N ranks until SIGTERM / Ctrl-C (forwarded to rank 0, which drains and stops the others)."""
+    from fms.entrypoints.openai.server import check_port_free
+
     options = _launch_options(args)
-    _check_port_free(args.host, args.port)
-    _resolve_model_once(args)
+    check_port_free(args.host, args.port)
+    resolve_model_once(args)
     # rank 0's pid, set once it takes signals itself (before that, a signal here stops the start-up)
     rank0_pid = torch.multiprocessing.get_context("spawn").Value("q", 0, lock=False)
     with _forward_signals(rank0_pid):
@@ -93,21 +82,6 @@ def launch_serve(args) -> int:
                   flush=True)
             return 128 + e.signum
     return 0
-
-
-def _check_port_free(host: str, port: int) -> None:
-    """Before N ranks load the model: the address rank 0 will listen on can be bound (as uvicorn binds it)."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as e:
-        raise ValueError(f"--host {host!r} is not an address of this machine ({e})") from None
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(address)
-        except OSError as e:
-            raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}; choose another --port") from None
 
 
 class _Interrupted(Exception):

@@ -1,11 +1,14 @@
-"""The OpenAI-compatible HTTP server: FastAPI routes over one AsyncEngine, run by uvicorn.
+"""The OpenAI-compatible HTTP server: FastAPI routes over one engine client, run by uvicorn. The client is an
+AsyncEngine (the engine loop in a thread of this process) or an EngineProcessClient (the loop in an engine
+process of its own, `fms serve`'s default: fms.entrypoints.engine_process); the routes use what both offer.
 
     GET  /health, /v1/models, /metrics (Prometheus text)
     POST /v1/completions       prompt: text, token ids, or a list of either (one choice per prompt)
     POST /v1/chat/completions  messages rendered by the chat template
 
 SIGTERM (or Ctrl-C): new requests are refused (503), those in flight finish (or are aborted after
---shutdown-timeout seconds), and the process exits 0.
+--shutdown-timeout seconds), and the process exits 0. If the engine process dies, the requests in flight end
+with an error, /health answers 503, and the server stops with exit status 1.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -46,7 +50,9 @@ SWITCH_INTERVAL_ENV = "FMS_GIL_SWITCH_INTERVAL_MS"  # overrides SWITCH_INTERVAL_
 
 @dataclass
 class ServerState:
-    """What the routes need: the engine loop, the tokenizer, the served name and the chat template."""
+    """What the routes need: the engine client, the tokenizer, the served name and the chat template.
+    async_engine: an AsyncEngine or an engine_process.EngineProcessClient (same surface: submit, num_pending,
+    is_accepting, failure, stop_intake, start, shutdown, stats, vocab_size, max_model_len)."""
 
     async_engine: AsyncEngine
     tokenizer: object
@@ -57,6 +63,7 @@ class ServerState:
 
     @property
     def engine(self) -> LLMEngine:
+        """The engine itself, when it runs in this process (AsyncEngine); tests and Python users read it."""
         return self.async_engine.engine
 
 
@@ -70,6 +77,14 @@ def make_state(engine: LLMEngine, model_name: str, chat_template: str | None = N
     return ServerState(async_engine, engine.tokenizer, model_name, chat_template, metrics)
 
 
+def make_client_state(client, tokenizer, model_name: str, chat_template: str | None = None) -> ServerState:
+    """The state for an engine client of another process (engine_process.EngineProcessClient, not started):
+    metrics read its stats snapshot and record the finished requests it reports."""
+    metrics = ServerMetrics(model_name, lambda: client.stats)
+    client.on_finish = metrics.record
+    return ServerState(client, tokenizer, model_name, chat_template, metrics)
+
+
 # -- helpers ------------------------------------------------------------------------------------------
 def _check_model(state: ServerState, name: str | None) -> None:
     if name is not None and name != state.model_name:
@@ -78,7 +93,7 @@ def _check_model(state: ServerState, name: str | None) -> None:
 
 
 def _encode(state: ServerState, prompt: Union[str, list[int]], add_bos: bool | None = None) -> list[int]:
-    vocab_size = state.engine.model.config.vocab_size
+    vocab_size = state.async_engine.vocab_size
     if isinstance(prompt, str):
         if state.tokenizer is None:
             raise ApiError(400, "this server has no tokenizer: send token ids", "prompt")
@@ -94,7 +109,7 @@ def _encode(state: ServerState, prompt: Union[str, list[int]], add_bos: bool | N
 
 
 def _max_tokens(state: ServerState, num_prompt: int, requested: int | None, default: int | None) -> int:
-    max_len = state.engine.max_model_len
+    max_len = state.async_engine.max_model_len
     room = max_len - num_prompt
     if room < 1:
         raise ApiError(400, f"This model's maximum context length is {max_len} tokens. However, your prompt has "
@@ -249,6 +264,9 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        failure = state.async_engine.failure
+        if failure is not None:
+            return JSONResponse({"status": "engine failed", "error": failure}, status_code=503)
         if not state.async_engine.is_accepting:
             return JSONResponse({"status": "shutting down"}, status_code=503)
         return {"status": "ok"}
@@ -257,7 +275,7 @@ def build_app(state: ServerState) -> FastAPI:
     async def models():
         return {"object": "list", "data": [{
             "id": state.model_name, "object": "model", "created": state.created, "owned_by": "fms",
-            "root": state.model_name, "max_model_len": state.engine.max_model_len}]}
+            "root": state.model_name, "max_model_len": state.async_engine.max_model_len}]}
 
     @app.get("/metrics")
     async def metrics():
@@ -417,13 +435,19 @@ def build_app(state: ServerState) -> FastAPI:
 # -- running it ---------------------------------------------------------------------------------------
 def create_server(state: ServerState, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
                   shutdown_timeout_s: float = 30.0):
-    """A uvicorn server for the app whose exit (SIGTERM, Ctrl-C, should_exit) first stops the engine's intake."""
+    """A uvicorn server for the app whose exit (SIGTERM, Ctrl-C, should_exit) first stops the engine's intake;
+    it also exits once the engine has failed (its process died)."""
     import uvicorn
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
             state.async_engine.stop_intake()
             super().handle_exit(sig, frame)
+
+        async def on_tick(self, counter: int) -> bool:
+            if state.async_engine.failure is not None:
+                return True
+            return await super().on_tick(counter)
 
         @contextlib.contextmanager
         def capture_signals(self):
@@ -461,9 +485,26 @@ def switch_interval_s() -> float:
     return ms / 1000.0
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Before the model loads (in another process): the address the server will listen on can be bound (as
+    uvicorn binds it); ValueError naming the address otherwise."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host!r} is not an address of this machine ({e})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}; choose another --port") from None
+
+
 def run_server(state: ServerState, host: str, port: int, log_level: str = "info",
                shutdown_timeout_s: float = 30.0) -> int:
-    """Serve until SIGTERM / Ctrl-C; in-flight requests finish (up to shutdown_timeout_s); returns 0."""
+    """Serve until SIGTERM / Ctrl-C; in-flight requests finish (up to shutdown_timeout_s); returns 0, or 1 when
+    the server stopped because the engine failed (its process died)."""
     server = create_server(state, host, port, log_level, shutdown_timeout_s)
     # The engine thread gives up the GIL while it waits for the GPU; when that wait ends it must get the
     # GIL back from the event loop (HTTP, JSON, detokenizing) quickly, not after Python's default 5 ms.
@@ -473,5 +514,9 @@ def run_server(state: ServerState, host: str, port: int, log_level: str = "info"
         server.run()
     finally:
         state.async_engine.shutdown(timeout_s=shutdown_timeout_s)
+    failure = state.async_engine.failure
+    if failure is not None:
+        logger.error("server stopped: %s", failure)
+        return 1
     logger.info("server stopped")
     return 0
