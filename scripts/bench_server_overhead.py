@@ -3,10 +3,11 @@
 Writes a 1-layer, 64-wide Llama checkpoint (random weights, a word-level tokenizer with one word per id) to
 a temporary folder and runs scripts/bench_server_vs_offline.py on it on the CPU with one torch thread per
 process, so that the gap between `fms serve` and LLMEngine.generate() on the same workload is the
-server's own work (HTTP, SSE, JSON, detokenizing, the engine thread and the event loop sharing the GIL),
-not the model's. Writes the same JSON as that script (command, device, commit, both sides, the ratio).
+server's own work (HTTP, SSE, JSON, detokenizing, and with --no-engine-process the engine thread and the
+event loop sharing the GIL), not the model's. Writes the same JSON as that script (command, device, commit, both sides, the ratio).
 
     python scripts/bench_server_overhead.py --output results/server_overhead_cpu.json
+    python scripts/bench_server_overhead.py --no-engine-process --output results/server_overhead_cpu_thread.json
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def main(argv=None):
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--vocab-size", type=int, default=512)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
+                   help="passed to fms serve (default: fms serve's own, an engine process)")
     p.add_argument("--output", type=Path, default=Path("results/server_overhead_cpu.json"))
     args = p.parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = "1"  # the server child too: the forward is one thread's small matmuls
@@ -60,7 +63,8 @@ def main(argv=None):
     report = bench_server_vs_offline.main([
         "--model", folder, "--num-prompts", str(args.num_prompts), "--prompt-range", args.prompt_range,
         "--output-len", str(args.output_len), "--warmup-prompts", "8", "--repeats", str(args.repeats),
-        f"--engine-args={engine_args}", "--output", str(args.output)])
+        f"--engine-args={engine_args}", "--output", str(args.output),
+        *([] if args.engine_process is None else ["--engine-process" if args.engine_process else "--no-engine-process"])])
     # the command that reproduces this file is this script's (the checkpoint folder above is temporary)
     report["command"] = " ".join(shlex.quote(a) for a in ["python", "scripts/bench_server_overhead.py",
                                                          *(sys.argv[1:] if argv is None else argv)])

@@ -7,6 +7,8 @@ JSON with the command, device, commit, both throughputs and their ratio.
 
     python scripts/bench_server_vs_offline.py --output results/server_vs_offline.json          # CUDA: 3.2-1b
     python scripts/bench_server_vs_offline.py --variant micro --num-prompts 8 --output /tmp/s.json  # CPU demo
+    python scripts/bench_server_vs_offline.py --no-engine-process --output results/server_vs_offline_thread.json
+                                           # the engine loop in a thread of the server process, for comparison
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--port", type=int, default=None, help="default: a free port")
     p.add_argument("--server-timeout", type=float, default=1200.0, help="seconds for the server to come up")
     p.add_argument("--engine-args", default="", help="extra engine flags for both sides, e.g. '--max-num-seqs 256'")
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
+                   help="pass --engine-process / --no-engine-process to fms serve (default: fms serve's own)")
     p.add_argument("--output", type=Path, default=Path("results/server_vs_offline.json"))
     return p.parse_args(argv)
 
@@ -144,6 +148,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _child_pids(pid: int) -> list[int]:
+    """The processes whose parent is pid (the engine process of fms serve), from /proc."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    children.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    return children
+
+
+def _process_cpu_s(pid: int) -> dict:
+    """CPU seconds per thread of the server process and, per child process, of all its threads."""
+    return {"threads": _thread_cpu_s(pid),
+            "children": {child: sum((_thread_cpu_s(child) or {}).values()) for child in _child_pids(pid)}}
+
+
 def _thread_cpu_s(pid: int) -> dict[int, float] | None:
     """CPU seconds (user + system) of each thread of process pid, from /proc (None where there is none)."""
     try:
@@ -158,16 +183,19 @@ def _thread_cpu_s(pid: int) -> dict[int, float] | None:
         return None
 
 
-def _server_cpu(pid: int, before: dict | None, after: dict | None, num_tokens: int) -> dict | None:
+def _server_cpu(pid: int, before: dict, after: dict, num_tokens: int) -> dict | None:
     """The server's CPU time over the timed runs: its main thread (the asyncio event loop: HTTP, SSE, JSON,
-    detokenizing) and all other threads (the engine thread, torch's). Under the GIL the event loop's
-    Python work and the engine thread's do not run at the same time, so the loop's share is host overhead
-    the offline engine does not pay (except where it overlaps the engine's waits for the GPU)."""
-    if before is None or after is None:
+    detokenizing), its other threads (with --no-engine-process the engine thread and torch's; else the reader
+    of the engine process's messages) and the engine process (every thread). Without an engine process the
+    event loop's Python work and the engine thread's share one GIL and do not run at the same time, so the
+    loop's share is host overhead the offline engine does not pay (except where it overlaps GPU waits)."""
+    threads_before, threads_after = before["threads"], after["threads"]
+    if threads_before is None or threads_after is None:
         return None
-    loop = after.get(pid, 0.0) - before.get(pid, 0.0)
-    other = sum(v - before.get(t, 0.0) for t, v in after.items() if t != pid)
-    return {"event_loop_cpu_s": loop, "other_threads_cpu_s": other,
+    loop = threads_after.get(pid, 0.0) - threads_before.get(pid, 0.0)
+    other = sum(v - threads_before.get(t, 0.0) for t, v in threads_after.items() if t != pid)
+    engine = sum(v - before["children"].get(c, 0.0) for c, v in after["children"].items()) if after["children"] else None
+    return {"event_loop_cpu_s": loop, "other_threads_cpu_s": other, "engine_process_cpu_s": engine,
             "event_loop_cpu_us_per_output_token": 1e6 * loop / max(num_tokens, 1)}
 
 
@@ -178,6 +206,8 @@ def run_server(args, requests, warmup) -> dict:
     flags, _ = _engine_args(args)
     command = [sys.executable, "-m", "fms.entrypoints.cli", "serve", *flags, "--port", str(port),
                "--max-waiting", str(max(1024, len(requests))), "--log-level", "warning"]
+    if args.engine_process is not None:
+        command.append("--engine-process" if args.engine_process else "--no-engine-process")
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen(command, env=env, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
@@ -197,10 +227,10 @@ def run_server(args, requests, warmup) -> dict:
         with urllib.request.urlopen(url + "/v1/models", timeout=10) as r:
             model = json.loads(r.read())["data"][0]["id"]
         asyncio.run(run_load(url, model, warmup, float("inf"), None, args.seed, progress=False))
-        cpu_before = _thread_cpu_s(proc.pid)
+        cpu_before = _process_cpu_s(proc.pid)
         runs = [asyncio.run(run_load(url, model, requests, float("inf"), None, args.seed, progress=False))
                 for _ in range(args.repeats)]
-        cpu_after = _thread_cpu_s(proc.pid)
+        cpu_after = _process_cpu_s(proc.pid)
         results, duration = min(runs, key=lambda run: run[1])
         summary = summarize(results, duration)
         num_tokens = sum(sum(r.output_len for r in results_) for results_, _ in runs)
@@ -246,8 +276,9 @@ def main(argv=None) -> dict:
     print(f"server / offline = {ratio:.3f} (target >= {TARGET_RATIO})")
     if server.get("server_cpu"):
         cpu = server["server_cpu"]
+        engine = "" if cpu["engine_process_cpu_s"] is None else f"; engine process {cpu['engine_process_cpu_s']:.2f} CPU s"
         print(f"server event loop: {cpu['event_loop_cpu_s']:.2f} CPU s ({cpu['event_loop_cpu_us_per_output_token']:.0f} "
-              f"us per output token); other threads {cpu['other_threads_cpu_s']:.2f} CPU s")
+              f"us per output token); other threads {cpu['other_threads_cpu_s']:.2f} CPU s{engine}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2, default=str))
     print(f"wrote {args.output}")
