@@ -4,7 +4,8 @@ Writes a 1-layer, 64-wide Llama checkpoint (random weights, a word-level tokeniz
 a temporary folder and runs scripts/bench_server_vs_offline.py on it on the CPU with one torch thread per
 process, so that the gap between `fms serve` and LLMEngine.generate() on the same workload is the
 server's own work (HTTP, SSE, JSON, detokenizing, and with --no-engine-process the engine thread and the
-event loop sharing the GIL), not the model's. Writes the same JSON as that script (command, device, commit, both sides, the ratio).
+event loop sharing the GIL), not the model's. Writes the same JSON as that script (command, device, commit,
+both sides, the ratio).
 
     python scripts/bench_server_overhead.py --output results/server_overhead_cpu.json
     python scripts/bench_server_overhead.py --no-engine-process --output results/server_overhead_cpu_thread.json
@@ -60,11 +61,12 @@ def main(argv=None):
 
     folder = write_checkpoint(tempfile.mkdtemp(prefix="fms-overhead-model-"), args.vocab_size, 0)
     engine_args = f"--no-compile --device cpu --dtype fp32 --max-num-seqs {args.num_prompts} --max-model-len 256"
+    mode = [] if args.engine_process is None else ["--engine-process" if args.engine_process else "--no-engine-process"]
     report = bench_server_vs_offline.main([
         "--model", folder, "--num-prompts", str(args.num_prompts), "--prompt-range", args.prompt_range,
         "--output-len", str(args.output_len), "--warmup-prompts", "8", "--repeats", str(args.repeats),
         f"--engine-args={engine_args}", "--output", str(args.output),
-        *([] if args.engine_process is None else ["--engine-process" if args.engine_process else "--no-engine-process"])])
+        *mode])
     # the command that reproduces this file is this script's (the checkpoint folder above is temporary)
     report["command"] = " ".join(shlex.quote(a) for a in ["python", "scripts/bench_server_overhead.py",
                                                          *(sys.argv[1:] if argv is None else argv)])

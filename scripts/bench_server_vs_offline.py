@@ -194,7 +194,8 @@ def _server_cpu(pid: int, before: dict, after: dict, num_tokens: int) -> dict | 
         return None
     loop = threads_after.get(pid, 0.0) - threads_before.get(pid, 0.0)
     other = sum(v - threads_before.get(t, 0.0) for t, v in threads_after.items() if t != pid)
-    engine = sum(v - before["children"].get(c, 0.0) for c, v in after["children"].items()) if after["children"] else None
+    children = after["children"]
+    engine = sum(v - before["children"].get(c, 0.0) for c, v in children.items()) if children else None
     return {"event_loop_cpu_s": loop, "other_threads_cpu_s": other, "engine_process_cpu_s": engine,
             "event_loop_cpu_us_per_output_token": 1e6 * loop / max(num_tokens, 1)}
 
@@ -276,7 +277,8 @@ def main(argv=None) -> dict:
     print(f"server / offline = {ratio:.3f} (target >= {TARGET_RATIO})")
     if server.get("server_cpu"):
         cpu = server["server_cpu"]
-        engine = "" if cpu["engine_process_cpu_s"] is None else f"; engine process {cpu['engine_process_cpu_s']:.2f} CPU s"
+        engine_s = cpu["engine_process_cpu_s"]
+        engine = "" if engine_s is None else f"; engine process {engine_s:.2f} CPU s"
         print(f"server event loop: {cpu['event_loop_cpu_s']:.2f} CPU s ({cpu['event_loop_cpu_us_per_output_token']:.0f} "
               f"us per output token); other threads {cpu['other_threads_cpu_s']:.2f} CPU s{engine}")
     args.output.parent.mkdir(parents=True, exist_ok=True)

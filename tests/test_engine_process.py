@@ -181,7 +181,8 @@ def test_max_waiting_answers_429(server):
     refused = [a for a in answers if a[0] == 429]
     assert len(refused) >= 2 and all(retry == "1" for _, retry in refused), answers
     assert all(status in (200, 429) for status, _ in answers), answers
-    _wait(lambda: _idle(server.client), "the engine to go idle", server.client)  # the accepted ones were aborted on close
+    # the accepted ones were aborted when their connections closed
+    _wait(lambda: _idle(server.client), "the engine to go idle", server.client)
 
 
 def test_tensor_parallel_refuses_engine_process(capsys):
