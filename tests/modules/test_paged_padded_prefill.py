@@ -157,7 +157,10 @@ def test_unused_slots_holding_nan_are_never_read():
 
 def test_prefill_kernel_selection():
     cache = PagedKVCache(_spec(2, torch.float32), max_batch_size=1, max_seq_len=64, page_size=16)
-    assert PagedOp(prefill_kernel="varlen").can_pack(CAUSAL, cache)
+    # fp32 packs off CUDA (the varlen reference); on CUDA flash varlen takes only 16-bit, so fp32 steps stay padded
+    assert PagedOp(prefill_kernel="varlen").can_pack(CAUSAL, cache) == (DEVICE.type != "cuda")
+    half = PagedKVCache(_spec(2, torch.float16), max_batch_size=1, max_seq_len=64, page_size=16)
+    assert PagedOp(prefill_kernel="varlen").can_pack(CAUSAL, half)
     assert not PagedOp(prefill_kernel="padded").can_pack(CAUSAL, cache)  # a padded op wants padded steps
     assert not PagedOp(prefill_kernel="padded").prefill_uses_flex(CAUSAL, cache)
     assert PagedOp(prefill_kernel="padded").prefill_uses_flex(AttentionVariant(alibi=True), cache)
