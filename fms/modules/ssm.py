@@ -21,6 +21,7 @@ __all__ = [
     "Mamba2Mixer",
     "GatedRMSNorm",
     "mamba_state_bytes",
+    "packed_causal_conv",
     "ssd_scan_reference",
     "ssd_scan_recurrent",
     "ssd_step",
@@ -186,11 +187,15 @@ def select_ssd_scan(device: torch.device, name: str = "auto") -> SsdScan:
     return ssd_scan_reference
 
 
+def _takes_packed_sequences(scan: SsdScan) -> bool:
+    """The scan runs over packed sequences in one row (cu_seqlens): the Triton kernels (ours, fla's)."""
+    return scan is _ssd_scan_fla or scan is ssd_scan.ssd_scan_triton
+
+
 def _uses_fla_conv_and_norm(scan: SsdScan, device: torch.device) -> bool:
     """The CUDA fast path: with a Triton scan come fla's Triton causal conv and gated norm when fla is installed
     (same math; the mixer's elementwise work otherwise costs more than the scan, final_project section 6)."""
-    is_triton_scan = scan is _ssd_scan_fla or scan is ssd_scan.ssd_scan_triton
-    return is_triton_scan and device.type == "cuda" and _fla_available()
+    return _takes_packed_sequences(scan) and device.type == "cuda" and _fla_available()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -215,6 +220,32 @@ def packed_conv_state_after(x: Tensor, conv_state: Tensor, starts: Tensor, ends:
     back = (pos - starts.long()[:, None] + keep).clamp(0, keep - 1)  # carried-state column
     from_state = conv_state.gather(2, back[:, None, :].expand(n, dim, keep))
     return torch.where((pos >= starts.long()[:, None])[:, None, :], from_x.to(conv_state.dtype), from_state)
+
+
+def packed_causal_conv(x: Tensor, conv_state: Tensor, cu_seqlens: Tensor, weight: Tensor,
+                       bias: Tensor | None) -> Tensor:
+    """Depthwise causal conv (no activation) of n sequences packed in x [N, D], sequence i at
+    x[cu_seqlens[i]:cu_seqlens[i+1]] (each >= 1 input), continuing from conv_state [n, D, K-1];
+    weight [D, 1, K] as nn.Conv1d's. Returns [N, D]. One conv over all sequences, no host sync.
+
+    Each sequence's carried state is laid right before its inputs in one extended row, so no window
+    of K reaches into the previous sequence (K-1 = 2, lengths 2 and 3):
+
+        extended:  s0 s0 | x0 x1 | s1 s1 | x2 x3 x4       sequence i's input t at t + (i+1)(K-1)
+        conv out:        o0 o1         o2 o3 o4           output t is the window ending there
+    """
+    num_tokens, dim = x.shape
+    n, _, keep = conv_state.shape
+    cu = cu_seqlens.to(x.device, torch.long)
+    seq_of_token = torch.repeat_interleave(torch.arange(n, device=x.device), cu[1:] - cu[:-1],
+                                           output_size=num_tokens)  # (N,)
+    token_pos = torch.arange(num_tokens, device=x.device) + (seq_of_token + 1) * keep  # (N,) in the extended row
+    state_pos = (cu[:-1] + torch.arange(n, device=x.device) * keep)[:, None] + torch.arange(keep, device=x.device)
+    extended = x.new_empty(num_tokens + n * keep, dim)  # (N + n(K-1), D), time-major
+    extended.index_copy_(0, token_pos, x)
+    extended.index_copy_(0, state_pos.flatten(), conv_state.to(x.dtype).transpose(1, 2).reshape(n * keep, dim))
+    out = F.conv1d(extended.t()[None], weight, bias, groups=dim)  # (1, D, N + (n-1)(K-1)): window ending at p+K-1
+    return out[0].t().index_select(0, token_pos - keep)  # (N, D)
 
 
 class GatedRMSNorm(nn.Module):
@@ -318,7 +349,7 @@ class Mamba2Mixer(nn.Module):
     def _prefill(self, x: Tensor, state: Mamba2State | None, scan: SsdScan, valid_lens: Tensor | None = None,
                  cu_seqlens: Tensor | None = None, emit: tuple[Tensor, Tensor] | None = None):
         """The chunked-scan path over right-padded rows (valid_lens), or over packed sequences
-        (cu_seqlens, x [1, N, H]; the CUDA fast path only). emit: see forward."""
+        (cu_seqlens, x [1, N, H]; only with a scan that takes them, _takes_packed_sequences). emit: see forward."""
         c = self.config
         batch, T, _ = x.shape
         is_real = None  # (b, T) bool
@@ -357,27 +388,27 @@ class Mamba2Mixer(nn.Module):
         y = y + self.D.float()[:, None] * xs.view(batch, T, c.num_heads, c.head_dim).float()
         out = self.out_proj(self.norm(y.reshape(batch, T, c.inner_dim), z, fused=fused))
 
+        if emit is not None:
+            # the conv windows at the emitted points: the last K-1 inputs before each, from the carried state
+            # where they precede this call (read before the state is overwritten below)
+            seq, num_tokens = emit[0].to(x.device).long(), emit[1].to(x.device).long()
+            starts = seq * T if cu_seqlens is None else cu_seqlens.to(x.device).long().index_select(0, seq)
+            carried = conv_state.new_zeros(conv_state.shape) if initial_conv is None else initial_conv
+            emitted_conv = packed_conv_state_after(conv_inputs.reshape(batch * T, c.conv_dim),
+                                                   carried.index_select(0, seq), starts, starts + num_tokens)
         if state is not None:
             state.conv_state.copy_(conv_state)
             state.ssm_state.copy_(ssm_state)
-        if emit is None:
-            return out
-        # the conv windows at the emitted points: the last K-1 inputs before each, from the carried state
-        # where they precede this call
-        seq, num_tokens = emit[0].to(x.device).long(), emit[1].to(x.device).long()
-        starts = seq * T if cu_seqlens is None else cu_seqlens.to(x.device).long().index_select(0, seq)
-        if initial_conv is None:
-            initial_conv = conv_state.new_zeros(conv_state.shape)
-        conv = packed_conv_state_after(conv_inputs.reshape(batch * T, c.conv_dim), initial_conv.index_select(0, seq),
-                                       starts, starts + num_tokens)
-        return out, Mamba2State(conv, emitted[0])
+        return out if emit is None else (out, Mamba2State(emitted_conv, emitted[0]))
 
     def _forward_packed(self, x: Tensor, state: Mamba2State, cu_seqlens: Tensor, valid_lens, emit=None):
         """x [1, N, H]: n sequences back to back, sequence i at tokens cu_seqlens[i] .. cu_seqlens[i+1]-1
         (every one >= 1 token); state has their n rows and is updated in place, as forward does.
 
-        The CUDA fast path (fla's conv, a Triton scan) runs over the packed row with per-sequence
-        boundaries; otherwise each sequence runs alone through the padded path (ground truth).
+        A scan that takes packed sequences (a Triton scan: ours, or fla's) runs over the packed row with
+        per-sequence boundaries, as do the conv (fla's with fla installed on CUDA, else packed_causal_conv)
+        and the per-token norm; with any other scan (the torch reference, the recurrence) each sequence runs
+        alone through the padded path (the ground truth the packed path is tested against).
         """
         if valid_lens is not None:
             raise ValueError("give valid_lens (padded rows) or cu_seqlens (packed sequences), not both")
@@ -385,16 +416,23 @@ class Mamba2Mixer(nn.Module):
             raise ValueError("packed sequences (cu_seqlens) need a state with one row per sequence")
         if x.shape[0] != 1:
             raise ValueError(f"packed sequences come as one row, x [1, N, H]; got {tuple(x.shape)}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2 or cu_seqlens.is_floating_point() or \
+                cu_seqlens.is_complex():
+            raise ValueError(f"cu_seqlens must be an integer tensor [num_sequences + 1], got {cu_seqlens.dtype} "
+                             f"{tuple(cu_seqlens.shape)}")
         n = cu_seqlens.shape[0] - 1
         self._check_state(state, n)
         scan = select_ssd_scan(x.device, self.kernels.ssd_scan)
         if emit is not None and cu_seqlens.device.type == "cpu":
             check_emit(emit, n, cu_seqlens[1:] - cu_seqlens[:-1])
-        if _uses_fla_conv_and_norm(scan, x.device):  # the conv that takes cu_seqlens is fla's
+        is_packed = _takes_packed_sequences(scan)
+        # values are checked on the host only: on CUDA that would sync the packed path
+        if not is_packed or (cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling()):
+            bounds = cu_seqlens.tolist()
+            if bounds[0] != 0 or bounds[-1] != x.shape[1] or any(b >= e for b, e in zip(bounds, bounds[1:])):
+                raise ValueError(f"cu_seqlens must rise strictly from 0 to {x.shape[1]}, got {bounds}")
+        if is_packed:
             return self._prefill(x, state, scan, cu_seqlens=cu_seqlens, emit=emit)
-        bounds = cu_seqlens.tolist()
-        if bounds[0] != 0 or bounds[-1] != x.shape[1] or any(b >= e for b, e in zip(bounds, bounds[1:])):
-            raise ValueError(f"cu_seqlens must rise strictly from 0 to {x.shape[1]}, got {bounds}")
         outs = []
         if emit is not None:
             emitted = Mamba2State(state.conv_state.new_empty(emit[0].shape[0], *state.conv_state.shape[1:]),
@@ -497,14 +535,18 @@ class Mamba2Mixer(nn.Module):
             valid_lens 0 ->   s0 s1 s2              (unchanged)
 
         fused: the conv by fla's Triton causal_conv1d (CUDA); the state is copied from the same window
-        either way, so both paths give the same state bit for bit. cu_seqlens (fused only): xBC [1, N, D]
-        packs sequences back to back, conv_state has one row per sequence.
+        either way, so both paths give the same state bit for bit. cu_seqlens: xBC [1, N, D] packs
+        sequences back to back, conv_state has one row per sequence (unfused: packed_causal_conv).
         """
         batch, T, conv_dim = xBC.shape
         keep = self.config.conv_kernel - 1
         if conv_state is None:
-            conv_state = xBC.new_zeros(batch, conv_dim, keep)
+            conv_state = xBC.new_zeros(batch if cu_seqlens is None else cu_seqlens.shape[0] - 1, conv_dim, keep)
         conv_state = conv_state.to(xBC.dtype)
+        if not fused and cu_seqlens is not None:
+            cu = cu_seqlens.to(xBC.device, torch.long)
+            out = F.silu(packed_causal_conv(xBC[0], conv_state, cu, self.conv1d.weight, self.conv1d.bias))
+            return out[None], packed_conv_state_after(xBC[0], conv_state, cu[:-1], cu[1:])  # (1, N, D)
         if not fused:
             window = torch.cat([conv_state, xBC.transpose(1, 2)], dim=-1)  # (b, conv_dim, K-1+T)
             out = F.silu(F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=conv_dim))  # (b, conv_dim, T)

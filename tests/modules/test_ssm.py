@@ -301,6 +301,100 @@ def test_packed_input_errors():
         mixer(x, random_state(1), valid_lens=torch.tensor([6]), cu_seqlens=torch.tensor([0, 6]))
 
 
+def packed(lens: list[int]) -> torch.Tensor:
+    """cu_seqlens of sequences of these lengths back to back."""
+    return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+
+
+def skip_without_triton_on_cpu():
+    if not ssm.ssd_scan.can_run_triton(torch.device("cpu")):
+        pytest.skip("the Triton scan runs on CPU only in Triton's interpreter (TRITON_INTERPRET=1)")
+
+
+@pytest.mark.parametrize("kernel", [2, 4])
+@pytest.mark.parametrize("lens", [[1], [1, 2, 3, 11], [11, 3, 2, 1, 1], [3, 3]])
+def test_packed_conv_equals_each_sequence_alone(kernel, lens):
+    """The unfused conv over packed sequences (one conv for all) against each sequence through the padded conv
+    alone with its own carried state; lengths 1, under, at (K-1 = 3) and over the carried window."""
+    config = dataclasses.replace(TINY, conv_kernel=kernel)
+    mixer = make_mixer(config)
+    g = torch.Generator().manual_seed(3)
+    xBC = torch.randn(1, sum(lens), config.conv_dim, generator=g)
+    init = torch.randn(len(lens), config.conv_dim, kernel - 1, generator=g)
+    cu = packed(lens)
+    with torch.no_grad():
+        out, state = mixer._causal_conv(xBC, init.clone(), None, fused=False, cu_seqlens=cu)
+        assert out.shape == xBC.shape and state.shape == init.shape
+        for i in range(len(lens)):
+            alone, alone_state = mixer._causal_conv(xBC[:, cu[i]:cu[i + 1]], init[i:i + 1].clone(), None)
+            torch.testing.assert_close(out[:, cu[i]:cu[i + 1]], alone, atol=1e-6, rtol=1e-6)
+            assert torch.equal(state[i], alone_state[0])
+
+
+def test_packed_triton_scan_equals_the_per_sequence_loop_with_emitted_states():
+    """Packed sequences through the Triton scan (the interpreter on CPU), conv and norm in one pass, against
+    the per-sequence loop of the reference scan: outputs, updated states and checkpoint states emitted at
+    page-like boundaries (counts 16 apart) and at sequences' last tokens, listed out of order."""
+    skip_without_triton_on_cpu()
+    mixer = make_mixer()
+    lens = [1, 2, 3, 37, 18]
+    cu = packed(lens)
+    x = torch.randn(1, sum(lens), TINY.hidden_size, generator=torch.Generator().manual_seed(4))
+    emit = (torch.tensor([3, 0, 4, 3, 2, 3, 4, 1]), torch.tensor([20, 1, 18, 4, 1, 37, 2, 2]))
+    init = random_state(len(lens))
+    state, ref_state = clone_state(init), clone_state(init)
+    with torch.no_grad():
+        mixer.set_kernels(KernelConfig(ssd_scan="reference"))
+        ref, ref_emitted = mixer(x, ref_state, cu_seqlens=cu, emit=emit)
+        mixer.set_kernels(KernelConfig(ssd_scan="triton"))
+        out, emitted = mixer(x, state, cu_seqlens=cu, emit=emit)
+    assert_close(out, ref)
+    assert_state_close(state, ref_state)
+    assert_state_close(emitted, ref_emitted)
+    assert not torch.equal(ref_state.conv_state, init.conv_state)  # every sequence moved its state
+    with torch.no_grad():  # the packed path checks host boundaries too
+        with pytest.raises(ValueError, match="rise strictly from 0 to 61"):
+            mixer(x, random_state(2), cu_seqlens=torch.tensor([0, 30, 30]))
+        with pytest.raises(ValueError, match="integer tensor"):
+            mixer(x, random_state(1), cu_seqlens=torch.tensor([0.0, 61.0]))
+
+
+@pytest.mark.parametrize("packed_rows", [False, True])
+def test_emitted_conv_windows_shorter_than_the_kernel_hold_the_carried_state(packed_rows):
+    """A state emitted after fewer than K-1 tokens holds columns of the carried conv state: the state before
+    this call, not the one the call leaves behind. Expected: the prefix run alone from the same state."""
+    mixer = make_mixer()
+    x = torch.randn(2, 6, TINY.hidden_size, generator=torch.Generator().manual_seed(5))
+    emit = (torch.tensor([0, 1, 1]), torch.tensor([1, 2, 6]))
+    init = random_state(2)
+    with torch.no_grad():
+        if packed_rows:
+            _, emitted = mixer(x.reshape(1, 12, -1), clone_state(init), cu_seqlens=packed([6, 6]), emit=emit)
+        else:
+            _, emitted = mixer(x, clone_state(init), emit=emit)
+        for k, (row, n) in enumerate(zip(*emit)):
+            alone = rows(init, row, row + 1)
+            mixer(x[row:row + 1, :n], alone)
+            assert_close(emitted.conv_state[k], alone.conv_state[0])
+            assert_close(emitted.ssm_state[k], alone.ssm_state[0])
+
+
+@pytest.mark.parametrize(("scan", "num_forward_calls"), [("triton", 1), ("reference", 1 + 3)])
+def test_packed_sequences_take_one_pass_when_the_scan_packs(scan, num_forward_calls, monkeypatch):
+    """Packed sequences loop over forward (one call per sequence) only with a scan that cannot pack."""
+    if scan == "triton":
+        skip_without_triton_on_cpu()
+    mixer = make_mixer()
+    mixer.set_kernels(KernelConfig(ssd_scan=scan))
+    calls = []
+    forward = Mamba2Mixer.forward
+    monkeypatch.setattr(Mamba2Mixer, "forward", lambda self, *a, **k: calls.append(a) or forward(self, *a, **k))
+    lens = [1, 2, 5]
+    with torch.no_grad():
+        mixer(torch.randn(1, sum(lens), TINY.hidden_size), random_state(len(lens)), cu_seqlens=packed(lens))
+    assert len(calls) == num_forward_calls
+
+
 def test_step_returns_new_states_and_leaves_its_inputs():
     mixer = make_mixer()
     x = torch.randn(3, 1, TINY.hidden_size)
@@ -536,14 +630,14 @@ def test_fast_path_matches_reference(scan, dtype, num_groups, T):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.skipif(not _fla_available(), reason="flash-linear-attention (fla) is not installed: its conv "
-                    "takes packed sequences")
 @pytest.mark.parametrize("scan", ["triton", "fla"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_groups", [1, 2])
 def test_packed_sequences_on_the_fast_path_match_reference(scan, dtype, num_groups):
-    """fla's conv and a Triton scan over packed sequences (cu_seqlens) against each sequence run alone on the
-    reference path, with carried states; lengths 1, 2 (under the conv width), 64, 65, 300."""
+    """A Triton scan over packed sequences (cu_seqlens), with fla's conv where fla is installed and the packed
+    torch conv otherwise, against each sequence run alone on the reference path, with carried states;
+    lengths 1, 2 (under the conv width), 64, 65, 300."""
+    fast_scan_or_skip(scan)
     tol = 2e-3 if dtype == torch.float32 else 2e-2
     config = Mamba2Config(hidden_size=64, num_heads=4, head_dim=32, state_size=64, num_groups=num_groups,
                           chunk_size=64)
