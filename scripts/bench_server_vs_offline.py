@@ -200,6 +200,25 @@ def _server_cpu(pid: int, before: dict, after: dict, num_tokens: int) -> dict | 
             "event_loop_cpu_us_per_output_token": 1e6 * loop / max(num_tokens, 1)}
 
 
+def _ttft_totals(url: str) -> tuple[float, float]:
+    """The server's fms:time_to_first_token_seconds histogram: (sum, count) over every label set."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    total = count = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name == "fms:time_to_first_token_seconds":
+            for sample in family.samples:
+                if sample.name.endswith("_sum"):
+                    total += sample.value
+                elif sample.name.endswith("_count"):
+                    count += sample.value
+    return total, count
+
+
 def run_server(args, requests, warmup) -> dict:
     import urllib.request
 
@@ -229,14 +248,23 @@ def run_server(args, requests, warmup) -> dict:
             model = json.loads(r.read())["data"][0]["id"]
         asyncio.run(run_load(url, model, warmup, float("inf"), None, args.seed, progress=False))
         cpu_before = _process_cpu_s(proc.pid)
-        runs = [asyncio.run(run_load(url, model, requests, float("inf"), None, args.seed, progress=False))
-                for _ in range(args.repeats)]
+        runs, engine_ttft_ms = [], []
+        for _ in range(args.repeats):
+            before = _ttft_totals(url)
+            runs.append(asyncio.run(run_load(url, model, requests, float("inf"), None, args.seed, progress=False)))
+            after = _ttft_totals(url)
+            count = after[1] - before[1]
+            engine_ttft_ms.append(1e3 * (after[0] - before[0]) / count if count else None)
         cpu_after = _process_cpu_s(proc.pid)
         results, duration = min(runs, key=lambda run: run[1])
         summary = summarize(results, duration)
         num_tokens = sum(sum(r.output_len for r in results_) for results_, _ in runs)
         summary["server_cpu"] = _server_cpu(proc.pid, cpu_before, cpu_after, num_tokens)
         summary["durations_s"] = [d for _, d in runs]
+        # where the first token's wait is spent: the client's mean TTFT (from sending) against the engine's
+        # (fms:time_to_first_token_seconds, from the request's arrival at the engine), per timed run
+        summary["client_mean_ttft_ms"] = [summarize(r, d)["mean_ttft_ms"] for r, d in runs]
+        summary["engine_mean_ttft_ms"] = engine_ttft_ms
         summary["server_command"] = " ".join(shlex.quote(c) for c in command)
         return summary
     finally:
@@ -275,6 +303,9 @@ def main(argv=None) -> dict:
         "target": TARGET_RATIO, "meets_target": ratio >= TARGET_RATIO,
     }
     print(f"server / offline = {ratio:.3f} (target >= {TARGET_RATIO})")
+    print("mean TTFT per timed run, client / engine (ms): " + ", ".join(
+        f"{c:.0f} / {e:.0f}" if e is not None else f"{c:.0f} / -"
+        for c, e in zip(server["client_mean_ttft_ms"], server["engine_mean_ttft_ms"])))
     if server.get("server_cpu"):
         cpu = server["server_cpu"]
         engine_s = cpu["engine_process_cpu_s"]
