@@ -87,3 +87,19 @@ def test_gemv_script_refuses_clearly_without_a_gpu(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["bench_gemv.py"])
     with pytest.raises(SystemExit, match="no CUDA device here"):
         bench_gemv.main()
+
+
+def test_bench_server_vs_offline(tmp_path):
+    """Both halves on llama micro (the server in a child process, on 127.0.0.1): the ratio, and per timed run the
+    client's TTFT beside the engine's. The engine's interval (arrival at the engine to the first token) lies
+    inside the client's (sending to receiving it), so it cannot be longer."""
+    from scripts import bench_server_vs_offline
+
+    report = bench_server_vs_offline.main(["--num-prompts", "3", "--prompt-range", "8,12", "--output-len", "3",
+                                           "--warmup-prompts", "1", "--output", str(tmp_path / "s.json")])
+    assert report["server"]["completed"] == 3 and report["server"]["failed"] == 0
+    assert report["server_over_offline"] > 0
+    client, engine = report["server"]["client_mean_ttft_ms"], report["server"]["engine_mean_ttft_ms"]
+    assert len(client) == len(engine) == 2
+    assert all(0 < e <= c for c, e in zip(client, engine)), (client, engine)
+    assert json.loads((tmp_path / "s.json").read_text())["server_over_offline"] == report["server_over_offline"]
