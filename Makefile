@@ -29,7 +29,7 @@ BENCH = $(PYTHON) scripts/benchmark_inference.py --results_dir $(RESULTS) \
 
 .PHONY: install test test-paged-attention check-torch download-tokenizer \
 	bench-llama bench-llama-paged bench-llama-t4 bench-llama-paged-t4 bench-granite bench-granite-paged \
-	bench-compare bench-gpt2 bench-serving serve bench-server-vs-offline
+	bench-compare bench-gpt2 bench-serving serve bench-server-vs-offline bench-startup
 
 install:
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
@@ -86,3 +86,11 @@ serve:
 # server throughput at saturation vs the offline engine on one workload (CUDA: llama 3.2-1b, 128 requests)
 bench-server-vs-offline:
 	$(PYTHON) scripts/bench_server_vs_offline.py --output $(RESULTS)/server_vs_offline.json $(if $(VARIANT),--variant $(VARIANT))
+
+# engine start-up by phase, cold and warm, each in fresh processes (CUDA: llama 3.2-1b, 3.1-8b, granite 4.0-h-1b;
+# CPU: llama micro). STARTUP_MODELS="llama:3.1-8b" picks models, STARTUP_TIMEOUT the seconds per process
+STARTUP_MODELS ?=
+STARTUP_TIMEOUT ?=
+bench-startup:
+	$(PYTHON) scripts/bench_startup.py --output $(RESULTS)/startup.json $(if $(STARTUP_MODELS),--models $(STARTUP_MODELS)) \
+		$(if $(STARTUP_TIMEOUT),--timeout $(STARTUP_TIMEOUT))

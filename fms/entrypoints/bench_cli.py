@@ -1,7 +1,8 @@
 """The benchmark and evaluation subcommands that wrap fms.bench / fms.eval: `fms bench throughput` (offline
 engine serving throughput), `fms bench static` (static batches per attention op), `fms bench latency` (one
-batch end to end) and `fms eval`. scripts/benchmark_serving.py, scripts/benchmark_inference.py and
-scripts/eval.py call these. Options take vLLM-style dashes or the scripts' underscores alike.
+batch end to end), `fms bench startup` (engine start-up by phase, cold and warm) and `fms eval`.
+scripts/benchmark_serving.py, scripts/benchmark_inference.py, scripts/bench_startup.py and scripts/eval.py
+call these. Options take vLLM-style dashes or the scripts' underscores alike.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ import json
 import shlex
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
 from fms.bench.models import ARCHITECTURES
 from fms.bench.serving import PEERS, ServingBenchConfig, run_serving_benchmark
+from fms.bench.startup import DEFAULT_MODELS, StartupBenchConfig, run_startup_benchmark
 from fms.bench.static_run import PROFILES, SWEEPS, StaticBenchConfig, run_static_benchmark
 from fms.cache.paged import SUPPORTED_PAGE_SIZES
 from fms.eval.report import MODE_CHOICES, TASK_NAMES, EvalConfig, run_eval
@@ -54,9 +57,27 @@ EVAL_DOC = """Accuracy, speed and memory of one model on MMLU / TruthfulQA (or s
 Data is read from local files only (see fms/resources/eval/README.md for the layouts). The work is
 fms.eval.report.run_eval.
 """
+STARTUP_DOC = """Engine start-up by phase, cold and warm, each model in two fresh processes.
+
+For each ARCHITECTURE:VARIANT (random weights drawn on the device) a child process times: its interpreter
+start, import torch + fms, get_model, LLMEngine(model) with its own phases (KV pool, decode compile + CUDA
+graph capture, prefill warm-up) and the first generate() of one short request. "cold" runs with fresh, empty
+TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR; "warm" is a second fresh process that finds what the first
+wrote there. A child past --timeout is killed and recorded as timed out with the phases it finished. Engine
+options pass through (--no-compile: CUDA graphs without torch.compile). The work is fms.bench.startup.
+
+    fms bench startup --output results/startup.json        # CUDA: llama 3.2-1b, llama 3.1-8b, granite 4.0-h-1b
+    fms bench startup --models llama:3.1-8b --timeout 270 --output results/startup_8b.json
+    fms bench startup --no-compile --output results/startup_graphs_only.json
+
+On CPU the default is llama:micro: a demo that checks the benchmark runs (under a minute), not a measurement.
+Writes one JSON (per model: the cold and warm phase tables, totals, the issue's targets met or not) and prints
+a table of model x phase with cold and warm columns.
+"""
 # how each run records the command that made it (the scripts pass their own name)
 THROUGHPUT_PROGRAM = ("fms", "bench", "throughput")  # how the recorded command starts (scripts pass theirs)
 STATIC_PROGRAM = ("fms", "bench", "static")
+STARTUP_PROGRAM = ("fms", "bench", "startup")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -342,3 +363,55 @@ def latency_main(argv=None) -> dict:
         args.output_json.write_text(json.dumps(report, indent=2))
         print(f"wrote {args.output_json}")
     return report
+
+
+# -- fms bench startup (start-up by phase, cold and warm, scripts/bench_startup.py) -----------------------
+def startup_parser() -> argparse.ArgumentParser:
+    from fms.entrypoints.engine_args import add_engine_arguments
+
+    p = _Parser(prog="fms bench startup", description=STARTUP_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("start-up benchmark")
+    g.add_argument("--models", default=None,
+                   help="comma list of ARCHITECTURE:VARIANT (random weights); default: "
+                        f"{','.join(DEFAULT_MODELS['cuda'])} on CUDA, {','.join(DEFAULT_MODELS['cpu'])} on CPU")
+    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"],
+                   help="default: bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--seed", type=int, default=0, help="random weights' and the prompt's seed")
+    g.add_argument("--timeout", type=float, default=StartupBenchConfig.timeout_s,
+                   help="seconds each child process may run before it is killed and recorded as timed out")
+    g.add_argument("--prompt-len", type=int, default=StartupBenchConfig.prompt_len,
+                   help="the first generate(): one request of this many random tokens")
+    g.add_argument("--max-tokens", type=int, default=StartupBenchConfig.max_tokens,
+                   help="the first generate()'s new tokens (EOS ignored)")
+    g.add_argument("--output", type=Path, default=StartupBenchConfig.output,
+                   help="the results JSON (written after every child process)")
+    add_engine_arguments(p)
+    return p
+
+
+def startup_config(argv=None, program=STARTUP_PROGRAM) -> StartupBenchConfig:
+    from fms.entrypoints.engine_args import engine_config
+
+    parser = startup_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    try:
+        if args.tensor_parallel_size != 1:
+            raise ValueError(f"--tensor-parallel-size must be 1 here (one process per start), got "
+                             f"{args.tensor_parallel_size}")
+        engine = engine_config(args)
+        # only the options given: the child's engine takes its device defaults for the rest
+        engine_options = {f.name: getattr(engine, f.name) for f in fields(engine)
+                          if getattr(engine, f.name) != f.default}
+        return StartupBenchConfig(
+            models=_names(args.models) if args.models is not None else None, device=args.device, dtype=args.dtype,
+            seed=args.seed, engine_options=engine_options, timeout_s=args.timeout, prompt_len=args.prompt_len,
+            max_tokens=args.max_tokens, output=args.output,
+            command=" ".join(shlex.quote(a) for a in [*program, *argv]))
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def startup_main(argv=None, program=STARTUP_PROGRAM) -> dict:
+    return run_startup_benchmark(startup_config(argv, program))
