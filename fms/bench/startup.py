@@ -15,6 +15,7 @@ imports of torch and fms.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import json
 import math
@@ -92,6 +93,8 @@ class StartupBenchConfig:
     timeout_s: float = 600.0  # per child process
     prompt_len: int = 16  # the first generate(): one request of this many tokens ...
     max_tokens: int = 8  # ... and this many new ones
+    runs: tuple[str, ...] = RUNS  # ("warm",) alone measures on the folders an earlier cold run filled in cache_dir
+    cache_dir: Path | None = None  # kept compile caches, a folder per model; default: temporary ones, removed
     output: Path = Path("results/startup.json")
     command: str = "fms bench startup"
 
@@ -133,6 +136,13 @@ class StartupBenchConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        self.runs = tuple(self.runs)
+        if self.runs not in (RUNS, RUNS[:1], RUNS[1:]):
+            raise ValueError(f"runs must be cold, warm or cold,warm (in that order), got {','.join(self.runs)!r}")
+        if self.runs == ("warm",) and self.cache_dir is None:
+            raise ValueError("runs=warm alone needs cache_dir: the folder an earlier cold run of the same models "
+                             "filled (without it the caches start empty, which is a cold run)")
+        self.cache_dir = None if self.cache_dir is None else Path(self.cache_dir).absolute()  # the children's env
         if not isinstance(self.engine_options, dict):
             raise ValueError(f"engine_options must be a dict of EngineConfig fields, got {self.engine_options!r}")
         try:
@@ -144,6 +154,25 @@ class StartupBenchConfig:
     @property
     def device_type(self) -> str:
         return self.device.partition(":")[0]
+
+    def model_cache_dirs(self, model: str, root: Path | None = None) -> dict[str, str]:
+        """{TORCHINDUCTOR_CACHE_DIR: folder, TRITON_CACHE_DIR: folder} of one model, under root or cache_dir."""
+        base = root if root is not None else self.cache_dir / model.replace(":", "-")
+        return {name: str(base / folder) for name, folder in CACHE_ENV.items()}
+
+    def check_cache_dir(self) -> None:
+        """A kept cache folder must be empty for a cold run and hold files for a warm run alone."""
+        if self.cache_dir is None:
+            return
+        for model in self.models:
+            for folder in self.model_cache_dirs(model).values():
+                count = _count_files(folder) or 0
+                if "cold" in self.runs and count:
+                    raise ValueError(f"a cold run needs empty compile caches, but {folder} holds {count} files; "
+                                     f"remove it or give another cache_dir")
+                if self.runs == ("warm",) and not count and folder.endswith(CACHE_ENV["TORCHINDUCTOR_CACHE_DIR"]):
+                    raise ValueError(f"runs=warm alone needs the caches of a cold run, but {folder} holds no "
+                                     f"files; run cold with the same cache_dir first")
 
 
 # -- the child process ----------------------------------------------------------------------------------
@@ -401,20 +430,26 @@ def run_startup_benchmark(config: StartupBenchConfig) -> dict:
         "targets": [asdict(t) for t in TARGETS],
         "models": [],
     }
+    config.check_cache_dir()
     for model in config.models:
-        with tempfile.TemporaryDirectory(prefix="fms-startup-") as root:
-            cache_dirs = {name: str(Path(root) / folder) for name, folder in CACHE_ENV.items()}
+        with contextlib.ExitStack() as stack:
+            if config.cache_dir is None:
+                root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fms-startup-")))
+                cache_dirs = config.model_cache_dirs(model, root)
+            else:
+                cache_dirs = config.model_cache_dirs(model)
+                root = Path(cache_dirs["TORCHINDUCTOR_CACHE_DIR"]).parent
             for folder in cache_dirs.values():
-                os.mkdir(folder)
+                os.makedirs(folder, exist_ok=True)
             row = {"model": model, "cache_dirs": cache_dirs, "runs": {}, "targets": []}
             results["models"].append(row)
-            for run in RUNS:
+            for run in config.runs:
                 cold = row["runs"].get("cold")
-                if run == "warm" and cold["status"] != "ok":
+                if run == "warm" and cold is not None and cold["status"] != "ok":
                     row["runs"]["warm"] = {"status": "skipped", "reason": f"the cold run {cold['status']}"}
                 else:
                     print(f"{model}: {run} start ...", flush=True)
-                    row["runs"][run] = result = run_child(config, model, run, cache_dirs, Path(root))
+                    row["runs"][run] = result = run_child(config, model, run, cache_dirs, root)
                     print(f"{model}: {run} {result['status']} after {result['wall_s']:.1f} s"
                           + (f" (in {result['running']})" if result.get("running") else ""), flush=True)
                 row["targets"] = check_targets(model, device.type, row["runs"])

@@ -69,6 +69,7 @@ options pass through (--no-compile: CUDA graphs without torch.compile). The work
     fms bench startup --output results/startup.json        # CUDA: llama 3.2-1b, llama 3.1-8b, granite 4.0-h-1b
     fms bench startup --models llama:3.1-8b --timeout 270 --output results/startup_8b.json
     fms bench startup --no-compile --output results/startup_graphs_only.json
+    fms bench startup --models llama:3.1-8b --runs cold --cache-dir results/startup_caches   # then --runs warm
 
 On CPU the default is llama:micro: a demo that checks the benchmark runs (under a minute), not a measurement.
 Writes one JSON (per model: the cold and warm phase tables, totals, the issue's targets met or not) and prints
@@ -384,6 +385,11 @@ def startup_parser() -> argparse.ArgumentParser:
                    help="the first generate(): one request of this many random tokens")
     g.add_argument("--max-tokens", type=int, default=StartupBenchConfig.max_tokens,
                    help="the first generate()'s new tokens (EOS ignored)")
+    g.add_argument("--runs", default="cold,warm",
+                   help="cold,warm (default), cold, or warm alone on the caches a cold run left in --cache-dir")
+    g.add_argument("--cache-dir", type=Path, default=None,
+                   help="keep the compile caches in CACHE_DIR/<model>/{inductor,triton} (default: temporary folders, "
+                        "removed after each model); a cold run needs them empty")
     g.add_argument("--output", type=Path, default=StartupBenchConfig.output,
                    help="the results JSON (written after every child process)")
     add_engine_arguments(p)
@@ -404,11 +410,13 @@ def startup_config(argv=None, program=STARTUP_PROGRAM) -> StartupBenchConfig:
         # only the options given: the child's engine takes its device defaults for the rest
         engine_options = {f.name: getattr(engine, f.name) for f in fields(engine)
                           if getattr(engine, f.name) != f.default}
-        return StartupBenchConfig(
+        config = StartupBenchConfig(
             models=_names(args.models) if args.models is not None else None, device=args.device, dtype=args.dtype,
             seed=args.seed, engine_options=engine_options, timeout_s=args.timeout, prompt_len=args.prompt_len,
-            max_tokens=args.max_tokens, output=args.output,
+            max_tokens=args.max_tokens, runs=_names(args.runs), cache_dir=args.cache_dir, output=args.output,
             command=" ".join(shlex.quote(a) for a in [*program, *argv]))
+        config.check_cache_dir()
+        return config
     except ValueError as exc:
         parser.error(str(exc))
 

@@ -28,6 +28,9 @@ CACHE_VARS = ["TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"]
     (dict(max_tokens=2.5), "max_tokens must be an int >= 1, got 2.5"),
     (dict(engine_options={"bogus": 1}), "unknown engine option(s) ['bogus']"),
     (dict(engine_options={"max_num_seqs": 0}), "max_num_seqs must be an int >= 1 or None (the default), got 0"),
+    (dict(runs=("warm", "cold")), "runs must be cold, warm or cold,warm (in that order), got 'warm,cold'"),
+    (dict(runs=("hot",)), "runs must be cold, warm or cold,warm (in that order), got 'hot'"),
+    (dict(runs=("warm",)), "runs=warm alone needs cache_dir"),
 ])
 def test_bad_config_names_the_value(options, message):
     with pytest.raises(ValueError) as exc:
@@ -49,6 +52,20 @@ def test_cli_passes_only_the_engine_options_given(capsys):
         startup_config(["--device", "cpu", "-tp", "2"])
     assert exc.value.code == 2
     assert "--tensor-parallel-size must be 1 here (one process per start), got 2" in capsys.readouterr().err
+
+
+def test_kept_cache_folders_must_be_empty_for_cold_and_filled_for_warm_alone(tmp_path):
+    config = StartupBenchConfig(device="cpu", models=("llama:micro",), runs=("warm",), cache_dir=tmp_path)
+    inductor = tmp_path / "llama-micro" / "inductor"
+    assert config.model_cache_dirs("llama:micro")["TORCHINDUCTOR_CACHE_DIR"] == str(inductor)
+    with pytest.raises(ValueError, match=f"runs=warm alone needs the caches of a cold run, but {inductor} holds no"):
+        config.check_cache_dir()
+    (inductor / "fxgraph").mkdir(parents=True)
+    (inductor / "fxgraph" / "entry").write_text("x")
+    config.check_cache_dir()  # a cold run filled it: warm may run
+    cold = StartupBenchConfig(device="cpu", models=("llama:micro",), runs=("cold",), cache_dir=tmp_path)
+    with pytest.raises(ValueError, match=f"a cold run needs empty compile caches, but {inductor} holds 1 files"):
+        cold.check_cache_dir()
 
 
 def test_targets_compare_the_phase_sums_of_the_named_run():
