@@ -27,7 +27,7 @@ TIMEOUT_S = 120
 @pytest.mark.parametrize("argv", [
     [], ["--help"], ["serve", "--help"], ["generate", "--help"], ["bench", "--help"], ["bench", "serve", "--help"],
     ["bench", "throughput", "--help"], ["bench", "latency", "--help"], ["bench", "static", "--help"],
-    ["eval", "--help"], ["eval", "lm-eval", "--help"],
+    ["bench", "startup", "--help"], ["eval", "--help"], ["eval", "lm-eval", "--help"],
 ])
 def test_help(argv, capsys):
     try:
@@ -36,6 +36,8 @@ def test_help(argv, capsys):
         rc = e.code
     out = capsys.readouterr().out
     assert rc == (2 if argv == [] else 0) and "usage: fms" in out
+    if argv == ["bench", "--help"]:
+        assert "startup" in out
     if argv[:1] == ["serve"]:
         for flag in ("--max-num-seqs", "--max-model-len", "--gpu-memory-utilization", "--page-size",
                      "--enable-prefix-caching", "--no-enable-prefix-caching", "--tensor-parallel-size",

@@ -1,4 +1,4 @@
-"""The `fms` command: serve, generate, bench {serve,throughput,latency,static}, eval.
+"""The `fms` command: serve, generate, bench {serve,throughput,latency,static,startup}, eval.
 
     fms serve --architecture llama --variant micro --port 8000     an OpenAI-compatible server
     fms generate ./checkpoint --prompt "Hello"                      prompts in, text out
@@ -34,6 +34,7 @@ BENCH_SUBCOMMANDS = {
     "throughput": "offline serving throughput of the engine (scripts/benchmark_serving.py)",
     "latency": "end-to-end latency of one batch on the engine",
     "static": "static-batch inference per attention op (scripts/benchmark_inference.py)",
+    "startup": "engine start-up by phase, cold and warm, in fresh processes (scripts/bench_startup.py)",
 }
 
 
@@ -171,6 +172,8 @@ def _bench(argv: list[str]) -> int:
         bench_cli.throughput_main(rest)
     elif name == "latency":
         bench_cli.latency_main(rest)
+    elif name == "startup":
+        bench_cli.startup_main(rest)
     else:
         bench_cli.static_main(rest)
     return 0
