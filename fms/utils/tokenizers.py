@@ -55,6 +55,9 @@ class BaseTokenizer(abc.ABC):
     def _check_ids(self, ids: Iterable[int]) -> list[int]:
         # Both libraries misbehave on bad ids (tokenizers silently drops them,
         # sentencepiece raises an opaque IndexError), so check here once.
+        # The vocabulary size is read once per call, not per id: a server decodes every few tokens of
+        # every request, and the property is a call into the tokenizer library.
+        vocab_size = self.vocab_size
         checked = []
         for position, token_id in enumerate(ids):
             try:
@@ -63,9 +66,9 @@ class BaseTokenizer(abc.ABC):
                 raise TypeError(
                     f"decode expects integer token ids, got {token_id!r} ({type(token_id).__name__}) at position {position}"
                 ) from None
-            if not 0 <= token_id < self.vocab_size:
+            if not 0 <= token_id < vocab_size:
                 raise ValueError(
-                    f"token id {token_id} at position {position} is out of range: ids must be in [0, {self.vocab_size})"
+                    f"token id {token_id} at position {position} is out of range: ids must be in [0, {vocab_size})"
                 )
             checked.append(token_id)
         return checked
