@@ -151,10 +151,6 @@ class StartupBenchConfig:
             raise ValueError(str(exc)) from None
         self.output = Path(self.output)
 
-    @property
-    def device_type(self) -> str:
-        return self.device.partition(":")[0]
-
     def model_cache_dirs(self, model: str, root: Path | None = None) -> dict[str, str]:
         """{TORCHINDUCTOR_CACHE_DIR: folder, TRITON_CACHE_DIR: folder} of one model, under root or cache_dir."""
         base = root if root is not None else self.cache_dir / model.replace(":", "-")
@@ -227,6 +223,8 @@ def _child(spec: dict) -> int:
     start = phases.start("import")
     import torch
 
+    from fms.bench.timing import peak_memory_gb
+    from fms.bench.timing import synchronize as synchronize_device
     from fms.models import get_model
     from fms.serving import EngineConfig, LLMEngine, SamplingParams
     phases.done("import", start)
@@ -234,13 +232,12 @@ def _child(spec: dict) -> int:
     device = torch.device(spec["device"])
 
     def synchronize():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize_device(device)
 
     def peak_memory():
         if device.type == "cuda":
-            record["peak_gpu_memory_gb"] = {"allocated": torch.cuda.max_memory_allocated(device) / GB,
-                                            "reserved": torch.cuda.max_memory_reserved(device) / GB}
+            allocated, reserved = peak_memory_gb(device)
+            record["peak_gpu_memory_gb"] = {"allocated": allocated, "reserved": reserved}
         record["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB  # Linux: KiB
 
     architecture, variant = parse_model(spec["model"])

@@ -39,10 +39,23 @@ logger = logging.getLogger(__name__)
 SNAPSHOT_INTERVAL_S = 0.05
 
 
-def put_deltas(items) -> None:
+def _put_deltas(items) -> None:
     """On an event loop: each (asyncio queue, delta) pair of one step, in order."""
     for queue_, delta in items:
         queue_.put_nowait(delta)
+
+
+def post_deltas(items) -> None:
+    """From any thread: each (stream, event loop, delta) to its stream, one wake-up per event loop (not one per
+    request); a closed loop's clients are gone and get nothing."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for stream, loop, delta in items:
+        by_loop.setdefault(loop, []).append((stream._queue, delta))
+    for loop, pairs in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_deltas, pairs)
+        except RuntimeError:  # that loop is closed
+            pass
 
 
 class EngineFollowers(Protocol):
@@ -382,14 +395,7 @@ class AsyncEngine:
                 self.sink.publish([(request_id, delta) for request_id, _, delta in outbox],
                                   self.stats if with_stats else None)
             return
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for _, tracked, delta in outbox:
-            by_loop.setdefault(tracked.loop, []).append((tracked.stream._queue, delta))
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(put_deltas, items)
-            except RuntimeError:  # that loop is closed: its clients are gone
-                pass
+        post_deltas((tracked.stream, tracked.loop, delta) for _, tracked, delta in outbox)
 
     def _abort_all(self, reason: str) -> None:
         for request_id, tracked in list(self._tracked.items()):

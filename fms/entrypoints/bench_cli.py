@@ -368,7 +368,7 @@ def latency_main(argv=None) -> dict:
 
 # -- fms bench startup (start-up by phase, cold and warm, scripts/bench_startup.py) -----------------------
 def startup_parser() -> argparse.ArgumentParser:
-    from fms.entrypoints.engine_args import add_engine_arguments
+    from fms.entrypoints.engine_args import DTYPE_NAMES, add_engine_arguments
 
     p = _Parser(prog="fms bench startup", description=STARTUP_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("start-up benchmark")
@@ -376,8 +376,7 @@ def startup_parser() -> argparse.ArgumentParser:
                    help="comma list of ARCHITECTURE:VARIANT (random weights); default: "
                         f"{','.join(DEFAULT_MODELS['cuda'])} on CUDA, {','.join(DEFAULT_MODELS['cpu'])} on CPU")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    g.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"],
-                   help="default: bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--dtype", default=None, choices=DTYPE_NAMES, help="default: bf16 on CUDA, fp32 on CPU")
     g.add_argument("--seed", type=int, default=0, help="random weights' and the prompt's seed")
     g.add_argument("--timeout", type=float, default=StartupBenchConfig.timeout_s,
                    help="seconds each child process may run before it is killed and recorded as timed out")

@@ -21,6 +21,7 @@ ENGINE_FLAGS = {
     "enable_prefix_caching": "enable_prefix_caching",
     "max_decode_steps": "max_decode_steps",
 }
+DTYPE_NAMES = ("bf16", "fp16", "fp32", "bfloat16", "float16", "float32")  # --dtype (fms.models resolves them)
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,8 +33,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--variant", default=None, help="e.g. micro, 3.2-1b (random weights, seeded by --seed)")
     g.add_argument("--tokenizer", default=None, help="tokenizer file or folder (default: the model's, else shipped)")
     g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
-    g.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"],
-                   help="default: bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--dtype", default=None, choices=DTYPE_NAMES, help="default: bf16 on CUDA, fp32 on CPU")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     g.add_argument("--seed", type=int, default=0, help="random weights' seed")
 

@@ -33,7 +33,7 @@ import time
 import traceback
 from typing import Hashable
 
-from fms.entrypoints.async_engine import AsyncEngine, Delta, EngineOverloaded, EngineStopped, RequestStream, put_deltas
+from fms.entrypoints.async_engine import AsyncEngine, Delta, EngineOverloaded, EngineStopped, RequestStream, post_deltas
 from fms.entrypoints.metrics import FinishedRequest
 from fms.runtime.sampler import TokenLogprobs
 from fms.serving.detokenizer import INITIAL_CONTEXT_TOKENS
@@ -366,7 +366,7 @@ class EngineProcessClient:
         _, deltas, stats, finished, num_received, num_pending = message
         if stats is not None:
             self._engine_stats = stats
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        items = []
         with self._lock:
             for item in deltas:
                 entry = self._streams.get(item[0])
@@ -376,13 +376,9 @@ class EngineProcessClient:
                 delta = _decode(item, stream.num_prompt_tokens)
                 if isinstance(delta, Exception) or delta.finished:
                     del self._streams[item[0]]
-                by_loop.setdefault(loop, []).append((stream._queue, delta))
+                items.append((stream, loop, delta))
         self._engine_num_received, self._engine_num_pending = num_received, num_pending
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(put_deltas, items)
-            except RuntimeError:  # that loop is closed: its clients are gone
-                pass
+        post_deltas(items)
         if self.on_finish is not None:
             for record in finished:
                 self.on_finish(FinishedRequest(*record))
@@ -394,16 +390,8 @@ class EngineProcessClient:
             streams, self._streams = list(self._streams.values()), {}
         self._accepting = False
         logger.error("%s; %d request(s) in flight end with an error", reason, len(streams))
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for stream, loop in streams:
-            delta = Delta([], None, finished=True, finish_reason="error", error=reason,
-                          num_prompt_tokens=stream.num_prompt_tokens)
-            by_loop.setdefault(loop, []).append((stream._queue, delta))
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(put_deltas, items)
-            except RuntimeError:
-                pass
+        post_deltas((stream, loop, Delta([], None, finished=True, finish_reason="error", error=reason,
+                                         num_prompt_tokens=stream.num_prompt_tokens)) for stream, loop in streams)
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     def start(self) -> None:
