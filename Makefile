@@ -29,7 +29,7 @@ BENCH = $(PYTHON) scripts/benchmark_inference.py --results_dir $(RESULTS) \
 
 .PHONY: install test test-paged-attention check-torch download-tokenizer \
 	bench-llama bench-llama-paged bench-llama-t4 bench-llama-paged-t4 bench-granite bench-granite-paged \
-	bench-compare bench-gpt2 bench-serving serve bench-server-vs-offline bench-startup
+	bench-compare bench-gpt2 bench-serving serve bench-server-vs-offline bench-startup bench-targets
 
 install:
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
@@ -94,3 +94,7 @@ STARTUP_TIMEOUT ?=
 bench-startup:
 	$(PYTHON) scripts/bench_startup.py --output $(RESULTS)/startup.json $(if $(STARTUP_MODELS),--models $(STARTUP_MODELS)) \
 		$(if $(STARTUP_TIMEOUT),--timeout $(STARTUP_TIMEOUT))
+
+bench-targets:
+	$(PYTHON) scripts/bench_targets.py --output $(RESULTS)/targets.json $(if $(TARGET_ROWS),--rows $(TARGET_ROWS)) \
+		$(if $(TARGETS_TIMEOUT),--timeout $(TARGETS_TIMEOUT)) $(if $(REPEATS),--repeats $(REPEATS))

@@ -3,6 +3,7 @@ engine serving throughput), `fms bench static` (static batches per attention op)
 batch end to end), `fms bench startup` (engine start-up by phase, cold and warm) and `fms eval`.
 scripts/benchmark_serving.py, scripts/benchmark_inference.py, scripts/bench_startup.py and scripts/eval.py
 call these. Options take vLLM-style dashes or the scripts' underscores alike.
+`fms bench targets` (issue 19's table of targets) runs them as child processes (scripts/bench_targets.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from fms.bench.models import ARCHITECTURES
 from fms.bench.serving import PEERS, ServingBenchConfig, run_serving_benchmark
 from fms.bench.startup import DEFAULT_MODELS, StartupBenchConfig, run_startup_benchmark
 from fms.bench.static_run import PROFILES, SWEEPS, StaticBenchConfig, run_static_benchmark
+from fms.bench.targets import ROW_NAMES, TargetsConfig, run_targets
 from fms.cache.paged import SUPPORTED_PAGE_SIZES
 from fms.eval.report import MODE_CHOICES, TASK_NAMES, EvalConfig, run_eval
 
@@ -79,6 +81,25 @@ a table of model x phase with cold and warm columns.
 THROUGHPUT_PROGRAM = ("fms", "bench", "throughput")  # how the recorded command starts (scripts pass theirs)
 STATIC_PROGRAM = ("fms", "bench", "static")
 STARTUP_PROGRAM = ("fms", "bench", "startup")
+TARGETS_PROGRAM = ("fms", "bench", "targets")
+TARGETS_DOC = """Issue 19's table of targets: each row runs an existing benchmark as a child process and reads its JSON.
+
+Rows: startup-8b, startup-hybrid (fms bench startup), serving-1b and batch1-1b (one run of
+scripts/benchmark_serving.py feeds both), serving-8b (with HF generate_batch), eval-fp32 (scripts/eval.py, paged
+vs default in fp32), serving-hybrid (Granite-4.0-H-1B). Each run has its own --timeout; a run that fails or times
+out is reported with its log tail and the next one still runs. A target is met only if every run of its row met
+it (--repeats N reruns each job). Writes one JSON (command, device, commit; per row its runs: command, raw JSON,
+measured, met) and the same table in markdown beside it; the JSON is rewritten after every run. The work is
+fms.bench.targets.
+
+    fms bench targets --rows serving-1b,batch1-1b,eval-fp32 --timeout 540 --output results/targets_a.json
+    fms bench targets --rows startup-8b --timeout 590 --output results/targets_b.json
+    fms bench targets --from-results results/targets_a.json results/targets_b.json --output results/targets.json
+    fms bench targets --dry-run                                # the commands each row would run
+
+Without CUDA the rows run tiny stand-ins (llama micro, granite_hybrid h-nano, a few requests) and the verdicts
+read n/a (CPU): the targets are for the GPU (eval-fp32's is for the CPU too).
+"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -422,3 +443,46 @@ def startup_config(argv=None, program=STARTUP_PROGRAM) -> StartupBenchConfig:
 
 def startup_main(argv=None, program=STARTUP_PROGRAM) -> dict:
     return run_startup_benchmark(startup_config(argv, program))
+
+
+# -- fms bench targets (issue 19's table, scripts/bench_targets.py) ------------------------------------------
+def targets_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="fms bench targets", description=TARGETS_DOC,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", default=",".join(ROW_NAMES),
+                   help=f"comma list of rows (default: all): {', '.join(ROW_NAMES)}")
+    p.add_argument("--repeats", type=int, default=TargetsConfig.repeats,
+                   help="runs of each chosen row's job, in rounds")
+    p.add_argument("--timeout", type=float, default=TargetsConfig.timeout_s,
+                   help="seconds each run may take before it is killed (with its children) and recorded as timed out")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds for all runs together (a device call's limit): each run's timeout is at most what is "
+                        "left of it, and runs with nothing left are recorded as skipped")
+    p.add_argument("--output", type=Path, default=None,
+                   help="the results JSON, and FILE.md beside it (default when running: results/targets.json)")
+    p.add_argument("--raw-dir", type=Path, default=None,
+                   help="where each run's folder goes (its JSON and log); default: beside --output, <stem>_raw")
+    p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
+    p.add_argument("--commit", default=None, help="the commit to record when git cannot tell (a tree without .git)")
+    p.add_argument("--from-results", type=Path, nargs="+", default=(), metavar="FILE",
+                   help="run nothing: merge these targets JSONs (each row keeps every file's runs) and print the table")
+    p.add_argument("--dry-run", action="store_true", help="print each job's command and run nothing")
+    return p
+
+
+def targets_config(argv=None, program=TARGETS_PROGRAM) -> TargetsConfig:
+    parser = targets_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    try:
+        return TargetsConfig(rows=_names(args.rows), repeats=args.repeats, timeout_s=args.timeout,
+                             budget_s=args.budget, output=args.output,
+                             raw_dir=args.raw_dir, device=args.device, commit=args.commit,
+                             from_results=tuple(args.from_results), dry_run=args.dry_run,
+                             command=" ".join(shlex.quote(a) for a in [*program, *argv]))
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def targets_main(argv=None, program=TARGETS_PROGRAM) -> dict:
+    return run_targets(targets_config(argv, program))

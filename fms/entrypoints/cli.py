@@ -35,6 +35,7 @@ BENCH_SUBCOMMANDS = {
     "latency": "end-to-end latency of one batch on the engine",
     "static": "static-batch inference per attention op (scripts/benchmark_inference.py)",
     "startup": "engine start-up by phase, cold and warm, in fresh processes (scripts/bench_startup.py)",
+    "targets": "issue 19's table of targets: each row's benchmark run, met or not (scripts/bench_targets.py)",
 }
 
 
@@ -174,6 +175,8 @@ def _bench(argv: list[str]) -> int:
         bench_cli.latency_main(rest)
     elif name == "startup":
         bench_cli.startup_main(rest)
+    elif name == "targets":
+        bench_cli.targets_main(rest)
     else:
         bench_cli.static_main(rest)
     return 0
