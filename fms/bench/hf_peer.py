@@ -1,8 +1,11 @@
 """HF transformers peers: a twin of our model (same config, same weights) and its timed generate / generate_batch."""
 
+import importlib.util
+import time
+
 import torch
 
-from fms.bench.timing import time_calls
+from fms.bench.timing import peak_memory_gb, release_memory, reset_peak_memory, synchronize, time_calls
 
 
 def hf_config_dict(architecture: str, config) -> dict:
@@ -124,6 +127,108 @@ def hf_generate_point(hf_model, prompts, max_new_tokens, *, repeats, warmup, dev
     return {"e2e_latency_ms": e2e, "output_tokens_per_s": out.numel() / (e2e / 1e3),
             "requests_per_s": len(prompts) / (e2e / 1e3), "peak_gpu_mem_allocated_gb": peak_alloc,
             "outputs": out.tolist()}
+
+
+WARMUP_NEW_TOKENS = 2  # the static peer's warm-up: one prefill and one decode step of the largest batch
+
+
+def static_batches(num_requests: int, batch_size: int | None) -> list[range]:
+    """Request indices per static batch, in workload order: batch_size at a time (None: all in one)."""
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"hf_batch_size must be an int >= 1 (requests per HF generate call) or None (all requests "
+                         f"in one call), got {batch_size!r}")
+    size = num_requests if batch_size is None else min(batch_size, num_requests)
+    return [range(start, min(start + size, num_requests)) for start in range(0, num_requests, size)]
+
+
+def hf_mamba_kernels(hf_model) -> str | None:
+    """Which Mamba kernels HF's hybrid layers run: the CUDA packages if importable, else HF's torch reference."""
+    # by module, not config: HF's spelling of a Mamba layer type has changed ("mamba", "linear_attention")
+    if not any("Mamba" in type(module).__name__ for module in hf_model.modules()):
+        return None
+    found = [name for name in ("mamba_ssm", "causal_conv1d") if importlib.util.find_spec(name) is not None]
+    return ", ".join(found) if found else "torch reference (mamba_ssm and causal_conv1d not installed)"
+
+
+def _real_tokens(row: list[int], length: int, eos_token_ids: frozenset[int]) -> list[int]:
+    """A row's new tokens as our engine would return them: its own length, up to and including an EOS."""
+    row = row[:length]
+    for i, token in enumerate(row):
+        if token in eos_token_ids:
+            return row[:i + 1]
+    return row
+
+
+@torch.no_grad()
+def _generate_left_padded(hf_model, prompts, output_lens, eos_token_ids, device) -> tuple[list[list[int]], int, int]:
+    """One static HF generate call on prompts of mixed lengths.
+
+    -> (each request's real new tokens, prompt pad tokens, token slots generated: rows x new columns)
+    """
+    pad_id = hf_model.generation_config.pad_token_id
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):  # left padding: every prompt ends at column width - 1
+        input_ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[row, width - len(prompt):] = 1
+    # EOS ignored as our engine ignores it (sampled and kept, never a stop): eos_token_id None. HF's
+    # min_new_tokens would instead mask EOS out of the logits, so greedy tokens could differ from ours.
+    out = hf_model.generate(input_ids.to(device), attention_mask=attention_mask.to(device),
+                            max_new_tokens=max(output_lens), do_sample=False,
+                            eos_token_id=sorted(eos_token_ids) or None, pad_token_id=pad_id)
+    new = out[:, width:]  # (batch, new tokens); rows that met an EOS go on in pad_id
+    real = [_real_tokens(row, n, eos_token_ids) for row, n in zip(new.tolist(), output_lens)]
+    return real, int((attention_mask == 0).sum()), new.numel()
+
+
+def hf_static_generate_point(hf_model, prompts, output_lens, *, batch_size: int | None = None,
+                             eos_token_ids=(), device) -> dict:
+    """HF's static `generate` on a serving workload: left-padded batches of batch_size requests, greedy.
+
+    Each batch generates its longest output length; a request's tokens past its own length are
+    discarded and not counted (a static batch runs until its longest member). One untimed warm-up
+    call comes first: the batch_size longest prompts (the largest batch shape, so the prefill's
+    memory peak) with WARMUP_NEW_TOKENS new tokens (prefill and decode both run). With batch_size
+    None, all requests go in one batch, halved on CUDA out-of-memory in the warm-up until one fits.
+    """
+    if len(prompts) != len(output_lens) or not prompts:
+        raise ValueError(f"need one output length per prompt and >= 1 prompt, got {len(prompts)} prompts and "
+                         f"{len(output_lens)} output lengths")
+    eos = frozenset(eos_token_ids)
+    size, out_of_memory = len(static_batches(len(prompts), batch_size)[0]), []
+    by_length = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    while True:  # the warm-up
+        longest = by_length[-size:]
+        try:
+            _generate_left_padded(hf_model, [prompts[i] for i in longest],
+                                  [min(output_lens[i], WARMUP_NEW_TOKENS) for i in longest], eos, device)
+            break
+        except torch.cuda.OutOfMemoryError:
+            if batch_size is not None or size == 1:
+                raise
+        out_of_memory.append(size)
+        size = (size + 1) // 2
+        release_memory(device)  # after the except block, which held the failed call's tensors
+    batches = static_batches(len(prompts), size)
+    reset_peak_memory(device)
+    outputs, num_pad, num_generated = [], 0, 0
+    synchronize(device)
+    start = time.perf_counter()
+    for batch in batches:
+        tokens, pad, generated = _generate_left_padded(hf_model, [prompts[i] for i in batch],
+                                                       [output_lens[i] for i in batch], eos, device)
+        outputs += tokens
+        num_pad += pad
+        num_generated += generated
+    synchronize(device)
+    duration = time.perf_counter() - start
+    num_out = sum(len(t) for t in outputs)
+    return {"e2e_latency_ms": duration * 1e3, "output_tokens_per_s": num_out / duration,
+            "requests_per_s": len(prompts) / duration, "peak_gpu_mem_allocated_gb": peak_memory_gb(device)[0],
+            "batch_size": size, "num_batches": len(batches), "out_of_memory_batch_sizes": out_of_memory,
+            "num_prompt_pad_tokens": num_pad, "num_output_tokens": num_out, "num_generated_tokens": num_generated,
+            "outputs": outputs}
 
 
 HF_CB_ATTN = ("paged|sdpa", "sdpa", "paged|eager")
