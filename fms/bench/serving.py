@@ -1,4 +1,5 @@
-"""The offline serving benchmark: LLMEngine on a request workload (optionally vs HF generate_batch), with its roofline.
+"""The offline serving benchmark: LLMEngine on a request workload (optionally vs HF generate_batch / static generate),
+with its roofline.
 
 All requests arrive at t=0, so time to first token includes queueing. On CPU the defaults shrink to a
 demo (llama "micro", 8 requests of 16-32 + 8 tokens): its numbers say the engine runs, not how fast.
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from fms.bench.hf_peer import hf_generate_batch_point, hf_twin
+from fms.bench.hf_peer import (hf_generate_batch_point, hf_mamba_kernels, hf_static_generate_point, hf_twin,
+                              static_batches)
 from fms.bench.results import run_metadata, write_csv, write_json
 from fms.bench.roofline import ModelCost, batch1_decode_limit_tok_s, limit_fields, serving_roofline
 from fms.bench.timing import GB, peak_memory_gb, reset_peak_memory, synchronize
@@ -26,9 +28,12 @@ CSV_COLUMNS = (
     "itl_p50_ms", "itl_p90_ms", "itl_p99_ms",
     "peak_gpu_mem_allocated_gb", "kv_pool_gb", "num_preemptions", "prefix_cache_hit_rate", "cuda_graphs",
     "limit_tok_s", "pct_of_limit",
-    "attn_implementation", "tokens_match_fms", "first_token_match_fms", "mean_common_prefix_tokens", "error",
+    "attn_implementation", "hf_batch_size", "tokens_match_fms", "first_token_match_fms", "mean_common_prefix_tokens",
+    "error",
 )
-PEERS = ("hf",)
+# hf: HF continuous batching (generate_batch, which refuses hybrids); hf_generate: HF static generate, left-padded
+PEERS = ("hf", "hf_generate")
+HF_STATIC_SYSTEM = "hf generate"
 
 
 @dataclass
@@ -61,6 +66,7 @@ class ServingBenchConfig:
     max_decode_steps: int | None = None
     respect_eos: bool = False
     peers: tuple[str, ...] = ()
+    hf_batch_size: int | None = None  # hf_generate's requests per generate call; None: all in one (halved on OOM)
     warmup: bool = True
     command: str = "scripts/benchmark_serving.py"
 
@@ -87,6 +93,10 @@ class ServingBenchConfig:
         unknown = [p for p in self.peers if p not in PEERS]
         if unknown:
             raise ValueError(f"peers: unknown peer {unknown}; allowed: {', '.join(PEERS)}")
+        static_batches(self.num_requests, self.hf_batch_size)  # checks hf_batch_size
+        if self.hf_batch_size is not None and "hf_generate" not in self.peers:
+            raise ValueError(f"hf_batch_size {self.hf_batch_size} applies to the hf_generate peer only; add it to "
+                             f"peers (--peers hf_generate), got peers {list(self.peers)}")
 
     @property
     def is_cuda(self) -> bool:
@@ -154,6 +164,15 @@ def _common_prefix(a, b) -> int:
     return n
 
 
+def _match_fms(tokens, fms_tokens) -> dict:
+    """How a peer's greedy tokens compare with ours, request by request."""
+    n = len(tokens)
+    # random bf16 weights give near-tied logits, so greedy sequences drift apart after a few tokens
+    return {"tokens_match_fms": sum(a == b for a, b in zip(tokens, fms_tokens)) / n,
+            "first_token_match_fms": sum(a[:1] == b[:1] for a, b in zip(tokens, fms_tokens)) / n,
+            "mean_common_prefix_tokens": sum(_common_prefix(a, b) for a, b in zip(tokens, fms_tokens)) / n}
+
+
 def run_hf_peer(model, architecture, prompts, output_lens, fms_tokens, device):
     if len(set(output_lens)) != 1:
         return {"system": "hf generate_batch", "error": "skipped: HF generate_batch takes one max_new_tokens for "
@@ -171,11 +190,40 @@ def run_hf_peer(model, architecture, prompts, output_lens, fms_tokens, device):
         **throughput(n, sum(len(p) for p in prompts), sum(len(t) for t in tokens), point["e2e_latency_ms"] / 1e3),
         "peak_gpu_mem_allocated_gb": point["peak_gpu_mem_allocated_gb"],
         "attn_implementation": point["attn_implementation"],
-        # random bf16 weights give near-tied logits, so greedy sequences drift apart after a few tokens
-        "tokens_match_fms": sum(a == b for a, b in zip(tokens, fms_tokens)) / n,
-        "first_token_match_fms": sum(a[:1] == b[:1] for a, b in zip(tokens, fms_tokens)) / n,
-        "mean_common_prefix_tokens": sum(_common_prefix(a, b) for a, b in zip(tokens, fms_tokens)) / n,
+        **_match_fms(tokens, fms_tokens),
         "attempts_failed": point.get("attempts_failed"),
+    }
+
+
+def run_hf_static_peer(model, architecture, prompts, output_lens, fms_tokens, eos_token_ids, batch_size, device):
+    """HF's static `generate` on the same prompts (left-padded batches, greedy): the peer for hybrids too."""
+    try:
+        hf_model = hf_twin(model, architecture)
+        point = hf_static_generate_point(hf_model, prompts, output_lens, batch_size=batch_size,
+                                         eos_token_ids=eos_token_ids, device=device)
+    except Exception as exc:  # noqa: BLE001 - a peer failing must not lose our own results
+        return {"system": HF_STATIC_SYSTEM, "error": f"{type(exc).__name__}: {exc}"}
+    tokens = point.pop("outputs")
+    attn, mamba = hf_model.config._attn_implementation, hf_mamba_kernels(hf_model)
+    del hf_model
+    num_in = sum(len(p) for p in prompts)
+    return {
+        "system": HF_STATIC_SYSTEM,
+        **throughput(len(prompts), num_in, point["num_output_tokens"], point["e2e_latency_ms"] / 1e3),
+        # a static batch hands back every token when generate returns: no per-token times to report
+        **percentiles_ms([], "ttft"), **percentiles_ms([], "tpot"), **percentiles_ms([], "itl"),
+        "peak_gpu_mem_allocated_gb": point["peak_gpu_mem_allocated_gb"],
+        "attn_implementation": attn,
+        "hf_mamba_kernels": mamba,
+        "hf_batch_size": point["batch_size"],
+        "hf_batch_size_asked": batch_size,
+        "num_batches": point["num_batches"],
+        "out_of_memory_batch_sizes": point["out_of_memory_batch_sizes"],
+        "num_output_tokens": point["num_output_tokens"],
+        "num_input_tokens": num_in,
+        "num_prompt_pad_tokens": point["num_prompt_pad_tokens"],
+        "num_generated_tokens": point["num_generated_tokens"],
+        **_match_fms(tokens, fms_tokens),
     }
 
 
@@ -266,11 +314,19 @@ def run_serving_benchmark(config: ServingBenchConfig) -> dict:
         limit = serving_roofline(cost, [128], [config.batch1_tokens], 1)
         rows.append({**row, **limit_fields(limit, row["output_tokens_per_s"]),
                      "batch1_decode_limit_tok_s": batch1_decode_limit_tok_s(cost, 128)})
-    if "hf" in config.peers:
+    eos_token_ids = engine.eos_token_ids if config.respect_eos else frozenset()
+    if config.peers:
         del engine
         if config.is_cuda:
             torch.cuda.empty_cache()
-        peer = run_hf_peer(model, config.architecture, prompts, output_lens, fms_tokens, device)
+    for name in config.peers:
+        if name == "hf":
+            peer = run_hf_peer(model, config.architecture, prompts, output_lens, fms_tokens, device)
+        else:
+            peer = run_hf_static_peer(model, config.architecture, prompts, output_lens, fms_tokens, eos_token_ids,
+                                      config.hf_batch_size, device)
+        if config.is_cuda:
+            torch.cuda.empty_cache()
         if "output_tokens_per_s" in peer:
             peer.update(limit_fields(roofline, peer["output_tokens_per_s"]))
         rows.append(peer)
@@ -303,6 +359,8 @@ def summary_line(row: dict) -> str:
     if row.get("ttft_p50_ms") is not None:  # None: no request produced a token (e.g. all rejected)
         line += (f", TTFT p50 {row['ttft_p50_ms']:.0f} ms, TPOT p50 {row['tpot_p50_ms'] or 0:.2f} ms, "
                  f"preemptions {row['num_preemptions']}, prefix hit rate {row['prefix_cache_hit_rate']:.1%}")
+    if row.get("hf_batch_size"):
+        line += f", static batches of {row['hf_batch_size']} ({row['num_batches']} generate calls)"
     if row.get("limit_tok_s"):
         line += f"; {row['pct_of_limit']:.1f}% of the {row['limit_tok_s']:.0f} tok/s roofline"
     return line

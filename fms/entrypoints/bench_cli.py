@@ -154,7 +154,11 @@ def throughput_parser_args(argv=None):
     p.add_argument("--max_decode_steps", type=int, default=None,
                    help="decode steps per host synchronization (default: the engine's, 16; 1 = every token)")
     p.add_argument("--respect_eos", action="store_true", help="stop at EOS (default: ignore it, fixed lengths)")
-    p.add_argument("--peers", default="", help="comma list of peers to run on the same weights/workload: hf")
+    p.add_argument("--peers", default="", help="comma list of peers to run on the same weights/workload: hf (HF "
+                   "generate_batch, continuous batching), hf_generate (HF static generate, left-padded batches)")
+    p.add_argument("--hf_batch_size", type=int, default=None,
+                   help="requests per HF static generate call (--peers hf_generate); default: all in one call, "
+                   "halved on CUDA out-of-memory")
     p.add_argument("--no_warmup", action="store_true", help="skip the short untimed warm-up run (always off on CPU)")
     return p, p.parse_args(argv)
 
