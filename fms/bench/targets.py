@@ -45,7 +45,7 @@ SERVING_1B_MIN_TOK_S = 61_000.0  # 70% of the workload's floor on the H200
 BATCH1_1B_MIN_TOK_S = 1_390.0  # 80% of the weight-read limit
 SERVING_8B_MIN_PCT = 60.0  # of its floor
 EVAL_MAX_PAGED_OVER_DEFAULT = 1.0  # paged per-batch time no slower than default
-HF_STATIC_SYSTEM = "hf generate"  # a serving JSON row of HF's static generate (no such peer exists yet)
+HF_STATIC_SYSTEM = "hf generate"  # the serving JSON's row of HF's static generate (fms.bench.serving's hf_generate)
 
 
 @dataclass(frozen=True)
@@ -142,8 +142,10 @@ JOBS = {job.name: job for job in (
     _serving_job("serving-8b", ["--variant", "3.1-8b", *SERVING_WORKLOAD, "--peers", "hf"],
                  ["--variant", "micro", *CPU_WORKLOAD, "--peers", "hf"]),
     Job("eval-fp32", _eval_argv, "eval.json"),
+    # HF's static generate beside (its continuous batching refuses hybrids): all 64 requests in one left-padded batch
     _serving_job("serving-hybrid", ["--architecture", "granite_hybrid", "--variant", "4.0-h-1b", "--num_requests",
-                                    "64", "--prompt_range", "512,2048", "--output_range", "128,128"],
+                                    "64", "--prompt_range", "512,2048", "--output_range", "128,128",
+                                    "--peers", "hf_generate"],
                  ["--architecture", "granite_hybrid", "--variant", "h-nano", *CPU_WORKLOAD]),
 )}
 
@@ -254,15 +256,23 @@ def _show_eval(values: dict) -> str:
 def _read_serving_hybrid(raw: dict) -> dict:
     row = _system(raw, "fms LLMEngine")
     peers = [r for r in raw["results"] if r["system"] == HF_STATIC_SYSTEM]
+    peer = peers[0] if peers else {}
+    tok_s = peer.get("output_tokens_per_s")
     return {"output_tok_s": row["output_tokens_per_s"], "ttft_p50_ms": row["ttft_p50_ms"],
-            "tpot_p50_ms": row["tpot_p50_ms"],
-            "hf_static_tok_s": peers[0].get("output_tokens_per_s") if peers else None}
+            "tpot_p50_ms": row["tpot_p50_ms"], "hf_static_tok_s": tok_s,
+            "fms_over_hf_static": row["output_tokens_per_s"] / tok_s if tok_s else None,
+            "hf_static_batch_size": peer.get("hf_batch_size"), "hf_static_error": peer.get("error")}
 
 
 def _show_serving_hybrid(values: dict) -> str:
-    peer = (f"HF static generate {_n(values['hf_static_tok_s'])} tok/s" if values["hf_static_tok_s"] is not None
-            else "HF static generate: not run (benchmark_serving.py has no static-generate peer)")
-    return (f"{_n(values['output_tok_s'])} tok/s, TTFT p50 {_n(values['ttft_p50_ms'], ',.0f')} ms, TPOT p50 "
+    if values["hf_static_tok_s"] is not None:
+        peer = f"HF static generate {_n(values['hf_static_tok_s'])} tok/s"
+    elif values.get("hf_static_error"):
+        peer = f"HF static generate: failed: {str(values['hf_static_error'])[:120]}"
+    else:
+        peer = "HF static generate: not run (add --peers hf_generate)"
+    ratio = f" ({_n(values['fms_over_hf_static'], '.1f')}x HF static)" if values.get("fms_over_hf_static") else ""
+    return (f"{_n(values['output_tok_s'])} tok/s{ratio}, TTFT p50 {_n(values['ttft_p50_ms'], ',.0f')} ms, TPOT p50 "
             f"{_n(values['tpot_p50_ms'], '.1f')} ms; {peer}")
 
 
