@@ -221,6 +221,34 @@ def test_unknown_model_is_404_in_openai_shape(server, client):
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 
 
+@pytest.mark.parametrize("path, content, param", [
+    ("/v1/completions", b'{"model": "llama-micro", "prompt": [1, 2', None),  # cut-off JSON
+    ("/v1/completions", b"not json at all", None),
+    ("/v1/completions", b'{"model": "llama-micro"}', "prompt"),  # the one required field is missing
+    ("/v1/completions", b'{"prompt": [1, -3]}', "prompt"),  # a negative token id
+    ("/v1/completions", b'{"prompt": [1, "a"]}', "prompt"),  # ids and text mixed in one prompt
+    ("/v1/chat/completions", b'{"messages": "hi"}', "messages"),
+    ("/v1/chat/completions", b"[]", None),
+])
+def test_malformed_bodies_are_400_in_openai_shape(server, path, content, param):
+    """The body is parsed straight from its bytes (not through FastAPI's typed parameter): a bad one is still a 400
+    in OpenAI's shape that names the field, never a 422 or a 500."""
+    response = httpx.post(server.url + path, content=content, headers={"content-type": "application/json"},
+                          timeout=10)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == 400 and error["message"]
+    if param is not None:
+        assert error["param"] is not None and error["param"].split(".")[0] == param, error
+
+
+def test_openapi_schema_documents_the_request_bodies(server):
+    schema = httpx.get(server.url + "/openapi.json", timeout=10).json()
+    for path, field in (("/v1/completions", "prompt"), ("/v1/chat/completions", "messages")):
+        body = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert field in body["properties"] and field in body["required"], (path, body)
+
+
 def test_32_concurrent_streaming_clients(server, offline):
     async def one(aclient, i):
         chunks = []

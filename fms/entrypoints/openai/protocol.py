@@ -122,7 +122,7 @@ class CompletionRequest(_SamplingFields):
             return [prompt]
         if not prompt:
             raise ApiError(400, "prompt is empty: give a string, token ids, or a list of either", "prompt")
-        if all(isinstance(p, int) for p in prompt):
+        if isinstance(prompt[0], int):  # validated as one of the union's lists: the first item tells which
             return [list(prompt)]
         return list(prompt)
 

@@ -30,6 +30,7 @@ from typing import AsyncIterator, Union
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
 
 from fms.entrypoints.async_engine import (AsyncEngine, Delta, EngineFollowers, EngineOverloaded, EngineStopped,
                                           RequestStream)
@@ -100,11 +101,12 @@ def _encode(state: ServerState, prompt: Union[str, list[int]], add_bos: bool | N
         ids = state.tokenizer.encode(prompt, add_bos=add_bos)
     else:
         ids = prompt
-    bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size]
-    if bad:
-        raise ApiError(400, f"prompt token ids must be ints in [0, {vocab_size}), got {bad[:5]}", "prompt")
     if not ids:
         raise ApiError(400, "the prompt is empty (no tokens)", "prompt")
+    # in C (map, set, min, max), not a Python loop per id: this runs for every request on the event loop
+    if set(map(type, ids)) != {int} or min(ids) < 0 or max(ids) >= vocab_size:
+        bad = [t for t in ids if type(t) is not int or not 0 <= t < vocab_size]
+        raise ApiError(400, f"prompt token ids must be ints in [0, {vocab_size}), got {bad[:5]}", "prompt")
     return list(ids)
 
 
@@ -238,6 +240,31 @@ def _chat_logprobs(token_ids: list[int], logprobs: list[TokenLogprobs], text_of)
             for token, lp in zip(token_ids, logprobs)]
 
 
+def _invalid_body(errors: list, skip: int = 0) -> ApiError:
+    """A 400 naming the first bad field; skip: leading location parts to drop (FastAPI's "body")."""
+    first = errors[0] if errors else {}
+    param = ".".join(str(p) for p in first.get("loc", ())[skip:]) or None
+    message = "; ".join(f"{'.'.join(str(p) for p in err.get('loc', ())[skip:]) or 'body'}: {err.get('msg')}"
+                        for err in errors[:5])
+    return ApiError(400, message or "invalid request body", param)
+
+
+async def _parse_body(raw: Request, model: type[BaseModel]) -> BaseModel:
+    """The JSON body straight into the request model by pydantic-core (one pass over the bytes), rather than
+    FastAPI's json.loads, then dict validation and dependency solving: this runs on the event loop for every
+    request, and a burst of 128 spent ~0.7 ms each there on the H200's host (session 11's trace)."""
+    try:
+        return model.model_validate_json(await raw.body())
+    except ValidationError as e:
+        raise _invalid_body(e.errors()) from None
+
+
+def _json_body(model: type[BaseModel]) -> dict:
+    """The request body's schema for /docs, as FastAPI would have written it for a typed body parameter."""
+    return {"requestBody": {"required": True,
+                            "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
 def _sse(data: dict) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
@@ -255,12 +282,7 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_, e: RequestValidationError):
-        errors = e.errors()
-        first = errors[0] if errors else {}
-        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        message = "; ".join(f"{'.'.join(str(p) for p in err.get('loc', ())[1:]) or 'body'}: {err.get('msg')}"
-                            for err in errors[:5])
-        return JSONResponse(ApiError(400, message or "invalid request body", param).body(), status_code=400)
+        return JSONResponse(_invalid_body(e.errors(), skip=1).body(), status_code=400)
 
     @app.get("/health")
     async def health():
@@ -281,8 +303,9 @@ def build_app(state: ServerState) -> FastAPI:
     async def metrics():
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, raw: Request):
+    @app.post("/v1/completions", openapi_extra=_json_body(CompletionRequest))
+    async def completions(raw: Request):
+        body = await _parse_body(raw, CompletionRequest)
         body.check_supported()
         _check_model(state, body.model)
         prompts = [_encode(state, p) for p in body.prompts()]
@@ -294,8 +317,9 @@ def build_app(state: ServerState) -> FastAPI:
             return StreamingResponse(_stream_completion(request_id, body, streams), media_type="text/event-stream")
         return await _complete(request_id, body, streams, raw, chat=False)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, raw: Request):
+    @app.post("/v1/chat/completions", openapi_extra=_json_body(ChatCompletionRequest))
+    async def chat_completions(raw: Request):
+        body = await _parse_body(raw, ChatCompletionRequest)
         body.check_supported()
         _check_model(state, body.model)
         try:
