@@ -70,17 +70,18 @@ class MambaLayer(nn.Module):
         head_shard, conv_shard = (getattr(x, "shards", {}).get(n) for x, n in ((m, "A_log"), (m.conv1d, "weight")))
         heads = head_shard.full_shape[0] if head_shard else m.A_log.shape[0]
         local_heads = head_shard.take if head_shard else (lambda t: t)
-        a = torch.empty(heads).uniform_(1.0, 16.0, generator=generator)
+        # drawn on the generator's device (a CUDA one under get_model(init_on_device=True)), as llama's _normal_ does
+        device = generator.device if generator is not None else m.A_log.device
+        a = torch.empty(heads, device=device).uniform_(1.0, 16.0, generator=generator)
         m.A_log.copy_(local_heads(a.log()))
-        dt = torch.exp(torch.empty(heads).uniform_(0, 1, generator=generator) * (torch.log(torch.tensor(0.1))
-                                                                                   - torch.log(torch.tensor(1e-3)))
-                       + torch.log(torch.tensor(1e-3)))
+        dt = torch.exp(torch.empty(heads, device=device).uniform_(0, 1, generator=generator)
+                       * (torch.log(torch.tensor(0.1)) - torch.log(torch.tensor(1e-3))) + torch.log(torch.tensor(1e-3)))
         m.dt_bias.copy_(local_heads(dt + torch.log(-torch.expm1(-dt))))  # inverse softplus
         m.D.fill_(1.0)
         m.norm.weight.fill_(1.0)
         kernel = m.conv1d.weight.shape[-1]
         bound = kernel**-0.5  # nn.Conv1d's default range for a depthwise kernel
-        conv = torch.empty(conv_shard.full_shape if conv_shard else m.conv1d.weight.shape)
+        conv = torch.empty(conv_shard.full_shape if conv_shard else m.conv1d.weight.shape, device=device)
         conv.uniform_(-bound, bound, generator=generator)
         m.conv1d.weight.copy_(conv_shard.take(conv) if conv_shard else conv)
         if m.conv1d.bias is not None:

@@ -150,3 +150,19 @@ def test_init_on_device_draws_with_the_models_device_generator():
     assert not torch.equal(on_device.embedding.weight, other.embedding.weight)
     with pytest.raises(ValueError, match="init_on_device must be a bool, got 'yes'"):
         get_model("llama", "nano", init_on_device="yes")
+
+
+def test_init_on_device_builds_mamba_layers_with_a_cuda_generator():
+    """The Mamba layers' seeded init drew its temporaries on the CPU while get_model(init_on_device=True) hands it a
+    CUDA generator (the H200 run of `benchmark_serving.py --architecture granite_hybrid` failed on it in session 11)."""
+    import torch
+
+    from fms.models import get_model
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA: on the CPU the device generator is the CPU one (the test above)")
+    a = get_model("granite_hybrid", "h-nano", device_type="cuda", seed=0, init_on_device=True)
+    b = get_model("granite_hybrid", "h-nano", device_type="cuda", seed=1, init_on_device=True)
+    mamba = [m for m in a.modules() if hasattr(m, "reset_parameters_seeded") and hasattr(m, "mamba")]
+    assert mamba and all(torch.isfinite(m.mamba.A_log).all() and m.mamba.A_log.is_cuda for m in mamba)
+    assert not all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))

@@ -9,7 +9,10 @@
 #           packed-Mamba2-conv GPU tests and issue 22's hybrid prefix-cache workload with the packed conv
 #   part c: issue 18's server vs offline on this session's admission changes (.gpu, httptools from .whl), twice, then
 #           once traced (.tt = .gpu + trace2.patch); Granite-4.0-H-1B serving (no compile) next to HF's static generate
-#   part d: issue 19's start-up by phase: llama 3.2-1b cold then warm (compiled), llama 3.1-8b cold without compile
+#   part d: issue 19's start-up by phase: llama 3.2-1b cold then warm (compiled)
+#   part e: (the device budget left after two refused starts) part c's server runs, then part d with 230 s per child
+#   part f: part c's server runs again on the tree with one add message per loop turn restored, then Granite-4.0-H-1B
+#           serving (no compile) next to HF's static generate in batches of 16
 set -u
 OUT=${1:?out dir}; PART=${2:?part}
 export PYTHONUNBUFFERED=1
@@ -66,13 +69,37 @@ case $PART in
       --output "$OUT/trace/server_vs_offline.json") > "$OUT/log_trace.txt" 2>&1
     echo "exit $? wall $(python3 -c "import time; print(round(time.time() - $start, 1))") s" >> "$OUT/log_trace.txt"
     tail -4 "$OUT/log_trace.txt"; pack
-    step serving_hybrid_hf 150 python3 scripts/benchmark_serving.py --architecture granite_hybrid --variant 4.0-h-1b \
+    step serving_hybrid_hf 120 python3 scripts/benchmark_serving.py --architecture granite_hybrid --variant 4.0-h-1b \
       --num_requests 64 --prompt_range 512,2048 --output_range 128,128 --no_compile --peers hf_generate \
       --results_dir "$OUT/serving_hybrid"
     ;;
   d)
     step startup_1b 570 python3 scripts/bench_startup.py --models llama:3.2-1b --timeout 270 \
       --output "$OUT/startup_1b.json"
+    ;;
+  e)
+    for i in 1 2; do
+      step server_vs_offline_r$i 70 python3 scripts/bench_server_vs_offline.py --repeats 3 --engine-args=--no-compile \
+        --output "$OUT/server_vs_offline_r$i.json"
+    done
+    mkdir -p "$OUT/trace"
+    start=$(date +%s.%N)
+    (cd .tt && PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} FMS_TRACE="$OUT/trace/t" timeout 60 \
+      python3 scripts/bench_server_vs_offline.py --repeats 2 --engine-args=--no-compile \
+      --output "$OUT/trace/server_vs_offline.json") > "$OUT/log_trace.txt" 2>&1
+    echo "exit $? wall $(python3 -c "import time; print(round(time.time() - $start, 1))") s" >> "$OUT/log_trace.txt"
+    tail -4 "$OUT/log_trace.txt"; pack
+    step startup_1b 465 python3 scripts/bench_startup.py --models llama:3.2-1b --timeout 230 \
+      --output "$OUT/startup_1b.json"
+    ;;
+  f)
+    for i in 1 2; do
+      step server_vs_offline_r$i 60 python3 scripts/bench_server_vs_offline.py --repeats 3 --engine-args=--no-compile \
+        --output "$OUT/server_vs_offline_r$i.json"
+    done
+    step serving_hybrid_hf 115 python3 scripts/benchmark_serving.py --architecture granite_hybrid --variant 4.0-h-1b \
+      --num_requests 64 --prompt_range 512,2048 --output_range 128,128 --no_compile --peers hf_generate \
+      --hf_batch_size 16 --results_dir "$OUT/serving_hybrid"
     ;;
   *) echo "unknown part $PART"; exit 2 ;;
 esac
