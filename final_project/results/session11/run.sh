@@ -7,10 +7,8 @@
 #   part b: issue 18's server vs offline (engine process, no compile) on .tt = .gpu + trace.patch (per-request
 #           timestamps, trace_timeline.py reads them), with uvicorn's h11 and then with httptools (.wh2); then the
 #           packed-Mamba2-conv GPU tests and issue 22's hybrid prefix-cache workload with the packed conv
-#   part c: issue 18's server vs offline on this session's admission changes (.gpu, httptools from .whl), twice, then
-#           once traced (.tt = .gpu + trace2.patch); Granite-4.0-H-1B serving (no compile) next to HF's static generate
-#   part d: issue 19's start-up by phase: llama 3.2-1b cold then warm (compiled)
-#   part e: (the device budget left after two refused starts) part c's server runs, then part d with 230 s per child
+#   part e: issue 18's server vs offline on this session's admission changes (.gpu, httptools from .whl), twice, then
+#           once traced (.tt = .gpu + trace2.patch); issue 19's start-up by phase, llama 3.2-1b cold then warm
 #   part f: part c's server runs again on the tree with one add message per loop turn restored, then Granite-4.0-H-1B
 #           serving (no compile) next to HF's static generate in batches of 16
 set -u
@@ -31,6 +29,21 @@ step() {  # step NAME LIMIT_S COMMAND...
   echo "exit $? wall $(python3 -c "import time; print(round(time.time() - $start, 1))") s" >> "$OUT/log_$name.txt"
   tail -6 "$OUT/log_$name.txt"
   pack
+}
+server_runs() {  # server_runs LIMIT_S: issue 18's server vs offline (engine process, no compile), twice
+  for i in 1 2; do
+    step server_vs_offline_r$i "$1" python3 scripts/bench_server_vs_offline.py --repeats 3 --engine-args=--no-compile \
+      --output "$OUT/server_vs_offline_r$i.json"
+  done
+}
+traced_run() {  # traced_run LIMIT_S: the same once on .tt (.gpu + trace2.patch), timestamps under OUT/trace
+  mkdir -p "$OUT/trace"
+  local start=$(date +%s.%N)
+  (cd .tt && PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} FMS_TRACE="$OUT/trace/t" timeout "$1" \
+    python3 scripts/bench_server_vs_offline.py --repeats 2 --engine-args=--no-compile \
+    --output "$OUT/trace/server_vs_offline.json") > "$OUT/log_trace.txt" 2>&1
+  echo "exit $? wall $(python3 -c "import time; print(round(time.time() - $start, 1))") s" >> "$OUT/log_trace.txt"
+  tail -4 "$OUT/log_trace.txt"; pack
 }
 case $PART in
   a)
@@ -57,46 +70,15 @@ case $PART in
     step hybrid_prefix 120 python3 scripts/bench_hybrid_prefix_cache.py --device cuda --no-compile \
       --results_dir "$OUT/hybrid_prefix"
     ;;
-  c)
-    for i in 1 2; do
-      step server_vs_offline_r$i 75 python3 scripts/bench_server_vs_offline.py --repeats 3 --engine-args=--no-compile \
-        --output "$OUT/server_vs_offline_r$i.json"
-    done
-    mkdir -p "$OUT/trace"
-    start=$(date +%s.%N)
-    (cd .tt && PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} FMS_TRACE="$OUT/trace/t" timeout 75 \
-      python3 scripts/bench_server_vs_offline.py --repeats 2 --engine-args=--no-compile \
-      --output "$OUT/trace/server_vs_offline.json") > "$OUT/log_trace.txt" 2>&1
-    echo "exit $? wall $(python3 -c "import time; print(round(time.time() - $start, 1))") s" >> "$OUT/log_trace.txt"
-    tail -4 "$OUT/log_trace.txt"; pack
-    step serving_hybrid_hf 120 python3 scripts/benchmark_serving.py --architecture granite_hybrid --variant 4.0-h-1b \
-      --num_requests 64 --prompt_range 512,2048 --output_range 128,128 --no_compile --peers hf_generate \
-      --results_dir "$OUT/serving_hybrid"
-    ;;
-  d)
-    step startup_1b 570 python3 scripts/bench_startup.py --models llama:3.2-1b --timeout 270 \
-      --output "$OUT/startup_1b.json"
-    ;;
-  e)
-    for i in 1 2; do
-      step server_vs_offline_r$i 70 python3 scripts/bench_server_vs_offline.py --repeats 3 --engine-args=--no-compile \
-        --output "$OUT/server_vs_offline_r$i.json"
-    done
-    mkdir -p "$OUT/trace"
-    start=$(date +%s.%N)
-    (cd .tt && PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} FMS_TRACE="$OUT/trace/t" timeout 60 \
-      python3 scripts/bench_server_vs_offline.py --repeats 2 --engine-args=--no-compile \
-      --output "$OUT/trace/server_vs_offline.json") > "$OUT/log_trace.txt" 2>&1
-    echo "exit $? wall $(python3 -c "import time; print(round(time.time() - $start, 1))") s" >> "$OUT/log_trace.txt"
-    tail -4 "$OUT/log_trace.txt"; pack
+  e)  # what was left of the device time after parts c and d could not start (refused twice): c's server runs and
+      # d's start-up, with shorter limits (the script as it ran is in commit e876f49)
+    server_runs 70
+    traced_run 60
     step startup_1b 465 python3 scripts/bench_startup.py --models llama:3.2-1b --timeout 230 \
       --output "$OUT/startup_1b.json"
     ;;
   f)
-    for i in 1 2; do
-      step server_vs_offline_r$i 60 python3 scripts/bench_server_vs_offline.py --repeats 3 --engine-args=--no-compile \
-        --output "$OUT/server_vs_offline_r$i.json"
-    done
+    server_runs 60
     step serving_hybrid_hf 115 python3 scripts/benchmark_serving.py --architecture granite_hybrid --variant 4.0-h-1b \
       --num_requests 64 --prompt_range 512,2048 --output_range 128,128 --no_compile --peers hf_generate \
       --hf_batch_size 16 --results_dir "$OUT/serving_hybrid"
