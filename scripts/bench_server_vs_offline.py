@@ -124,17 +124,19 @@ def run_offline(args, requests, warmup) -> dict:
         return outs, time.perf_counter() - start
 
     run(warmup)
-    durations = []
+    durations, engine_runs = [], []
     for _ in range(args.repeats):
+        before = _engine_part(engine.stats())
         outs, duration = run(requests)
         durations.append(duration)
+        engine_runs.append(_engine_delta(before, _engine_part(engine.stats())))
     duration = min(durations)
     num_out = sum(len(o.token_ids) for o in outs)
     num_in = sum(r.prompt_len for r in requests)
     result = {"duration_s": duration, "total_input_tokens": num_in, "total_output_tokens": num_out,
               "output_throughput": num_out / duration, "request_throughput": len(requests) / duration,
               "total_token_throughput": (num_in + num_out) / duration, "durations_s": durations,
-              "engine": engine.stats()}
+              "engine_per_run": engine_runs, "engine": engine.stats()}
     engine = outs = None  # free the pool before the server sizes its own
     gc.collect()
     if torch.cuda.is_available():
@@ -200,6 +202,57 @@ def _server_cpu(pid: int, before: dict, after: dict, num_tokens: int) -> dict | 
             "event_loop_cpu_us_per_output_token": 1e6 * loop / max(num_tokens, 1)}
 
 
+ENGINE_COUNTS = ("num_steps", "num_decode_windows", "num_batched_tokens")
+PHASES = ("schedule", "execute", "update")  # engine.stats()["time_s"]; execute holds the decode windows' launch + wait
+
+
+def _engine_part(stats: dict) -> dict:
+    """The engine's cumulative step counts and phase seconds (what both sides can report the same way)."""
+    return {**{k: stats.get(k, 0) for k in ENGINE_COUNTS}, "time_s": dict(stats.get("time_s") or {})}
+
+
+def _engine_delta(before: dict, after: dict) -> dict:
+    """One timed run's share of the engine's totals: steps, windows, tokens, seconds per phase."""
+    delta = {k: after[k] - before[k] for k in ENGINE_COUNTS}
+    delta["time_s"] = {phase: after["time_s"][phase] - before["time_s"].get(phase, 0.0) for phase in after["time_s"]}
+    return delta
+
+
+def _server_engine_totals(url: str, settle_s: float = 0.15, timeout_s: float = 5.0) -> dict:
+    """The same totals from the server's /metrics (fms:engine_*), read once the engine is idle and two reads
+    settle_s apart agree: its statistics reach the HTTP process as a snapshot every 50 ms."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def read() -> tuple[dict, float]:
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+            text = r.read().decode()
+        totals, running = {k: 0 for k in ENGINE_COUNTS}, 0.0
+        totals["time_s"] = {}
+        names = {f"fms:engine_{k[4:]}_total": k for k in ENGINE_COUNTS}  # num_steps -> fms:engine_steps_total
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name in names:
+                    totals[names[sample.name]] += int(sample.value)
+                elif sample.name == "fms:engine_time_seconds_total":
+                    phase = sample.labels["phase"]
+                    totals["time_s"][phase] = totals["time_s"].get(phase, 0.0) + sample.value
+                elif sample.name == "fms:num_requests_running":
+                    running += sample.value
+        return totals, running
+
+    deadline = time.monotonic() + timeout_s
+    last, _ = read()
+    while time.monotonic() < deadline:
+        time.sleep(settle_s)
+        totals, running = read()
+        if totals == last and running == 0:
+            return totals
+        last = totals
+    return last
+
+
 def _ttft_totals(url: str) -> tuple[float, float]:
     """The server's fms:time_to_first_token_seconds histogram: (sum, count) over every label set."""
     import urllib.request
@@ -248,11 +301,12 @@ def run_server(args, requests, warmup) -> dict:
             model = json.loads(r.read())["data"][0]["id"]
         asyncio.run(run_load(url, model, warmup, float("inf"), None, args.seed, progress=False))
         cpu_before = _process_cpu_s(proc.pid)
-        runs, engine_ttft_ms = [], []
+        runs, engine_ttft_ms, engine_runs = [], [], []
         for _ in range(args.repeats):
-            before = _ttft_totals(url)
+            before, engine_before = _ttft_totals(url), _server_engine_totals(url)
             runs.append(asyncio.run(run_load(url, model, requests, float("inf"), None, args.seed, progress=False)))
             after = _ttft_totals(url)
+            engine_runs.append(_engine_delta(engine_before, _server_engine_totals(url)))
             count = after[1] - before[1]
             engine_ttft_ms.append(1e3 * (after[0] - before[0]) / count if count else None)
         cpu_after = _process_cpu_s(proc.pid)
@@ -265,6 +319,8 @@ def run_server(args, requests, warmup) -> dict:
         # (fms:time_to_first_token_seconds, from the request's arrival at the engine), per timed run
         summary["client_mean_ttft_ms"] = [summarize(r, d)["mean_ttft_ms"] for r, d in runs]
         summary["engine_mean_ttft_ms"] = engine_ttft_ms
+        # the engine's steps and phase seconds per timed run, as the offline side records them (engine_per_run)
+        summary["engine_per_run"] = engine_runs
         summary["server_command"] = " ".join(shlex.quote(c) for c in command)
         return summary
     finally:
@@ -306,6 +362,10 @@ def main(argv=None) -> dict:
     print("mean TTFT per timed run, client / engine (ms): " + ", ".join(
         f"{c:.0f} / {e:.0f}" if e is not None else f"{c:.0f} / -"
         for c, e in zip(server["client_mean_ttft_ms"], server["engine_mean_ttft_ms"])))
+    for side in ("offline", "server"):
+        print(f"engine per timed run, {side}: " + ", ".join(
+            f"{r['num_steps']} steps, " + " / ".join(f"{r['time_s'].get(p, 0.0):.3f}" for p in PHASES) + " s"
+            for r in report[side]["engine_per_run"]) + f" ({' / '.join(PHASES)})")
     if server.get("server_cpu"):
         cpu = server["server_cpu"]
         engine_s = cpu["engine_process_cpu_s"]

@@ -308,6 +308,17 @@ def test_metrics_parse_with_prometheus_client(server, client):
     assert value["fms:generation_tokens_total"] >= 3 and value["fms:prompt_tokens_total"] > 0
     assert value["fms:time_to_first_token_seconds_count"] >= 1
     assert value["fms:kv_cache_free_pages"] + value["fms:kv_cache_cached_pages"] == value["fms:kv_cache_total_pages"]
+    # the engine's totals, as counters: they agree with the engine's own stats() and only grow
+    stats = server.engine.stats()
+    assert value["fms:engine_steps_total"] == stats["num_steps"] >= 2
+    assert value["fms:engine_batched_tokens_total"] == stats["num_batched_tokens"] > 0
+    phases = {s.labels["phase"]: s.value for s in families["fms:engine_time_seconds"].samples}
+    assert set(phases) == set(stats["time_s"]) and phases["execute"] > 0
+    client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0, extra_body=EXTRA)
+    time.sleep(0.2)
+    later = {s.name: s.value for f in text_string_to_metric_families(httpx.get(server.url + "/metrics", timeout=10).text)
+             for s in f.samples if s.name.startswith("fms:engine_steps")}
+    assert later["fms:engine_steps_total"] > value["fms:engine_steps_total"]
 
 
 def test_a_full_queue_answers_429_with_retry_after(model, tokenizer):

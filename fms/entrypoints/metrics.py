@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 # Buckets in seconds: time to first token spans queueing (seconds) down to one CPU-free prefill (ms).
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
@@ -59,6 +59,23 @@ class _EngineGauges:
             family = GaugeMetricFamily(name, doc, labels=["model_name"])
             family.add_metric([self.model_name], float(stats.get(key, 0) or 0))
             yield family
+        # the engine's own totals since it started, so that a load test can split a run's time the way the offline
+        # engine's stats() does (scripts/bench_server_vs_offline.py reads them before and after each run)
+        counters = (
+            ("fms:engine_steps", "Engine steps run.", "num_steps"),
+            ("fms:engine_decode_windows", "Multi-step decode windows run.", "num_decode_windows"),
+            ("fms:engine_batched_tokens", "Tokens computed by engine steps (prefill and decode).", "num_batched_tokens"),
+        )
+        for name, doc, key in counters:
+            family = CounterMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric([self.model_name], float(stats.get(key, 0) or 0))
+            yield family
+        family = CounterMetricFamily("fms:engine_time_seconds", "Engine wall time by phase: schedule, execute, update "
+                                     "(and, inside execute, decode windows' launch and wait).",
+                                     labels=["model_name", "phase"])
+        for phase, seconds in sorted((stats.get("time_s") or {}).items()):
+            family.add_metric([self.model_name, phase], float(seconds))
+        yield family
 
 
 class ServerMetrics:

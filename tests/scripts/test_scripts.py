@@ -103,3 +103,11 @@ def test_bench_server_vs_offline(tmp_path):
     assert len(client) == len(engine) == 2
     assert all(0 < e <= c for c, e in zip(client, engine)), (client, engine)
     assert json.loads((tmp_path / "s.json").read_text())["server_over_offline"] == report["server_over_offline"]
+    # per timed run, the engine's steps and phase seconds on both sides: the same 3 requests of 3 tokens need at
+    # least one prefill step and one more step each side, and every phase took some time
+    for side in ("offline", "server"):
+        runs = report[side]["engine_per_run"]
+        assert len(runs) == 2, (side, runs)
+        for run in runs:
+            assert run["num_steps"] >= 2 and run["num_batched_tokens"] >= 3 * 8, (side, run)
+            assert all(run["time_s"][phase] > 0 for phase in ("schedule", "execute", "update")), (side, run)
