@@ -1,9 +1,11 @@
 """Loading Hugging Face checkpoint folders (single or sharded safetensors) into fms models by name mapping.
 
 Each architecture registers rules `(our parameter regex, [HF name templates], transform)`; several HF
-tensors listed for one parameter are concatenated along dim 0 (e.g. gate_proj + up_proj -> fused), each
+tensors listed for one parameter fill its rows along dim 0 in order (e.g. gate_proj + up_proj -> fused), each
 checked first against the rows the config gives it. Every tensor's shape is checked from the file
-headers before any weight is copied, and no file outside the checkpoint folder is read.
+headers before any weight is copied, and no file outside the checkpoint folder is read. Tensors are read
+straight onto the parameters' device (a CUDA model's weights go file -> pinned buffer -> GPU, converted to
+the parameter's dtype there), not through a CPU copy of the model.
 """
 
 import json
@@ -127,13 +129,25 @@ def _inside(folder: Path, roots: tuple[Path, ...], file: str, what: str) -> Path
     return folder / file
 
 
-def _open_safetensors(file: Path):
+def _open_safetensors(file: Path, device: str = "cpu"):
     from safetensors import SafetensorError, safe_open
 
     try:
-        return safe_open(str(file), framework="pt")
+        return safe_open(str(file), framework="pt", device=device)
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"cannot read safetensors file {file}: {err}") from err
+
+
+def _read_device(params) -> str:
+    """Where safetensors reads the tensors for these parameters: their device when they all share one CPU or
+    CUDA device (safetensors stages CUDA reads through pinned memory), else the CPU, and copy_ moves them."""
+    devices = {p.device for p in params}
+    if len(devices) != 1:
+        return "cpu"
+    (device,) = devices
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.current_device() if device.index is None else device.index}"
+    return "cpu"
 
 
 def checkpoint_index(model_path: str | Path) -> dict[str, Path]:
@@ -170,9 +184,9 @@ def checkpoint_index(model_path: str | Path) -> dict[str, Path]:
 
 
 class _Reader:
-    """Opens each shard once and hands out tensors (or just their shapes, from the header) by name."""
+    """Opens each shard once and hands out tensors on `device` (or just their shapes, from the header) by name."""
 
-    def __init__(self, files: dict[str, Path], strip_prefixes: tuple[str, ...] = ()):
+    def __init__(self, files: dict[str, Path], strip_prefixes: tuple[str, ...] = (), device: str = "cpu"):
         self._stored = {}  # name the rules use -> name in the file
         for stored in files:
             name = next((stored[len(p):] for p in strip_prefixes if stored.startswith(p)), stored)
@@ -180,6 +194,7 @@ class _Reader:
                 raise CheckpointError(f"checkpoint holds both {self._stored[name]!r} and {stored!r}")
             self._stored[name] = stored
         self.files = {name: files[stored] for name, stored in self._stored.items()}
+        self.device = device
         self._open = {}
 
     def _read(self, name: str, what: Callable):
@@ -187,7 +202,7 @@ class _Reader:
 
         file = self.files[name]
         if file not in self._open:
-            self._open[file] = _open_safetensors(file)
+            self._open[file] = _open_safetensors(file, self.device)
         try:
             return what(self._open[file], self._stored[name])
         except (SafetensorError, OSError) as err:
@@ -287,10 +302,12 @@ def load_hf_checkpoint(model: nn.Module, model_path: str | Path, architecture: s
     if architecture not in _RULES:
         raise CheckpointError(f"no checkpoint rules for architecture {architecture!r}; known: {sorted(_RULES)}")
     rules, ignore = _RULES[architecture]
-    reader = _Reader(checkpoint_index(model_path), _OPTIONAL_PREFIXES.get(architecture, ()))
+    params = _parameters(model)
+    reader = _Reader(checkpoint_index(model_path), _OPTIONAL_PREFIXES.get(architecture, ()),
+                     _read_device(params.values()))
     plan = {}
     missing = []
-    for name, param in _parameters(model).items():
+    for name, param in params.items():
         sources, rule = _sources_for(name, rules)
         absent = [s for s in sources if s not in reader.files]
         if absent:
@@ -315,18 +332,29 @@ def load_hf_checkpoint(model: nn.Module, model_path: str | Path, architecture: s
     for name, (param, sources, rule) in plan.items():
         full_shape = shards[name].full_shape if name in shards else tuple(param.shape)
         _check_source_shapes(reader, name, full_shape, sources, rule, model.config)
+    # copy_ converts to the parameter's dtype on the parameter's device (on the GPU for a CUDA model)
     for name, (param, sources, rule) in plan.items():
         if name in shards:
-            param.copy_(_read_shard(reader, name, shards[name], sources, rule, model.config).to(param.dtype))
+            param.copy_(_read_shard(reader, name, shards[name], sources, rule, model.config))
+            continue
+        if rule.transform is None and len(sources) == 1:  # shape checked from the header above
+            param.copy_(reader.get(sources[0]))
+            continue
+        if rule.transform is None:
+            # each source straight into its rows (checked above), without concatenating them first:
+            #   param rows [0, r0) <- sources[0], [r0, r0 + r1) <- sources[1], ...
+            start = 0
+            for source in sources:
+                piece = reader.get(source)
+                param.narrow(0, start, piece.shape[0]).copy_(piece)
+                start += piece.shape[0]
             continue
         pieces = [reader.get(s) for s in sources]
-        tensor = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
-        if rule.transform is not None:
-            tensor = rule.transform(tensor)
+        tensor = rule.transform(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0))
         if tuple(tensor.shape) != tuple(param.shape):
             got = " + ".join(f"{s} {list(p.shape)}" for s, p in zip(sources, pieces))
             raise CheckpointError(
-                f"checkpoint tensor {got} does not fit {name}: expected shape {list(param.shape)}"
-                + (f", got {list(tensor.shape)}" if len(pieces) > 1 or rule.transform else "")
+                f"checkpoint tensor {got} does not fit {name}: expected shape {list(param.shape)}, "
+                f"got {list(tensor.shape)}"
             )
-        param.copy_(tensor.to(param.dtype))
+        param.copy_(tensor)

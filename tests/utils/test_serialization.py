@@ -1,5 +1,5 @@
-"""HF checkpoint loading: a hand-written tiny Llama checkpoint loads by name, and every broken folder fails
-with a message that names what is wrong."""
+"""HF checkpoint loading: a hand-written tiny Llama checkpoint loads by name, bitwise, onto the model's device
+and in its dtype, and every broken folder fails with a message that names what is wrong."""
 
 import json
 
@@ -91,6 +91,80 @@ def test_old_rotary_inv_freq_buffers_are_ignored(tmp_path):
     tensors = hf_tensors()
     tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(HEAD_DIM // 2)
     load(write_checkpoint(tmp_path, tensors))
+
+
+# ---------------------------------------------------------------------------------------------
+# read onto the parameters' device, converted to their dtype
+# ---------------------------------------------------------------------------------------------
+# our parameter -> the HF tensors that fill its rows, in order
+SOURCES = {
+    "embedding.weight": ["model.embed_tokens.weight"],
+    "head.weight": ["lm_head.weight"],
+    "dec_norm.weight": ["model.norm.weight"],
+    "layers.0.ln.weight": ["model.layers.0.input_layernorm.weight"],
+    "layers.0.ff_ln.weight": ["model.layers.0.post_attention_layernorm.weight"],
+    "layers.0.mixer.qkv_fused.weight": [f"model.layers.0.self_attn.{n}_proj.weight" for n in "qkv"],
+    "layers.0.mixer.dense.weight": ["model.layers.0.self_attn.o_proj.weight"],
+    "layers.0.ff.wg1_fused.weight": ["model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"],
+    "layers.0.ff.w2.weight": ["model.layers.0.mlp.down_proj.weight"],
+}
+
+
+@pytest.fixture
+def opened_on(monkeypatch):
+    """The device each safetensors file is opened for, in order."""
+    from fms.utils import serialization
+
+    devices = []
+    real = serialization._open_safetensors
+
+    def spy(file, device="cpu"):
+        devices.append(device)
+        return real(file, device)
+
+    monkeypatch.setattr(serialization, "_open_safetensors", spy)
+    return devices
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+@pytest.mark.parametrize("file_dtype, model_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                                     (torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16)])
+def test_each_parameter_is_its_file_tensors_in_the_model_dtype(tmp_path, opened_on, shards, file_dtype, model_dtype):
+    # bitwise: the rows of a fused parameter are its sources in order, each rounded once to the model's dtype
+    tensors = {n: t.to(file_dtype) for n, t in hf_tensors().items()}
+    model = get_model("hf_pretrained", model_path=str(write_checkpoint(tmp_path, tensors, shards=shards)),
+                      data_type=model_dtype)
+    params = dict(model.named_parameters())
+    assert sorted(params) == sorted(SOURCES)
+    for name, sources in SOURCES.items():
+        expected = torch.cat([tensors[s] for s in sources]).to(model_dtype)
+        assert params[name].dtype == model_dtype and torch.equal(params[name], expected), name
+    assert opened_on and set(opened_on) == {"cpu"}  # a CPU model reads on the CPU
+
+
+def test_parameters_on_several_devices_are_read_on_the_cpu():
+    from fms.utils.serialization import _read_device
+
+    cpu = torch.zeros(1)
+    assert _read_device([cpu, cpu]) == "cpu"
+    assert _read_device([cpu, torch.zeros(1, device="meta")]) == "cpu"  # then copy_ moves each where it lives
+    if torch.cuda.is_available():
+        assert _read_device([torch.zeros(1, device="cuda")]) == f"cuda:{torch.cuda.current_device()}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: checks the weights are read onto it")
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16])
+def test_a_cuda_model_reads_its_weights_onto_the_gpu(tmp_path, opened_on, model_dtype):
+    path = str(write_checkpoint(tmp_path, hf_tensors(), shards=3))
+    model = get_model("hf_pretrained", model_path=path, device_type="cuda", data_type=model_dtype)
+    gpu = f"cuda:{torch.cuda.current_device()}"
+    assert opened_on == [gpu] * 3  # each shard opened once, for the GPU: no CPU copy of the weights
+    assert all(p.device.type == "cuda" for p in model.parameters())
+    assert all(b.device.type == "cuda" for b in model.buffers())
+    on_cpu = dict(get_model("hf_pretrained", model_path=path, data_type=model_dtype).named_parameters())
+    for name, param in model.named_parameters():
+        assert param.dtype == model_dtype and torch.equal(param.cpu(), on_cpu[name]), name
 
 
 # ---------------------------------------------------------------------------------------------
