@@ -4,8 +4,9 @@ Each architecture registers rules `(our parameter regex, [HF name templates], tr
 tensors listed for one parameter fill its rows along dim 0 in order (e.g. gate_proj + up_proj -> fused), each
 checked first against the rows the config gives it. Every tensor's shape is checked from the file
 headers before any weight is copied, and no file outside the checkpoint folder is read. Tensors are read
-straight onto the parameters' device (a CUDA model's weights go file -> pinned buffer -> GPU, converted to
-the parameter's dtype there), not through a CPU copy of the model.
+straight onto the parameters' device (safetensors' safe_open(device=...); for a CUDA model safetensors 0.8
+copies file -> pinned buffer -> GPU, one tensor at a time) and converted to the parameter's dtype there, not
+through a CPU copy of the model.
 """
 
 import json
@@ -140,7 +141,7 @@ def _open_safetensors(file: Path, device: str = "cpu"):
 
 def _read_device(params) -> str:
     """Where safetensors reads the tensors for these parameters: their device when they all share one CPU or
-    CUDA device (safetensors stages CUDA reads through pinned memory), else the CPU, and copy_ moves them."""
+    CUDA device, else the CPU (copy_ then moves each to its parameter)."""
     devices = {p.device for p in params}
     if len(devices) != 1:
         return "cpu"
