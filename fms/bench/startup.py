@@ -9,6 +9,14 @@ so a child killed at its timeout still reports every phase it finished and the o
     parent ── cold child (empty caches) ──► {"phases_s": {...}, "running": ...}  (last line kept)
            └─ warm child (same caches)  ──► {"phases_s": {...}, "running": ...}
 
+With checkpoint=True (`--checkpoint`) the children time get_model("hf_pretrained") on a HF checkpoint of the
+model's shape instead of drawing random weights. A writer process (`--write-checkpoint SPEC`, untimed, so
+that the parent never holds a CUDA context) writes it once per model before the runs: the same random
+weights the random mode draws, as config.json + safetensors shards named and cut as HF writes them. Before
+the cold child the parent asks the kernel to drop the files from its page cache (no root needed; advisory)
+and, before each child, measures how much of them is cached, so that each record says whether its load
+read the disk or memory.
+
 Module top level imports only the standard library and fms.bench.tables: the child times its own
 imports of torch and fms.
 """
@@ -43,6 +51,7 @@ PHASES = ("process_start", "import", "get_model", "engine", "first_generate")
 PHASE_LABELS = {"process_start": "process start (interpreter)", "import": "import torch + fms",
                 "get_model": "get_model (random weights)", "engine": "LLMEngine(model)",
                 "first_generate": "first generate()"}
+CHECKPOINT_LABEL = "get_model (checkpoint load)"  # the get_model phase's label with checkpoint=True
 CACHE_ENV = {"TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton"}  # variable -> folder name
 # the other variables that change what a warm start finds; the child reports those that are set
 REPORTED_ENV = (*CACHE_ENV, "TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE",
@@ -51,6 +60,15 @@ RECORD_PREFIX = "FMS_STARTUP "  # marks the child's record lines among anything 
 STACK_SIGNAL = signal.SIGUSR1  # at its timeout the child is asked where it is, then killed
 STACK_WAIT_S = 5.0
 GB = 1e9
+CHECKPOINT_MARKER = "fms-startup-checkpoint.json"  # written last: what the folder holds (model, dtype, seed, files)
+MAX_SHARD_BYTES = 5 * 10**9  # transformers' save_pretrained default max_shard_size for years ("5GB")
+PAGE_CACHE_NOTE = (
+    "checkpoint mode: before the cold child the parent fsyncs the checkpoint's files and asks the kernel to drop "
+    "them from the page cache (posix_fadvise DONTNEED, no root needed; advisory: tmpfs or pages mapped by another "
+    "process stay), so the cold load reads the disk where that worked; the warm child finds the files the cold "
+    "child read still cached. checkpoint_page_cache.resident_fraction_at_start in each run says which it was "
+    "(measured with mincore just before the child started; null where it could not be measured)."
+)
 
 
 @dataclass(frozen=True)
@@ -95,6 +113,8 @@ class StartupBenchConfig:
     max_tokens: int = 8  # ... and this many new ones
     runs: tuple[str, ...] = RUNS  # ("warm",) alone measures on the folders an earlier cold run filled in cache_dir
     cache_dir: Path | None = None  # kept compile caches, a folder per model; default: temporary ones, removed
+    checkpoint: bool = False  # time get_model("hf_pretrained") on a checkpoint written before the runs
+    checkpoint_dir: Path | None = None  # keep the checkpoints, a folder per model; default: temporary ones, removed
     output: Path = Path("results/startup.json")
     command: str = "fms bench startup"
 
@@ -143,6 +163,17 @@ class StartupBenchConfig:
             raise ValueError("runs=warm alone needs cache_dir: the folder an earlier cold run of the same models "
                              "filled (without it the caches start empty, which is a cold run)")
         self.cache_dir = None if self.cache_dir is None else Path(self.cache_dir).absolute()  # the children's env
+        if not isinstance(self.checkpoint, bool):
+            raise ValueError(f"checkpoint must be a bool, got {self.checkpoint!r}")
+        if self.checkpoint_dir is not None:
+            if not self.checkpoint:
+                raise ValueError(f"checkpoint_dir ({self.checkpoint_dir}) is where checkpoint mode keeps its "
+                                 "checkpoints; give checkpoint=True (--checkpoint) with it")
+            self.checkpoint_dir = Path(self.checkpoint_dir).absolute()
+            if self.checkpoint_dir.exists() and not self.checkpoint_dir.is_dir():
+                raise ValueError(f"checkpoint_dir {self.checkpoint_dir} is a file; give a folder (created if absent)")
+            for model in self.models:
+                self.kept_checkpoint(model)  # a model's folder holding anything else is refused here
         if not isinstance(self.engine_options, dict):
             raise ValueError(f"engine_options must be a dict of EngineConfig fields, got {self.engine_options!r}")
         try:
@@ -150,6 +181,47 @@ class StartupBenchConfig:
         except TypeError as exc:  # an unknown option name
             raise ValueError(str(exc)) from None
         self.output = Path(self.output)
+
+    @property
+    def checkpoint_dtype(self) -> str:
+        """The dtype the checkpoint is written in and loaded as: get_model's default where dtype is None."""
+        import torch
+
+        from fms.models import resolve_dtype
+
+        default = torch.bfloat16 if torch.device(self.device).type == "cuda" else torch.float32
+        return str(resolve_dtype(self.dtype) or default).removeprefix("torch.")
+
+    def checkpoint_folder(self, model: str) -> Path:
+        return self.checkpoint_dir / model.replace(":", "-")
+
+    def kept_checkpoint(self, model: str) -> dict | None:
+        """What an earlier run left in checkpoint_dir for this model (reused: not written again), or None where
+        its folder is absent or empty. A folder holding anything else is refused, never overwritten."""
+        folder = self.checkpoint_folder(model)
+        if not folder.exists():
+            return None
+        if not folder.is_dir():
+            raise ValueError(f"checkpoint_dir: {folder} is a file; the checkpoint of {model} needs a folder there")
+        if not any(folder.iterdir()):
+            return None
+        wanted = {"model": model, "dtype": self.checkpoint_dtype, "seed": self.seed}
+        try:
+            kept = json.loads((folder / CHECKPOINT_MARKER).read_text())
+        except (OSError, ValueError):
+            kept = None
+        if not isinstance(kept, dict) or {k: kept.get(k) for k in wanted} != wanted:
+            found = "no " + CHECKPOINT_MARKER if not isinstance(kept, dict) else \
+                ", ".join(f"{k}={kept.get(k)!r}" for k in wanted)
+            raise ValueError(f"checkpoint_dir: {folder} holds files, but not the checkpoint this benchmark writes "
+                             f"for {model} (dtype {wanted['dtype']}, seed {self.seed}; found {found}); remove "
+                             "the folder or give another checkpoint_dir")
+        changed = sorted(name for name, size in kept.get("files", {}).items()
+                         if not (folder / name).is_file() or (folder / name).stat().st_size != size)
+        if changed or not kept.get("files"):
+            raise ValueError(f"checkpoint_dir: the checkpoint in {folder} is incomplete: {changed or 'no files'} "
+                             "missing or changed since it was written; remove the folder")
+        return kept
 
     def model_cache_dirs(self, model: str, root: Path | None = None) -> dict[str, str]:
         """{TORCHINDUCTOR_CACHE_DIR: folder, TRITON_CACHE_DIR: folder} of one model, under root or cache_dir."""
@@ -169,6 +241,155 @@ class StartupBenchConfig:
                 if self.runs == ("warm",) and not count and folder.endswith(CACHE_ENV["TORCHINDUCTOR_CACHE_DIR"]):
                     raise ValueError(f"runs=warm alone needs the caches of a cold run, but {folder} holds no "
                                      f"files; run cold with the same cache_dir first")
+
+
+# -- the checkpoint and the page cache -------------------------------------------------------------------
+def write_hf_checkpoint(model, architecture: str, folder: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> dict:
+    """model's weights as a HF checkpoint in folder: config.json, then the tensors under HF's names (each
+    parameter cut by our checkpoint rules, the inverse of loading) in safetensors files of at most
+    max_shard_bytes, filled in order as save_pretrained fills them: one model.safetensors, or
+    model-0000i-of-0000n.safetensors and model.safetensors.index.json. Returns {file name: bytes}."""
+    from safetensors.torch import save_file
+
+    from fms.bench.hf_peer import hf_config_dict
+    from fms.utils import serialization
+
+    rules, _ = serialization._RULES[architecture]
+    tensors = {}  # HF name -> a view of our parameter; a tied head is written once, as the embedding
+    for name, param in model.named_parameters():
+        sources, rule = serialization._sources_for(name, rules)
+        if rule.transform is not None:
+            raise ValueError(f"cannot write {name}: its checkpoint tensor is transformed on load")
+        if len(sources) == 1:
+            tensors[sources[0]] = param
+            continue
+        rows = serialization._source_rows(name, tuple(param.shape), sources, rule, model.config)
+        tensors.update(zip(sources, param.split(rows, dim=0)))
+    shards, size = [[]], 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    folder.mkdir(parents=True, exist_ok=True)
+    hf = hf_config_dict(architecture, model.config)
+    hf.update(eos_token_id=model.config.eos_token_id, pad_token_id=model.config.pad_token_id,  # the peer drops them
+              torch_dtype=str(next(iter(tensors.values())).dtype).removeprefix("torch."))
+    (folder / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    for file, shard in zip(names, shards):
+        # copies on the CPU: safetensors refuses views that share memory (q, k, v of one fused parameter)
+        save_file({n: tensors[n].detach().to("cpu", copy=True) for n in shard}, str(folder / file),
+                  metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                 "weight_map": {n: file for file, shard in zip(names, shards) for n in shard}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    written = ["config.json", *names, *(["model.safetensors.index.json"] if len(shards) > 1 else [])]
+    return {name: (folder / name).stat().st_size for name in written}
+
+
+def safetensors_bytes(files: dict[str, int]) -> int:
+    """What a load reads: the bytes of the safetensors files (headers included)."""
+    return sum(size for name, size in files.items() if name.endswith(".safetensors"))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def evict_page_cache(paths: list[Path]) -> bool:
+    """Ask the kernel to drop these files' pages from its page cache: fsync (dirty pages cannot be dropped),
+    then POSIX_FADV_DONTNEED, which needs no root. Advisory: pages on tmpfs or mapped by a running process
+    stay; page_cache_fraction says what happened. False where the call is not available or failed."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    try:
+        for path in paths:
+            _fsync(path)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+    except OSError:
+        return False
+    return True
+
+
+def page_cache_fraction(paths: list[Path]) -> float | None:
+    """Fraction of these files' pages in the OS page cache (mincore over a read-only mapping, which reads
+    nothing), or None where it cannot be measured (not Linux, no libc)."""
+    import ctypes
+    import mmap
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_long)
+        libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+        libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    except (OSError, AttributeError):
+        return None
+    page = mmap.PAGESIZE
+    low_bit = bytes(i & 1 for i in range(256))  # mincore sets bit 0 of a page's byte when it is resident
+    resident = total = 0
+    for path in paths:
+        size = os.path.getsize(path)
+        if not size:
+            continue
+        num_pages = (size + page - 1) // page
+        vec = (ctypes.c_ubyte * num_pages)()
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            if addr in (None, ctypes.c_void_p(-1).value):
+                return None
+            try:
+                if libc.mincore(addr, size, vec) != 0:
+                    return None
+            finally:
+                libc.munmap(addr, size)
+        finally:
+            os.close(fd)
+        resident += bytes(vec).translate(low_bit).count(1)
+        total += num_pages
+    return resident / total if total else None
+
+
+def _write_checkpoint_child(spec: dict) -> int:
+    """The writer process: the random weights the random mode draws, written as a HF checkpoint, then fsynced;
+    the marker last, so that a folder with a marker holds a whole checkpoint."""
+    start = time.perf_counter()
+    import torch
+
+    from fms.bench.timing import synchronize
+    from fms.models import get_model
+
+    device = torch.device(spec["device"])
+    architecture, variant = parse_model(spec["model"])
+    model = get_model(architecture, variant, device_type=device.type, data_type=spec["dtype"], seed=spec["seed"],
+                      init_on_device=True)
+    synchronize(device)
+    built = time.perf_counter()
+    folder = Path(spec["folder"])
+    files = write_hf_checkpoint(model, architecture, folder, spec["max_shard_bytes"])
+    for name in files:
+        _fsync(folder / name)  # write_s: until the files are on disk
+    marker = {"model": spec["model"], "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+              "seed": spec["seed"], "files": files, "safetensors_bytes": safetensors_bytes(files),
+              "build_s": built - start, "write_s": time.perf_counter() - built}
+    (folder / CHECKPOINT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    _emit(marker)
+    return 0
 
 
 # -- the child process ----------------------------------------------------------------------------------
@@ -209,6 +430,18 @@ def _compile_cache_counters() -> dict:
             for name, count in counters[group].items() if "cache" in name}
 
 
+def build_model(spec: dict, device):
+    """The child's timed get_model: from the spec's checkpoint folder, or random weights drawn on the device."""
+    from fms.models import get_model
+
+    if spec.get("checkpoint"):
+        return get_model("hf_pretrained", model_path=spec["checkpoint"]["path"], device_type=device.type,
+                         data_type=spec["dtype"])
+    architecture, variant = parse_model(spec["model"])
+    return get_model(architecture, variant, device_type=device.type, data_type=spec["dtype"], seed=spec["seed"],
+                     init_on_device=True)
+
+
 def _child(spec: dict) -> int:
     entry = time.time()  # first, so that process_start is the interpreter's own start-up
     stack_file = open(spec["stack_file"], "w")  # noqa: SIM115 - open until the process ends
@@ -225,7 +458,7 @@ def _child(spec: dict) -> int:
 
     from fms.bench.timing import peak_memory_gb
     from fms.bench.timing import synchronize as synchronize_device
-    from fms.models import get_model
+    from fms.models import get_model  # noqa: F401  (timed here, as an import; build_model calls it)
     from fms.serving import EngineConfig, LLMEngine, SamplingParams
     phases.done("import", start)
 
@@ -240,14 +473,18 @@ def _child(spec: dict) -> int:
             record["peak_gpu_memory_gb"] = {"allocated": allocated, "reserved": reserved}
         record["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB  # Linux: KiB
 
-    architecture, variant = parse_model(spec["model"])
+    checkpoint = spec.get("checkpoint")
+    record["weights"] = "checkpoint" if checkpoint else "random"
     start = phases.start("get_model")
-    model = get_model(architecture, variant, device_type=device.type, data_type=spec["dtype"], seed=spec["seed"],
-                      init_on_device=True)
+    model = build_model(spec, device)
     synchronize()
+    end = time.perf_counter()
+    if checkpoint:
+        record["checkpoint_bytes"] = checkpoint["bytes"]
+        record["load_gb_per_s"] = checkpoint["bytes"] / (end - start) / GB
     peak_memory()
     record["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    phases.done("get_model", start)
+    phases.done("get_model", start, end)
 
     start = phases.start("engine")
     engine = LLMEngine(model, config=EngineConfig(**spec["engine_options"]))
@@ -273,10 +510,59 @@ def _child(spec: dict) -> int:
 
 
 # -- the parent -------------------------------------------------------------------------------------------
-def _child_spec(config: StartupBenchConfig, model: str, run: str) -> dict:
-    return {"model": model, "run": run, "device": config.device, "dtype": config.dtype, "seed": config.seed,
-            "engine_options": config.engine_options, "prompt_len": config.prompt_len,
-            "max_tokens": config.max_tokens}
+def _child_spec(config: StartupBenchConfig, model: str, run: str, checkpoint: dict | None = None) -> dict:
+    spec = {"model": model, "run": run, "device": config.device, "dtype": config.dtype, "seed": config.seed,
+            "engine_options": config.engine_options, "prompt_len": config.prompt_len, "max_tokens": config.max_tokens}
+    if checkpoint is not None:
+        spec["checkpoint"] = {"path": checkpoint["path"], "bytes": checkpoint["bytes"]}
+    return spec
+
+
+def _child_env(extra: dict[str, str]) -> dict[str, str]:
+    import fms
+
+    env = {**os.environ, **extra}
+    repo = str(Path(fms.__file__).resolve().parents[1])  # the child imports this checkout of fms
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
+    return env
+
+
+def prepare_checkpoint(config: StartupBenchConfig, model: str, folder: Path, workdir: Path) -> dict:
+    """The model's checkpoint in folder, kept from an earlier run (checkpoint_dir) or written now by a writer
+    process (its own session, killed past config.timeout_s): where it is, its files and bytes, how it ended."""
+    kept = config.kept_checkpoint(model) if config.checkpoint_dir is not None else None
+    result = {"path": str(folder), "kept_after_run": config.checkpoint_dir is not None, "written_now": kept is None}
+    if kept is None:
+        spec = {"model": model, "device": config.device, "dtype": config.dtype, "seed": config.seed,
+                "folder": str(folder), "max_shard_bytes": MAX_SHARD_BYTES}
+        out_path, err_path = workdir / "writer.stdout", workdir / "writer.stderr"
+        spawn = time.time()
+        with out_path.open("w") as out, err_path.open("w") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "fms.bench.startup", "--write-checkpoint", json.dumps(spec)],
+                                    stdout=out, stderr=err, env=_child_env({}), start_new_session=True)
+            try:
+                status = "ok" if proc.wait(timeout=config.timeout_s) == 0 else "failed"
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                status = "timed_out"
+        kept = _last_record(out_path.read_text())
+        result.update(status=status if kept is not None else "failed", wall_s=time.time() - spawn)
+        if result["status"] != "ok":
+            return {**result, "stderr_tail": err_path.read_text()[-3000:]}
+    return {**result, "status": "ok", "bytes": kept["safetensors_bytes"],
+            **{k: kept[k] for k in ("dtype", "seed", "files", "build_s", "write_s")}}
+
+
+def _checkpoint_paths(checkpoint: dict) -> list[Path]:
+    return [Path(checkpoint["path"]) / name for name in checkpoint["files"] if name.endswith(".safetensors")]
+
+
+def _page_cache_at_start(run: str, checkpoint: dict) -> dict:
+    """Before a child: drop the checkpoint from the page cache for a cold run, then measure what is cached."""
+    paths = _checkpoint_paths(checkpoint)
+    dropped = evict_page_cache(paths) if run == "cold" else None  # None: not asked (warm)
+    return {"dropped_before_start": dropped, "resident_fraction_at_start": page_cache_fraction(paths)}
 
 
 _FRAME = re.compile(r'File "(?P<path>.+)", line (?P<line>\d+) in (?P<func>.+)')
@@ -304,17 +590,15 @@ def _last_record(stdout: str) -> dict | None:
     return json.loads(lines[-1]) if lines else None
 
 
-def run_child(config: StartupBenchConfig, model: str, run: str, cache_dirs: dict[str, str], workdir: Path) -> dict:
+def run_child(config: StartupBenchConfig, model: str, run: str, cache_dirs: dict[str, str], workdir: Path,
+              checkpoint: dict | None = None) -> dict:
     """One fresh process: its last record, how it ended (ok / timed_out / failed) and its wall time."""
-    import fms
-
-    env = {**os.environ, **cache_dirs}
-    repo = str(Path(fms.__file__).resolve().parents[1])  # the child imports this checkout of fms
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
+    env = _child_env(cache_dirs)
     out_path, err_path, stack_path = (workdir / f"{run}.{kind}" for kind in ("stdout", "stderr", "stack"))
     spawn = time.time()
     with out_path.open("w") as out, err_path.open("w") as err:
-        spec = json.dumps({**_child_spec(config, model, run), "spawn_time": spawn, "stack_file": str(stack_path)})
+        spec = json.dumps({**_child_spec(config, model, run, checkpoint), "spawn_time": spawn,
+                           "stack_file": str(stack_path)})
         # a session of its own, so that a timeout ends the child and any compile workers it started
         proc = subprocess.Popen([sys.executable, "-m", "fms.bench.startup", "--child", spec], stdout=out,
                                 stderr=err, env=env, start_new_session=True)
@@ -372,7 +656,12 @@ def startup_table(rows: list[dict]) -> str:
 
         table.append([row["model"], "status", *cells(_status)])
         for phase in PHASES:
-            table.append(["", PHASE_LABELS[phase], *cells(lambda r: r.get("phases_s", {}).get(f"{phase}_s"))])
+            label = CHECKPOINT_LABEL if phase == "get_model" and "checkpoint" in row else PHASE_LABELS[phase]
+            table.append(["", label, *cells(lambda r: r.get("phases_s", {}).get(f"{phase}_s"))])
+            if phase == "get_model" and "checkpoint" in row:
+                table.append(["", "  load GB/s", *cells(lambda r: r.get("load_gb_per_s"))])
+                table.append(["", "  checkpoint page-cached at start",
+                              *cells(lambda r: r.get("checkpoint_page_cache", {}).get("resident_fraction_at_start"))])
             if phase == "engine":
                 names = list(dict.fromkeys(n for r in runs.values() for n in r.get("engine_phases_s", {})))
                 for name in names:
@@ -393,6 +682,15 @@ def _status(run: dict):
 def _files_found(run: dict):
     counts = [c for c in run.get("cache_files_at_start", {}).values() if c is not None]
     return sum(counts) if counts else None
+
+
+def _checkpoint_line(checkpoint: dict) -> str:
+    if checkpoint["status"] != "ok":
+        return f"writer {checkpoint['status']} after {checkpoint['wall_s']:.1f} s"
+    how = (f"written in {checkpoint['build_s']:.1f} s (build) + {checkpoint['write_s']:.1f} s (write)"
+           if checkpoint["written_now"] else "kept from an earlier run")
+    num_files = sum(name.endswith(".safetensors") for name in checkpoint["files"])
+    return f"{checkpoint['bytes'] / GB:.2f} GB in {num_files} safetensors file(s), {checkpoint['dtype']}, {how}"
 
 
 def target_lines(rows: list[dict]) -> list[str]:
@@ -423,6 +721,8 @@ def run_startup_benchmark(config: StartupBenchConfig) -> dict:
                      "complete": False},
         "config": {k: v for k, v in asdict(config).items() if k not in ("output", "command")},
         "default_engine": not config.engine_options,  # the targets are about the default (compiled) engine
+        "weights": "checkpoint" if config.checkpoint else "random",  # what the timed get_model did
+        **({"page_cache_note": PAGE_CACHE_NOTE} if config.checkpoint else {}),
         "phases": list(PHASES),
         "targets": [asdict(t) for t in TARGETS],
         "models": [],
@@ -440,13 +740,27 @@ def run_startup_benchmark(config: StartupBenchConfig) -> dict:
                 os.makedirs(folder, exist_ok=True)
             row = {"model": model, "cache_dirs": cache_dirs, "runs": {}, "targets": []}
             results["models"].append(row)
+            checkpoint = None
+            if config.checkpoint:
+                folder = (config.checkpoint_folder(model) if config.checkpoint_dir is not None else
+                          Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fms-startup-checkpoint-")))
+                          / model.replace(":", "-"))
+                print(f"{model}: checkpoint in {folder} ...", flush=True)
+                row["checkpoint"] = checkpoint = prepare_checkpoint(config, model, folder, root)
+                print(f"{model}: checkpoint {_checkpoint_line(checkpoint)}", flush=True)
+                write_json(config.output, results)
             for run in config.runs:
                 cold = row["runs"].get("cold")
-                if run == "warm" and cold is not None and cold["status"] != "ok":
+                if checkpoint is not None and checkpoint["status"] != "ok":
+                    row["runs"][run] = {"status": "skipped", "reason": f"the checkpoint writer {checkpoint['status']}"}
+                elif run == "warm" and cold is not None and cold["status"] != "ok":
                     row["runs"]["warm"] = {"status": "skipped", "reason": f"the cold run {cold['status']}"}
                 else:
+                    page_cache = None if checkpoint is None else _page_cache_at_start(run, checkpoint)
                     print(f"{model}: {run} start ...", flush=True)
-                    row["runs"][run] = result = run_child(config, model, run, cache_dirs, root)
+                    row["runs"][run] = result = run_child(config, model, run, cache_dirs, root, checkpoint)
+                    if page_cache is not None:
+                        result["checkpoint_page_cache"] = page_cache
                     print(f"{model}: {run} {result['status']} after {result['wall_s']:.1f} s"
                           + (f" (in {result['running']})" if result.get("running") else ""), flush=True)
                 row["targets"] = check_targets(model, device.type, row["runs"])
@@ -461,11 +775,11 @@ def run_startup_benchmark(config: StartupBenchConfig) -> dict:
 
 
 def _main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] != "--child":
-        print("usage: python -m fms.bench.startup --child SPEC_JSON (started by `fms bench startup`)",
-              file=sys.stderr)
+    if len(argv) != 2 or argv[0] not in ("--child", "--write-checkpoint"):
+        print("usage: python -m fms.bench.startup --child SPEC_JSON | --write-checkpoint SPEC_JSON "
+              "(started by `fms bench startup`)", file=sys.stderr)
         return 2
-    return _child(json.loads(argv[1]))
+    return (_child if argv[0] == "--child" else _write_checkpoint_child)(json.loads(argv[1]))
 
 
 if __name__ == "__main__":
