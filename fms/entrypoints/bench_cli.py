@@ -72,6 +72,7 @@ options pass through (--no-compile: CUDA graphs without torch.compile). The work
     fms bench startup --models llama:3.1-8b --timeout 270 --output results/startup_8b.json
     fms bench startup --no-compile --output results/startup_graphs_only.json
     fms bench startup --models llama:3.1-8b --runs cold --cache-dir results/startup_caches   # then --runs warm
+    fms bench startup --models llama:3.1-8b --checkpoint --output results/startup_8b_ckpt.json  # load GB/s
 
 On CPU the default is llama:micro: a demo that checks the benchmark runs (under a minute), not a measurement.
 Writes one JSON (per model: the cold and warm phase tables, totals, the issue's targets met or not) and prints
@@ -414,6 +415,12 @@ def startup_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-dir", type=Path, default=None,
                    help="keep the compile caches in CACHE_DIR/<model>/{inductor,triton} (default: temporary folders, "
                         "removed after each model); a cold run needs them empty")
+    g.add_argument("--checkpoint", action="store_true",
+                   help="time get_model('hf_pretrained') on a HF checkpoint of each model's shape (random weights, "
+                        "written once before the runs, untimed) instead of drawing random weights; adds load GB/s")
+    g.add_argument("--checkpoint-dir", type=Path, default=None,
+                   help="with --checkpoint: keep the checkpoints in CHECKPOINT_DIR/<model>/ and reuse them in later "
+                        "runs (default: temporary folders, removed after each model)")
     g.add_argument("--output", type=Path, default=StartupBenchConfig.output,
                    help="the results JSON (written after every child process)")
     add_engine_arguments(p)
@@ -437,7 +444,8 @@ def startup_config(argv=None, program=STARTUP_PROGRAM) -> StartupBenchConfig:
         config = StartupBenchConfig(
             models=_names(args.models) if args.models is not None else None, device=args.device, dtype=args.dtype,
             seed=args.seed, engine_options=engine_options, timeout_s=args.timeout, prompt_len=args.prompt_len,
-            max_tokens=args.max_tokens, runs=_names(args.runs), cache_dir=args.cache_dir, output=args.output,
+            max_tokens=args.max_tokens, runs=_names(args.runs), cache_dir=args.cache_dir,
+            checkpoint=args.checkpoint, checkpoint_dir=args.checkpoint_dir, output=args.output,
             command=" ".join(shlex.quote(a) for a in [*program, *argv]))
         config.check_cache_dir()
         return config
