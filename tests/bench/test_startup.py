@@ -1,14 +1,20 @@
 """The start-up benchmark (fms.bench.startup, `fms bench startup`): config checks, the targets' comparison, and
-real cold / warm child processes of llama "micro" on the CPU, one of them past its timeout."""
+real cold / warm child processes of llama "micro" on the CPU, one of them past its timeout; checkpoint mode: the
+writer's HF checkpoint, the child's load of it, load GB/s, the page cache, and bad checkpoint folders."""
 
 import json
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
+import torch
+from safetensors import safe_open
 
-from fms.bench.startup import StartupBenchConfig, check_targets
+from fms.bench.startup import (CHECKPOINT_MARKER, StartupBenchConfig, _child_spec, build_model, check_targets,
+                               evict_page_cache, page_cache_fraction, prepare_checkpoint, write_hf_checkpoint)
 from fms.entrypoints.bench_cli import startup_config, startup_main
+from fms.models import get_model
 
 PHASE_KEYS = ["process_start_s", "import_s", "get_model_s", "engine_s", "first_generate_s"]
 CACHE_VARS = ["TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"]
@@ -136,3 +142,168 @@ def test_a_child_past_its_timeout_is_recorded_with_the_phases_it_finished(tmp_pa
     assert cold["stack_at_timeout"][0].startswith("fms/bench/startup.py")
     assert row["runs"]["warm"] == {"status": "skipped", "reason": "the cold run timed_out"}
     assert "timed_out in" in capsys.readouterr().out
+
+
+# -- checkpoint mode --------------------------------------------------------------------------------------
+def _hf_names(prefix="model.layers.{}."):
+    """Our llama parameter -> the HF tensors stacked on dim 0 to make it (written by hand: the test's own map)."""
+    layer = {"ln.weight": ["input_layernorm.weight"], "ff_ln.weight": ["post_attention_layernorm.weight"],
+             "mixer.qkv_fused.weight": [f"self_attn.{n}_proj.weight" for n in "qkv"],
+             "mixer.dense.weight": ["self_attn.o_proj.weight"],
+             "ff.wg1_fused.weight": ["mlp.gate_proj.weight", "mlp.up_proj.weight"],
+             "ff.w2.weight": ["mlp.down_proj.weight"]}
+
+    def sources(name):
+        top = {"embedding.weight": ["model.embed_tokens.weight"], "head.weight": ["lm_head.weight"],
+               "dec_norm.weight": ["model.norm.weight"]}
+        if name in top:
+            return top[name]
+        _, index, rest = name.split(".", 2)
+        return [prefix.format(index) + n for n in layer[rest]]
+
+    return sources
+
+
+def _file_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            tensors.update({name: f.get_tensor(name) for name in f.keys()})
+    return tensors
+
+
+def _safetensors_sizes(folder: Path) -> int:
+    return sum(os.path.getsize(f) for f in folder.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(checkpoint=1), "checkpoint must be a bool, got 1"),
+    (dict(checkpoint_dir="somewhere"), "checkpoint_dir (somewhere) is where checkpoint mode keeps its checkpoints; "
+                                       "give checkpoint=True (--checkpoint) with it"),
+])
+def test_bad_checkpoint_options_name_the_value(options, message):
+    with pytest.raises(ValueError) as exc:
+        StartupBenchConfig(device="cpu", models=("llama:micro",), **options)
+    assert message in str(exc.value)
+
+
+def test_a_checkpoint_dir_holding_something_else_is_refused(tmp_path, capsys):
+    def config(**options):
+        return StartupBenchConfig(device="cpu", models=("llama:micro",), checkpoint=True, **options)
+
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match=f"checkpoint_dir {a_file} is a file; give a folder"):
+        config(checkpoint_dir=a_file)
+    with pytest.raises(SystemExit) as exc:  # the command line says the same, as a usage error
+        startup_config(["--device", "cpu", "--models", "llama:micro", "--checkpoint", "--checkpoint-dir", str(a_file)])
+    assert exc.value.code == 2 and f"checkpoint_dir {a_file} is a file" in capsys.readouterr().err
+    # the model's folder holds files that this benchmark did not write: never overwritten
+    (tmp_path / "llama-micro").mkdir()
+    (tmp_path / "llama-micro" / "model.safetensors").write_text("someone's weights")
+    with pytest.raises(ValueError, match=f"checkpoint_dir: {tmp_path / 'llama-micro'} holds files, but not the "
+                                         "checkpoint this benchmark writes for llama:micro .dtype float32, seed 0; "
+                                         f"found no {CHECKPOINT_MARKER}.; remove the folder"):
+        config(checkpoint_dir=tmp_path)
+    # ... or one it wrote for another seed
+    marker = {"model": "llama:micro", "dtype": "float32", "seed": 1, "files": {"model.safetensors": 17}}
+    (tmp_path / "llama-micro" / CHECKPOINT_MARKER).write_text(json.dumps(marker))
+    with pytest.raises(ValueError, match="found model='llama:micro', dtype='float32', seed=1"):
+        config(checkpoint_dir=tmp_path)
+    # ... or the right one, with a file changed since
+    (tmp_path / "llama-micro" / CHECKPOINT_MARKER).write_text(json.dumps(dict(marker, seed=0)))
+    (tmp_path / "llama-micro" / "model.safetensors").write_text("shorter")
+    with pytest.raises(ValueError, match=r"is incomplete: \['model.safetensors'\] missing or changed"):
+        config(checkpoint_dir=tmp_path)
+    (tmp_path / "llama-micro" / "model.safetensors").write_text("x" * 17)
+    assert config(checkpoint_dir=tmp_path).kept_checkpoint("llama:micro")["seed"] == 0  # reused as it is
+
+
+def test_written_checkpoint_is_hf_shards_of_the_random_weights(tmp_path):
+    # llama nano with a tied head, in shards of at most 40 kB: HF's names, file names and index
+    model = get_model("llama", "nano", seed=3, tie_word_embeddings=True)
+    files = write_hf_checkpoint(model, "llama", tmp_path, max_shard_bytes=40_000)
+    shards = sorted(f for f in files if f.endswith(".safetensors"))
+    assert len(shards) >= 3 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert files == {f.name: f.stat().st_size for f in tmp_path.iterdir()}
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == shards
+    stored = _file_tensors(tmp_path)
+    assert set(index["weight_map"]) == set(stored) and "lm_head.weight" not in stored  # tied: written once
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in stored.values())
+    for shard in shards:
+        with safe_open(str(tmp_path / shard), framework="pt") as f:
+            assert f.metadata() == {"format": "pt"}
+            sizes = [f.get_tensor(n).numel() * 4 for n in f.keys()]
+            assert sum(sizes) <= 40_000 or len(sizes) == 1
+    sources = _hf_names()
+    for name, param in model.named_parameters():
+        assert torch.equal(torch.cat([stored[s] for s in sources(name)]), param), name
+    loaded = get_model("hf_pretrained", model_path=str(tmp_path))
+    assert loaded.config.tie_word_embeddings and loaded.head.weight is loaded.embedding.weight
+    assert loaded.config.eos_token_id == model.config.eos_token_id
+
+
+def test_written_hybrid_checkpoint_loads_as_the_same_model(tmp_path):
+    model = get_model("granite_hybrid", "h-nano", seed=0, data_type="bf16")
+    files = write_hf_checkpoint(model, "granite_hybrid", tmp_path)
+    assert sorted(files) == ["config.json", "model.safetensors"]  # under one shard's size: one file, no index
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    loaded = dict(get_model("hf_pretrained", model_path=str(tmp_path), data_type="bf16").named_parameters())
+    params = dict(model.named_parameters())
+    assert sorted(loaded) == sorted(params)
+    for name, param in params.items():
+        assert loaded[name].dtype == torch.bfloat16 and torch.equal(loaded[name], param), name
+
+
+def test_page_cache_fraction_sees_reads_and_the_drop(tmp_path):
+    file = tmp_path / "weights.bin"
+    file.write_bytes(os.urandom(1 << 20))
+    file.read_bytes()
+    assert page_cache_fraction([file]) == 1.0  # just written and read
+    assert evict_page_cache([file]) is True
+    dropped = page_cache_fraction([file])
+    if dropped == 1.0:
+        pytest.skip(f"this filesystem keeps {tmp_path} in memory (tmpfs?): its pages cannot be dropped")
+    assert dropped < 0.1
+    with file.open("rb") as f:
+        f.read(1 << 19)  # the first half
+    assert 0.4 <= page_cache_fraction([file]) <= 1.0
+    assert page_cache_fraction([]) is None
+
+
+def test_checkpoint_mode_times_the_load_of_the_written_weights(tmp_path, capsys):
+    output, kept = tmp_path / "startup.json", tmp_path / "checkpoints"
+    startup_main(["--device", "cpu", "--models", "llama:micro", "--no-compile", "--max-num-seqs", "2",
+                  "--num-pages", "16", "--max-tokens", "3", "--checkpoint", "--checkpoint-dir", str(kept),
+                  "--output", str(output)])
+    results = json.loads(output.read_text())
+    assert results["weights"] == "checkpoint" and "page cache" in results["page_cache_note"]
+    assert results["config"]["checkpoint"] is True
+    [row] = results["models"]
+    checkpoint, folder = row["checkpoint"], kept / "llama-micro"
+    assert checkpoint["status"] == "ok" and checkpoint["written_now"] and checkpoint["path"] == str(folder)
+    assert checkpoint["dtype"] == "float32" and checkpoint["bytes"] == _safetensors_sizes(folder) > 10**7
+    for name in ("cold", "warm"):
+        run = row["runs"][name]
+        assert run["status"] == "ok" and run["weights"] == "checkpoint"
+        assert run["checkpoint_bytes"] == _safetensors_sizes(folder)
+        assert run["load_gb_per_s"] == pytest.approx(run["checkpoint_bytes"] / run["phases_s"]["get_model_s"] / 1e9)
+        assert 0.0 <= run["checkpoint_page_cache"]["resident_fraction_at_start"] <= 1.0
+    assert row["runs"]["cold"]["checkpoint_page_cache"]["dropped_before_start"] is True
+    assert row["runs"]["warm"]["checkpoint_page_cache"] == {"dropped_before_start": None,  # the cold child read it
+                                                           "resident_fraction_at_start": 1.0}
+    out = capsys.readouterr().out
+    assert "| get_model (checkpoint load) |" in out and "|   load GB/s |" in out
+
+    # the child's get_model (build_model, from the spec the parent gave it) holds the written tensors, bit for
+    # bit, and those are the random weights the random mode draws
+    config = StartupBenchConfig(device="cpu", models=("llama:micro",), checkpoint=True, checkpoint_dir=kept)
+    again = prepare_checkpoint(config, "llama:micro", folder, tmp_path)
+    assert again["written_now"] is False and again["files"] == checkpoint["files"]  # kept: not written again
+    model = build_model(_child_spec(config, "llama:micro", "cold", again), torch.device("cpu"))
+    stored, sources = _file_tensors(folder), _hf_names()
+    random = dict(get_model("llama", "micro", seed=0, init_on_device=True).named_parameters())
+    for name, param in model.named_parameters():
+        assert torch.equal(param, torch.cat([stored[s] for s in sources(name)])), name
+        assert torch.equal(param, random[name]), name
