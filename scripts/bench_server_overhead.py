@@ -30,7 +30,7 @@ if __package__ in (None, ""):
 def write_checkpoint(folder: str, vocab_size: int, seed: int) -> str:
     import torch
     import transformers
-    from bench_server_vs_offline import write_placeholder_tokenizer
+    from fms.entrypoints.server_vs_offline import write_placeholder_tokenizer
 
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,

@@ -14,16 +14,8 @@ JSON with the command, device, commit, both throughputs and their ratio.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import gc
-import json
-import os
-import random
 import shlex
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -32,9 +24,10 @@ REPO = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(REPO))
 
-from fms.entrypoints.bench_serve import BenchRequest, _commit, run_load, summarize  # noqa: E402
+from fms.entrypoints.server_vs_offline import (ServerVsOfflineConfig, run_server_vs_offline,  # noqa: E402
+                                               write_placeholder_tokenizer)
 
-TARGET_RATIO = 0.9
+__all__ = ["main", "parse_args", "write_placeholder_tokenizer"]
 
 
 def parse_args(argv=None):
@@ -56,326 +49,22 @@ def parse_args(argv=None):
     p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
                    help="pass --engine-process / --no-engine-process to fms serve (default: fms serve's own)")
     p.add_argument("--output", type=Path, default=Path("results/server_vs_offline.json"))
-    return p.parse_args(argv)
-
-
-def workload(num: int, prompt_range: str, output_len: int, vocab_size: int, seed: int) -> list[BenchRequest]:
-    lo, _, hi = prompt_range.partition(",")
-    lo, hi = int(lo), int(hi or lo)
-    rng = random.Random(seed)
-    requests = []
-    for _ in range(num):
-        n = rng.randint(lo, hi)
-        requests.append(BenchRequest([rng.randrange(4, vocab_size) for _ in range(n)], n, output_len))
-    return requests
-
-
-def write_placeholder_tokenizer(folder: str, vocab_size: int) -> None:
-    """folder/tokenizer.json: a word-level tokenizer with one placeholder word ("t<id>") per id."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.save(os.path.join(folder, "tokenizer.json"))
-
-
-def _placeholder_tokenizer(architecture: str, variant: str) -> str:
-    """A placeholder tokenizer for the model's whole vocabulary, in a temporary folder (once per run).
-
-    Random weights sample any of the model's ids (128,256 for Llama 3), which the shipped
-    2,048-token tokenizer cannot decode; both sides get this one so that text is built the same way."""
-    import tempfile
-
-    from fms.models.registry import get_config
-
-    folder = tempfile.mkdtemp(prefix="fms-bench-tokenizer-")
-    write_placeholder_tokenizer(folder, get_config(architecture, variant).vocab_size)
-    return folder
-
-
-def _engine_args(args):
-    """The engine flags as `fms serve` parses them, and the same parsed for the offline side."""
-    from fms.entrypoints.cli import serve_parser
-
-    extra = shlex.split(args.engine_args)
-    if "--tokenizer" not in extra and not args.model:
-        if getattr(args, "_tokenizer", None) is None:
-            args._tokenizer = _placeholder_tokenizer(args.architecture, args.variant)
-        extra += ["--tokenizer", args._tokenizer]
-    model = [args.model] if args.model else ["--architecture", args.architecture, "--variant", args.variant]
-    flags = [*model, "--seed", str(args.seed), *extra]
-    return flags, serve_parser().parse_args(flags)
-
-
-def run_offline(args, requests, warmup) -> dict:
-    from fms.entrypoints.engine_args import build_engine
-    from fms.serving import SamplingParams
-
-    _, parsed = _engine_args(args)
-    engine, _ = build_engine(parsed)
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-
-    def run(batch):
-        params = [SamplingParams(max_tokens=r.output_len, ignore_eos=True) for r in batch]
-        sync()
-        start = time.perf_counter()
-        outs = engine.generate([r.prompt for r in batch], params, use_tqdm=False)
-        sync()
-        return outs, time.perf_counter() - start
-
-    run(warmup)
-    durations, engine_runs = [], []
-    for _ in range(args.repeats):
-        before = _engine_part(engine.stats())
-        outs, duration = run(requests)
-        durations.append(duration)
-        engine_runs.append(_engine_delta(before, _engine_part(engine.stats())))
-    duration = min(durations)
-    num_out = sum(len(o.token_ids) for o in outs)
-    num_in = sum(r.prompt_len for r in requests)
-    result = {"duration_s": duration, "total_input_tokens": num_in, "total_output_tokens": num_out,
-              "output_throughput": num_out / duration, "request_throughput": len(requests) / duration,
-              "total_token_throughput": (num_in + num_out) / duration, "durations_s": durations,
-              "engine_per_run": engine_runs, "engine": engine.stats()}
-    engine = outs = None  # free the pool before the server sizes its own
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # the server's pool sizes itself from free memory
-    return result
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _child_pids(pid: int) -> list[int]:
-    """The processes whose parent is pid (the engine process of fms serve), from /proc."""
-    children = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                    children.append(int(entry))
-        except (OSError, ValueError, IndexError):
-            continue
-    return children
-
-
-def _process_cpu_s(pid: int) -> dict:
-    """CPU seconds per thread of the server process and, per child process, of all its threads."""
-    return {"threads": _thread_cpu_s(pid),
-            "children": {child: sum((_thread_cpu_s(child) or {}).values()) for child in _child_pids(pid)}}
-
-
-def _thread_cpu_s(pid: int) -> dict[int, float] | None:
-    """CPU seconds (user + system) of each thread of process pid, from /proc (None where there is none)."""
-    try:
-        tick = os.sysconf("SC_CLK_TCK")
-        out = {}
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
-        return out
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _server_cpu(pid: int, before: dict, after: dict, num_tokens: int) -> dict | None:
-    """The server's CPU time over the timed runs: its main thread (the asyncio event loop: HTTP, SSE, JSON,
-    detokenizing), its other threads (with --no-engine-process the engine thread and torch's; else the reader
-    of the engine process's messages) and the engine process (every thread). Without an engine process the
-    event loop's Python work and the engine thread's share one GIL and do not run at the same time, so the
-    loop's share is host overhead the offline engine does not pay (except where it overlaps GPU waits)."""
-    threads_before, threads_after = before["threads"], after["threads"]
-    if threads_before is None or threads_after is None:
-        return None
-    loop = threads_after.get(pid, 0.0) - threads_before.get(pid, 0.0)
-    other = sum(v - threads_before.get(t, 0.0) for t, v in threads_after.items() if t != pid)
-    children = after["children"]
-    engine = sum(v - before["children"].get(c, 0.0) for c, v in children.items()) if children else None
-    return {"event_loop_cpu_s": loop, "other_threads_cpu_s": other, "engine_process_cpu_s": engine,
-            "event_loop_cpu_us_per_output_token": 1e6 * loop / max(num_tokens, 1)}
-
-
-ENGINE_COUNTS = ("num_steps", "num_decode_windows", "num_batched_tokens")
-PHASES = ("schedule", "execute", "update")  # engine.stats()["time_s"]; execute holds the decode windows' launch + wait
-
-
-def _engine_part(stats: dict) -> dict:
-    """The engine's cumulative step counts and phase seconds (what both sides can report the same way)."""
-    return {**{k: stats.get(k, 0) for k in ENGINE_COUNTS}, "time_s": dict(stats.get("time_s") or {})}
-
-
-def _engine_delta(before: dict, after: dict) -> dict:
-    """One timed run's share of the engine's totals: steps, windows, tokens, seconds per phase."""
-    delta = {k: after[k] - before[k] for k in ENGINE_COUNTS}
-    delta["time_s"] = {phase: after["time_s"][phase] - before["time_s"].get(phase, 0.0) for phase in after["time_s"]}
-    return delta
-
-
-def _server_engine_totals(url: str, settle_s: float = 0.15, timeout_s: float = 5.0) -> dict:
-    """The same totals from the server's /metrics (fms:engine_*), read once the engine is idle and two reads
-    settle_s apart agree: its statistics reach the HTTP process as a snapshot every 50 ms."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    def read() -> tuple[dict, float]:
-        with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-            text = r.read().decode()
-        totals, running = {k: 0 for k in ENGINE_COUNTS}, 0.0
-        totals["time_s"] = {}
-        names = {f"fms:engine_{k[4:]}_total": k for k in ENGINE_COUNTS}  # num_steps -> fms:engine_steps_total
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name in names:
-                    totals[names[sample.name]] += int(sample.value)
-                elif sample.name == "fms:engine_time_seconds_total":
-                    phase = sample.labels["phase"]
-                    totals["time_s"][phase] = totals["time_s"].get(phase, 0.0) + sample.value
-                elif sample.name == "fms:num_requests_running":
-                    running += sample.value
-        return totals, running
-
-    deadline = time.monotonic() + timeout_s
-    last, _ = read()
-    while time.monotonic() < deadline:
-        time.sleep(settle_s)
-        totals, running = read()
-        if totals == last and running == 0:
-            return totals
-        last = totals
-    return last
-
-
-def _ttft_totals(url: str) -> tuple[float, float]:
-    """The server's fms:time_to_first_token_seconds histogram: (sum, count) over every label set."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-        text = r.read().decode()
-    total = count = 0.0
-    for family in text_string_to_metric_families(text):
-        if family.name == "fms:time_to_first_token_seconds":
-            for sample in family.samples:
-                if sample.name.endswith("_sum"):
-                    total += sample.value
-                elif sample.name.endswith("_count"):
-                    count += sample.value
-    return total, count
-
-
-def run_server(args, requests, warmup) -> dict:
-    import urllib.request
-
-    port = args.port or _free_port()
-    flags, _ = _engine_args(args)
-    command = [sys.executable, "-m", "fms.entrypoints.cli", "serve", *flags, "--port", str(port),
-               "--max-waiting", str(max(1024, len(requests))), "--log-level", "warning"]
-    if args.engine_process is not None:
-        command.append("--engine-process" if args.engine_process else "--no-engine-process")
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen(command, env=env, cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + args.server_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"fms serve exited with {proc.returncode} before it was ready")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"fms serve was not ready after {args.server_timeout} s")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-        with urllib.request.urlopen(url + "/v1/models", timeout=10) as r:
-            model = json.loads(r.read())["data"][0]["id"]
-        asyncio.run(run_load(url, model, warmup, float("inf"), None, args.seed, progress=False))
-        cpu_before = _process_cpu_s(proc.pid)
-        runs, engine_ttft_ms, engine_runs = [], [], []
-        for _ in range(args.repeats):
-            before, engine_before = _ttft_totals(url), _server_engine_totals(url)
-            runs.append(asyncio.run(run_load(url, model, requests, float("inf"), None, args.seed, progress=False)))
-            after = _ttft_totals(url)
-            engine_runs.append(_engine_delta(engine_before, _server_engine_totals(url)))
-            count = after[1] - before[1]
-            engine_ttft_ms.append(1e3 * (after[0] - before[0]) / count if count else None)
-        cpu_after = _process_cpu_s(proc.pid)
-        results, duration = min(runs, key=lambda run: run[1])
-        summary = summarize(results, duration)
-        num_tokens = sum(sum(r.output_len for r in results_) for results_, _ in runs)
-        summary["server_cpu"] = _server_cpu(proc.pid, cpu_before, cpu_after, num_tokens)
-        summary["durations_s"] = [d for _, d in runs]
-        # where the first token's wait is spent: the client's mean TTFT (from sending) against the engine's
-        # (fms:time_to_first_token_seconds, from the request's arrival at the engine), per timed run
-        summary["client_mean_ttft_ms"] = [summarize(r, d)["mean_ttft_ms"] for r, d in runs]
-        summary["engine_mean_ttft_ms"] = engine_ttft_ms
-        # the engine's steps and phase seconds per timed run, as the offline side records them (engine_per_run)
-        summary["engine_per_run"] = engine_runs
-        summary["server_command"] = " ".join(shlex.quote(c) for c in command)
-        return summary
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    return p, p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    from fms.models import get_config
-
-    if args.model:
-        vocab_size = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
-    else:
-        vocab_size = get_config(args.architecture, args.variant).vocab_size
-    requests = workload(args.num_prompts, args.prompt_range, args.output_len, vocab_size, args.seed)
-    warmup = workload(args.warmup_prompts, args.prompt_range, min(args.output_len, 32), vocab_size, args.seed + 1)
-    offline = run_offline(args, requests, warmup)
-    print(f"offline engine: {offline['output_throughput']:.1f} output tok/s", flush=True)
-    server = run_server(args, requests, warmup)
-    print(f"server:         {server['output_throughput']:.1f} output tok/s "
-          f"({server['completed']} completed, {server['failed']} failed)", flush=True)
-    ratio = server["output_throughput"] / offline["output_throughput"]
-    report = {
-        "command": " ".join(shlex.quote(a) for a in ["python", "scripts/bench_server_vs_offline.py",
-                                                     *(sys.argv[1:] if argv is None else argv)]),
-        "commit": _commit(),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-        "model": args.model or f"{args.architecture}/{args.variant} (random weights)",
-        "workload": {"num_prompts": args.num_prompts, "prompt_range": args.prompt_range,
-                     "output_len": args.output_len, "seed": args.seed, "arrivals": "all at t=0"},
-        "offline": offline, "server": server, "server_over_offline": ratio,
-        "target": TARGET_RATIO, "meets_target": ratio >= TARGET_RATIO,
-    }
-    print(f"server / offline = {ratio:.3f} (target >= {TARGET_RATIO})")
-    print("mean TTFT per timed run, client / engine (ms): " + ", ".join(
-        f"{c:.0f} / {e:.0f}" if e is not None else f"{c:.0f} / -"
-        for c, e in zip(server["client_mean_ttft_ms"], server["engine_mean_ttft_ms"])))
-    for side in ("offline", "server"):
-        print(f"engine per timed run, {side}: " + ", ".join(
-            f"{r['num_steps']} steps, " + " / ".join(f"{r['time_s'].get(p, 0.0):.3f}" for p in PHASES) + " s"
-            for r in report[side]["engine_per_run"]) + f" ({' / '.join(PHASES)})")
-    if server.get("server_cpu"):
-        cpu = server["server_cpu"]
-        engine_s = cpu["engine_process_cpu_s"]
-        engine = "" if engine_s is None else f"; engine process {engine_s:.2f} CPU s"
-        print(f"server event loop: {cpu['event_loop_cpu_s']:.2f} CPU s ({cpu['event_loop_cpu_us_per_output_token']:.0f} "
-              f"us per output token); other threads {cpu['other_threads_cpu_s']:.2f} CPU s{engine}")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2, default=str))
-    print(f"wrote {args.output}")
-    return report
+    parser, args = parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        config = ServerVsOfflineConfig(
+            architecture=args.architecture, variant=args.variant, model=args.model, num_prompts=args.num_prompts,
+            prompt_range=args.prompt_range, output_len=args.output_len, warmup_prompts=args.warmup_prompts,
+            seed=args.seed, repeats=args.repeats, port=args.port, server_timeout=args.server_timeout,
+            engine_args=args.engine_args, engine_process=args.engine_process, output=args.output,
+            command=" ".join(shlex.quote(a) for a in ["python", "scripts/bench_server_vs_offline.py", *argv]))
+    except ValueError as e:
+        parser.error(str(e))
+    return run_server_vs_offline(config)
 
 
 if __name__ == "__main__":
