@@ -67,7 +67,7 @@ def main(markdown: bool = False) -> int:
         print("| round | after tree | first | before: passes (mean) | after: passes (mean) | serving Δ | "
               "batch-1 before / after | batch-1 Δ | counted |")
         print("|---|---|---|---|---|---|---|---|---|")
-    fails, counted = [], []
+    fails, counted, firsts = [], [], {}
     for rnd in sorted(rounds):
         trees = rounds[rnd]
         b, a = trees.get("before"), trees.get("after")
@@ -87,6 +87,7 @@ def main(markdown: bool = False) -> int:
                 fails.append(rnd)
         # which process ran first in the device call (the first one also fills the compile caches)
         first = min((t["timestamp"], n) for n, t in trees.items())[1] if a and b else "–"
+        firsts[rnd] = first
         b1 = f"{b['batch1']:,.1f}" if b and b["batch1"] else "–"
         a1 = f"{a['batch1']:,.1f}" if a and a["batch1"] else "–"
         ds = f"{d_serv:+.1%}" if d_serv is not None else "–"
@@ -104,6 +105,19 @@ def main(markdown: bool = False) -> int:
             sec = rounds[rnd][name]["seconds"]
             print(f"round {rnd} {name:6}: {sec['duration']:.3f}; "
                   f"{sec['schedule']:.3f} / {sec['execute']:.3f} / {sec['update']:.3f}; {sec['decode_launch']:.3f}")
+    # the order effect: each tree's mean serving rate by whether its process ran first in the call, and the
+    # mean scheduler seconds per pass likewise (the first process compiled from empty caches)
+    print("\nBy run order (clean rounds): mean output tok/s, scheduler s per pass")
+    for name in ("before", "after"):
+        for place in ("first", "second"):
+            rs = [r for r in counted if (firsts[r] == name) == (place == "first")]
+            if rs:
+                rate = sum(rounds[r][name]["mean"] for r in rs) / len(rs)
+                sched = sum(rounds[r][name]["seconds"]["schedule"] for r in rs) / len(rs)
+                print(f"{name:6} ran {place:6}: rounds {', '.join(map(str, rs))}: {rate:,.0f} tok/s, {sched:.3f} s")
+    if counted:
+        mean = sum(rounds[r]["after"]["mean"] / rounds[r]["before"]["mean"] - 1 for r in counted) / len(counted)
+        print(f"mean serving change over the clean rounds: {mean:+.1%}")
     if not counted:
         verdict = "not shown (no clean round)"
     elif fails:
