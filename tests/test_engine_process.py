@@ -23,6 +23,7 @@ from fms.entrypoints.engine_args import build_engine  # noqa: E402
 from fms.entrypoints.engine_process import EngineProcessClient, start_server_state  # noqa: E402
 from fms.entrypoints.openai.server import build_app, run_server  # noqa: E402
 from fms.serving import SamplingParams  # noqa: E402
+from tests.streaming import stream_in_background  # noqa: E402
 
 TIMEOUT_S = 30
 MODEL_FLAGS = ["--architecture", "llama", "--variant", "micro", "--device", "cpu", "--max-decode-steps", "2"]
@@ -207,18 +208,9 @@ def test_a_killed_engine_process_fails_requests_health_and_the_server(server):
     """Last: it ends the module's server."""
     from fastapi.testclient import TestClient
 
-    client, events, started = server.client, [], threading.Event()
-
-    def in_flight():
-        body = {"prompt": PROMPTS[0], "max_tokens": 1000, "ignore_eos": True, "stream": True}
-        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=TIMEOUT_S) as response:
-            for line in response.iter_lines():
-                if line.startswith("data: {"):
-                    events.append(json.loads(line[6:]))
-                    started.set()
-
-    thread = threading.Thread(target=in_flight)
-    thread.start()
+    client = server.client
+    thread, events, started = stream_in_background(
+        server.url, {"prompt": PROMPTS[0], "max_tokens": 1000, "ignore_eos": True, "stream": True}, TIMEOUT_S)
     assert started.wait(TIMEOUT_S), "the request sent nothing"
     os.kill(client.pid, signal.SIGKILL)
     thread.join(TIMEOUT_S)

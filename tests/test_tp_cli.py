@@ -23,6 +23,7 @@ from fms.entrypoints.cli import main, serve_parser
 from fms.entrypoints.engine_args import build_engine
 from fms.entrypoints.tensor_parallel import apply_events, step_follower
 from fms.serving import LLMEngine, SamplingParams
+from tests.streaming import stream_in_background
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 90
@@ -223,19 +224,9 @@ def test_serve_tp2_answers_like_tp1_and_exits_on_sigterm():
         assert complete(PROMPTS[0]) == want["greedy"]
 
         # SIGTERM with a request in flight (its first tokens came): it finishes, both ranks leave, the command exits 0
-        started, chunks = threading.Event(), []
-
-        def in_flight():
-            body = {"prompt": PROMPTS[0], "max_tokens": 48, "ignore_eos": True, "temperature": 0, "stream": True,
-                    "stream_options": {"include_usage": True}}
-            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=TIMEOUT_S) as response:
-                for line in response.iter_lines():
-                    if line.startswith("data: {"):
-                        chunks.append(json.loads(line[6:]))
-                        started.set()
-
-        thread = threading.Thread(target=in_flight)
-        thread.start()
+        body = {"prompt": PROMPTS[0], "max_tokens": 48, "ignore_eos": True, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        thread, chunks, started = stream_in_background(url, body, TIMEOUT_S)
         assert started.wait(TIMEOUT_S), "the in-flight request sent nothing"
         proc.send_signal(signal.SIGTERM)
         thread.join(TIMEOUT_S)

@@ -129,6 +129,7 @@ def hf_generate_point(hf_model, prompts, max_new_tokens, *, repeats, warmup, dev
             "outputs": out.tolist()}
 
 
+HF_STATIC_SYSTEM = "hf generate"  # the serving results' row of HF's static generate (peer hf_generate)
 WARMUP_NEW_TOKENS = 2  # the static peer's warm-up: one prefill and one decode step of the largest batch
 
 

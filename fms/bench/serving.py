@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from fms.bench.hf_peer import (hf_generate_batch_point, hf_mamba_kernels, hf_static_generate_point, hf_twin,
-                              static_batches)
+from fms.bench.hf_peer import (HF_STATIC_SYSTEM, hf_generate_batch_point, hf_mamba_kernels, hf_static_generate_point,
+                              hf_twin, static_batches)
 from fms.bench.results import run_metadata, write_csv, write_json
 from fms.bench.roofline import ModelCost, batch1_decode_limit_tok_s, limit_fields, serving_roofline
 from fms.bench.timing import GB, peak_memory_gb, reset_peak_memory, synchronize
@@ -33,7 +33,6 @@ CSV_COLUMNS = (
 )
 # hf: HF continuous batching (generate_batch, which refuses hybrids); hf_generate: HF static generate, left-padded
 PEERS = ("hf", "hf_generate")
-HF_STATIC_SYSTEM = "hf generate"
 
 
 @dataclass

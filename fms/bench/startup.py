@@ -32,13 +32,13 @@ import random
 import re
 import resource
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from fms.bench.processes import run_in_session
 from fms.bench.tables import markdown_table
 
 DEFAULT_MODELS = {
@@ -252,19 +252,9 @@ def write_hf_checkpoint(model, architecture: str, folder: Path, max_shard_bytes:
     from safetensors.torch import save_file
 
     from fms.bench.hf_peer import hf_config_dict
-    from fms.utils import serialization
+    from fms.utils.serialization import hf_tensors
 
-    rules, _ = serialization._RULES[architecture]
-    tensors = {}  # HF name -> a view of our parameter; a tied head is written once, as the embedding
-    for name, param in model.named_parameters():
-        sources, rule = serialization._sources_for(name, rules)
-        if rule.transform is not None:
-            raise ValueError(f"cannot write {name}: its checkpoint tensor is transformed on load")
-        if len(sources) == 1:
-            tensors[sources[0]] = param
-            continue
-        rows = serialization._source_rows(name, tuple(param.shape), sources, rule, model.config)
-        tensors.update(zip(sources, param.split(rows, dim=0)))
+    tensors = hf_tensors(model, architecture)  # HF name -> a view of our parameter (a tied head once)
     shards, size = [[]], 0
     for name, tensor in tensors.items():
         nbytes = tensor.numel() * tensor.element_size()
@@ -538,14 +528,9 @@ def prepare_checkpoint(config: StartupBenchConfig, model: str, folder: Path, wor
         out_path, err_path = workdir / "writer.stdout", workdir / "writer.stderr"
         spawn = time.time()
         with out_path.open("w") as out, err_path.open("w") as err:
-            proc = subprocess.Popen([sys.executable, "-m", "fms.bench.startup", "--write-checkpoint", json.dumps(spec)],
-                                    stdout=out, stderr=err, env=_child_env({}), start_new_session=True)
-            try:
-                status = "ok" if proc.wait(timeout=config.timeout_s) == 0 else "failed"
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                status = "timed_out"
+            status, _ = run_in_session([sys.executable, "-m", "fms.bench.startup", "--write-checkpoint",
+                                        json.dumps(spec)], config.timeout_s, stdout=out, stderr=err,
+                                       env=_child_env({}))
         kept = _last_record(out_path.read_text())
         result.update(status=status if kept is not None else "failed", wall_s=time.time() - spawn)
         if result["status"] != "ok":
@@ -599,20 +584,15 @@ def run_child(config: StartupBenchConfig, model: str, run: str, cache_dirs: dict
     with out_path.open("w") as out, err_path.open("w") as err:
         spec = json.dumps({**_child_spec(config, model, run, checkpoint), "spawn_time": spawn,
                            "stack_file": str(stack_path)})
-        # a session of its own, so that a timeout ends the child and any compile workers it started
-        proc = subprocess.Popen([sys.executable, "-m", "fms.bench.startup", "--child", spec], stdout=out,
-                                stderr=err, env=env, start_new_session=True)
-        try:
-            returncode = proc.wait(timeout=config.timeout_s)
-            status = "ok" if returncode == 0 else "failed"
-        except subprocess.TimeoutExpired:
-            proc.send_signal(STACK_SIGNAL)  # faulthandler writes where each thread is, even inside C code
+        def ask_for_stack(proc):  # at the timeout: faulthandler writes where each thread is, even inside C code
+            proc.send_signal(STACK_SIGNAL)
             deadline = time.time() + STACK_WAIT_S
             while time.time() < deadline and proc.poll() is None and not _has_dump(stack_path):
                 time.sleep(0.05)
-            os.killpg(proc.pid, signal.SIGKILL)
-            returncode = proc.wait()
-            status = "timed_out"
+
+        status, returncode = run_in_session([sys.executable, "-m", "fms.bench.startup", "--child", spec],
+                                            config.timeout_s, stdout=out, stderr=err, env=env,
+                                            before_kill=ask_for_stack)
     wall_s = time.time() - spawn
     record = _last_record(out_path.read_text()) or {"phases_s": {}, "running": "process_start"}
     if status == "ok" and not record.get("done"):

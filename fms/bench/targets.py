@@ -19,7 +19,6 @@ import json
 import math
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -28,6 +27,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from fms.bench.hf_peer import HF_STATIC_SYSTEM
+from fms.bench.processes import run_in_session
 from fms.bench.results import git_commit, write_json
 from fms.bench.startup import RUNS, TARGETS as STARTUP_TARGETS
 from fms.bench.tables import markdown_table
@@ -45,7 +46,6 @@ SERVING_1B_MIN_TOK_S = 61_000.0  # 70% of the workload's floor on the H200
 BATCH1_1B_MIN_TOK_S = 1_390.0  # 80% of the weight-read limit
 SERVING_8B_MIN_PCT = 60.0  # of its floor
 EVAL_MAX_PAGED_OVER_DEFAULT = 1.0  # paged per-batch time no slower than default
-HF_STATIC_SYSTEM = "hf generate"  # the serving JSON's row of HF's static generate (fms.bench.serving's hf_generate)
 
 
 @dataclass(frozen=True)
@@ -433,37 +433,6 @@ def _display(argv: list[str]) -> str:
     return " ".join(shlex.quote(_short(a)) for a in argv)
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below pid (Linux /proc): the start-up benchmark's children run in sessions of their own."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        found += kids
-        todo += kids
-    return found
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    below = _descendants(proc.pid)
-    for pid in below:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
 def _next_run_dir(raw_dir: Path, job: Job) -> Path:
     k = 1
     while (raw_dir / f"{job.name}-{k}").exists():
@@ -494,16 +463,8 @@ def run_job(job: Job, config: TargetsConfig, commit: str, timeout_s: float) -> t
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     start = time.perf_counter()
     with log_path.open("w") as log:
-        # a session of its own: a timeout ends the child, its compile workers and anything else below it
-        proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
-        try:
-            returncode = proc.wait(timeout=timeout_s)
-            status = "ok" if returncode == 0 else "failed"
-        except subprocess.TimeoutExpired:
-            _kill_tree(proc)
-            returncode = proc.wait()
-            status = "timed_out"
+        status, returncode = run_in_session(argv, timeout_s, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
     wall_s = time.perf_counter() - start
     raw_path = run_dir / job.output
     raw = None

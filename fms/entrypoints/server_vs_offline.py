@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from fms.bench.processes import child_pids, thread_cpu_s
 from fms.entrypoints.bench_serve import BenchRequest, _commit, run_load, summarize
 
 TARGET_RATIO = 0.9
@@ -164,39 +165,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child_pids(pid: int) -> list[int]:
-    """The processes whose parent is pid (the engine process of fms serve), from /proc."""
-    children = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                    children.append(int(entry))
-        except (OSError, ValueError, IndexError):
-            continue
-    return children
-
-
 def _process_cpu_s(pid: int) -> dict:
     """CPU seconds per thread of the server process and, per child process, of all its threads."""
-    return {"threads": _thread_cpu_s(pid),
-            "children": {child: sum((_thread_cpu_s(child) or {}).values()) for child in _child_pids(pid)}}
-
-
-def _thread_cpu_s(pid: int) -> dict[int, float] | None:
-    """CPU seconds (user + system) of each thread of process pid, from /proc (None where there is none)."""
-    try:
-        tick = os.sysconf("SC_CLK_TCK")
-        out = {}
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
-        return out
-    except (OSError, ValueError, IndexError):
-        return None
+    return {"threads": thread_cpu_s(pid),
+            "children": {child: sum((thread_cpu_s(child) or {}).values()) for child in child_pids(pid)}}
 
 
 def _server_cpu(pid: int, before: dict, after: dict, num_tokens: int) -> dict | None:
@@ -232,19 +204,21 @@ def _engine_delta(before: dict, after: dict) -> dict:
     return delta
 
 
-def _server_engine_totals(url: str, settle_s: float = 0.15, timeout_s: float = 5.0) -> dict:
-    """The same totals from the server's /metrics (fms:engine_*), read once the engine is idle and two reads
-    settle_s apart agree: its statistics reach the HTTP process as a snapshot every 50 ms."""
+def _server_totals(url: str, settle_s: float = 0.15, timeout_s: float = 5.0) -> tuple[float, float, dict]:
+    """From the server's /metrics, once the engine is idle and two scrapes settle_s apart agree (its statistics
+    reach the HTTP process as a snapshot every 50 ms): the fms:time_to_first_token_seconds histogram's sum and
+    count over every label set, and the engine's totals as _engine_part gives them (fms:engine_*)."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    def read() -> tuple[dict, float]:
+    names = {f"fms:engine_{k[4:]}_total": k for k in ENGINE_COUNTS}  # num_steps -> fms:engine_steps_total
+
+    def scrape() -> tuple[tuple[float, float, dict], float]:
         with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
             text = r.read().decode()
-        totals, running = {k: 0 for k in ENGINE_COUNTS}, 0.0
-        totals["time_s"] = {}
-        names = {f"fms:engine_{k[4:]}_total": k for k in ENGINE_COUNTS}  # num_steps -> fms:engine_steps_total
+        ttft_sum = ttft_count = running = 0.0
+        totals = {**{k: 0 for k in ENGINE_COUNTS}, "time_s": {}}
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 if sample.name in names:
@@ -254,36 +228,21 @@ def _server_engine_totals(url: str, settle_s: float = 0.15, timeout_s: float = 5
                     totals["time_s"][phase] = totals["time_s"].get(phase, 0.0) + sample.value
                 elif sample.name == "fms:num_requests_running":
                     running += sample.value
-        return totals, running
+                elif sample.name == "fms:time_to_first_token_seconds_sum":
+                    ttft_sum += sample.value
+                elif sample.name == "fms:time_to_first_token_seconds_count":
+                    ttft_count += sample.value
+        return (ttft_sum, ttft_count, totals), running
 
     deadline = time.monotonic() + timeout_s
-    last, _ = read()
+    last, _ = scrape()
     while time.monotonic() < deadline:
         time.sleep(settle_s)
-        totals, running = read()
-        if totals == last and running == 0:
-            return totals
-        last = totals
+        current, running = scrape()
+        if current == last and running == 0:
+            return current
+        last = current
     return last
-
-
-def _ttft_totals(url: str) -> tuple[float, float]:
-    """The server's fms:time_to_first_token_seconds histogram: (sum, count) over every label set."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-        text = r.read().decode()
-    total = count = 0.0
-    for family in text_string_to_metric_families(text):
-        if family.name == "fms:time_to_first_token_seconds":
-            for sample in family.samples:
-                if sample.name.endswith("_sum"):
-                    total += sample.value
-                elif sample.name.endswith("_count"):
-                    count += sample.value
-    return total, count
 
 
 def run_server(config: "ServerVsOfflineConfig", requests, warmup) -> dict:
@@ -317,12 +276,12 @@ def run_server(config: "ServerVsOfflineConfig", requests, warmup) -> dict:
         cpu_before = _process_cpu_s(proc.pid)
         runs, engine_ttft_ms, engine_runs = [], [], []
         for _ in range(config.repeats):
-            before, engine_before = _ttft_totals(url), _server_engine_totals(url)
+            ttft_sum, ttft_count, engine_before = _server_totals(url)
             runs.append(asyncio.run(run_load(url, model, requests, float("inf"), None, config.seed, progress=False)))
-            after = _ttft_totals(url)
-            engine_runs.append(_engine_delta(engine_before, _server_engine_totals(url)))
-            count = after[1] - before[1]
-            engine_ttft_ms.append(1e3 * (after[0] - before[0]) / count if count else None)
+            ttft_sum_after, ttft_count_after, engine_after = _server_totals(url)
+            engine_runs.append(_engine_delta(engine_before, engine_after))
+            count = ttft_count_after - ttft_count
+            engine_ttft_ms.append(1e3 * (ttft_sum_after - ttft_sum) / count if count else None)
         cpu_after = _process_cpu_s(proc.pid)
         results, duration = min(runs, key=lambda run: run[1])
         summary = summarize(results, duration)

@@ -296,6 +296,26 @@ def _read_shard(reader: _Reader, name: str, shard, sources: list[str], rule: Rul
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=shard.dim)
 
 
+def hf_tensors(model: nn.Module, architecture: str) -> dict[str, torch.Tensor]:
+    """The inverse of loading: each HF tensor name of the architecture's rules -> a view of the model's parameter
+    (a fused parameter cut into its sources' rows), in parameter order. A tied head is listed once, as the
+    embedding. Raises CheckpointError for a parameter whose checkpoint tensor is transformed on load."""
+    if architecture not in _RULES:
+        raise CheckpointError(f"no checkpoint rules for architecture {architecture!r}; known: {sorted(_RULES)}")
+    rules, _ = _RULES[architecture]
+    tensors = {}
+    for name, param in model.named_parameters():
+        sources, rule = _sources_for(name, rules)
+        if rule.transform is not None:
+            raise CheckpointError(f"cannot write {name}: its checkpoint tensor is transformed on load")
+        if len(sources) == 1:
+            tensors[sources[0]] = param
+            continue
+        rows = _source_rows(name, tuple(param.shape), sources, rule, model.config)
+        tensors.update(zip(sources, param.split(rows, dim=0)))
+    return tensors
+
+
 @torch.no_grad()
 def load_hf_checkpoint(model: nn.Module, model_path: str | Path, architecture: str) -> None:
     """Fill model's parameters from the checkpoint folder. A tensor-parallel shard (parameters recorded in
