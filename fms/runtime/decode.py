@@ -106,7 +106,10 @@ class DecodeWindowRunner:
         self.use_graphs = graph_batch_sizes is not None
         self.batch_sizes = sorted(set(graph_batch_sizes)) if self.use_graphs else []
         n = self.batch_sizes[-1] if self.use_graphs else cache.max_batch_size
-        n = max(n, cache.max_batch_size)
+        # One row more than any window uses: a compiled step reads views [:bs] of these buffers, and a view
+        # as long as its base makes dynamo tie the two sizes with a guard (base size == view size), so that
+        # the next smaller bucket recompiled the whole step (31 s of the 1B's cold start on the H200).
+        n = max(n, cache.max_batch_size) + 1
         device = cache.spec.device
         self.tokens = torch.zeros(n, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(n, 1, dtype=torch.long, device=device)  # (B, 1) of the token computed next

@@ -200,9 +200,12 @@ class ModelRunner:
             meta = self.cache.build_meta(seq_ids, context, num_new, packed=True)
             tokens = _to_device(torch.tensor([[t for c in chunks for t in c.token_ids]], dtype=torch.long),
                                 self.device)
-            last = _to_device(torch.tensor([list(itertools.accumulate(num_new))], dtype=torch.long) - 1, self.device)
+            ends = list(itertools.accumulate(num_new))
+            # A lone chunk asks for its last token's logits twice: a (1, 1) logits_positions would make the
+            # dynamic-shape compile specialize on one sequence and compile the prefill a second time.
+            last = _to_device(torch.tensor([ends * (2 if len(ends) == 1 else 1)], dtype=torch.long) - 1, self.device)
             self.num_eager_forwards += 1
-            return self._packed_forward(tokens, meta, last)[0]  # (B, V)
+            return self._packed_forward(tokens, meta, last)[0, :len(ends)]  # (B, V)
         query_len = None
         if self.bucket_prefills and kind == "resumed":
             # at least one FlexAttention query block: shorter queries take flex's decoding kernel, which

@@ -1,0 +1,89 @@
+"""How many times the engine's dynamic-shape compiles trace, on the CPU (dynamo + AOT autograd, no codegen).
+
+Each extra trace is a whole-model compile at start-up on the GPU (tens of seconds each for a 1B model on the
+H200, final_project section 8), so these pin the shapes that used to cause one:
+- a decode window of the full batch, then a smaller one: the step's inputs are views [:bs] of
+  preallocated buffers, and a view as long as its buffer made dynamo guard on the two sizes being equal;
+- a packed prefill of one sequence after one of several: a (1, 1) logits_positions specialized on size 1.
+"""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fms.models import get_model
+from fms.modules.attention import get_attention_op
+from fms.runtime.decode import DecodeRow, DecodeWindowRunner
+from fms.runtime.sampling_params import SamplingParams
+from fms.serving.config import EngineConfig
+from fms.serving.model_runner import ModelRunner
+
+MAX_BATCH = 4
+
+
+@pytest.fixture
+def model():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    return get_model("llama", "nano", seed=0, device_type="cpu", data_type=torch.float32, head_dim=32)
+
+
+def _cache(model):
+    return get_attention_op("paged").create_cache(model.cache_spec(), max_batch_size=MAX_BATCH, max_seq_len=128,
+                                                  page_size=16)
+
+
+def _traces() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def test_decode_windows_of_the_full_batch_then_fewer_rows_trace_each_function_once(model):
+    cache = _cache(model)
+    runner = DecodeWindowRunner(model, cache, "paged", max_steps=3, graph_batch_sizes=None, compile_model=True)
+    runner._set_compiled(True, "aot_eager")
+    eager = DecodeWindowRunner(model, _cache(model), "paged", max_steps=3, graph_batch_sizes=None)
+    for batch in (MAX_BATCH, 2, 3):
+        outs = []
+        for r in (runner, eager):
+            ids = [(batch, i) for i in range(batch)]
+            for i in ids:
+                r.cache.add(i)
+            r.cache.prepare_decode_window(ids, [3] * batch)
+            rows = [DecodeRow(i, 5 + k, 0, 3, SamplingParams(max_new_tokens=3), 0) for k, i in enumerate(ids)]
+            with torch.no_grad():
+                outs.append(r.run(rows))
+            for i in ids:
+                r.cache.free(i)
+        assert outs[0] == outs[1]
+    # the forward, the step's inputs and its bookkeeping: one symbolic-batch trace each
+    assert _traces() == 3
+
+
+def _chunk(i, tokens):
+    return SimpleNamespace(request_id=i, token_ids=tokens, start_position=0)
+
+
+def test_packed_prefill_of_one_sequence_reuses_the_trace_of_several(model):
+    cache = _cache(model)
+    config = EngineConfig(compile_prefill=True).for_device(False, model.config.max_position_embeddings)
+    runner = ModelRunner(model, cache, config)
+    assert runner.pack_prefill  # on the CPU the packed step runs the varlen reference
+    runner.prefill_compiled = True
+    runner._prefill_forward = torch.compile(model, dynamic=True, backend="aot_eager")
+    g = torch.Generator().manual_seed(0)
+    steps = [(48, 16), (8,), (30, 7, 21)]
+    for n, lengths in enumerate(steps):
+        chunks = [_chunk((n, i), torch.randint(1, 256, (m,), generator=g).tolist()) for i, m in enumerate(lengths)]
+        for c in chunks:
+            cache.add(c.request_id)
+        cache.apply(cache.manager.reserve([c.request_id for c in chunks], list(lengths)))
+        logits = runner._forward(chunks, "packed")
+        assert logits.shape == (len(lengths), model.config.vocab_size)
+        for row, c in zip(logits, chunks):  # each chunk alone, eagerly, with no cache
+            with torch.no_grad():
+                alone = model(torch.tensor([c.token_ids]), attn_name="sdpa")[0, -1]
+            torch.testing.assert_close(row, alone, atol=1e-4, rtol=1e-4)
+        for c in chunks:
+            cache.free(c.request_id)
+    assert _traces() == 1
