@@ -79,7 +79,7 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at the last admission
     num_preemptions: int = 0
-    num_failures: int = 0  # failed steps it ran alone in, since its last step alone that succeeded
+    num_failures: int = 0  # failed steps it ran alone in as a suspect, since its last step alone that succeeded
     finish_reason: FinishReason | None = None
     error: str | None = None
     arrival_time: float = field(default_factory=time.perf_counter)

@@ -388,12 +388,13 @@ class Scheduler:
 
     def isolate(self, failed: list[Request], error: str) -> list[Request]:
         """After rollback() of a step that raised: each failed request runs alone for a step before the
-        batch goes on. One that fails twice running alone finishes with finish_reason "error" (the
-        others go on); returns those. Two faults in a row harm nobody; a request that fails every
-        step it is in costs the engine at most three failed steps."""
+        batch goes on. One that fails twice more running alone as a suspect finishes with finish_reason
+        "error" (the others go on); returns those. Two faults in a row harm nobody, even a request that
+        was alone in the first failed step; a request that fails every step it is in costs the engine
+        at most three failed steps."""
         errored = []
         for request in failed:
-            if len(failed) == 1:
+            if len(failed) == 1 and request in self.suspects:
                 request.num_failures += 1
             if request.num_failures >= 2:
                 if request in self.running:  # (an exact rollback keeps running requests running)
