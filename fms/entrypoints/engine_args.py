@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from fms.entrypoints.model_loading import LoadedModel, load_model
+from fms.runtime.compiled import COMPILE_SCOPES
 from fms.serving.config import EngineConfig
 from fms.serving.engine import LLMEngine
 
@@ -20,6 +21,7 @@ ENGINE_FLAGS = {
     "page_size": "page_size",
     "enable_prefix_caching": "enable_prefix_caching",
     "max_decode_steps": "max_decode_steps",
+    "compile_scope": "compile_scope",
 }
 DTYPE_NAMES = ("bf16", "fp16", "fp32", "bfloat16", "float16", "float32")  # --dtype (fms.models resolves them)
 
@@ -58,6 +60,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the decode step and the packed prefill (default: on CUDA); --no-compile "
                         "keeps CUDA graphs but skips the compiles, for a start in seconds")
+    g.add_argument("--compile-scope", choices=COMPILE_SCOPES, default=None,
+                   help="what one torch.compile covers: the whole model (default) or one decoder layer reused for "
+                        "every layer, whose start-up does not grow with depth")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split the model over N processes (one GPU each; gloo on CPU), started by the command "
                         "itself; rank 0 serves or prints (docs/tensor_parallel.md). 1: one process")

@@ -3,7 +3,7 @@
 import math
 import numbers
 from dataclasses import dataclass, field, fields, replace
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -273,12 +273,15 @@ class LLaMA(nn.Module):
         position_ids: torch.Tensor | None = None,
         attn_name: str | None = None,
         logits_positions: torch.Tensor | None = None,
+        layers: Sequence[Callable] | None = None,
         **attn_kwargs,
     ) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V); only some tokens with logits_positions: (B,) one per
         row -> (B, 1, V), or (B, K) K per row -> (B, K, V) (a packed step's last tokens: (1, num_seqs)).
 
         attn_kwargs (e.g. cache=, meta=) go untouched to the attention op named by attn_name.
+        layers: callables to run in place of self.layers, one per layer (each layer compiled on its own:
+        fms.runtime.compiled.compile_forward).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
@@ -292,7 +295,9 @@ class LLaMA(nn.Module):
         if self.rotary is not None:
             self.rotary.begin_forward()
         x = self.embed(input_ids, position_ids)
-        for layer in self.layers:
+        if layers is not None and len(layers) != len(self.layers):
+            raise ValueError(f"layers must hold one callable per layer ({len(self.layers)}), got {len(layers)}")
+        for layer in layers if layers is not None else self.layers:
             x = layer(x, position_ids, attn_name=attn_name, **attn_kwargs)
         if logits_positions is not None:
             index = logits_positions if logits_positions.dim() == 2 else logits_positions[:, None]  # (B, K)

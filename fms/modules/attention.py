@@ -476,7 +476,16 @@ class MultiHeadAttention(nn.Module):
         v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.rotary is not None:
             q, k = self.rotary(q, k, position_ids)
-        out = get_attention_op(attn_name).attend(
-            q, k, v, layer_idx=self.layer_idx, scale=self.scale, variant=self.variant, **attn_kwargs
-        )
+        # opaque_attention: the op runs outside torch.compile (a graph break), so a compile of one layer
+        # serves every layer: the layer index, which picks the KV pool, stays out of the traced graph
+        attend = _attend_outside_compile if attn_kwargs.pop("opaque_attention", False) else _attend
+        out = attend(attn_name, q, k, v, layer_idx=self.layer_idx, scale=self.scale, variant=self.variant,
+                     **attn_kwargs)
         return self.dense(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+
+def _attend(attn_name, q, k, v, **kwargs):
+    return get_attention_op(attn_name).attend(q, k, v, **kwargs)
+
+
+_attend_outside_compile = torch.compiler.disable(_attend)

@@ -24,6 +24,7 @@ import torch
 from fms.cache.base import SequenceCache
 from fms.modules.attention import get_attention_op
 from fms.modules.masks import AttentionVariant
+from fms.runtime.compiled import compile_forward
 from fms.runtime.sampler import SamplingTensors, TokenLogprobs, host_logprobs, logprobs_of, needs_sampling, sample
 from fms.runtime.sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -89,7 +90,8 @@ class DecodeWindowRunner:
     """
 
     def __init__(self, model, cache: SequenceCache, attn_name: str, max_steps: int,
-                 graph_batch_sizes: Sequence[int] | None, compile_model: bool = False, combo_kernels: bool = True):
+                 graph_batch_sizes: Sequence[int] | None, compile_model: bool = False, combo_kernels: bool = True,
+                 compile_scope: str = "model"):
         if max_steps < 1:
             raise ValueError(f"max_decode_steps must be >= 1, got {max_steps}")
         self.model, self.cache, self.attn_name = model, cache, attn_name
@@ -97,6 +99,7 @@ class DecodeWindowRunner:
         # the K and V cache writes) horizontally into one launch: about 3% more batch-1 decode
         # throughput on the H100 (final_project/LOG.md, session 5).
         self.combo_kernels = combo_kernels
+        self.compile_scope = compile_scope  # fms.runtime.compiled: the whole model, or one layer for all
         if compile_model:  # its compiles take dynamic=True over this one cache (see SequenceCache.mark_static)
             cache.mark_static()
         # torch.compile fuses the step's small elementwise kernels (norms, rotary, activations), which
@@ -160,7 +163,7 @@ class DecodeWindowRunner:
         self.compiled = compiled
         if compiled:
             options = {"combo_kernels": True} if backend == "inductor" and self.combo_kernels else None
-            self._forward = torch.compile(self.model, dynamic=True, backend=backend, options=options)
+            self._forward = compile_forward(self.model, self.compile_scope, backend, options)
             self._inputs_fn = torch.compile(self.cache.window_inputs, dynamic=True, backend=backend)
             self._outputs_fn = torch.compile(_step_outputs, dynamic=True, backend=backend)
         else:

@@ -18,6 +18,7 @@ from fms.modules.attention import get_attention_op
 from fms.modules.masks import AttentionVariant
 from fms.cache.base import SequenceCache
 from fms.cache.paged import Q_BLOCK_SIZE
+from fms.runtime.compiled import compile_forward
 from fms.runtime.decode import DecodeRow, DecodeWindowRunner, to_device as _to_device, why_no_graphs
 from fms.runtime.sampler import SamplingTensors, TokenLogprobs, host_logprobs, logprobs_of, needs_sampling, sample
 from fms.serving.config import EngineConfig
@@ -58,7 +59,7 @@ class ModelRunner:
         # cumsum, final_project section 6), and their prefill runs fla's Triton kernels anyway.
         self.prefill_compiled = (compile_prefill and self.pack_prefill and self.device.type == "cuda"
                                  and cache.state_pool is None)
-        self._prefill_forward = torch.compile(model, dynamic=True) if self.prefill_compiled else model
+        self._prefill_forward = compile_forward(model, config.compile_scope) if self.prefill_compiled else model
         graph_sizes = None
         if use_cuda_graphs:
             why_not = why_no_graphs(model, attn_name, self.device)
@@ -68,7 +69,7 @@ class ModelRunner:
                 logger.warning("CUDA graphs off, decoding eagerly: %s", why_not)
         self.decoder = DecodeWindowRunner(model, cache, attn_name, max_decode_steps, graph_sizes,
                                           compile_model=compile_decode and self.device.type == "cuda",
-                                          combo_kernels=config.combo_kernels)
+                                          combo_kernels=config.combo_kernels, compile_scope=config.compile_scope)
 
     @property
     def graphs(self) -> "DecodeWindowRunner | None":

@@ -87,3 +87,76 @@ def test_packed_prefill_of_one_sequence_reuses_the_trace_of_several(model):
         for c in chunks:
             cache.free(c.request_id)
     assert _traces() == 1
+
+
+# -- compile_scope "layers": one decoder layer compiled once for every layer ---------------------------------------
+def _layered_decode(num_layers):
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = get_model("llama", "nano", seed=0, device_type="cpu", data_type=torch.float32, head_dim=32,
+                      num_layers=num_layers)
+    runner = DecodeWindowRunner(model, _cache(model), "paged", max_steps=3, graph_batch_sizes=None,
+                                compile_model=True, compile_scope="layers")
+    runner._set_compiled(True, "aot_eager")
+    eager = DecodeWindowRunner(model, _cache(model), "paged", max_steps=3, graph_batch_sizes=None)
+    for batch in (MAX_BATCH, 2):
+        outs = []
+        for r in (runner, eager):
+            ids = [(batch, i) for i in range(batch)]
+            for i in ids:
+                r.cache.add(i)
+            r.cache.prepare_decode_window(ids, [3] * batch)
+            rows = [DecodeRow(i, 5 + k, 0, 3, SamplingParams(max_new_tokens=3), 0) for k, i in enumerate(ids)]
+            with torch.no_grad():
+                outs.append(r.run(rows))
+            for i in ids:
+                r.cache.free(i)
+        assert outs[0] == outs[1]
+        assert len({t for row in outs[0] for t in row}) > 2  # varied tokens
+    # operations dynamo put into graphs: a whole-model trace holds every layer's
+    return torch._dynamo.utils.counters["stats"]["calls_captured"]
+
+
+def test_layer_scope_decode_equals_eager_and_its_tracing_does_not_grow_with_depth():
+    shallow, deep = _layered_decode(2), _layered_decode(6)
+    assert shallow == deep, (shallow, deep)
+
+
+def test_layer_scope_prefill_equals_the_uncached_model():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    from fms.runtime.compiled import compile_forward
+
+    model = get_model("llama", "nano", seed=0, device_type="cpu", data_type=torch.float32, head_dim=32, num_layers=4)
+    cache = _cache(model)
+    runner = ModelRunner(model, cache, EngineConfig(compile_prefill=True, compile_scope="layers").for_device(
+        False, model.config.max_position_embeddings))
+    runner.prefill_compiled = True
+    runner._prefill_forward = compile_forward(model, "layers", backend="aot_eager")
+    g = torch.Generator().manual_seed(1)
+    for n, lengths in enumerate([(20, 9), (13,)]):
+        chunks = [_chunk((n, i), torch.randint(1, 256, (m,), generator=g).tolist()) for i, m in enumerate(lengths)]
+        for c in chunks:
+            cache.add(c.request_id)
+        cache.apply(cache.manager.reserve([c.request_id for c in chunks], list(lengths)))
+        logits = runner._forward(chunks, "packed")
+        for row, c in zip(logits, chunks):
+            with torch.no_grad():
+                alone = model(torch.tensor([c.token_ids]), attn_name="sdpa")[0, -1]
+            torch.testing.assert_close(row, alone, atol=1e-4, rtol=1e-4)
+    frames = _traces()
+    assert frames <= 6, frames  # a few pieces of one layer (split at the attention op), not one per layer
+
+
+def test_compile_scope_is_checked_and_hybrids_compile_the_whole_model(caplog):
+    from fms.runtime.compiled import compile_forward, why_no_layer_scope
+
+    with pytest.raises(ValueError, match="compile_scope must be one of model, layers, got 'blocks'"):
+        EngineConfig(compile_scope="blocks")
+    hybrid = get_model("granite_hybrid", "h-nano", seed=0, device_type="cpu", data_type=torch.float32)
+    assert "mamba" in why_no_layer_scope(hybrid)
+    assert why_no_layer_scope(get_model("llama", "nano", device_type="cpu")) is None
+    with caplog.at_level("WARNING"):
+        forward = compile_forward(hybrid, "layers", backend="eager")
+    assert isinstance(forward, torch.nn.Module)  # torch.compile of the whole model
+    assert "whole model" in caplog.text
