@@ -42,8 +42,15 @@ def test_decode_windows_of_the_full_batch_then_fewer_rows_trace_each_function_on
     cache = _cache(model)
     runner = DecodeWindowRunner(model, cache, "paged", max_steps=3, graph_batch_sizes=None, compile_model=True)
     runner._set_compiled(True, "aot_eager")
+    _windows_equal_eager(model, runner, (MAX_BATCH, 2, 3))
+    # the forward, the step's inputs and its bookkeeping: one symbolic-batch trace each
+    assert _traces() == 3
+
+
+def _windows_equal_eager(model, runner, batches):
+    """A window of each batch size on runner and on an eager runner over its own cache: the same tokens."""
     eager = DecodeWindowRunner(model, _cache(model), "paged", max_steps=3, graph_batch_sizes=None)
-    for batch in (MAX_BATCH, 2, 3):
+    for batch in batches:
         outs = []
         for r in (runner, eager):
             ids = [(batch, i) for i in range(batch)]
@@ -56,8 +63,7 @@ def test_decode_windows_of_the_full_batch_then_fewer_rows_trace_each_function_on
             for i in ids:
                 r.cache.free(i)
         assert outs[0] == outs[1]
-    # the forward, the step's inputs and its bookkeeping: one symbolic-batch trace each
-    assert _traces() == 3
+        assert len({t for row in outs[0] for t in row}) > 2  # varied tokens
 
 
 def _chunk(i, tokens):
@@ -98,21 +104,7 @@ def _layered_decode(num_layers):
     runner = DecodeWindowRunner(model, _cache(model), "paged", max_steps=3, graph_batch_sizes=None,
                                 compile_model=True, compile_scope="layers")
     runner._set_compiled(True, "aot_eager")
-    eager = DecodeWindowRunner(model, _cache(model), "paged", max_steps=3, graph_batch_sizes=None)
-    for batch in (MAX_BATCH, 2):
-        outs = []
-        for r in (runner, eager):
-            ids = [(batch, i) for i in range(batch)]
-            for i in ids:
-                r.cache.add(i)
-            r.cache.prepare_decode_window(ids, [3] * batch)
-            rows = [DecodeRow(i, 5 + k, 0, 3, SamplingParams(max_new_tokens=3), 0) for k, i in enumerate(ids)]
-            with torch.no_grad():
-                outs.append(r.run(rows))
-            for i in ids:
-                r.cache.free(i)
-        assert outs[0] == outs[1]
-        assert len({t for row in outs[0] for t in row}) > 2  # varied tokens
+    _windows_equal_eager(model, runner, (MAX_BATCH, 2))
     # operations dynamo put into graphs: a whole-model trace holds every layer's
     return torch._dynamo.utils.counters["stats"]["calls_captured"]
 
