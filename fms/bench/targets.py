@@ -129,6 +129,7 @@ def _serving_job(name: str, cuda: list[str], cpu: list[str]) -> Job:
 def _eval_argv(ctx: JobContext) -> list[str]:
     return ["scripts/eval.py", "--task", "truthfulqa_mc2", "--data", "fms/resources/eval/truthfulqa_mc.json",
             "--mode", "both", "--dtype", "fp32", "--device_type", ctx.device_type, "--no_progress",
+            "--timing_repeats", "5",
             "--output", str(ctx.run_dir / "eval.json")]
 
 

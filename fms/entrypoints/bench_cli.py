@@ -311,6 +311,9 @@ def eval_args(argv=None):
     p.add_argument("--max_new_tokens", type=int, default=64, help="summarization only")
     p.add_argument("--no_warmup", action="store_true",
                    help="skip the untimed warm-up batches (timings then include compilation)")
+    p.add_argument("--timing_repeats", type=int, default=1,
+                   help="timed passes per mode, modes interleaved; each mode reports its median pass "
+                        "(multiple choice only)")
     p.add_argument("--output", default=None, help="write every metric to this JSON file")
     p.add_argument("--log_samples", action="store_true", help="add per-question log-likelihoods to the JSON")
     p.add_argument("--wandb", action="store_true", help="log to Weights & Biases (offline unless configured)")

@@ -44,16 +44,20 @@ class EvalConfig:
     wandb: bool = False
     wandb_project: str = "fms-eval"
     progress: bool = True
+    timing_repeats: int = 1
 
     def __post_init__(self):
         if self.task not in TASK_NAMES:
             raise EvalError(f"unknown task {self.task!r}; allowed: {', '.join(TASK_NAMES)}")
         if self.mode not in MODE_CHOICES:
             raise EvalError(f"unknown mode {self.mode!r}; allowed: {', '.join(MODE_CHOICES)}")
-        for name in ("batch_size", "limit", "max_new_tokens"):
+        for name in ("batch_size", "limit", "max_new_tokens", "timing_repeats"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise EvalError(f"--{name} must be >= 1, got {value}")
+        if self.timing_repeats > 1 and self.task == "summarization":
+            raise EvalError(f"--timing_repeats applies to multiple-choice tasks; summarization times one pass, "
+                            f"got --timing_repeats {self.timing_repeats}")
         if self.num_fewshot < 0:
             raise EvalError(f"--num_fewshot must be >= 0, got {self.num_fewshot}")
 
@@ -93,7 +97,7 @@ def run_multiple_choice(config: EvalConfig) -> dict:
     questions, results, comparison = evaluate(
         model, tokenizer, config.task, data.items, config.modes, num_fewshot=config.num_fewshot, dev=data.dev,
         batch_size=config.batch_size, page_size=config.page_size, seed=config.fewshot_seed,
-        warmup=config.warmup, progress=config.progress,
+        warmup=config.warmup, progress=config.progress, timing_repeats=config.timing_repeats,
     )
     report = {"task": config.task, "data": data.source, "model": described,
               "modes": {r.mode: r.metrics for r in results}, "comparison": comparison}

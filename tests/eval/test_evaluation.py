@@ -187,6 +187,42 @@ def test_evaluate_paged_matches_default_on_shipped_truthfulqa(nano, tokenizer):
     assert results[0].metrics["accuracy"] == results[1].metrics["accuracy"]
 
 
+def test_timing_repeats_interleave_the_modes_and_report_the_median_pass(nano, tokenizer, monkeypatch):
+    import fms.eval.modes as modes
+
+    task = "truthfulqa_mc2"
+    data = load_task_data(task, sample_data_path(task), limit=2)
+    order, real = [], modes.run_mode
+
+    def recorded(model, spec, questions, encoded, mode, *args):
+        order.append(mode)
+        return real(model, spec, questions, encoded, mode, *args)
+
+    monkeypatch.setattr(modes, "run_mode", recorded)
+    _, once, _ = evaluate(nano, tokenizer, task, data.items, ("default", "paged"), warmup=False)
+    order.clear()
+    _, results, comparison = evaluate(nano, tokenizer, task, data.items, ("default", "paged"), warmup=False,
+                                      timing_repeats=3)
+    assert order == ["default", "paged"] * 3
+    assert comparison["answer_agreement"] == 1.0
+    for result, single in zip(results, once):
+        runs = result.metrics["latency_ms_runs"]
+        assert len(runs) == 3 and result.metrics["latency_ms"] in runs
+        assert result.loglikelihoods == single.loglikelihoods
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match=f"timing_repeats must be an int >= 1, got {bad!r}"):
+            evaluate(nano, tokenizer, task, data.items, ("default",), timing_repeats=bad)
+
+
+def test_timing_repeats_are_refused_for_summarization():
+    from fms.eval.report import EvalConfig
+
+    with pytest.raises(EvalError, match="summarization times one pass, got --timing_repeats 3"):
+        EvalConfig(task="summarization", timing_repeats=3)
+    with pytest.raises(EvalError, match="--timing_repeats must be >= 1, got 0"):
+        EvalConfig(task="mmlu", timing_repeats=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # data loaders
 # ---------------------------------------------------------------------------------------------
