@@ -19,6 +19,7 @@ from fms.bench.roofline import ModelCost, batch1_decode_limit_tok_s, limit_field
 from fms.bench.timing import GB, peak_memory_gb, reset_peak_memory, synchronize
 from fms.bench.workloads import MixedWorkload, sharegpt_workload
 from fms.models import get_model
+from fms.runtime.compiled import COMPILE_SCOPES
 from fms.runtime.sampling_params import SamplingParams
 from fms.serving import LLMEngine
 
@@ -33,6 +34,7 @@ CSV_COLUMNS = (
 )
 # hf: HF continuous batching (generate_batch, which refuses hybrids); hf_generate: HF static generate, left-padded
 PEERS = ("hf", "hf_generate")
+BATCH1_PROMPT = 128  # the batch-1 row's prompt tokens (issue 19's "one request, 128 prompt")
 
 
 @dataclass
@@ -62,6 +64,7 @@ class ServingBenchConfig:
     prefix_caching: bool = True
     cuda_graphs: bool = True
     compile: bool = True
+    compile_scope: str = "model"  # EngineConfig.compile_scope: "model" (one graph) or "layers" (one layer, reused)
     max_decode_steps: int | None = None
     respect_eos: bool = False
     peers: tuple[str, ...] = ()
@@ -82,6 +85,8 @@ class ServingBenchConfig:
         for name in ("num_requests", "page_size", "max_num_seqs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.compile_scope not in COMPILE_SCOPES:
+            raise ValueError(f"compile_scope must be one of {', '.join(COMPILE_SCOPES)}, got {self.compile_scope!r}")
         for name in ("batch1_tokens",):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -153,6 +158,9 @@ def run_fms(engine, prompts, output_lens, respect_eos: bool, device: torch.devic
         "finish_reasons": {r: sum(o.finish_reason == r for o in outs) for r in {o.finish_reason for o in outs}},
         "engine_stats": stats,
     }
+    failed = [o for o in outs if o.error is not None]
+    if failed:  # a rate over requests that never ran would read as a slow engine: say so on the row
+        row["error"] = f"{len(failed)} of {len(outs)} requests did not run ({failed[0].finish_reason}): {failed[0].error}"
     return row, [o.token_ids for o in outs]
 
 
@@ -248,6 +256,8 @@ def _build_engine(model, config: ServingBenchConfig, prompts, output_lens) -> LL
     if num_pages is None and not config.is_cuda:  # small pool: eager FlexAttention on CPU visits every pool slot
         num_pages = sum(-(-(len(p) + o) // config.page_size)
                         for p, o in zip(prompts[:config.max_num_seqs], output_lens))
+        if config.batch1_tokens:  # the batch-1 request runs alone on the same engine: it must fit too
+            num_pages = max(num_pages, -(-(BATCH1_PROMPT + config.batch1_tokens) // config.page_size))
     max_steps = max(config.decode_steps_sweep) if config.decode_steps_sweep else config.max_decode_steps
     return LLMEngine(
         model, page_size=config.page_size, num_pages=num_pages, memory_fraction=config.memory_fraction,
@@ -256,6 +266,7 @@ def _build_engine(model, config: ServingBenchConfig, prompts, output_lens) -> LL
         use_cuda_graphs=None if config.cuda_graphs else False,
         **({} if max_steps is None else {"max_decode_steps": max_steps}),
         compile_decode=None if config.compile else False, compile_prefill=None if config.compile else False,
+        compile_scope=config.compile_scope,
     )
 
 
@@ -307,12 +318,13 @@ def run_serving_benchmark(config: ServingBenchConfig) -> dict:
         fms_tokens = fms_tokens or tokens  # the HF peer is compared with the first run
         reset_engine(engine)
     if config.batch1_tokens:
-        one = MixedWorkload(1, (128, 128), (config.batch1_tokens, config.batch1_tokens), seed=config.seed + 1)
+        one = MixedWorkload(1, (BATCH1_PROMPT, BATCH1_PROMPT), (config.batch1_tokens, config.batch1_tokens),
+                            seed=config.seed + 1)
         row, _ = run_fms(engine, *one.prompts(model.config.vocab_size), config.respect_eos, device)
         row["system"] += " batch-1"
-        limit = serving_roofline(cost, [128], [config.batch1_tokens], 1)
+        limit = serving_roofline(cost, [BATCH1_PROMPT], [config.batch1_tokens], 1)
         rows.append({**row, **limit_fields(limit, row["output_tokens_per_s"]),
-                     "batch1_decode_limit_tok_s": batch1_decode_limit_tok_s(cost, 128)})
+                     "batch1_decode_limit_tok_s": batch1_decode_limit_tok_s(cost, BATCH1_PROMPT)})
     eos_token_ids = engine.eos_token_ids if config.respect_eos else frozenset()
     if config.peers:
         del engine

@@ -25,6 +25,7 @@ from fms.bench.static_run import PROFILES, SWEEPS, StaticBenchConfig, run_static
 from fms.bench.targets import ROW_NAMES, TargetsConfig, run_targets
 from fms.cache.paged import SUPPORTED_PAGE_SIZES
 from fms.eval.report import MODE_CHOICES, TASK_NAMES, EvalConfig, run_eval
+from fms.runtime.compiled import COMPILE_SCOPES
 
 THROUGHPUT_DOC = """Offline serving throughput of LLMEngine (continuous batching over the paged cache), optionally vs HF.
 
@@ -152,6 +153,9 @@ def throughput_parser_args(argv=None):
     p.add_argument("--no_prefix_caching", action="store_true")
     p.add_argument("--no_cuda_graphs", action="store_true")
     p.add_argument("--no_compile", action="store_true", help="decode step and prefill forward uncompiled (default: torch.compile on CUDA)")
+    p.add_argument("--compile_scope", default="model", choices=COMPILE_SCOPES,
+                   help="what one torch.compile covers (the engine's --compile-scope): the whole model, or one decoder "
+                        "layer compiled once and reused for every layer (faster start-up)")
     p.add_argument("--max_decode_steps", type=int, default=None,
                    help="decode steps per host synchronization (default: the engine's, 16; 1 = every token)")
     p.add_argument("--respect_eos", action="store_true", help="stop at EOS (default: ignore it, fixed lengths)")

@@ -26,13 +26,15 @@ def test_benchmark_serving_writes_json_and_csv_with_the_roofline(tmp_path):
 
 
 def test_decode_steps_sweep_and_batch1_share_one_engine(tmp_path):
+    # no num_pages: the CPU pool is sized for the workload and for the batch-1 request's 128 + 6 tokens
     run_serving_benchmark(ServingBenchConfig(**TINY, results_dir=tmp_path, output_range=(5, 5),
-                                             decode_steps_sweep=(1, 4), batch1_tokens=6, num_pages=64))
+                                             decode_steps_sweep=(1, 4), batch1_tokens=6))
     rows = json.loads((tmp_path / "serving.json").read_text())["results"]
     assert [r["system"] for r in rows] == ["fms LLMEngine (max_decode_steps=1)", "fms LLMEngine (max_decode_steps=4)",
                                            "fms LLMEngine batch-1"]
     assert rows[0]["engine_stats"]["num_decode_windows"] == 0 < rows[1]["engine_stats"]["num_decode_windows"]
-    assert rows[2]["num_requests"] == 1 and rows[2]["num_output_tokens"] == 6
+    assert rows[2]["num_requests"] == 1 and rows[2]["num_output_tokens"] == 6 and "error" not in rows[2]
+    assert rows[2]["finish_reasons"] == {"length": 1}
     # batch-1: a 128-token prompt and 6 new tokens -> 5 decode steps
     assert rows[2]["roofline"]["num_decode_steps"] == 5 and rows[2]["batch1_decode_limit_tok_s"] > 0
 
@@ -42,8 +44,39 @@ def test_decode_steps_sweep_and_batch1_share_one_engine(tmp_path):
     (dict(prompt_range=(9, 3)), "prompt_range must be LO,HI with 1 <= LO <= HI, got 9,3"),
     (dict(decode_steps_sweep=(4, 0)), "decode_steps_sweep values must be >= 1, got [0]"),
     (dict(peers=("vllm",)), "unknown peer ['vllm']; allowed: hf"),
+    (dict(compile_scope="decode"), "compile_scope must be one of model, layers, got 'decode'"),
 ])
 def test_bad_config_names_the_value(options, message):
     with pytest.raises(ValueError) as exc:
         ServingBenchConfig(**{**TINY, **options})
     assert message in str(exc.value)
+
+
+def test_throughput_flag_compile_scope_reaches_the_engine(tmp_path, monkeypatch):
+    from fms.bench import serving
+    from fms.entrypoints.bench_cli import throughput_config
+
+    config = throughput_config(["--device", "cpu", "--variant", "nano", "--num_requests", "2", "--prompt_range", "4,8",
+                                "--output_range", "2,2", "--compile_scope", "layers", "--results_dir", str(tmp_path)])
+    assert config.compile_scope == "layers"
+    seen = []
+    real = serving.LLMEngine
+
+    def spy(model, **kwargs):
+        seen.append(kwargs["compile_scope"])
+        return real(model, **kwargs)
+
+    monkeypatch.setattr(serving, "LLMEngine", spy)
+    run_serving_benchmark(config)
+    assert seen == ["layers"]
+    assert json.loads((tmp_path / "serving.json").read_text())["engine_options"]["compile_scope"] == "layers"
+
+
+def test_a_row_whose_requests_were_rejected_says_so(tmp_path):
+    # a pool of 2 pages (32 tokens) cannot hold the batch-1 request's 128-token prompt
+    run_serving_benchmark(ServingBenchConfig(**{**TINY, "num_requests": 1, "prompt_range": (4, 8)},
+                                             results_dir=tmp_path, output_range=(2, 2), batch1_tokens=4, num_pages=2))
+    rows = json.loads((tmp_path / "serving.json").read_text())["results"]
+    assert "error" not in rows[0] and rows[0]["num_output_tokens"] == 2
+    assert rows[1]["finish_reasons"] == {"rejected": 1} and rows[1]["num_output_tokens"] == 0
+    assert rows[1]["error"].startswith("1 of 1 requests did not run (rejected): ")
