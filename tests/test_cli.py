@@ -92,6 +92,23 @@ def test_refusals_name_the_problem(tmp_path, capsys, monkeypatch):
     assert main(["generate"]) == 2 and "name a model" in capsys.readouterr().err
 
 
+def test_cuda_graph_sizes_maps_onto_the_engine_config(capsys):
+    import argparse
+
+    from fms.entrypoints.engine_args import add_engine_arguments, engine_config
+    from fms.serving.config import DEFAULT_GRAPH_BATCH_SIZES
+
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    assert engine_config(parser.parse_args(["--cuda-graph-sizes", "8,2,4"])).graph_batch_sizes == (2, 4, 8)
+    assert engine_config(parser.parse_args([])).graph_batch_sizes == DEFAULT_GRAPH_BATCH_SIZES
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--cuda-graph-sizes", "two"])
+    assert "expected a comma list of batch sizes like 2,4,8, got 'two'" in capsys.readouterr().err
+    assert main(["generate", "--architecture", "llama", "--variant", "micro", "--cuda-graph-sizes", "0,2"]) == 2
+    assert "graph_batch_sizes must be a non-empty sequence of ints >= 1, got (0, 2)" in capsys.readouterr().err
+
+
 def test_bench_throughput_and_latency_on_cpu(tmp_path, capsys):
     rc = main(["bench", "throughput", "--results-dir", str(tmp_path), "--variant", "nano", "--num-requests", "2",
                "--prompt-range", "4,8", "--output-range", "2", "--device", "cpu"])

@@ -22,6 +22,7 @@ from fms.models import get_model
 from fms.runtime.compiled import COMPILE_SCOPES
 from fms.runtime.sampling_params import SamplingParams
 from fms.serving import LLMEngine
+from fms.serving.config import EngineConfig
 
 CSV_COLUMNS = (
     "system", "num_requests", "duration_s", "requests_per_s", "output_tokens_per_s", "total_tokens_per_s",
@@ -65,6 +66,7 @@ class ServingBenchConfig:
     cuda_graphs: bool = True
     compile: bool = True
     compile_scope: str = "model"  # EngineConfig.compile_scope: "model" (one graph) or "layers" (one layer, reused)
+    graph_batch_sizes: tuple[int, ...] | None = None  # EngineConfig.graph_batch_sizes; None: the engine's default
     max_decode_steps: int | None = None
     respect_eos: bool = False
     peers: tuple[str, ...] = ()
@@ -87,6 +89,8 @@ class ServingBenchConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.compile_scope not in COMPILE_SCOPES:
             raise ValueError(f"compile_scope must be one of {', '.join(COMPILE_SCOPES)}, got {self.compile_scope!r}")
+        if self.graph_batch_sizes is not None:  # the engine's own check, before a model is built
+            self.graph_batch_sizes = EngineConfig(graph_batch_sizes=self.graph_batch_sizes).graph_batch_sizes
         for name in ("batch1_tokens",):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -267,6 +271,7 @@ def _build_engine(model, config: ServingBenchConfig, prompts, output_lens) -> LL
         **({} if max_steps is None else {"max_decode_steps": max_steps}),
         compile_decode=None if config.compile else False, compile_prefill=None if config.compile else False,
         compile_scope=config.compile_scope,
+        **({} if config.graph_batch_sizes is None else {"graph_batch_sizes": config.graph_batch_sizes}),
     )
 
 

@@ -26,6 +26,7 @@ from fms.bench.targets import ROW_NAMES, TargetsConfig, run_targets
 from fms.cache.paged import SUPPORTED_PAGE_SIZES
 from fms.eval.report import MODE_CHOICES, TASK_NAMES, EvalConfig, run_eval
 from fms.runtime.compiled import COMPILE_SCOPES
+from fms.serving.config import parse_graph_sizes
 
 THROUGHPUT_DOC = """Offline serving throughput of LLMEngine (continuous batching over the paged cache), optionally vs HF.
 
@@ -156,6 +157,9 @@ def throughput_parser_args(argv=None):
     p.add_argument("--compile_scope", default="model", choices=COMPILE_SCOPES,
                    help="what one torch.compile covers (the engine's --compile-scope): the whole model, or one decoder "
                         "layer compiled once and reused for every layer (faster start-up)")
+    p.add_argument("--cuda_graph_sizes", type=parse_graph_sizes, default=None, dest="graph_batch_sizes",
+                   help="decode batch sizes captured as CUDA graphs (the engine's --cuda-graph-sizes), e.g. "
+                        "2,4,8,16,32,64,128; default: the engine's")
     p.add_argument("--max_decode_steps", type=int, default=None,
                    help="decode steps per host synchronization (default: the engine's, 16; 1 = every token)")
     p.add_argument("--respect_eos", action="store_true", help="stop at EOS (default: ignore it, fixed lengths)")

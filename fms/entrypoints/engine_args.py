@@ -7,7 +7,7 @@ import argparse
 
 from fms.entrypoints.model_loading import LoadedModel, load_model
 from fms.runtime.compiled import COMPILE_SCOPES
-from fms.serving.config import EngineConfig
+from fms.serving.config import EngineConfig, parse_graph_sizes
 from fms.serving.engine import LLMEngine
 
 # flag -> EngineConfig field (vLLM's name where there is one)
@@ -22,6 +22,7 @@ ENGINE_FLAGS = {
     "enable_prefix_caching": "enable_prefix_caching",
     "max_decode_steps": "max_decode_steps",
     "compile_scope": "compile_scope",
+    "cuda_graph_sizes": "graph_batch_sizes",
 }
 DTYPE_NAMES = ("bf16", "fp16", "fp32", "bfloat16", "float16", "float32")  # --dtype (fms.models resolves them)
 
@@ -63,6 +64,10 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile-scope", choices=COMPILE_SCOPES, default=None,
                    help="what one torch.compile covers: the whole model (default) or one decoder layer reused for "
                         "every layer, whose start-up does not grow with depth")
+    g.add_argument("--cuda-graph-sizes", type=parse_graph_sizes, default=None,
+                   help="decode batch sizes captured as CUDA graphs at start-up, e.g. 2,4,8,16,32,64,128 "
+                        "(EngineConfig.graph_batch_sizes; default 1,2,4,...,256 up to --max-num-seqs). A batch runs "
+                        "in the smallest size that holds it; each size costs start-up time")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split the model over N processes (one GPU each; gloo on CPU), started by the command "
                         "itself; rank 0 serves or prints (docs/tensor_parallel.md). 1: one process")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass, fields, replace
 from typing import Sequence
@@ -11,6 +12,14 @@ from fms.runtime.compiled import COMPILE_SCOPES
 DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 DEFAULT_MAX_MODEL_LEN = 4096  # caps the page-table width (and the decode kernel's split sizing)
 DEFAULT_MAX_DECODE_STEPS = 16
+
+
+def parse_graph_sizes(text: str) -> tuple[int, ...]:
+    """A --cuda-graph-sizes value: a comma list of batch sizes ("2,4,8"); EngineConfig checks the values."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of batch sizes like 2,4,8, got {text!r}") from None
 
 
 def _is_int(value) -> bool:

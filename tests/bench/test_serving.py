@@ -45,6 +45,7 @@ def test_decode_steps_sweep_and_batch1_share_one_engine(tmp_path):
     (dict(decode_steps_sweep=(4, 0)), "decode_steps_sweep values must be >= 1, got [0]"),
     (dict(peers=("vllm",)), "unknown peer ['vllm']; allowed: hf"),
     (dict(compile_scope="decode"), "compile_scope must be one of model, layers, got 'decode'"),
+    (dict(graph_batch_sizes=(0, 2)), "graph_batch_sizes must be a non-empty sequence of ints >= 1, got (0, 2)"),
 ])
 def test_bad_config_names_the_value(options, message):
     with pytest.raises(ValueError) as exc:
@@ -52,24 +53,26 @@ def test_bad_config_names_the_value(options, message):
     assert message in str(exc.value)
 
 
-def test_throughput_flag_compile_scope_reaches_the_engine(tmp_path, monkeypatch):
+def test_throughput_flags_compile_scope_and_graph_sizes_reach_the_engine(tmp_path, monkeypatch):
     from fms.bench import serving
     from fms.entrypoints.bench_cli import throughput_config
 
     config = throughput_config(["--device", "cpu", "--variant", "nano", "--num_requests", "2", "--prompt_range", "4,8",
-                                "--output_range", "2,2", "--compile_scope", "layers", "--results_dir", str(tmp_path)])
-    assert config.compile_scope == "layers"
+                                "--output_range", "2,2", "--compile_scope", "layers", "--cuda_graph_sizes", "4,2",
+                                "--results_dir", str(tmp_path)])
+    assert config.compile_scope == "layers" and config.graph_batch_sizes == (2, 4)
     seen = []
     real = serving.LLMEngine
 
     def spy(model, **kwargs):
-        seen.append(kwargs["compile_scope"])
+        seen.append((kwargs["compile_scope"], kwargs["graph_batch_sizes"]))
         return real(model, **kwargs)
 
     monkeypatch.setattr(serving, "LLMEngine", spy)
     run_serving_benchmark(config)
-    assert seen == ["layers"]
-    assert json.loads((tmp_path / "serving.json").read_text())["engine_options"]["compile_scope"] == "layers"
+    assert seen == [("layers", (2, 4))]
+    options = json.loads((tmp_path / "serving.json").read_text())["engine_options"]
+    assert options["compile_scope"] == "layers" and options["graph_batch_sizes"] == [2, 4]
 
 
 def test_a_row_whose_requests_were_rejected_says_so(tmp_path):

@@ -51,6 +51,18 @@ def test_layer_compile_scope_with_graphs_matches_sdpa(model):
     assert engine.stats()["num_graph_forwards"] > 0
 
 
+def test_a_lone_request_runs_in_the_smallest_captured_size(model):
+    """graph_batch_sizes without 1 (--cuda-graph-sizes 2,4): a batch of one replays the size-2 graph with an idle
+    row beside it; greedy tokens equal static SDPA generate."""
+    prompt = torch.randint(1, 512, (21,), generator=torch.Generator().manual_seed(3)).tolist()
+    engine = LLMEngine(model, num_pages=64, max_num_seqs=4, graph_batch_sizes=(2, 4))
+    assert engine.runner.graphs.batch_sizes == [2, 4]
+    out = engine.generate([prompt], SamplingParams(max_new_tokens=12), use_tqdm=False)
+    assert [o.token_ids for o in out] == generate(model, [prompt], 12, attn_name="sdpa")
+    assert engine.stats()["num_graph_forwards"] > 0
+    assert all(key[0] != 1 for key in engine.runner.graphs._graphs)
+
+
 def test_graphed_sampling_and_windows_equal_eager(model):
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1, 512, (n,), generator=g).tolist() for n in (3, 20, 50)]
