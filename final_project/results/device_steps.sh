@@ -7,6 +7,7 @@ if [ -d .whl ]; then
     && export PYTHONPATH=/tmp/site || exit 1
 fi
 COMMIT=$(cat .gpu/COMMIT)
+export FMS_GIT_COMMIT=$COMMIT  # the results' git_commit: .gpu has no .git, and the device's own .git may be older
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/device_$PART.txt" 2>&1
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$OUT/device_$PART.txt" 2>&1
 echo "tree: $COMMIT" >> "$OUT/device_$PART.txt"
