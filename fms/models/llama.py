@@ -162,6 +162,17 @@ class DecoderBlock(nn.Module):
         x = x + self.residual_multiplier * self.mixer(self.ln(x), position_ids, **kwargs)
         return x + self.residual_multiplier * self.ff(self.ff_ln(x))
 
+    # forward in two halves around the attention op (attention mixers only; fms.runtime.compiled compiles
+    # each half once for every layer and runs the op between them)
+    def attention_inputs(self, x, position_ids, rope=None):
+        """q, k, v of this block's attention for x (MultiHeadAttention.project of the normed x)."""
+        return self.mixer.project(self.ln(x), position_ids, rope)
+
+    def attention_output(self, x, out):
+        """The block's output from its input x and the attention op's result out (B, Hq, T, D)."""
+        x = x + self.residual_multiplier * self.mixer.output(out)
+        return x + self.residual_multiplier * self.ff(self.ff_ln(x))
+
 
 class LLaMA(nn.Module):
     """Embeddings, a stack of DecoderBlocks, final norm, LM head. Subclasses swap mixers or FFNs per layer."""

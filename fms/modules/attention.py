@@ -469,23 +469,30 @@ class MultiHeadAttention(nn.Module):
         self.variant = variant or AttentionVariant()
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, attn_name: str = "sdpa", **attn_kwargs):
+        q, k, v = self.project(x, position_ids)
+        return self.output(self.attend(q, k, v, attn_name, **attn_kwargs))
+
+    # The three parts of forward, for a driver that compiles the projections and runs the op between them
+    # (fms.runtime.compiled, scope "layers"): the op, which picks its KV pool by layer index, stays out of
+    # the compiled graphs, so that one compile serves every layer.
+    def project(self, x: torch.Tensor, position_ids: torch.Tensor, rope: tuple | None = None):
+        """x (B, T, E) -> q (B, Hq, T, D), k and v (B, Hkv, T, D), rotated; rope: (cos, sin) from
+        self.rotary.cos_sin(position_ids), else computed here."""
         b, t, _ = x.shape
         q, k, v = self.qkv_fused(x).split(self.qkv_splits, dim=-1)
         q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, D)
         k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.rotary is not None:
-            q, k = self.rotary(q, k, position_ids)
-        # opaque_attention: the op runs outside torch.compile (a graph break), so a compile of one layer
-        # serves every layer: the layer index, which picks the KV pool, stays out of the traced graph
-        attend = _attend_outside_compile if attn_kwargs.pop("opaque_attention", False) else _attend
-        out = attend(attn_name, q, k, v, layer_idx=self.layer_idx, scale=self.scale, variant=self.variant,
-                     **attn_kwargs)
+            q, k = self.rotary(q, k, position_ids) if rope is None else self.rotary.apply(q, k, *rope)
+        return q, k, v
+
+    def attend(self, q, k, v, attn_name: str = "sdpa", **attn_kwargs) -> torch.Tensor:
+        """The attention op named attn_name over this layer's q, k, v (and its cache): (B, Hq, T, D)."""
+        return get_attention_op(attn_name).attend(q, k, v, layer_idx=self.layer_idx, scale=self.scale,
+                                                  variant=self.variant, **attn_kwargs)
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """The output projection of the op's (B, Hq, T, D) result: (B, T, E)."""
+        b, _, t, _ = out.shape
         return self.dense(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
-
-
-def _attend(attn_name, q, k, v, **kwargs):
-    return get_attention_op(attn_name).attend(q, k, v, **kwargs)
-
-
-_attend_outside_compile = torch.compiler.disable(_attend)

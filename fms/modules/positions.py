@@ -54,7 +54,11 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor):
         # q: (B, Hq, T, D), k: (B, Hkv, T, D), position_ids: (B, T)
-        cos, sin = self._cos_sin(position_ids)
+        return self.apply(q, k, *self.cos_sin(position_ids))
+
+    @staticmethod
+    def apply(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q and k rotated by cos/sin (each (B, 1, T, D), from cos_sin)."""
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
     def begin_forward(self):
@@ -62,8 +66,9 @@ class RotaryEmbedding(nn.Module):
         below never outlives one forward (position buffers may be updated in place between them)."""
         self._last = None
 
-    def _cos_sin(self, position_ids):
-        # Every layer of one forward passes the same position_ids tensor: compute cos/sin once.
+    def cos_sin(self, position_ids):
+        """(cos, sin), each (B, 1, T, D) in fp32, for position_ids (B, T). Every layer of one forward passes the
+        same position_ids tensor: computed once per forward (see begin_forward)."""
         cached = getattr(self, "_last", None)
         if cached is not None and cached[0] is position_ids:
             return cached[1]

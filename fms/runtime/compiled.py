@@ -1,14 +1,15 @@
-"""torch.compile of a model's forward: the whole model in one graph, or one decoder layer compiled once and
-reused for every layer.
+"""torch.compile of a model's forward: the whole model in one graph, or each decoder layer's two halves compiled
+once and reused for every layer.
 
 scope "model": dynamo traces every layer and inductor fuses across them; both take time in proportion to depth
 (Llama-3.1-8B on the H200: 89 s for the first decode compile, 47 s of it again in a process that finds every
 graph in inductor's cache, which cannot skip dynamo's tracing).
-scope "layers": each layer is its own torch.compile of the same code, so dynamo traces a layer once (and once
-more for the first layer of a forward, which computes the rotary cos/sin the others reuse) and inductor builds
-one small graph. The attention op runs between the compiled pieces, outside the graphs (opaque_attention: the
-layer index that picks its KV pool would otherwise be a constant of each layer's trace); the embedding, final
-norm and LM head run eagerly. Fusions across those boundaries are lost.
+scope "layers": a layer runs as three parts: its attention inputs (norm, q/k/v projection, rotary) compiled, the
+attention op eagerly (it picks its KV pool by the layer's index, which would be a constant of each trace), its
+output (projection, residual, norm, MLP, residual) compiled. Each compiled half is one torch.compile of a
+function that takes the layer as an argument, so dynamo traces it once per shape for all layers; the rotary
+cos/sin are computed once per forward, eagerly, and passed in. The embedding, final norm and LM head run
+eagerly. Fusions across those boundaries are lost.
 """
 
 from __future__ import annotations
@@ -30,7 +31,43 @@ def why_no_layer_scope(model) -> str | None:
     kinds = sorted({layer_type(i) for i in range(len(layers))})
     if kinds != ["attention"]:
         return f"its layers are of kinds {kinds}; only attention layers are compiled one for all"
+    if not all(hasattr(layer, "attention_inputs") and hasattr(layer, "attention_output") for layer in layers):
+        return f"its layers ({type(layers[0]).__name__}) do not split around the attention op"
     return None
+
+
+def _attention_inputs(layer, x, position_ids, rope):
+    return layer.attention_inputs(x, position_ids, rope)
+
+
+def _attention_output(layer, x, out):
+    return layer.attention_output(x, out)
+
+
+class _SplitLayer:
+    """One decoder layer run as: compiled attention inputs, the attention op eagerly, compiled output."""
+
+    def __init__(self, layer, inputs_fn, output_fn):
+        self.layer, self.inputs_fn, self.output_fn = layer, inputs_fn, output_fn
+
+    def __call__(self, x, position_ids, attn_name=None, **attn_kwargs):
+        mixer = self.layer.mixer
+        rope = None if mixer.rotary is None else mixer.rotary.cos_sin(position_ids)  # once per forward
+        # Only batch and token counts vary. Under dynamic=True every input size is a symbol, and dynamo ties
+        # symbols whose sizes happen to be equal in the first trace (a batch equal to the head count, a prefill
+        # as long as the hidden size), then recompiles when they differ: fix the model's own sizes.
+        _static(x, 2)  # (B, T, E)
+        if rope is not None:
+            _static(rope[0], 1, 3), _static(rope[1], 1, 3)  # (B, 1, T, D)
+        q, k, v = self.inputs_fn(self.layer, x, position_ids, rope)
+        out = mixer.attend(q, k, v, attn_name, **attn_kwargs)
+        return self.output_fn(self.layer, x, _static(out, 1, 3))  # (B, Hq, T, D)
+
+
+def _static(t: torch.Tensor, *dims: int) -> torch.Tensor:
+    for dim in dims:
+        torch._dynamo.mark_static(t, dim)
+    return t
 
 
 def compile_forward(model, scope: str = "model", backend: str = "inductor", options: dict | None = None):
@@ -44,11 +81,11 @@ def compile_forward(model, scope: str = "model", backend: str = "inductor", opti
             scope = "model"
     if scope == "model":
         return torch.compile(model, dynamic=True, backend=backend, options=options)
-    layers = [torch.compile(layer, dynamic=True, backend=backend, options=options) for layer in model.layers]
+    inputs_fn = torch.compile(_attention_inputs, dynamic=True, backend=backend, options=options)
+    output_fn = torch.compile(_attention_output, dynamic=True, backend=backend, options=options)
+    layers = [_SplitLayer(layer, inputs_fn, output_fn) for layer in model.layers]
 
     def forward(*args, **kwargs):
-        # the layer index is an int attribute of each layer: a symbol, not a constant, so that one trace serves all
-        with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
-            return model(*args, layers=layers, opaque_attention=True, **kwargs)
+        return model(*args, layers=layers, **kwargs)
 
     return forward

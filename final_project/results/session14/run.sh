@@ -10,6 +10,8 @@
 #           with the default sizes again; 8B serving (layers) again, no peer
 #   part e: 1B batch-1 (layers) with the default graph sizes and without size 1 (a lone request in the size-2
 #           graph), alternated twice, on a short 16-request workload
+#   part f: (the tree in .gpu/COMMIT) compile_scope "layers" as two compiled halves around the attention op (no graph
+#           break): CUDA tests, 8B start-up, 1B serving + batch-1 with layers, 8B serving with layers, 1B with model
 set -u
 OUT=${1:?out dir}; PART=${2:?part}
 source final_project/results/device_steps.sh
@@ -52,6 +54,17 @@ case $PART in
           --results_dir "$OUT/batch1_${sizes}_$i"
       done
     done
+    ;;
+  f)
+    step cuda_tests_f 100 python3 -m pytest -q -rs tests/serving/test_engine_gpu.py
+    step startup_8b_layers_f 200 python3 scripts/bench_startup.py --models llama:3.1-8b --compile-scope layers \
+      --timeout 95 --output "$OUT/startup_8b_layers_f.json"
+    step serving_1b_layers_f 150 python3 scripts/benchmark_serving.py --variant 3.2-1b $WORKLOAD --batch1_tokens 512 \
+      --decode_steps_sweep 16,16,16 --compile_scope layers --results_dir "$OUT/serving_1b_layers_f"
+    step serving_8b_layers_f 150 python3 scripts/benchmark_serving.py --variant 3.1-8b $WORKLOAD --compile_scope layers \
+      --results_dir "$OUT/serving_8b_layers_f"
+    step serving_1b_model_f 170 python3 scripts/benchmark_serving.py --variant 3.2-1b $WORKLOAD --batch1_tokens 512 \
+      --decode_steps_sweep 16,16,16 --compile_scope model --results_dir "$OUT/serving_1b_model_f"
     ;;
   *) echo "unknown part $PART"; exit 2 ;;
 esac
