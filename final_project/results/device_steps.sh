@@ -1,4 +1,4 @@
-# Sourced by a session's device script (session13/run.sh and later): the device facts, and `step`, which runs one
+# Sourced by the device scripts (session11/run.sh and later): the device facts, and `step`, which runs one
 # benchmark in the clean tree .gpu under its own time limit, logs it to OUT/log_NAME.txt and packs OUT into
 # OUT/PART.tgz after each step (a device call returns only a few files). Needs OUT and PART set.
 export PYTHONUNBUFFERED=1

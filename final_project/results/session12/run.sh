@@ -14,24 +14,7 @@
 # CPU runs of the eval (cpu/): python scripts/eval.py ... --device_type cpu, three times, and fms bench targets --device cpu
 set -u
 OUT=${1:?out dir}; PART=${2:?part}
-export PYTHONUNBUFFERED=1
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site || exit 1
-fi
-COMMIT=$(cat .gpu/COMMIT)
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/device_$PART.txt" 2>&1
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$OUT/device_$PART.txt" 2>&1
-echo "tree: $COMMIT" >> "$OUT/device_$PART.txt"
-pack() { (cd "$OUT" && tar -czf "$PART.tgz" --exclude="$PART.tgz" --exclude='*.prof' .); }
-step() {  # step NAME LIMIT_S COMMAND...
-  local name=$1 limit=$2; shift 2
-  local start=$(date +%s.%N)
-  (cd .gpu && PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} timeout "$limit" "$@") > "$OUT/log_$name.txt" 2>&1
-  echo "exit $? wall $(python3 -c "import time; print(round(time.time() - $start, 1))") s" >> "$OUT/log_$name.txt"
-  tail -6 "$OUT/log_$name.txt"
-  pack
-}
+source final_project/results/device_steps.sh  # its prologue (device facts, step, pack), shared since session 13
 case $PART in
   a)
     step cuda_tests 150 python3 -m pytest -q -rs tests/models/test_config_validation.py tests/utils/test_serialization.py \
