@@ -32,6 +32,7 @@ from fms.bench.processes import run_in_session
 from fms.bench.results import git_commit, write_json
 from fms.bench.startup import RUNS, TARGETS as STARTUP_TARGETS
 from fms.bench.tables import markdown_table
+from fms.runtime.compiled import COMPILE_SCOPES
 
 REPO = Path(__file__).resolve().parents[2]  # the children run here: script paths and data paths are relative to it
 STARTUP_PARENT_S = 30.0  # a start-up job's parent (imports, stack dumps, writing) inside the row's timeout
@@ -55,6 +56,7 @@ class JobContext:
     device_type: str
     run_dir: Path
     timeout_s: float
+    compile_scope: str | None = None  # the engine's --compile-scope for start-up and serving jobs; None: its default
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,7 @@ def _startup_job(name: str, cuda_model: str, cpu_model: str, runs: tuple[str, ..
         child_timeout = max(10.0, (ctx.timeout_s - STARTUP_PARENT_S) / len(runs))
         return ["scripts/bench_startup.py", "--models", cuda_model if ctx.device_type == "cuda" else cpu_model,
                 "--runs", ",".join(runs), "--device", ctx.device_type, "--timeout", f"{child_timeout:.0f}",
+                *(["--compile-scope", ctx.compile_scope] if ctx.compile_scope else []),
                 "--output", str(ctx.run_dir / "startup.json")]
 
     return Job(name, argv, "startup.json")
@@ -121,6 +124,7 @@ def _startup_job(name: str, cuda_model: str, cpu_model: str, runs: tuple[str, ..
 def _serving_job(name: str, cuda: list[str], cpu: list[str]) -> Job:
     def argv(ctx: JobContext) -> list[str]:
         return ["scripts/benchmark_serving.py", "--device", ctx.device_type, "--results_dir", str(ctx.run_dir),
+                *(["--compile_scope", ctx.compile_scope] if ctx.compile_scope else []),
                 *(cuda if ctx.device_type == "cuda" else cpu)]
 
     return Job(name, argv, "serving.json")
@@ -380,6 +384,7 @@ class TargetsConfig:
     raw_dir: Path | None = None  # default: beside output, <output stem>_raw
     device: str | None = None  # default: cuda when available
     commit: str | None = None  # recorded instead of git's answer (a copy of the tree without .git)
+    compile_scope: str | None = None  # passed to the start-up and serving jobs' engines; None: the engine's default
     from_results: tuple[Path, ...] = ()
     dry_run: bool = False
     command: str = "fms bench targets"
@@ -388,6 +393,9 @@ class TargetsConfig:
         from fms.bench.timing import checked_device_type
 
         self.rows = tuple(self.rows)
+        if self.compile_scope is not None and self.compile_scope not in COMPILE_SCOPES:
+            raise ValueError(f"compile_scope must be one of {', '.join(COMPILE_SCOPES)} or None (the engine's "
+                             f"default), got {self.compile_scope!r}")
         unknown = [name for name in self.rows if name not in ROWS_BY_NAME]
         if unknown or not self.rows:
             raise ValueError(f"rows: unknown row(s) {unknown}; allowed: {', '.join(ROW_NAMES)}")
@@ -459,7 +467,7 @@ def run_job(job: Job, config: TargetsConfig, commit: str, timeout_s: float) -> t
     its JSON (raw) and, if it failed, its log's tail."""
     run_dir = _next_run_dir(config.raw_dir, job).absolute()
     run_dir.mkdir(parents=True)
-    argv = [sys.executable, *job.argv(JobContext(config.device, run_dir, timeout_s))]
+    argv = [sys.executable, *job.argv(JobContext(config.device, run_dir, timeout_s, config.compile_scope))]
     log_path = run_dir / "log.txt"
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     start = time.perf_counter()
@@ -508,7 +516,7 @@ def run_targets(config: TargetsConfig) -> dict:
     jobs = config.jobs()
     if config.dry_run:
         for job in jobs:
-            ctx = JobContext(config.device, config.raw_dir / f"{job.name}-N", config.timeout_s)
+            ctx = JobContext(config.device, config.raw_dir / f"{job.name}-N", config.timeout_s, config.compile_scope)
             print(f"{job.name} (rows {', '.join(config.rows_of(job))}): {_display([sys.executable, *job.argv(ctx)])}")
         return {}
     commit = _commit(config)
@@ -519,7 +527,7 @@ def run_targets(config: TargetsConfig) -> dict:
     results = {"metadata": {"command": config.command, "device": None, "device_type": config.device,
                             "commit": commit, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                             "timeout_s": config.timeout_s, "budget_s": config.budget_s, "repeats": config.repeats,
-                            "complete": False},
+                            "compile_scope": config.compile_scope, "complete": False},
                "rows": [], "runs": runs}
     total, done = config.repeats * len(jobs), 0
     start = time.perf_counter()

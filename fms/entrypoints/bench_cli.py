@@ -487,6 +487,8 @@ def targets_parser() -> argparse.ArgumentParser:
                    help="where each run's folder goes (its JSON and log); default: beside --output, <stem>_raw")
     p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
     p.add_argument("--commit", default=None, help="the commit to record when git cannot tell (a tree without .git)")
+    p.add_argument("--compile-scope", default=None, choices=COMPILE_SCOPES,
+                   help="the engine's --compile-scope for the start-up and serving rows (default: the engine's, model)")
     p.add_argument("--from-results", type=Path, nargs="+", default=(), metavar="FILE",
                    help="run nothing: merge these targets JSONs (each row keeps every file's runs) and print the table")
     p.add_argument("--dry-run", action="store_true", help="print each job's command and run nothing")
@@ -501,6 +503,7 @@ def targets_config(argv=None, program=TARGETS_PROGRAM) -> TargetsConfig:
         return TargetsConfig(rows=_names(args.rows), repeats=args.repeats, timeout_s=args.timeout,
                              budget_s=args.budget, output=args.output,
                              raw_dir=args.raw_dir, device=args.device, commit=args.commit,
+                             compile_scope=args.compile_scope,
                              from_results=tuple(args.from_results), dry_run=args.dry_run,
                              command=" ".join(shlex.quote(a) for a in [*program, *argv]))
     except ValueError as exc:

@@ -238,6 +238,8 @@ def test_merging_a_cpu_file_into_gpu_results_is_refused(tmp_path):
     (dict(budget_s=-1), "budget_s must be a number of seconds > 0, got -1"),
     (dict(device="tpu"), "device must be cuda or cpu, got 'tpu'"),
     (dict(from_results=("no/such.json",)), "from_results: no such file(s) ['no/such.json']"),
+    (dict(compile_scope="blocks"), "compile_scope must be one of model, layers or None (the engine's default), "
+                                   "got 'blocks'"),
 ])
 def test_bad_config_names_the_value(options, message):
     with pytest.raises(ValueError) as exc:
@@ -260,6 +262,12 @@ def test_help_and_dry_run(capsys):
     out = capsys.readouterr().out
     assert out.startswith("serving-1b (rows batch1-1b): python scripts/benchmark_serving.py --device cpu")
     assert "--batch1_tokens 16" in out
+    # --compile-scope reaches the start-up and serving jobs, not the eval
+    assert main(["bench", "targets", "--device", "cpu", "--rows", "startup-8b,serving-8b,eval-fp32",
+                 "--compile-scope", "layers", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert ["--compile-scope layers" in lines[0], "--compile_scope layers" in lines[1], "compile" in lines[2]] \
+        == [True, True, False], lines
     with pytest.raises(SystemExit) as exc:
         targets_config(["--rows", "serving-2b"])
     assert exc.value.code == 2 and "unknown row(s) ['serving-2b']" in capsys.readouterr().err
