@@ -45,9 +45,9 @@ class EngineConfig:
     packed prefill forward (default on CUDA; each falls back to eager if compilation fails).
     combo_kernels: let inductor fuse the decode step's independent small kernels horizontally
     (measured about 3% batch-1 decode throughput on the H100).
-    compile_scope: "model" (one graph over every layer, the default) or "layers" (one layer compiled once and
-    reused for every layer: start-up no longer grows with depth, fusions across layers are lost; attention-only
-    models, others compile the whole model; fms.runtime.compiled).
+    compile_scope: "model" (one graph over every layer, the default) or "layers" (each decoder layer's two halves
+    around the attention op compiled once for all layers: start-up no longer grows with depth, fusions across the
+    op and across layers are lost; attention-only models, others compile the whole model; fms.runtime.compiled).
     """
 
     page_size: int = 16
