@@ -42,6 +42,8 @@ class AttentionOp:
         why_no_graph_decode  why a one-token step cannot be replayed from a CUDA graph, or None
         can_pack             whether it computes packed steps (every row's tokens back to back)
         prefill_uses_flex    whether multi-token steps run compiled FlexAttention (few shapes wanted)
+        layer_kv_state       what write_kv needs of a layer's cache, for a driver that writes the step's K/V
+                             inside a compiled graph and attends outside it (None: attend writes them)
     """
 
     name: str = ""
@@ -70,6 +72,16 @@ class AttentionOp:
     def can_pack(self, variant: AttentionVariant, cache: SequenceCache) -> bool:
         """Whether this op computes steps prepared with cache.prepare(..., packed=True)."""
         return False
+
+    def layer_kv_state(self, cache: SequenceCache, layer_idx: int):
+        """The tensors of layer_idx's cache that write_kv updates, or None when this op writes K/V only in
+        attend. A driver that gets tensors calls write_kv (traceable, e.g. in a compiled graph that serves every
+        layer, the tensors being its inputs) and then attend(..., kv_written=True)."""
+        return None
+
+    def write_kv(self, k, v, state, meta) -> None:
+        """Store the step's k/v (B, Hkv, T, D) into the layer's cache tensors `state` (from layer_kv_state)."""
+        raise NotImplementedError(f"attention op {self.name!r} writes K/V in attend (layer_kv_state is None)")
 
     def prefill_uses_flex(self, variant: AttentionVariant, cache: SequenceCache) -> bool:
         """Whether multi-token steps with cached context run compiled FlexAttention, which specializes
@@ -366,7 +378,18 @@ class PagedOp(AttentionOp):
             return not uses_flash(q)
         return self.prefill_kernel == "padded"
 
-    def attend(self, q, k, v, *, layer_idx, scale, variant, cache=None, meta=None):
+    def layer_kv_state(self, cache, layer_idx):
+        return cache.layer_kv(layer_idx)
+
+    def write_kv(self, k, v, state, meta):
+        kp, vp = state  # (Hkv, slots, D)
+        b, hkv, t, d = k.shape
+        # (B, Hkv, T, D) -> (Hkv, B*T, D) in slot_mapping's token order
+        kp.index_copy_(1, meta.slot_mapping, k.permute(1, 0, 2, 3).reshape(hkv, b * t, d))
+        vp.index_copy_(1, meta.slot_mapping, v.permute(1, 0, 2, 3).reshape(hkv, b * t, d))
+
+    def attend(self, q, k, v, *, layer_idx, scale, variant, cache=None, meta=None, kv_written: bool = False):
+        """kv_written: the caller stored this step's k/v with write_kv already."""
         if cache is None:
             return _contiguous_flex(q, k, v, scale, variant)
         if variant.sliding_window != cache.window:
@@ -375,10 +398,9 @@ class PagedOp(AttentionOp):
                 f"{cache.window}"
             )
         kp, vp = cache.layer_kv(layer_idx)  # (Hkv, slots, D)
-        b, hkv, t, d = k.shape
-        # (B, Hkv, T, D) -> (Hkv, B*T, D) in slot_mapping's token order
-        kp.index_copy_(1, meta.slot_mapping, k.permute(1, 0, 2, 3).reshape(hkv, b * t, d))
-        vp.index_copy_(1, meta.slot_mapping, v.permute(1, 0, 2, 3).reshape(hkv, b * t, d))
+        if not kv_written:
+            self.write_kv(k, v, (kp, vp), meta)
+        t = q.shape[2]
         if meta.varlen is not None and self._can_varlen(variant, cache):
             if not meta.packed and self._pads_prefill(q):
                 return _paged_padded(q, k, v, kp, vp, meta.get_padded_kv(), scale)

@@ -4,9 +4,10 @@ once and reused for every layer.
 scope "model": dynamo traces every layer and inductor fuses across them; both take time in proportion to depth
 (Llama-3.1-8B on the H200: 89 s for the first decode compile, 47 s of it again in a process that finds every
 graph in inductor's cache, which cannot skip dynamo's tracing).
-scope "layers": a layer runs as three parts: its attention inputs (norm, q/k/v projection, rotary) compiled, the
-attention op eagerly (it picks its KV pool by the layer's index, which would be a constant of each trace), its
-output (projection, residual, norm, MLP, residual) compiled. Each compiled half is one torch.compile of a
+scope "layers": a layer runs as three parts: its attention inputs (norm, q/k/v projection, rotary, and the op's
+K/V cache write when the op offers one: AttentionOp.layer_kv_state / write_kv, this layer's cache tensors passed in)
+compiled, the attention op eagerly (it picks its KV pool by the layer's index, which would be a constant of each
+trace), its output (projection, residual, norm, MLP, residual) compiled. Each compiled half is one torch.compile of a
 function that takes the layer as an argument, so dynamo traces it once per shape for all layers; the rotary
 cos/sin are computed once per forward, eagerly, and passed in. The embedding, final norm and LM head run
 eagerly. Fusions across those boundaries are lost.
@@ -17,6 +18,8 @@ from __future__ import annotations
 import logging
 
 import torch
+
+from fms.modules.attention import get_attention_op
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +39,11 @@ def why_no_layer_scope(model) -> str | None:
     return None
 
 
-def _attention_inputs(layer, x, position_ids, rope):
-    return layer.attention_inputs(x, position_ids, rope)
+def _attention_inputs(layer, x, position_ids, rope, op, kv_state, meta):
+    q, k, v = layer.attention_inputs(x, position_ids, rope)
+    if kv_state is not None:  # the op's K/V cache write, fused with the projections and rotary
+        op.write_kv(k, v, kv_state, meta)
+    return q, k, v
 
 
 def _attention_output(layer, x, out):
@@ -59,8 +65,11 @@ class _SplitLayer:
         _static(x, 2)  # (B, T, E)
         if rope is not None:
             _static(rope[0], 1, 3), _static(rope[1], 1, 3)  # (B, 1, T, D)
-        q, k, v = self.inputs_fn(self.layer, x, position_ids, rope)
-        out = mixer.attend(q, k, v, attn_name, **attn_kwargs)
+        op, cache = get_attention_op(attn_name), attn_kwargs.get("cache")
+        kv_state = None if cache is None else op.layer_kv_state(cache, mixer.layer_idx)
+        q, k, v = self.inputs_fn(self.layer, x, position_ids, rope, op, kv_state, attn_kwargs.get("meta"))
+        written = {} if kv_state is None else {"kv_written": True}
+        out = mixer.attend(q, k, v, attn_name, **attn_kwargs, **written)
         return self.output_fn(self.layer, x, _static(out, 1, 3))  # (B, Hq, T, D)
 
 

@@ -112,6 +112,41 @@ def test_registered_op_varlen_prefill_matches(packed):
     driver.step([0, 1, 2], [1, 1, 1])  # decode kernel (Triton on CUDA, its torch reference on CPU)
 
 
+@pytest.mark.parametrize("counts", [[20, 3], [1, 1]])  # a prefill step and a decode step
+def test_write_kv_then_attend_equals_attend_writing(counts):
+    """The layers compile scope writes a step's K/V with write_kv (inside a compiled graph) and then attends with
+    kv_written=True: the same pools and the same output as attend doing both. Ops without a separate write say so."""
+    op = get_attention_op("paged")
+    g = torch.Generator(device=DEVICE).manual_seed(5)
+    q = torch.randn(2, 4, max(counts), HEAD_DIM, generator=g, device=DEVICE)
+    k, v = (torch.randn(2, 2, max(counts), HEAD_DIM, generator=g, device=DEVICE) for _ in range(2))
+    outs, pools = [], []
+    for split in (False, True):
+        cache = PagedKVCache(_spec(2), max_batch_size=2, max_seq_len=64, page_size=16)
+        for seq in (0, 1):
+            cache.add(seq)
+        if counts == [1, 1]:  # context first, so that the decode step reads cached keys
+            cache.prepare([0, 1], [7, 12])
+        meta = cache.prepare([0, 1], counts)
+        kwargs = dict(layer_idx=0, scale=HEAD_DIM**-0.5, variant=CAUSAL, cache=cache, meta=meta)
+        if split:
+            state = op.layer_kv_state(cache, 0)
+            assert state[0] is cache.layer_kv(0)[0]
+            op.write_kv(k, v, state, meta)
+            outs.append(op.attend(q, k, v, kv_written=True, **kwargs))
+        else:
+            outs.append(op.attend(q, k, v, **kwargs))
+        pools.append(cache.layer_kv(0))
+    for a, b in zip(pools[0], pools[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert pools[0][0].abs().sum() > 0  # something was written
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    sdpa = get_attention_op("sdpa")
+    assert sdpa.layer_kv_state(None, 0) is None
+    with pytest.raises(NotImplementedError, match="attention op 'sdpa' writes K/V in attend"):
+        sdpa.write_kv(k, v, None, None)
+
+
 def test_packed_steps_are_refused_where_they_cannot_run():
     cache = PagedKVCache(_spec(2), max_batch_size=2, max_seq_len=64, page_size=16)
     cache.add(0)
