@@ -43,6 +43,18 @@ class MambaStateSpec:
         return len(self.layers) * self.bytes_per_layer
 
 
+class MambaLayerPools:
+    """One Mamba layer's conv and SSM state pools, standing in for the MambaStatePool in a decode step of that layer:
+    layer_pools answers with them whatever the layer index, so that a compiled function taking them as inputs
+    serves every Mamba layer with one trace."""
+
+    def __init__(self, conv: torch.Tensor, ssm: torch.Tensor):
+        self.conv, self.ssm = conv, ssm
+
+    def layer_pools(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.conv, self.ssm
+
+
 class MambaStatePool:
     def __init__(self, spec: MambaStateSpec, num_slots: int, device):
         c = spec
@@ -76,6 +88,10 @@ class MambaStatePool:
         """(conv, ssm) of one Mamba layer, every slot."""
         i = self._layer[layer_idx]
         return self.conv[i], self.ssm[i]
+
+    def layer_view(self, layer_idx: int) -> "MambaLayerPools":
+        """One layer's (conv, ssm) pools, answering layer_pools(any index) with them (fms.runtime.compiled)."""
+        return MambaLayerPools(*self.layer_pools(layer_idx))
 
     def layer_state(self, layer_idx: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A gathered copy (conv, ssm) of the rows (only those rows are read); write it back with store()."""

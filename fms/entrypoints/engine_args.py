@@ -65,7 +65,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="what one torch.compile covers: the whole model (default, fastest decode) or each decoder "
                         "layer's two halves around the attention op, compiled once for all layers (Llama-3.1-8B on an "
                         "H200: the engine starts in ~30 s cold / ~9 s warm instead of ~220 / ~100 s, and decodes "
-                        "16-19%% slower); attention-only models")
+                        "16-19%% slower); Granite-4.0-H's Mamba layers are compiled whole, one compile for all")
     g.add_argument("--cuda-graph-sizes", type=parse_graph_sizes, default=None,
                    help="decode batch sizes captured as CUDA graphs at start-up, e.g. 2,4,8,16,32,64,128 "
                         "(EngineConfig.graph_batch_sizes; default 1,2,4,...,256 up to --max-num-seqs). A batch runs "

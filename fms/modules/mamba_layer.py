@@ -28,6 +28,14 @@ class MambaLayer(nn.Module):
         self.layer_idx = layer_idx
         self.mamba = Mamba2Mixer(config) if tp is None else sharded_mixer(config, tp)
 
+    def decode_cache(self, cache, meta):
+        """For a decode step (one token per row, no prefix-cache checkpoint): a stand-in for `cache` holding only
+        this layer's state pools, so that a compiled function taking it serves every Mamba layer
+        (fms.runtime.compiled); None for any other step, which runs uncompiled."""
+        if cache is None or meta is None or meta.packed or getattr(meta, "checkpoints", None) is not None:
+            return None
+        return _LayerStateCache(cache.state_pool.layer_view(self.layer_idx))
+
     def forward(self, x, position_ids=None, attn_name=None, cache=None, meta=None, **_):
         if cache is None:
             # no cache: the whole (right-padded) sequence from the zero state; padding sits after
@@ -86,6 +94,13 @@ class MambaLayer(nn.Module):
         m.conv1d.weight.copy_(conv_shard.take(conv) if conv_shard else conv)
         if m.conv1d.bias is not None:
             m.conv1d.bias.zero_()
+
+
+class _LayerStateCache:
+    """What MambaLayer.forward reads of a cache in a decode step, for one layer: its state pools."""
+
+    def __init__(self, state_pool):
+        self.state_pool = state_pool
 
 
 class CrossRankGatedRMSNorm(GatedRMSNorm):

@@ -7,7 +7,10 @@ graph in inductor's cache, which cannot skip dynamo's tracing).
 scope "layers": a layer runs as three parts: its attention inputs (norm, q/k/v projection, rotary, and the op's
 K/V cache write when the op offers one: AttentionOp.layer_kv_state / write_kv, this layer's cache tensors passed in)
 compiled, the attention op eagerly (it picks its KV pool by the layer's index, which would be a constant of each
-trace), its output (projection, residual, norm, MLP, residual) compiled. Each compiled half is one torch.compile of a
+trace), its output (projection, residual, norm, MLP, residual) compiled. A layer whose mixer hands out its own
+part of the cache for a step (a Mamba layer's decode step: MambaLayer.decode_cache, its state pools) is compiled
+whole, one trace for all such layers, the layer index a symbol (allow_unspec_int_on_nn_module); its other steps
+(prefill, prefix-cache checkpoints) run eagerly. Each compiled half is one torch.compile of a
 function that takes the layer as an argument, so dynamo traces it once per shape for all layers; the rotary
 cos/sin are computed once per forward, eagerly, and passed in. The embedding, final norm and LM head run
 eagerly. Fusions across those boundaries are lost.
@@ -31,11 +34,16 @@ def why_no_layer_scope(model) -> str | None:
     layers, layer_type = getattr(model, "layers", None), getattr(model, "layer_type", None)
     if layers is None or layer_type is None:
         return f"{type(model).__name__} has no decoder layers to compile one at a time"
-    kinds = sorted({layer_type(i) for i in range(len(layers))})
-    if kinds != ["attention"]:
-        return f"its layers are of kinds {kinds}; only attention layers are compiled one for all"
-    if not all(hasattr(layer, "attention_inputs") and hasattr(layer, "attention_output") for layer in layers):
-        return f"its layers ({type(layers[0]).__name__}) do not split around the attention op"
+    for i, layer in enumerate(layers):
+        mixer = getattr(layer, "mixer", None)
+        if layer_type(i) == "attention":
+            if not (hasattr(layer, "attention_inputs") and hasattr(layer, "attention_output")
+                    and all(hasattr(mixer, name) for name in ("project", "attend", "output"))):
+                return (f"its attention layers ({type(layer).__name__} with {type(mixer).__name__}) do not split "
+                        f"around the attention op")
+        elif not hasattr(mixer, "decode_cache"):
+            return (f"its {layer_type(i)} layers ({type(mixer).__name__}) hand out no per-layer cache "
+                    f"(decode_cache); attention and Mamba layers are compiled one for all")
     return None
 
 
@@ -73,6 +81,27 @@ class _SplitLayer:
         return self.output_fn(self.layer, x, _static(out, 1, 3))  # (B, Hq, T, D)
 
 
+def _run_block(layer, x, position_ids, attn_name, cache, meta):
+    return layer(x, position_ids, attn_name=attn_name, cache=cache, meta=meta)
+
+
+class _WholeLayer:
+    """A layer compiled whole (one compile for all such layers) when its mixer hands out its own part of the cache
+    for the step (decode_cache); otherwise run eagerly."""
+
+    def __init__(self, layer, run):
+        self.layer, self.run = layer, run
+
+    def __call__(self, x, position_ids, attn_name=None, cache=None, meta=None):
+        part = self.layer.mixer.decode_cache(cache, meta)
+        if part is None:
+            return self.layer(x, position_ids, attn_name=attn_name, cache=cache, meta=meta)
+        _static(x, 2)  # (B, T, E): see _SplitLayer
+        # the layer index (an int attribute of the mixer) a symbol, not a constant: one trace for all such layers
+        with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
+            return self.run(self.layer, x, position_ids, attn_name, part, meta)
+
+
 def _static(t: torch.Tensor, *dims: int) -> torch.Tensor:
     for dim in dims:
         torch._dynamo.mark_static(t, dim)
@@ -92,7 +121,9 @@ def compile_forward(model, scope: str = "model", backend: str = "inductor", opti
         return torch.compile(model, dynamic=True, backend=backend, options=options)
     inputs_fn = torch.compile(_attention_inputs, dynamic=True, backend=backend, options=options)
     output_fn = torch.compile(_attention_output, dynamic=True, backend=backend, options=options)
-    layers = [_SplitLayer(layer, inputs_fn, output_fn) for layer in model.layers]
+    run = torch.compile(_run_block, dynamic=True, backend=backend, options=options)
+    layers = [_SplitLayer(layer, inputs_fn, output_fn) if model.layer_type(i) == "attention" else _WholeLayer(layer, run)
+              for i, layer in enumerate(model.layers)]
 
     def forward(*args, **kwargs):
         return model(*args, layers=layers, **kwargs)

@@ -47,7 +47,8 @@ class EngineConfig:
     (measured about 3% batch-1 decode throughput on the H100).
     compile_scope: "model" (one graph over every layer, the default) or "layers" (each decoder layer's two halves
     around the attention op compiled once for all layers: start-up no longer grows with depth, fusions across the
-    op and across layers are lost; attention-only models, others compile the whole model; fms.runtime.compiled).
+    op and across layers are lost; Mamba layers of hybrids compiled whole, one compile for all, in decode steps;
+    models with other layers compile the whole model; fms.runtime.compiled).
     """
 
     page_size: int = 16

@@ -146,15 +146,42 @@ def test_layer_scope_prefill_equals_the_uncached_model():
     assert frames == 2, frames  # the two halves of one layer around the attention op, not one per layer
 
 
-def test_compile_scope_is_checked_and_hybrids_compile_the_whole_model(caplog):
+def test_compile_scope_is_checked_and_unsupported_layers_compile_the_whole_model(caplog):
     from fms.runtime.compiled import compile_forward, why_no_layer_scope
 
     with pytest.raises(ValueError, match="compile_scope must be one of model, layers, got 'blocks'"):
         EngineConfig(compile_scope="blocks")
     hybrid = get_model("granite_hybrid", "h-nano", seed=0, device_type="cpu", data_type=torch.float32)
-    assert "mamba" in why_no_layer_scope(hybrid)
+    assert why_no_layer_scope(hybrid) is None  # attention and Mamba layers
+    hybrid.layers[0].mixer = torch.nn.Identity()  # layer 0 is a Mamba layer
+    assert "mamba layers (Identity) hand out no per-layer cache" in why_no_layer_scope(hybrid)
     assert why_no_layer_scope(get_model("llama", "nano", device_type="cpu")) is None
+    model = get_model("llama", "nano", seed=0, device_type="cpu", data_type=torch.float32)
+    model.layers[1].mixer = torch.nn.Identity()  # a mixer with no way to serve every layer from one compile
+    assert "do not split around the attention op" in why_no_layer_scope(model)
     with caplog.at_level("WARNING"):
-        forward = compile_forward(hybrid, "layers", backend="eager")
+        forward = compile_forward(model, "layers", backend="eager")
     assert isinstance(forward, torch.nn.Module)  # torch.compile of the whole model
     assert "whole model" in caplog.text
+
+
+def _hybrid_layered_decode(layer_types):
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    # h-nano's own random weights greedily repeat one token; these overrides give varied continuations
+    model = get_model("granite_hybrid", "h-nano", seed=5, device_type="cpu", data_type=torch.float32,
+                      num_layers=len(layer_types), layer_types=layer_types, embedding_multiplier=1.0, init_std=0.3)
+    runner = DecodeWindowRunner(model, _cache(model), "paged", max_steps=3, graph_batch_sizes=None,
+                                compile_model=True, compile_scope="layers")
+    runner._set_compiled(True, "aot_eager")
+    _windows_equal_eager(model, runner, (MAX_BATCH, 2))
+    return _traces(), torch._dynamo.utils.counters["stats"]["calls_captured"]
+
+
+def test_layer_scope_hybrid_decode_equals_eager_with_one_trace_per_layer_kind():
+    """Granite-4.0-H: attention layers in two compiled halves, Mamba layers compiled whole with their own state
+    pools as inputs; the traces do not grow with depth."""
+    shallow = _hybrid_layered_decode(("mamba", "attention", "mamba", "attention"))
+    deep = _hybrid_layered_decode(("mamba", "mamba", "attention", "mamba", "mamba", "attention", "mamba", "mamba"))
+    # the attention halves, the Mamba layer, the step's inputs and its bookkeeping
+    assert shallow == deep and shallow[0] == 5, (shallow, deep)
