@@ -19,7 +19,7 @@ from fms.bench.roofline import ModelCost, batch1_decode_limit_tok_s, limit_field
 from fms.bench.timing import GB, peak_memory_gb, reset_peak_memory, synchronize
 from fms.bench.workloads import MixedWorkload, sharegpt_workload
 from fms.models import get_model
-from fms.runtime.compiled import COMPILE_SCOPES
+from fms.runtime.compiled import check_compile_scope
 from fms.runtime.sampling_params import SamplingParams
 from fms.serving import LLMEngine
 from fms.serving.config import EngineConfig
@@ -87,8 +87,7 @@ class ServingBenchConfig:
         for name in ("num_requests", "page_size", "max_num_seqs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.compile_scope not in COMPILE_SCOPES:
-            raise ValueError(f"compile_scope must be one of {', '.join(COMPILE_SCOPES)}, got {self.compile_scope!r}")
+        check_compile_scope(self.compile_scope)
         if self.graph_batch_sizes is not None:  # the engine's own check, before a model is built
             self.graph_batch_sizes = EngineConfig(graph_batch_sizes=self.graph_batch_sizes).graph_batch_sizes
         for name in ("batch1_tokens",):

@@ -32,7 +32,7 @@ from fms.bench.processes import run_in_session
 from fms.bench.results import git_commit, write_json
 from fms.bench.startup import RUNS, TARGETS as STARTUP_TARGETS
 from fms.bench.tables import markdown_table
-from fms.runtime.compiled import COMPILE_SCOPES
+from fms.runtime.compiled import check_compile_scope
 
 REPO = Path(__file__).resolve().parents[2]  # the children run here: script paths and data paths are relative to it
 STARTUP_PARENT_S = 30.0  # a start-up job's parent (imports, stack dumps, writing) inside the row's timeout
@@ -393,9 +393,7 @@ class TargetsConfig:
         from fms.bench.timing import checked_device_type
 
         self.rows = tuple(self.rows)
-        if self.compile_scope is not None and self.compile_scope not in COMPILE_SCOPES:
-            raise ValueError(f"compile_scope must be one of {', '.join(COMPILE_SCOPES)} or None (the engine's "
-                             f"default), got {self.compile_scope!r}")
+        check_compile_scope(self.compile_scope, optional=True)
         unknown = [name for name in self.rows if name not in ROWS_BY_NAME]
         if unknown or not self.rows:
             raise ValueError(f"rows: unknown row(s) {unknown}; allowed: {', '.join(ROW_NAMES)}")

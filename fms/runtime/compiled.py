@@ -1,24 +1,25 @@
-"""torch.compile of a model's forward: the whole model in one graph, or each decoder layer's two halves compiled
-once and reused for every layer.
+"""torch.compile of a model's forward: the whole model in one graph, or one compile per kind of decoder layer,
+reused for every layer of that kind.
 
 scope "model": dynamo traces every layer and inductor fuses across them; both take time in proportion to depth
 (Llama-3.1-8B on the H200: 89 s for the first decode compile, 47 s of it again in a process that finds every
 graph in inductor's cache, which cannot skip dynamo's tracing).
-scope "layers": a layer runs as three parts: its attention inputs (norm, q/k/v projection, rotary, and the op's
-K/V cache write when the op offers one: AttentionOp.layer_kv_state / write_kv, this layer's cache tensors passed in)
-compiled, the attention op eagerly (it picks its KV pool by the layer's index, which would be a constant of each
-trace), its output (projection, residual, norm, MLP, residual) compiled. A layer whose mixer hands out its own
-part of the cache for a step (a Mamba layer's decode step: MambaLayer.decode_cache, its state pools) is compiled
-whole, one trace for all such layers, the layer index a symbol (allow_unspec_int_on_nn_module); its other steps
-(prefill, prefix-cache checkpoints) run eagerly. Each compiled half is one torch.compile of a
-function that takes the layer as an argument, so dynamo traces it once per shape for all layers; the rotary
-cos/sin are computed once per forward, eagerly, and passed in. The embedding, final norm and LM head run
-eagerly. Fusions across those boundaries are lost.
+scope "layers": each compiled function takes the layer as an argument, so dynamo traces it once per shape for
+all layers; the rotary cos/sin are computed once per forward, eagerly, and passed in.
+- An attention layer runs in three parts: its inputs compiled (norm, q/k/v projection, rotary, and the op's K/V
+  cache write where the op offers one: AttentionOp.layer_kv_state / write_kv, this layer's cache tensors passed
+  in), the attention op eagerly (it picks its KV pool by the layer's index, which would be a constant of each
+  trace), its output compiled (projection, residual, norm, MLP, residual).
+- A layer whose mixer hands out its own part of the cache for a step (a Mamba layer's decode step:
+  MambaLayer.decode_cache, its state pools) is compiled whole, the layer index a symbol
+  (allow_unspec_int_on_nn_module); its other steps (prefill, prefix-cache checkpoints) run eagerly.
+The embedding, final norm and LM head run eagerly. Fusions across those boundaries are lost.
 """
 
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import torch
 
@@ -29,21 +30,38 @@ logger = logging.getLogger(__name__)
 COMPILE_SCOPES = ("model", "layers")
 
 
+def check_compile_scope(scope, optional: bool = False) -> None:
+    """A ValueError naming the value unless scope is one of COMPILE_SCOPES (or None, when optional)."""
+    if scope in COMPILE_SCOPES or (optional and scope is None):
+        return
+    allowed = ", ".join(COMPILE_SCOPES) + (" or None (the engine's default)" if optional else "")
+    raise ValueError(f"compile_scope must be one of {allowed}, got {scope!r}")
+
+
+def _layer_runner(layer, kind: str):
+    """(the class that runs this layer under scope "layers", None) or (None, why it cannot)."""
+    mixer = getattr(layer, "mixer", None)
+    if kind == "attention":
+        if hasattr(layer, "attention_inputs") and hasattr(layer, "attention_output") \
+                and all(hasattr(mixer, name) for name in ("project", "attend", "output")):
+            return _SplitLayer, None
+        return None, (f"its attention layers ({type(layer).__name__} with {type(mixer).__name__}) do not split "
+                      f"around the attention op")
+    if hasattr(mixer, "decode_cache"):
+        return _WholeLayer, None
+    return None, (f"its {kind} layers ({type(mixer).__name__}) hand out no per-layer cache "
+                  f"(decode_cache); attention and Mamba layers are compiled one for all")
+
+
 def why_no_layer_scope(model) -> str | None:
     """Why this model cannot compile one layer for all, or None."""
     layers, layer_type = getattr(model, "layers", None), getattr(model, "layer_type", None)
     if layers is None or layer_type is None:
         return f"{type(model).__name__} has no decoder layers to compile one at a time"
     for i, layer in enumerate(layers):
-        mixer = getattr(layer, "mixer", None)
-        if layer_type(i) == "attention":
-            if not (hasattr(layer, "attention_inputs") and hasattr(layer, "attention_output")
-                    and all(hasattr(mixer, name) for name in ("project", "attend", "output"))):
-                return (f"its attention layers ({type(layer).__name__} with {type(mixer).__name__}) do not split "
-                        f"around the attention op")
-        elif not hasattr(mixer, "decode_cache"):
-            return (f"its {layer_type(i)} layers ({type(mixer).__name__}) hand out no per-layer cache "
-                    f"(decode_cache); attention and Mamba layers are compiled one for all")
+        _, why = _layer_runner(layer, layer_type(i))
+        if why is not None:
+            return why
     return None
 
 
@@ -58,11 +76,15 @@ def _attention_output(layer, x, out):
     return layer.attention_output(x, out)
 
 
-class _SplitLayer:
-    """One decoder layer run as: compiled attention inputs, the attention op eagerly, compiled output."""
+def _whole_layer(layer, x, position_ids, attn_name, cache, meta):
+    return layer(x, position_ids, attn_name=attn_name, cache=cache, meta=meta)
 
-    def __init__(self, layer, inputs_fn, output_fn):
-        self.layer, self.inputs_fn, self.output_fn = layer, inputs_fn, output_fn
+
+class _SplitLayer:
+    """An attention layer run as: compiled attention inputs, the attention op eagerly, compiled output."""
+
+    def __init__(self, layer, compiled):
+        self.layer, self.compiled = layer, compiled
 
     def __call__(self, x, position_ids, attn_name=None, **attn_kwargs):
         mixer = self.layer.mixer
@@ -75,22 +97,18 @@ class _SplitLayer:
             _static(rope[0], 1, 3), _static(rope[1], 1, 3)  # (B, 1, T, D)
         op, cache = get_attention_op(attn_name), attn_kwargs.get("cache")
         kv_state = None if cache is None else op.layer_kv_state(cache, mixer.layer_idx)
-        q, k, v = self.inputs_fn(self.layer, x, position_ids, rope, op, kv_state, attn_kwargs.get("meta"))
+        q, k, v = self.compiled.inputs(self.layer, x, position_ids, rope, op, kv_state, attn_kwargs.get("meta"))
         written = {} if kv_state is None else {"kv_written": True}
         out = mixer.attend(q, k, v, attn_name, **attn_kwargs, **written)
-        return self.output_fn(self.layer, x, _static(out, 1, 3))  # (B, Hq, T, D)
-
-
-def _run_block(layer, x, position_ids, attn_name, cache, meta):
-    return layer(x, position_ids, attn_name=attn_name, cache=cache, meta=meta)
+        return self.compiled.output(self.layer, x, _static(out, 1, 3))  # (B, Hq, T, D)
 
 
 class _WholeLayer:
     """A layer compiled whole (one compile for all such layers) when its mixer hands out its own part of the cache
     for the step (decode_cache); otherwise run eagerly."""
 
-    def __init__(self, layer, run):
-        self.layer, self.run = layer, run
+    def __init__(self, layer, compiled):
+        self.layer, self.compiled = layer, compiled
 
     def __call__(self, x, position_ids, attn_name=None, cache=None, meta=None):
         part = self.layer.mixer.decode_cache(cache, meta)
@@ -99,7 +117,7 @@ class _WholeLayer:
         _static(x, 2)  # (B, T, E): see _SplitLayer
         # the layer index (an int attribute of the mixer) a symbol, not a constant: one trace for all such layers
         with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
-            return self.run(self.layer, x, position_ids, attn_name, part, meta)
+            return self.compiled.whole(self.layer, x, position_ids, attn_name, part, meta)
 
 
 def _static(t: torch.Tensor, *dims: int) -> torch.Tensor:
@@ -119,11 +137,10 @@ def compile_forward(model, scope: str = "model", backend: str = "inductor", opti
             scope = "model"
     if scope == "model":
         return torch.compile(model, dynamic=True, backend=backend, options=options)
-    inputs_fn = torch.compile(_attention_inputs, dynamic=True, backend=backend, options=options)
-    output_fn = torch.compile(_attention_output, dynamic=True, backend=backend, options=options)
-    run = torch.compile(_run_block, dynamic=True, backend=backend, options=options)
-    layers = [_SplitLayer(layer, inputs_fn, output_fn) if model.layer_type(i) == "attention" else _WholeLayer(layer, run)
-              for i, layer in enumerate(model.layers)]
+    compiled = SimpleNamespace(**{name: torch.compile(fn, dynamic=True, backend=backend, options=options) for name, fn
+                                  in (("inputs", _attention_inputs), ("output", _attention_output),
+                                      ("whole", _whole_layer))})
+    layers = [_layer_runner(layer, model.layer_type(i))[0](layer, compiled) for i, layer in enumerate(model.layers)]
 
     def forward(*args, **kwargs):
         return model(*args, layers=layers, **kwargs)

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import Sequence
 
-from fms.runtime.compiled import COMPILE_SCOPES
+from fms.runtime.compiled import check_compile_scope
 
 DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 DEFAULT_MAX_MODEL_LEN = 4096  # caps the page-table width (and the decode kernel's split sizing)
@@ -68,8 +68,7 @@ class EngineConfig:
     compile_scope: str = "model"
 
     def __post_init__(self):
-        if self.compile_scope not in COMPILE_SCOPES:
-            raise ValueError(f"compile_scope must be one of {', '.join(COMPILE_SCOPES)}, got {self.compile_scope!r}")
+        check_compile_scope(self.compile_scope)
         for name in ("page_size", "max_decode_steps"):
             _check_count(name, getattr(self, name), optional=False)
         for name in ("num_pages", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
