@@ -12,10 +12,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/dev
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$OUT/device_$PART.txt" 2>&1
 echo "tree: $COMMIT" >> "$OUT/device_$PART.txt"
 pack() { (cd "$OUT" && tar -czf "$PART.tgz" --exclude="$PART.tgz" --exclude='*.prof' .); }
-step() {  # step NAME LIMIT_S COMMAND...   (run in .gpu)
+step() {  # step NAME LIMIT_S COMMAND...   (run in the tree $TREE, default .gpu)
   local name=$1 limit=$2; shift 2
   local start=$(date +%s.%N)
-  (cd .gpu && PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} timeout "$limit" "$@") > "$OUT/log_$name.txt" 2>&1
+  (cd "${TREE:-.gpu}" && PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} timeout "$limit" "$@") > "$OUT/log_$name.txt" 2>&1
   echo "exit $? wall $(python3 -c "import time; print(round(time.time() - $start, 1))") s" >> "$OUT/log_$name.txt"
   tail -6 "$OUT/log_$name.txt"
   pack

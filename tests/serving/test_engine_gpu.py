@@ -92,6 +92,24 @@ def test_hybrid_decode_replays_graphs_and_matches_sdpa():
     assert engine.kv.num_seqs == 0  # every state slot back
 
 
+def test_hybrid_layer_compile_scope_with_graphs_matches_sdpa():
+    """Granite-4.0-H under compile_scope "layers": attention layers as two compiled halves, Mamba layers compiled
+    whole with their own state pools, decode captured in CUDA graphs. Greedy tokens equal static SDPA generate."""
+    hybrid = get_model("granite_hybrid", "h-nano", device_type="cuda", data_type="float32", seed=5,
+                       embedding_multiplier=1.0, init_std=0.3, head_dim=32)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(1, 512, (n,), generator=g).tolist() for n in (1, 12, 31, 48)]
+    reference = generate(hybrid, prompts, 10, attn_name="sdpa")
+    assert all(len(set(o)) >= 4 for o in reference), reference
+    engine = LLMEngine(hybrid, num_pages=32, max_num_seqs=4, graph_batch_sizes=(1, 2, 4), compile_scope="layers",
+                       compile_decode=True)
+    assert engine.runner.graphs is not None
+    outs = engine.generate(prompts, SamplingParams(max_new_tokens=10), use_tqdm=False)
+    assert [o.token_ids for o in outs] == reference
+    assert engine.stats()["num_graph_forwards"] > 0
+    assert engine.kv.num_seqs == 0
+
+
 def test_packed_compiled_prefill_matches_padded_eager_bf16():
     """bf16: flash varlen over packed rows, compiled, against the padded eager forward (the same
     kernel family on right-padded rows). Logits within bf16 rounding; both steps: fresh rows, then
