@@ -15,7 +15,7 @@ pack() { (cd "$OUT" && tar -czf "$PART.tgz" --exclude="$PART.tgz" --exclude='*.p
 step() {  # step NAME LIMIT_S COMMAND...   (run in the tree $TREE, default .gpu)
   local name=$1 limit=$2; shift 2
   local start=$(date +%s.%N)
-  (cd "${TREE:-.gpu}" && PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} timeout "$limit" "$@") > "$OUT/log_$name.txt" 2>&1
+  (cd "${TREE:-.gpu}" && export FMS_GIT_COMMIT=$(cat COMMIT 2>/dev/null || echo "$COMMIT") && PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} timeout "$limit" "$@") > "$OUT/log_$name.txt" 2>&1
   echo "exit $? wall $(python3 -c "import time; print(round(time.time() - $start, 1))") s" >> "$OUT/log_$name.txt"
   tail -6 "$OUT/log_$name.txt"
   pack
