@@ -383,10 +383,11 @@ class PagedOp(AttentionOp):
 
     def write_kv(self, k, v, state, meta):
         kp, vp = state  # (Hkv, slots, D)
-        b, hkv, t, d = k.shape
-        # (B, Hkv, T, D) -> (Hkv, B*T, D) in slot_mapping's token order
-        kp.index_copy_(1, meta.slot_mapping, k.permute(1, 0, 2, 3).reshape(hkv, b * t, d))
-        vp.index_copy_(1, meta.slot_mapping, v.permute(1, 0, 2, 3).reshape(hkv, b * t, d))
+        if torch.compiler.is_compiling():
+            # opaque to inductor: see _paged_kv_write_op
+            _paged_kv_write_op(kp, vp, k, v, meta.slot_mapping)
+        else:
+            _paged_kv_write(kp, vp, k, v, meta.slot_mapping)
 
     def attend(self, q, k, v, *, layer_idx, scale, variant, cache=None, meta=None, kv_written: bool = False):
         """kv_written: the caller stored this step's k/v with write_kv already."""
@@ -438,6 +439,30 @@ class PagedOp(AttentionOp):
         if self.decode_kernel == "triton" and not q.is_cuda:
             raise RuntimeError("decode_kernel='triton' needs CUDA")
         return True
+
+
+def _paged_kv_write(k_pool, v_pool, k, v, slot_mapping) -> None:
+    """Store k/v (B, Hkv, T, D) into the pools (Hkv, slots, D) at slot_mapping (B*T,), in its token order."""
+    b, hkv, t, d = k.shape
+    k_pool.index_copy_(1, slot_mapping, k.permute(1, 0, 2, 3).reshape(hkv, b * t, d))
+    v_pool.index_copy_(1, slot_mapping, v.permute(1, 0, 2, 3).reshape(hkv, b * t, d))
+
+
+# The K/V write as an opaque operator under torch.compile. Traced, it becomes an inductor kernel that mutates the
+# layer's whole pool, and inductor benchmarks each candidate config of a mutating kernel on a backup of its mutated
+# inputs: with the pool filling the GPU, a pinned host copy of the pool, taken and restored around each benchmark
+# (torch._inductor.runtime.triton_heuristics, copy_args_to_cpu_if_needed). On the H200 that was 36 GB of host memory
+# and about 80 s of Granite-4.0-H-1B's cold start-up (four attention layers, a 32 GB pool each). Opaque, it runs
+# the same two index_copy_ kernels as eagerly, inside the captured CUDA graph.
+@torch.library.custom_op("fms::paged_kv_write", mutates_args=("k_pool", "v_pool"))
+def _paged_kv_write_op(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       slot_mapping: torch.Tensor) -> None:
+    _paged_kv_write(k_pool, v_pool, k, v, slot_mapping)
+
+
+@_paged_kv_write_op.register_fake
+def _(k_pool, v_pool, k, v, slot_mapping) -> None:
+    return None
 
 
 register_attention_op("sdpa", SDPAOp())

@@ -147,6 +147,35 @@ def test_write_kv_then_attend_equals_attend_writing(counts):
         sdpa.write_kv(k, v, None, None)
 
 
+def test_compiled_write_kv_is_one_opaque_in_place_op():
+    """Under torch.compile the paged K/V write stays the opaque op fms::paged_kv_write on the graph's input pools:
+    inductor generates no kernel that mutates a pool (it would benchmark such a kernel on a backup of the whole pool)
+    and copies no pool. The pools end up as the eager write leaves them."""
+    from types import SimpleNamespace
+
+    from torch._inductor.utils import run_and_get_code
+
+    op = get_attention_op("paged")
+
+    def step(x, k_pool, v_pool, slots):
+        k, v = (x * 2).sin(), x.cos()  # stands for the projections and rotary the write is traced with
+        op.write_kv(k, v, (k_pool, v_pool), SimpleNamespace(slot_mapping=slots))
+        return k + 1
+
+    x = torch.randn(3, 2, 1, HEAD_DIM, generator=torch.Generator().manual_seed(0))
+    slots = torch.tensor([5, 9, 100])
+    pools = [torch.zeros(2, 256, HEAD_DIM) for _ in range(4)]
+    step(x, pools[0], pools[1], slots)  # eager
+    torch._dynamo.reset()
+    _, codes = run_and_get_code(torch.compile(step, dynamic=True), x, pools[2], pools[3], slots)
+    code = "\n".join(codes)
+    assert code.count("torch.ops.fms.paged_kv_write.default(") == 1, code
+    assert "index_copy" not in code and "clone" not in code, code
+    for eager, compiled in zip(pools[:2], pools[2:]):
+        assert eager.abs().sum() > 0
+        torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+
+
 def test_packed_steps_are_refused_where_they_cannot_run():
     cache = PagedKVCache(_spec(2), max_batch_size=2, max_seq_len=64, page_size=16)
     cache.add(0)
