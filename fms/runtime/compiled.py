@@ -8,7 +8,8 @@ scope "layers": each compiled function takes the layer as an argument, so dynamo
 all layers; the rotary cos/sin are computed once per forward, eagerly, and passed in.
 - An attention layer runs in three parts: its inputs compiled (norm, q/k/v projection, rotary, and the op's K/V
   cache write where the op offers one: AttentionOp.layer_kv_state / write_kv, this layer's cache tensors passed
-  in), the attention op eagerly (it picks its KV pool by the layer's index, which would be a constant of each
+  in; the paged op's write is an opaque op there, see fms.modules.attention._paged_kv_write_op), the attention op
+  eagerly (it picks its KV pool by the layer's index, which would be a constant of each
   trace), its output compiled (projection, residual, norm, MLP, residual).
 - A layer whose mixer hands out its own part of the cache for a step (a Mamba layer's decode step:
   MambaLayer.decode_cache, its state pools) is compiled whole, the layer index a symbol
@@ -67,7 +68,7 @@ def why_no_layer_scope(model) -> str | None:
 
 def _attention_inputs(layer, x, position_ids, rope, op, kv_state, meta):
     q, k, v = layer.attention_inputs(x, position_ids, rope)
-    if kv_state is not None:  # the op's K/V cache write, fused with the projections and rotary
+    if kv_state is not None:  # the op's K/V cache write, inside this graph (no eager kernels between the halves)
         op.write_kv(k, v, kv_state, meta)
     return q, k, v
 

@@ -148,9 +148,10 @@ def test_write_kv_then_attend_equals_attend_writing(counts):
 
 
 def test_compiled_write_kv_is_one_opaque_in_place_op():
-    """Under torch.compile the paged K/V write stays the opaque op fms::paged_kv_write on the graph's input pools:
-    inductor generates no kernel that mutates a pool (it would benchmark such a kernel on a backup of the whole pool)
-    and copies no pool. The pools end up as the eager write leaves them."""
+    """Under torch.compile the paged op's write_kv (the layers scope's K/V write) stays the opaque op
+    fms::paged_kv_write on the graph's input pools: inductor generates no kernel that mutates a pool (it would
+    benchmark such a kernel on a backup of the whole pool) and copies no pool. The pools end up as the eager write
+    leaves them."""
     from types import SimpleNamespace
 
     from torch._inductor.utils import run_and_get_code
