@@ -144,6 +144,9 @@ def compile_forward(model, scope: str = "model", backend: str = "inductor", opti
     layers = [_layer_runner(layer, model.layer_type(i))[0](layer, compiled) for i, layer in enumerate(model.layers)]
 
     def forward(*args, **kwargs):
-        return model(*args, layers=layers, **kwargs)
+        # No duck sizing: dynamo would otherwise tie sizes that are equal in the first trace (a batch of 128 and a
+        # head_dim of 128, in a view's base that _static cannot reach) and recompile when they differ.
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            return model(*args, layers=layers, **kwargs)
 
     return forward

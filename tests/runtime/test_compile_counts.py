@@ -185,3 +185,26 @@ def test_layer_scope_hybrid_decode_equals_eager_with_one_trace_per_layer_kind():
     deep = _hybrid_layered_decode(("mamba", "mamba", "attention", "mamba", "mamba", "attention", "mamba", "mamba"))
     # the attention halves, the Mamba layer, the step's inputs and its bookkeeping
     assert shallow == deep and shallow[0] == 5, (shallow, deep)
+
+
+@pytest.mark.parametrize("architecture,variant", [("gpt2", "nano"), ("gpt2", "nano-alibi"), ("gpt2", "nano-window"),
+                                                  ("gpt2", "nano-softcap"), ("granite", "nano")])
+def test_layer_scope_decode_equals_eager_for_every_attention_family(architecture, variant):
+    """compile_scope "layers" on every attention family and variant: GPT-2 (learned positions, ALiBi, sliding window,
+    soft-capping) and Granite (its multipliers); llama and Granite-4.0-H above. Decode windows equal eager, and each
+    compiled half of the layer is traced once (no recompile: FlexAttention's own compile, which the ALiBi and
+    soft-capping decode takes eagerly, is not counted)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from fms.runtime import compiled
+
+    torch._dynamo.reset()
+    varied = dict(embedding_multiplier=1.0) if architecture == "granite" else {}  # else it repeats one token
+    model = get_model(architecture, variant, seed=1, device_type="cpu", data_type=torch.float32, init_std=0.3, **varied)
+    assert compiled.why_no_layer_scope(model) is None
+    runner = DecodeWindowRunner(model, _cache(model), "paged", max_steps=3, graph_batch_sizes=None,
+                                compile_model=True, compile_scope="layers")
+    runner._set_compiled(True, "aot_eager")
+    _windows_equal_eager(model, runner, (MAX_BATCH, 2))
+    for fn in (compiled._attention_inputs, compiled._attention_output):
+        assert len(_debug_get_cache_entry_list(fn.__code__)) == 1, fn.__name__
