@@ -19,7 +19,7 @@ from fms.bench.roofline import ModelCost, batch1_decode_limit_tok_s, limit_field
 from fms.bench.timing import GB, peak_memory_gb, reset_peak_memory, synchronize
 from fms.bench.workloads import MixedWorkload, sharegpt_workload
 from fms.models import get_model
-from fms.runtime.compiled import check_compile_scope
+from fms.runtime.compiled import DEFAULT_COMPILE_SCOPE, check_compile_scope
 from fms.runtime.sampling_params import SamplingParams
 from fms.serving import LLMEngine
 from fms.serving.config import EngineConfig
@@ -65,7 +65,7 @@ class ServingBenchConfig:
     prefix_caching: bool = True
     cuda_graphs: bool = True
     compile: bool = True
-    compile_scope: str = "model"  # EngineConfig.compile_scope: "model" (one graph) or "layers" (one layer, reused)
+    compile_scope: str = DEFAULT_COMPILE_SCOPE  # EngineConfig.compile_scope: "layers" (one layer, reused) or "model"
     graph_batch_sizes: tuple[int, ...] | None = None  # EngineConfig.graph_batch_sizes; None: the engine's default
     max_decode_steps: int | None = None
     respect_eos: bool = False

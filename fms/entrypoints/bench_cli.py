@@ -25,7 +25,7 @@ from fms.bench.static_run import PROFILES, SWEEPS, StaticBenchConfig, run_static
 from fms.bench.targets import ROW_NAMES, TargetsConfig, run_targets
 from fms.cache.paged import SUPPORTED_PAGE_SIZES
 from fms.eval.report import MODE_CHOICES, TASK_NAMES, EvalConfig, run_eval
-from fms.runtime.compiled import COMPILE_SCOPES
+from fms.runtime.compiled import COMPILE_SCOPES, DEFAULT_COMPILE_SCOPE
 from fms.serving.config import parse_graph_sizes
 
 THROUGHPUT_DOC = """Offline serving throughput of LLMEngine (continuous batching over the paged cache), optionally vs HF.
@@ -154,9 +154,9 @@ def throughput_parser_args(argv=None):
     p.add_argument("--no_prefix_caching", action="store_true")
     p.add_argument("--no_cuda_graphs", action="store_true")
     p.add_argument("--no_compile", action="store_true", help="decode step and prefill forward uncompiled (default: torch.compile on CUDA)")
-    p.add_argument("--compile_scope", default="model", choices=COMPILE_SCOPES,
-                   help="what one torch.compile covers (the engine's --compile-scope): the whole model, or one decoder "
-                        "layer compiled once and reused for every layer (faster start-up)")
+    p.add_argument("--compile_scope", default=DEFAULT_COMPILE_SCOPE, choices=COMPILE_SCOPES,
+                   help="what one torch.compile covers (the engine's --compile-scope): one decoder layer compiled once "
+                        "and reused for every layer (default, fast start-up), or the whole model (more throughput)")
     p.add_argument("--cuda_graph_sizes", type=parse_graph_sizes, default=None, dest="graph_batch_sizes",
                    help="decode batch sizes captured as CUDA graphs (the engine's --cuda-graph-sizes), e.g. "
                         "2,4,8,16,32,64,128; default: the engine's")
@@ -488,7 +488,7 @@ def targets_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
     p.add_argument("--commit", default=None, help="the commit to record when git cannot tell (a tree without .git)")
     p.add_argument("--compile-scope", default=None, choices=COMPILE_SCOPES,
-                   help="the engine's --compile-scope for the start-up and serving rows (default: the engine's, model)")
+                   help="the engine's --compile-scope for the start-up and serving rows (default: the engine's, layers)")
     p.add_argument("--from-results", type=Path, nargs="+", default=(), metavar="FILE",
                    help="run nothing: merge these targets JSONs (each row keeps every file's runs) and print the table")
     p.add_argument("--dry-run", action="store_true", help="print each job's command and run nothing")

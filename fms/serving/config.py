@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import Sequence
 
-from fms.runtime.compiled import check_compile_scope
+from fms.runtime.compiled import DEFAULT_COMPILE_SCOPE, check_compile_scope
 
 DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 DEFAULT_MAX_MODEL_LEN = 4096  # caps the page-table width (and the decode kernel's split sizing)
@@ -45,10 +45,11 @@ class EngineConfig:
     packed prefill forward (default on CUDA; each falls back to eager if compilation fails).
     combo_kernels: let inductor fuse the decode step's independent small kernels horizontally
     (measured about 3% batch-1 decode throughput on the H100).
-    compile_scope: "model" (one graph over every layer, the default) or "layers" (each decoder layer's two halves
-    around the attention op compiled once for all layers: start-up no longer grows with depth, fusions across the
-    op and across layers are lost; Mamba layers of hybrids compiled whole, one compile for all, in decode steps;
-    models with other layers compile the whole model; fms.runtime.compiled).
+    compile_scope: "layers" (the default: each decoder layer's two halves around the attention op compiled once for
+    all layers, so start-up does not grow with depth; fusions across the op and across layers are lost; Mamba
+    layers of hybrids compiled whole, one compile for all, in decode steps; models with other layers compile the
+    whole model) or "model" (one graph over every layer: higher throughput, minutes of start-up for an 8B model);
+    fms.runtime.compiled.
     """
 
     page_size: int = 16
@@ -65,7 +66,7 @@ class EngineConfig:
     compile_decode: bool | None = None
     compile_prefill: bool | None = None
     combo_kernels: bool = True
-    compile_scope: str = "model"
+    compile_scope: str = DEFAULT_COMPILE_SCOPE
 
     def __post_init__(self):
         check_compile_scope(self.compile_scope)

@@ -16,7 +16,9 @@ for tree in $ORDER; do
   # not the working copy); without .after, this tree
   dir=.; [ "$tree" = before ] && dir=.before; [ "$tree" = after ] && [ -d .after ] && dir=.after
   start=$(date +%s.%N)
-  (cd "$dir" && PYTHONPATH=$PWD timeout 420 python3 scripts/benchmark_serving.py --results_dir "$OUT/tmp_$tree" $ARGS) \
+  # the new tree's engine defaults to compile_scope "layers" since session 15; the old one compiles the whole model
+  scope=""; [ "$tree" != before ] && scope="--compile_scope model"
+  (cd "$dir" && PYTHONPATH=$PWD timeout 420 python3 scripts/benchmark_serving.py --results_dir "$OUT/tmp_$tree" $ARGS $scope) \
     > "$OUT/log_${tree}_r$ROUND.txt" 2>&1
   echo "exit $? wall $(python3 -c "import time; print(round(time.time() - $start, 1))") s" >> "$OUT/log_${tree}_r$ROUND.txt"
   cp "$OUT/tmp_$tree/serving.json" "$OUT/serving_${tree}_r$ROUND.json" 2>/dev/null
