@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Session 15 device runs on clean trees (.gpu = git archive of the commit in .gpu/COMMIT; .v4 = c034297 with
-# session14/layers_v4.patch applied), each step under its own time limit, results packed into OUT/PART.tgz.
+# Session 15 device runs on clean trees (.gpu = git archive of the commit in .gpu/COMMIT; .v4 was meant to be c034297
+# with session14/layers_v4.patch applied, but `git apply` run inside this repository's folder skipped every path
+# without a word: the "v4" steps of part c ran c034297 unpatched), each step under its own time limit, results packed
+# into OUT/PART.tgz.
 # Usage: run.sh OUT PART (carry .gpu, and .v4 for part c)
 #   part a: CUDA tests (the layers scope with the K/V write inside the first compiled half, and for Granite-4.0-H);
 #           Granite-4.0-H-1B and Llama-3.1-8B start-up with --compile-scope layers, cold and warm; 1B serving +

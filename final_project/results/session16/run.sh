@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Session 16 device runs, prepared in session 15: main as it stands (layers the default scope, the paged K/V write an
+# opaque op in that scope, duck sizing off), and two ways to win back the opaque write's cost, each a patch on main:
+#   .wA: session15/traced_untuned.patch  the write traced again, the first half compiled with no pointwise autotuning
+#   .wB: session15/kv_write_triton.patch the opaque op writes K and V in one Triton launch
+# Usage: run.sh OUT PART (carry .gpu .wA .wB); run.sh build (here, before the call: makes the three trees)
+#   part a: CUDA tests; 8B and Granite-4.0-H-1B cold start-up (default scope); 1B serving + batch-1 with main's
+#           default, with .wA and .wB (layers), then main with --compile_scope model, all in one call
+#   part b: Granite-4.0-H-1B cold start-up with .wA and .wB (peak host memory shows whether inductor backs the pool
+#           up); 8B warm start-up with main
+set -u
+if [ "${1:-}" = build ]; then
+  rm -rf .gpu .wA .wB && mkdir .gpu && git archive HEAD | tar -x -C .gpu && git rev-parse --short HEAD > .gpu/COMMIT
+  # patch, not git apply: inside this repository's folder git apply skips every path without a word (session 15's
+  # "v4" tree was c034297 unpatched for that reason); diff checks that the tree changed
+  for t in A:traced_untuned B:kv_write_triton; do
+    cp -r .gpu ".w${t%%:*}" && (cd ".w${t%%:*}" && patch -s -p1 -i "../final_project/results/session15/${t#*:}.patch" \
+      && echo "$(cat COMMIT)+${t#*:}" > COMMIT) && ! diff -rq -x COMMIT .gpu ".w${t%%:*}" > /dev/null || exit 1
+  done
+  cat .gpu/COMMIT .wA/COMMIT .wB/COMMIT; exit 0
+fi
+OUT=${1:?out dir}; PART=${2:?part}
+source final_project/results/device_steps.sh
+WORKLOAD="--num_requests 128 --prompt_range 64,512 --output_range 256,256 --batch1_tokens 512 --decode_steps_sweep 16,16,16"
+case $PART in
+  a)
+    step cuda_tests 120 python3 -m pytest -q -rs tests/serving/test_engine_gpu.py
+    step startup_8b 90 python3 scripts/bench_startup.py --models llama:3.1-8b --runs cold --timeout 80 \
+      --output "$OUT/startup_8b.json"
+    step startup_gh 100 python3 scripts/bench_startup.py --models granite_hybrid:4.0-h-1b --runs cold --timeout 90 \
+      --output "$OUT/startup_gh.json"
+    step serving_1b_main 100 python3 scripts/benchmark_serving.py --variant 3.2-1b $WORKLOAD --results_dir "$OUT/serving_1b_main"
+    TREE=.wA step serving_1b_wA 100 python3 scripts/benchmark_serving.py --variant 3.2-1b $WORKLOAD --compile_scope layers \
+      --results_dir "$OUT/serving_1b_wA"
+    TREE=.wB step serving_1b_wB 100 python3 scripts/benchmark_serving.py --variant 3.2-1b $WORKLOAD --compile_scope layers \
+      --results_dir "$OUT/serving_1b_wB"
+    step serving_1b_model 170 python3 scripts/benchmark_serving.py --variant 3.2-1b $WORKLOAD --compile_scope model \
+      --results_dir "$OUT/serving_1b_model"
+    ;;
+  b)
+    TREE=.wA step startup_gh_wA 100 python3 scripts/bench_startup.py --models granite_hybrid:4.0-h-1b --runs cold \
+      --compile-scope layers --timeout 90 --output "$OUT/startup_gh_wA.json"
+    TREE=.wB step startup_gh_wB 100 python3 scripts/bench_startup.py --models granite_hybrid:4.0-h-1b --runs cold \
+      --compile-scope layers --timeout 90 --output "$OUT/startup_gh_wB.json"
+    step startup_8b_2 170 python3 scripts/bench_startup.py --models llama:3.1-8b --timeout 80 --output "$OUT/startup_8b_2.json"
+    ;;
+  *) echo "unknown part $PART"; exit 2 ;;
+esac
