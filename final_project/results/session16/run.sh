@@ -4,10 +4,10 @@
 #   .wA: session15/traced_untuned.patch  the write traced again, the first half compiled with no pointwise autotuning
 #   .wB: session15/kv_write_triton.patch the opaque op writes K and V in one Triton launch
 # Usage: run.sh OUT PART (carry .gpu .wA .wB); run.sh build (here, before the call: makes the three trees)
-#   part a: CUDA tests; 8B and Granite-4.0-H-1B cold start-up (default scope); 1B serving + batch-1 with main's
-#           default, with .wA and .wB (layers), then main with --compile_scope model, all in one call
-#   part b: Granite-4.0-H-1B cold start-up with .wA and .wB (peak host memory shows whether inductor backs the pool
-#           up); 8B warm start-up with main
+#   part a: CUDA tests; cold start-up of the 8B (default scope) and of Granite-4.0-H-1B on main, .wA and .wB
+#   part b: 1B serving + batch-1 on main, .wA and .wB (layers), then main with --compile_scope model, in one call
+#   part c: 8B start-up cold and warm, 8B serving, both on the default scope
+# Each part fits one call (limit 600 s); calls made back to back find the machine warm.
 set -u
 if [ "${1:-}" = build ]; then
   rm -rf .gpu .wA .wB && mkdir .gpu && git archive HEAD | tar -x -C .gpu && git rev-parse --short HEAD > .gpu/COMMIT
@@ -23,26 +23,27 @@ OUT=${1:?out dir}; PART=${2:?part}
 source final_project/results/device_steps.sh
 WORKLOAD="--num_requests 128 --prompt_range 64,512 --output_range 256,256 --batch1_tokens 512 --decode_steps_sweep 16,16,16"
 case $PART in
-  a)
+  a)  # ~260 s: CUDA tests and cold start-ups (peak host memory shows whether inductor backs a pool up)
     step cuda_tests 120 python3 -m pytest -q -rs tests/serving/test_engine_gpu.py
     step startup_8b 90 python3 scripts/bench_startup.py --models llama:3.1-8b --runs cold --timeout 80 \
       --output "$OUT/startup_8b.json"
-    step startup_gh 100 python3 scripts/bench_startup.py --models granite_hybrid:4.0-h-1b --runs cold --timeout 90 \
-      --output "$OUT/startup_gh.json"
-    step serving_1b_main 100 python3 scripts/benchmark_serving.py --variant 3.2-1b $WORKLOAD --results_dir "$OUT/serving_1b_main"
-    TREE=.wA step serving_1b_wA 100 python3 scripts/benchmark_serving.py --variant 3.2-1b $WORKLOAD --compile_scope layers \
-      --results_dir "$OUT/serving_1b_wA"
-    TREE=.wB step serving_1b_wB 100 python3 scripts/benchmark_serving.py --variant 3.2-1b $WORKLOAD --compile_scope layers \
-      --results_dir "$OUT/serving_1b_wB"
+    for tree in gpu wA wB; do
+      TREE=.$tree step startup_gh_$tree 100 python3 scripts/bench_startup.py --models granite_hybrid:4.0-h-1b \
+        --runs cold --compile-scope layers --timeout 90 --output "$OUT/startup_gh_$tree.json"
+    done
+    ;;
+  b)  # ~340 s: 1B serving + batch-1, main's default (layers), .wA and .wB with layers, main with model, one call
+    for tree in gpu wA wB; do
+      TREE=.$tree step serving_1b_$tree 100 python3 scripts/benchmark_serving.py --variant 3.2-1b $WORKLOAD \
+        --compile_scope layers --results_dir "$OUT/serving_1b_$tree"
+    done
     step serving_1b_model 170 python3 scripts/benchmark_serving.py --variant 3.2-1b $WORKLOAD --compile_scope model \
       --results_dir "$OUT/serving_1b_model"
     ;;
-  b)
-    TREE=.wA step startup_gh_wA 100 python3 scripts/bench_startup.py --models granite_hybrid:4.0-h-1b --runs cold \
-      --compile-scope layers --timeout 90 --output "$OUT/startup_gh_wA.json"
-    TREE=.wB step startup_gh_wB 100 python3 scripts/bench_startup.py --models granite_hybrid:4.0-h-1b --runs cold \
-      --compile-scope layers --timeout 90 --output "$OUT/startup_gh_wB.json"
+  c)  # ~180 s: 8B start-up cold and warm on the default scope (main), 8B serving on the default scope
     step startup_8b_2 170 python3 scripts/bench_startup.py --models llama:3.1-8b --timeout 80 --output "$OUT/startup_8b_2.json"
+    step serving_8b 200 python3 scripts/benchmark_serving.py --variant 3.1-8b --num_requests 128 --prompt_range 64,512 \
+      --output_range 256,256 --results_dir "$OUT/serving_8b"
     ;;
   *) echo "unknown part $PART"; exit 2 ;;
 esac
