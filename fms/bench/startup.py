@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import json
+import logging
 import math
 import os
 import random
@@ -420,6 +421,46 @@ def _compile_cache_counters() -> dict:
             for name, count in counters[group].items() if "cache" in name}
 
 
+class _Recompiles(logging.Handler):
+    """Dynamo's recompile messages (its `recompiles` log artifact) while the engine starts: the function and the first
+    guard that failed, one entry each. Each is a compile that a shape bucket paid for again."""
+
+    LOGGER = "torch._dynamo.guards.__recompiles"
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.entries: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        lines = [line.strip() for line in record.getMessage().splitlines() if line.strip()]
+        if lines:  # "Recompiling function f in file:line", "triggered by ...", "- guard ..."
+            guard = next((line for line in lines[1:] if line.startswith("- ")), "")
+            self.entries.append(f"{lines[0]} {guard}".strip())
+
+    def __enter__(self) -> "_Recompiles":
+        import torch
+
+        torch._logging.set_logs(recompiles=True)
+        logger = logging.getLogger(self.LOGGER)
+        logger.addHandler(self)
+        self._propagate, logger.propagate = logger.propagate, False  # recorded here, not printed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logger = logging.getLogger(self.LOGGER)
+        logger.removeHandler(self)
+        logger.propagate = self._propagate
+
+
+def _dynamo_graphs() -> int | None:
+    """How many graphs dynamo has traced in this process."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return None
+    return counters["stats"]["unique_graphs"]
+
+
 def build_model(spec: dict, device):
     """The child's timed get_model: from the spec's checkpoint folder, or random weights drawn on the device."""
     from fms.models import get_model
@@ -477,8 +518,10 @@ def _child(spec: dict) -> int:
     phases.done("get_model", start, end)
 
     start = phases.start("engine")
+    recompiles = _Recompiles().__enter__()  # until the first generate() has run
     engine = LLMEngine(model, config=EngineConfig(**spec["engine_options"]))
     synchronize()
+    record["dynamo"] = {"graphs_traced": _dynamo_graphs(), "recompiles": list(recompiles.entries)}
     record["engine_phases_s"] = dict(engine.startup_s)
     record["graph_capture_s"] = {f"{bs}/{mode}": s for (bs, mode), s in engine.runner.decoder.capture_s.items()}
     record["engine_config"] = asdict(engine.config)
@@ -492,6 +535,8 @@ def _child(spec: dict) -> int:
                               use_tqdm=False)
     synchronize()
     record["num_output_tokens"] = len(outputs[0].token_ids)
+    recompiles.__exit__()
+    record["dynamo_with_first_generate"] = {"graphs_traced": _dynamo_graphs(), "recompiles": recompiles.entries}
     record["compile_cache_counters"] = _compile_cache_counters()
     peak_memory()
     record["done"] = True
@@ -650,8 +695,15 @@ def startup_table(rows: list[dict]) -> str:
         if any("peak_gpu_memory_gb" in r for r in runs.values()):
             table.append(["", "peak GPU GB (allocated)",
                           *cells(lambda r: r.get("peak_gpu_memory_gb", {}).get("allocated"))])
+        table.append(["", "peak host GB", *cells(lambda r: r.get("peak_rss_gb"))])
         table.append(["", "compile-cache files found", *cells(lambda r: _files_found(r))])
+        table.append(["", "dynamo graphs / recompiles (engine)", *cells(_dynamo_cell)])
     return markdown_table(["model", "phase", *(f"{run} s" for run in RUNS)], table)
+
+
+def _dynamo_cell(run: dict):
+    dynamo = run.get("dynamo")
+    return None if dynamo is None else f"{dynamo['graphs_traced']} / {len(dynamo['recompiles'])}"
 
 
 def _status(run: dict):

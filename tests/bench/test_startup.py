@@ -111,6 +111,8 @@ def test_cold_then_warm_run_in_fresh_processes_on_the_caches_of_the_first(tmp_pa
         assert run["num_output_tokens"] == 3 and run["peak_rss_gb"] > 0 and run["device_name"] == "cpu"
         # the engine options reached the child's engine
         assert run["engine_config"]["max_num_seqs"] == 2 and run["engine_config"]["compile_decode"] is False
+        # nothing compiled, so dynamo traced nothing
+        assert run["dynamo"] == run["dynamo_with_first_generate"] == {"graphs_traced": 0, "recompiles": []}
     assert len({cold["pid"], warm["pid"], os.getpid()}) == 3  # two fresh processes
     # the cold child saw the parent's fresh, empty cache folders; the warm child saw the same ones
     for var in CACHE_VARS:
@@ -307,3 +309,25 @@ def test_checkpoint_mode_times_the_load_of_the_written_weights(tmp_path, capsys)
     for name, param in model.named_parameters():
         assert torch.equal(param, torch.cat([stored[s] for s in sources(name)])), name
         assert torch.equal(param, random[name]), name
+
+
+def test_recompiles_are_recorded_with_the_function_and_the_failed_guard():
+    """What the start-up JSON's dynamo.recompiles holds: one entry per recompile, naming the function and the guard."""
+    import torch
+
+    from fms.bench.startup import _dynamo_graphs, _Recompiles
+
+    def scaled(x):
+        return x * x.shape[0]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(scaled, dynamic=False, backend="eager")
+    before = _dynamo_graphs()
+    with _Recompiles() as recompiles:
+        compiled(torch.ones(2))
+        compiled(torch.ones(3))  # a static shape: a second trace
+    assert _dynamo_graphs() - before == 2
+    [entry] = recompiles.entries
+    assert entry.startswith("Recompiling function scaled") and "- " in entry and "size mismatch" in entry, entry
+    compiled(torch.ones(4))  # after the block: not recorded
+    assert len(recompiles.entries) == 1
