@@ -437,7 +437,7 @@ class _Recompiles(logging.Handler):
             guard = next((line for line in lines[1:] if line.startswith("- ")), "")
             self.entries.append(f"{lines[0]} {guard}".strip())
 
-    def __enter__(self) -> "_Recompiles":
+    def start(self) -> "_Recompiles":
         import torch
 
         torch._logging.set_logs(recompiles=True)
@@ -446,10 +446,19 @@ class _Recompiles(logging.Handler):
         self._propagate, logger.propagate = logger.propagate, False  # recorded here, not printed
         return self
 
-    def __exit__(self, *exc) -> None:
+    def stop(self) -> None:
         logger = logging.getLogger(self.LOGGER)
         logger.removeHandler(self)
         logger.propagate = self._propagate
+
+    def snapshot(self) -> dict:
+        """What the JSON records: dynamo's graphs so far in this process and the recompiles seen so far."""
+        return {"graphs_traced": _dynamo_graphs(), "recompiles": list(self.entries)}
+
+    __enter__ = start
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 def _dynamo_graphs() -> int | None:
@@ -518,10 +527,10 @@ def _child(spec: dict) -> int:
     phases.done("get_model", start, end)
 
     start = phases.start("engine")
-    recompiles = _Recompiles().__enter__()  # until the first generate() has run
+    recompiles = _Recompiles().start()  # until the first generate() has run
     engine = LLMEngine(model, config=EngineConfig(**spec["engine_options"]))
     synchronize()
-    record["dynamo"] = {"graphs_traced": _dynamo_graphs(), "recompiles": list(recompiles.entries)}
+    record["dynamo"] = recompiles.snapshot()
     record["engine_phases_s"] = dict(engine.startup_s)
     record["graph_capture_s"] = {f"{bs}/{mode}": s for (bs, mode), s in engine.runner.decoder.capture_s.items()}
     record["engine_config"] = asdict(engine.config)
@@ -535,8 +544,8 @@ def _child(spec: dict) -> int:
                               use_tqdm=False)
     synchronize()
     record["num_output_tokens"] = len(outputs[0].token_ids)
-    recompiles.__exit__()
-    record["dynamo_with_first_generate"] = {"graphs_traced": _dynamo_graphs(), "recompiles": recompiles.entries}
+    recompiles.stop()
+    record["dynamo_with_first_generate"] = recompiles.snapshot()
     record["compile_cache_counters"] = _compile_cache_counters()
     peak_memory()
     record["done"] = True

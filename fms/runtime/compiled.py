@@ -132,8 +132,7 @@ def _static(t: torch.Tensor, *dims: int) -> torch.Tensor:
 
 def compile_forward(model, scope: str = "model", backend: str = "inductor", options: dict | None = None):
     """A callable like model(input_ids, **kwargs), compiled with dynamic shapes over the given scope."""
-    if scope not in COMPILE_SCOPES:
-        raise ValueError(f"compile scope must be one of {COMPILE_SCOPES}, got {scope!r}")
+    check_compile_scope(scope)
     if scope == "layers":
         why = why_no_layer_scope(model)
         if why is not None:
