@@ -7,6 +7,7 @@
 #   part a: CUDA tests; cold start-up of the 8B (default scope) and of Granite-4.0-H-1B on main, .wA and .wB
 #   part b: 1B serving + batch-1 on main, .wA and .wB (layers), then main with --compile_scope model, in one call
 #   part c: 8B start-up cold and warm, 8B serving, both on the default scope
+#   part p: cProfile of a cold Granite-4.0-H-1B and 8B start-up (main)
 # Each part fits one call (limit 600 s); calls made back to back find the machine warm.
 set -u
 if [ "${1:-}" = build ]; then
@@ -44,6 +45,10 @@ case $PART in
     step startup_8b_2 170 python3 scripts/bench_startup.py --models llama:3.1-8b --timeout 80 --output "$OUT/startup_8b_2.json"
     step serving_8b 200 python3 scripts/benchmark_serving.py --variant 3.1-8b --num_requests 128 --prompt_range 64,512 \
       --output_range 256,256 --results_dir "$OUT/serving_8b"
+    ;;
+  p)  # ~150 s (added in session 16): where the cold start-up goes, cProfile + dynamo's compile times (main)
+    step profile_gh 100 python3 ../final_project/results/session16/profile_startup.py granite_hybrid:4.0-h-1b "$OUT/prof_gh"
+    step profile_8b 80 python3 ../final_project/results/session16/profile_startup.py llama:3.1-8b "$OUT/prof_8b"
     ;;
   *) echo "unknown part $PART"; exit 2 ;;
 esac
