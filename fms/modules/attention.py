@@ -29,6 +29,7 @@ from fms.cache.spec import KVCacheSpec
 from fms.modules.masks import AttentionVariant, dense_attention_bias, variant_predicate, variant_score_fn
 from fms.cache.paged import PagedKVCache
 from fms.modules.positions import RotaryEmbedding
+from fms.triton.kv_write import kv_write, kv_write_reference
 from fms.triton.varlen import (CUDA_SDPA_BACKENDS, FLASH_DTYPES, padded_causal_attention, uses_flash,
                                varlen_causal_attention)
 
@@ -386,7 +387,7 @@ class PagedOp(AttentionOp):
         if torch.compiler.is_compiling():  # the layers compile scope: opaque to inductor, see _paged_kv_write_op
             _paged_kv_write_op(kp, vp, k, v, meta.slot_mapping)
         else:
-            _paged_kv_write(kp, vp, k, v, meta.slot_mapping)
+            kv_write_reference(kp, vp, k, v, meta.slot_mapping)
 
     def attend(self, q, k, v, *, layer_idx, scale, variant, cache=None, meta=None, kv_written: bool = False):
         """kv_written: the caller stored this step's k/v with write_kv already."""
@@ -399,7 +400,7 @@ class PagedOp(AttentionOp):
             )
         kp, vp = cache.layer_kv(layer_idx)  # (Hkv, slots, D)
         if not kv_written:  # traced inline under compile, where inductor may fuse it (see _paged_kv_write_op)
-            _paged_kv_write(kp, vp, k, v, meta.slot_mapping)
+            kv_write_reference(kp, vp, k, v, meta.slot_mapping)
         t = q.shape[2]
         if meta.varlen is not None and self._can_varlen(variant, cache):
             if not meta.packed and self._pads_prefill(q):
@@ -440,25 +441,19 @@ class PagedOp(AttentionOp):
         return True
 
 
-def _paged_kv_write(k_pool, v_pool, k, v, slot_mapping) -> None:
-    """Store k/v (B, Hkv, T, D) into the pools (Hkv, slots, D) at slot_mapping (B*T,), in its token order."""
-    b, hkv, t, d = k.shape
-    k_pool.index_copy_(1, slot_mapping, k.permute(1, 0, 2, 3).reshape(hkv, b * t, d))
-    v_pool.index_copy_(1, slot_mapping, v.permute(1, 0, 2, 3).reshape(hkv, b * t, d))
-
-
 # The K/V write as an opaque operator, for write_kv under torch.compile (the layers compile scope). Traced, the write
 # becomes an inductor kernel that mutates the layer's whole pool, and inductor benchmarks each candidate config of
 # a mutating kernel on a backup of its mutated inputs: with the pool filling the GPU, a pinned host copy of the pool,
 # taken and restored around each benchmark (torch._inductor.runtime.triton_heuristics, copy_args_to_cpu_if_needed).
 # Granite-4.0-H-1B on the H200 (four attention layers, about 32 GB of pool each), cold LLMEngine start-up with
 # compile_scope "layers": 96 and 89 s with the traced write, peak host memory 36 GB; 31 s and 1.6 GB with this op.
-# The price: two index_copy_ kernels per layer where inductor had fused the write (batch-1 TPOT 1.02 -> 1.14 ms,
-# across two machines). attend writes inline (the model scope keeps the fusion, and the backups at a cold start).
+# On CUDA the op writes K and V in one Triton launch (fms.triton.kv_write): as two index_copy_ it cost 11% of batch-1
+# decode against one launch (835 against 929 tok/s, final_project/results/session16/b). attend writes inline (the
+# model scope keeps inductor's fusion of the write, and the backups at a cold start).
 @torch.library.custom_op("fms::paged_kv_write", mutates_args=("k_pool", "v_pool"))
 def _paged_kv_write_op(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        slot_mapping: torch.Tensor) -> None:
-    _paged_kv_write(k_pool, v_pool, k, v, slot_mapping)
+    kv_write(k_pool, v_pool, k, v, slot_mapping)  # K and V in one launch on CUDA
 
 
 @_paged_kv_write_op.register_fake
