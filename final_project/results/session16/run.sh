@@ -9,6 +9,7 @@
 #   part b: 1B serving + batch-1 on main, .wA and .wB (layers), then main with --compile_scope model, in one call
 #   part c: 8B start-up cold and warm, 8B serving, both on the default scope
 #   part d: main with the one-launch write against cb64db8; server vs offline; Granite-4.0-H start-up
+#   part e: part d's server steps with .whl; 1B serving on main, layers then model
 #   part p: cProfile of a cold Granite-4.0-H-1B and 8B start-up (main)
 # Each part fits one call (limit 600 s); calls made back to back find the machine warm.
 set -u
@@ -70,6 +71,17 @@ case $PART in
       --output "$OUT/server_vs_offline_compiled.json"
     step startup_gh 100 python3 scripts/bench_startup.py --models granite_hybrid:4.0-h-1b --runs cold --timeout 90 \
       --output "$OUT/startup_gh.json"
+    ;;
+  e)  # ~450 s: part d's server steps again with the server's packages (.whl, see session9/run.sh), then 1B serving on
+      # main with each scope, layers first (tree .gpu of build_d; carry .gpu .whl)
+    step server_vs_offline 100 python3 scripts/bench_server_vs_offline.py --repeats 3 --engine-args=--no-compile \
+      --output "$OUT/server_vs_offline.json"
+    step server_vs_offline_compiled 150 python3 scripts/bench_server_vs_offline.py --repeats 3 --server-timeout 120 \
+      --output "$OUT/server_vs_offline_compiled.json"
+    step serving_1b_layers 100 python3 scripts/benchmark_serving.py --variant 3.2-1b $WORKLOAD \
+      --results_dir "$OUT/serving_1b_layers"
+    step serving_1b_model 170 python3 scripts/benchmark_serving.py --variant 3.2-1b $WORKLOAD --compile_scope model \
+      --results_dir "$OUT/serving_1b_model"
     ;;
   *) echo "unknown part $PART"; exit 2 ;;
 esac
