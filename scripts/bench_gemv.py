@@ -1,13 +1,14 @@
-"""Batch-1 GEMV timing on the GPU: cuBLAS (F.linear) against fms.triton.gemv's Triton kernel.
+"""Batch-1 (or --rows 2) GEMV timing on the GPU: cuBLAS (F.linear) against fms.triton.gemv's Triton kernel.
 
 For each weight shape of a model (Llama-3.2-1B by default), 16 distinct weights (one per layer,
-so that L2 holds none of them) are multiplied by one row in a CUDA graph of 16 launches, the way
+so that L2 holds none of them) are multiplied by --rows rows in a CUDA graph of 16 launches, the way
 a graphed decode step runs them; the graph is replayed and timed with CUDA events. The Triton
 kernel is swept over block sizes; the best configuration per shape is reported beside cuBLAS.
 The SwiGLU down projection is also timed fused (silu(gate) * up computed in the GEMV) against a
 compiled silu-mul kernel followed by cuBLAS.
 
     python scripts/bench_gemv.py --results_dir final_project/results/session5
+    python scripts/bench_gemv.py --rows 2 --configs tuned   # batch-2 decode, the engine's default config only
 """
 
 import argparse
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from fms.triton.gemv import gemv
+from fms.triton.gemv import BLOCKS, gemv
 from fms.bench.results import run_metadata
 
 
@@ -72,6 +73,9 @@ def main():
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--replays", type=int, default=50)
+    p.add_argument("--rows", type=int, default=1, help="input rows (1 to fms.triton.gemv.MAX_ROWS)")
+    p.add_argument("--configs", choices=("sweep", "tuned"), default="sweep",
+                   help="sweep block sizes, or time only the engine's default (fms.triton.gemv.BLOCKS)")
     p.add_argument("--results_dir", default=None)
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -80,21 +84,23 @@ def main():
     h, i_ = args.hidden, args.intermediate
     shapes = {"qkv": (args.qkv, h), "o": (h, h), "gate_up": (2 * i_, h), "down": (h, i_), "lm_head": (args.vocab, h)}
     configs = list(itertools.product((1, 2, 4, 8, 16), (128, 256, 512, 1024), (2, 4, 8), (2,)))
+    if args.configs == "tuned":
+        configs = [BLOCKS]
     rows, full = [], {}
     for name, (n, k) in shapes.items():
         copies = 1 if name == "lm_head" else args.layers
         weights = [torch.randn(n, k, device=dev, dtype=dt) / k ** 0.5 for _ in range(copies)]
-        x = torch.randn(1, k, device=dev, dtype=dt)
-        xx = torch.randn(1, 2 * k, device=dev, dtype=dt)
+        x = torch.randn(args.rows, k, device=dev, dtype=dt)
+        xx = torch.randn(args.rows, 2 * k, device=dev, dtype=dt)
         calls = args.layers
-        nbytes = n * k * 2
+        nbytes = n * k * 2  # the weight: the rows' inputs and outputs are noise beside it
         ref = F.linear(x, weights[0]).float()
         timings = {"cublas": graph_time_us(lambda j: F.linear(x, weights[j % copies]), calls, args.replays)}
         best_cfg, best_us, full[name] = sweep(
             configs, k, lambda cfg: graph_time_us(lambda j: gemv(x, weights[j % copies], blocks=cfg), calls,
                                                   args.replays))
         err = (gemv(x, weights[0], blocks=best_cfg).float() - ref).abs().max().item()
-        row = {"shape": name, "n": n, "k": k, "cublas_us": timings["cublas"],
+        row = {"shape": name, "rows": args.rows, "n": n, "k": k, "cublas_us": timings["cublas"],
                "cublas_tb_s": nbytes / timings["cublas"] / 1e6, "triton_best_cfg": best_cfg,
                "triton_us": best_us, "triton_tb_s": nbytes / best_us / 1e6, "triton_max_abs_err": err}
         if name == "down":
@@ -116,7 +122,8 @@ def main():
     if args.results_dir:
         os.makedirs(args.results_dir, exist_ok=True)
         out = {"metadata": run_metadata(" ".join(["python"] + sys.argv), dev), "rows": rows, "sweep_us": full}
-        with open(os.path.join(args.results_dir, "bench_gemv.json"), "w") as f:
+        with open(os.path.join(args.results_dir, "bench_gemv.json" if args.rows == 1
+                                                   else f"bench_gemv_rows{args.rows}.json"), "w") as f:
             json.dump(out, f, indent=1)
 
 

@@ -96,12 +96,11 @@ def test_cuda_graph_sizes_maps_onto_the_engine_config(capsys):
     import argparse
 
     from fms.entrypoints.engine_args import add_engine_arguments, engine_config
-    from fms.serving.config import DEFAULT_GRAPH_BATCH_SIZES
-
     parser = argparse.ArgumentParser()
     add_engine_arguments(parser)
     assert engine_config(parser.parse_args(["--cuda-graph-sizes", "8,2,4"])).graph_batch_sizes == (2, 4, 8)
-    assert engine_config(parser.parse_args([])).graph_batch_sizes == DEFAULT_GRAPH_BATCH_SIZES
+    # not given: the engine picks by device and compile setting (EngineConfig.for_device)
+    assert engine_config(parser.parse_args([])).graph_batch_sizes is None
     with pytest.raises(SystemExit):
         parser.parse_args(["--cuda-graph-sizes", "two"])
     assert "expected a comma list of batch sizes like 2,4,8, got 'two'" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""Linear layers that send a single CUDA row (batch-1 decode) through the GEMV kernel of fms.triton.gemv."""
+"""Linear layers that send one or two CUDA rows (decode at batch 1 and 2) through the GEMV kernel of fms.triton.gemv
+(any number of rows when compiled: the op picks the kernel or cuBLAS at run time)."""
 
 import torch
 import torch.nn.functional as F
@@ -14,8 +15,8 @@ def swiglu_down(gate_up: torch.Tensor, down: "Linear") -> torch.Tensor:
 
 
 class Linear(nn.Linear):
-    """nn.Linear that multiplies a single CUDA row with the GEMV kernel (batch-1 decode) unless its kernel
-    config says gemv=False (then always F.linear)."""
+    """nn.Linear that multiplies up to fms.triton.gemv.MAX_ROWS CUDA rows with the GEMV kernel (decode at batch 1
+    and 2) unless its kernel config says gemv=False (then always F.linear)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -26,13 +27,14 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernels.gemv and fits(x, self.weight):
-            return gemv(x, self.weight, self.bias).view(*x.shape[:-1], -1)
+            return gemv(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def forward_swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """self(silu(gate) * up) for gate_up = [gate | up] on the last dim; one fused kernel for one CUDA row
-        when the kernel config allows the GEMV kernel. A method so that a row-parallel layer adds its all-reduce."""
+        """self(silu(gate) * up) for gate_up = [gate | up] on the last dim; one fused kernel for up to MAX_ROWS
+        CUDA rows when the kernel config allows the GEMV kernel. A method so that a row-parallel layer adds its
+        all-reduce."""
         if self.kernels.gemv and fits(gate_up, self.weight):
-            return gemv(gate_up, self.weight, self.bias, silu_mul=True).view(*gate_up.shape[:-1], -1)
+            return gemv(gate_up, self.weight, self.bias, silu_mul=True)
         gate, up = gate_up.split(gate_up.shape[-1] // 2, dim=-1)
         return self(F.silu(gate) * up)

@@ -44,14 +44,14 @@ class RowParallelLinear(Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernels.gemv and fits(x, self.weight):
-            partial = gemv(x, self.weight, None).view(*x.shape[:-1], -1)
+            partial = gemv(x, self.weight, None)
         else:
             partial = F.linear(x, self.weight)
         return self._reduce(partial)
 
     def forward_swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
         if self.kernels.gemv and fits(gate_up, self.weight):
-            partial = gemv(gate_up, self.weight, None, silu_mul=True).view(*gate_up.shape[:-1], -1)
+            partial = gemv(gate_up, self.weight, None, silu_mul=True)
         else:
             gate, up = gate_up.split(gate_up.shape[-1] // 2, dim=-1)
             partial = F.linear(F.silu(gate) * up, self.weight)

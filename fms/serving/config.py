@@ -10,6 +10,10 @@ from typing import Sequence
 from fms.runtime.compiled import DEFAULT_COMPILE_SCOPE, check_compile_scope
 
 DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# With a compiled decode step, batch 1 runs in the batch-2 graph (one idle row): dynamo specializes a size-1 batch,
+# so its own graph costs a second compile of the step (6-11 s of a cold start on the H200, final_project section 11),
+# and the GEMV kernel takes two rows in one pass over the weights (fms.triton.gemv.MAX_ROWS).
+COMPILED_GRAPH_BATCH_SIZES = DEFAULT_GRAPH_BATCH_SIZES[1:]
 DEFAULT_MAX_MODEL_LEN = 4096  # caps the page-table width (and the decode kernel's split sizing)
 DEFAULT_MAX_DECODE_STEPS = 16
 
@@ -37,7 +41,8 @@ class EngineConfig:
     (defaults: 128 and 8192 on CUDA, 16 and 256 on CPU).
     max_model_len: longest prompt + output (default min(model context, 4096)).
     enable_prefix_caching: keep full pages of finished prompts for later requests that share them.
-    use_cuda_graphs: decode steps replay CUDA graphs, captured per batch size in graph_batch_sizes.
+    use_cuda_graphs: decode steps replay CUDA graphs, captured per batch size in graph_batch_sizes (default:
+    1, 2, 4, ..., 256; without the 1 when the decode step is compiled, COMPILED_GRAPH_BATCH_SIZES).
     max_decode_steps: when every running request is decoding and none could be admitted, up to this
     many decode steps run back to back on the device with one host synchronization (a decode window;
     1 = synchronize every token).
@@ -61,7 +66,7 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     use_cuda_graphs: bool | None = None
-    graph_batch_sizes: tuple[int, ...] = DEFAULT_GRAPH_BATCH_SIZES
+    graph_batch_sizes: tuple[int, ...] | None = None
     max_decode_steps: int = DEFAULT_MAX_DECODE_STEPS
     compile_decode: bool | None = None
     compile_prefill: bool | None = None
@@ -93,10 +98,11 @@ class EngineConfig:
             if value is not None and not isinstance(value, bool):
                 raise ValueError(f"{name} must be a bool or None (the device's default), got {value!r}")
         sizes = self.graph_batch_sizes
-        if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence) or not sizes \
-                or not all(_is_int(b) and b >= 1 for b in sizes):
-            raise ValueError(f"graph_batch_sizes must be a non-empty sequence of ints >= 1, got {sizes!r}")
-        object.__setattr__(self, "graph_batch_sizes", tuple(sorted(set(sizes))))
+        if sizes is not None:  # None: the default for the device and compile setting (for_device)
+            if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence) or not sizes \
+                    or not all(_is_int(b) and b >= 1 for b in sizes):
+                raise ValueError(f"graph_batch_sizes must be a non-empty sequence of ints >= 1, got {sizes!r}")
+            object.__setattr__(self, "graph_batch_sizes", tuple(sorted(set(sizes))))
 
     @classmethod
     def check_names(cls, options) -> None:
@@ -117,14 +123,18 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be in [1, {model_context}] (the model context), got {max_model_len}")
         if not is_cuda and self.memory_fraction is not None:
             raise ValueError("memory_fraction sizes the pool from free GPU memory; on CPU give num_pages or memory_gb")
+        compile_decode = is_cuda if self.compile_decode is None else self.compile_decode
+        graph_batch_sizes = self.graph_batch_sizes or (COMPILED_GRAPH_BATCH_SIZES if compile_decode and is_cuda
+                                                       else DEFAULT_GRAPH_BATCH_SIZES)
         return replace(
             self,
             max_model_len=max_model_len,
+            graph_batch_sizes=graph_batch_sizes,
             max_num_seqs=self.max_num_seqs or (128 if is_cuda else 16),
             # a large CUDA budget: fewer, larger prefill forwards amortize each forward's fixed host cost
             max_num_batched_tokens=self.max_num_batched_tokens or (8192 if is_cuda else 256),
             use_cuda_graphs=is_cuda if self.use_cuda_graphs is None else self.use_cuda_graphs,
-            compile_decode=is_cuda if self.compile_decode is None else self.compile_decode,
+            compile_decode=compile_decode,
             compile_prefill=is_cuda if self.compile_prefill is None else self.compile_prefill,
         )
 

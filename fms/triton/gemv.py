@@ -1,16 +1,21 @@
-"""Single-row projections (batch-1 decode) as a Triton GEMV kernel, optionally fused with SwiGLU.
+"""Few-row projections (decode at batch 1 and 2) as a Triton GEMV kernel, optionally fused with SwiGLU.
 
-At one token per step every projection is a matrix-vector product that reads its whole weight
+At one or two tokens per step every projection is a matrix-vector product that reads its whole weight
 once. On the H100, cuBLAS picks split-K kernels for the small matrices of a 1B model: they add a
 reduction launch and stay well under the copy bandwidth (`scripts/bench_gemv.py`). This kernel
-gives each program a few full output rows (no split-K) and can compute the SwiGLU product
-silu(gate) * up of its input chunk on the fly, which removes the MLP's activation kernel.
+gives each program a few full output rows (no split-K), multiplies each weight tile by every input row
+(up to MAX_ROWS) while it is loaded, and can compute the SwiGLU product silu(gate) * up of its input
+chunk on the fly, which removes the MLP's activation kernel.
 
-`fms.modules.linear.Linear` is an `nn.Linear` (same parameters, same checkpoint names) that takes this kernel for a
-single CUDA row and `F.linear` otherwise; `swiglu_down` does the same for the SwiGLU down
+`fms.modules.linear.Linear` is an `nn.Linear` (same parameters, same checkpoint names) that sends an input through
+`gemv` when `fits` says so, and through `F.linear` otherwise; `swiglu_down` does the same for the SwiGLU down
 projection. The torch expression each replaces is the reference (`gemv_reference`). Whether a layer
-uses the kernel at all is its own setting (`KernelConfig.gemv`, fms.modules.kernel_config); this
-module only says whether a row can go through it (`fits`).
+uses the kernel at all is its own setting (`KernelConfig.gemv`, fms.modules.kernel_config).
+
+Under torch.compile, `gemv` is the opaque op fms::gemv for any number of rows and decides at run time: the
+kernel for at most MAX_ROWS rows, cuBLAS (after a one-pass SwiGLU kernel where asked) for more. So a graph
+compiled with a symbolic batch size holds no guard on it, and the engine's batch-1 decode runs in the batch-2
+graph (one idle row) instead of a second compile of its own: dynamo specializes every size-1 dimension.
 """
 
 import torch
@@ -18,42 +23,61 @@ import torch.nn.functional as F
 
 from fms.triton.support import tl, triton
 
+# Input rows the kernel multiplies in one pass over the weight: batch-1 decode (padded to the engine's batch-2
+# graph when compiled) and batch-2 decode. More rows go to cuBLAS.
+MAX_ROWS = 2
+
 
 if triton is not None:
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, N, K, stride_w,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU_MUL: tl.constexpr,
+    def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_x, stride_w, stride_out,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU_MUL: tl.constexpr,
                      HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
+        ms = tl.arange(0, BLOCK_M)
+        m_ok = ms < M
         cols = tl.arange(0, BLOCK_K)
         w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_w + cols[None, :]
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        x_ptrs = x_ptr + ms[:, None].to(tl.int64) * stride_x + cols[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             col_ok = (k0 + cols) < K
-            if SILU_MUL:  # x holds [gate | up], each K long
-                gate = tl.load(x_ptr + k0 + cols, mask=col_ok, other=0.0).to(tl.float32)
-                up = tl.load(x_ptr + K + k0 + cols, mask=col_ok, other=0.0).to(tl.float32)
+            x_ok = m_ok[:, None] & col_ok[None, :]
+            if SILU_MUL:  # each x row holds [gate | up], each K long
+                gate = tl.load(x_ptrs + k0, mask=x_ok, other=0.0).to(tl.float32)
+                up = tl.load(x_ptrs + K + k0, mask=x_ok, other=0.0).to(tl.float32)
                 # one rounding to the activation dtype, as the fused elementwise kernel it replaces
                 xv = (gate * tl.sigmoid(gate) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
             else:
-                xv = tl.load(x_ptr + k0 + cols, mask=col_ok, other=0.0).to(tl.float32)
+                xv = tl.load(x_ptrs + k0, mask=x_ok, other=0.0).to(tl.float32)
             if EVEN_K:
                 w = tl.load(w_ptrs, mask=row_ok[:, None], other=0.0, eviction_policy="evict_first")
             else:
                 w = tl.load(w_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0,
                             eviction_policy="evict_first")
-            acc += w.to(tl.float32) * xv[None, :]
+            acc += w.to(tl.float32)[None, :, :] * xv[:, None, :]
             w_ptrs += BLOCK_K
-        y = tl.sum(acc, axis=1)
+        y = tl.sum(acc, axis=2)  # (BLOCK_M, BLOCK_N)
         if HAS_BIAS:
-            y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
+            y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+        out_ptrs = out_ptr + ms[:, None].to(tl.int64) * stride_out + rows[None, :]
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & row_ok[None, :])
+
+    @triton.jit
+    def _silu_mul_kernel(x_ptr, out_ptr, total, K, stride_x, BLOCK: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < total
+        row = i // K
+        col = i % K
+        gate = tl.load(x_ptr + row * stride_x + col, mask=ok, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + row * stride_x + K + col, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + i, (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty), mask=ok)
 
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): the best total over the sweep of scripts/bench_gemv.py
 # on the H100 for every Llama-3.2-1B projection, the LM head and the fused SwiGLU down projection
-# (final_project/results/session5/bench_gemv.json); BLOCK_K shrinks to fit a smaller K
+# (final_project/results/session5/bench_gemv.json, one row); BLOCK_K shrinks to fit a smaller K
 BLOCKS = (2, 1024, 4, 2)
 
 
@@ -68,48 +92,78 @@ def gemv_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 def fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether x is one CUDA row that the kernel can multiply by weight (N, K), for inference (the
-    kernel has no backward; with gradients on, F.linear runs)."""
-    return (triton is not None and x.is_cuda and x.numel() == x.shape[-1] and x.dtype == weight.dtype
+    """Whether `gemv(x, weight)` should compute x @ weight.T: x is CUDA, of the weight's dtype, for inference (the
+    kernel has no backward; with gradients on, F.linear runs), and it has at most MAX_ROWS rows, or it is being
+    compiled (the op then picks the kernel or cuBLAS at run time, so that no graph depends on the row count)."""
+    return (triton is not None and x.is_cuda and x.dtype == weight.dtype
             and weight.dim() == 2 and weight.stride(1) == 1
-            and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)))
+            and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
+            and (torch.compiler.is_compiling() or x.numel() <= MAX_ROWS * x.shape[-1]))
+
+
+def silu_mul_rows(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for rows x = [gate | up] (2D, last dim contiguous), computed in fp32 and rounded once: one
+    Triton kernel, as inductor fuses the same expression."""
+    m, width = x.shape
+    k = width // 2
+    out = torch.empty(m, k, device=x.device, dtype=x.dtype)
+    if out.numel():
+        block = 1024
+        _silu_mul_kernel[(triton.cdiv(m * k, block),)](x, out, m * k, k, x.stride(0), BLOCK=block)
+    return out
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool,
             blocks=None) -> torch.Tensor:
+    """The kernel on x (M <= MAX_ROWS rows of K, or of 2K = [gate | up] with silu_mul) -> (M, N)."""
     n, k = weight.shape
     width = 2 * k if silu_mul else k
-    if x.numel() != width:
-        raise ValueError(f"gemv needs one row of {width} values for a weight of shape {tuple(weight.shape)}"
-                         f"{' (silu_mul: [gate | up])' if silu_mul else ''}, got x of shape {tuple(x.shape)}")
+    if x.dim() != 2 or x.shape[1] != width or not 1 <= x.shape[0] <= MAX_ROWS:
+        raise ValueError(f"gemv needs 1 to {MAX_ROWS} rows of {width} values for a weight of shape "
+                         f"{tuple(weight.shape)}{' (silu_mul: [gate | up])' if silu_mul else ''}, "
+                         f"got x of shape {tuple(x.shape)}")
+    m = x.shape[0]
     block_n, block_k, warps, stages = blocks or BLOCKS
     block_k = min(block_k, triton.next_power_of_2(k))
     x = x.contiguous()
-    out = torch.empty(1, n, device=x.device, dtype=weight.dtype)
+    out = torch.empty(m, n, device=x.device, dtype=weight.dtype)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0), BLOCK_N=block_n,
-        BLOCK_K=block_k, SILU_MUL=silu_mul, HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0,
-        num_warps=warps, num_stages=stages)
+        x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
+        BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k, SILU_MUL=silu_mul,
+        HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, num_warps=warps, num_stages=stages)
     return out
+
+
+def _rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool,
+                 blocks=None) -> torch.Tensor:
+    """x (..., K or 2K) -> (..., N): the kernel for at most MAX_ROWS rows, else cuBLAS (after silu_mul_rows)."""
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, x.shape[-1])
+    if 1 <= rows.shape[0] <= MAX_ROWS:
+        out = _launch(rows, weight, bias, silu_mul, blocks)
+    else:
+        out = F.linear(silu_mul_rows(rows.contiguous()) if silu_mul else rows, weight, bias)
+    return out.view(*lead, weight.shape[0])
 
 
 @torch.library.custom_op("fms::gemv", mutates_args=())
 def _gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool) -> torch.Tensor:
-    return _launch(x, weight, bias, silu_mul)
+    return _rows_linear(x, weight, bias, silu_mul)
 
 
 @_gemv_op.register_fake
 def _(x, weight, bias, silu_mul):
-    return weight.new_empty(1, weight.shape[0])
+    return weight.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, silu_mul: bool = False,
          blocks=None) -> torch.Tensor:
-    """One row x @ weight.T (+ bias) -> (1, N) with the Triton kernel; x = [gate | up] with silu_mul.
+    """x @ weight.T (+ bias) over x's last dim -> (..., N), with x = [gate | up] and silu(gate) * up taken first
+    when silu_mul: the Triton kernel for at most MAX_ROWS rows, cuBLAS for more.
 
     blocks: (BLOCK_N, BLOCK_K, num_warps, num_stages), for benchmarks; the tuned default otherwise.
-    Under torch.compile it is the opaque op fms::gemv; eagerly it launches the kernel directly.
+    Under torch.compile it is the opaque op fms::gemv, which picks at run time; eagerly the same choice in Python.
     """
     if torch.compiler.is_compiling():
         return _gemv_op(x, weight, bias, silu_mul)
-    return _launch(x, weight, bias, silu_mul, blocks)
+    return _rows_linear(x, weight, bias, silu_mul, blocks)

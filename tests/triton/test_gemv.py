@@ -1,4 +1,4 @@
-"""The batch-1 GEMV kernel (fms.triton.gemv) against torch.
+"""The few-row GEMV kernel (fms.triton.gemv: decode at batch 1 and 2) against torch.
 
 On CPU the kernel runs in Triton's interpreter with small block sizes; on CUDA with the tuned ones.
 The reference is a float64 matmul of the same inputs (not F.linear, which is the layers' own
@@ -38,10 +38,10 @@ def _reference64(x, w, b=None, silu_mul=False):
     return out if b is None else out + b.double()
 
 
-def _inputs(n, k, dtype, silu_mul=False, bias=False, seed=0):
+def _inputs(n, k, dtype, silu_mul=False, bias=False, seed=0, rows=1):
     g = torch.Generator().manual_seed(seed)
     w = (torch.randn(n, k, generator=g) / k ** 0.5).to(DEVICE, dtype)
-    x = torch.randn(1, 2 * k if silu_mul else k, generator=g).to(DEVICE, dtype)
+    x = torch.randn(rows, 2 * k if silu_mul else k, generator=g).to(DEVICE, dtype)
     b = torch.randn(n, generator=g).to(DEVICE, dtype) if bias else None
     return x, w, b
 
@@ -49,10 +49,11 @@ def _inputs(n, k, dtype, silu_mul=False, bias=False, seed=0):
 @pytest.mark.parametrize("n,k", [(24, 64), (13, 96), (5, 40), (64, 200)])  # N, K not multiples of the blocks
 @pytest.mark.parametrize("silu_mul", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
-def test_kernel_matches_torch_fp32(kernel, n, k, silu_mul, bias):
-    x, w, b = _inputs(n, k, torch.float32, silu_mul, bias)
+@pytest.mark.parametrize("rows", [1, 2])
+def test_kernel_matches_torch_fp32(kernel, n, k, silu_mul, bias, rows):
+    x, w, b = _inputs(n, k, torch.float32, silu_mul, bias, rows=rows)
     out = kernel(x, w, b, silu_mul)
-    assert out.shape == (1, n) and out.dtype == torch.float32
+    assert out.shape == (rows, n) and out.dtype == torch.float32
     ref = _reference64(x, w, b, silu_mul)
     torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
     # the torch fallback's definition of the same product
@@ -60,9 +61,10 @@ def test_kernel_matches_torch_fp32(kernel, n, k, silu_mul, bias):
 
 
 @pytest.mark.parametrize("silu_mul", [False, True])
-def test_kernel_bf16_rounds_once(kernel, silu_mul):
+@pytest.mark.parametrize("rows", [1, 2])
+def test_kernel_bf16_rounds_once(kernel, silu_mul, rows):
     n, k = 48, 128
-    x, w, b = _inputs(n, k, torch.bfloat16, silu_mul, bias=True, seed=1)
+    x, w, b = _inputs(n, k, torch.bfloat16, silu_mul, bias=True, seed=1, rows=rows)
     out = kernel(x, w, b, silu_mul).float()
     if silu_mul:  # the kernel rounds silu(gate) * up once to bf16, then accumulates in fp32
         gate, up = x.float().split(k, dim=-1)
@@ -74,20 +76,36 @@ def test_kernel_bf16_rounds_once(kernel, silu_mul):
     assert (out - ref).abs().max() <= 2 * ulp
 
 
-def test_kernel_rejects_wrong_width(kernel):
+def test_kernel_rejects_wrong_width_and_too_many_rows(kernel):
     x, w, _ = _inputs(8, 64, torch.float32)
-    with pytest.raises(ValueError, match="one row of 128 values"):
+    with pytest.raises(ValueError, match="1 to 2 rows of 128 values"):
         kernel(x, w, None, True)  # silu_mul needs [gate | up], twice K
+    with pytest.raises(ValueError, match=r"1 to 2 rows of 64 values .* got x of shape \(3, 64\)"):
+        kernel(torch.randn(3, 64, device=DEVICE), w, None, False)
 
 
-def test_fits_only_single_cuda_rows():
+def test_silu_mul_kernel_is_the_fused_expression_rounded_once():
+    """The one-pass SwiGLU kernel the compiled op runs before cuBLAS for more than MAX_ROWS rows."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 2 * 40, generator=g).to(DEVICE, torch.bfloat16)
+    gate, up = x.float().split(40, dim=-1)
+    ref = (gate * torch.sigmoid(gate) * up).to(torch.bfloat16)
+    out = gemv_mod.silu_mul_rows(x)
+    assert out.shape == (5, 40) and out.dtype == torch.bfloat16
+    assert torch.equal(out, ref) or (out.float() - ref.float()).abs().max() <= 2 ** -7 * ref.float().abs().max()
+    assert gemv_mod.silu_mul_rows(x[:0]).shape == (0, 40)
+
+
+def test_fits_up_to_two_cuda_rows():
     w = torch.randn(16, 32)
+    assert gemv_mod.MAX_ROWS == 2
     assert not fits(torch.randn(2, 32), w)
     assert not fits(torch.randn(1, 1, 32).double(), w)
     if CUDA:
         wc = w.cuda()
         assert fits(torch.randn(1, 1, 32, device="cuda"), wc)
-        assert not fits(torch.randn(2, 1, 32, device="cuda"), wc)
+        assert fits(torch.randn(2, 1, 32, device="cuda"), wc)
+        assert not fits(torch.randn(3, 1, 32, device="cuda"), wc)
         assert not fits(torch.randn(1, 32, device="cuda").half(), wc)  # dtype mismatch: F.linear decides
         with torch.enable_grad():  # the kernel has no backward
             assert not fits(torch.randn(1, 32, device="cuda"), wc.requires_grad_())
@@ -99,8 +117,8 @@ def test_fits_only_single_cuda_rows():
 def kernel_launches(monkeypatch):
     """Linear and swiglu_down on the path that launches the kernel; returns the list of launches.
 
-    On CUDA the layers' own fits() picks the kernel for a single row. On CPU fits() keeps every row
-    on F.linear, so a single row of the weight's dtype is let through to the kernel in Triton's
+    On CUDA the layers' own fits() picks the kernel for up to MAX_ROWS rows. On CPU fits() keeps every row
+    on F.linear, so up to MAX_ROWS rows of the weight's dtype are let through to the kernel in Triton's
     interpreter (small blocks) instead; rows that do not fit still take F.linear.
     """
     from fms.modules import linear as linear_mod
@@ -109,11 +127,12 @@ def kernel_launches(monkeypatch):
 
     def launch(x, w, b=None, silu_mul=False):
         launches.append(silu_mul)
-        return gemv_mod._launch(x, w, b, silu_mul, None if CUDA else SMALL_BLOCKS)
+        return gemv_mod.gemv(x, w, b, silu_mul, None if CUDA else SMALL_BLOCKS)
 
     monkeypatch.setattr(linear_mod, "gemv", launch)
     if not CUDA:
-        monkeypatch.setattr(linear_mod, "fits", lambda x, w: x.numel() == x.shape[-1] and x.dtype == w.dtype)
+        monkeypatch.setattr(linear_mod, "fits", lambda x, w: x.numel() <= gemv_mod.MAX_ROWS * x.shape[-1]
+                            and x.dtype == w.dtype)
     return launches
 
 
@@ -128,9 +147,12 @@ def test_linear_single_row_goes_through_the_kernel(kernel_launches, bias):
     assert kernel_launches == [False] and out.shape == (1, 1, 40)
     torch.testing.assert_close(out.double(), _reference64(x.view(1, -1), lin.weight, lin.bias).view(1, 1, 40),
                                atol=1e-4, rtol=1e-4)
-    rows = torch.randn(3, 5, 96, device=DEVICE)  # not one row: F.linear
+    two = torch.randn(2, 1, 96, device=DEVICE)  # two rows (batch-2 decode): the kernel too
+    torch.testing.assert_close(lin(two).double(), _reference64(two, lin.weight, lin.bias), atol=1e-4, rtol=1e-4)
+    assert kernel_launches == [False, False]
+    rows = torch.randn(3, 5, 96, device=DEVICE)  # more rows: F.linear
     torch.testing.assert_close(lin(rows).double(), _reference64(rows, lin.weight, lin.bias), atol=1e-4, rtol=1e-4)
-    assert kernel_launches == [False]
+    assert kernel_launches == [False, False]
 
 
 @torch.no_grad()
@@ -168,6 +190,34 @@ def test_gemv_off_keeps_single_rows_on_f_linear_with_the_same_outputs(kernel_lau
         lin.set_kernels(False)
 
 
+@torch.no_grad()
+def test_compiled_op_serves_every_row_count_from_one_graph(monkeypatch):
+    """Under torch.compile, gemv is the opaque op fms::gemv and picks the kernel or cuBLAS at run time: one graph
+    with a symbolic batch serves 2, 3 and 6 rows (the engine's decode buckets) with no recompile, and each
+    matches torch (kernel for 2 rows, the SwiGLU kernel then F.linear for more)."""
+    from torch._dynamo.testing import CompileCounter
+
+    if not CUDA:
+        monkeypatch.setattr(gemv_mod, "BLOCKS", SMALL_BLOCKS)  # interpreter speed
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    lin_w, down_w = _inputs(24, 64, torch.float32, seed=4)[1], _inputs(16, 32, torch.float32, seed=5)[1]
+
+    def step(x, h):
+        return gemv_mod.gemv(x, lin_w), gemv_mod.gemv(h, down_w, silu_mul=True)
+
+    compiled = torch.compile(step, backend=counter, dynamic=True, fullgraph=True)
+    for batch in (2, 3, 6):
+        x = torch.randn(batch, 1, 64, device=DEVICE)
+        h = torch.randn(batch, 1, 64, device=DEVICE)
+        out, down = compiled(x, h)
+        assert out.shape == (batch, 1, 24) and down.shape == (batch, 1, 16)
+        torch.testing.assert_close(out.double(), _reference64(x, lin_w), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(down.double(), _reference64(h, down_w, silu_mul=True), atol=1e-4, rtol=1e-4)
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="the compiled kernel, torch.compile and CUDA graphs need a CUDA GPU")
 @torch.no_grad()
@@ -195,3 +245,22 @@ def test_gpu_linear_and_swiglu_compiled_and_graphed():
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.testing.assert_close(out[0].float(), F.linear(x.float(), lin.weight.float()), atol=2e-2, rtol=2e-2)
+
+    # a symbolic batch, as the engine compiles its decode step: Linear hands every row count to the op, which
+    # picks the kernel (2 rows) or cuBLAS (3, 8) at run time; one graph for all, no recompile
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+    dynamic = torch.compile(f, backend=counter, dynamic=True, fullgraph=True)
+    for batch in (2, 3, 8):
+        xb = torch.randn(batch, 1, 2048, device="cuda", dtype=torch.bfloat16)
+        hb = torch.randn(batch, 1, 16384, device="cuda", dtype=torch.bfloat16)
+        gate, up = hb.split(8192, dim=-1)
+        ref = (F.linear(xb.float(), lin.weight.float()),
+               F.linear((F.silu(gate.float()) * up.float()).to(torch.bfloat16).float(), down.weight.float()))
+        for a, r in zip(dynamic(xb, hb), ref):
+            assert a.shape == r.shape
+            torch.testing.assert_close(a.float(), r, atol=2e-2, rtol=2e-2)
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
