@@ -30,39 +30,49 @@ MAX_ROWS = 2
 
 if triton is not None:
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_x, stride_w, stride_out,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU_MUL: tl.constexpr,
+    def _load_x(x_ptrs, col_ok, K, SILU_MUL: tl.constexpr):
+        """One input row's chunk in fp32; silu(gate) * up rounded once to the activation dtype for [gate | up]
+        rows, as the fused elementwise kernel it replaces."""
+        if SILU_MUL:
+            gate = tl.load(x_ptrs, mask=col_ok, other=0.0).to(tl.float32)
+            up = tl.load(x_ptrs + K, mask=col_ok, other=0.0).to(tl.float32)
+            return (gate * tl.sigmoid(gate) * up).to(x_ptrs.dtype.element_ty).to(tl.float32)
+        return tl.load(x_ptrs, mask=col_ok, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, N, K, stride_x, stride_w, stride_out,
+                     TWO_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU_MUL: tl.constexpr,
                      HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr):
+        # one (BLOCK_N, BLOCK_K) fp32 accumulator per input row: the second row costs registers and FMAs, not
+        # another pass over the weight
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
-        ms = tl.arange(0, BLOCK_M)
-        m_ok = ms < M
         cols = tl.arange(0, BLOCK_K)
         w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_w + cols[None, :]
-        x_ptrs = x_ptr + ms[:, None].to(tl.int64) * stride_x + cols[None, :]
-        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc0 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             col_ok = (k0 + cols) < K
-            x_ok = m_ok[:, None] & col_ok[None, :]
-            if SILU_MUL:  # each x row holds [gate | up], each K long
-                gate = tl.load(x_ptrs + k0, mask=x_ok, other=0.0).to(tl.float32)
-                up = tl.load(x_ptrs + K + k0, mask=x_ok, other=0.0).to(tl.float32)
-                # one rounding to the activation dtype, as the fused elementwise kernel it replaces
-                xv = (gate * tl.sigmoid(gate) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
-            else:
-                xv = tl.load(x_ptrs + k0, mask=x_ok, other=0.0).to(tl.float32)
             if EVEN_K:
                 w = tl.load(w_ptrs, mask=row_ok[:, None], other=0.0, eviction_policy="evict_first")
             else:
                 w = tl.load(w_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0,
                             eviction_policy="evict_first")
-            acc += w.to(tl.float32)[None, :, :] * xv[:, None, :]
+            w = w.to(tl.float32)
+            acc0 += w * _load_x(x_ptr + k0 + cols, col_ok, K, SILU_MUL)[None, :]
+            if TWO_ROWS:
+                acc1 += w * _load_x(x_ptr + stride_x + k0 + cols, col_ok, K, SILU_MUL)[None, :]
             w_ptrs += BLOCK_K
-        y = tl.sum(acc, axis=2)  # (BLOCK_M, BLOCK_N)
+        y = tl.sum(acc0, axis=1)
         if HAS_BIAS:
-            y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
-        out_ptrs = out_ptr + ms[:, None].to(tl.int64) * stride_out + rows[None, :]
-        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & row_ok[None, :])
+            bias = tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+            y += bias
+        tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
+        if TWO_ROWS:
+            y1 = tl.sum(acc1, axis=1)
+            if HAS_BIAS:
+                y1 += bias
+            tl.store(out_ptr + stride_out + rows, y1.to(out_ptr.dtype.element_ty), mask=row_ok)
 
     @triton.jit
     def _silu_mul_kernel(x_ptr, out_ptr, total, K, stride_x, BLOCK: tl.constexpr):
@@ -128,8 +138,8 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, si
     x = x.contiguous()
     out = torch.empty(m, n, device=x.device, dtype=weight.dtype)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k, SILU_MUL=silu_mul,
+        x, weight, bias if bias is not None else weight, out, n, k, x.stride(0), weight.stride(0), out.stride(0),
+        TWO_ROWS=m == 2, BLOCK_N=block_n, BLOCK_K=block_k, SILU_MUL=silu_mul,
         HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, num_warps=warps, num_stages=stages)
     return out
 

@@ -5,6 +5,9 @@
 #   part a: CUDA tests; GEMV timing at 1 and 2 rows; cold start-ups of Granite-4.0-H-1B (twice) and the 8B on main
 #   part b: 1B serving + batch-1, main / b6ed921 / main, one process each, in one call
 #   part c: issue 18's server vs offline on main, without and with compile
+#   part d (after b showed the 3-D two-row kernel slow: batch-1 612-622 against 899 tok/s): the kernel with two 2-D
+#     accumulators; GEMV timing; 1B serving on main, main with FMS_GEMV=0 (cuBLAS at every row count), b6ed921;
+#     then part c
 # Each part fits one call (limit 600 s); calls made back to back find the machine warm.
 set -u
 if [ "${1:-}" = build ]; then
@@ -38,6 +41,16 @@ case $PART in
       --output "$OUT/server_vs_offline.json"
     step server_vs_offline_compiled 170 python3 scripts/bench_server_vs_offline.py --repeats 3 --server-timeout 120 \
       --output "$OUT/server_vs_offline_compiled.json"
+    ;;
+  d)  # ~450 s
+    step gemv_rows1 60 python3 scripts/bench_gemv.py --configs tuned --results_dir "$OUT"
+    step gemv_rows2 60 python3 scripts/bench_gemv.py --configs tuned --rows 2 --results_dir "$OUT"
+    step serving_1b_gpu 110 python3 scripts/benchmark_serving.py --variant 3.2-1b $WORKLOAD --results_dir "$OUT/serving_1b_gpu"
+    FMS_GEMV=0 step serving_1b_cublas 110 python3 scripts/benchmark_serving.py --variant 3.2-1b $WORKLOAD \
+      --results_dir "$OUT/serving_1b_cublas"
+    TREE=.wO step serving_1b_wO 110 python3 scripts/benchmark_serving.py --variant 3.2-1b $WORKLOAD \
+      --results_dir "$OUT/serving_1b_wO"
+    bash "$0" "$OUT" c
     ;;
   *) echo "unknown part $PART"; exit 2 ;;
 esac
