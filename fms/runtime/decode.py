@@ -198,6 +198,8 @@ class DecodeWindowRunner:
     def _idle_layout(self, bs: int):
         return self.cache.window_layout(self.cache.idle_window_rows(0, bs), bs)
 
+    @torch.no_grad()  # as every step that runs it: a compile traced with gradients on recompiles at the first
+    # step without (dynamo guards grad mode; the 8B's prefill warm-up recompiled both layer halves that way)
     def _capture(self, bs: int, mode: str, layout) -> None:
         """Capture the step for (bs, mode, layout); the buffers' rows 0..bs are left idle."""
         start = time.perf_counter()

@@ -7,6 +7,7 @@
 #   part c: issue 18's server vs offline on main, without and with compile
 #   part d (after b showed the 3-D two-row kernel slow: batch-1 612-622 against 899 tok/s): the kernel with two 2-D
 #     accumulators; GEMV timing; 1B serving on main, main with FMS_GEMV=0 (cuBLAS at every row count), b6ed921;
+#     cold start-ups of the 8B and Granite-4.0-H-1B (decode capture now under no_grad, as the prefill warm-up);
 #     then part c
 # Each part fits one call (limit 600 s); calls made back to back find the machine warm.
 set -u
@@ -50,6 +51,10 @@ case $PART in
       --results_dir "$OUT/serving_1b_cublas"
     TREE=.wO step serving_1b_wO 110 python3 scripts/benchmark_serving.py --variant 3.2-1b $WORKLOAD \
       --results_dir "$OUT/serving_1b_wO"
+    step startup_8b 90 python3 scripts/bench_startup.py --models llama:3.1-8b --runs cold --timeout 80 \
+      --output "$OUT/startup_8b.json"
+    step startup_gh 100 python3 scripts/bench_startup.py --models granite_hybrid:4.0-h-1b --runs cold --timeout 90 \
+      --output "$OUT/startup_gh.json"
     bash "$0" "$OUT" c
     ;;
   *) echo "unknown part $PART"; exit 2 ;;
