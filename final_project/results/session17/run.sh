@@ -9,6 +9,7 @@
 #     accumulators; GEMV timing; 1B serving on main, main with FMS_GEMV=0 (cuBLAS at every row count), b6ed921;
 #     cold start-ups of the 8B and Granite-4.0-H-1B (decode capture now under no_grad, as the prefill warm-up);
 #     then part c
+#   part f: two-row GEMV timing and 1B serving + batch-1 on main only
 #   part e: part d cut down (two-row GEMV timing, 1B serving main / b6ed921, Granite-4.0-H start-up)
 # Each part fits one call (limit 600 s); calls made back to back find the machine warm.
 set -u
@@ -65,6 +66,10 @@ case $PART in
       --results_dir "$OUT/serving_1b_wO"
     step startup_gh 100 python3 scripts/bench_startup.py --models granite_hybrid:4.0-h-1b --runs cold --timeout 90 \
       --output "$OUT/startup_gh.json"
+    ;;
+  f)  # ~90 s: the two-row kernel's timing and main's batch-1, nothing else
+    step gemv_rows2 60 python3 scripts/bench_gemv.py --configs tuned --rows 2 --results_dir "$OUT"
+    step serving_1b_gpu 110 python3 scripts/benchmark_serving.py --variant 3.2-1b $WORKLOAD --results_dir "$OUT/serving_1b_gpu"
     ;;
   *) echo "unknown part $PART"; exit 2 ;;
 esac
