@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from fms.triton.gemv import BLOCKS, gemv
+from fms.triton.gemv import BLOCKS, MAX_ROWS, gemv
 from fms.bench.results import run_metadata
 
 
@@ -78,6 +78,8 @@ def main():
                    help="sweep block sizes, or time only the engine's default (fms.triton.gemv.BLOCKS)")
     p.add_argument("--results_dir", default=None)
     args = p.parse_args()
+    if not 1 <= args.rows <= MAX_ROWS:  # more rows would time cuBLAS under the kernel's name (gemv hands them on)
+        p.error(f"--rows must be in [1, {MAX_ROWS}] (the rows the GEMV kernel takes), got {args.rows}")
     if not torch.cuda.is_available():
         sys.exit("bench_gemv.py times GPU kernels; no CUDA device here")
     dev, dt = torch.device("cuda"), torch.bfloat16

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from fms.triton.support import tl, triton
 
 # Input rows the kernel multiplies in one pass over the weight: batch-1 decode (padded to the engine's batch-2
-# graph when compiled) and batch-2 decode. More rows go to cuBLAS.
+# graph when compiled) and batch-2 decode. More rows go to cuBLAS. The kernel holds one accumulator per row, two
+# of them (TWO_ROWS), so this cannot grow without the kernel.
 MAX_ROWS = 2
 
 
