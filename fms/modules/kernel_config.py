@@ -13,45 +13,56 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from fms.triton.gemv import MAX_ROWS
+
 # "auto": our Triton kernel on CUDA, else the reference; "triton": our grouped SSD kernel (CUDA, or Triton's
 # interpreter); "fla": flash-linear-attention's scalar-decay GLA kernel (CUDA only); "reference": the chunked
 # PyTorch scan; "recurrent": token by token (a second reference, slow)
 SSD_SCAN_NAMES = ("auto", "triton", "fla", "reference", "recurrent")
 
-# FMS_GEMV is read only by KernelConfig.from_env (get_model without kernels=): shell A/B runs stay reproducible
+# FMS_GEMV is read only by KernelConfig.from_env (get_model without kernels=): shell A/B runs stay reproducible.
+# Its value is the most rows the kernel takes: "0" none (F.linear everywhere), "1" batch-1 rows only (a batch-1
+# decode padded to the compiled engine's batch-2 graph then runs cuBLAS), "2" (or unset) one or two rows.
 GEMV_ENV = "FMS_GEMV"
-_GEMV_ENV_VALUES = {"0": False, "1": True}
+_GEMV_ENV_VALUES = {str(n): n for n in range(MAX_ROWS + 1)}
 
 
 @dataclass(frozen=True)
 class KernelConfig:
     """Kernel choices of one model.
 
-    gemv: a single CUDA row (batch-1 decode) goes through the Triton GEMV kernel (fms.triton.gemv) in every
-        projection; False keeps every projection on F.linear (cuBLAS).
+    gemv: up to gemv_rows CUDA rows (decode at batch 1 and 2) go through the Triton GEMV kernel (fms.triton.gemv)
+        in every projection; False keeps every projection on F.linear (cuBLAS).
+    gemv_rows: the most rows the kernel takes, 1 to fms.triton.gemv.MAX_ROWS; more go to cuBLAS.
     ssd_scan: the Mamba2 prefill scan, one of SSD_SCAN_NAMES (models without Mamba layers ignore it).
     """
 
     gemv: bool = True
     ssd_scan: str = "auto"
+    gemv_rows: int = MAX_ROWS
 
     def __post_init__(self) -> None:
         if not isinstance(self.gemv, bool):
             raise ValueError(f"KernelConfig.gemv must be True or False, got {self.gemv!r}")
+        if isinstance(self.gemv_rows, bool) or not isinstance(self.gemv_rows, int) \
+                or not 1 <= self.gemv_rows <= MAX_ROWS:
+            raise ValueError(f"KernelConfig.gemv_rows must be an int from 1 to {MAX_ROWS}, got {self.gemv_rows!r}")
         if self.ssd_scan not in SSD_SCAN_NAMES:
             raise ValueError(f"KernelConfig.ssd_scan must be one of {', '.join(SSD_SCAN_NAMES)}; "
                              f"got {self.ssd_scan!r}")
 
     @classmethod
     def from_env(cls) -> "KernelConfig":
-        """The default config, with gemv from FMS_GEMV ("0" off, "1" on; unset or empty: on)."""
+        """The default config, with the GEMV kernel's rows from FMS_GEMV ("0": off; "1": one row; "2", unset or
+        empty: one or two rows)."""
         value = os.environ.get(GEMV_ENV, "")
         if value == "":
             return cls()
         if value not in _GEMV_ENV_VALUES:
             raise ValueError(f"environment variable {GEMV_ENV}={value!r}; allowed: '0' (F.linear everywhere), "
-                             f"'1' or unset (the GEMV kernel for single CUDA rows)")
-        return cls(gemv=_GEMV_ENV_VALUES[value])
+                             f"'1' (the GEMV kernel for single CUDA rows), '2' or unset (for one or two rows)")
+        rows = _GEMV_ENV_VALUES[value]
+        return cls(gemv=False) if rows == 0 else cls(gemv_rows=rows)
 
 
 def check_kernel_config(kernels) -> "KernelConfig":

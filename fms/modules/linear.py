@@ -26,15 +26,15 @@ class Linear(nn.Linear):
         self.kernels = check_kernel_config(kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernels.gemv and fits(x, self.weight):
-            return gemv(x, self.weight, self.bias)
+        if self.kernels.gemv and fits(x, self.weight, self.kernels.gemv_rows):
+            return gemv(x, self.weight, self.bias, max_rows=self.kernels.gemv_rows)
         return F.linear(x, self.weight, self.bias)
 
     def forward_swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
         """self(silu(gate) * up) for gate_up = [gate | up] on the last dim; one fused kernel for up to MAX_ROWS
         CUDA rows when the kernel config allows the GEMV kernel. A method so that a row-parallel layer adds its
         all-reduce."""
-        if self.kernels.gemv and fits(gate_up, self.weight):
-            return gemv(gate_up, self.weight, self.bias, silu_mul=True)
+        if self.kernels.gemv and fits(gate_up, self.weight, self.kernels.gemv_rows):
+            return gemv(gate_up, self.weight, self.bias, silu_mul=True, max_rows=self.kernels.gemv_rows)
         gate, up = gate_up.split(gate_up.shape[-1] // 2, dim=-1)
         return self(F.silu(gate) * up)

@@ -43,15 +43,15 @@ class RowParallelLinear(Linear):
         set_shards(self, weight=TensorShard((out_features, in_features), 1, (tuple(in_range),)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernels.gemv and fits(x, self.weight):
-            partial = gemv(x, self.weight, None)
+        if self.kernels.gemv and fits(x, self.weight, self.kernels.gemv_rows):
+            partial = gemv(x, self.weight, None, max_rows=self.kernels.gemv_rows)
         else:
             partial = F.linear(x, self.weight)
         return self._reduce(partial)
 
     def forward_swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
-        if self.kernels.gemv and fits(gate_up, self.weight):
-            partial = gemv(gate_up, self.weight, None, silu_mul=True)
+        if self.kernels.gemv and fits(gate_up, self.weight, self.kernels.gemv_rows):
+            partial = gemv(gate_up, self.weight, None, silu_mul=True, max_rows=self.kernels.gemv_rows)
         else:
             gate, up = gate_up.split(gate_up.shape[-1] // 2, dim=-1)
             partial = F.linear(F.silu(gate) * up, self.weight)

@@ -102,14 +102,15 @@ def gemv_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return F.linear(x, weight, bias)
 
 
-def fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `gemv(x, weight)` should compute x @ weight.T: x is CUDA, of the weight's dtype, for inference (the
-    kernel has no backward; with gradients on, F.linear runs), and it has at most MAX_ROWS rows, or it is being
-    compiled (the op then picks the kernel or cuBLAS at run time, so that no graph depends on the row count)."""
+def fits(x: torch.Tensor, weight: torch.Tensor, max_rows: int = MAX_ROWS) -> bool:
+    """Whether `gemv(x, weight, max_rows=max_rows)` should compute x @ weight.T: x is CUDA, of the weight's dtype,
+    for inference (the kernel has no backward; with gradients on, F.linear runs), and it has at most max_rows rows,
+    or it is being compiled (the op then picks the kernel or cuBLAS at run time, so that no graph depends on the row
+    count)."""
     return (triton is not None and x.is_cuda and x.dtype == weight.dtype
             and weight.dim() == 2 and weight.stride(1) == 1
             and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
-            and (torch.compiler.is_compiling() or x.numel() <= MAX_ROWS * x.shape[-1]))
+            and (torch.compiler.is_compiling() or x.numel() <= max_rows * x.shape[-1]))
 
 
 def silu_mul_rows(x: torch.Tensor) -> torch.Tensor:
@@ -145,12 +146,17 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, si
     return out
 
 
+def _check_max_rows(max_rows: int) -> None:
+    if isinstance(max_rows, bool) or not isinstance(max_rows, int) or not 1 <= max_rows <= MAX_ROWS:
+        raise ValueError(f"max_rows must be an int from 1 to {MAX_ROWS} (the kernel's accumulators), got {max_rows!r}")
+
+
 def _rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool,
-                 blocks=None) -> torch.Tensor:
-    """x (..., K or 2K) -> (..., N): the kernel for at most MAX_ROWS rows, else cuBLAS (after silu_mul_rows)."""
+                 max_rows: int = MAX_ROWS, blocks=None) -> torch.Tensor:
+    """x (..., K or 2K) -> (..., N): the kernel for at most max_rows rows, else cuBLAS (after silu_mul_rows)."""
     lead = x.shape[:-1]
     rows = x.reshape(-1, x.shape[-1])
-    if 1 <= rows.shape[0] <= MAX_ROWS:
+    if 1 <= rows.shape[0] <= max_rows:
         out = _launch(rows, weight, bias, silu_mul, blocks)
     else:
         out = F.linear(silu_mul_rows(rows.contiguous()) if silu_mul else rows, weight, bias)
@@ -158,23 +164,26 @@ def _rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 @torch.library.custom_op("fms::gemv", mutates_args=())
-def _gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool) -> torch.Tensor:
-    return _rows_linear(x, weight, bias, silu_mul)
+def _gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool,
+             max_rows: int) -> torch.Tensor:
+    return _rows_linear(x, weight, bias, silu_mul, max_rows)
 
 
 @_gemv_op.register_fake
-def _(x, weight, bias, silu_mul):
+def _(x, weight, bias, silu_mul, max_rows):
     return weight.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, silu_mul: bool = False,
-         blocks=None) -> torch.Tensor:
+         blocks=None, max_rows: int = MAX_ROWS) -> torch.Tensor:
     """x @ weight.T (+ bias) over x's last dim -> (..., N), with x = [gate | up] and silu(gate) * up taken first
-    when silu_mul: the Triton kernel for at most MAX_ROWS rows, cuBLAS for more.
+    when silu_mul: the Triton kernel for at most max_rows rows (1 to MAX_ROWS; KernelConfig.gemv_rows), cuBLAS for
+    more.
 
     blocks: (BLOCK_N, BLOCK_K, num_warps, num_stages), for benchmarks; the tuned default otherwise.
     Under torch.compile it is the opaque op fms::gemv, which picks at run time; eagerly the same choice in Python.
     """
+    _check_max_rows(max_rows)
     if torch.compiler.is_compiling():
-        return _gemv_op(x, weight, bias, silu_mul)
-    return _rows_linear(x, weight, bias, silu_mul, blocks)
+        return _gemv_op(x, weight, bias, silu_mul, max_rows)
+    return _rows_linear(x, weight, bias, silu_mul, max_rows, blocks)

@@ -21,7 +21,7 @@ ATOL, RTOL = 1e-4, 1e-4
 
 
 def test_defaults_are_todays_behaviour():
-    assert KernelConfig() == KernelConfig(gemv=True, ssd_scan="auto")
+    assert KernelConfig() == KernelConfig(gemv=True, ssd_scan="auto", gemv_rows=2)
     assert SSD_SCAN_NAMES == ("auto", "triton", "fla", "reference", "recurrent")
     with pytest.raises(Exception):  # frozen: a config is replaced, never edited in place
         KernelConfig().gemv = False
@@ -52,15 +52,17 @@ def test_get_model_and_set_kernels_refuse_something_else_than_a_config():
     assert model.kernels == KernelConfig()
 
 
-@pytest.mark.parametrize(("env", "gemv"), [(None, True), ("", True), ("1", True), ("0", False)])
-def test_fms_gemv_sets_only_the_default_at_build_time(monkeypatch, env, gemv):
+@pytest.mark.parametrize(("env", "gemv", "rows"), [(None, True, 2), ("", True, 2), ("2", True, 2), ("1", True, 1),
+                                                  ("0", False, 2)])
+def test_fms_gemv_sets_only_the_default_at_build_time(monkeypatch, env, gemv, rows):
     if env is None:
         monkeypatch.delenv("FMS_GEMV", raising=False)
     else:
         monkeypatch.setenv("FMS_GEMV", env)
-    assert KernelConfig.from_env() == KernelConfig(gemv=gemv)
+    assert KernelConfig.from_env() == KernelConfig(gemv=gemv, gemv_rows=rows)
     model = get_model("llama", "nano")
-    assert model.kernels == KernelConfig(gemv=gemv) and model.head.kernels.gemv is gemv
+    assert model.kernels == KernelConfig(gemv=gemv, gemv_rows=rows) and model.head.kernels.gemv is gemv
+    assert all(m.kernels.gemv_rows == rows for m in _linears(model))
     # an explicit config wins over the environment
     assert get_model("llama", "nano", kernels=KernelConfig(gemv=not gemv)).kernels.gemv is (not gemv)
     # the environment is read when a model is built, never later
@@ -68,12 +70,20 @@ def test_fms_gemv_sets_only_the_default_at_build_time(monkeypatch, env, gemv):
     assert model.kernels.gemv is gemv and all(m.kernels.gemv is gemv for m in _linears(model))
 
 
-@pytest.mark.parametrize("env", ["false", "no", "2", " 0"])
+@pytest.mark.parametrize("env", ["false", "no", "3", " 0"])
 def test_bad_fms_gemv_is_refused_naming_it(monkeypatch, env):
     monkeypatch.setenv("FMS_GEMV", env)
     with pytest.raises(ValueError) as exc:
         get_model("llama", "nano")
-    assert f"FMS_GEMV={env!r}" in str(exc.value) and "'0'" in str(exc.value) and "'1'" in str(exc.value)
+    assert f"FMS_GEMV={env!r}" in str(exc.value)
+    assert all(f"'{n}'" in str(exc.value) for n in "012")
+
+
+@pytest.mark.parametrize("value", [0, 3, True, 1.5, "2", None])
+def test_bad_gemv_rows_is_refused_naming_the_value(value):
+    with pytest.raises(ValueError) as exc:
+        KernelConfig(gemv_rows=value)
+    assert f"KernelConfig.gemv_rows must be an int from 1 to 2, got {value!r}" in str(exc.value)
 
 
 def _linears(model):
@@ -93,15 +103,15 @@ def gemv_launches(monkeypatch):
     pytest.importorskip("triton", reason="triton is not installed; the GEMV kernel needs it")
     launches = []
 
-    def launch(x, w, b=None, silu_mul=False):
+    def launch(x, w, b=None, silu_mul=False, max_rows=gemv_mod.MAX_ROWS):
         launches.append("swiglu_down" if silu_mul else "linear")
         # fewer, larger programs than the tuned blocks: every program is Python in the interpreter
-        return gemv_mod.gemv(x, w, b, silu_mul, None if x.is_cuda else (32, 64, 1, 1))
+        return gemv_mod.gemv(x, w, b, silu_mul, None if x.is_cuda else (32, 64, 1, 1), max_rows=max_rows)
 
     monkeypatch.setattr(linear_mod, "gemv", launch)
     if not torch.cuda.is_available():
-        monkeypatch.setattr(linear_mod, "fits", lambda x, w: x.numel() <= gemv_mod.MAX_ROWS * x.shape[-1]
-                            and x.dtype == w.dtype)
+        monkeypatch.setattr(linear_mod, "fits", lambda x, w, max_rows=gemv_mod.MAX_ROWS:
+                            x.numel() <= max_rows * x.shape[-1] and x.dtype == w.dtype)
     return launches
 
 

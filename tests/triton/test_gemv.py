@@ -125,14 +125,14 @@ def kernel_launches(monkeypatch):
 
     launches = []
 
-    def launch(x, w, b=None, silu_mul=False):
+    def launch(x, w, b=None, silu_mul=False, max_rows=gemv_mod.MAX_ROWS):
         launches.append(silu_mul)
-        return gemv_mod.gemv(x, w, b, silu_mul, None if CUDA else SMALL_BLOCKS)
+        return gemv_mod.gemv(x, w, b, silu_mul, None if CUDA else SMALL_BLOCKS, max_rows=max_rows)
 
     monkeypatch.setattr(linear_mod, "gemv", launch)
     if not CUDA:
-        monkeypatch.setattr(linear_mod, "fits", lambda x, w: x.numel() <= gemv_mod.MAX_ROWS * x.shape[-1]
-                            and x.dtype == w.dtype)
+        monkeypatch.setattr(linear_mod, "fits", lambda x, w, max_rows=gemv_mod.MAX_ROWS:
+                            x.numel() <= max_rows * x.shape[-1] and x.dtype == w.dtype)
     return launches
 
 
@@ -191,7 +191,35 @@ def test_gemv_off_keeps_single_rows_on_f_linear_with_the_same_outputs(kernel_lau
 
 
 @torch.no_grad()
-def test_compiled_op_serves_every_row_count_from_one_graph(monkeypatch):
+def test_gemv_rows_one_sends_two_rows_to_f_linear_with_the_same_outputs(kernel_launches):
+    """KernelConfig(gemv_rows=1) (FMS_GEMV=1): one row still launches the kernel, two rows (batch 1 padded to the
+    compiled engine's batch-2 graph, or batch 2) take F.linear; the products do not change."""
+    torch.manual_seed(3)
+    lin, down = Linear(96, 40, bias=True).to(DEVICE), Linear(48, 24, bias=False).to(DEVICE)
+    one, two, h2 = (torch.randn(1, 1, 96, device=DEVICE), torch.randn(2, 1, 96, device=DEVICE),
+                    torch.randn(2, 1, 96, device=DEVICE))
+    before = (lin(two), swiglu_down(h2, down))
+    assert kernel_launches == [False, True]
+    for layer in (lin, down):
+        layer.set_kernels(KernelConfig(gemv_rows=1))
+    after = (lin(two), swiglu_down(h2, down))
+    assert kernel_launches == [False, True]  # two rows: no launch
+    for a, b in zip(before, after):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lin(one).double(), _reference64(one, lin.weight, lin.bias), atol=1e-4, rtol=1e-4)
+    assert kernel_launches == [False, True, False]  # one row: the kernel
+
+
+@pytest.mark.parametrize("max_rows", [0, 3, True, 1.0])
+def test_gemv_refuses_a_row_bound_the_kernel_cannot_take(max_rows):
+    x, w, _ = _inputs(8, 32, torch.float32)
+    with pytest.raises(ValueError, match=rf"max_rows must be an int from 1 to 2 .*got {max_rows!r}"):
+        gemv_mod.gemv(x, w, max_rows=max_rows)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("max_rows", [1, 2])
+def test_compiled_op_serves_every_row_count_from_one_graph(monkeypatch, max_rows):
     """Under torch.compile, gemv is the opaque op fms::gemv and picks the kernel or cuBLAS at run time: one graph
     with a symbolic batch serves 2, 3 and 6 rows (the engine's decode buckets) with no recompile, and each
     matches torch (kernel for 2 rows, the SwiGLU kernel then F.linear for more)."""
@@ -203,14 +231,26 @@ def test_compiled_op_serves_every_row_count_from_one_graph(monkeypatch):
     counter = CompileCounter()
     lin_w, down_w = _inputs(24, 64, torch.float32, seed=4)[1], _inputs(16, 32, torch.float32, seed=5)[1]
 
+    launches, launch = [], gemv_mod._launch
+
+    def counted(x, w, b, silu_mul, blocks=None):
+        launches.append(silu_mul)
+        return launch(x, w, b, silu_mul, blocks)
+
+    monkeypatch.setattr(gemv_mod, "_launch", counted)
+
     def step(x, h):
-        return gemv_mod.gemv(x, lin_w), gemv_mod.gemv(h, down_w, silu_mul=True)
+        return (gemv_mod.gemv(x, lin_w, max_rows=max_rows),
+                gemv_mod.gemv(h, down_w, silu_mul=True, max_rows=max_rows))
 
     compiled = torch.compile(step, backend=counter, dynamic=True, fullgraph=True)
     for batch in (2, 3, 6):
         x = torch.randn(batch, 1, 64, device=DEVICE)
         h = torch.randn(batch, 1, 64, device=DEVICE)
+        launches.clear()
         out, down = compiled(x, h)
+        # the kernel for at most max_rows rows (KernelConfig.gemv_rows), decided inside the op
+        assert launches == ([False, True] if batch <= max_rows else [])
         assert out.shape == (batch, 1, 24) and down.shape == (batch, 1, 16)
         torch.testing.assert_close(out.double(), _reference64(x, lin_w), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(down.double(), _reference64(h, down_w, silu_mul=True), atol=1e-4, rtol=1e-4)
