@@ -73,6 +73,15 @@ class SequenceCache:
     def free(self, seq_id: Hashable) -> None:
         self.manager.free(seq_id)
 
+    @property
+    def can_fork(self) -> bool:
+        """Whether fork() works: a new sequence that starts as another's copy, sharing its cached tokens."""
+        return False
+
+    def fork(self, parent: Hashable, child: Hashable) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot fork a sequence: only pages can be shared "
+                                  f"(check can_fork)")
+
     def length(self, seq_id: Hashable) -> int:
         return self.manager.length(seq_id)
 

@@ -205,6 +205,10 @@ class PagedKVCache(SequenceCache):
         if grant is not None:
             self.apply([grant])
 
+    @property
+    def can_fork(self) -> bool:
+        return self.state_pool is None
+
     def fork(self, parent: Hashable, child: Hashable) -> None:
         """child starts as parent's copy, sharing its pages (copy-on-write of a partial last page)."""
         if self.state_pool is not None:

@@ -322,6 +322,9 @@ def eval_args(argv=None):
     p.add_argument("--timing_repeats", type=int, default=1,
                    help="timed passes per mode, modes interleaved; each mode reports its median pass "
                         "(multiple choice only)")
+    p.add_argument("--no_share_context", action="store_true",
+                   help="paged mode runs each answer's context too, as the default mode must (like-for-like timing "
+                        "of the attention ops); by default a question's answers fork one sequence of its context")
     p.add_argument("--output", default=None, help="write every metric to this JSON file")
     p.add_argument("--log_samples", action="store_true", help="add per-question log-likelihoods to the JSON")
     p.add_argument("--wandb", action="store_true", help="log to Weights & Biases (offline unless configured)")
@@ -334,8 +337,9 @@ def eval_args(argv=None):
 def eval_main(argv=None) -> dict:
     """Run the evaluation; returns the report. Raises EvalError (a ValueError) on bad input."""
     args = eval_args(argv)
-    options = {k: v for k, v in vars(args).items() if k not in ("no_warmup", "no_progress")}
-    return run_eval(EvalConfig(**options, warmup=not args.no_warmup, progress=not args.no_progress))
+    options = {k: v for k, v in vars(args).items() if k not in ("no_warmup", "no_progress", "no_share_context")}
+    return run_eval(EvalConfig(**options, warmup=not args.no_warmup, progress=not args.no_progress,
+                               share_context=not args.no_share_context))
 
 
 def eval_cli(argv=None) -> int:

@@ -50,7 +50,10 @@ def run_mode(
     page_size: int = 16,
     warmup: bool = True,
     progress: bool = False,
+    share_context: bool = True,
 ) -> ModeResult:
+    """Score every request of the questions in one mode. share_context: answers to one question share its context
+    where the mode's cache can fork a sequence (paged); False runs each answer's context (the default mode's work)."""
     if mode not in MODES:
         raise EvalError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
     if not questions:
@@ -66,7 +69,7 @@ def run_mode(
     cache_options = get_attention_op(attn_name).cache_kwargs(page_size=page_size)
     start = time.perf_counter()
     run = score_requests(model, flat, attn_name, batch_size, cache_options, warmup=warmup, progress=progress,
-                         desc=f"{task.name} [{mode}]")
+                         desc=f"{task.name} [{mode}]", share_context=None if share_context else False)
     elapsed = sum(run.batch_seconds)
     wall = time.perf_counter() - start
     peak_gb = torch.cuda.max_memory_allocated(device) / 1e9 if is_cuda else None
@@ -99,6 +102,7 @@ def run_mode(
         "num_forward_rows": run.num_rows,
         "num_batches": len(run.batch_seconds),
         "input_tokens": run.input_tokens,
+        "shared_context": run.shared_context,
         "elapsed_s": elapsed,
         "wall_s": wall,
         "latency_ms": 1000 * sum(latencies) / len(latencies),
@@ -138,12 +142,14 @@ def evaluate(
     warmup: bool = True,
     progress: bool = False,
     timing_repeats: int = 1,
+    share_context: bool = True,
 ) -> tuple[list[Question], list[ModeResult], dict]:
     """Score `items` in each mode over identical prompts.
 
     timing_repeats: timed passes per mode, the modes interleaved (A B A B ...) so that a drift of the
     machine's speed falls on both; each mode's timing metrics are those of its median pass (by elapsed
     time), with every pass's in latency_ms_runs. Every pass must score the same (checked).
+    share_context: see run_mode (False: every mode runs every answer's context).
     Returns (questions, per-mode results, comparison of the first two modes or {}).
     """
     if isinstance(timing_repeats, bool) or not isinstance(timing_repeats, int) or timing_repeats < 1:
@@ -157,7 +163,7 @@ def evaluate(
     for r in range(timing_repeats):
         for mode in modes:
             passes[mode].append(run_mode(model, spec, questions, encoded, mode, batch_size, page_size,
-                                         warmup and r == 0, progress))
+                                         warmup and r == 0, progress, share_context))
     results = [_median_pass(runs) for runs in passes.values()]
     return questions, results, compare_modes(*results[:2]) if len(results) > 1 else {}
 

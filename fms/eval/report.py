@@ -45,6 +45,7 @@ class EvalConfig:
     wandb_project: str = "fms-eval"
     progress: bool = True
     timing_repeats: int = 1
+    share_context: bool = True  # answers to one question share its context where the cache can fork (paged)
 
     def __post_init__(self):
         if self.task not in TASK_NAMES:
@@ -58,6 +59,8 @@ class EvalConfig:
         if self.timing_repeats > 1 and self.task == "summarization":
             raise EvalError(f"--timing_repeats applies to multiple-choice tasks; summarization times one pass, "
                             f"got --timing_repeats {self.timing_repeats}")
+        if not isinstance(self.share_context, bool):
+            raise EvalError(f"share_context must be True or False, got {self.share_context!r}")
         if self.num_fewshot < 0:
             raise EvalError(f"--num_fewshot must be >= 0, got {self.num_fewshot}")
 
@@ -98,6 +101,7 @@ def run_multiple_choice(config: EvalConfig) -> dict:
         model, tokenizer, config.task, data.items, config.modes, num_fewshot=config.num_fewshot, dev=data.dev,
         batch_size=config.batch_size, page_size=config.page_size, seed=config.fewshot_seed,
         warmup=config.warmup, progress=config.progress, timing_repeats=config.timing_repeats,
+        share_context=config.share_context,
     )
     report = {"task": config.task, "data": data.source, "model": described,
               "modes": {r.mode: r.metrics for r in results}, "comparison": comparison}
@@ -159,7 +163,8 @@ def _fmt(value, digits=4):
 
 
 TABLE_ROWS = (("accuracy", "accuracy", 4), ("accuracy (subject mean)", "accuracy_macro", 4),
-              ("latency (ms / query)", "latency_ms", 1), ("QPS", "qps", 2), ("input tokens / s", "input_tokens_per_s", 1),
+              ("latency (ms / query)", "latency_ms", 1), ("QPS", "qps", 2), ("input tokens run", "input_tokens", 0),
+              ("input tokens / s", "input_tokens_per_s", 1),
               ("peak GPU memory (GB)", "peak_gpu_memory_gb", 3), ("ROUGE-1", "rouge1", 4), ("ROUGE-2", "rouge2", 4),
               ("ROUGE-L", "rougeL", 4), ("BLEU", "bleu", 2), ("questions", "num_questions", 0),
               ("examples", "num_examples", 0))

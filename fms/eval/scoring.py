@@ -13,6 +13,12 @@ apart from the attention op. Each request is scored in two steps over one cache:
 so the vocabulary-sized logits exist only for continuation tokens, and step 2 attends to context
 that is already in the (paged) cache. Requests that share their input (MMLU's four one-token answers
 share the whole prompt) are run once.
+
+Requests that share only their context (a TruthfulQA question's answers) share it too where the cache can
+fork a sequence (`SequenceCache.can_fork`: the paged cache, whose forked sequences hold the same pages):
+step 1 runs each distinct context of a batch once, and each other answer's sequence is a fork of it before
+step 2. A contiguous cache (`--mode default`) computes the context once per answer; share_context=False
+gives the paged cache the same work, for a like-for-like timing of the attention ops.
 """
 
 import sys
@@ -70,9 +76,10 @@ class ScoreRun:
     results: list[tuple[float, bool]]  # (log-likelihood, is_greedy) per request
     request_batch: list[int | None]  # the forward batch that computed each request (None: nothing to run)
     batch_seconds: list[float]
-    input_tokens: int  # tokens run through the model (after sharing identical inputs)
+    input_tokens: int  # tokens run through the model (after sharing identical inputs, and contexts if shared)
     num_rows: int  # distinct model inputs
     peak_cache: dict = field(default_factory=dict)  # cache.memory_stats() at the fullest step
+    shared_context: bool = False  # answers with one context forked its sequence (the cache's pages)
 
 
 @dataclass
@@ -126,15 +133,19 @@ def score_requests(
     warmup: bool = False,
     progress: bool = False,
     desc: str | None = None,
+    share_context: bool | None = None,
 ) -> ScoreRun:
     """Log-likelihood and is_greedy of each continuation given its context.
 
-    Rows run longest first, `batch_size` per forward; each batch's sequences are freed from the
-    cache after it. With warmup, the first and last batches run once, untimed, before the timed
-    pass (CUDA compilation of the attention kernels).
+    Rows run longest context first (rows with one context next to each other), `batch_size` per forward; each
+    batch's sequences are freed from the cache after it. With warmup, the first and last batches run once,
+    untimed, before the timed pass (CUDA compilation of the attention kernels). share_context: run each distinct
+    context of a batch once and fork it for the other answers (None: wherever the cache can fork).
     """
     if batch_size < 1:
         raise EvalError(f"batch_size must be >= 1, got {batch_size}")
+    if share_context not in (None, True, False):
+        raise EvalError(f"share_context must be True, False or None (where the cache can fork), got {share_context!r}")
     op = get_attention_op(attn_name)
     config = model.config
     device = model.embedding.weight.device
@@ -144,26 +155,31 @@ def score_requests(
     run = ScoreRun(results, request_batch, [], 0, len(rows))
     if not rows:
         return run
-    order = sorted(range(len(rows)), key=lambda r: -rows[r].length)
+    order = sorted(range(len(rows)), key=lambda r: (-len(rows[r].context), rows[r].context, -len(rows[r].extension)))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     cache = op.create_cache(
         model.cache_spec(), max_batch_size=min(batch_size, len(rows)),
         max_seq_len=max(row.length for row in rows), **(cache_options or {}),
     )
+    if share_context and not cache.can_fork:
+        raise EvalError(f"share_context=True needs a cache that can fork a sequence; the {attn_name!r} op's "
+                        f"{type(cache).__name__} cannot (pass share_context=None or False)")
+    run.shared_context = cache.can_fork if share_context is None else share_context
     if warmup:
         # the longest and the shortest batch: two shapes, so torch.compile has made its shapes dynamic
         for batch in {0: batches[0], len(batches) - 1: batches[-1]}.values():
-            _score_batch(model, op, cache, [rows[r] for r in batch], requests, device)
+            _score_batch(model, op, cache, [rows[r] for r in batch], requests, device, run.shared_context)
 
     from tqdm.auto import tqdm
 
     for b, batch in enumerate(tqdm(batches, desc=desc or attn_name, disable=not progress, file=sys.stderr)):
         synchronize(device)
         start = time.perf_counter()
-        scores, stats = _score_batch(model, op, cache, [rows[r] for r in batch], requests, device)
+        scores, stats, tokens_run = _score_batch(model, op, cache, [rows[r] for r in batch], requests, device,
+                                                 run.shared_context)
         synchronize(device)
         run.batch_seconds.append(time.perf_counter() - start)
-        run.input_tokens += sum(rows[r].length for r in batch)
+        run.input_tokens += tokens_run
         if stats["kv_bytes_in_use"] >= run.peak_cache.get("kv_bytes_in_use", -1):
             run.peak_cache = stats
         for i, score in scores.items():
@@ -172,19 +188,32 @@ def score_requests(
     return run
 
 
-def _score_batch(model, op, cache, rows: list[_Row], requests, device) -> tuple[dict[int, tuple[float, bool]], dict]:
+def _score_batch(model, op, cache, rows: list[_Row], requests, device,
+                 share_context: bool = False) -> tuple[dict[int, tuple[float, bool]], dict, int]:
+    """Scores of the batch's requests, the cache's memory stats at its fullest, and the tokens run."""
     seq_ids = list(range(len(rows)))
-    for seq_id in seq_ids:
-        cache.add(seq_id)
+    # the sequence whose step 1 computes each row's context: the batch's first row with that context when shared
+    first_with: dict[tuple[int, ...], int] = {}
+    source = [first_with.setdefault(row.context, s) if share_context else s for s, row in enumerate(rows)]
+    contexts = [s for s in seq_ids if source[s] == s]
+    added = []
     try:
-        # step 1: every context, logits at its last token only
-        meta = cache.prepare(seq_ids, [len(row.context) for row in rows])
-        tokens = _right_padded([row.context for row in rows], meta.query_len, device)
-        last = torch.tensor([len(row.context) - 1 for row in rows], device=device)
+        for s in contexts:
+            cache.add(s)
+            added.append(s)
+        # step 1: every distinct context, logits at its last token only
+        meta = cache.prepare(contexts, [len(rows[s].context) for s in contexts])
+        tokens = _right_padded([rows[s].context for s in contexts], meta.query_len, device)
+        last = torch.tensor([len(rows[s].context) - 1 for s in contexts], device=device)
         first = model(tokens, attn_name=op.name, logits_positions=last, cache=cache, meta=meta)
-        first = first[:, 0].float().log_softmax(dim=-1)  # (B, V)
-        # step 2: continuations longer than one token, logits at every fed token
+        first = first[:, 0].float().log_softmax(dim=-1)  # (number of contexts, V)
+        # step 2: continuations longer than one token, logits at every fed token; a row whose context another
+        # row computed starts as a fork of that sequence (its pages shared, the partial last one copied on write)
         extended = [s for s in seq_ids if rows[s].extension]
+        for s in extended:
+            if source[s] != s:
+                cache.fork(source[s], s)
+                added.append(s)
         rest = None
         if extended:
             meta = cache.prepare(extended, [len(rows[s].extension) for s in extended])
@@ -192,14 +221,17 @@ def _score_batch(model, op, cache, rows: list[_Row], requests, device) -> tuple[
             rest = model(tokens, attn_name=op.name, cache=cache, meta=meta).float().log_softmax(dim=-1)  # (B2, T, V)
         stats = cache.memory_stats().as_dict()
     finally:
-        for seq_id in seq_ids:
+        for seq_id in added:
             cache.free(seq_id)
+    tokens_run = sum(len(rows[s].context) for s in contexts) + sum(len(rows[s].extension) for s in extended)
 
+    row_in_first = {s: k for k, s in enumerate(contexts)}
     row_in_rest = {s: k for k, s in enumerate(extended)}
     logprobs, greedy, owners = [], [], []
     for s, row in enumerate(rows):
         m = len(row.extension) + 1
-        row_logp = first[s:s + 1]
+        k = row_in_first[source[s]]
+        row_logp = first[k:k + 1]
         if m > 1:
             row_logp = torch.cat([row_logp, rest[row_in_rest[s], : m - 1]])  # (m, V)
         targets = torch.tensor([requests[i].continuation for i in row.requests], device=device)  # (R, m)
@@ -209,7 +241,7 @@ def _score_batch(model, op, cache, rows: list[_Row], requests, device) -> tuple[
         owners += row.requests
     values = torch.cat(logprobs).tolist()
     is_greedy = torch.cat(greedy).tolist()
-    return {i: (v, g) for i, v, g in zip(owners, values, is_greedy)}, stats
+    return {i: (v, g) for i, v, g in zip(owners, values, is_greedy)}, stats, tokens_run
 
 
 def _right_padded(seqs: Sequence[Sequence[int]], width: int, device) -> torch.Tensor:

@@ -97,6 +97,71 @@ def test_loglikelihood_equals_plain_forward_sum(nano, attn_name, batch_size):
         assert greedy == expected_greedy
 
 
+def shared_context_requests() -> list[TokenRequest]:
+    """Three contexts (one page long, a partial last page, three pages and a bit) with several answers each,
+    multi-token and one-token, and one context asked alone."""
+    g = torch.Generator().manual_seed(11)
+    out = []
+    for ctx_len, answers in ((16, (3, 2, 1, 4)), (21, (2, 5, 1)), (50, (3, 3)), (9, (2,))):
+        context = tuple(torch.randint(0, NANO_VOCAB, (ctx_len,), generator=g).tolist())
+        out += [TokenRequest(context, tuple(torch.randint(0, NANO_VOCAB, (n,), generator=g).tolist()))
+                for n in answers]
+    return out
+
+
+def test_paged_scoring_forks_one_sequence_per_context_with_the_same_scores(nano):
+    """A question's answers fork the sequence of its context (paged): each context runs once per batch, and every
+    score equals a plain forward over the whole input; share_context=False and sdpa run every answer's context."""
+    requests = shared_context_requests()
+    shared = score_requests(nano, requests, "paged", batch_size=4)
+    alone = score_requests(nano, requests, "paged", batch_size=4, share_context=False)
+    sdpa = score_requests(nano, requests, "sdpa", batch_size=4)
+    assert shared.shared_context and not alone.shared_context and not sdpa.shared_context
+    assert alone.input_tokens == sdpa.input_tokens == sum(len(r.context) + len(r.continuation) - 1 for r in requests)
+    # rows ordered longest context first, 4 per batch: [50, 50, 21, 21] [21, 16, 16, 16] [16, 9]
+    contexts_run = 50 + 21 + 21 + 16 + 16 + 9
+    assert shared.input_tokens == contexts_run + sum(len(r.continuation) - 1 for r in requests)
+    for request, *runs in zip(requests, shared.results, alone.results, sdpa.results):
+        expected, expected_greedy = reference_logprob(nano, request.context, request.continuation)
+        for logprob, greedy in runs:
+            assert logprob == pytest.approx(expected, abs=LOGPROB_ATOL)
+            assert greedy == expected_greedy
+    with pytest.raises(EvalError, match="share_context=True needs a cache that can fork.*'sdpa'"):
+        score_requests(nano, requests, "sdpa", share_context=True)
+    with pytest.raises(EvalError, match="share_context must be True, False or None.*'yes'"):
+        score_requests(nano, requests, "paged", share_context="yes")
+
+
+def test_forked_scoring_returns_every_page_even_when_a_step_fails(nano):
+    from fms.eval.scoring import _build_rows, _score_batch
+    from fms.modules.attention import get_attention_op
+
+    requests = shared_context_requests()[:4]  # one context, four answers
+    rows = _build_rows(requests, NANO_VOCAB, nano.config.max_position_embeddings)
+    op = get_attention_op("paged")
+    cache = op.create_cache(nano.cache_spec(), max_batch_size=4, max_seq_len=32, page_size=16)
+    free = cache.manager.num_free_pages
+    scores, stats, tokens_run = _score_batch(nano, op, cache, rows, requests, "cpu", share_context=True)
+    assert tokens_run == 16 + (2 + 1 + 0 + 3) and len(scores) == 4
+    # three forks of a full page share it; the three extended rows each got one page of their own
+    assert stats["pages_in_use"] == 1 + 3
+    assert cache.sequences == [] and cache.manager.num_free_pages == free
+
+    calls = []
+
+    def failing(*args, **kwargs):  # step 2 fails after the forks
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected")
+        return nano(*args, **kwargs)
+
+    failing.config = nano.config
+    with pytest.raises(RuntimeError, match="injected"):
+        _score_batch(failing, op, cache, rows, requests, "cpu", share_context=True)
+    assert cache.sequences == [] and cache.manager.num_free_pages == free
+    cache.manager.check_invariants()
+
+
 def test_is_greedy_true_for_the_argmax_continuation(nano):
     context = [1, 40, 41, 42, 43]
     greedy_tokens = []
@@ -185,6 +250,14 @@ def test_evaluate_paged_matches_default_on_shipped_truthfulqa(nano, tokenizer):
     assert comparison["answer_agreement"] == 1.0
     assert comparison["max_abs_loglikelihood_diff"] < LOGPROB_ATOL
     assert results[0].metrics["accuracy"] == results[1].metrics["accuracy"]
+    # paged forked each question's context for its answers; default ran it per answer
+    default, paged = (r.metrics for r in results)
+    assert paged["shared_context"] and not default["shared_context"]
+    assert paged["input_tokens"] < default["input_tokens"]
+    _, alone, _ = evaluate(nano, tokenizer, task, data.items, ("paged",), batch_size=8, warmup=False,
+                           share_context=False)
+    assert not alone[0].metrics["shared_context"] and alone[0].metrics["input_tokens"] == default["input_tokens"]
+    assert alone[0].predictions == results[1].predictions
 
 
 def test_timing_repeats_interleave_the_modes_and_report_the_median_pass(nano, tokenizer, monkeypatch):

@@ -123,5 +123,15 @@ def test_script_cli_smoke(capsys):
             "--data", str(SAMPLES / "truthfulqa_mc.json"), "--mode", "default", "--limit", "1"]
     assert eval_script.cli(argv) == 0
     assert "truthfulqa_mc1" in capsys.readouterr().out
+    # paged forks one sequence per question's context unless told not to (then it runs what default runs)
+    paged = [*argv[:-4], "--mode", "both", "--limit", "2"]
+    assert eval_script.cli(paged) == 0
+    shared = capsys.readouterr().out
+    assert eval_script.cli([*paged, "--no_share_context"]) == 0
+    alone = capsys.readouterr().out
+    row = {name: [line.split()[-2:] for line in out.splitlines() if line.startswith("input tokens run")][0]
+           for name, out in (("shared", shared), ("alone", alone))}
+    assert row["alone"][0] == row["alone"][1] == row["shared"][0]  # default's count, and paged's when not shared
+    assert int(row["shared"][1]) < int(row["shared"][0])
     assert eval_script.cli([*argv, "--batch_size", "0"]) == 2
     assert "--batch_size must be >= 1, got 0" in capsys.readouterr().err
