@@ -249,13 +249,20 @@ def _read_eval(raw: dict) -> dict:
     per_batch = {mode: 1e3 * m["elapsed_s"] / m["num_batches"] for mode, m in raw["modes"].items()}
     return {"default_ms_per_batch": per_batch["default"], "paged_ms_per_batch": per_batch["paged"],
             "paged_over_default": per_batch["paged"] / per_batch["default"],
-            "answer_agreement": raw["comparison"]["answer_agreement"]}
+            "answer_agreement": raw["comparison"]["answer_agreement"],
+            # paged forks a question's context for its answers (files before session 18 have no such key)
+            "paged_shared_context": raw["modes"]["paged"].get("shared_context", False),
+            "input_tokens": {mode: m.get("input_tokens") for mode, m in raw["modes"].items()}}
 
 
 def _show_eval(values: dict) -> str:
-    return (f"paged {_n(values['paged_ms_per_batch'], '.1f')} against default "
+    text = (f"paged {_n(values['paged_ms_per_batch'], '.1f')} against default "
             f"{_n(values['default_ms_per_batch'], '.1f')} ms per batch ({_n(values['paged_over_default'], '.2f')}x); "
             f"answers agree {_n(values['answer_agreement'], '.0%')}")
+    if values.get("paged_shared_context"):
+        tokens = values["input_tokens"]
+        text += f"; paged shared each question's context ({tokens['paged']} against {tokens['default']} input tokens)"
+    return text
 
 
 def _read_serving_hybrid(raw: dict) -> dict:

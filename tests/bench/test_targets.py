@@ -160,6 +160,12 @@ def test_eval_row_compares_per_batch_times_and_is_judged_on_the_cpu_too():
     assert slow["measured_text"] == "paged 12.0 against default 10.0 ms per batch (1.20x); answers agree 100%"
     assert (slow["met"], slow["cpu_stand_in"]) == (False, False)
     assert summarize(runs, {"eval-fp32": ["fast"]})[0]["met"] is True
+    shared = eval_raw(0.030, 0.024)
+    shared["modes"]["default"].update(shared_context=False, input_tokens=827)
+    shared["modes"]["paged"].update(shared_context=True, input_tokens=419)
+    row = summarize({"s": run("eval-fp32", shared, device_type="cpu")}, {"eval-fp32": ["s"]})[0]
+    assert row["measured_text"].endswith("(0.80x); answers agree 100%; paged shared each question's context "
+                                         "(419 against 827 input tokens)") and row["met"] is True
 
 
 def test_cpu_runs_are_stand_ins_with_no_verdict():

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Session 18 device runs (written in session 18, which was lent no device: none of them has run yet).
+# What they decide: batch-1 decode on the H200 with the compiled engine's default graphs (batch 1 padded to the
+# batch-2 graph) through the two-row GEMV kernel with two 2-D accumulators (d3ed3cb, never timed), against the
+# same step through cuBLAS (FMS_GEMV=1: the kernel for one row only) and against a batch-1 graph of its own
+# (--cuda_graph_sizes with 1: the one-row kernel, one more trace at start-up); b6ed921 as the reference (899
+# tok/s in session 17); then the start-ups the default must keep (Granite-4.0-H-1B <= 30 s), the 8B's
+# recompiles (a1c31d7 should leave none), fp32 eval with and without the shared context, and issue 18's server.
+# Usage: run.sh build (here, before the calls: .gpu = HEAD, .wO = b6ed921); run.sh OUT PART (carry .gpu .wO .whl)
+#   part a (~420 s): CUDA tests; GEMV timing at 1 and 2 rows; 1B serving + batch-1: main, main FMS_GEMV=1,
+#     main with a batch-1 graph, b6ed921
+#   part b (~330 s): cold start-ups of Granite-4.0-H-1B (twice) and the 8B; fp32 eval, context shared and not
+#   part c (~300 s, needs .whl): server vs offline, without and with compile
+#   part f (~150 s): the smallest useful call: two-row GEMV timing, 1B batch-1 main and main FMS_GEMV=1
+set -u
+if [ "${1:-}" = build ]; then
+  rm -rf .gpu .wO && mkdir .gpu .wO && git archive HEAD | tar -x -C .gpu && git rev-parse --short HEAD > .gpu/COMMIT \
+    && git archive b6ed921 | tar -x -C .wO && echo b6ed921 > .wO/COMMIT && cat .gpu/COMMIT .wO/COMMIT; exit $?
+fi
+OUT=${1:?out dir}; PART=${2:?part}
+source final_project/results/device_steps.sh
+WORKLOAD="--num_requests 128 --prompt_range 64,512 --output_range 256,256 --batch1_tokens 512 --decode_steps_sweep 16,16,16"
+WITH_B1="--cuda_graph_sizes 1,2,4,8,16,32,64,128,256"
+serving() {  # serving NAME [TREE=..] [extra flags]
+  local name=$1; shift
+  step serving_1b_$name 110 python3 scripts/benchmark_serving.py --variant 3.2-1b $WORKLOAD "$@" \
+    --results_dir "$OUT/serving_1b_$name"
+}
+case $PART in
+  a)
+    step cuda_tests 150 python3 -m pytest -q -rs tests/triton/test_gemv.py tests/serving/test_engine_gpu.py \
+      tests/modules/test_kernel_config.py
+    step gemv_rows1 50 python3 scripts/bench_gemv.py --configs tuned --results_dir "$OUT"
+    step gemv_rows2 50 python3 scripts/bench_gemv.py --configs tuned --rows 2 --results_dir "$OUT"
+    serving gpu
+    FMS_GEMV=1 serving gpu_cublas2
+    serving gpu_b1graph $WITH_B1
+    TREE=.wO serving wO
+    ;;
+  b)
+    for n in 1 2; do
+      step startup_gh_$n 100 python3 scripts/bench_startup.py --models granite_hybrid:4.0-h-1b --runs cold --timeout 90 \
+        --output "$OUT/startup_gh_$n.json"
+    done
+    step startup_8b 90 python3 scripts/bench_startup.py --models llama:3.1-8b --runs cold --timeout 80 \
+      --output "$OUT/startup_8b.json"
+    for share in shared alone; do
+      flag=""; [ $share = alone ] && flag="--no_share_context"
+      step eval_fp32_$share 60 python3 scripts/eval.py --task truthfulqa_mc2 --data fms/resources/eval/truthfulqa_mc.json \
+        --mode both --dtype fp32 --device_type cuda --no_progress --timing_repeats 5 $flag --output "$OUT/eval_fp32_$share.json"
+    done
+    ;;
+  c)
+    step server_vs_offline 120 python3 scripts/bench_server_vs_offline.py --repeats 3 --engine-args=--no-compile \
+      --output "$OUT/server_vs_offline.json"
+    step server_vs_offline_compiled 170 python3 scripts/bench_server_vs_offline.py --repeats 3 --server-timeout 120 \
+      --output "$OUT/server_vs_offline_compiled.json"
+    ;;
+  f)
+    step gemv_rows2 50 python3 scripts/bench_gemv.py --configs tuned --rows 2 --results_dir "$OUT"
+    WORKLOAD="--num_requests 8 --prompt_range 64,128 --output_range 16,16 --batch1_tokens 512"
+    serving gpu
+    FMS_GEMV=1 serving gpu_cublas2
+    ;;
+  *) echo "unknown part $PART"; exit 2 ;;
+esac
