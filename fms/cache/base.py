@@ -79,6 +79,11 @@ class SequenceCache:
         return False
 
     def fork(self, parent: Hashable, child: Hashable) -> None:
+        """child starts as parent's copy, sharing its cached tokens (caches whose can_fork is True)."""
+        self.fork_many([(parent, child)])
+
+    def fork_many(self, pairs: Sequence[tuple[Hashable, Hashable]]) -> None:
+        """fork(parent, child) for each pair, in order, with one device update for all."""
         raise NotImplementedError(f"{type(self).__name__} cannot fork a sequence: only pages can be shared "
                                   f"(check can_fork)")
 

@@ -209,13 +209,25 @@ class PagedKVCache(SequenceCache):
     def can_fork(self) -> bool:
         return self.state_pool is None
 
-    def fork(self, parent: Hashable, child: Hashable) -> None:
-        """child starts as parent's copy, sharing its pages (copy-on-write of a partial last page)."""
+    def fork_many(self, pairs: Sequence[tuple[Hashable, Hashable]]) -> None:
+        """Each child starts as its parent's copy, sharing its pages (copy-on-write of a partial last page); one
+        page-table update for all. A pair that fails (unknown parent, a child that exists, no free slot) undoes
+        the pairs before it."""
         if self.state_pool is not None:
             raise NotImplementedError("forking a sequence with recurrent state is not supported")
-        slot, grant = self.manager.fork(parent, child)
-        self.init_slots([slot])
-        self.apply([grant])
+        done, slots, grants = [], [], []
+        try:
+            for parent, child in pairs:
+                slot, grant = self.manager.fork(parent, child)
+                done.append(child)
+                slots.append(slot)
+                grants.append(grant)
+        except Exception:
+            for child in done:
+                self.manager.free(child)
+            raise
+        self.init_slots(slots)
+        self.apply(grants)
 
     def block_table(self, seq_id) -> list[int]:
         return self.manager.block_table(seq_id)

@@ -210,10 +210,10 @@ def _score_batch(model, op, cache, rows: list[_Row], requests, device,
         # step 2: continuations longer than one token, logits at every fed token; a row whose context another
         # row computed starts as a fork of that sequence (its pages shared, the partial last one copied on write)
         extended = [s for s in seq_ids if rows[s].extension]
-        for s in extended:
-            if source[s] != s:
-                cache.fork(source[s], s)
-                added.append(s)
+        forks = [(source[s], s) for s in extended if source[s] != s]
+        if forks:
+            cache.fork_many(forks)
+            added += [child for _, child in forks]
         rest = None
         if extended:
             meta = cache.prepare(extended, [len(rows[s].extension) for s in extended])

@@ -235,6 +235,25 @@ def test_subset_of_sequences_per_step_and_freeing():
     driver.step([0, 2, 3, 9], [1, 1, 1, 1])
 
 
+def test_fork_many_is_all_or_nothing():
+    cache = PagedKVCache(_spec(2), max_batch_size=3, max_seq_len=64, page_size=16)
+    cache.add("parent")
+    cache.prepare(["parent"], [20])
+    free = cache.manager.num_free_pages
+    with pytest.raises(ValueError, match="'parent' is already in the cache"):
+        cache.fork_many([("parent", "a"), ("parent", "parent")])
+    assert cache.sequences == ["parent"] and cache.manager.num_free_pages == free
+    cache.manager.check_invariants()
+    cache.fork_many([("parent", "a"), ("parent", "b")])  # the two slots left
+    assert cache.block_table("a") == cache.block_table("b") == cache.block_table("parent")
+    with pytest.raises(ValueError, match="at most 3 sequences"):
+        cache.fork_many([("parent", "c")])
+    for seq in ("a", "b", "parent"):
+        cache.free(seq)
+    assert cache.manager.num_free_pages == cache.manager.num_pages
+    cache.manager.check_invariants()
+
+
 def test_forked_sequences_share_a_prefix_with_copy_on_write():
     page_size = 16
     cache = PagedKVCache(_spec(2), max_batch_size=3, max_seq_len=128, page_size=page_size)
