@@ -16,7 +16,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["fms", "fms.*"]),
-    package_data={"fms.resources": ["tokenizer/*", "eval/*", "eval/*/*"]},
+    package_data={"fms.resources": ["tokenizer/*", "eval/*", "eval/*/*", "gemv/*"]},
     include_package_data=True,
     entry_points={"console_scripts": ["fms = fms.entrypoints.cli:main"]},
     install_requires=_requirements("requirements.txt"),

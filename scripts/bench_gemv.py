@@ -9,6 +9,11 @@ compiled silu-mul kernel followed by cuBLAS.
 
     python scripts/bench_gemv.py --results_dir final_project/results/session5
     python scripts/bench_gemv.py --rows 2 --configs tuned   # batch-2 decode, the engine's default config only
+    python scripts/bench_gemv.py --rows 1 --write_table fms/resources/gemv/NVIDIA_H200.json   # this GPU's table
+
+--configs tuned times what the engine runs (this GPU's table where it lists the shape, else BLOCKS).
+--write_table merges the fastest choice per shape (a kernel config, or cuBLAS) into a GEMV table
+(fms/resources/gemv/README.md), which fms.triton.gemv reads on that GPU.
 """
 
 import argparse
@@ -22,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from fms.triton.gemv import BLOCKS, MAX_ROWS, gemv
+from fms.triton.gemv import BLOCKS, CUBLAS, MAX_ROWS, gemv, read_table, table_path, tuned_choice, write_table
 from fms.bench.results import run_metadata
 
 
@@ -77,6 +82,9 @@ def main():
     p.add_argument("--configs", choices=("sweep", "tuned"), default="sweep",
                    help="sweep block sizes, or time only the engine's default (fms.triton.gemv.BLOCKS)")
     p.add_argument("--results_dir", default=None)
+    p.add_argument("--write_table", default=None, metavar="PATH",
+                   help="merge the fastest choice per shape into this GEMV table (default name for this GPU: "
+                        "fms/resources/gemv/<device name>.json)")
     args = p.parse_args()
     if not 1 <= args.rows <= MAX_ROWS:  # more rows would time cuBLAS under the kernel's name (gemv hands them on)
         p.error(f"--rows must be in [1, {MAX_ROWS}] (the rows the GEMV kernel takes), got {args.rows}")
@@ -86,8 +94,11 @@ def main():
     h, i_ = args.hidden, args.intermediate
     shapes = {"qkv": (args.qkv, h), "o": (h, h), "gate_up": (2 * i_, h), "down": (h, i_), "lm_head": (args.vocab, h)}
     configs = list(itertools.product((1, 2, 4, 8, 16), (128, 256, 512, 1024), (2, 4, 8), (2,)))
-    if args.configs == "tuned":
-        configs = [BLOCKS]
+
+    def engine_configs(n, k, silu_mul):  # what the engine runs for this shape: the table's kernel choice or BLOCKS
+        choice = tuned_choice(torch.empty(0, device=dev), torch.empty(n, k, device="meta"), args.rows, silu_mul)
+        return [BLOCKS if choice == CUBLAS else choice]
+
     rows, full = [], {}
     for name, (n, k) in shapes.items():
         copies = 1 if name == "lm_head" else args.layers
@@ -99,7 +110,7 @@ def main():
         ref = F.linear(x, weights[0]).float()
         timings = {"cublas": graph_time_us(lambda j: F.linear(x, weights[j % copies]), calls, args.replays)}
         best_cfg, best_us, full[name] = sweep(
-            configs, k, lambda cfg: graph_time_us(lambda j: gemv(x, weights[j % copies], blocks=cfg), calls,
+            engine_configs(n, k, False) if args.configs == "tuned" else configs, k, lambda cfg: graph_time_us(lambda j: gemv(x, weights[j % copies], blocks=cfg), calls,
                                                   args.replays))
         err = (gemv(x, weights[0], blocks=best_cfg).float() - ref).abs().max().item()
         row = {"shape": name, "rows": args.rows, "n": n, "k": k, "cublas_us": timings["cublas"],
@@ -110,7 +121,7 @@ def main():
             row["silu_mul_then_cublas_us"] = graph_time_us(lambda j: F.linear(silu_mul(xx), weights[j]), calls,
                                                            args.replays)
             row["fused_silu_mul_cfg"], row["fused_silu_mul_us"], _ = sweep(
-                configs, k, lambda cfg: graph_time_us(lambda j: gemv(xx, weights[j], silu_mul=True, blocks=cfg),
+                engine_configs(n, k, True) if args.configs == "tuned" else configs, k, lambda cfg: graph_time_us(lambda j: gemv(xx, weights[j], silu_mul=True, blocks=cfg),
                                                       calls, args.replays))
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -127,6 +138,42 @@ def main():
         with open(os.path.join(args.results_dir, "bench_gemv.json" if args.rows == 1
                                                    else f"bench_gemv_rows{args.rows}.json"), "w") as f:
             json.dump(out, f, indent=1)
+    if args.write_table:
+        name = torch.cuda.get_device_name(dev)
+        path = args.write_table
+        if os.path.isdir(path):
+            path = table_path(name, path)
+        entries = merge_entries(path, table_entries(rows))
+        write_table(path, name, entries, run_metadata(" ".join(["python"] + sys.argv), dev))
+        print(f"wrote {len(entries)} entries to {path}")
+
+
+def table_entries(rows: list[dict]) -> list[dict]:
+    """The fastest choice per timed shape: the best kernel config, or cuBLAS where F.linear was faster."""
+    entries = []
+    for r in rows:
+        timed = [(r["triton_us"], list(r["triton_best_cfg"]), False), (r["cublas_us"], CUBLAS, False)]
+        if "fused_silu_mul_us" in r:
+            timed += [(r["fused_silu_mul_us"], list(r["fused_silu_mul_cfg"]), True),
+                      (r["silu_mul_then_cublas_us"], CUBLAS, True)]
+        for silu_mul in sorted({t[2] for t in timed}):
+            us, choice, _ = min(t for t in timed if t[2] == silu_mul)
+            others = {("cublas_us" if c == CUBLAS else "triton_us"): u for u, c, s in timed if s == silu_mul}
+            entries.append({"rows": r["rows"], "n": r["n"], "k": r["k"], "silu_mul": silu_mul, "choice": choice,
+                            "us": us, **others})
+    return entries
+
+
+def merge_entries(path, new: list[dict]) -> list[dict]:
+    """new, plus the entries of the table at path (if any) for other (rows, n, k, silu_mul)."""
+    key = lambda e: (e["rows"], e["n"], e["k"], e["silu_mul"])  # noqa: E731
+    old = []
+    if os.path.isfile(path):
+        read_table(path)  # refuse to merge into a malformed table
+        with open(path) as f:
+            old = json.load(f)["entries"]
+    keys = {key(e) for e in new}
+    return sorted([e for e in old if key(e) not in keys] + new, key=key)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,11 @@ compiled with a symbolic batch size holds no guard on it, and the engine's batch
 graph (one idle row) instead of a second compile of its own: dynamo specializes every size-1 dimension.
 """
 
+import functools
+import json
+import re
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
@@ -91,6 +96,69 @@ if triton is not None:
 # (final_project/results/session5/bench_gemv.json, one row); BLOCK_K shrinks to fit a smaller K
 BLOCKS = (2, 1024, 4, 2)
 
+# Per-GPU tables of the fastest choice per (rows, N, K, silu_mul), written by `scripts/bench_gemv.py --write_table`
+# on that GPU: a kernel config, or "cublas" where F.linear was faster. One JSON file per device name (as
+# torch.cuda.get_device_name gives it, non-alphanumerics as "_"). Shapes a table does not list use BLOCKS.
+TABLE_DIR = Path(__file__).resolve().parents[1] / "resources" / "gemv"
+CUBLAS = "cublas"
+
+
+def table_path(device_name: str, folder: Path | None = None) -> Path:
+    return Path(folder or TABLE_DIR) / (re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") + ".json")
+
+
+def _check_choice(choice, where: str):
+    if choice == CUBLAS:
+        return CUBLAS
+    if (isinstance(choice, (list, tuple)) and len(choice) == 4
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in choice)):
+        return tuple(choice)
+    raise ValueError(f"{where}: choice must be {CUBLAS!r} or [BLOCK_N, BLOCK_K, num_warps, num_stages] of ints >= 1, "
+                     f"got {choice!r}")
+
+
+def read_table(path: Path) -> dict[tuple[int, int, int, bool], tuple | str]:
+    """{(rows, n, k, silu_mul): blocks tuple or CUBLAS} from a table file; ValueError naming the file and entry."""
+    try:
+        entries = json.loads(Path(path).read_text())["entries"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"GEMV table {path}: not a JSON object with 'entries' ({type(e).__name__}: {e})") from None
+    table = {}
+    for i, entry in enumerate(entries):
+        where = f"GEMV table {path}, entry {i}"
+        try:
+            key = (entry["rows"], entry["n"], entry["k"], entry["silu_mul"])
+        except (KeyError, TypeError):
+            raise ValueError(f"{where}: needs rows, n, k, silu_mul and choice, got {entry!r}") from None
+        if not (all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in key[:3])
+                and isinstance(key[3], bool) and key[0] <= MAX_ROWS):
+            raise ValueError(f"{where}: rows (1 to {MAX_ROWS}), n and k must be ints >= 1 and silu_mul a bool, "
+                             f"got {entry!r}")
+        table[key] = _check_choice(entry.get("choice"), where)
+    return table
+
+
+def write_table(path: Path, device_name: str, entries: list[dict], source: dict) -> None:
+    """Write a table (entries: dicts of rows, n, k, silu_mul, choice and the timings behind it); read back to check."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({"device": device_name, "source": source, "entries": entries}, indent=1) + "\n")
+    read_table(path)
+
+
+@functools.cache
+def _table_for(device_index: int) -> dict:
+    path = table_path(torch.cuda.get_device_name(device_index))
+    return read_table(path) if path.is_file() else {}
+
+
+def tuned_choice(x: torch.Tensor, weight: torch.Tensor, rows: int, silu_mul: bool):
+    """The table's choice for this GPU and shape (blocks or CUBLAS), else BLOCKS."""
+    if not x.is_cuda:
+        return BLOCKS
+    n, k = weight.shape
+    return _table_for(x.device.index if x.device.index is not None else torch.cuda.current_device()).get(
+        (rows, n, k, silu_mul), BLOCKS)
+
 
 def gemv_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                    silu_mul: bool = False) -> torch.Tensor:
@@ -153,11 +221,15 @@ def _check_max_rows(max_rows: int) -> None:
 
 def _rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool,
                  max_rows: int = MAX_ROWS, blocks=None) -> torch.Tensor:
-    """x (..., K or 2K) -> (..., N): the kernel for at most max_rows rows, else cuBLAS (after silu_mul_rows)."""
+    """x (..., K or 2K) -> (..., N): the kernel for at most max_rows rows (blocks, else this GPU's table's choice,
+    else BLOCKS), else, or where the table chose cuBLAS, F.linear (after silu_mul_rows)."""
     lead = x.shape[:-1]
     rows = x.reshape(-1, x.shape[-1])
+    choice = None
     if 1 <= rows.shape[0] <= max_rows:
-        out = _launch(rows, weight, bias, silu_mul, blocks)
+        choice = blocks if blocks is not None else tuned_choice(rows, weight, rows.shape[0], silu_mul)
+    if choice is not None and choice != CUBLAS:
+        out = _launch(rows, weight, bias, silu_mul, choice)
     else:
         out = F.linear(silu_mul_rows(rows.contiguous()) if silu_mul else rows, weight, bias)
     return out.view(*lead, weight.shape[0])

@@ -304,3 +304,80 @@ def test_gpu_linear_and_swiglu_compiled_and_graphed():
             torch.testing.assert_close(a.float(), r, atol=2e-2, rtol=2e-2)
     assert counter.frame_count == 1
     torch._dynamo.reset()
+
+
+# -- per-GPU tables (fms/resources/gemv): the fastest choice per shape --------------------------------------------
+def test_table_round_trip_and_bad_tables_are_refused_naming_the_file_and_entry(tmp_path):
+    path = gemv_mod.table_path("NVIDIA H200", tmp_path)
+    assert path.name == "NVIDIA_H200.json"
+    entries = [{"rows": 1, "n": 3072, "k": 2048, "silu_mul": False, "choice": [4, 512, 8, 2], "us": 6.1},
+               {"rows": 2, "n": 128256, "k": 2048, "silu_mul": False, "choice": "cublas", "us": 127.0}]
+    gemv_mod.write_table(path, "NVIDIA H200", entries, {"command": "test"})
+    assert gemv_mod.read_table(path) == {(1, 3072, 2048, False): (4, 512, 8, 2),
+                                         (2, 128256, 2048, False): gemv_mod.CUBLAS}
+    bad = tmp_path / "bad.json"
+    for body, message in ((["x"], "not a JSON object with 'entries'"),
+                          ({"entries": [{"rows": 1, "n": 8}]}, "entry 0: needs rows, n, k, silu_mul and choice"),
+                          ({"entries": [{"rows": 3, "n": 8, "k": 8, "silu_mul": False, "choice": "cublas"}]},
+                           r"entry 0: rows \(1 to 2\)"),
+                          ({"entries": [{"rows": 1, "n": 8, "k": 8, "silu_mul": False, "choice": [4, 0, 1, 1]}]},
+                           r"entry 0: choice must be 'cublas' or \[BLOCK_N, BLOCK_K, num_warps, num_stages\]")):
+        bad.write_text(__import__("json").dumps(body))
+        with pytest.raises(ValueError, match=f"GEMV table {bad}.*{message}"):
+            gemv_mod.read_table(bad)
+
+
+@torch.no_grad()
+def test_the_table_picks_the_kernel_config_or_cublas_per_shape(monkeypatch):
+    """_rows_linear takes this GPU's table's choice for the shape and row count: its block sizes, or F.linear where
+    cuBLAS was faster; an unlisted shape runs BLOCKS. (On the CPU the table lookup is replaced, the kernel runs in
+    the interpreter.)"""
+    x1, w, b = _inputs(24, 64, torch.float32, bias=True, seed=6)
+    x2 = torch.randn(2, 64).to(DEVICE)
+    h, down_w, _ = _inputs(16, 32, torch.float32, silu_mul=True, seed=7)
+    table = {(1, 24, 64, False): (8, 32, 1, 1), (2, 24, 64, False): gemv_mod.CUBLAS,
+             (1, 16, 32, True): (4, 16, 1, 1)}
+    monkeypatch.setattr(gemv_mod, "tuned_choice",
+                        lambda x, weight, rows, silu_mul: table.get((rows, *weight.shape, silu_mul), SMALL_BLOCKS))
+    launched, launch = [], gemv_mod._launch
+
+    def counted(x, weight, bias, silu_mul, blocks=None):
+        launched.append((x.shape[0], silu_mul, blocks))
+        return launch(x, weight, bias, silu_mul, blocks)
+
+    monkeypatch.setattr(gemv_mod, "_launch", counted)
+    torch.testing.assert_close(gemv_mod.gemv(x1, w, b).double(), _reference64(x1, w, b), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gemv_mod.gemv(x2, w, b).double(), _reference64(x2, w, b), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gemv_mod.gemv(h, down_w, silu_mul=True).double(),
+                               _reference64(h, down_w, silu_mul=True), atol=1e-4, rtol=1e-4)
+    other = torch.randn(8, 64).to(DEVICE)  # a shape the table does not list: BLOCKS (here the small ones)
+    gemv_mod.gemv(x1, other)
+    assert launched == [(1, False, (8, 32, 1, 1)), (1, True, (4, 16, 1, 1)), (1, False, SMALL_BLOCKS)]
+    launched.clear()  # explicit blocks (the benchmark's sweep) win over the table
+    gemv_mod.gemv(x2, w, b, blocks=SMALL_BLOCKS)
+    assert launched == [(2, False, SMALL_BLOCKS)]
+
+
+def test_bench_gemv_writes_the_fastest_choice_per_shape_and_merges(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_gemv", Path(__file__).resolve().parents[2] / "scripts" / "bench_gemv.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = [{"rows": 2, "n": 3072, "k": 2048, "cublas_us": 6.4, "triton_us": 7.4, "triton_best_cfg": (2, 1024, 4, 2)},
+            {"rows": 2, "n": 2048, "k": 8192, "cublas_us": 13.6, "triton_us": 12.0, "triton_best_cfg": (4, 512, 4, 2),
+             "fused_silu_mul_us": 27.9, "fused_silu_mul_cfg": (2, 1024, 4, 2), "silu_mul_then_cublas_us": 15.1}]
+    entries = bench.table_entries(rows)
+    assert [(e["n"], e["silu_mul"], e["choice"]) for e in entries] == [
+        (3072, False, "cublas"), (2048, False, [4, 512, 4, 2]), (2048, True, "cublas")]
+    assert entries[2]["triton_us"] == 27.9 and entries[2]["cublas_us"] == 15.1
+    path = tmp_path / "t.json"
+    gemv_mod.write_table(path, "GPU", [{"rows": 1, "n": 3072, "k": 2048, "silu_mul": False, "choice": [2, 512, 4, 2]},
+                                       {"rows": 2, "n": 3072, "k": 2048, "silu_mul": False, "choice": [8, 512, 4, 2]}],
+                         {})
+    merged = bench.merge_entries(path, entries)  # the one-row entry stays, the two-row one is replaced
+    assert [(e["rows"], e["n"], e["silu_mul"], e["choice"]) for e in merged] == [
+        (1, 3072, False, [2, 512, 4, 2]), (2, 2048, False, [4, 512, 4, 2]), (2, 2048, True, "cublas"),
+        (2, 3072, False, "cublas")]
