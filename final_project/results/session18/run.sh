@@ -9,6 +9,8 @@
 # Usage: run.sh build (here, before the calls: .gpu = HEAD, .wO = b6ed921); run.sh OUT PART (carry .gpu .wO .whl)
 #   part a (~420 s): CUDA tests; GEMV timing at 1 and 2 rows; 1B serving + batch-1: main, main FMS_GEMV=1,
 #     main with a batch-1 graph, b6ed921
+#   part t (~500 s): the GEMV sweep at 1 and 2 rows written into this GPU's table (.gpu/fms/resources/gemv, copied
+#     to OUT: commit it if it wins), then 1B serving + batch-1 with the table, and with the table and FMS_GEMV=1
 #   part b (~330 s): cold start-ups of Granite-4.0-H-1B (twice) and the 8B; fp32 eval, context shared and not
 #   part c (~300 s, needs .whl): server vs offline, without and with compile
 #   part f (~150 s): the smallest useful call: two-row GEMV timing, 1B batch-1 main and main FMS_GEMV=1
@@ -36,6 +38,14 @@ case $PART in
     FMS_GEMV=1 serving gpu_cublas2
     serving gpu_b1graph $WITH_B1
     TREE=.wO serving wO
+    ;;
+  t)
+    TABLE=fms/resources/gemv/NVIDIA_H200.json
+    step gemv_sweep_rows1 170 python3 scripts/bench_gemv.py --rows 1 --write_table $TABLE --results_dir "$OUT/sweep1"
+    step gemv_sweep_rows2 170 python3 scripts/bench_gemv.py --rows 2 --write_table $TABLE --results_dir "$OUT/sweep2"
+    cp .gpu/$TABLE "$OUT/" 2>/dev/null
+    serving gpu_table
+    FMS_GEMV=1 serving gpu_table_cublas2
     ;;
   b)
     for n in 1 2; do
