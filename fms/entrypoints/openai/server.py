@@ -2,6 +2,12 @@
 AsyncEngine (the engine loop in a thread of this process) or an EngineProcessClient (the loop in an engine
 process of its own, `fms serve`'s default: fms.entrypoints.engine_process); the routes use what both offer.
 
+The two POST endpoints are plain ASGI (_PostRoutes, the outermost layer of the app): each request of a burst is
+parsed on the one event loop before any is admitted, and FastAPI's routing, dependency solving and streaming
+response were three quarters of that time on the CPU (0.48 against 0.13 ms a request,
+final_project/results/session18/cpu/admit_probe.txt). The rest (GET routes, /docs, errors of other paths) is
+FastAPI; the POST endpoints' schemas are added to its OpenAPI document.
+
     GET  /health, /v1/models, /metrics (Prometheus text)
     POST /v1/completions       prompt: text, token ids, or a list of either (one choice per prompt)
     POST /v1/chat/completions  messages rendered by the chat template
@@ -27,9 +33,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Union
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
 from fms.entrypoints.async_engine import (AsyncEngine, Delta, EngineFollowers, EngineOverloaded, EngineStopped,
@@ -44,7 +51,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 RETRY_AFTER_S = 1
-DISCONNECT_POLL_S = 0.25
 SWITCH_INTERVAL_S = 0.0005
 SWITCH_INTERVAL_ENV = "FMS_GIL_SWITCH_INTERVAL_MS"  # overrides SWITCH_INTERVAL_S, to measure other values
 
@@ -174,15 +180,6 @@ async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Delta
             task.cancel()
 
 
-async def _watch_disconnect(raw: Request, streams: list[RequestStream]) -> None:
-    while True:
-        await asyncio.sleep(DISCONNECT_POLL_S)
-        if await raw.is_disconnected():
-            for s in streams:
-                s.abort()
-            return
-
-
 def _finish_error(delta: Delta) -> ApiError | None:
     if delta.finish_reason == "rejected":
         return ApiError(400, delta.error or "the request can never fit this server", "max_tokens")
@@ -249,12 +246,12 @@ def _invalid_body(errors: list, skip: int = 0) -> ApiError:
     return ApiError(400, message or "invalid request body", param)
 
 
-async def _parse_body(raw: Request, model: type[BaseModel]) -> BaseModel:
+def _parse_body(body: bytes, model: type[BaseModel]) -> BaseModel:
     """The JSON body straight into the request model by pydantic-core (one pass over the bytes), rather than
-    FastAPI's json.loads, then dict validation and dependency solving: this runs on the event loop for every
-    request, and a burst of 128 spent ~0.7 ms each there on the H200's host (session 11's trace)."""
+    json.loads, then dict validation: this runs on the event loop for every request, and a burst of 128 spent
+    ~0.7 ms each there on the H200's host (session 11's trace)."""
     try:
-        return model.model_validate_json(await raw.body())
+        return model.model_validate_json(body)
     except ValidationError as e:
         raise _invalid_body(e.errors()) from None
 
@@ -265,12 +262,85 @@ def _json_body(model: type[BaseModel]) -> dict:
                             "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
 
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+_SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+
+
+async def _send_json(send, status: int, data: dict, headers: dict | None = None) -> None:
+    body = json.dumps(data, ensure_ascii=False).encode()
+    extra = [(k.lower().encode(), str(v).encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*_JSON_HEADERS, (b"content-length", str(len(body)).encode()), *extra]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _PostRoutes:
+    """The POST endpoints as plain ASGI in front of an app (FastAPI) that serves every other request.
+
+    routes: path -> async function(body bytes) returning a JSON dict, or an async iterator of SSE strings; it
+    raises ApiError for a client error. The request runs in a task that a watcher cancels when the client
+    disconnects (receive() gives http.disconnect), so the route's `finally` blocks abort its engine requests.
+    """
+
+    def __init__(self, app, routes: dict):
+        self.app, self.routes = app, routes
+
+    async def __call__(self, scope, receive, send):
+        route = self.routes.get(scope.get("path")) if scope["type"] == "http" else None
+        if route is None:
+            return await self.app(scope, receive, send)
+        if scope["method"] != "POST":
+            return await _send_json(send, 405, ApiError(405, f"{scope['method']} is not allowed here: use POST",
+                                                        type_="invalid_request_error").body(), {"Allow": "POST"})
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        task = asyncio.ensure_future(self._respond(route, b"".join(chunks), send))
+        watcher = asyncio.ensure_future(self._until_disconnect(receive))
+        try:
+            await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (task, watcher):
+                t.cancel()
+        if task.done() and not task.cancelled():
+            task.result()  # an error while sending (the client went away): uvicorn logs it
+
+    @staticmethod
+    async def _until_disconnect(receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    @staticmethod
+    async def _respond(route, body: bytes, send) -> None:
+        try:
+            result = await route(body)
+        except ApiError as e:
+            return await _send_json(send, e.status, e.body(), e.headers)
+        except Exception:
+            logger.exception("request failed")
+            return await _send_json(send, 500, ApiError(500, "internal server error").body())
+        if isinstance(result, dict):
+            return await _send_json(send, 200, result)
+        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        try:
+            async for event in result:
+                await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
+        finally:
+            await result.aclose()  # its finally aborts the engine requests left when the client went away
+        await send({"type": "http.response.body", "body": b""})
+
+
 def _sse(data: dict) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
 # -- the app ------------------------------------------------------------------------------------------
-def build_app(state: ServerState) -> FastAPI:
+def build_app(state: ServerState) -> "_PostRoutes":
+    """The ASGI app: the POST endpoints in front of a FastAPI app (`.app`) with everything else."""
     app = FastAPI(title="fms OpenAI-compatible server")
     app.state.fms = state
     text_of = _TokenText(state.tokenizer)
@@ -303,9 +373,8 @@ def build_app(state: ServerState) -> FastAPI:
     async def metrics():
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.post("/v1/completions", openapi_extra=_json_body(CompletionRequest))
-    async def completions(raw: Request):
-        body = await _parse_body(raw, CompletionRequest)
+    async def completions(raw: bytes):
+        body = _parse_body(raw, CompletionRequest)
         body.check_supported()
         _check_model(state, body.model)
         prompts = [_encode(state, p) for p in body.prompts()]
@@ -314,12 +383,11 @@ def build_app(state: ServerState) -> FastAPI:
         streams = _submit_all(state, prompts, params)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
-            return StreamingResponse(_stream_completion(request_id, body, streams), media_type="text/event-stream")
-        return await _complete(request_id, body, streams, raw, chat=False)
+            return _stream_completion(request_id, body, streams)
+        return await _complete(request_id, body, streams, chat=False)
 
-    @app.post("/v1/chat/completions", openapi_extra=_json_body(ChatCompletionRequest))
-    async def chat_completions(raw: Request):
-        body = await _parse_body(raw, ChatCompletionRequest)
+    async def chat_completions(raw: bytes):
+        body = _parse_body(raw, ChatCompletionRequest)
         body.check_supported()
         _check_model(state, body.model)
         try:
@@ -334,11 +402,10 @@ def build_app(state: ServerState) -> FastAPI:
         streams = _submit_all(state, [prompt], [params])
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
-            return StreamingResponse(_stream_chat(request_id, body, streams[0]), media_type="text/event-stream")
-        return await _complete(request_id, body, streams, raw, chat=True)
+            return _stream_chat(request_id, body, streams[0])
+        return await _complete(request_id, body, streams, chat=True)
 
-    async def _complete(request_id: str, body, streams: list[RequestStream], raw: Request, chat: bool):
-        watcher = asyncio.create_task(_watch_disconnect(raw, streams))
+    async def _complete(request_id: str, body, streams: list[RequestStream], chat: bool):
         texts = [""] * len(streams)
         token_ids: list[list[int]] = [[] for _ in streams]
         logprobs: list[list[TokenLogprobs]] = [[] for _ in streams]
@@ -357,7 +424,6 @@ def build_app(state: ServerState) -> FastAPI:
                     if error is not None:
                         raise error
         finally:
-            watcher.cancel()
             for s in streams:
                 s.abort()  # no-op for finished ones; frees the rest when this handler is cancelled
         usage = _usage(sum(d.num_prompt_tokens for d in last), sum(d.num_output_tokens for d in last))
@@ -453,7 +519,20 @@ def build_app(state: ServerState) -> FastAPI:
         finally:
             stream.abort()
 
-    return app
+    posts = {"/v1/completions": (completions, CompletionRequest, "Completions"),
+             "/v1/chat/completions": (chat_completions, ChatCompletionRequest, "Chat Completions")}
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            for path, (_, model, summary) in posts.items():
+                schema["paths"][path] = {"post": {"summary": summary, **_json_body(model), "responses": {
+                    "200": {"description": "a JSON response, or server-sent events with stream=true"}}}}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+    return _PostRoutes(app, {path: route for path, (route, _, _) in posts.items()})
 
 
 # -- running it ---------------------------------------------------------------------------------------
