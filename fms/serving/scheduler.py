@@ -76,6 +76,12 @@ class Scheduler:
         if max_decode_steps < 1:
             raise ValueError(f"max_decode_steps must be >= 1, got {max_decode_steps}")
         self.max_decode_steps = max_decode_steps
+        # The next window's most steps: 1 after a step that prefilled (admitted or resumed) anything, doubled after
+        # each window up to max_decode_steps. Requests that arrive while a window runs wait for its end; a burst
+        # that reaches the engine over several steps (an HTTP server admits one request at a time) would otherwise
+        # wait for full windows of the few that came first.
+        self.window_ramp = 1
+        self._ramp_before = 1
         if max_num_seqs > kv.max_num_seqs:
             raise ValueError(f"max_num_seqs {max_num_seqs} exceeds the KV manager's {kv.max_num_seqs} sequences")
         self.kv = kv
@@ -144,11 +150,13 @@ class Scheduler:
         out = SchedulerOutput(finished_ids=self._finished_ids)
         self._finished_ids = []
         self._out, self._scheduled, self._admitted, self._admitted_from = out, [], [], []
+        self._ramp_before = self.window_ramp  # rollback() restores it
         self._updating = False
         if self.suspects:
             return self._schedule_alone(self.suspects[0], out)
         window = self._plan_decode_window()
         if window is not None:
+            self.window_ramp = min(2 * self.window_ramp, self.max_decode_steps)
             self._scheduled = list(self.running)
             out.chunks = [self._chunk(r, 1, steps) for r, steps in zip(self.running, window)]
             out.grants = self.kv.reserve([r.request_id for r in self.running], window)
@@ -200,6 +208,8 @@ class Scheduler:
         for request, n, _ in planned.values():
             out.chunks.append(self._chunk(request, n))
             self._scheduled.append(request)
+        if any(len(c.token_ids) > 1 for c in out.chunks) or self._admitted:
+            self.window_ramp = 1
         out.grants += self.kv.reserve([c.request_id for c in out.chunks], [len(c.token_ids) for c in out.chunks])
         return out
 
@@ -271,7 +281,8 @@ class Scheduler:
         A window runs when every running request is decoding, none waits that could be admitted
         instead, and the pool holds every row's pages for the whole window (otherwise a plain step,
         which may preempt). A row runs at most until its max_new_tokens; one that stops early (EOS,
-        stop token) finishes after the window, and its extra tokens are dropped.
+        stop token) finishes after the window, and its extra tokens are dropped. A window runs at most
+        window_ramp steps (1, 2, 4, ... after a prefill).
         """
         if self.max_decode_steps == 1 or not self.running:
             return None
@@ -281,7 +292,8 @@ class Scheduler:
             return None
         if any(r.num_tokens_to_compute != 1 for r in self.running):
             return None
-        steps = [min(self.max_decode_steps, r.params.max_new_tokens - len(r.output_token_ids)) for r in self.running]
+        limit = min(self.max_decode_steps, self.window_ramp)
+        steps = [min(limit, r.params.max_new_tokens - len(r.output_token_ids)) for r in self.running]
         if self.kv.checkpoints is not None:  # a hybrid's window stops where a Mamba-state checkpoint is wanted
             steps = [min(n, self.kv.decode_steps_until_checkpoint(r.request_id)) for r, n in zip(self.running, steps)]
         need = sum(self.kv.num_pages_needed(r.request_id, n) for r, n in zip(self.running, steps))
@@ -348,6 +360,8 @@ class Scheduler:
         """
         touched = list(dict.fromkeys(self._scheduled + self._admitted))
         out = self._out
+        if out is not None:
+            self.window_ramp = self._ramp_before
         if restore and out is not None and not self._updating and not out.preempted_ids:
             admitted = {r.request_id for r in self._admitted}
             self.kv.undo([g for g in out.grants if g.seq_id not in admitted])

@@ -151,6 +151,7 @@ def test_decode_window_runs_several_steps_and_drops_tokens_after_a_stop():
     s.add(b)
     out, _ = run_step(s, token=1)  # prefill both: a plain step
     assert out.num_decode_steps == 1
+    s.window_ramp = 4  # past the ramp after the prefill (test_decode_windows_ramp_up_after_each_prefill)
     out = s.schedule()
     assert [(c.request_id, c.num_steps, c.token_ids) for c in out.chunks] == [(0, 4, [1]), (1, 2, [1])]
     # the schedule reserved room for every step of the window: 5 + 4 and 20 + 2 tokens
@@ -163,11 +164,37 @@ def test_decode_window_runs_several_steps_and_drops_tokens_after_a_stop():
     check_pages(s)
 
 
+def test_decode_windows_ramp_up_after_each_prefill():
+    """After a step that prefilled, windows run 1, 2, 4, ... steps up to max_decode_steps, so a request that arrives
+    meanwhile waits a few steps, not a full window; a new admission starts the ramp again, and a rolled-back window
+    leaves the ramp as it was."""
+    s = make_scheduler(num_pages=64, max_num_seqs=4, max_decode_steps=8)
+    s.add(request(0, 5, max_new_tokens=100))
+    windows = [run_step(s)[0].num_decode_steps for _ in range(7)]
+    assert windows == [1, 1, 2, 4, 8, 8, 8]  # the prefill step, then the ramp
+    s.add(request(1, 5, max_new_tokens=100))
+    windows = [run_step(s)[0].num_decode_steps for _ in range(2)]
+    assert windows == [1, 1]  # the admission (with request 0's decode), then the ramp from 1
+    assert s.schedule().num_decode_steps == 2 and s.window_ramp == 4
+    s.rollback()  # the failed window leaves the ramp as it was: the retry runs the same 2 steps
+    assert s.window_ramp == 2 and s.schedule().num_decode_steps == 2
+    s.rollback()
+    s.add(request(2, 5, max_new_tokens=100))
+    s.schedule()  # admits request 2: the ramp restarts, unless the step is rolled back
+    assert s.window_ramp == 1
+    s.rollback()
+    assert s.window_ramp == 2
+    windows = [run_step(s)[0].num_decode_steps for _ in range(4)]
+    assert windows == [1, 1, 2, 4]  # request 2 admitted, then the ramp
+    check_pages(s)
+
+
 def test_decode_window_continues_with_exact_positions():
     s = make_scheduler(num_pages=16, max_decode_steps=4)
     a = request(0, 14, max_new_tokens=20)
     s.add(a)
     run_step(s, token=1)
+    s.window_ramp = 4
     out, _ = run_step(s, token=2)  # positions 14..17: crosses into the second page
     assert out.num_decode_steps == 4 and a.num_computed_tokens == 18 == s.kv.length(0)
     assert a.output_token_ids == [1, 2, 2, 2, 2] and len(s.kv.block_table(0)) == 2
@@ -183,6 +210,7 @@ def test_no_decode_window_while_a_request_could_be_admitted_or_pages_are_short()
     s.add(request(1, 5, max_new_tokens=10))
     out, _ = run_step(s)
     assert out.num_decode_steps == 1  # admitted the waiting request instead
+    s.window_ramp = 8
     out, _ = run_step(s)
     assert out.num_decode_steps == 8
     tight = make_scheduler(num_pages=3, max_decode_steps=8)
