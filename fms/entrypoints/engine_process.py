@@ -34,6 +34,7 @@ import traceback
 from typing import Hashable
 
 from fms.entrypoints.async_engine import AsyncEngine, Delta, EngineOverloaded, EngineStopped, RequestStream, post_deltas
+from fms.entrypoints.heap import freeze_startup_heap
 from fms.entrypoints.metrics import FinishedRequest
 from fms.runtime.sampler import TokenLogprobs
 from fms.serving.detokenizer import INITIAL_CONTEXT_TOKENS
@@ -137,6 +138,7 @@ def run_engine_process(args, conn, parent_pid: int) -> None:
     info = {"vocab_size": engine.model.config.vocab_size, "max_model_len": engine.max_model_len,
             "name": loaded.name, "random_weights": loaded.checkpoint is None, "pid": os.getpid(),
             "stats": async_engine.stats}
+    freeze_startup_heap()  # the engine, model and graphs stay until exit: out of the collector's full scans
     with lock:
         conn.send(("ready", info))
     async_engine.start()

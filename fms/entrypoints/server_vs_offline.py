@@ -27,6 +27,7 @@ import torch
 
 from fms.bench.processes import child_pids, thread_cpu_s
 from fms.entrypoints.bench_serve import BenchRequest, _commit, run_load, summarize
+from fms.entrypoints.heap import frozen_heap
 
 TARGET_RATIO = 0.9
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding `fms`: the child server imports it from here
@@ -140,11 +141,12 @@ def run_offline(config: "ServerVsOfflineConfig", requests, warmup) -> dict:
 
     run(warmup)
     durations, engine_runs = [], []
-    for _ in range(config.repeats):
-        before = _engine_part(engine.stats())
-        outs, duration = run(requests)
-        durations.append(duration)
-        engine_runs.append(_engine_delta(before, _engine_part(engine.stats())))
+    with frozen_heap():  # as the server's processes run (fms.entrypoints.heap); thawed so the engine can be freed
+        for _ in range(config.repeats):
+            before = _engine_part(engine.stats())
+            outs, duration = run(requests)
+            durations.append(duration)
+            engine_runs.append(_engine_delta(before, _engine_part(engine.stats())))
     duration = min(durations)
     num_out = sum(len(o.token_ids) for o in outs)
     num_in = sum(r.prompt_len for r in requests)
@@ -277,7 +279,9 @@ def run_server(config: "ServerVsOfflineConfig", requests, warmup) -> dict:
         runs, engine_ttft_ms, engine_runs = [], [], []
         for _ in range(config.repeats):
             ttft_sum, ttft_count, engine_before = _server_totals(url)
-            runs.append(asyncio.run(run_load(url, model, requests, float("inf"), None, config.seed, progress=False)))
+            with frozen_heap():  # the client's collections must not pause the burst it sends (fms.entrypoints.heap)
+                runs.append(asyncio.run(run_load(url, model, requests, float("inf"), None, config.seed,
+                                                 progress=False)))
             ttft_sum_after, ttft_count_after, engine_after = _server_totals(url)
             engine_runs.append(_engine_delta(engine_before, engine_after))
             count = ttft_count_after - ttft_count

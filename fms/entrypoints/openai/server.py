@@ -42,6 +42,7 @@ from pydantic import BaseModel, ValidationError
 from fms.entrypoints.async_engine import (AsyncEngine, Delta, EngineFollowers, EngineOverloaded, EngineStopped,
                                           RequestStream)
 from fms.entrypoints.chat import ChatTemplateError, render_chat, special_token_texts
+from fms.entrypoints.heap import frozen_heap
 from fms.entrypoints.metrics import CONTENT_TYPE, ServerMetrics
 from fms.entrypoints.openai.protocol import ApiError, ChatCompletionRequest, CompletionRequest
 from fms.runtime.sampler import TokenLogprobs
@@ -614,7 +615,8 @@ def run_server(state: ServerState, host: str, port: int, log_level: str = "info"
     sys.setswitchinterval(switch_interval_s())
     state.async_engine.start()
     try:
-        server.run()
+        with frozen_heap():  # the app, tokenizer (and the engine, in this process) live while it serves
+            server.run()
     finally:
         state.async_engine.shutdown(timeout_s=shutdown_timeout_s)
     failure = state.async_engine.failure
