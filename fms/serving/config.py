@@ -45,7 +45,7 @@ class EngineConfig:
     1, 2, 4, ..., 256; without the 1 when the decode step is compiled, COMPILED_GRAPH_BATCH_SIZES).
     max_decode_steps: when every running request is decoding and none could be admitted, up to this
     many decode steps run back to back on the device with one host synchronization (a decode window;
-    1 = synchronize every token). After a step that prefilled, windows ramp up 1, 2, 4, ... to it.
+    1 = synchronize every token). While the batch has room, windows ramp up 1, 2, 4, ... to it after each step that prefilled.
     compile_decode / compile_prefill: torch.compile the decode step (before graph capture) and the
     packed prefill forward (default on CUDA; each falls back to eager if compilation fails).
     combo_kernels: let inductor fuse the decode step's independent small kernels horizontally

@@ -76,10 +76,11 @@ class Scheduler:
         if max_decode_steps < 1:
             raise ValueError(f"max_decode_steps must be >= 1, got {max_decode_steps}")
         self.max_decode_steps = max_decode_steps
-        # The next window's most steps: 1 after a step that prefilled (admitted or resumed) anything, doubled after
-        # each window up to max_decode_steps. Requests that arrive while a window runs wait for its end; a burst
-        # that reaches the engine over several steps (an HTTP server admits one request at a time) would otherwise
-        # wait for full windows of the few that came first.
+        # The next window's most steps while the batch has room: 1 after a step that prefilled (admitted or resumed)
+        # anything, doubled after each window up to max_decode_steps. Requests that arrive while a window runs wait
+        # for its end; a burst that reaches the engine over several steps (an HTTP server admits one request at a
+        # time) would otherwise wait for full windows of the few that came first. A full batch runs full windows:
+        # no arrival could join it, and a busy server admits after every window as requests finish.
         self.window_ramp = 1
         self._ramp_before = 1
         if max_num_seqs > kv.max_num_seqs:
@@ -281,8 +282,8 @@ class Scheduler:
         A window runs when every running request is decoding, none waits that could be admitted
         instead, and the pool holds every row's pages for the whole window (otherwise a plain step,
         which may preempt). A row runs at most until its max_new_tokens; one that stops early (EOS,
-        stop token) finishes after the window, and its extra tokens are dropped. A window runs at most
-        window_ramp steps (1, 2, 4, ... after a prefill).
+        stop token) finishes after the window, and its extra tokens are dropped. While the batch has room,
+        a window runs at most window_ramp steps (1, 2, 4, ... after a prefill).
         """
         if self.max_decode_steps == 1 or not self.running:
             return None
@@ -292,7 +293,9 @@ class Scheduler:
             return None
         if any(r.num_tokens_to_compute != 1 for r in self.running):
             return None
-        limit = min(self.max_decode_steps, self.window_ramp)
+        # a full batch admits no one before some request finishes: nothing to ramp for
+        limit = self.max_decode_steps if len(self.running) >= self.max_num_seqs else min(self.max_decode_steps,
+                                                                                          self.window_ramp)
         steps = [min(limit, r.params.max_new_tokens - len(r.output_token_ids)) for r in self.running]
         if self.kv.checkpoints is not None:  # a hybrid's window stops where a Mamba-state checkpoint is wanted
             steps = [min(n, self.kv.decode_steps_until_checkpoint(r.request_id)) for r, n in zip(self.running, steps)]

@@ -186,6 +186,9 @@ def test_decode_windows_ramp_up_after_each_prefill():
     assert s.window_ramp == 2
     windows = [run_step(s)[0].num_decode_steps for _ in range(4)]
     assert windows == [1, 1, 2, 4]  # request 2 admitted, then the ramp
+    s.add(request(3, 5, max_new_tokens=100))
+    windows = [run_step(s)[0].num_decode_steps for _ in range(3)]
+    assert windows == [1, 8, 8]  # the batch is full (max_num_seqs 4): no one else could join, full windows
     check_pages(s)
 
 
