@@ -6,18 +6,29 @@
 # (--cuda_graph_sizes with 1: the one-row kernel, one more trace at start-up); b6ed921 as the reference (899
 # tok/s in session 17); then the start-ups the default must keep (Granite-4.0-H-1B <= 30 s), the 8B's
 # recompiles (a1c31d7 should leave none), fp32 eval with and without the shared context, and issue 18's server.
-# Usage: run.sh build (here, before the calls: .gpu = HEAD, .wO = b6ed921); run.sh OUT PART (carry .gpu .wO .whl)
+# Later in the session (CPU only): the server's POST routes became plain ASGI (edee959), decode windows ramp up
+# after each prefill while the batch has room (72b5d43, 83de6e3), and the server's processes freeze their start-up
+# heap (3e48551). Parts c and d compare main with .wA = main without the first two (FastAPI routes, no ramp, heap
+# frozen as in main), alternated.
+# Usage: run.sh build (here, before the calls: .gpu = HEAD, .wO = b6ed921, .wA = HEAD with edee959, 72b5d43 and
+#        83de6e3 reversed); run.sh OUT PART (carry .gpu .wO .wA .whl)
 #   part a (~420 s): CUDA tests; GEMV timing at 1 and 2 rows; 1B serving + batch-1: main, main FMS_GEMV=1,
 #     main with a batch-1 graph, b6ed921
 #   part t (~500 s): the GEMV sweep at 1 and 2 rows written into this GPU's table (.gpu/fms/resources/gemv, copied
 #     to OUT: commit it if it wins), then 1B serving + batch-1 with the table, and with the table and FMS_GEMV=1
 #   part b (~330 s): cold start-ups of Granite-4.0-H-1B (twice) and the 8B; fp32 eval, context shared and not
-#   part c (~300 s, needs .whl): server vs offline, without and with compile
+#   part c (~500 s, needs .whl): server vs offline without compile: main, .wA, main, .wA
+#   part d (~360 s, needs .whl): server vs offline compiled: main, .wA
 #   part f (~150 s): the smallest useful call: two-row GEMV timing, 1B batch-1 main and main FMS_GEMV=1
 set -u
 if [ "${1:-}" = build ]; then
   rm -rf .gpu .wO && mkdir .gpu .wO && git archive HEAD | tar -x -C .gpu && git rev-parse --short HEAD > .gpu/COMMIT \
-    && git archive b6ed921 | tar -x -C .wO && echo b6ed921 > .wO/COMMIT && cat .gpu/COMMIT .wO/COMMIT; exit $?
+    && git archive b6ed921 | tar -x -C .wO && echo b6ed921 > .wO/COMMIT \
+    && rm -rf .wA && mkdir .wA && git archive HEAD | tar -x -C .wA \
+    && git show edee959 -- fms tests | patch -R -p1 -s -d .wA && git show 83de6e3 -- fms tests | patch -R -p1 -s -d .wA \
+    && git show 72b5d43 -- fms tests | patch -R -p1 -s -d .wA \
+    && echo "$(git rev-parse --short HEAD)-edee959-72b5d43-83de6e3" > .wA/COMMIT && cat .gpu/COMMIT .wO/COMMIT .wA/COMMIT
+  exit $?
 fi
 OUT=${1:?out dir}; PART=${2:?part}
 source final_project/results/device_steps.sh
@@ -61,10 +72,16 @@ case $PART in
     done
     ;;
   c)
-    step server_vs_offline 120 python3 scripts/bench_server_vs_offline.py --repeats 3 --engine-args=--no-compile \
-      --output "$OUT/server_vs_offline.json"
-    step server_vs_offline_compiled 170 python3 scripts/bench_server_vs_offline.py --repeats 3 --server-timeout 120 \
-      --output "$OUT/server_vs_offline_compiled.json"
+    for run in gpu1 wA1 gpu2 wA2; do
+      TREE=.${run%?} step server_vs_offline_$run 120 python3 scripts/bench_server_vs_offline.py --repeats 3 \
+        --engine-args=--no-compile --output "$OUT/server_vs_offline_$run.json"
+    done
+    ;;
+  d)
+    for tree in gpu wA; do
+      TREE=.$tree step server_vs_offline_compiled_$tree 170 python3 scripts/bench_server_vs_offline.py --repeats 3 \
+        --server-timeout 120 --output "$OUT/server_vs_offline_compiled_$tree.json"
+    done
     ;;
   f)
     step gemv_rows2 50 python3 scripts/bench_gemv.py --configs tuned --rows 2 --results_dir "$OUT"
