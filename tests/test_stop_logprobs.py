@@ -157,6 +157,21 @@ def test_incremental_text_equals_a_whole_decode(tokenizer):
     assert windowed.text == text
 
 
+def test_a_window_ending_mid_character_still_finds_its_stop_at_the_right_token(tokenizer):
+    """A window whose last token is the first byte of a two-byte character decodes to no text as a whole; a stop
+    string completed by an earlier token of it must still end the output at that token, not a window later."""
+    words = tokenizer.encode("the garden path ends here", add_bos=False)
+    first_byte, second_byte = tokenizer.encode("\u00e9", add_bos=False)  # one character, two byte tokens
+    assert tokenizer.decode([first_byte]).endswith("\ufffd")
+    keep = next(k for k in range(1, len(words) + 1) if "path" in tokenizer.decode(words[:k]))
+    detok = IncrementalDetokenizer(tokenizer, [1], stop=["path"])
+    assert detok.add_tokens(words + [first_byte]) == keep  # the token that completed "path"
+    assert detok.stop_reason == "path" and detok.text == "the garden "
+    plain = IncrementalDetokenizer(tokenizer, [1], stop=["zzz"])  # no stop: the character completes next window
+    assert plain.add_tokens(words + [first_byte]) is None and plain.add_tokens([second_byte, words[0]]) is None
+    assert plain.text == tokenizer.decode(words + [first_byte, second_byte, words[0]])
+
+
 def test_stable_text_holds_back_a_possible_stop_prefix(tokenizer):
     detok = IncrementalDetokenizer(tokenizer, [1], stop=["END!"])
     detok.add_tokens(tokenizer.encode("cache EN", add_bos=False))

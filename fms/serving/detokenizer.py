@@ -46,14 +46,18 @@ class IncrementalDetokenizer:
 
         A decode window's tokens are decoded together (two tokenizer calls, not two per token); only when
         a stop string may have appeared are they replayed one by one to find the token that completed it.
+        They are replayed too when the window gave no text: its last token ends mid-character, which holds
+        back the text of the tokens before it, and a stop string among them would be found one window late
+        and credited to a later token.
         """
         if len(token_ids) > 1:
             saved = (len(self._ids), self._prefix_offset, self._read_offset, self.num_output_tokens, self.text)
             self._ids.extend(int(t) for t in token_ids)
             self.num_output_tokens += len(token_ids)
             start = len(self.text)
-            self.text += self._next_text()
-            if not self.stop or self.num_output_tokens <= self.min_tokens or not self._has_stop(start):
+            new_text = self._next_text()
+            self.text += new_text
+            if not self.stop or self.num_output_tokens <= self.min_tokens or (new_text and not self._has_stop(start)):
                 return None
             num_ids, self._prefix_offset, self._read_offset, self.num_output_tokens, self.text = saved
             del self._ids[num_ids:]
