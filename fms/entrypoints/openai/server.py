@@ -307,8 +307,10 @@ class _PostRoutes:
         finally:
             for t in (task, watcher):
                 t.cancel()
-        if task.done() and not task.cancelled():
-            task.result()  # an error while sending (the client went away): uvicorn logs it
+            # a cancelled request finishes its cleanup (its engine requests aborted) before this returns
+            await asyncio.gather(task, watcher, return_exceptions=True)
+        if not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # an error while streaming: uvicorn logs it and closes the connection
 
     @staticmethod
     async def _until_disconnect(receive) -> None:
