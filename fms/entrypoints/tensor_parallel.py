@@ -130,6 +130,7 @@ def generate_rank(args):
 def serve_rank(args, rank0_pid, parent_pid: int) -> int:
     from fms.entrypoints.commands import LOG_FORMAT, serve_engine
     from fms.entrypoints.engine_args import build_engine
+    from fms.entrypoints.heap import freeze_startup_heap
 
     os.setpgrp()  # a terminal's Ctrl-C goes to the fms command, which forwards it to rank 0 alone
     tp = current_tensor_parallel()
@@ -149,6 +150,8 @@ def serve_rank(args, rank0_pid, parent_pid: int) -> int:
     _watch_parent(parent_pid, tp.rank, args.shutdown_timeout)
     engine, loaded = build_engine(args)
     if tp.rank != 0:
+        # a follower keeps its engine until it exits; a full collection there would stall every rank's collectives
+        freeze_startup_heap()
         return follow(engine, channel)
     followers = EventBroadcast(channel)
     if stop_requested.is_set():
