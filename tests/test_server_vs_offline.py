@@ -33,3 +33,14 @@ def test_the_script_reports_a_bad_flag_as_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         bench_server_vs_offline.main(["--num-prompts", "0"])
     assert e.value.code == 2 and "num_prompts must be an int >= 1, got 0" in capsys.readouterr().err
+
+
+def test_reports_name_the_tree_run_not_the_repository_around_it(monkeypatch):
+    """A device run's tree is copied without its .git inside the repository (run.sh's .gpu / .wA); FMS_GIT_COMMIT
+    names it, as fms.bench.results.git_commit does for the other benchmarks."""
+    from fms.entrypoints.bench_serve import _commit
+
+    monkeypatch.setenv("FMS_GIT_COMMIT", "abc1234-edee959")
+    assert _commit() == "abc1234-edee959"
+    monkeypatch.delenv("FMS_GIT_COMMIT")
+    assert _commit() != "abc1234-edee959"

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import random
 import shlex
 import subprocess
@@ -231,6 +232,10 @@ async def _server_model(base_url: str) -> tuple[str, int | None]:
 
 
 def _commit() -> str | None:
+    """FMS_GIT_COMMIT when set (fms.bench.results.COMMIT_ENV: a device run's tree copied without its .git, which
+    git would answer for from the repository around it), else `git rev-parse HEAD` beside this file."""
+    if os.environ.get("FMS_GIT_COMMIT"):
+        return os.environ["FMS_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                               cwd=Path(__file__).resolve().parent).stdout.strip() or None
