@@ -20,6 +20,7 @@
 #   part c (~500 s, needs .whl): server vs offline without compile: main, .wA, main, .wA
 #   part d (~360 s, needs .whl): server vs offline compiled: main, .wA
 #   part f (~150 s): the smallest useful call: two-row GEMV timing, 1B batch-1 main and main FMS_GEMV=1
+# Tables of the unpacked parts: python final_project/results/session18/summarize.py final_project/results/session18/*/
 # Order for a session's 30 device minutes (parts a, c, b, t, d add up to ~35 min with start-ups): a, then c, then b,
 # then t; d last if time is left. Calls made back to back find the machine warm.
 set -u
