@@ -17,6 +17,7 @@
 #   part t (~500 s): the GEMV sweep at 1 and 2 rows written into this GPU's table (.gpu/fms/resources/gemv, copied
 #     to OUT: commit it if it wins), then 1B serving + batch-1 with the table, and with the table and FMS_GEMV=1
 #   part b (~330 s): cold start-ups of Granite-4.0-H-1B (twice) and the 8B; fp32 eval, context shared and not
+#   (.wA also reverses 226fe1a, a later change to the ASGI routes)
 #   part c (~500 s, needs .whl): server vs offline without compile: main, .wA, main, .wA
 #   part d (~360 s, needs .whl): server vs offline compiled: main, .wA
 #   part f (~150 s): the smallest useful call: two-row GEMV timing, 1B batch-1 main and main FMS_GEMV=1
@@ -28,9 +29,10 @@ if [ "${1:-}" = build ]; then
   rm -rf .gpu .wO && mkdir .gpu .wO && git archive HEAD | tar -x -C .gpu && git rev-parse --short HEAD > .gpu/COMMIT \
     && git archive b6ed921 | tar -x -C .wO && echo b6ed921 > .wO/COMMIT \
     && rm -rf .wA && mkdir .wA && git archive HEAD | tar -x -C .wA \
+    && git show 226fe1a -- fms tests | patch -R -p1 -s -d .wA \
     && git show edee959 -- fms tests | patch -R -p1 -s -d .wA && git show 83de6e3 -- fms tests | patch -R -p1 -s -d .wA \
     && git show 72b5d43 -- fms tests | patch -R -p1 -s -d .wA \
-    && echo "$(git rev-parse --short HEAD)-edee959-72b5d43-83de6e3" > .wA/COMMIT && cat .gpu/COMMIT .wO/COMMIT .wA/COMMIT
+    && echo "$(git rev-parse --short HEAD)-edee959-226fe1a-72b5d43-83de6e3" > .wA/COMMIT && cat .gpu/COMMIT .wO/COMMIT .wA/COMMIT
   exit $?
 fi
 OUT=${1:?out dir}; PART=${2:?part}
