@@ -20,6 +20,7 @@
 #   (.wA also reverses 226fe1a, a later change to the ASGI routes)
 #   part c (~500 s, needs .whl): server vs offline without compile: main, .wA, main, .wA
 #   part d (~360 s, needs .whl): server vs offline compiled: main, .wA
+#   part g (~230 s): main with the committed H200 GEMV table (see the case below)
 #   part f (~150 s): the smallest useful call: two-row GEMV timing, 1B batch-1 main and main FMS_GEMV=1
 # Tables of the unpacked parts: python final_project/results/session18/summarize.py final_project/results/session18/*/
 # Order for a session's 30 device minutes (parts a, c, b, t, d add up to ~35 min with start-ups): a, then c, then b,
@@ -87,6 +88,14 @@ case $PART in
       TREE=.$tree step server_vs_offline_compiled_$tree 170 python3 scripts/bench_server_vs_offline.py --repeats 3 \
         --server-timeout 120 --output "$OUT/server_vs_offline_compiled_$tree.json"
     done
+    ;;
+  g)  # ~230 s, after parts a-c and t ran: main with the H200 GEMV table committed (default graphs, then a batch-1
+      # graph of its own), b6ed921 beside it, and Granite-4.0-H-1B's cold start with the table
+    serving gpu_tab
+    serving gpu_tab_b1graph $WITH_B1
+    TREE=.wO serving wO_g
+    step startup_gh_tab 100 python3 scripts/bench_startup.py --models granite_hybrid:4.0-h-1b --runs cold --timeout 90 \
+      --output "$OUT/startup_gh_tab.json"
     ;;
   f)
     step gemv_rows2 50 python3 scripts/bench_gemv.py --configs tuned --rows 2 --results_dir "$OUT"
