@@ -14,15 +14,14 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import random
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from fms.bench.commit import git_commit
 from fms.entrypoints.heap import frozen_heap
 
 DEFAULT_PERCENTILES = (50, 90, 99)
@@ -232,15 +231,10 @@ async def _server_model(base_url: str) -> tuple[str, int | None]:
 
 
 def _commit() -> str | None:
-    """FMS_GIT_COMMIT when set (fms.bench.results.COMMIT_ENV: a device run's tree copied without its .git, which
-    git would answer for from the repository around it), else `git rev-parse HEAD` beside this file."""
-    if os.environ.get("FMS_GIT_COMMIT"):
-        return os.environ["FMS_GIT_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).resolve().parent).stdout.strip() or None
-    except Exception:
-        return None
+    """FMS_GIT_COMMIT when set (a device run's tree copied without its .git), else `git rev-parse HEAD` beside this
+    file; None when neither answers."""
+    commit = git_commit(cwd=Path(__file__).resolve().parent)
+    return None if commit == "unknown" else commit
 
 
 def _parse_goodput(items: list[str] | None) -> dict[str, float]:
