@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from fms.triton.gemv import BLOCKS, CUBLAS, MAX_ROWS, gemv, read_table, table_path, tuned_choice, write_table
+from fms.triton.gemv import BLOCKS, CUBLAS, MAX_ROWS, gemv, read_table, table_choice, table_path, write_table
 from fms.bench.results import run_metadata
 
 
@@ -96,7 +96,7 @@ def main():
     configs = list(itertools.product((1, 2, 4, 8, 16), (128, 256, 512, 1024), (2, 4, 8), (2,)))
 
     def engine_configs(n, k, silu_mul):  # what the engine runs for this shape: the table's kernel choice or BLOCKS
-        choice = tuned_choice(torch.empty(0, device=dev), torch.empty(n, k, device="meta"), args.rows, silu_mul)
+        choice = table_choice(torch.cuda.current_device(), args.rows, n, k, silu_mul)
         return [BLOCKS if choice == CUBLAS else choice]
 
     rows, full = [], {}

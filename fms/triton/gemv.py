@@ -151,13 +151,17 @@ def _table_for(device_index: int) -> dict:
     return read_table(path) if path.is_file() else {}
 
 
+def table_choice(device_index: int, rows: int, n: int, k: int, silu_mul: bool):
+    """The table's choice on this CUDA device for rows of a (n, k) weight (blocks or CUBLAS), else BLOCKS."""
+    return _table_for(device_index).get((rows, n, k, silu_mul), BLOCKS)
+
+
 def tuned_choice(x: torch.Tensor, weight: torch.Tensor, rows: int, silu_mul: bool):
-    """The table's choice for this GPU and shape (blocks or CUBLAS), else BLOCKS."""
+    """table_choice for x's device and this weight; BLOCKS off CUDA."""
     if not x.is_cuda:
         return BLOCKS
-    n, k = weight.shape
-    return _table_for(x.device.index if x.device.index is not None else torch.cuda.current_device()).get(
-        (rows, n, k, silu_mul), BLOCKS)
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return table_choice(index, rows, *weight.shape, silu_mul)
 
 
 def gemv_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
