@@ -40,6 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--max_decode_steps", type=int, default=None, help="default: the engine's")
     p.add_argument("--num_pages", type=int, default=None)
     p.add_argument("--step_batch_sizes", default="1,8,32,128", help="decode-step device time per batch size")
+    p.add_argument("--kernel_batch_sizes", default="1,128",
+                   help="decode-step graphs whose kernels are tabled (idle rows: weights, no KV)")
     p.add_argument("--top", type=int, default=20)
     return p, p.parse_args(argv)
 
@@ -47,7 +49,8 @@ def parse_args(argv=None):
 def main(argv=None):
     parser, args = parse_args(argv)
     lo, _, hi = args.prompt_range.partition(",")
-    options = dict(vars(args), prompt_range=(int(lo), int(hi or lo)), step_batch_sizes=_ints(args.step_batch_sizes))
+    options = dict(vars(args), prompt_range=(int(lo), int(hi or lo)), step_batch_sizes=_ints(args.step_batch_sizes),
+                   kernel_batch_sizes=_ints(args.kernel_batch_sizes))
     argv = sys.argv[1:] if argv is None else argv
     try:
         config = ServingProfileConfig(**options, command=" ".join(

@@ -28,6 +28,7 @@ class ServingProfileConfig:
     max_decode_steps: int | None = None
     num_pages: int | None = None
     step_batch_sizes: tuple[int, ...] = (1, 8, 32, 128)
+    kernel_batch_sizes: tuple[int, ...] = (1, 128)
     top: int = 20
     command: str = "scripts/profile_serving.py"
 
@@ -73,10 +74,13 @@ def step_times(engine, batch_sizes) -> list[dict]:
     return out
 
 
-def _step_kernels(engine, activities, top: int) -> list[dict]:
-    """The kernels inside one batch-1 decode-step graph, per step (10 replays)."""
+def _step_kernels(engine, activities, top: int, batch_size: int) -> list[dict]:
+    """The kernels inside one decode-step graph of the bucket that holds batch_size, per step (10 replays)."""
     dec = engine.runner.decoder
-    graph = dec.idle_graph(1)
+    size = next((s for s in dec.batch_sizes if s >= batch_size), None)
+    if size is None:
+        return []
+    graph = dec.idle_graph(size)
     with torch.profiler.profile(activities=activities) as step_prof:
         for _ in range(10):
             dec.step_index.zero_()
@@ -85,14 +89,19 @@ def _step_kernels(engine, activities, top: int) -> list[dict]:
     rows = _table(step_prof, "self_device_ms", top)
     for r in rows:
         r["per_step_us"] = r["self_device_ms"] * 100  # 10 replays
+        r["graph_batch_size"] = size
     return rows
 
 
 def print_profile(results: dict) -> None:
-    if results["batch1_step_kernels"]:
-        print(f"{'batch-1 decode step kernel':<92}{'count':>7}{'us/step':>10}")
-        for r in results["batch1_step_kernels"]:
-            print(f"{r['name']:<92}{r['count']:>7}{r['per_step_us']:>10.1f}")
+    for batch_size, rows in results["step_kernels"].items():
+        if rows:
+            total = sum(r["per_step_us"] for r in rows)
+            title = f"decode step kernel, graph of batch {rows[0]['graph_batch_size']} (idle rows)"
+            print(f"{title:<92}{'count':>7}{'us/step':>10}")
+            for r in rows:
+                print(f"{r['name']:<92}{r['count']:>7}{r['per_step_us']:>10.1f}")
+            print(f"{'  these rows in all':<92}{'':>7}{total:>10.1f}")
     print(f"{'kernel (self device ms)':<92}{'count':>7}{'ms':>10}")
     for r in results["kernels"]:
         print(f"{r['name']:<92}{r['count']:>7}{r['self_device_ms']:>10.2f}")
@@ -127,7 +136,8 @@ def profile_serving(config: ServingProfileConfig) -> dict:
                "variant": config.variant, "num_requests": config.num_requests, "output_len": config.output_len,
                "kernels": _table(prof, "self_device_ms", config.top) if is_cuda else [],
                "host_ops": _table(prof, "self_cpu_ms", config.top),
-               "batch1_step_kernels": _step_kernels(engine, activities, config.top) if graphed else [],
+               "step_kernels": {str(b): _step_kernels(engine, activities, config.top, b) if graphed else []
+                                for b in config.kernel_batch_sizes},
                "engine_stats": engine.stats(),
                "decode_step_ms": step_times(engine, config.step_batch_sizes) if is_cuda else []}
     print_profile(results)
