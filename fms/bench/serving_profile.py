@@ -51,12 +51,17 @@ def _table(prof, key: str, top: int) -> list[dict]:
     return rows[:top]
 
 
+def _graph_bucket(dec, batch_size: int) -> int | None:
+    """The captured decode-graph batch size that holds batch_size; None without graphs or past the largest."""
+    return next((s for s in dec.batch_sizes if s >= batch_size), None) if dec.use_graphs else None
+
+
 def step_times(engine, batch_sizes) -> list[dict]:
     """Median device ms of one decode step per batch size: replays of the runner's graphs on idle rows."""
     dec = engine.runner.decoder
     out = []
     for b in batch_sizes:
-        size = next((s for s in dec.batch_sizes if s >= b), None) if dec.use_graphs else None
+        size = _graph_bucket(dec, b)
         if size is None:
             continue
         graph = dec.idle_graph(size)
@@ -77,7 +82,7 @@ def step_times(engine, batch_sizes) -> list[dict]:
 def _step_kernels(engine, activities, top: int, batch_size: int) -> list[dict]:
     """The kernels inside one decode-step graph of the bucket that holds batch_size, per step (10 replays)."""
     dec = engine.runner.decoder
-    size = next((s for s in dec.batch_sizes if s >= batch_size), None)
+    size = _graph_bucket(dec, batch_size)
     if size is None:
         return []
     graph = dec.idle_graph(size)

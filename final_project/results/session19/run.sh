@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Session 19 device runs. NOT RUN on a device yet (session 19 lost most of its time to an outage). A CPU dry
-# run of part p (PROFILE_ARGS='--num_requests 4 --output_len 8') hit its 200 s limit after the profiled run, where
-# the same command run directly with OMP_NUM_THREADS=2 takes 7 s: check the CPU dry run before a device call.
+# Session 19 device runs. NOT RUN on a device yet (session 19 lost most of its time to an outage). Part p's one
+# CPU dry run ran its full workload (128 requests x 128 tokens of llama micro on the CPU) and passed its 200 s
+# limit; that says nothing of the H200 (the same script with 4 requests finishes in 7 s here).
 # Usage: run.sh build (here: .gpu = HEAD, .wO = the baseline named in BASE);
 # run.sh OUT PART (carry .gpu and, for A/B parts, .wO)
 #   part p (~150 s): where the default engine's decode time goes on the H200: torch.profiler over a
