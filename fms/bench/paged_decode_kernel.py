@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128
+NUM_Q_HEADS, NUM_KV_HEADS = 32, 8  # Llama-3 8B and 3.2-1B both; head_dim is 128 and 64 (--head-dim)
 ROTATION_BYTES = 256 * 2**20  # K+V bytes to cycle through per timed function (>> 50 MB L2)
 MAX_SETS = 64
 BF16_ATOL = 2e-2
@@ -27,16 +27,19 @@ class PagedDecodeBenchConfig:
     context_lengths: list[int] = field(default_factory=lambda: [1024, 4096, 16384])
     num_splits: int | None = None
     pages_per_iter: int | None = None
-    num_warps: int = 4
-    num_stages: int = 3
+    num_warps: int | None = None  # None: the launcher's default for the head_dim (DECODE_LAUNCH)
+    num_stages: int | None = None
     sweep: bool = False
     flex: bool = False
     memory_fraction: float = 0.8
     out: str | None = None
     graphs: bool = True
     prefill: bool = False
+    head_dim: int = 128
 
     def __post_init__(self):
+        if self.head_dim not in (64, 128, 256):
+            raise ValueError(f"head_dim must be one of 64, 128, 256, got {self.head_dim}")
         if self.page_size not in (16, 32, 64, 128, 256):
             raise ValueError(f"page_size must be one of 16, 32, 64, 128, 256, got {self.page_size}")
         for name in ("batch_sizes", "context_lengths"):
@@ -46,28 +49,28 @@ class PagedDecodeBenchConfig:
             raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
 
 
-def make_set(batch_size, context_len, page_size, device, with_repeated):
+def make_set(batch_size, context_len, page_size, device, with_repeated, head_dim):
     """One input set: q, a shuffled page pool, and the same K/V contiguous for SDPA."""
     pages_per_seq = math.ceil(context_len / page_size)
     num_pages = batch_size * pages_per_seq
-    shape = (batch_size, NUM_KV_HEADS, context_len, HEAD_DIM)
+    shape = (batch_size, NUM_KV_HEADS, context_len, head_dim)
     dense_k = torch.randn(shape, device=device, dtype=torch.bfloat16)  # (B, Hkv, L, D)
     dense_v = torch.randn(shape, device=device, dtype=torch.bfloat16)
     page_table = torch.randperm(num_pages, device=device).to(torch.int32).view(batch_size, pages_per_seq)
     pos = torch.arange(context_len, device=device)
     slots = (page_table.long()[:, pos // page_size] * page_size + pos % page_size).flatten()  # (B*L,)
-    pool_shape = (NUM_KV_HEADS, num_pages * page_size, HEAD_DIM)
+    pool_shape = (NUM_KV_HEADS, num_pages * page_size, head_dim)
     k_pool = torch.zeros(pool_shape, device=device, dtype=torch.bfloat16)
     v_pool = torch.zeros(pool_shape, device=device, dtype=torch.bfloat16)
     # (B, Hkv, L, D) -> (Hkv, B*L, D) in slot order
-    k_pool[:, slots] = dense_k.transpose(0, 1).reshape(NUM_KV_HEADS, -1, HEAD_DIM)
-    v_pool[:, slots] = dense_v.transpose(0, 1).reshape(NUM_KV_HEADS, -1, HEAD_DIM)
+    k_pool[:, slots] = dense_k.transpose(0, 1).reshape(NUM_KV_HEADS, -1, head_dim)
+    v_pool[:, slots] = dense_v.transpose(0, 1).reshape(NUM_KV_HEADS, -1, head_dim)
     page_logical = torch.empty(num_pages, dtype=torch.int32, device=device)
     page_logical[page_table.long().flatten()] = torch.arange(pages_per_seq, device=device, dtype=torch.int32).repeat(
         batch_size
     )
     s = dict(
-        q=torch.randn(batch_size, NUM_Q_HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16),
+        q=torch.randn(batch_size, NUM_Q_HEADS, head_dim, device=device, dtype=torch.bfloat16),
         k_pool=k_pool,
         v_pool=v_pool,
         page_table=page_table,
@@ -123,7 +126,7 @@ def sweep_configs(page_size):
     for block_n in (32, 64, 128, 256):
         if block_n < page_size:
             continue
-        for num_warps, num_stages in ((4, 2), (4, 3), (4, 5), (8, 3)):
+        for num_warps, num_stages in ((2, 2), (2, 3), (4, 1), (4, 2), (4, 3), (4, 5), (8, 3)):
             configs.append(dict(pages_per_iter=block_n // page_size, num_warps=num_warps, num_stages=num_stages))
     return configs
 
@@ -136,6 +139,7 @@ def run_paged_decode_bench(args: "PagedDecodeBenchConfig") -> list[dict]:
 
     from fms.triton.paged_decode import (
         choose_num_splits,
+        default_launch,
         default_pages_per_iter,
         paged_decode_attention,
     )
@@ -144,7 +148,7 @@ def run_paged_decode_bench(args: "PagedDecodeBenchConfig") -> list[dict]:
     props = torch.cuda.get_device_properties(device)
     if args.prefill:
         return prefill_main(args, device, props)
-    scale = HEAD_DIM**-0.5
+    scale = args.head_dim**-0.5
     ps = args.page_size
     started = time.time()
     results = []
@@ -167,14 +171,14 @@ def run_paged_decode_bench(args: "PagedDecodeBenchConfig") -> list[dict]:
                 print(f"  graph capture failed ({type(e).__name__}: {e}); timing eagerly")
         return do_bench(rotating(fn, sets), warmup=rep // 4, rep=rep, return_mode="median")
 
-    print(f"{props.name}, {props.multi_processor_count} SMs; Hq={NUM_Q_HEADS} Hkv={NUM_KV_HEADS} D={HEAD_DIM} bf16, "
+    print(f"{props.name}, {props.multi_processor_count} SMs; Hq={NUM_Q_HEADS} Hkv={NUM_KV_HEADS} D={args.head_dim} bf16, "
           f"page_size={ps}")
     header = (f"{'batch':>5} {'ctx':>6} {'splits':>6} {'ours ms':>8} {'GB/s':>6} {'sdpa ms':>8} {'form':>4} "
               f"{'ours/sdpa':>9} {'max err':>8}" + (f" {'flex ms':>8}" if args.flex else "")
               + (f" {'best ms':>8} best config" if args.sweep else ""))
     print(header)
     for batch_size, context_len in itertools.product(args.batch_sizes, args.context_lengths):
-        kv_bytes = batch_size * context_len * NUM_KV_HEADS * HEAD_DIM * 2 * 2  # K+V, bf16
+        kv_bytes = batch_size * context_len * NUM_KV_HEADS * args.head_dim * 2 * 2  # K+V, bf16
         group = NUM_Q_HEADS // NUM_KV_HEADS
         free = torch.cuda.mem_get_info(device)[0] * args.memory_fraction
         set_bytes = 2 * kv_bytes  # pool + contiguous copy
@@ -185,11 +189,11 @@ def run_paged_decode_bench(args: "PagedDecodeBenchConfig") -> list[dict]:
                   f"{free / 2**30:.1f} GiB allowed")
             continue
         num_sets = max(1, min(MAX_SETS, math.ceil(ROTATION_BYTES / kv_bytes), int(free // per_set)))
-        sets = [make_set(batch_size, context_len, ps, device, with_repeated) for _ in range(num_sets)]
+        sets = [make_set(batch_size, context_len, ps, device, with_repeated, args.head_dim) for _ in range(num_sets)]
 
         knobs = dict(num_splits=args.num_splits, pages_per_iter=args.pages_per_iter,
                      num_warps=args.num_warps, num_stages=args.num_stages)
-        ppi = args.pages_per_iter or default_pages_per_iter(ps, HEAD_DIM)
+        ppi = args.pages_per_iter or default_pages_per_iter(ps, args.head_dim)
         splits = args.num_splits or choose_num_splits(
             batch_size, NUM_KV_HEADS, context_len, ps * ppi, props.multi_processor_count
         )
@@ -214,8 +218,9 @@ def run_paged_decode_bench(args: "PagedDecodeBenchConfig") -> list[dict]:
         if max_err > BF16_ATOL:
             print(f"  WARNING: max |ours - sdpa| = {max_err:.3g} > {BF16_ATOL} at batch {batch_size} ctx {context_len}")
 
+        _, warps, stages = default_launch(args.head_dim)
         row = dict(batch_size=batch_size, context_len=context_len, page_size=ps, num_splits=splits,
-                   pages_per_iter=ppi, num_warps=args.num_warps, num_stages=args.num_stages,
+                   pages_per_iter=ppi, num_warps=args.num_warps or warps, num_stages=args.num_stages or stages,
                    kv_bytes=kv_bytes, num_input_sets=num_sets, max_abs_err_vs_sdpa=max_err)
         row["ours_ms"] = bench(lambda s: ours(s, **knobs), sets)
         row["sdpa_gqa_ms"] = bench(sdpa_gqa, sets)
@@ -274,7 +279,7 @@ def run_paged_decode_bench(args: "PagedDecodeBenchConfig") -> list[dict]:
         torch=torch.__version__,
         triton=triton.__version__,
         python=platform.python_version(),
-        shape=dict(num_q_heads=NUM_Q_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, dtype="bfloat16"),
+        shape=dict(num_q_heads=NUM_Q_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=args.head_dim, dtype="bfloat16"),
         args=asdict(args),
         seconds=time.time() - started,
         results=results,
@@ -295,17 +300,17 @@ def prefill_main(args, device, props):
     from fms.modules.attention import flex_attention
     from fms.cache.paged import build_paged_block_mask
 
-    ps, scale, results = args.page_size, HEAD_DIM**-0.5, []
-    print(f"{props.name}: prefill, Hq={NUM_Q_HEADS} Hkv={NUM_KV_HEADS} D={HEAD_DIM} bf16, page_size={ps}")
+    ps, scale, results = args.page_size, args.head_dim**-0.5, []
+    print(f"{props.name}: prefill, Hq={NUM_Q_HEADS} Hkv={NUM_KV_HEADS} D={args.head_dim} bf16, page_size={ps}")
     print(f"{'batch':>5} {'ctx':>6} {'paged ms':>9} {'sdpa ms':>8} {'paged/sdpa':>10} {'TFLOP/s':>8} {'max err':>8}")
     for batch_size, context_len in itertools.product(args.batch_sizes, args.context_lengths):
         tokens = batch_size * context_len
-        need = tokens * (NUM_Q_HEADS * 3 + NUM_KV_HEADS * 4) * HEAD_DIM * 2
+        need = tokens * (NUM_Q_HEADS * 3 + NUM_KV_HEADS * 4) * args.head_dim * 2
         if need > torch.cuda.mem_get_info(device)[0] * args.memory_fraction or tokens > 2**20:
             print(f"{batch_size:>5} {context_len:>6}  skipped (memory)")
             continue
-        s = make_set(batch_size, context_len, ps, device, False)
-        q = torch.randn(batch_size, NUM_Q_HEADS, context_len, HEAD_DIM, device=device, dtype=torch.bfloat16)
+        s = make_set(batch_size, context_len, ps, device, False, args.head_dim)
+        q = torch.randn(batch_size, NUM_Q_HEADS, context_len, args.head_dim, device=device, dtype=torch.bfloat16)
         q_start = torch.zeros(batch_size, dtype=torch.int64, device=device)
         num_new = torch.full((batch_size,), context_len, dtype=torch.int64, device=device)
         mask = build_paged_block_mask(s["page_table"], q_start, num_new, context_len, ps, s["page_logical"],
@@ -324,7 +329,7 @@ def prefill_main(args, device, props):
         err = (paged().float() - sdpa().float()).abs().max().item()
         paged_ms = do_bench(paged, warmup=10, rep=50, return_mode="median")
         sdpa_ms = do_bench(sdpa, warmup=10, rep=50, return_mode="median")
-        flops = 4 * batch_size * NUM_Q_HEADS * HEAD_DIM * context_len * context_len / 2  # causal half
+        flops = 4 * batch_size * NUM_Q_HEADS * args.head_dim * context_len * context_len / 2  # causal half
         row = dict(batch_size=batch_size, context_len=context_len, page_size=ps, paged_ms=paged_ms, sdpa_ms=sdpa_ms,
                    ratio_to_sdpa=paged_ms / sdpa_ms, paged_tflops=flops / paged_ms / 1e9, max_abs_err=err)
         results.append(row)

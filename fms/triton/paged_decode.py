@@ -39,11 +39,24 @@ _MIN_HEAD_DIM, _MAX_HEAD_DIM = 16, 256
 # short contexts fewer blocks per program means fewer dependent load latencies in a row.
 _PROGRAMS_PER_SM = 2
 _MAX_SPLITS = 64
+# head_dim -> (key rows per inner-loop step, num_warps, num_stages) of the decode kernel. 64 rows at
+# head_dim >= 128 keep a 16 KB bf16 tile per K and V, small enough for 3 pipeline stages; 128 rows
+# below. A head_dim not listed takes the entry of the next listed one up (or the largest).
+DECODE_LAUNCH = {
+    64: (128, 4, 3),
+    128: (64, 4, 3),
+}
+
+
+def default_launch(head_dim: int) -> tuple[int, int, int]:
+    """(block_n, num_warps, num_stages) of the decode kernel at this head_dim (DECODE_LAUNCH)."""
+    fits = [d for d in sorted(DECODE_LAUNCH) if d >= head_dim]
+    return DECODE_LAUNCH[fits[0] if fits else max(DECODE_LAUNCH)]
+
+
 def default_pages_per_iter(page_size: int, head_dim: int) -> int:
-    """Pages loaded per inner-loop step: aim for a key block of 64 rows at head_dim >= 128
-    (a 16 KB bf16 tile per K and V, small enough for 3 pipeline stages) and 128 rows below."""
-    target_block_n = 64 if head_dim >= 128 else 128
-    return max(1, target_block_n // page_size)
+    """Pages loaded per inner-loop step: DECODE_LAUNCH's key block in pages, at least one page."""
+    return max(1, default_launch(head_dim)[0] // page_size)
 
 
 def choose_num_splits(
@@ -343,8 +356,8 @@ def paged_decode_attention(
     page_logical_start: Tensor | None = None,
     max_seq_len: int | None = None,
     pages_per_iter: int | None = None,
-    num_warps: int = 4,
-    num_stages: int = 3,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> Tensor:
     """One query token per sequence attending over its pages in the layer's pool.
 
@@ -358,7 +371,7 @@ def paged_decode_attention(
         (default max_pages * page_size, a host-side bound so no device sync is needed) and
         the SM count.
     pages_per_iter, num_warps, num_stages: kernel tuning knobs; the key block per loop step
-        is pages_per_iter * page_size rows.
+        is pages_per_iter * page_size rows. None takes DECODE_LAUNCH's entry for the head_dim.
 
     Runs the Triton kernel on CUDA (or under TRITON_INTERPRET=1), else the torch reference.
     """
@@ -368,8 +381,8 @@ def paged_decode_attention(
     if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 1):
         raise ValueError(f"max_seq_len={max_seq_len!r} must be None or an int >= 1")
     for name, knob in (("num_warps", num_warps), ("num_stages", num_stages)):
-        if not isinstance(knob, int) or knob < 1:
-            raise ValueError(f"{name}={knob!r} must be an int >= 1")
+        if knob is not None and (isinstance(knob, bool) or not isinstance(knob, int) or knob < 1):
+            raise ValueError(f"{name}={knob!r} must be None or an int >= 1")
     if not can_run_triton(q.device):
         return paged_decode_reference(
             q, k_pool, v_pool, page_table, seq_lens, page_size, scale,
@@ -389,6 +402,9 @@ def paged_decode_attention(
 
     if pages_per_iter is None:
         pages_per_iter = default_pages_per_iter(page_size, head_dim)
+    _, default_warps, default_stages = default_launch(head_dim)
+    num_warps = default_warps if num_warps is None else num_warps
+    num_stages = default_stages if num_stages is None else num_stages
     block_n = page_size * pages_per_iter
     if num_splits is None:
         seq_bound = max_pages * page_size if max_seq_len is None else max_seq_len

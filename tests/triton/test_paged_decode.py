@@ -16,7 +16,10 @@ pytest.importorskip("triton", reason="triton is not installed; the paged decode 
 import torch.nn.functional as F  # noqa: E402
 
 from fms.triton.paged_decode import (  # noqa: E402
+    DECODE_LAUNCH,
     choose_num_splits,
+    default_launch,
+    default_pages_per_iter,
     paged_decode_attention,
     paged_decode_reference,
 )
@@ -176,6 +179,23 @@ def test_default_num_splits_and_pages_per_iter():
     assert_close(out, dense_sdpa(case, 0.125), torch.float32)
 
 
+def test_default_launch_table():
+    # The listed head dims, as written in the table; others take the next listed one up, or the largest.
+    assert default_launch(64) == DECODE_LAUNCH[64] and default_launch(128) == DECODE_LAUNCH[128]
+    assert default_launch(16) == DECODE_LAUNCH[min(DECODE_LAUNCH)]
+    assert default_launch(256) == DECODE_LAUNCH[max(DECODE_LAUNCH)]
+    block_n = DECODE_LAUNCH[64][0]
+    assert default_pages_per_iter(16, 64) == block_n // 16
+    assert default_pages_per_iter(block_n * 2, 64) == 1  # a page larger than the block: one page per step
+
+
+@pytest.mark.parametrize("knobs", [dict(num_warps=1), dict(num_stages=1), dict(num_warps=2, num_stages=2)])
+def test_explicit_launch_knobs_keep_the_result(knobs):
+    page_size = 16
+    case = make_paged_case([5, 40], page_size, 2, 4, 32, torch.float32, seed=4)
+    assert_close(run_kernel(case, page_size, 0.2, **knobs), dense_sdpa(case, 0.2), torch.float32)
+
+
 def test_reference_matches_dense_sdpa():
     page_size = 16
     case = make_paged_case([1, 15, 16, 17, 50], page_size, 2, 4, 32, torch.float32, seed=11)
@@ -238,6 +258,9 @@ def _valid_args():
         (dict(num_splits=0), "num_splits=0"),
         (dict(page_logical_start=torch.zeros(2, dtype=torch.int64)), "page_logical_start"),
         (dict(pages_per_iter=3), "pages_per_iter=3"),
+        (dict(num_warps=0), "num_warps=0"),
+        (dict(num_stages=2.0), "num_stages=2.0"),
+        (dict(num_warps=True), "num_warps=True"),
     ],
 )
 def test_rejects_bad_inputs(change, match):
