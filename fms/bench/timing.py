@@ -4,6 +4,7 @@ CUDA events on a GPU, time.perf_counter on the CPU. Sizes in GB are 1e9 bytes.
 """
 
 import gc
+import math
 import statistics
 import time
 
@@ -21,6 +22,25 @@ def median(values):
     """Median of the values that are not None; None when there are none."""
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
+
+
+def median_interval(values, confidence: float = 0.95) -> tuple[float, float] | None:
+    """A distribution-free interval for the median of the population the values were drawn from: the
+    order statistics (k-th smallest, k-th largest) with k the largest rank whose binomial(n, 1/2) tail
+    keeps the coverage at least `confidence`. None when the sample is too small for that coverage
+    (n < 6 at 95%). Assumes independent draws, such as the per-repeat ratios of interleaved runs."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    xs = sorted(values)
+    n = len(xs)
+    best = None
+    tail = 0.0  # P(Binomial(n, 1/2) < k)
+    for k in range(1, n // 2 + 1):
+        tail += math.comb(n, k - 1) / 2**n
+        if 1 - 2 * tail < confidence:
+            break
+        best = k
+    return None if best is None else (xs[best - 1], xs[n - best])
 
 
 class Clock:

@@ -1,11 +1,13 @@
 """Running a multiple-choice task in one or more modes (attention ops) over identical prompts, and comparing them."""
 
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
+from fms.bench.timing import median_interval
 from fms.eval.scoring import TokenRequest, encode_pair, score_requests
 from fms.eval.tasks import EvalDataError, EvalError, MultipleChoiceItem, Question, TaskSpec, build_questions, get_task
 from fms.modules.attention import get_attention_op
@@ -165,7 +167,20 @@ def evaluate(
             passes[mode].append(run_mode(model, spec, questions, encoded, mode, batch_size, page_size,
                                          warmup and r == 0, progress, share_context))
     results = [_median_pass(runs) for runs in passes.values()]
-    return questions, results, compare_modes(*results[:2]) if len(results) > 1 else {}
+    if len(results) < 2:
+        return questions, results, {}
+    comparison = compare_modes(*results[:2])
+    comparison["latency_ratio"] = paired_latency_ratio(*(passes[m] for m in modes[:2]))
+    return questions, results, comparison
+
+
+def paired_latency_ratio(first: list[ModeResult], second: list[ModeResult]) -> dict:
+    """second / first latency per repeat (the passes ran interleaved, so each pair shares the machine's
+    state of its moment): every ratio, their median, and a distribution-free 95% interval for the
+    median (None below 6 repeats)."""
+    ratios = [b.metrics["latency_ms"] / a.metrics["latency_ms"] for a, b in zip(first, second)]
+    interval = median_interval(ratios)
+    return {"runs": ratios, "median": statistics.median(ratios), "ci95": list(interval) if interval else None}
 
 
 TIMING_KEYS = ("elapsed_s", "wall_s", "latency_ms", "qps", "input_tokens_per_s")

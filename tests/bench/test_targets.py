@@ -168,6 +168,19 @@ def test_eval_row_compares_per_batch_times_and_is_judged_on_the_cpu_too():
                                          "(419 against 827 input tokens)") and row["met"] is True
 
 
+def test_eval_row_judges_the_median_of_interleaved_pairs_and_shows_its_interval():
+    raw = eval_raw(0.030, 0.036)  # the median passes alone would say 1.20x
+    raw["comparison"]["latency_ratio"] = {"runs": [0.97, 0.99, 1.0, 0.95, 0.98, 1.02], "median": 0.975,
+                                          "ci95": [0.95, 1.02]}
+    row = summarize({"p": run("eval-fp32", raw)}, {"eval-fp32": ["p"]})[0]
+    assert row["met"] is True
+    assert row["measured_text"] == ("paged 12.0 against default 10.0 ms per batch (median of 6 interleaved pairs "
+                                    "0.975x, 95% interval 0.950-1.020); answers agree 100%")
+    raw["comparison"]["latency_ratio"].update(median=1.01, ci95=None)
+    row = summarize({"p": run("eval-fp32", raw)}, {"eval-fp32": ["p"]})[0]
+    assert row["met"] is False and "(median of 6 interleaved pairs 1.010x);" in row["measured_text"]
+
+
 def test_cpu_runs_are_stand_ins_with_no_verdict():
     runs = {"a": run("serving-1b", serving_raw(62_000.0, 71.0), device_type="cpu")}
     [row] = summarize(runs, {"serving-1b": ["a"]})

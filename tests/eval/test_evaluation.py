@@ -282,6 +282,11 @@ def test_timing_repeats_interleave_the_modes_and_report_the_median_pass(nano, to
         runs = result.metrics["latency_ms_runs"]
         assert len(runs) == 3 and result.metrics["latency_ms"] in runs
         assert result.loglikelihoods == single.loglikelihoods
+    # the paired ratio: repeat i's paged pass over repeat i's default pass; too few repeats for an interval
+    default_runs, paged_runs = (r.metrics["latency_ms_runs"] for r in results)
+    ratio = comparison["latency_ratio"]
+    assert ratio["runs"] == pytest.approx([p / d for d, p in zip(default_runs, paged_runs)])
+    assert ratio["median"] == pytest.approx(sorted(ratio["runs"])[1]) and ratio["ci95"] is None
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match=f"timing_repeats must be an int >= 1, got {bad!r}"):
             evaluate(nano, tokenizer, task, data.items, ("default",), timing_repeats=bad)
