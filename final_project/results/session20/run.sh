@@ -4,8 +4,9 @@
 #   part k (~330 s): the paged decode kernel's launch for Llama-3.2-1B's head_dim 64: a sweep at batch 128 (contexts
 #     256, 512, 1024; bench_paged_decode_kernel --head-dim 64 --sweep), then pick_decode_launch.py writes .wB = .gpu
 #     with DECODE_LAUNCH[64] set to the sweep's best, then 1B serving + batch-1 for .gpu, .wB, .gpu, .wB
-#   part d (~360 s, needs .whl): issue 18's server vs offline with the compiled engine (session 18's part d on HEAD),
-#     twice
+#   part d (~400 s, needs .whl): issue 18's server vs offline with the compiled engine (session 18's part d on HEAD),
+#     twice; then part e
+#   part e (~40 s): issue 19's fp32 eval, 21 interleaved pairs, context shared and not
 # Part p (the serving profile) is session 19's: bash final_project/results/session19/run.sh OUT p
 set -u
 if [ "${1:-}" = build ]; then
@@ -20,6 +21,13 @@ serving() {  # serving NAME [extra flags]; TREE=.. picks the tree
   local name=$1; shift
   step serving_1b_$name 110 python3 scripts/benchmark_serving.py --variant 3.2-1b $WORKLOAD "$@" \
     --results_dir "$OUT/serving_1b_$name"
+}
+eval_fp32() {  # issue 19's fp32 eval row: 21 interleaved pairs, context shared and not
+  for share in shared alone; do
+    local flag=""; [ $share = alone ] && flag="--no_share_context"
+    step eval_fp32_$share 60 python3 scripts/eval.py --task truthfulqa_mc2 --data fms/resources/eval/truthfulqa_mc.json \
+      --mode both --dtype fp32 --device_type cuda --no_progress --timing_repeats 21 $flag --output "$OUT/eval_fp32_$share.json"
+  done
 }
 case $PART in
   k)
@@ -36,6 +44,8 @@ case $PART in
       step server_vs_offline_compiled_$n 170 python3 scripts/bench_server_vs_offline.py --repeats 3 \
         --server-timeout 120 --output "$OUT/server_vs_offline_compiled_$n.json"
     done
+    eval_fp32
     ;;
+  e) eval_fp32 ;;
   *) echo "unknown part $PART"; exit 2 ;;
 esac
