@@ -194,6 +194,13 @@ def format_table(report: dict) -> str:
             f"({comparison['num_disagreements']} differ); max |log-likelihood diff| "
             f"{comparison['max_abs_loglikelihood_diff']:.3g}"
         )
+        ratio = comparison.get("latency_ratio")
+        if ratio and len(ratio["runs"]) > 1:
+            ci = ratio["ci95"]
+            first, second = comparison["modes"]
+            lines.append(f"{second}/{first} latency per batch: median of {len(ratio['runs'])} interleaved pairs "
+                         f"{ratio['median']:.3f}" + (f", 95% interval {ci[0]:.3f}-{ci[1]:.3f}" if ci else
+                                                     " (no interval below 6 pairs)"))
     elif "identical_outputs" in comparison:
         lines.append(f"{' vs '.join(comparison['modes'])}: identical outputs on {comparison['identical_outputs']:.2%}")
     return "\n".join(lines)

@@ -135,3 +135,13 @@ def test_script_cli_smoke(capsys):
     assert int(row["shared"][1]) < int(row["shared"][0])
     assert eval_script.cli([*argv, "--batch_size", "0"]) == 2
     assert "--batch_size must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_interleaved_repeats_print_the_paired_ratio_with_its_interval(model_args, capsys):
+    report = run_eval(EvalConfig(**model_args, task="truthfulqa_mc2", data=str(SAMPLES / "truthfulqa_mc.json"),
+                                 mode="both", limit=2, timing_repeats=6))
+    ratio = report["comparison"]["latency_ratio"]
+    assert len(ratio["runs"]) == 6 and ratio["ci95"] == [min(ratio["runs"]), max(ratio["runs"])]  # n=6: ranks 1, 6
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("paged/default latency per batch")]
+    assert line == [f"paged/default latency per batch: median of 6 interleaved pairs {ratio['median']:.3f}, "
+                    f"95% interval {ratio['ci95'][0]:.3f}-{ratio['ci95'][1]:.3f}"]
