@@ -2,7 +2,8 @@
 # Session 20 device runs.
 # Usage: run.sh build (here: .gpu = HEAD); run.sh OUT PART (carry .gpu, and .whl for part d)
 #   part k (~330 s): the paged decode kernel's launch for Llama-3.2-1B's head_dim 64: a sweep at batch 128 (contexts
-#     256, 512, 1024; bench_paged_decode_kernel --head-dim 64 --sweep), then pick_decode_launch.py writes .wB = .gpu
+#     256, 512, 1024; bench_paged_decode_kernel --head-dim 64 --sweep), the greedy argmax's column split
+#     (argmax_probe.py), then pick_decode_launch.py writes .wB = .gpu
 #     with DECODE_LAUNCH[64] set to the sweep's best, then 1B serving + batch-1 for .gpu, .wB, .gpu, .wB
 #   part d (~400 s, needs .whl): issue 18's server vs offline with the compiled engine (session 18's part d on HEAD),
 #     twice; then part e
@@ -33,6 +34,7 @@ case $PART in
   k)
     step decode_sweep_d64 150 python3 scripts/bench_paged_decode_kernel.py --head-dim 64 --batch-sizes 128 \
       --context-lengths 256 512 1024 --sweep --out "$OUT/decode_sweep_d64.json"
+    step argmax_probe 60 python3 final_project/results/session20/argmax_probe.py "$OUT/argmax_probe.json"
     python3 final_project/results/session20/pick_decode_launch.py "$OUT/decode_sweep_d64.json" .gpu .wB \
       "$OUT/decode_choice.json" > "$OUT/log_pick.txt" 2>&1; cat "$OUT/log_pick.txt"; pack
     if [ -d .wB ]; then
