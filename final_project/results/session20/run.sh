@@ -4,7 +4,7 @@
 #   part k (~330 s): the paged decode kernel's launch for Llama-3.2-1B's head_dim 64: a sweep at batch 128 (contexts
 #     256, 512, 1024; bench_paged_decode_kernel --head-dim 64 --sweep), the greedy argmax's column split
 #     (argmax_probe.py), then pick_decode_launch.py writes .wB = .gpu
-#     with DECODE_LAUNCH[64] set to the sweep's best, then 1B serving + batch-1 for .gpu, .wB, .gpu, .wB
+#     with DECODE_LAUNCH[64] set to the sweep's best, then 1B serving + batch-1 for .gpu, .wB, .gpu, .wB; then part e
 #   part d (~400 s, needs .whl): issue 18's server vs offline with the compiled engine (session 18's part d on HEAD),
 #     twice; then part e
 #   part e (~40 s): issue 19's fp32 eval, 21 interleaved pairs, context shared and not
@@ -40,6 +40,7 @@ case $PART in
     if [ -d .wB ]; then
       for run in gpu1 wB1 gpu2 wB2; do TREE=.${run%?} serving $run; done
     fi
+    eval_fp32
     ;;
   d)
     for n in 1 2; do
