@@ -20,7 +20,7 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if _OWN_INDUCTOR_CACHE is not None and not hasattr(session.config, "workerinput"):
+    if _OWN_INDUCTOR_CACHE is not None:
         shutil.rmtree(_OWN_INDUCTOR_CACHE, ignore_errors=True)
 
 if not torch.cuda.is_available():

@@ -1,13 +1,12 @@
 """Running a multiple-choice task in one or more modes (attention ops) over identical prompts, and comparing them."""
 
-import statistics
 import time
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from fms.bench.timing import median_interval
+from fms.bench.timing import median, median_interval
 from fms.eval.scoring import TokenRequest, encode_pair, score_requests
 from fms.eval.tasks import EvalDataError, EvalError, MultipleChoiceItem, Question, TaskSpec, build_questions, get_task
 from fms.modules.attention import get_attention_op
@@ -180,7 +179,7 @@ def paired_latency_ratio(first: list[ModeResult], second: list[ModeResult]) -> d
     median (None below 6 repeats)."""
     ratios = [b.metrics["latency_ms"] / a.metrics["latency_ms"] for a, b in zip(first, second)]
     interval = median_interval(ratios)
-    return {"runs": ratios, "median": statistics.median(ratios), "ci95": list(interval) if interval else None}
+    return {"runs": ratios, "median": median(ratios), "ci95": list(interval) if interval else None}
 
 
 TIMING_KEYS = ("elapsed_s", "wall_s", "latency_ms", "qps", "input_tokens_per_s")

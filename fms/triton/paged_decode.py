@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -48,6 +49,7 @@ DECODE_LAUNCH = {
 }
 
 
+@functools.cache  # looked up by every eager launch
 def default_launch(head_dim: int) -> tuple[int, int, int]:
     """(block_n, num_warps, num_stages) of the decode kernel at this head_dim (DECODE_LAUNCH)."""
     fits = [d for d in sorted(DECODE_LAUNCH) if d >= head_dim]

@@ -1,5 +1,5 @@
 """The greedy sampler's argmax over a 128k vocabulary, compiled as in the decode graph: fms.runtime.sampler.argmax_rows
-splits each row into `parts` column blocks (64 today); time other splits at batch 2 and 128 (CUDA graph replay of the
+splits each row into `parts` column blocks (64 by default); time other splits at batch 2 and 128 (CUDA graph replay of the
 compiled function, inputs rotated past L2). Session 20, H100/H200.
 
     python final_project/results/session20/argmax_probe.py OUT_JSON
@@ -11,14 +11,7 @@ import sys
 import torch
 from triton.testing import do_bench
 
-
-def argmax_split(x, parts):  # argmax_rows with the number of column blocks as a parameter
-    b, v = x.shape
-    if parts == 1:
-        return x.argmax(dim=-1)
-    block_max, block_arg = x.view(b, parts, v // parts).max(dim=-1)
-    best = block_max.argmax(dim=-1, keepdim=True)
-    return (best * (v // parts) + block_arg.gather(1, best))[:, 0]
+from fms.runtime.sampler import argmax_rows
 
 
 def main(out_path):
@@ -31,7 +24,7 @@ def main(out_path):
                 if vocab % parts:
                     continue
                 torch._dynamo.reset()
-                fn = torch.compile(lambda x, p=parts: argmax_split(x, p), dynamic=True)
+                fn = torch.compile(lambda x, p=parts: argmax_rows(x, p), dynamic=True)
                 ok = all(torch.equal(fn(s), e) for s, e in zip(sets, expected))
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
