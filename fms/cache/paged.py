@@ -25,6 +25,7 @@ from fms.cache.kv_manager import KVManager, PageGrant
 from fms.cache.metadata import DecodeWindow, MemoryStats, StepMeta, segment_ids
 from fms.cache.spec import KVCacheSpec
 from fms.cache.state import CheckpointLayout, CheckpointStore
+from fms.triton.copy_pages import copy_pages, pool_address_table
 
 __all__ = ["PagedKVCache", "PagedStepMeta", "VarlenMeta", "PaddedKV", "DecodeWindow", "OutOfPagesError", "SUPPORTED_PAGE_SIZES", "pages_for_budget"]
 
@@ -173,6 +174,7 @@ class PagedKVCache(SequenceCache):
         self.keys = [torch.zeros(shape, dtype=spec.dtype, device=spec.device) for _ in spec.attention_layers]
         self.values = [torch.zeros(shape, dtype=spec.dtype, device=spec.device) for _ in spec.attention_layers]
         self.page_logical = torch.zeros(self.num_pages + 1, dtype=torch.int32, device=spec.device)
+        self._pool_addresses = None  # the pools' data pointers on the device, for the one-launch page copy
         self.scratch_page = self.num_pages
         self.window = spec.sliding_window
         # Host copy of every live sequence's page table, one row per KV-manager slot, written only
@@ -257,9 +259,7 @@ class PagedKVCache(SequenceCache):
             copies += grant.copies
         self._set_logical(changed_pages, changed_logical)  # one device update for the whole step
         if copies:
-            src = torch.tensor([s for s, _ in copies], device=self.spec.device)
-            dst = torch.tensor([d for _, d in copies], device=self.spec.device)
-            self._copy_pages(src, dst)
+            self._copy_pages(copies)
         restores = [g for g in grants if g.restore]
         if restores:  # a prefix hit: the sequence's Mamba state starts from the checkpoint at its end
             self.checkpoint_store.restore([self.manager.slot_of(g.seq_id) for g in restores],
@@ -288,12 +288,15 @@ class PagedKVCache(SequenceCache):
             val = torch.tensor(logical, dtype=torch.int32).to(self.spec.device, non_blocking=True)
             self.page_logical.index_put_((idx,), val)
 
-    def _copy_pages(self, src: torch.Tensor, dst: torch.Tensor):
-        offsets = torch.arange(self.page_size, device=src.device)
-        src_slots = (src[:, None] * self.page_size + offsets).flatten()
-        dst_slots = (dst[:, None] * self.page_size + offsets).flatten()
-        for pool in (*self.keys, *self.values):
-            pool[:, dst_slots] = pool[:, src_slots]
+    def _copy_pages(self, copies: Sequence[tuple[int, int]]):
+        """Copy-on-write: (src, dst) pages' K/V in every layer, one launch on CUDA (fms.triton.copy_pages)."""
+        pools = [*self.keys, *self.values]
+        if not pools:  # no attention layer holds pages
+            return
+        if self._pool_addresses is None and pools[0].is_cuda:
+            self._pool_addresses = pool_address_table(pools)  # the pools are allocated once, in __init__
+        pairs = torch.tensor(copies, dtype=torch.int64).to(self.spec.device)
+        copy_pages(pools, pairs, self.page_size, self._pool_addresses)
 
     def why_not_packed(self) -> str | None:
         return None  # Mamba layers take packed steps too (Mamba2Mixer, cu_seqlens)
