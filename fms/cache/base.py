@@ -185,11 +185,9 @@ class SequenceCache:
         """None if prepare(packed=True) works, else the reason it does not."""
         return "only the paged cache lays out packed steps"
 
-    BASE_DEVICE_FIELDS = ("position_ids", "num_new_tokens", "context_lens", "state_slots")
-
     def _base_meta(self, context, num_new, seq_ids, query_len=None, packed=False) -> tuple[dict, torch.Tensor]:
-        """The StepMeta fields every cache fills, its tensors still on the host (the subclass's _build_meta
-        sends them to the device with its own, in one copy per dtype: metadata.to_device), and the positions."""
+        """The StepMeta fields every cache fills (device tensors), and the positions on the host."""
+        device = self.spec.device
         ctx = torch.tensor(context, dtype=torch.int64)
         new = torch.tensor(num_new, dtype=torch.int64)
         if packed:
@@ -202,12 +200,12 @@ class SequenceCache:
             positions = ctx[:, None] + torch.arange(t)[None, :]  # (B, T); padded tail is never read
         slots = None
         if self.state_pool is not None:
-            slots = torch.tensor([self.manager.slot_of(s) for s in seq_ids], dtype=torch.int64)
+            slots = torch.tensor([self.manager.slot_of(s) for s in seq_ids], dtype=torch.int64, device=device)
         return dict(
             checkpoints=self._checkpoint_targets(seq_ids, context, num_new),
-            position_ids=positions,
-            num_new_tokens=new,
-            context_lens=ctx,
+            position_ids=positions.to(device, non_blocking=True),
+            num_new_tokens=new.to(device, non_blocking=True),
+            context_lens=ctx.to(device, non_blocking=True),
             query_len=t,
             max_context_len=max(c + n for c, n in zip(context, num_new)),
             state_slots=slots,
@@ -266,8 +264,7 @@ class SequenceCache:
             raise ValueError(f"layer {layer_idx} is not an attention layer of this cache") from None
 
     def _build_meta(self, base: dict, seq_ids, context, num_new, positions: torch.Tensor) -> StepMeta:
-        """positions: the step's position_ids on the host, (B, T) or (1, N) packed. base's tensors (BASE_DEVICE_FIELDS)
-        are on the host: send them to the device with the subclass's own (metadata.to_device)."""
+        """positions: the step's position_ids on the host, (B, T) or (1, N) packed."""
         raise NotImplementedError
 
     def memory_stats(self) -> MemoryStats:

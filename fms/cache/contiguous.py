@@ -6,7 +6,7 @@ import torch
 
 from fms.cache.base import SequenceCache
 from fms.cache.kv_manager import KVManager
-from fms.cache.metadata import MemoryStats, StepMeta, to_device
+from fms.cache.metadata import MemoryStats, StepMeta
 from fms.cache.spec import KVCacheSpec
 
 
@@ -41,15 +41,12 @@ class ContiguousKVCache(SequenceCache):
         row_t = torch.tensor(rows, dtype=torch.int64)
         is_real = torch.arange(t)[None, :] < torch.tensor(num_new)[:, None]
         write_pos = torch.where(is_real, positions, torch.full_like(positions, self.max_seq_len))
-        names = self.BASE_DEVICE_FIELDS
-        *sent, rows_d, write_rows, write_positions = to_device(
-            [base[k] for k in names] + [row_t, row_t[:, None].expand(-1, t).contiguous(), write_pos], device)
         return ContiguousStepMeta(
-            **{**base, **dict(zip(names, sent))},
-            rows=rows_d,
+            **base,
+            rows=row_t.to(device),
             rows_are_prefix=rows == list(range(len(rows))),
-            write_rows=write_rows,
-            write_positions=write_positions,
+            write_rows=row_t[:, None].expand(-1, t).contiguous().to(device),
+            write_positions=write_pos.to(device),
         )
 
     @property

@@ -1,13 +1,8 @@
 """Per-step metadata every cache fills (read-only in every layer), and the decode-window inputs."""
 
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
-
-# Offsets of the tensors packed by to_device, in elements: a multiple of 16 keeps every tensor 64-byte aligned
-# (Triton and inductor specialize on 16-byte aligned pointers).
-_ALIGN = 16
 
 
 def segment_ids(lengths: torch.Tensor) -> torch.Tensor:
@@ -21,42 +16,6 @@ def segment_ids(lengths: torch.Tensor) -> torch.Tensor:
     marks = torch.zeros(total + 1, dtype=torch.int64)
     marks.index_add_(0, torch.cumsum(lengths, 0), torch.ones_like(lengths))  # +1 where each row ends
     return marks[:total].cumsum(0)
-
-
-def to_device(tensors: Sequence[torch.Tensor | None], device, pack: bool | None = None) -> list[torch.Tensor | None]:
-    """Host tensors to `device` in one copy per dtype instead of one per tensor (None entries stay None).
-
-    A step's metadata is ten or so small host tensors; each pageable .to("cuda") costs ~10 us of host time
-    (a staged, synchronous copy), which made the paged step's set-up host-bound (final_project, session 22's
-    eval profile: 120 host-to-device copies per pass against default's 69). Here each dtype's tensors are
-    packed into one pinned buffer (torch's caching host allocator, which keeps the block until the copy is
-    done), sent with one asynchronous copy, and handed back as views into the device buffer, each starting at
-    an aligned offset. pack (default: on CUDA only) chooses this path; off it each tensor takes its own .to,
-    which for the CPU is the tensor itself. pack=True on the CPU packs without pinning (the tests' way in)."""
-    device = torch.device(device)
-    out = list(tensors)
-    if pack is None:
-        pack = device.type == "cuda"
-    if not pack:
-        return [None if t is None else t.to(device) for t in tensors]
-    pin = device.type == "cuda"
-    groups: dict[torch.dtype, list[int]] = {}
-    for i, t in enumerate(tensors):
-        if t is not None:
-            groups.setdefault(t.dtype, []).append(i)
-    for dtype, members in groups.items():
-        sizes = [tensors[i].numel() for i in members]
-        starts, total = [], 0
-        for n in sizes:
-            starts.append(total)
-            total += -(-n // _ALIGN) * _ALIGN if n else 0
-        host = torch.empty(max(total, 1), dtype=dtype, pin_memory=pin)
-        for i, start, n in zip(members, starts, sizes):
-            host[start: start + n].copy_(tensors[i].reshape(-1))
-        dev = host.to(device, non_blocking=True) if pin else host.to(device)
-        for i, start, n in zip(members, starts, sizes):
-            out[i] = dev[start: start + n].view(tensors[i].shape)
-    return out
 
 
 @dataclass(frozen=True)

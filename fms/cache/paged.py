@@ -22,7 +22,7 @@ import torch
 from fms.cache.allocator import OutOfPagesError
 from fms.cache.base import SequenceCache
 from fms.cache.kv_manager import KVManager, PageGrant
-from fms.cache.metadata import DecodeWindow, MemoryStats, StepMeta, segment_ids, to_device
+from fms.cache.metadata import DecodeWindow, MemoryStats, StepMeta, segment_ids
 from fms.cache.spec import KVCacheSpec
 from fms.cache.state import CheckpointLayout, CheckpointStore
 from fms.triton.copy_pages import copy_pages, pool_address_table
@@ -284,8 +284,8 @@ class PagedKVCache(SequenceCache):
 
     def _set_logical(self, pages, logical):
         if pages:
-            idx, val = to_device([torch.tensor(pages, dtype=torch.int64), torch.tensor(logical, dtype=torch.int32)],
-                                 self.spec.device)
+            idx = torch.tensor(pages, dtype=torch.int64).to(self.spec.device, non_blocking=True)
+            val = torch.tensor(logical, dtype=torch.int32).to(self.spec.device, non_blocking=True)
             self.page_logical.index_put_((idx,), val)
 
     def _copy_pages(self, copies: Sequence[tuple[int, int]]):
@@ -295,7 +295,7 @@ class PagedKVCache(SequenceCache):
             return
         if self._pool_addresses is None and pools[0].is_cuda:
             self._pool_addresses = pool_address_table(pools)  # the pools are allocated once, in __init__
-        (pairs,) = to_device([torch.tensor(copies, dtype=torch.int64)], self.spec.device)
+        pairs = torch.tensor(copies, dtype=torch.int64).to(self.spec.device)
         copy_pages(pools, pairs, self.page_size, self._pool_addresses)
 
     def why_not_packed(self) -> str | None:
@@ -318,20 +318,7 @@ class PagedKVCache(SequenceCache):
             slots = page_of * ps + pos % ps
             scratch = self.scratch_page * ps + torch.arange(t)[None, :].expand(b, -1) % ps
             slots = torch.where(is_real, slots, scratch)
-        varlen = None
-        if packed or t > 1:
-            varlen = self._varlen_host(ctx, new, t, packed, table)
-        # every host tensor of the step to the device in one copy per dtype (metadata.to_device)
-        names = self.BASE_DEVICE_FIELDS
-        host = [base[k] for k in names] + [slots.flatten(), table, (ctx + new).to(torch.int32)]
-        if varlen is not None:
-            host += [varlen[k] for k in ("cu_q", "cu_k", "q_index", "kv_slots")]
-        sent = to_device(host, device)
-        base = {**base, **dict(zip(names, sent))}
-        slot_mapping, table_d, seq_lens = sent[len(names): len(names) + 3]
-        if varlen is not None:
-            cu_q, cu_k, q_index, kv_slots = sent[len(names) + 3:]
-            varlen = VarlenMeta(cu_q=cu_q, cu_k=cu_k, max_lens=varlen["max_lens"], q_index=q_index, kv_slots=kv_slots)
+        table_d = table.to(device, non_blocking=True)
         q_start = base["context_lens"]
         num_new_d, kv_len, page_logical, window = base["num_new_tokens"], self.num_slots, self.page_logical, self.window
 
@@ -340,6 +327,9 @@ class PagedKVCache(SequenceCache):
                 raise ValueError("a packed step has no BlockMask: FlexAttention takes padded (B, T) steps")
             return build_paged_block_mask(table_d, q_start, num_new_d, t, ps, page_logical, kv_len, window)
 
+        varlen = None
+        if packed or t > 1:
+            varlen = self._varlen_meta(table, ctx, new, t, packed)
         padded_kv = None
         if not packed and t > 1:
             positions_d, has_context = base["position_ids"], base["has_context"]
@@ -350,9 +340,9 @@ class PagedKVCache(SequenceCache):
         return PagedStepMeta(
             **base,
             page_size=ps,
-            slot_mapping=slot_mapping,
+            slot_mapping=slots.flatten().to(device, non_blocking=True),
             page_table=table_d,
-            seq_lens=seq_lens,
+            seq_lens=(ctx + new).to(torch.int32).to(device, non_blocking=True),
             q_start=q_start,
             block_mask_builder=block_mask,
             page_logical=self.page_logical,
@@ -366,8 +356,8 @@ class PagedKVCache(SequenceCache):
         ps = self.page_size
         return table.view(-1).index_select(0, rows * table.shape[1] + pos // ps).long() * ps + pos % ps
 
-    def _varlen_host(self, ctx, new, t, packed, table) -> dict:
-        """VarlenMeta's fields on the host (cu_q, cu_k int32; q_index, kv_slots int64 or None; max_lens stays there)."""
+    def _varlen_meta(self, table, ctx, new, t, packed) -> VarlenMeta:
+        device = self.spec.device
         lens = ctx + new
         zero = torch.zeros(1, dtype=torch.int64)
         cu_q = torch.cat([zero, torch.cumsum(new, 0)])
@@ -375,14 +365,20 @@ class PagedKVCache(SequenceCache):
         q_index = None
         if not packed:
             q_index = (torch.arange(t)[None, :] < new[:, None]).flatten().nonzero()[:, 0]
+            q_index = q_index.to(device, non_blocking=True)
         kv_slots = None
         # packed steps always gather (one compiled graph for fresh and resumed rows alike)
         if packed or bool((ctx > 0).any()):
             row_of = segment_ids(lens)
             pos = torch.arange(int(cu_k[-1])) - cu_k[:-1].index_select(0, row_of)
-            kv_slots = self._slots(table, row_of, pos)
-        return dict(cu_q=cu_q.to(torch.int32), cu_k=cu_k.to(torch.int32), q_index=q_index, kv_slots=kv_slots,
-                    max_lens=torch.tensor([int(new.max()), int(lens.max())], dtype=torch.int64))
+            kv_slots = self._slots(table, row_of, pos).to(device, non_blocking=True)
+        return VarlenMeta(
+            cu_q=cu_q.to(torch.int32).to(device, non_blocking=True),
+            cu_k=cu_k.to(torch.int32).to(device, non_blocking=True),
+            max_lens=torch.tensor([int(new.max()), int(lens.max())], dtype=torch.int64),
+            q_index=q_index,
+            kv_slots=kv_slots,
+        )
 
     def _padded_kv(self, table, lens, positions, has_context) -> PaddedKV:
         """table (B, W) and lens (B,) on the host; positions (B, T) the step's position_ids on the device."""
@@ -392,10 +388,10 @@ class PagedKVCache(SequenceCache):
         max_len = int(lens.max())
         pos = torch.minimum(torch.arange(max_len)[None, :], lens[:, None] - 1)  # (B, L) key positions
         kv_slots = torch.gather(table, 1, pos // ps).long() * ps + pos % ps
-        lens_d, kv_slots_d = to_device([lens, kv_slots], device)
+        lens_d = lens.to(device, non_blocking=True)
         key_pos = torch.arange(max_len, device=device)
         mask = (key_pos[None, None, :] <= positions[:, :, None]) & (key_pos[None, None, :] < lens_d[:, None, None])
-        return PaddedKV(kv_slots=kv_slots_d, mask=mask[:, None])  # mask (B, 1, T, L)
+        return PaddedKV(kv_slots=kv_slots.to(device, non_blocking=True), mask=mask[:, None])  # mask (B, 1, T, L)
 
     # -- decode windows (see SequenceCache.prepare_decode_window) ----------------------------
     @property
