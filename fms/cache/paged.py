@@ -293,8 +293,8 @@ class PagedKVCache(SequenceCache):
         pools = [*self.keys, *self.values]
         if not pools:  # no attention layer holds pages
             return
-        if self._pool_addresses is None and pools[0].is_cuda:
-            self._pool_addresses = pool_address_table(pools)  # the pools are allocated once, in __init__
+        if self._pool_addresses is None:  # the pools are allocated once, in __init__; checked here, once
+            self._pool_addresses = pool_address_table(pools)
         pairs = torch.tensor(copies, dtype=torch.int64).to(self.spec.device)
         copy_pages(pools, pairs, self.page_size, self._pool_addresses)
 

@@ -22,7 +22,7 @@ from fms.triton.support import HAS_TRITON, can_run_triton, next_power_of_two, tl
 __all__ = ["copy_pages_reference", "copy_pages_triton", "copy_pages", "pool_address_table"]
 
 
-def _validate(pools: Sequence[Tensor], pairs: Tensor, page_size: int) -> None:
+def _validate_pools(pools: Sequence[Tensor]) -> None:
     if not pools:
         raise ValueError("copy_pages needs at least one pool")
     first = pools[0]
@@ -34,12 +34,15 @@ def _validate(pools: Sequence[Tensor], pairs: Tensor, page_size: int) -> None:
                              f"{first.stride()}); pool {i} is {tuple(pool.shape)}, {pool.dtype}, {pool.stride()}")
         if pool.device != first.device:
             raise ValueError(f"every pool must be on {first.device}; pool {i} is on {pool.device}")
+
+
+def _validate_pairs(first_pool: Tensor, pairs: Tensor, page_size: int) -> None:
     if pairs.dim() != 2 or pairs.shape[1] != 2 or pairs.dtype != torch.int64:
         raise ValueError(f"pairs must be [P, 2] int64 (src page, dst page), got {tuple(pairs.shape)} {pairs.dtype}")
     if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
         raise ValueError(f"page_size must be an int >= 1, got {page_size!r}")
-    if first.shape[1] % page_size:
-        raise ValueError(f"the pools' {first.shape[1]} slots are not a whole number of {page_size}-slot pages")
+    if first_pool.shape[1] % page_size:
+        raise ValueError(f"the pools' {first_pool.shape[1]} slots are not a whole number of {page_size}-slot pages")
 
 
 def copy_pages_reference(pools: Sequence[Tensor], pairs: Tensor, page_size: int) -> None:
@@ -53,7 +56,9 @@ def copy_pages_reference(pools: Sequence[Tensor], pairs: Tensor, page_size: int)
 
 def pool_address_table(pools: Sequence[Tensor]) -> Tensor:
     """The pools' data pointers as an int64 tensor on their device: the kernel's way to every pool in one launch.
-    Valid while the pools live and are not reallocated."""
+    Valid while the pools live and are not reallocated. Checks the pools once, here: a caller that keeps the table
+    (the paged cache) does not pay for checking every pool at each copy."""
+    _validate_pools(pools)
     return torch.tensor([p.data_ptr() for p in pools], dtype=torch.int64).to(pools[0].device)
 
 
@@ -79,17 +84,17 @@ if HAS_TRITON:
 
 def copy_pages_triton(pools: Sequence[Tensor], pairs: Tensor, page_size: int, addresses: Tensor | None = None) -> None:
     """The Triton kernel (CUDA, or Triton's interpreter with TRITON_INTERPRET=1). addresses: pool_address_table(pools),
-    passed by a caller that keeps it (built here otherwise)."""
-    _validate(pools, pairs, page_size)
+    passed by a caller that keeps it (built here otherwise, which checks the pools)."""
+    if addresses is None:
+        addresses = pool_address_table(pools)
     first = pools[0]
+    _validate_pairs(first, pairs, page_size)
     if not can_run_triton(first.device):
         raise RuntimeError(f"the page copy kernel needs Triton and a CUDA device (or TRITON_INTERPRET=1); got device "
                            f"{first.device}, Triton {'installed' if HAS_TRITON else 'not installed'}")
     if first.dtype not in _TL_DTYPES or first.stride(2) != 1:
         raise ValueError(f"the page copy kernel takes fp32/fp16/bf16 pools with contiguous D; got {first.dtype}, "
                          f"strides {first.stride()}")
-    if addresses is None:
-        addresses = pool_address_table(pools)
     if addresses.shape != (len(pools),) or addresses.dtype != torch.int64 or addresses.device != first.device:
         raise ValueError(f"addresses must be [{len(pools)}] int64 on {first.device} (pool_address_table), got "
                          f"{tuple(addresses.shape)} {addresses.dtype} on {addresses.device}")
@@ -108,5 +113,6 @@ def copy_pages(pools: Sequence[Tensor], pairs: Tensor, page_size: int, addresses
     if pools and pools[0].is_cuda and HAS_TRITON:
         copy_pages_triton(pools, pairs, page_size, addresses)
     else:
-        _validate(pools, pairs, page_size)
+        _validate_pools(pools)
+        _validate_pairs(pools[0], pairs, page_size)
         copy_pages_reference(pools, pairs, page_size)
