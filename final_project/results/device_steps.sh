@@ -11,7 +11,9 @@ export FMS_GIT_COMMIT=$COMMIT  # the results' git_commit: .gpu has no .git, and 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/device_$PART.txt" 2>&1
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$OUT/device_$PART.txt" 2>&1
 echo "tree: $COMMIT" >> "$OUT/device_$PART.txt"
-pack() { (cd "$OUT" && tar -czf "$PART.tgz" --exclude="$PART.tgz" --exclude='*.prof' .); }
+# With FINAL set (session23/run.sh and later), OUT holds the raw files off the returned folder and the tarball
+# goes to FINAL alone: a call returns about 8 files, and a tarball beside many raw files can be the one left out.
+pack() { (cd "$OUT" && tar -czf "${FINAL:-$OUT}/$PART.tgz" --exclude="$PART.tgz" --exclude='*.prof' .); }
 step() {  # step NAME LIMIT_S COMMAND...   (run in the tree $TREE, default .gpu)
   local name=$1 limit=$2; shift 2
   local start=$(date +%s.%N)

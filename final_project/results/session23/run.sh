@@ -20,7 +20,6 @@ fi
 FINAL=${1:?final out dir}; PART=${2:?part}
 OUT=/tmp/raw_$PART; mkdir -p "$OUT"
 source final_project/results/device_steps.sh
-pack() { (cd "$OUT" && tar -czf "$FINAL/$PART.tgz" --exclude='*.prof' .); }
 WORKLOAD="--num_requests 128 --prompt_range 64,512 --output_range 256,256 --batch1_tokens 512 --decode_steps_sweep 16,16,16"
 eval_fp32() {  # eval_fp32 NAME: issue 19's fp32 eval row, 21 interleaved pairs, context shared and not
   for share in shared alone; do
