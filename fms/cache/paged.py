@@ -97,6 +97,7 @@ class PaddedKV:
 class PagedStepMeta(StepMeta):
     page_size: int = 16
     slot_mapping: torch.Tensor | None = None  # (B*T,) pool slot of each query token (padding -> scratch)
+    # the decode kernel's inputs, set on one-token steps only
     page_table: torch.Tensor | None = None  # (B, W) int32 physical page of logical page j; W fixed per cache
     seq_lens: torch.Tensor | None = None  # (B,) int32 tokens held after this step
     q_start: torch.Tensor | None = None  # (B,) int64 logical position of each row's first query
@@ -104,7 +105,8 @@ class PagedStepMeta(StepMeta):
     page_logical: torch.Tensor | None = None  # (num_pages + 1,) int32
     window: int | None = None
     block_mask_builder: object | None = None  # builds block_mask on first use
-    varlen: VarlenMeta | None = None  # multi-token steps (and every packed step)
+    varlen: VarlenMeta | None = None  # packed steps; padded multi-token steps build it on first use
+    varlen_builder: object | None = None  # padded multi-token steps: builds varlen on first use
     padded_kv: PaddedKV | None = None
     padded_kv_builder: object | None = None  # padded multi-token steps: builds padded_kv on first use
 
@@ -113,6 +115,14 @@ class PagedStepMeta(StepMeta):
         if self.block_mask is None and self.block_mask_builder is not None:
             object.__setattr__(self, "block_mask", self.block_mask_builder())
         return self.block_mask
+
+    def get_varlen(self) -> VarlenMeta | None:
+        """The step's packed runs (None on one-token steps). A packed step carries them; a padded multi-token
+        step builds them when the first layer asks, so steps that run padded SDPA (fp32, off flash) never pay
+        for their host work and copies."""
+        if self.varlen is None and self.varlen_builder is not None:
+            object.__setattr__(self, "varlen", self.varlen_builder())
+        return self.varlen
 
     def get_padded_kv(self) -> PaddedKV:
         """The step's padded key grid, built by the first layer that asks (once per step; steps on
@@ -180,6 +190,7 @@ class PagedKVCache(SequenceCache):
         # Host copy of every live sequence's page table, one row per KV-manager slot, written only
         # where grants change it; a step gathers its rows instead of rebuilding tables from lists.
         self._host_table = torch.zeros(max_batch_size, self.max_pages_per_seq, dtype=torch.int32)
+        self._host_rows = self._host_table.numpy()  # the same memory, for apply's small writes
         # Mamba-state checkpoints of the prefix cache (hybrid models), in the bytes of these pages
         self.checkpoint_store = None
         if self.state_pool is not None and manager.checkpoints is not None:
@@ -247,15 +258,22 @@ class PagedKVCache(SequenceCache):
             if scrub:
                 self.checkpoint_store.scrub(scrub)
         changed_pages, changed_logical, copies = [], [], []
+        table = self._host_rows  # numpy view of the host table: a row slice written from a tuple costs ~1 us
         for grant in grants:
-            if not grant.pages:
+            pages, start = grant.pages, grant.start
+            if not pages:
                 continue
-            end = grant.start + len(grant.pages)
-            row = self._host_table[self.manager.slot_of(grant.seq_id)]
-            row[grant.start: end] = torch.tensor(grant.pages, dtype=torch.int32).clamp_min(0)
-            held = [(p, j) for j, p in enumerate(grant.pages, grant.start) if p >= 0]
-            changed_pages += [p for p, _ in held]
-            changed_logical += [j for _, j in held]
+            end = start + len(pages)
+            row = table[self.manager.slot_of(grant.seq_id)]
+            if min(pages) >= 0:
+                row[start:end] = pages
+                changed_pages += pages
+                changed_logical += range(start, end)
+            else:  # RELEASED (-1) entries (a fork of a sliding-window sequence) read as page 0, no logical index
+                row[start:end] = [max(p, 0) for p in pages]
+                held = [(p, j) for j, p in enumerate(pages, start) if p >= 0]
+                changed_pages += [p for p, _ in held]
+                changed_logical += [j for _, j in held]
             copies += grant.copies
         self._set_logical(changed_pages, changed_logical)  # one device update for the whole step
         if copies:
@@ -283,10 +301,9 @@ class PagedKVCache(SequenceCache):
             self.checkpoint_store.capture(slots, pages)
 
     def _set_logical(self, pages, logical):
-        if pages:
-            idx = torch.tensor(pages, dtype=torch.int64).to(self.spec.device, non_blocking=True)
-            val = torch.tensor(logical, dtype=torch.int32).to(self.spec.device, non_blocking=True)
-            self.page_logical.index_put_((idx,), val)
+        if pages:  # one host-to-device copy: row 0 the pages (int32 indices), row 1 their logical index
+            both = torch.tensor([pages, logical], dtype=torch.int32).to(self.spec.device, non_blocking=True)
+            self.page_logical.index_put_((both[0],), both[1])
 
     def _copy_pages(self, copies: Sequence[tuple[int, int]]):
         """Copy-on-write: (src, dst) pages' K/V in every layer, one launch on CUDA (fms.triton.copy_pages)."""
@@ -318,18 +335,27 @@ class PagedKVCache(SequenceCache):
             slots = page_of * ps + pos % ps
             scratch = self.scratch_page * ps + torch.arange(t)[None, :].expand(b, -1) % ps
             slots = torch.where(is_real, slots, scratch)
-        table_d = table.to(device, non_blocking=True)
+        # The page table and lengths on the device serve one-token steps (the decode kernel); a multi-token
+        # step reads its keys through slots, and only a FlexAttention step's BlockMask needs the table.
+        one_token = not packed and t == 1
+        table_d = table.to(device, non_blocking=True) if one_token else None
         q_start = base["context_lens"]
         num_new_d, kv_len, page_logical, window = base["num_new_tokens"], self.num_slots, self.page_logical, self.window
 
         def block_mask():
             if packed:
                 raise ValueError("a packed step has no BlockMask: FlexAttention takes padded (B, T) steps")
-            return build_paged_block_mask(table_d, q_start, num_new_d, t, ps, page_logical, kv_len, window)
+            rows = table_d if table_d is not None else table.to(device, non_blocking=True)
+            return build_paged_block_mask(rows, q_start, num_new_d, t, ps, page_logical, kv_len, window)
 
-        varlen = None
-        if packed or t > 1:
+        varlen = varlen_builder = None
+        if packed:  # Mamba layers read its cu_q too
             varlen = self._varlen_meta(table, ctx, new, t, packed)
+        elif t > 1:
+
+            def varlen_builder():
+                return self._varlen_meta(table, ctx, new, t, packed)
+
         padded_kv = None
         if not packed and t > 1:
             positions_d, has_context = base["position_ids"], base["has_context"]
@@ -342,12 +368,13 @@ class PagedKVCache(SequenceCache):
             page_size=ps,
             slot_mapping=slots.flatten().to(device, non_blocking=True),
             page_table=table_d,
-            seq_lens=(ctx + new).to(torch.int32).to(device, non_blocking=True),
+            seq_lens=(ctx + new).to(torch.int32).to(device, non_blocking=True) if one_token else None,
             q_start=q_start,
             block_mask_builder=block_mask,
             page_logical=self.page_logical,
             window=self.window,
             varlen=varlen,
+            varlen_builder=varlen_builder,
             padded_kv_builder=padded_kv,
         )
 

@@ -402,10 +402,10 @@ class PagedOp(AttentionOp):
         if not kv_written:  # traced inline under compile, where inductor may fuse it (see _paged_kv_write_op)
             kv_write_reference(kp, vp, k, v, meta.slot_mapping)
         t = q.shape[2]
-        if meta.varlen is not None and self._can_varlen(variant, cache):
+        if (meta.packed or t > 1) and self._can_varlen(variant, cache):
             if not meta.packed and self._pads_prefill(q):
                 return _paged_padded(q, k, v, kp, vp, meta.get_padded_kv(), scale)
-            return _paged_varlen(q, k, v, kp, vp, meta.varlen, scale)
+            return _paged_varlen(q, k, v, kp, vp, meta.get_varlen(), scale)
         if meta.packed:
             raise ValueError(f"a packed step needs causal attention without a window and a prefill_kernel other "
                              f"than 'flex'; got {variant} with prefill_kernel={self.prefill_kernel!r}")

@@ -270,6 +270,31 @@ def test_forked_sequences_share_a_prefix_with_copy_on_write():
     driver.step(["child", "parent"], [1, 1])
 
 
+def test_fork_of_a_windowed_sequence_maps_released_pages_to_no_slot():
+    """A sliding-window sequence gives back pages no query can see (RELEASED, -1, in its block table); a
+    fork inherits those entries. The device table reads them as page 0, and the held pages keep their
+    logical index, so the child's window rows and page_logical match its block table."""
+    page_size, window = 16, 32
+    spec = KVCacheSpec(num_layers=1, attention_layers=(0,), num_kv_heads=2, head_dim=HEAD_DIM, dtype=torch.float32,
+                       device=DEVICE, max_position_embeddings=4096, sliding_window=window)
+    cache = PagedKVCache(spec, max_batch_size=2, max_seq_len=128, page_size=page_size)
+    cache.add("parent")
+    cache.prepare(["parent"], [5 * page_size + 3])
+    assert cache.release_out_of_window("parent")  # the first pages fall out of the window
+    table = cache.block_table("parent")
+    released = [j for j, p in enumerate(table) if p < 0]
+    assert released and released == list(range(len(released)))
+    cache.fork("parent", "child")
+    assert cache.block_table("child") == table
+    rows = cache.prepare_decode_window(["child", "parent"], [1, 1]).rows
+    child = cache.block_table("child")
+    assert rows[0, :len(child)].tolist() == [max(p, 0) for p in child]
+    logical = cache.page_logical.cpu()
+    for j, p in enumerate(child):
+        if p >= 0:
+            assert logical[p].item() == j
+
+
 @pytest.mark.parametrize("page_size", [16, 64])
 def test_block_mask_from_a_shuffled_page_table(page_size):
     """Any permutation of physical pages gives the same attention as contiguous K/V."""

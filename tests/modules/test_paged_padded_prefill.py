@@ -140,6 +140,42 @@ def test_padded_key_grid_is_built_once_and_reads_only_the_rows_keys():
         packed.get_padded_kv()
 
 
+def test_packed_runs_of_a_padded_step_are_built_only_when_a_layer_asks(monkeypatch):
+    """A padded multi-token step defers its varlen metadata (host work and copies) to the first layer that
+    takes the varlen path; the padded SDPA path (fp32, off flash) never builds it. Packed steps carry it."""
+    built = []
+    real = PagedKVCache._varlen_meta
+    monkeypatch.setattr(PagedKVCache, "_varlen_meta", lambda self, *a: built.append(a[-1]) or real(self, *a))
+    for kernel, expect in (("auto", []), ("varlen", [False, False])):
+        built.clear()
+        cache = PagedKVCache(_spec(2, torch.float32), max_batch_size=2, max_seq_len=96, page_size=16)
+        rows = _Rows(PagedOp(prefill_kernel=kernel), cache, 4, 2, torch.float32, seed=7)
+        rows.add(0)
+        rows.add(1)
+        rows.step([0, 1], [20, 3])
+        rows.step([0, 1], [5, 17])
+        assert built == expect, kernel  # once per step for varlen (packed=False), never for the padded path
+    cache = PagedKVCache(_spec(2, torch.float32), max_batch_size=2, max_seq_len=96, page_size=16)
+    cache.add("a")
+    cache.add("b")
+    meta = cache.prepare(["a", "b"], [18, 3])
+    assert meta.varlen is None
+    runs = meta.get_varlen()
+    assert meta.get_varlen() is runs  # built once per step, shared by every layer
+    assert runs.cu_q.tolist() == [0, 18, 21] and runs.cu_k.tolist() == [0, 18, 21] and runs.kv_slots is None
+    assert runs.q_index.tolist() == list(range(18)) + [18, 19, 20]  # row b's real queries at b * 18 ..
+    built.clear()
+    packed = cache.prepare(["a", "b"], [2, 4], packed=True)
+    assert built == [True] and packed.varlen is not None  # Mamba layers read its cu_q directly
+    assert packed.varlen.cu_k.tolist() == [0, 20, 27]
+    # the decode kernel's inputs exist on one-token steps only
+    assert meta.page_table is None and meta.seq_lens is None and packed.page_table is None
+    decode = cache.prepare(["a", "b"], [1, 1])
+    assert decode.get_varlen() is None  # a one-token step has no packed runs
+    assert decode.seq_lens.tolist() == [21, 8]
+    assert decode.page_table[:, :2].tolist() == [cache.block_table("a")[:2], cache.block_table("b")[:1] + [0]]
+
+
 def test_unused_slots_holding_nan_are_never_read():
     """Pages beyond a row's length and the scratch page hold NaN: outputs stay equal to dense."""
     cache = PagedKVCache(_spec(2, torch.float32), max_batch_size=2, max_seq_len=128, page_size=16)
