@@ -42,7 +42,11 @@ def parse_args(argv=None):
     p.add_argument("--output-len", type=int, default=256 if cuda else 8)
     p.add_argument("--warmup-prompts", type=int, default=16 if cuda else 2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=2, help="timed runs per side; the fastest counts")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per side, each with its own prompts (the "
+                   "same on both sides); the median of the per-run ratios counts")
+    p.add_argument("--same-prompts", action="store_true", help="every timed run resends the first run's prompts "
+                   "(later runs hit the prefix cache) and the fastest run of each side counts: the method before "
+                   "session 24")
     p.add_argument("--port", type=int, default=None, help="default: a free port")
     p.add_argument("--server-timeout", type=float, default=1200.0, help="seconds for the server to come up")
     p.add_argument("--engine-args", default="", help="extra engine flags for both sides, e.g. '--max-num-seqs 256'")
@@ -59,7 +63,7 @@ def main(argv=None) -> dict:
         config = ServerVsOfflineConfig(
             architecture=args.architecture, variant=args.variant, model=args.model, num_prompts=args.num_prompts,
             prompt_range=args.prompt_range, output_len=args.output_len, warmup_prompts=args.warmup_prompts,
-            seed=args.seed, repeats=args.repeats, port=args.port, server_timeout=args.server_timeout,
+            seed=args.seed, repeats=args.repeats, fresh_prompts=not args.same_prompts, port=args.port, server_timeout=args.server_timeout,
             engine_args=args.engine_args, engine_process=args.engine_process, output=args.output,
             command=" ".join(shlex.quote(a) for a in ["python", "scripts/bench_server_vs_offline.py", *argv]))
     except ValueError as e:

@@ -2,6 +2,7 @@
 without a GPU). What the scripts run is tested in tests/bench and tests/eval; these check the wiring of flags."""
 
 import json
+import statistics
 import sys
 
 import pytest
@@ -95,10 +96,17 @@ def test_bench_server_vs_offline(tmp_path):
     inside the client's (sending to receiving it), so it cannot be longer."""
     from scripts import bench_server_vs_offline
 
-    report = bench_server_vs_offline.main(["--num-prompts", "3", "--prompt-range", "8,12", "--output-len", "3",
+    report = bench_server_vs_offline.main(["--num-prompts", "3", "--prompt-range", "36,44", "--output-len", "3",
                                            "--warmup-prompts", "1", "--output", str(tmp_path / "s.json")])
     assert report["server"]["completed"] == 3 and report["server"]["failed"] == 0
-    assert report["server_over_offline"] > 0
+    # each timed run its own prompts (seeds 0, 2; the warm-up's is 1), the ratio taken per run on the same prompts
+    assert report["workload"]["seeds_per_run"] == [0, 2] and report["workload"]["fresh_prompts"] is True
+    per_run = report["server_over_offline_per_run"]
+    assert len(per_run) == 2 and all(r > 0 for r in per_run)
+    assert report["server_over_offline"] == statistics.median(per_run)
+    for side in ("offline", "server"):
+        throughputs, durations = report[side]["output_throughput_per_run"], report[side]["durations_s"]
+        assert [round(t * d, 6) for t, d in zip(throughputs, durations)] == [9.0, 9.0], side  # 3 x 3 tokens
     client, engine = report["server"]["client_mean_ttft_ms"], report["server"]["engine_mean_ttft_ms"]
     assert len(client) == len(engine) == 2
     assert all(0 < e <= c for c, e in zip(client, engine)), (client, engine)
@@ -109,5 +117,6 @@ def test_bench_server_vs_offline(tmp_path):
         runs = report[side]["engine_per_run"]
         assert len(runs) == 2, (side, runs)
         for run in runs:
-            assert run["num_steps"] >= 2 and run["num_batched_tokens"] >= 3 * 8, (side, run)
+            # no run reuses the one before's prompts: every prompt token (3 of 36..44 each) is computed again
+            assert run["num_steps"] >= 2 and run["num_batched_tokens"] >= 3 * 36, (side, run)
             assert all(run["time_s"][phase] > 0 for phase in ("schedule", "execute", "update")), (side, run)
