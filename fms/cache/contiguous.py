@@ -41,12 +41,13 @@ class ContiguousKVCache(SequenceCache):
         row_t = torch.tensor(rows, dtype=torch.int64)
         is_real = torch.arange(t)[None, :] < torch.tensor(num_new)[:, None]
         write_pos = torch.where(is_real, positions, torch.full_like(positions, self.max_seq_len))
+        # non_blocking: a blocking copy from pageable memory waits for the stream (a sync per tensor)
         return ContiguousStepMeta(
             **base,
-            rows=row_t.to(device),
+            rows=row_t.to(device, non_blocking=True),
             rows_are_prefix=rows == list(range(len(rows))),
-            write_rows=row_t[:, None].expand(-1, t).contiguous().to(device),
-            write_positions=write_pos.to(device),
+            write_rows=row_t[:, None].expand(-1, t).contiguous().to(device, non_blocking=True),
+            write_positions=write_pos.to(device, non_blocking=True),
         )
 
     @property

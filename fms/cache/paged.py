@@ -184,7 +184,10 @@ class PagedKVCache(SequenceCache):
         self.keys = [torch.zeros(shape, dtype=spec.dtype, device=spec.device) for _ in spec.attention_layers]
         self.values = [torch.zeros(shape, dtype=spec.dtype, device=spec.device) for _ in spec.attention_layers]
         self.page_logical = torch.zeros(self.num_pages + 1, dtype=torch.int32, device=spec.device)
-        self._pool_addresses = None  # the pools' data pointers on the device, for the one-launch page copy
+        # the pools' data pointers on the device, for the one-launch page copy: built (and the pools checked) once,
+        # here, not inside the first step that copies a page
+        pools = [*self.keys, *self.values]
+        self._pool_addresses = pool_address_table(pools) if pools else None
         self.scratch_page = self.num_pages
         self.window = spec.sliding_window
         # Host copy of every live sequence's page table, one row per KV-manager slot, written only
@@ -240,7 +243,10 @@ class PagedKVCache(SequenceCache):
                 self.manager.free(child)
             raise
         self.init_slots(slots)
-        self.apply(grants)
+        # A child holds its parent's pages at the parent's logical indices, which page_logical maps already, and
+        # copies nothing until it grows: only its host row changes.
+        _, _, copies = self._write_rows(grants)
+        assert not copies, "a fork copies nothing until the child grows"
 
     def block_table(self, seq_id) -> list[int]:
         return self.manager.block_table(seq_id)
@@ -248,8 +254,7 @@ class PagedKVCache(SequenceCache):
     # -- applying the manager's decisions ------------------------------------------------------
     def init_slots(self, slots: Sequence[int]) -> None:
         super().init_slots(slots)
-        for slot in slots:
-            self._host_table[slot].zero_()
+        self._host_rows[list(slots)] = 0
 
     def apply(self, grants: Sequence[PageGrant]) -> None:
         if self.checkpoint_store is not None:
@@ -257,6 +262,17 @@ class PagedKVCache(SequenceCache):
             scrub = self.manager.take_pages_to_scrub()
             if scrub:
                 self.checkpoint_store.scrub(scrub)
+        changed_pages, changed_logical, copies = self._write_rows(grants)
+        self._set_logical(changed_pages, changed_logical)  # one device update for the whole step
+        if copies:
+            self._copy_pages(copies)
+        restores = [g for g in grants if g.restore]
+        if restores:  # a prefix hit: the sequence's Mamba state starts from the checkpoint at its end
+            self.checkpoint_store.restore([self.manager.slot_of(g.seq_id) for g in restores],
+                                          [g.restore for g in restores])
+
+    def _write_rows(self, grants: Sequence[PageGrant]) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+        """Write the grants' entries into the host page table; -> (pages held, their logical indices, copies)."""
         changed_pages, changed_logical, copies = [], [], []
         table = self._host_rows  # numpy view of the host table: a row slice written from a tuple costs ~1 us
         for grant in grants:
@@ -275,13 +291,7 @@ class PagedKVCache(SequenceCache):
                 changed_pages += [p for p, _ in held]
                 changed_logical += [j for _, j in held]
             copies += grant.copies
-        self._set_logical(changed_pages, changed_logical)  # one device update for the whole step
-        if copies:
-            self._copy_pages(copies)
-        restores = [g for g in grants if g.restore]
-        if restores:  # a prefix hit: the sequence's Mamba state starts from the checkpoint at its end
-            self.checkpoint_store.restore([self.manager.slot_of(g.seq_id) for g in restores],
-                                          [g.restore for g in restores])
+        return changed_pages, changed_logical, copies
 
     def capture_after_decode(self, seq_ids: Sequence[Hashable]) -> None:
         """After a decode window (one-token steps outside build_meta): checkpoint the states the KV manager
@@ -310,9 +320,7 @@ class PagedKVCache(SequenceCache):
         pools = [*self.keys, *self.values]
         if not pools:  # no attention layer holds pages
             return
-        if self._pool_addresses is None:  # the pools are allocated once, in __init__; checked here, once
-            self._pool_addresses = pool_address_table(pools)
-        pairs = torch.tensor(copies, dtype=torch.int64).to(self.spec.device)
+        pairs = torch.tensor(copies, dtype=torch.int64).to(self.spec.device, non_blocking=True)
         copy_pages(pools, pairs, self.page_size, self._pool_addresses)
 
     def why_not_packed(self) -> str | None:

@@ -204,7 +204,7 @@ def _score_batch(model, op, cache, rows: list[_Row], requests, device,
         # step 1: every distinct context, logits at its last token only
         meta = cache.prepare(contexts, [len(rows[s].context) for s in contexts])
         tokens = _right_padded([rows[s].context for s in contexts], meta.query_len, device)
-        last = torch.tensor([len(rows[s].context) - 1 for s in contexts], device=device)
+        last = _to_device([len(rows[s].context) - 1 for s in contexts], device)
         first = model(tokens, attn_name=op.name, logits_positions=last, cache=cache, meta=meta)
         first = first[:, 0].float().log_softmax(dim=-1)  # (number of contexts, V)
         # step 2: continuations longer than one token, logits at every fed token; a row whose context another
@@ -234,7 +234,7 @@ def _score_batch(model, op, cache, rows: list[_Row], requests, device,
         row_logp = first[k:k + 1]
         if m > 1:
             row_logp = torch.cat([row_logp, rest[row_in_rest[s], : m - 1]])  # (m, V)
-        targets = torch.tensor([requests[i].continuation for i in row.requests], device=device)  # (R, m)
+        targets = _to_device([requests[i].continuation for i in row.requests], device)  # (R, m)
         picked = row_logp[torch.arange(m, device=device)[None, :], targets]  # (R, m)
         logprobs.append(picked.sum(dim=-1))
         greedy.append((row_logp.argmax(dim=-1)[None, :] == targets).all(dim=-1))
@@ -245,6 +245,12 @@ def _score_batch(model, op, cache, rows: list[_Row], requests, device,
 
 
 def _right_padded(seqs: Sequence[Sequence[int]], width: int, device) -> torch.Tensor:
-    return torch.tensor([list(s) + [0] * (width - len(s)) for s in seqs], dtype=torch.long, device=device)
+    return _to_device([list(s) + [0] * (width - len(s)) for s in seqs], device)
+
+
+def _to_device(values, device) -> torch.Tensor:
+    """An int64 tensor of nested lists on device. torch.tensor(..., device=cuda) copies blocking, which waits for
+    every queued kernel; a non-blocking copy of the fresh host tensor lets the host run ahead."""
+    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
 
 
