@@ -22,3 +22,26 @@ step() {  # step NAME LIMIT_S COMMAND...   (run in the tree $TREE, default .gpu)
   tail -6 "$OUT/log_$name.txt"
   pack
 }
+eval_fp32() {  # eval_fp32 [NAME]: issue 19's fp32 eval row, 21 interleaved pairs, context shared and not, in $TREE
+  local suffix=${1:+_$1}
+  for share in shared alone; do
+    local flag=""; [ $share = alone ] && flag="--no_share_context"
+    step eval_fp32_$share$suffix 60 python3 scripts/eval.py --task truthfulqa_mc2 \
+      --data fms/resources/eval/truthfulqa_mc.json --mode both --dtype fp32 --device_type cuda --no_progress \
+      --timing_repeats 21 $flag --output "$OUT/eval_fp32_$share$suffix.json"
+  done
+}
+WORKLOAD="--num_requests 128 --prompt_range 64,512 --output_range 256,256 --batch1_tokens 512 --decode_steps_sweep 16,16,16"
+serving_1b() {  # serving_1b RUN...: issue 19's 1B serving workload + batch-1 for each RUN in tree .${RUN%?} (gpu1: .gpu)
+  for run in "$@"; do
+    TREE=.${run%?} step serving_1b_$run 110 python3 scripts/benchmark_serving.py --variant 3.2-1b $WORKLOAD \
+      --results_dir "$OUT/serving_1b_$run"
+  done
+}
+server_vs_offline_x3() {  # issue 18's server vs offline, compiled engine (the default on CUDA), three times on .gpu
+  python3 -c "import fastapi, uvicorn, openai, prometheus_client; print('server imports ok')" || exit 1
+  for n in 1 2 3; do
+    step server_vs_offline_compiled_$n 200 python3 scripts/bench_server_vs_offline.py --repeats 3 \
+      --server-timeout 120 --output "$OUT/server_vs_offline_compiled_$n.json"
+  done
+}

@@ -23,13 +23,6 @@ serving() {  # serving NAME [extra flags]; TREE=.. picks the tree
   step serving_1b_$name 110 python3 scripts/benchmark_serving.py --variant 3.2-1b $WORKLOAD "$@" \
     --results_dir "$OUT/serving_1b_$name"
 }
-eval_fp32() {  # issue 19's fp32 eval row: 21 interleaved pairs, context shared and not
-  for share in shared alone; do
-    local flag=""; [ $share = alone ] && flag="--no_share_context"
-    step eval_fp32_$share 60 python3 scripts/eval.py --task truthfulqa_mc2 --data fms/resources/eval/truthfulqa_mc.json \
-      --mode both --dtype fp32 --device_type cuda --no_progress --timing_repeats 21 $flag --output "$OUT/eval_fp32_$share.json"
-  done
-}
 case $PART in
   k)
     step decode_sweep_d64 150 python3 scripts/bench_paged_decode_kernel.py --head-dim 64 --batch-sizes 128 \

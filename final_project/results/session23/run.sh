@@ -10,25 +10,11 @@
 #   part s (~230 s): 1B serving + batch-1 for .gpu then .wA (issue 19's rows on this commit)
 set -u
 if [ "${1:-}" = build ]; then
-  for t in .gpu:HEAD .wA:8778904 .wC:16d4386; do
-    dir=${t%%:*}; rev=${t#*:}
-    rm -rf $dir && mkdir $dir && git archive $rev -- . ':!final_project' | tar -x -C $dir \
-      && git rev-parse --short $rev > $dir/COMMIT && echo "$dir $(cat $dir/COMMIT)" || exit 1
-  done
-  exit 0
+  bash final_project/results/build_trees.sh .gpu:HEAD .wA:8778904 .wC:16d4386; exit
 fi
 FINAL=${1:?final out dir}; PART=${2:?part}
 OUT=/tmp/raw_$PART; mkdir -p "$OUT"
 source final_project/results/device_steps.sh
-WORKLOAD="--num_requests 128 --prompt_range 64,512 --output_range 256,256 --batch1_tokens 512 --decode_steps_sweep 16,16,16"
-eval_fp32() {  # eval_fp32 NAME: issue 19's fp32 eval row, 21 interleaved pairs, context shared and not
-  for share in shared alone; do
-    local flag=""; [ $share = alone ] && flag="--no_share_context"
-    step eval_fp32_${share}_$1 60 python3 scripts/eval.py --task truthfulqa_mc2 \
-      --data fms/resources/eval/truthfulqa_mc.json --mode both --dtype fp32 --device_type cuda --no_progress \
-      --timing_repeats 21 $flag --output "$OUT/eval_fp32_${share}_$1.json"
-  done
-}
 for PART_ in $(echo $PART | grep -o .); do
 case $PART_ in
   t)
@@ -39,19 +25,8 @@ case $PART_ in
     for run in wA1 wC1 gpu1 gpu2 wC2 wA2; do TREE=.${run%?} eval_fp32 $run; done
     step eval_profile_shared 90 python3 ../final_project/results/session22/eval_profile.py "$OUT/eval_profile_shared.json"
     ;;
-  d)
-    python3 -c "import fastapi, uvicorn, openai, prometheus_client; print('server imports ok')" || exit 1
-    for n in 1 2 3; do
-      step server_vs_offline_compiled_$n 200 python3 scripts/bench_server_vs_offline.py --repeats 3 \
-        --server-timeout 120 --output "$OUT/server_vs_offline_compiled_$n.json"
-    done
-    ;;
-  s)
-    for run in gpu1 wA1; do
-      TREE=.${run%?} step serving_1b_$run 110 python3 scripts/benchmark_serving.py --variant 3.2-1b $WORKLOAD \
-        --results_dir "$OUT/serving_1b_$run"
-    done
-    ;;
+  d) server_vs_offline_x3 ;;
+  s) serving_1b gpu1 wA1 ;;
   *) echo "unknown part $PART_"; exit 2 ;;
 esac
 done
