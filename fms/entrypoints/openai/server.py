@@ -329,12 +329,19 @@ class _PostRoutes:
         if isinstance(result, dict):
             return await _send_json(send, 200, result)
         await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        closed = False
         try:
             async for event in result:
-                await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
+                # [DONE] ends every stream: its write closes the body too (one write, not two)
+                closed = event.endswith(_SSE_DONE)
+                await send({"type": "http.response.body", "body": event.encode(), "more_body": not closed})
         finally:
             await result.aclose()  # its finally aborts the engine requests left when the client went away
-        await send({"type": "http.response.body", "body": b""})
+        if not closed:
+            await send({"type": "http.response.body", "body": b""})
+
+
+_SSE_DONE = "data: [DONE]\n\n"
 
 
 def _sse(data: dict) -> str:
@@ -451,11 +458,14 @@ def build_app(state: ServerState) -> "_PostRoutes":
         created = int(time.time())
         offsets = [0] * len(streams)
         num_prompt, num_out = [s.num_prompt_tokens for s in streams], [0] * len(streams)
+        unfinished = len(streams)
+        tail = ""  # the last stream's finishing chunk goes out with the usage and [DONE]: one write, not three
         try:
             async for i, delta in _merge(streams):
                 if isinstance(delta, BaseException):
                     yield _sse(ApiError(400, str(delta)).body())
                     break
+                unfinished -= delta.finished
                 if delta.finished and _finish_error(delta) is not None:
                     yield _sse(_finish_error(delta).body())
                     continue
@@ -473,12 +483,15 @@ def build_app(state: ServerState) -> "_PostRoutes":
                                       "stop_reason": delta.stop_reason}]}
                 if body.include_usage:
                     chunk["usage"] = None
-                yield _sse(chunk)
+                if unfinished:
+                    yield _sse(chunk)
+                else:
+                    tail = _sse(chunk)
             if body.include_usage:
-                yield _sse({"id": request_id, "object": "text_completion", "created": created,
-                            "model": state.model_name, "choices": [],
-                            "usage": _usage(sum(num_prompt), sum(num_out))})
-            yield "data: [DONE]\n\n"
+                tail += _sse({"id": request_id, "object": "text_completion", "created": created,
+                              "model": state.model_name, "choices": [],
+                              "usage": _usage(sum(num_prompt), sum(num_out))})
+            yield tail + _SSE_DONE
         finally:
             for s in streams:
                 s.abort()  # the client went away mid-stream: free its pages
@@ -486,6 +499,7 @@ def build_app(state: ServerState) -> "_PostRoutes":
     async def _stream_chat(request_id: str, body: ChatCompletionRequest, stream: RequestStream):
         created = int(time.time())
         num_out = 0
+        tail = ""
 
         def chunk(delta: dict, finish_reason=None, logprobs=None, stop_reason=None):
             data = {"id": request_id, "object": "chat.completion.chunk", "created": created,
@@ -512,13 +526,17 @@ def build_app(state: ServerState) -> "_PostRoutes":
                 if body.logprobs and delta.logprobs:
                     lp = {"content": _chat_logprobs(delta.token_ids, delta.logprobs, text_of)}
                 content = {"content": delta.text} if delta.text or not delta.finished else {}
-                yield chunk(content, _finish_reason(delta.finish_reason) if delta.finished else None, lp,
-                            delta.stop_reason)
+                event = chunk(content, _finish_reason(delta.finish_reason) if delta.finished else None, lp,
+                              delta.stop_reason)
+                if not delta.finished:
+                    yield event
+                else:  # the finishing chunk goes out with the usage and [DONE]: one write, not three
+                    tail = event
             if body.include_usage:
-                yield _sse({"id": request_id, "object": "chat.completion.chunk", "created": created,
-                            "model": state.model_name, "choices": [],
-                            "usage": _usage(stream.num_prompt_tokens, num_out)})
-            yield "data: [DONE]\n\n"
+                tail += _sse({"id": request_id, "object": "chat.completion.chunk", "created": created,
+                              "model": state.model_name, "choices": [],
+                              "usage": _usage(stream.num_prompt_tokens, num_out)})
+            yield tail + _SSE_DONE
         finally:
             stream.abort()
 
