@@ -8,6 +8,7 @@
 #   part e (~100 s): issue 19's fp32 eval (21 interleaved pairs each), context shared and not, .wA then .gpu
 #     then .gpu then .wA
 #   part s (~230 s): 1B serving + batch-1 for .gpu then .wA
+#   part p (~60 s): the eval profile (results/session22/eval_profile.py) of the shared-context pass on .gpu
 set -u
 if [ "${1:-}" = build ]; then
   bash final_project/results/build_trees.sh .gpu:${2:?rev for .gpu} .wA:${3:?rev for .wA}; exit
@@ -26,6 +27,9 @@ case $PART_ in
     for run in wA1 gpu1 gpu2 wA2; do TREE=.${run%?} eval_fp32 $run; done
     ;;
   s) serving_1b gpu1 wA1 ;;
+  p)  # not run in session 24: kernels and host-to-device copies of one shared-context eval pass per mode, on .gpu
+    step eval_profile_shared 90 python3 ../final_project/results/session22/eval_profile.py "$OUT/eval_profile_shared.json"
+    ;;
   *) echo "unknown part $PART_"; exit 2 ;;
 esac
 done
