@@ -43,6 +43,9 @@ class RequestResult:
     latency: float = 0.0
     itl: list[float] = field(default_factory=list)
     error: str = ""
+    # seconds from the run's start until the response's headers came: the server had admitted the request and
+    # handed it to the engine (fms serve answers the headers right after), so their spread is the admission's
+    admitted: float | None = None
 
     @property
     def tpot(self) -> float | None:
@@ -105,6 +108,7 @@ async def _one(session, url: str, model: str, request: BenchRequest, ignore_eos:
     last = start
     try:
         async with session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
+            result.admitted = time.perf_counter()  # absolute here; run_load makes it relative to the run's start
             if response.status != 200:
                 result.error = f"HTTP {response.status}: {(await response.text())[:200]}"
                 return result
@@ -173,6 +177,9 @@ def summarize(results: list[RequestResult], duration_s: float, percentiles=DEFAU
     summary.update(_percentiles([r.tpot for r in ok if r.tpot is not None], percentiles, "tpot"))
     summary.update(_percentiles([g for r in ok for g in r.itl], percentiles, "itl"))
     summary.update(_percentiles([r.latency for r in ok], percentiles, "e2el"))
+    admitted = [r.admitted for r in ok if r.admitted is not None]
+    summary.update(_percentiles(admitted, percentiles, "admitted"))  # response headers, from the run's start
+    summary["max_admitted_ms"] = max(admitted) * 1000 if admitted else None
     if goodput:
         def meets(r):
             values = {"ttft": r.ttft, "tpot": r.tpot or 0.0, "e2el": r.latency}
@@ -217,6 +224,9 @@ async def run_load(base_url: str, model: str, requests: list[BenchRequest], requ
                 await asyncio.sleep(rng.expovariate(request_rate))
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
+    for r in results:
+        if r.admitted is not None:
+            r.admitted -= start
     bar.close()
     return list(results), duration
 

@@ -107,6 +107,9 @@ def test_bench_server_vs_offline(tmp_path):
     for side in ("offline", "server"):
         throughputs, durations = report[side]["output_throughput_per_run"], report[side]["durations_s"]
         assert [round(t * d, 6) for t, d in zip(throughputs, durations)] == [9.0, 9.0], side  # 3 x 3 tokens
+    # each request's admission (its response headers) comes after the run starts and before the run ends
+    for admitted, duration in zip(report["server"]["admitted_ms_per_run"], report["server"]["durations_s"]):
+        assert 0 < admitted["p50_admitted_ms"] <= admitted["max_admitted_ms"] < 1000 * duration, admitted
     client, engine = report["server"]["client_mean_ttft_ms"], report["server"]["engine_mean_ttft_ms"]
     assert len(client) == len(engine) == 2
     assert all(0 < e <= c for c, e in zip(client, engine)), (client, engine)
