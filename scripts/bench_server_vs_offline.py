@@ -63,8 +63,9 @@ def main(argv=None) -> dict:
         config = ServerVsOfflineConfig(
             architecture=args.architecture, variant=args.variant, model=args.model, num_prompts=args.num_prompts,
             prompt_range=args.prompt_range, output_len=args.output_len, warmup_prompts=args.warmup_prompts,
-            seed=args.seed, repeats=args.repeats, fresh_prompts=not args.same_prompts, port=args.port, server_timeout=args.server_timeout,
-            engine_args=args.engine_args, engine_process=args.engine_process, output=args.output,
+            seed=args.seed, repeats=args.repeats, fresh_prompts=not args.same_prompts, port=args.port,
+            server_timeout=args.server_timeout, engine_args=args.engine_args, engine_process=args.engine_process,
+            output=args.output,
             command=" ".join(shlex.quote(a) for a in ["python", "scripts/bench_server_vs_offline.py", *argv]))
     except ValueError as e:
         parser.error(str(e))

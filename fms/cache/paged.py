@@ -186,8 +186,8 @@ class PagedKVCache(SequenceCache):
         self.page_logical = torch.zeros(self.num_pages + 1, dtype=torch.int32, device=spec.device)
         # the pools' data pointers on the device, for the one-launch page copy: built (and the pools checked) once,
         # here, not inside the first step that copies a page
-        pools = [*self.keys, *self.values]
-        self._pool_addresses = pool_address_table(pools) if pools else None
+        self._kv_pools = [*self.keys, *self.values]  # every layer's K then V pool, as the page copy takes them
+        self._pool_addresses = pool_address_table(self._kv_pools) if self._kv_pools else None
         self.scratch_page = self.num_pages
         self.window = spec.sliding_window
         # Host copy of every live sequence's page table, one row per KV-manager slot, written only
@@ -202,7 +202,7 @@ class PagedKVCache(SequenceCache):
                 raise ValueError(f"the KV manager's checkpoints take {manager.checkpoints.num_pages} pages but this "
                                  f"cache's layout needs {None if layout is None else layout.num_pages}; build the "
                                  "policy from CheckpointLayout.for_spec(spec, page_size)")
-            self.checkpoint_store = CheckpointStore(layout, [*self.keys, *self.values], self.state_pool)
+            self.checkpoint_store = CheckpointStore(layout, self._kv_pools, self.state_pool)
 
     # -- sequences -------------------------------------------------------------------------
     def add(self, seq_id: Hashable, prefix_pages: Sequence[int] = (), prefix_len: int = 0) -> None:
@@ -317,11 +317,10 @@ class PagedKVCache(SequenceCache):
 
     def _copy_pages(self, copies: Sequence[tuple[int, int]]):
         """Copy-on-write: (src, dst) pages' K/V in every layer, one launch on CUDA (fms.triton.copy_pages)."""
-        pools = [*self.keys, *self.values]
-        if not pools:  # no attention layer holds pages
+        if not self._kv_pools:  # no attention layer holds pages
             return
         pairs = torch.tensor(copies, dtype=torch.int64).to(self.spec.device, non_blocking=True)
-        copy_pages(pools, pairs, self.page_size, self._pool_addresses)
+        copy_pages(self._kv_pools, pairs, self.page_size, self._pool_addresses)
 
     def why_not_packed(self) -> str | None:
         return None  # Mamba layers take packed steps too (Mamba2Mixer, cu_seqlens)
@@ -469,7 +468,7 @@ class PagedKVCache(SequenceCache):
         return self.keys[i], self.values[i]
 
     def pool_tensors(self) -> list[torch.Tensor]:
-        return [*self.keys, *self.values, *super().pool_tensors()]
+        return [*self._kv_pools, *super().pool_tensors()]
 
     # -- statistics ------------------------------------------------------------------------
     def memory_stats(self) -> MemoryStats:

@@ -98,7 +98,8 @@ def sharegpt_requests(path: Path, num: int, tokenizer, seed: int, output_len: in
     return requests
 
 
-async def _one(session, url: str, model: str, request: BenchRequest, ignore_eos: bool, timeout_s: float):
+async def _one(session, url: str, model: str, request: BenchRequest, ignore_eos: bool, timeout_s: float,
+               run_start: float):
     import aiohttp
 
     body = {"model": model, "prompt": request.prompt, "max_tokens": request.output_len, "temperature": 0.0,
@@ -108,7 +109,7 @@ async def _one(session, url: str, model: str, request: BenchRequest, ignore_eos:
     last = start
     try:
         async with session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
-            result.admitted = time.perf_counter()  # absolute here; run_load makes it relative to the run's start
+            result.admitted = time.perf_counter() - run_start
             if response.status != 200:
                 result.error = f"HTTP {response.status}: {(await response.text())[:200]}"
                 return result
@@ -209,10 +210,10 @@ async def run_load(base_url: str, model: str, requests: list[BenchRequest], requ
     async with aiohttp.ClientSession(connector=connector) as session:
         async def send(request):
             if limit is None:
-                result = await _one(session, url, model, request, ignore_eos, timeout_s)
+                result = await _one(session, url, model, request, ignore_eos, timeout_s, start)
             else:
                 async with limit:
-                    result = await _one(session, url, model, request, ignore_eos, timeout_s)
+                    result = await _one(session, url, model, request, ignore_eos, timeout_s, start)
             bar.update(1)
             return result
 
@@ -224,9 +225,6 @@ async def run_load(base_url: str, model: str, requests: list[BenchRequest], requ
                 await asyncio.sleep(rng.expovariate(request_rate))
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
-    for r in results:
-        if r.admitted is not None:
-            r.admitted -= start
     bar.close()
     return list(results), duration
 

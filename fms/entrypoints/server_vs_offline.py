@@ -301,19 +301,19 @@ def run_server(config: "ServerVsOfflineConfig", workloads, warmup) -> dict:
             count = ttft_count_after - ttft_count
             engine_ttft_ms.append(1e3 * (ttft_sum_after - ttft_sum) / count if count else None)
         cpu_after = _process_cpu_s(proc.pid)
-        results, duration = min(runs, key=lambda run: run[1])
-        summary = summarize(results, duration)
+        summaries = [summarize(r, d) for r, d in runs]  # per timed run
+        summary = dict(min(summaries, key=lambda s: s["duration_s"]))
         num_tokens = sum(sum(r.output_len for r in results_) for results_, _ in runs)
         summary["server_cpu"] = _server_cpu(proc.pid, cpu_before, cpu_after, num_tokens)
         summary["durations_s"] = [d for _, d in runs]
-        summary["output_throughput_per_run"] = [summarize(r, d)["output_throughput"] for r, d in runs]
+        summary["output_throughput_per_run"] = [s["output_throughput"] for s in summaries]
         # where the first token's wait is spent: the client's mean TTFT (from sending) against the engine's
         # (fms:time_to_first_token_seconds, from the request's arrival at the engine), per timed run
-        summary["client_mean_ttft_ms"] = [summarize(r, d)["mean_ttft_ms"] for r, d in runs]
+        summary["client_mean_ttft_ms"] = [s["mean_ttft_ms"] for s in summaries]
         # when the server had admitted each request (its response headers came), from the run's start: the burst's
         # admission spread, which the offline engine (every request at t=0) does not pay
-        summary["admitted_ms_per_run"] = [{k: summarize(r, d)[k] for k in ("p50_admitted_ms", "max_admitted_ms")}
-                                          for r, d in runs]
+        summary["admitted_ms_per_run"] = [{k: s[k] for k in ("p50_admitted_ms", "max_admitted_ms")}
+                                          for s in summaries]
         summary["engine_mean_ttft_ms"] = engine_ttft_ms
         # the engine's steps and phase seconds per timed run, as the offline side records them (engine_per_run)
         summary["engine_per_run"] = engine_runs

@@ -113,6 +113,7 @@ def copy_pages(pools: Sequence[Tensor], pairs: Tensor, page_size: int, addresses
     if pools and pools[0].is_cuda and HAS_TRITON:
         copy_pages_triton(pools, pairs, page_size, addresses)
     else:
-        _validate_pools(pools)
+        if addresses is None:  # a table was built by pool_address_table, which checked the pools
+            _validate_pools(pools)
         _validate_pairs(pools[0], pairs, page_size)
         copy_pages_reference(pools, pairs, page_size)
