@@ -27,7 +27,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(REPO))
 
 
-def write_checkpoint(folder: str, vocab_size: int, seed: int) -> str:
+def write_checkpoint(folder: str, vocab_size: int, seed: int, max_len: int = 256) -> str:
     import torch
     import transformers
     from fms.entrypoints.server_vs_offline import write_placeholder_tokenizer
@@ -35,7 +35,7 @@ def write_checkpoint(folder: str, vocab_size: int, seed: int) -> str:
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
                                       num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=256, initializer_range=0.5,
+                                      max_position_embeddings=max_len, initializer_range=0.5,
                                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
     write_placeholder_tokenizer(folder, vocab_size)
@@ -59,8 +59,10 @@ def main(argv=None):
     torch.set_num_threads(1)
     import bench_server_vs_offline
 
-    folder = write_checkpoint(tempfile.mkdtemp(prefix="fms-overhead-model-"), args.vocab_size, 0)
-    engine_args = f"--no-compile --device cpu --dtype fp32 --max-num-seqs {args.num_prompts} --max-model-len 256"
+    # the model length fits the longest request (at least 256, the length this script always had)
+    max_len = max(256, int(args.prompt_range.partition(",")[2] or args.prompt_range) + args.output_len)
+    folder = write_checkpoint(tempfile.mkdtemp(prefix="fms-overhead-model-"), args.vocab_size, 0, max_len)
+    engine_args = f"--no-compile --device cpu --dtype fp32 --max-num-seqs {args.num_prompts} --max-model-len {max_len}"
     mode = [] if args.engine_process is None else ["--engine-process" if args.engine_process else "--no-engine-process"]
     report = bench_server_vs_offline.main([
         "--model", folder, "--num-prompts", str(args.num_prompts), "--prompt-range", args.prompt_range,

@@ -196,8 +196,9 @@ def summarize(results: list[RequestResult], duration_s: float, percentiles=DEFAU
 
 async def run_load(base_url: str, model: str, requests: list[BenchRequest], request_rate: float,
                    max_concurrency: int | None, seed: int, ignore_eos: bool = True, timeout_s: float = 600.0,
-                   progress: bool = True) -> tuple[list[RequestResult], float]:
-    """Send every request (Poisson arrivals at request_rate per second; inf: all at once); -> results, seconds."""
+                   progress: bool = True, window: dict | None = None) -> tuple[list[RequestResult], float]:
+    """Send every request (Poisson arrivals at request_rate per second; inf: all at once); -> results, seconds.
+    window, when given, gets the run's "start" and "end" (time.perf_counter(), to set beside a server's trace)."""
     import aiohttp
     from tqdm.auto import tqdm
 
@@ -224,7 +225,10 @@ async def run_load(base_url: str, model: str, requests: list[BenchRequest], requ
             if math.isfinite(request_rate):
                 await asyncio.sleep(rng.expovariate(request_rate))
         results = await asyncio.gather(*tasks)
-        duration = time.perf_counter() - start
+        end = time.perf_counter()
+        duration = end - start
+        if window is not None:
+            window.update(start=start, end=end)
     bar.close()
     return list(results), duration
 

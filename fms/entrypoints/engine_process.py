@@ -142,6 +142,7 @@ def run_engine_process(args, conn, parent_pid: int) -> None:
     with lock:
         conn.send(("ready", info))
     async_engine.start()
+    trace = engine.trace  # FMS_STEP_TRACE: when each message of adds came off the pipe
     timeout_s = 0.0
     try:
         while True:
@@ -153,6 +154,8 @@ def run_engine_process(args, conn, parent_pid: int) -> None:
             if message[0] == "stop":
                 timeout_s = message[1]
                 break
+            if trace is not None:
+                trace.recv(time.perf_counter(), sum(event[0] == "add" for event in message[1]))
             for event in message[1]:
                 if event[0] == "add":
                     sink.num_received += 1

@@ -34,6 +34,7 @@ import torch
 from fms.bench.processes import child_pids, thread_cpu_s
 from fms.entrypoints.bench_serve import BenchRequest, _commit, run_load, summarize
 from fms.entrypoints.heap import frozen_heap
+from fms.serving import trace as step_trace
 
 TARGET_RATIO = 0.9
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding `fms`: the child server imports it from here
@@ -139,7 +140,16 @@ def run_offline(config: "ServerVsOfflineConfig", workloads, warmup) -> dict:
     from fms.serving import SamplingParams
 
     _, parsed = _engine_args(config)
-    engine, _ = build_engine(parsed)
+    trace_path = _trace_path(config, "offline")
+    previous = os.environ.get(step_trace.ENV)
+    os.environ[step_trace.ENV] = trace_path  # this engine's timeline (fms.serving.trace); not the server's
+    try:
+        engine, _ = build_engine(parsed)
+    finally:
+        if previous is None:
+            del os.environ[step_trace.ENV]
+        else:
+            os.environ[step_trace.ENV] = previous
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
     def run(batch):
@@ -148,17 +158,25 @@ def run_offline(config: "ServerVsOfflineConfig", workloads, warmup) -> dict:
         start = time.perf_counter()
         outs = engine.generate([r.prompt for r in batch], params, use_tqdm=False)
         sync()
-        return outs, time.perf_counter() - start
+        return outs, start, time.perf_counter()
 
+    longest = max(r.prompt_len + r.output_len for requests in (warmup, *workloads) for r in requests)
+    if longest > engine.max_model_len:  # the engine would reject those requests and the ratio would compare nothing
+        raise ValueError(f"the workload's longest request ({longest} tokens: prompt + output_len) exceeds the model "
+                         f"length of {engine.max_model_len}; lower --prompt-range / --output-len or raise "
+                         "--max-model-len in --engine-args")
     run(warmup)
-    durations, engine_runs, output_tokens = [], [], []
+    durations, engine_runs, output_tokens, windows = [], [], [], []
     with frozen_heap():  # as the server's processes run (fms.entrypoints.heap); thawed so the engine can be freed
         for requests in workloads:
             before = _engine_part(engine.stats())
-            outs, duration = run(requests)
-            durations.append(duration)
+            outs, start, end = run(requests)
+            durations.append(end - start)
+            windows.append((start, end))
             output_tokens.append(sum(len(o.token_ids) for o in outs))
             engine_runs.append(_engine_delta(before, _engine_part(engine.stats())))
+    engine.trace.close()
+    events = step_trace.read(trace_path)
     best = min(range(len(durations)), key=durations.__getitem__)
     duration, num_out = durations[best], output_tokens[best]
     num_in = sum(r.prompt_len for r in workloads[best])
@@ -166,12 +184,21 @@ def run_offline(config: "ServerVsOfflineConfig", workloads, warmup) -> dict:
               "output_throughput": num_out / duration, "request_throughput": len(workloads[best]) / duration,
               "total_token_throughput": (num_in + num_out) / duration, "durations_s": durations,
               "output_throughput_per_run": [n / d for n, d in zip(output_tokens, durations)],
-              "engine_per_run": engine_runs, "engine": engine.stats()}
+              "engine_per_run": engine_runs, "engine": engine.stats(),
+              "timeline_per_run": [step_trace.summarize(events, start, end) for start, end in windows]}
     engine = outs = None  # free the pool before the server sizes its own
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the server's pool sizes itself from free memory
     return result
+
+
+def _trace_path(config: "ServerVsOfflineConfig", side: str) -> str:
+    """A new file for one side's engine timeline (FMS_STEP_TRACE), beside the report."""
+    path = config.output.with_name(f"{config.output.stem}_{side}_trace.txt")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    return str(path)
 
 
 def _free_port() -> int:
@@ -270,7 +297,9 @@ def run_server(config: "ServerVsOfflineConfig", workloads, warmup) -> dict:
                "--max-waiting", str(max(1024, *map(len, workloads))), "--log-level", "warning"]
     if config.engine_process is not None:
         command.append("--engine-process" if config.engine_process else "--no-engine-process")
-    env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    trace_path = _trace_path(config, "server")
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           step_trace.ENV: trace_path}
     proc = subprocess.Popen(command, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -290,12 +319,14 @@ def run_server(config: "ServerVsOfflineConfig", workloads, warmup) -> dict:
             model = json.loads(r.read())["data"][0]["id"]
         asyncio.run(run_load(url, model, warmup, float("inf"), None, config.seed, progress=False))
         cpu_before = _process_cpu_s(proc.pid)
-        runs, engine_ttft_ms, engine_runs = [], [], []
+        runs, engine_ttft_ms, engine_runs, windows = [], [], [], []
         for requests in workloads:
             ttft_sum, ttft_count, engine_before = _server_totals(url)
+            window = {}
             with frozen_heap():  # the client's collections must not pause the burst it sends (fms.entrypoints.heap)
                 runs.append(asyncio.run(run_load(url, model, requests, float("inf"), None, config.seed,
-                                                 progress=False)))
+                                                 progress=False, window=window)))
+            windows.append((window["start"], window["end"]))
             ttft_sum_after, ttft_count_after, engine_after = _server_totals(url)
             engine_runs.append(_engine_delta(engine_before, engine_after))
             count = ttft_count_after - ttft_count
@@ -317,6 +348,8 @@ def run_server(config: "ServerVsOfflineConfig", workloads, warmup) -> dict:
         summary["engine_mean_ttft_ms"] = engine_ttft_ms
         # the engine's steps and phase seconds per timed run, as the offline side records them (engine_per_run)
         summary["engine_per_run"] = engine_runs
+        events = step_trace.read(trace_path)  # the engine flushes each line as it writes it
+        summary["timeline_per_run"] = [step_trace.summarize(events, start, end) for start, end in windows]
         summary["server_command"] = " ".join(shlex.quote(c) for c in command)
         return summary
     finally:
@@ -372,6 +405,11 @@ def run_server_vs_offline(config: ServerVsOfflineConfig) -> dict:
         print(f"engine per timed run, {side}: " + ", ".join(
             f"{r['num_steps']} steps, " + " / ".join(f"{r['time_s'].get(p, 0.0):.3f}" for p in PHASES) + " s"
             for r in report[side]["engine_per_run"]) + f" ({' / '.join(PHASES)})")
+    for side in ("offline", "server"):
+        print(f"timeline per timed run, {side} (ms from the run's start): " + "; ".join(
+            (f"adds {t['first_add_ms']:.0f}-{t['last_add_ms']:.0f}, " if t["num_adds"] else "")
+            + f"steps {t['first_step_start_ms']:.0f}-{t['last_step_end_ms']:.0f} (busy {t['busy_ms']:.0f}, idle "
+            f"{t['idle_between_steps_ms']:.0f}), tail {t['tail_ms']:.0f}" for t in report[side]["timeline_per_run"]))
     if server.get("server_cpu"):
         cpu = server["server_cpu"]
         engine_s = cpu["engine_process_cpu_s"]

@@ -21,6 +21,7 @@ from fms.serving.detokenizer import IncrementalDetokenizer
 from fms.serving.model_runner import ModelRunner
 from fms.serving.request import FinishReason, Request, RequestOutput, SamplingParams
 from fms.serving.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
+from fms.serving.trace import StepTrace, from_env as step_trace_from_env
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +135,7 @@ class LLMEngine:
         self.num_batched_tokens = 0
         self.num_decode_windows = 0  # steps that ran several decode steps back to back
         self.time_s = dict.fromkeys(("schedule", "execute", "update"), 0.0)  # host wall time per phase
+        self.trace: StepTrace | None = step_trace_from_env()  # FMS_STEP_TRACE: a timeline of adds and steps
 
     @property
     def prefix_cache(self):
@@ -169,6 +171,8 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         request = Request(request_id, token_ids, params, eos_token_ids=self.eos_token_ids)
         self.requests[request_id] = request
+        if self.trace is not None:
+            self.trace.add(time.perf_counter())
         if not self.scheduler.add(request):
             logger.warning("request %r rejected: %s", request_id, request.error)
             self._rejected.append(request_id)
@@ -217,6 +221,8 @@ class LLMEngine:
         self.num_steps += 1
         self.num_batched_tokens += out.num_batched_tokens
         self.num_decode_windows += out.num_decode_steps > 1
+        if self.trace is not None:
+            self.trace.step(t0, t3, out.num_batched_tokens, out.num_decode_steps)
         return rejected + [StepOutput(*r) for r in results]
 
     def has_unfinished_requests(self) -> bool:

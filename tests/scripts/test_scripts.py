@@ -123,3 +123,14 @@ def test_bench_server_vs_offline(tmp_path):
             # no run reuses the one before's prompts: every prompt token (3 of 36..44 each) is computed again
             assert run["num_steps"] >= 2 and run["num_batched_tokens"] >= 3 * 36, (side, run)
             assert all(run["time_s"][phase] > 0 for phase in ("schedule", "execute", "update")), (side, run)
+    # per timed run, each engine's timeline (FMS_STEP_TRACE, written by the engine itself): every request reached
+    # the engine inside the run, the steps counted in the trace are the ones the engine's totals counted, and the
+    # server's engine process took the 3 adds off its pipe
+    for side in ("offline", "server"):
+        for timeline, run, duration in zip(report[side]["timeline_per_run"], report[side]["engine_per_run"],
+                                           report[side]["durations_s"]):
+            assert timeline["num_adds"] == 3 and timeline["num_steps"] == run["num_steps"], (side, timeline, run)
+            assert 0 <= timeline["first_add_ms"] <= timeline["first_step_start_ms"] < timeline["last_step_end_ms"]
+            assert timeline["last_step_end_ms"] + timeline["tail_ms"] == pytest.approx(1e3 * duration)
+            assert timeline["busy_ms"] > 0 and timeline["idle_between_steps_ms"] >= 0
+            assert (sum(timeline["recv_sizes"]) == 3) if side == "server" else ("recv_sizes" not in timeline)
