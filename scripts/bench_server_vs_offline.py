@@ -47,6 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--same-prompts", action="store_true", help="every timed run resends the first run's prompts "
                    "(later runs hit the prefix cache) and the fastest run of each side counts: the method before "
                    "session 24")
+    p.add_argument("--fresh-connections", action="store_true", help="each timed run opens its own connections "
+                   "inside the run, as before session 25 (default: the client opens them before each run's clock "
+                   "starts, as a long-running client's pool holds them)")
     p.add_argument("--port", type=int, default=None, help="default: a free port")
     p.add_argument("--server-timeout", type=float, default=1200.0, help="seconds for the server to come up")
     p.add_argument("--engine-args", default="", help="extra engine flags for both sides, e.g. '--max-num-seqs 256'")
@@ -63,7 +66,8 @@ def main(argv=None) -> dict:
         config = ServerVsOfflineConfig(
             architecture=args.architecture, variant=args.variant, model=args.model, num_prompts=args.num_prompts,
             prompt_range=args.prompt_range, output_len=args.output_len, warmup_prompts=args.warmup_prompts,
-            seed=args.seed, repeats=args.repeats, fresh_prompts=not args.same_prompts, port=args.port,
+            seed=args.seed, repeats=args.repeats, fresh_prompts=not args.same_prompts,
+            fresh_connections=args.fresh_connections, port=args.port,
             server_timeout=args.server_timeout, engine_args=args.engine_args, engine_process=args.engine_process,
             output=args.output,
             command=" ".join(shlex.quote(a) for a in ["python", "scripts/bench_server_vs_offline.py", *argv]))

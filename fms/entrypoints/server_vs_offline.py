@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from fms.bench.processes import child_pids, thread_cpu_s
-from fms.entrypoints.bench_serve import BenchRequest, _commit, run_load, summarize
+from fms.entrypoints.bench_serve import BenchRequest, _commit, new_session, open_connections, run_load, summarize
 from fms.entrypoints.heap import frozen_heap
 from fms.serving import trace as step_trace
 
@@ -57,6 +57,7 @@ class ServerVsOfflineConfig:
     seed: int = 0
     repeats: int = 2
     fresh_prompts: bool = True
+    fresh_connections: bool = False
     port: int | None = None
     server_timeout: float = 1200.0
     engine_args: str = ""
@@ -77,8 +78,9 @@ class ServerVsOfflineConfig:
             lo = hi = 0
         if not 1 <= lo <= hi:
             raise ValueError(f"prompt_range must be LO,HI with 1 <= LO <= HI, got {self.prompt_range!r}")
-        if not isinstance(self.fresh_prompts, bool):
-            raise ValueError(f"fresh_prompts must be True or False, got {self.fresh_prompts!r}")
+        for name in ("fresh_prompts", "fresh_connections"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.port is not None and not 1 <= self.port <= 65535:
             raise ValueError(f"port must be in [1, 65535] or None (a free one), got {self.port!r}")
         if not self.server_timeout > 0:
@@ -317,21 +319,30 @@ def run_server(config: "ServerVsOfflineConfig", workloads, warmup) -> dict:
                 time.sleep(0.5)
         with urllib.request.urlopen(url + "/v1/models", timeout=10) as r:
             model = json.loads(r.read())["data"][0]["id"]
-        asyncio.run(run_load(url, model, warmup, float("inf"), None, config.seed, progress=False))
-        cpu_before = _process_cpu_s(proc.pid)
         runs, engine_ttft_ms, engine_runs, windows = [], [], [], []
-        for requests in workloads:
-            ttft_sum, ttft_count, engine_before = _server_totals(url)
-            window = {}
-            with frozen_heap():  # the client's collections must not pause the burst it sends (fms.entrypoints.heap)
-                runs.append(asyncio.run(run_load(url, model, requests, float("inf"), None, config.seed,
-                                                 progress=False, window=window)))
-            windows.append((window["start"], window["end"]))
-            ttft_sum_after, ttft_count_after, engine_after = _server_totals(url)
-            engine_runs.append(_engine_delta(engine_before, engine_after))
-            count = ttft_count_after - ttft_count
-            engine_ttft_ms.append(1e3 * (ttft_sum_after - ttft_sum) / count if count else None)
-        cpu_after = _process_cpu_s(proc.pid)
+        cpu = {}
+
+        async def client():  # one event loop and, unless fresh_connections, one session for every run
+            async with new_session() as shared:
+                session = None if config.fresh_connections else shared
+                await run_load(url, model, warmup, float("inf"), None, config.seed, progress=False, session=session)
+                cpu["before"] = _process_cpu_s(proc.pid)
+                for requests in workloads:
+                    ttft_sum, ttft_count, engine_before = _server_totals(url)  # blocking: nothing else is running
+                    if session is not None:  # open before the clock starts (uvicorn drops idle ones after 5 s)
+                        await open_connections(session, url, len(requests))
+                    window = {}
+                    with frozen_heap():  # the client's collections must not pause its burst (fms.entrypoints.heap)
+                        runs.append(await run_load(url, model, requests, float("inf"), None, config.seed,
+                                                   progress=False, window=window, session=session))
+                    windows.append((window["start"], window["end"]))
+                    ttft_sum_after, ttft_count_after, engine_after = _server_totals(url)
+                    engine_runs.append(_engine_delta(engine_before, engine_after))
+                    count = ttft_count_after - ttft_count
+                    engine_ttft_ms.append(1e3 * (ttft_sum_after - ttft_sum) / count if count else None)
+
+        asyncio.run(client())
+        cpu_before, cpu_after = cpu["before"], _process_cpu_s(proc.pid)
         summaries = [summarize(r, d) for r, d in runs]  # per timed run
         summary = dict(min(summaries, key=lambda s: s["duration_s"]))
         num_tokens = sum(sum(r.output_len for r in results_) for results_, _ in runs)
@@ -387,7 +398,9 @@ def run_server_vs_offline(config: ServerVsOfflineConfig) -> dict:
         "model": config.model or f"{config.architecture}/{config.variant} (random weights)",
         "workload": {"num_prompts": config.num_prompts, "prompt_range": config.prompt_range,
                      "output_len": config.output_len, "seed": config.seed, "arrivals": "all at t=0",
-                     "fresh_prompts": config.fresh_prompts, "seeds_per_run": seeds},
+                     "fresh_prompts": config.fresh_prompts, "seeds_per_run": seeds,
+                     "client_connections": "fresh per run" if config.fresh_connections
+                     else "opened before each timed run"},
         "offline": offline, "server": server, "server_over_offline": ratio,
         "ratio_method": "median over runs of server / offline on the same prompts" if config.fresh_prompts
         else "fastest server run / fastest offline run (every run the same prompts)",

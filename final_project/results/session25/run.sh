@@ -3,7 +3,8 @@
 # Usage: run.sh build REV_GPU REV_WA (here: .gpu = REV_GPU, .wA = REV_WA, archives without final_project);
 #        run.sh FINAL PARTS (carry .gpu .wA .whl). Raw files go to /tmp/raw_PART, packed into FINAL/PART.tgz
 #        after each step (a device call returns only a few files).
-#   part d (~140 s): issue 18's server vs offline, compiled engine (the default on CUDA), three times on .gpu
+#   part d (~250 s): issue 18's server vs offline, compiled engine (the default on CUDA), three times on .gpu, then
+#     once with --fresh-connections (the client method before session 25)
 #   part t (~70 s): the CUDA tests of the paged cache's metadata and the paged attention paths on .gpu
 #   part e (~100 s): issue 19's fp32 eval (21 interleaved pairs each), context shared and not, .wA then .gpu
 #     then .gpu then .wA
@@ -18,7 +19,12 @@ OUT=/tmp/raw_$PART; mkdir -p "$OUT"
 source final_project/results/device_steps.sh
 for PART_ in $(echo $PART | grep -o .); do
 case $PART_ in
-  d) server_vs_offline_x3 ;;
+  d)
+    server_vs_offline_x3
+    # the method before session 25 on the same tree: each run opens its 128 connections inside the timed run
+    step server_vs_offline_fresh_connections 200 python3 scripts/bench_server_vs_offline.py --repeats 3 \
+      --server-timeout 120 --fresh-connections --output "$OUT/server_vs_offline_fresh_connections.json"
+    ;;
   t)
     step cuda_tests 150 python3 -m pytest -q -p no:cacheprovider tests/cache tests/triton/test_copy_pages.py tests/eval \
       tests/modules/test_paged_attention.py tests/modules/test_paged_padded_prefill.py
