@@ -44,3 +44,61 @@ def test_reports_name_the_tree_run_not_the_repository_around_it(monkeypatch):
     assert _commit() == "abc1234-edee959"
     monkeypatch.delenv("FMS_GIT_COMMIT")
     assert _commit() != "abc1234-edee959"
+
+
+def test_a_burst_after_open_connections_opens_none():
+    """open_connections leaves n keep-alive connections in the session's pool and run_load's burst on that session
+    sends every request on one of them: no connection is opened inside the timed run. Without the session, each
+    request of the burst comes on a new connection. A small aiohttp app on 127.0.0.1 records each request's
+    client port."""
+    import asyncio
+
+    from aiohttp import web
+
+    from fms.entrypoints.bench_serve import BenchRequest, new_session, open_connections, run_load
+
+    async def scenario():
+        peers = {"/health": [], "/v1/completions": []}
+
+        async def health(request):
+            peers["/health"].append(request.transport.get_extra_info("peername")[1])
+            await asyncio.sleep(0.05)  # every GET is in flight at once, so each holds its own connection
+            return web.Response(text="ok")
+
+        async def completions(request):
+            peers["/v1/completions"].append(request.transport.get_extra_info("peername")[1])
+            await request.read()
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            await response.write(b'data: {"choices": [{"text": "a"}]}\n\n'
+                                 b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}\n\ndata: [DONE]\n\n')
+            return response
+
+        app = web.Application()
+        app.router.add_get("/health", health)
+        app.router.add_post("/v1/completions", completions)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        requests = [BenchRequest([5, 6, 7], 3, 1) for _ in range(6)]
+        try:
+            async with new_session() as session:
+                await open_connections(session, url, 6)
+                results, _ = await run_load(url, "m", requests, float("inf"), None, 0, progress=False,
+                                            session=session)
+                assert all(r.ok for r in results), [r.error for r in results]
+                warm = (list(peers["/health"]), list(peers["/v1/completions"]))
+            peers["/v1/completions"].clear()
+            results, _ = await run_load(url, "m", requests, float("inf"), None, 0, progress=False)
+            assert all(r.ok for r in results)
+            fresh = list(peers["/v1/completions"])
+        finally:
+            await runner.cleanup()
+        return warm, fresh
+
+    (health, burst), fresh = asyncio.run(scenario())
+    assert len(set(health)) == 6  # six connections opened before the burst
+    assert len(burst) == 6 and set(burst) <= set(health)  # the burst opened none
+    assert len(set(fresh)) == 6 and not set(fresh) & set(health)  # a session of its own: six new ones

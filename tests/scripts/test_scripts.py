@@ -101,6 +101,7 @@ def test_bench_server_vs_offline(tmp_path):
     assert report["server"]["completed"] == 3 and report["server"]["failed"] == 0
     # each timed run its own prompts (seeds 0, 2; the warm-up's is 1), the ratio taken per run on the same prompts
     assert report["workload"]["seeds_per_run"] == [0, 2] and report["workload"]["fresh_prompts"] is True
+    assert report["workload"]["client_connections"] == "opened before each timed run"
     per_run = report["server_over_offline_per_run"]
     assert len(per_run) == 2 and all(r > 0 for r in per_run)
     assert report["server_over_offline"] == statistics.median(per_run)
