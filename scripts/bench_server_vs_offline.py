@@ -50,6 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--fresh-connections", action="store_true", help="each timed run opens its own connections "
                    "inside the run, as before session 25 (default: the client opens them before each run's clock "
                    "starts, as a long-running client's pool holds them)")
+    p.add_argument("--idle-before-run", type=float, default=0.0, help="seconds both sides leave the GPU idle "
+                   "before each timed run's clock starts (the server's also idles while the client reads /metrics "
+                   "between runs; the offline engine's runs otherwise follow each other at once)")
     p.add_argument("--port", type=int, default=None, help="default: a free port")
     p.add_argument("--server-timeout", type=float, default=1200.0, help="seconds for the server to come up")
     p.add_argument("--engine-args", default="", help="extra engine flags for both sides, e.g. '--max-num-seqs 256'")
@@ -67,7 +70,7 @@ def main(argv=None) -> dict:
             architecture=args.architecture, variant=args.variant, model=args.model, num_prompts=args.num_prompts,
             prompt_range=args.prompt_range, output_len=args.output_len, warmup_prompts=args.warmup_prompts,
             seed=args.seed, repeats=args.repeats, fresh_prompts=not args.same_prompts,
-            fresh_connections=args.fresh_connections, port=args.port,
+            fresh_connections=args.fresh_connections, idle_before_run_s=args.idle_before_run, port=args.port,
             server_timeout=args.server_timeout, engine_args=args.engine_args, engine_process=args.engine_process,
             output=args.output,
             command=" ".join(shlex.quote(a) for a in ["python", "scripts/bench_server_vs_offline.py", *argv]))

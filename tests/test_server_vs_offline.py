@@ -15,6 +15,9 @@ from fms.entrypoints.server_vs_offline import ServerVsOfflineConfig
     (dict(prompt_range="512,64"), "prompt_range must be LO,HI with 1 <= LO <= HI, got '512,64'"),
     (dict(port=70000), "port must be in [1, 65535] or None (a free one), got 70000"),
     (dict(server_timeout=0), "server_timeout must be > 0 seconds, got 0"),
+    (dict(idle_before_run_s=-1), "idle_before_run_s must be in [0, 60] seconds, got -1"),
+    (dict(idle_before_run_s="1"), "idle_before_run_s must be in [0, 60] seconds, got '1'"),
+    (dict(fresh_connections=1), "fresh_connections must be True or False, got 1"),
 ])
 def test_bad_settings_are_refused_by_name(kwargs, message):
     with pytest.raises(ValueError) as e:
@@ -71,7 +74,8 @@ def test_a_burst_after_open_connections_opens_none():
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await response.prepare(request)
             await response.write(b'data: {"choices": [{"text": "a"}]}\n\n'
-                                 b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}\n\ndata: [DONE]\n\n')
+                                 b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}\n\n'
+                                 b'data: [DONE]\n\n')
             return response
 
         app = web.Application()

@@ -58,6 +58,7 @@ class ServerVsOfflineConfig:
     repeats: int = 2
     fresh_prompts: bool = True
     fresh_connections: bool = False
+    idle_before_run_s: float = 0.0
     port: int | None = None
     server_timeout: float = 1200.0
     engine_args: str = ""
@@ -83,6 +84,8 @@ class ServerVsOfflineConfig:
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.port is not None and not 1 <= self.port <= 65535:
             raise ValueError(f"port must be in [1, 65535] or None (a free one), got {self.port!r}")
+        if not (isinstance(self.idle_before_run_s, (int, float)) and 0 <= self.idle_before_run_s <= 60):
+            raise ValueError(f"idle_before_run_s must be in [0, 60] seconds, got {self.idle_before_run_s!r}")
         if not self.server_timeout > 0:
             raise ValueError(f"server_timeout must be > 0 seconds, got {self.server_timeout!r}")
         self.output = Path(self.output)
@@ -154,9 +157,10 @@ def run_offline(config: "ServerVsOfflineConfig", workloads, warmup) -> dict:
             os.environ[step_trace.ENV] = previous
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
-    def run(batch):
+    def run(batch, idle_s=0.0):
         params = [SamplingParams(max_tokens=r.output_len, ignore_eos=True) for r in batch]
         sync()
+        time.sleep(idle_s)
         start = time.perf_counter()
         outs = engine.generate([r.prompt for r in batch], params, use_tqdm=False)
         sync()
@@ -172,7 +176,7 @@ def run_offline(config: "ServerVsOfflineConfig", workloads, warmup) -> dict:
     with frozen_heap():  # as the server's processes run (fms.entrypoints.heap); thawed so the engine can be freed
         for requests in workloads:
             before = _engine_part(engine.stats())
-            outs, start, end = run(requests)
+            outs, start, end = run(requests, config.idle_before_run_s)
             durations.append(end - start)
             windows.append((start, end))
             output_tokens.append(sum(len(o.token_ids) for o in outs))
@@ -331,6 +335,7 @@ def run_server(config: "ServerVsOfflineConfig", workloads, warmup) -> dict:
                     ttft_sum, ttft_count, engine_before = _server_totals(url)  # blocking: nothing else is running
                     if session is not None:  # open before the clock starts (uvicorn drops idle ones after 5 s)
                         await open_connections(session, url, len(requests))
+                    await asyncio.sleep(config.idle_before_run_s)
                     window = {}
                     with frozen_heap():  # the client's collections must not pause its burst (fms.entrypoints.heap)
                         runs.append(await run_load(url, model, requests, float("inf"), None, config.seed,
@@ -400,7 +405,7 @@ def run_server_vs_offline(config: ServerVsOfflineConfig) -> dict:
                      "output_len": config.output_len, "seed": config.seed, "arrivals": "all at t=0",
                      "fresh_prompts": config.fresh_prompts, "seeds_per_run": seeds,
                      "client_connections": "fresh per run" if config.fresh_connections
-                     else "opened before each timed run"},
+                     else "opened before each timed run", "idle_before_run_s": config.idle_before_run_s},
         "offline": offline, "server": server, "server_over_offline": ratio,
         "ratio_method": "median over runs of server / offline on the same prompts" if config.fresh_prompts
         else "fastest server run / fastest offline run (every run the same prompts)",

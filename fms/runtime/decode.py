@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Hashable, Sequence
+from typing import Callable, Hashable, Sequence
 
 import torch
 
@@ -228,8 +228,9 @@ class DecodeWindowRunner:
         return self._graphs[key]
 
     # -- a window --------------------------------------------------------------------------
-    def run(self, rows: Sequence[DecodeRow]) -> list[list[int]]:
-        """Run max(num_steps) steps over room already reserved; -> the num_steps tokens each row sampled."""
+    def run(self, rows: Sequence[DecodeRow], while_waiting: Callable[[], None] | None = None) -> list[list[int]]:
+        """Run max(num_steps) steps over room already reserved; -> the num_steps tokens each row sampled.
+        while_waiting: host work to run once the window is launched, while the device runs it."""
         b = len(rows)
         start_time = time.perf_counter()
         window = self.cache.decode_window([r.seq_id for r in rows], [r.start for r in rows], [r.num_steps for r in rows])
@@ -285,9 +286,12 @@ class DecodeWindowRunner:
                 self._step(b, mode, layout, bounds)
             self.num_eager_steps += num_steps
         launched = time.perf_counter()
+        if while_waiting is not None:
+            while_waiting()
+        waiting = time.perf_counter()
         out = self.out_tokens[:num_steps, :b].T.tolist()  # the window's one host synchronization
         self.time_s["decode_launch"] += launched - start_time
-        self.time_s["decode_wait"] += time.perf_counter() - launched
+        self.time_s["decode_wait"] += time.perf_counter() - waiting
         self.last_logprobs = [None] * b
         if wants_logprobs:
             self.last_logprobs = self._read_logprobs(rows, window.num_steps)

@@ -7,7 +7,7 @@ import logging
 import math
 import time
 from dataclasses import replace
-from typing import Hashable, Iterator, NamedTuple
+from typing import Callable, Hashable, Iterator, NamedTuple
 
 import torch
 
@@ -178,8 +178,12 @@ class LLMEngine:
             self._rejected.append(request_id)
         return request_id
 
-    def step(self) -> list[StepOutput]:
+    def step(self, while_waiting: Callable[[], None] | None = None) -> list[StepOutput]:
         """Run one scheduled batch; returns the new tokens per request touched (and rejections).
+
+        while_waiting: host work to run once while the device runs this step (AsyncEngine delivers the last
+        step's tokens there). It must not touch the requests of this step; what it raises is raised by step()
+        as a step failure would be, so it should not raise (AsyncEngine keeps its errors to raise afterwards).
 
         A step is a transaction. If anything in it raises (the forward, sampling, an interrupt), the
         scheduler rolls it back before the exception reaches the caller: no request gains or loses a
@@ -195,7 +199,7 @@ class LLMEngine:
                 raise RuntimeError("the scheduler could not schedule any request; this is a bug in the page "
                                    "accounting")
             t1 = time.perf_counter()
-            sampled = self.runner.execute(out)
+            sampled = self.runner.execute(out, while_waiting)
             t2 = time.perf_counter()
             results = self.scheduler.update(out, sampled)
             results = self._apply_text_and_logprobs(out, results)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from typing import Callable
 
 import torch
 
@@ -109,8 +110,11 @@ class ModelRunner:
         return scenarios
 
     @torch.no_grad()
-    def execute(self, out: SchedulerOutput) -> list[list[int]]:
+    def execute(self, out: SchedulerOutput, while_waiting: Callable[[], None] | None = None) -> list[list[int]]:
         """Run the step; returns the sampled tokens per chunk ([] for chunks that end mid-prompt).
+
+        while_waiting: host work to run once while the device runs the step (after its work is launched,
+        before the host waits for the sampled tokens); at the end of the step when nothing waits.
 
         A step runs as these kinds of forward:
             decode   every one-token chunk, one decode window (CUDA graphs, Triton paged decode)
@@ -170,8 +174,10 @@ class ModelRunner:
                 device_logprobs = logprobs_of(logits.index_select(0, index), tokens.index_select(0, index), k)
             pending = rows, tokens, asked, device_logprobs
         logprobs: list[list[TokenLogprobs] | None] = [None] * len(chunks)
+        overlap = _Once(while_waiting)
         if decode:
-            for i, tokens in zip(decode, self.decoder.run([DecodeRow.of_chunk(chunks[i]) for i in decode])):
+            for i, tokens in zip(decode, self.decoder.run([DecodeRow.of_chunk(chunks[i]) for i in decode],
+                                                          while_waiting=overlap)):
                 sampled[i] = tokens
             # a prompt's last token run as a decode row may end at a page boundary the prefix cache
             # checkpoints (hybrid models); only then does this copy anything
@@ -180,6 +186,7 @@ class ModelRunner:
                 logprobs[i] = row_logprobs
         if pending is not None:
             rows, tokens, asked, device_logprobs = pending
+            overlap()
             for i, token in zip(rows, tokens.tolist()):
                 sampled[i] = [token]
             if asked:
@@ -187,6 +194,7 @@ class ModelRunner:
                 for j, token_logprobs in zip(asked, host_logprobs(*device_logprobs, ks)):
                     logprobs[rows[j]] = [token_logprobs]
         self.last_logprobs = logprobs
+        overlap()  # a step that samples nothing (a prompt's middle chunk) has nothing to wait for
         return sampled
 
     def _forward(self, chunks, kind: str) -> torch.Tensor:
@@ -232,3 +240,15 @@ class ModelRunner:
                                exc_info=True)
                 self.prefill_compiled, self._prefill_forward = False, self.model
         return self.model(tokens, attn_name=self.attn_name, cache=self.cache, meta=meta, logits_positions=last)
+
+
+class _Once:
+    """fn (or nothing) on the first call only."""
+
+    def __init__(self, fn: Callable[[], None] | None):
+        self.fn = fn
+
+    def __call__(self) -> None:
+        fn, self.fn = self.fn, None
+        if fn is not None:
+            fn()

@@ -119,6 +119,10 @@ def test_decode_special_tokens_and_tensors(shipped):
         ([5, 2048], ValueError, "token id 2048 at position 1 is out of range: ids must be in [0, 2048)"),
         ([-1], ValueError, "token id -1 at position 0 is out of range"),
         ([1.5], TypeError, "integer token ids, got 1.5 (float) at position 0"),
+        # lists of Python ints are checked by a fast path; anything else in the list still gets the per-id check
+        ([5, 7.0], TypeError, "integer token ids, got 7.0 (float) at position 1"),
+        ([5, 6, 2047, 2048, 3], ValueError, "token id 2048 at position 3 is out of range"),
+        ([9, -4, 9], ValueError, "token id -4 at position 1 is out of range"),
     ],
 )
 def test_decode_rejects_bad_ids(shipped, ids, error, message):
