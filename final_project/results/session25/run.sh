@@ -5,6 +5,8 @@
 #        after each step (a device call returns only a few files).
 #   part d (~250 s): issue 18's server vs offline, compiled engine (the default on CUDA), three times on .gpu, then
 #     once with --fresh-connections (the client method before session 25)
+#   part c (~15 s): clock_probe.py, a matmul's time after the GPU idled 0-1 s
+#   part i (~130 s): server vs offline twice with --idle-before-run 0.5
 #   part t (~70 s): the CUDA tests of the paged cache's metadata and the paged attention paths on .gpu
 #   part e (~100 s): issue 19's fp32 eval (21 interleaved pairs each), context shared and not, .wA then .gpu
 #     then .gpu then .wA
@@ -24,6 +26,15 @@ case $PART_ in
     # the method before session 25 on the same tree: each run opens its 128 connections inside the timed run
     step server_vs_offline_fresh_connections 200 python3 scripts/bench_server_vs_offline.py --repeats 3 \
       --server-timeout 120 --fresh-connections --output "$OUT/server_vs_offline_fresh_connections.json"
+    ;;
+  c)  # ~15 s: does the GPU start slow after idling? (clock_probe.py)
+    step clock_probe 60 python3 ../final_project/results/session25/clock_probe.py "$OUT/clock_probe.json"
+    ;;
+  i)  # ~130 s: server vs offline twice with both sides idling 0.5 s before each timed run
+    for n in 1 2; do
+      step server_vs_offline_idle05_$n 200 python3 scripts/bench_server_vs_offline.py --repeats 3 \
+        --server-timeout 120 --idle-before-run 0.5 --output "$OUT/server_vs_offline_idle05_$n.json"
+    done
     ;;
   t)
     step cuda_tests 150 python3 -m pytest -q -p no:cacheprovider tests/cache tests/triton/test_copy_pages.py tests/eval \
