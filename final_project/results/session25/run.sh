@@ -27,6 +27,7 @@ case $PART_ in
     step server_vs_offline_fresh_connections 200 python3 scripts/bench_server_vs_offline.py --repeats 3 \
       --server-timeout 120 --fresh-connections --output "$OUT/server_vs_offline_fresh_connections.json"
     ;;
+  w) server_vs_offline_x3 ;;  # part d without its --fresh-connections run
   c)  # ~15 s: does the GPU start slow after idling? (clock_probe.py)
     step clock_probe 60 python3 ../final_project/results/session25/clock_probe.py "$OUT/clock_probe.json"
     ;;
