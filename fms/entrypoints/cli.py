@@ -21,6 +21,7 @@ from fms.entrypoints.engine_args import add_engine_arguments, add_model_argument
 from fms.entrypoints.engine_process import EngineProcessError
 
 DEFAULT_MAX_WAITING = 1024
+DEFAULT_BURST_WAIT_MS = 25.0  # AsyncEngine._hold_burst: enough for a 1B model's 8,192-token first step (session 25)
 
 SUBCOMMANDS = {
     "serve": "start the OpenAI-compatible HTTP server",
@@ -74,6 +75,10 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="a Jinja chat template file (or the template itself); default: the tokenizer's")
     g.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
                    help="most requests queued before running; more get HTTP 429 with Retry-After")
+    g.add_argument("--burst-wait-ms", type=float, default=DEFAULT_BURST_WAIT_MS,
+                   help="at most how long an idle engine holds its first step while a burst of requests is still "
+                        "arriving, so that the burst starts with a full prefill step (a lone request waits 3 ms at "
+                        "most); 0: never")
     g.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
                    help="run the engine loop in a process of its own (as vLLM's EngineCore), so that it and the "
                         "HTTP work (routes, SSE, JSON, detokenizing) do not share one GIL; --no-engine-process runs "
@@ -91,6 +96,8 @@ def serve_main(argv: list[str]) -> int:
     args = serve_parser().parse_args(argv)
     if args.max_waiting < 0:
         raise CommandError(f"--max-waiting must be >= 0, got {args.max_waiting}")
+    if not 0 <= args.burst_wait_ms <= 1000:
+        raise CommandError(f"--burst-wait-ms must be in [0, 1000], got {args.burst_wait_ms}")
     engine_config(args)  # bad engine options fail before any model loads or process starts
     chat_template = load_chat_template(args.chat_template, None)  # so does a bad template file
     if args.tensor_parallel_size > 1:

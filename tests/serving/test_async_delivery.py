@@ -111,3 +111,81 @@ def test_a_delivery_error_is_raised_after_the_step_which_stands(model, caplog):
     assert async_engine.num_step_failures == 0  # no step failed or rolled back because of the delivery
     # the second delivery (step 2's token) ran inside step 3 and failed there; step 3 ran whole all the same
     assert engine.num_steps == 3
+
+
+def _first_step_requests(model, monkeypatch, burst_wait_s, prompts_at, lengths=None):
+    """Requests submitted from another thread at the given times (s) to an idle AsyncEngine; -> how many prompts its
+    first step ran (from the step's batched tokens) and the hold's long waits (timeouts > 1 s)."""
+    import threading
+    import time
+
+    from fms.entrypoints import async_engine as module
+
+    monkeypatch.setattr(module, "BURST_FIRST_GAP_S", 0.3)  # generous gaps: the test does not race the clock
+    monkeypatch.setattr(module, "BURST_GAP_S", 0.3)
+    engine = LLMEngine(model, num_pages=64, max_num_batched_tokens=64, max_decode_steps=1)
+    lengths = lengths or [8] * len(prompts_at)
+    first_step = []
+    real_step = engine.step
+
+    def step(while_waiting=None):
+        if not first_step:
+            first_step.append(sum(len(r.prompt_token_ids) for r in engine.scheduler.waiting))
+        return real_step(while_waiting)
+
+    engine.step = step
+    async_engine = AsyncEngine(engine, burst_wait_s=burst_wait_s)
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        streams = []
+
+        def submit_all():
+            start = time.monotonic()
+            for at, n in zip(prompts_at, lengths):
+                time.sleep(max(0.0, start + at - time.monotonic()))
+                future = asyncio.run_coroutine_threadsafe(_submit(async_engine, n, streams), loop)
+                future.result()
+
+        thread = threading.Thread(target=submit_all)
+        thread.start()
+        while thread.is_alive():
+            await asyncio.sleep(0.01)
+        for stream in streams:
+            assert [d async for d in stream][-1].finished
+
+    async_engine.start()
+    try:
+        asyncio.run(go())
+    finally:
+        async_engine.shutdown(timeout_s=5)
+    return first_step[0]
+
+
+async def _submit(async_engine, n, streams):
+    streams.append(async_engine.submit(list(range(5, 5 + n)), SamplingParams(max_tokens=2)))
+
+
+def test_an_idle_engine_holds_its_first_step_while_a_burst_arrives(model, monkeypatch):
+    # four requests 50 ms apart: held, the first step runs all four (32 prompt tokens of a 64-token budget)
+    assert _first_step_requests(model, monkeypatch, 0.9, [0.0, 0.05, 0.10, 0.15]) == 32
+    # not held (burst_wait_s 0, fms serve --burst-wait-ms 0): the first step runs the first request alone
+    assert _first_step_requests(model, monkeypatch, 0.0, [0.0, 0.05, 0.10, 0.15]) == 8
+
+
+def test_the_hold_ends_once_the_waiting_prompts_fill_a_step(model, monkeypatch):
+    # two 40-token prompts fill the 64-token budget: the third, 0.2 s later, is not waited for
+    assert _first_step_requests(model, monkeypatch, 0.9, [0.0, 0.01, 0.2], lengths=[40, 40, 8]) == 80
+
+
+def test_the_hold_is_bounded_by_burst_wait(model, monkeypatch):
+    # arrivals keep coming 50 ms apart, but the hold lasts at most 0.12 s: the first step has what came by then
+    first = _first_step_requests(model, monkeypatch, 0.12, [0.0, 0.05, 0.10, 0.25, 0.30])
+    assert first in (16, 24)  # 2 or 3 of them (0.10 s against 0.12 s leaves the third to the scheduler's clock)
+
+
+def test_burst_wait_is_checked():
+    engine = object.__new__(LLMEngine)
+    for bad in (-0.1, 2, True, "1"):
+        with pytest.raises(ValueError, match="burst_wait_s must be in"):
+            AsyncEngine.__init__(object.__new__(AsyncEngine), engine, burst_wait_s=bad)

@@ -76,11 +76,13 @@ class ServerState:
 
 
 def make_state(engine: LLMEngine, model_name: str, chat_template: str | None = None,
-               max_waiting: int | None = None, followers: EngineFollowers | None = None) -> ServerState:
+               max_waiting: int | None = None, followers: EngineFollowers | None = None,
+               burst_wait_s: float = 0.0) -> ServerState:
     """The engine loop (not started) with metrics attached; followers: the other tensor-parallel ranks."""
     holder: dict = {}
     metrics = ServerMetrics(model_name, lambda: holder["engine"].stats)
-    async_engine = AsyncEngine(engine, max_waiting=max_waiting, on_finish=metrics.on_finish, followers=followers)
+    async_engine = AsyncEngine(engine, max_waiting=max_waiting, on_finish=metrics.on_finish, followers=followers,
+                               burst_wait_s=burst_wait_s)
     holder["engine"] = async_engine
     return ServerState(async_engine, engine.tokenizer, model_name, chat_template, metrics)
 
