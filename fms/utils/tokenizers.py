@@ -58,10 +58,6 @@ class BaseTokenizer(abc.ABC):
         # The vocabulary size is read once per call, not per id: a server decodes every few tokens of
         # every request, and the property is a call into the tokenizer library.
         vocab_size = self.vocab_size
-        # The common case, a list of Python ints (an engine's output, a decode window's few tokens), is checked
-        # by C loops: a per-id Python loop cost a server ~25 us a call, two calls per request per window.
-        if type(ids) is list and ids and set(map(type, ids)) == {int} and min(ids) >= 0 and max(ids) < vocab_size:
-            return ids
         checked = []
         for position, token_id in enumerate(ids):
             try:
