@@ -41,8 +41,15 @@ def test_help(argv, capsys):
     if argv[:1] == ["serve"]:
         for flag in ("--max-num-seqs", "--max-model-len", "--gpu-memory-utilization", "--page-size",
                      "--enable-prefix-caching", "--no-enable-prefix-caching", "--tensor-parallel-size",
-                     "--max-waiting", "--chat-template", "--served-model-name", "--engine-process", "--no-engine-process"):
+                     "--max-waiting", "--chat-template", "--served-model-name", "--engine-process", "--no-engine-process",
+                     "--burst-wait-ms"):
             assert flag in out, flag
+
+
+@pytest.mark.parametrize("value", ["-1", "1001"])
+def test_serve_refuses_a_bad_burst_wait_before_loading_anything(value, capsys):
+    rc = main(["serve", "--architecture", "llama", "--variant", "micro", "--burst-wait-ms", value])
+    assert rc == 2 and f"--burst-wait-ms must be in [0, 1000], got {float(value)}" in capsys.readouterr().err
 
 
 def test_unknown_command_and_benchmark(capsys):

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Session 25 device runs (parts as session 24's; part d now also writes each engine's timeline, FMS_STEP_TRACE).
+# Session 25 device runs: parts d, w, c, i here; t, e, s, p and `build` are session 24's (run by its script). Every
+# server-vs-offline run now also writes each engine's timeline (FMS_STEP_TRACE) beside its JSON.
 # Usage: run.sh build REV_GPU REV_WA (here: .gpu = REV_GPU, .wA = REV_WA, archives without final_project);
 #        run.sh FINAL PARTS (carry .gpu .wA .whl). Raw files go to /tmp/raw_PART, packed into FINAL/PART.tgz
 #        after each step (a device call returns only a few files).
@@ -7,15 +8,14 @@
 #     once with --fresh-connections (the client method before session 25)
 #   part c (~15 s): clock_probe.py, a matmul's time after the GPU idled 0-1 s
 #   part i (~130 s): server vs offline twice with --idle-before-run 0.5
+#   part w (~210 s): part d without its --fresh-connections run
 #   part t (~70 s): the CUDA tests of the paged cache's metadata and the paged attention paths on .gpu
 #   part e (~100 s): issue 19's fp32 eval (21 interleaved pairs each), context shared and not, .wA then .gpu
 #     then .gpu then .wA
 #   part s (~230 s): 1B serving + batch-1 for .gpu then .wA
 #   part p (~60 s): the eval profile (results/session22/eval_profile.py) of the shared-context pass on .gpu
 set -u
-if [ "${1:-}" = build ]; then
-  bash final_project/results/build_trees.sh .gpu:${2:?rev for .gpu} .wA:${3:?rev for .wA}; exit
-fi
+[ "${1:-}" = build ] && exec bash final_project/results/session24/run.sh "$@"
 FINAL=${1:?final out dir}; PART=${2:?part}
 OUT=/tmp/raw_$PART; mkdir -p "$OUT"
 source final_project/results/device_steps.sh
@@ -27,7 +27,7 @@ case $PART_ in
     step server_vs_offline_fresh_connections 200 python3 scripts/bench_server_vs_offline.py --repeats 3 \
       --server-timeout 120 --fresh-connections --output "$OUT/server_vs_offline_fresh_connections.json"
     ;;
-  w) server_vs_offline_x3 ;;  # part d without its --fresh-connections run
+  w) server_vs_offline_x3 ;;
   c)  # ~15 s: does the GPU start slow after idling? (clock_probe.py)
     step clock_probe 60 python3 ../final_project/results/session25/clock_probe.py "$OUT/clock_probe.json"
     ;;
@@ -37,17 +37,7 @@ case $PART_ in
         --server-timeout 120 --idle-before-run 0.5 --output "$OUT/server_vs_offline_idle05_$n.json"
     done
     ;;
-  t)
-    step cuda_tests 150 python3 -m pytest -q -p no:cacheprovider tests/cache tests/triton/test_copy_pages.py tests/eval \
-      tests/modules/test_paged_attention.py tests/modules/test_paged_padded_prefill.py
-    ;;
-  e)
-    for run in wA1 gpu1 gpu2 wA2; do TREE=.${run%?} eval_fp32 $run; done
-    ;;
-  s) serving_1b gpu1 wA1 ;;
-  p)  # kernels and host-to-device copies of one shared-context eval pass per mode, on .gpu
-    step eval_profile_shared 90 python3 ../final_project/results/session22/eval_profile.py "$OUT/eval_profile_shared.json"
-    ;;
+  [tesp]) bash final_project/results/session24/run.sh "$FINAL" "$PART_" ;;
   *) echo "unknown part $PART_"; exit 2 ;;
 esac
 done
