@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import random
@@ -211,8 +212,6 @@ async def run_load(base_url: str, model: str, requests: list[BenchRequest], requ
     window, when given, gets the run's "start" and "end" (time.perf_counter(), to set beside a server's trace).
     session: an aiohttp.ClientSession to send on, with the connections it holds (open_connections); by default
     one of the run's own, which opens a connection per request inside the timed run."""
-    import contextlib
-
     from tqdm.auto import tqdm
 
     url = base_url.rstrip("/") + "/v1/completions"

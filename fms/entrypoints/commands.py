@@ -22,7 +22,7 @@ def serve_engine(args, chat_template, engine, loaded, followers=None, note: str 
     if loaded.checkpoint is None:
         logging.getLogger("fms").warning("%s has random weights: the text will be gibberish", loaded.name)
     state = make_state(engine, args.served_model_name or loaded.name, chat_template, args.max_waiting, followers,
-                       burst_wait_s=getattr(args, "burst_wait_ms", 0.0) / 1e3)
+                       burst_wait_s=args.burst_wait_ms / 1e3)
     print(f"serving {state.model_name} on http://{args.host}:{args.port} (OpenAI API under /v1){note}", flush=True)
     return run_server(state, args.host, args.port, args.log_level, args.shutdown_timeout)
 

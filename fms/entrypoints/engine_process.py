@@ -134,7 +134,7 @@ def run_engine_process(args, conn, parent_pid: int) -> None:
         os._exit(1)
     sink = _PipeSink(conn, lock)
     async_engine = AsyncEngine(engine, on_finish=sink.on_finish, sink=sink,
-                               burst_wait_s=getattr(args, "burst_wait_ms", 0.0) / 1e3)
+                               burst_wait_s=args.burst_wait_ms / 1e3)
     sink.async_engine = async_engine
     info = {"vocab_size": engine.model.config.vocab_size, "max_model_len": engine.max_model_len,
             "name": loaded.name, "random_weights": loaded.checkpoint is None, "pid": os.getpid(),

@@ -145,16 +145,9 @@ def run_offline(config: "ServerVsOfflineConfig", workloads, warmup) -> dict:
     from fms.serving import SamplingParams
 
     _, parsed = _engine_args(config)
+    engine, _ = build_engine(parsed)
     trace_path = _trace_path(config, "offline")
-    previous = os.environ.get(step_trace.ENV)
-    os.environ[step_trace.ENV] = trace_path  # this engine's timeline (fms.serving.trace); not the server's
-    try:
-        engine, _ = build_engine(parsed)
-    finally:
-        if previous is None:
-            del os.environ[step_trace.ENV]
-        else:
-            os.environ[step_trace.ENV] = previous
+    engine.trace = step_trace.StepTrace(trace_path)  # this engine's timeline (fms.serving.trace)
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
     def run(batch, idle_s=0.0):
