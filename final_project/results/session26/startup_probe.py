@@ -2,7 +2,9 @@
 expected from the caller, under cProfile, with every Triton JIT compile of a @triton.jit kernel (fms's own kernels;
 inductor's are compiled in its worker processes) timed by name and specialization.
 
-usage: python startup_probe.py MODEL_SPEC OUT_PREFIX   (MODEL_SPEC as scripts/bench_startup.py --models takes it)
+usage: python startup_probe.py MODEL_SPEC OUT_PREFIX [--no-profile]   (MODEL_SPEC as bench_startup.py --models takes it)
+--no-profile: no cProfile (it slows dynamo's Python several-fold and cannot follow dynamo's frames); the JSON then
+holds dynamo's own per-phase compile times (torch._dynamo.utils.compile_times).
 Writes OUT_PREFIX.json (phases, compiles) and OUT_PREFIX_profile.txt (top functions by cumulative and own time).
 """
 import cProfile
@@ -44,12 +46,15 @@ t = time.perf_counter()
 model = get_model(arch, variant, device_type="cuda", data_type="bfloat16", seed=0, init_on_device=True)
 torch.cuda.synchronize()
 phases["get_model_s"] = time.perf_counter() - t
-profiler = cProfile.Profile()
+use_profile = "--no-profile" not in sys.argv[3:]
+profiler = cProfile.Profile() if use_profile else None
 t = time.perf_counter()
-profiler.enable()
+if profiler:
+    profiler.enable()
 engine = LLMEngine(model)
 torch.cuda.synchronize()
-profiler.disable()
+if profiler:
+    profiler.disable()
 phases["engine_s"] = time.perf_counter() - t
 n_engine = len(compiles)
 t = time.perf_counter()
@@ -71,14 +76,21 @@ result = {"model": spec, "device": torch.cuda.get_device_name(), "torch": torch.
           "jit_compiles_in_engine": n_engine,
           "jit_compile_seconds_in_engine": sum(c["seconds"] for c in compiles[:n_engine]),
           "jit_by_kernel": by_kernel, "jit_compiles": compiles}
+try:
+    from torch._dynamo.utils import compile_times
+    result["dynamo_compile_times"] = compile_times(repr="str", aggregate=True)
+except Exception as e:  # its signature moves between torch releases
+    result["dynamo_compile_times"] = f"unavailable: {type(e).__name__}: {e}"
 with open(prefix + ".json", "w") as f:
     json.dump(result, f, indent=1)
-text = io.StringIO()
-stats = pstats.Stats(profiler, stream=text)
-stats.sort_stats("cumulative").print_stats(70)
-stats.sort_stats("tottime").print_stats(40)
-with open(prefix + "_profile.txt", "w") as f:
-    f.write(text.getvalue())
+if profiler:
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("cumulative").print_stats(70)
+    stats.sort_stats("tottime").print_stats(40)
+    with open(prefix + "_profile.txt", "w") as f:
+        f.write(text.getvalue())
+print(result["dynamo_compile_times"])
 print(json.dumps({k: result[k] for k in ("phases", "engine_startup_s", "graph_capture_s", "jit_compiles_in_engine",
                                           "jit_compile_seconds_in_engine", "jit_by_kernel", "compile_threads")},
                  indent=1))
