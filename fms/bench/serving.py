@@ -300,7 +300,7 @@ def run_serving_benchmark(config: ServingBenchConfig) -> dict:
     engine = _build_engine(model, config, prompts, output_lens)
     startup["engine_s"] = time.perf_counter() - start
     startup["engine_phases_s"] = dict(engine.startup_s)
-    startup["graph_capture_s"] = {f"{bs}/{mode}": t for (bs, mode), t in engine.runner.decoder.capture_s.items()}
+    startup["graph_capture_s"] = engine.runner.decoder.capture_times()
     if config.is_cuda and config.warmup:
         # untimed: compiles kernels for common shapes; a distinct seed keeps it out of the prefix cache
         start = time.perf_counter()

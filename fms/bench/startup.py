@@ -532,7 +532,7 @@ def _child(spec: dict) -> int:
     synchronize()
     record["dynamo"] = recompiles.snapshot()
     record["engine_phases_s"] = dict(engine.startup_s)
-    record["graph_capture_s"] = {f"{bs}/{mode}": s for (bs, mode), s in engine.runner.decoder.capture_s.items()}
+    record["graph_capture_s"] = engine.runner.decoder.capture_times()
     record["engine_config"] = asdict(engine.config)
     record["compile_cache_counters"] = _compile_cache_counters()
     peak_memory()

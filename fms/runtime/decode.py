@@ -218,6 +218,10 @@ class DecodeWindowRunner:
         torch.cuda.synchronize()
         self.capture_s[bs, mode] = time.perf_counter() - start
 
+    def capture_times(self) -> dict[str, float]:
+        """capture_s keyed "bs/mode" (as benchmarks record it in JSON), in capture order."""
+        return {f"{bs}/{mode}": s for (bs, mode), s in self.capture_s.items()}
+
     def idle_graph(self, bs: int) -> torch.cuda.CUDAGraph:
         """The greedy graph of bucket bs with every row idle, ready to replay (for profiling a step)."""
         key = (bs, "greedy", self._idle_layout(bs))

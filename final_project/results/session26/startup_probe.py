@@ -5,7 +5,8 @@ inductor's are compiled in its worker processes) timed by name and specializatio
 usage: python startup_probe.py MODEL_SPEC OUT_PREFIX [--no-profile]   (MODEL_SPEC as bench_startup.py --models takes it)
 --no-profile: no cProfile (it slows dynamo's Python several-fold and cannot follow dynamo's frames); the JSON then
 holds dynamo's own per-phase compile times (torch._dynamo.utils.compile_times).
-Writes OUT_PREFIX.json (phases, compiles) and OUT_PREFIX_profile.txt (top functions by cumulative and own time).
+Writes OUT_PREFIX.json (phases, compiles) and, when profiling, OUT_PREFIX_profile.txt (top functions by cumulative
+and own time).
 """
 import cProfile
 import io
@@ -18,6 +19,7 @@ import time
 t_start = time.perf_counter()
 import torch  # noqa: E402
 import triton  # noqa: E402
+from torch._inductor import config as inductor_config  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 compiles = []
@@ -46,8 +48,7 @@ t = time.perf_counter()
 model = get_model(arch, variant, device_type="cuda", data_type="bfloat16", seed=0, init_on_device=True)
 torch.cuda.synchronize()
 phases["get_model_s"] = time.perf_counter() - t
-use_profile = "--no-profile" not in sys.argv[3:]
-profiler = cProfile.Profile() if use_profile else None
+profiler = None if "--no-profile" in sys.argv[3:] else cProfile.Profile()
 t = time.perf_counter()
 if profiler:
     profiler.enable()
@@ -61,8 +62,6 @@ t = time.perf_counter()
 engine.generate([[1, 2, 3, 4] * 32], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
 torch.cuda.synchronize()
 phases["first_generate_s"] = time.perf_counter() - t
-from torch._inductor import config as inductor_config  # noqa: E402
-
 by_kernel = {}
 for c in compiles[:n_engine]:
     k = by_kernel.setdefault(c["kernel"], {"count": 0, "seconds": 0.0})
@@ -71,10 +70,10 @@ for c in compiles[:n_engine]:
 result = {"model": spec, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
           "triton": triton.__version__, "commit": os.environ.get("FMS_GIT_COMMIT"), "phases": phases,
           "engine_startup_s": dict(engine.startup_s),
-          "graph_capture_s": {f"{bs}/{mode}": s for (bs, mode), s in engine.runner.decoder.capture_s.items()},
+          "graph_capture_s": engine.runner.decoder.capture_times(),
           "compile_threads": inductor_config.compile_threads, "cpu_count": os.cpu_count(),
           "jit_compiles_in_engine": n_engine,
-          "jit_compile_seconds_in_engine": sum(c["seconds"] for c in compiles[:n_engine]),
+          "jit_compile_seconds_in_engine": sum(k["seconds"] for k in by_kernel.values()),
           "jit_by_kernel": by_kernel, "jit_compiles": compiles}
 try:
     from torch._dynamo.utils import compile_times
