@@ -1,5 +1,6 @@
 """Linear layers that send one or two CUDA rows (decode at batch 1 and 2) through the GEMV kernel of fms.triton.gemv
-(any number of rows when compiled: the op picks the kernel or cuBLAS at run time)."""
+(when compiled, any number of one-token rows: the op picks the kernel or cuBLAS at run time; a compiled prefill
+takes F.linear, fms.triton.gemv.one_token_rows)."""
 
 import torch
 import torch.nn.functional as F

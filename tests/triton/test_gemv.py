@@ -258,6 +258,64 @@ def test_compiled_op_serves_every_row_count_from_one_graph(monkeypatch, max_rows
     torch._dynamo.reset()
 
 
+def test_compiled_rows_are_one_token_each_only_in_decode_shapes():
+    """Under torch.compile with dynamic shapes, fits() hands a projection to the op fms::gemv only when each row is
+    one token (a decode step: (B, 1, K) or (B, K), B a symbol); a prefill's symbolic token count, packed (1, T, K)
+    or padded (B, T, K), traces F.linear. The decision reads no size's value: one graph per shape family, no
+    recompile as B or T change."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+
+    def route(x):  # +1 where the op would run, -1 where F.linear would
+        return x + 1 if gemv_mod.one_token_rows(x) else x - 1
+
+    compiled = torch.compile(route, backend=counter, dynamic=True, fullgraph=True)
+    expected = [((2, 1, 8), 1), ((3, 1, 8), 1), ((6, 1, 8), 1),  # decode buckets: one graph
+                ((1, 5, 8), -1), ((1, 7, 8), -1), ((1, 300, 8), -1),  # packed prefill: one more graph
+                ((4, 8), 1), ((9, 8), 1)]  # 2-D rows (a Mamba decode's in_proj input): one more
+    for shape, sign in expected:
+        assert compiled(torch.zeros(shape)).flatten()[0].item() == sign, shape
+    assert counter.frame_count == 3
+    # eagerly the row count decides (fits' other branch), not this rule
+    assert gemv_mod.one_token_rows(torch.zeros(1, 5, 8)) is False
+    assert gemv_mod.one_token_rows(torch.zeros(5, 1, 8)) is True
+    torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="torch.compile of a CUDA Linear needs a CUDA GPU")
+@torch.no_grad()
+def test_gpu_compiled_prefill_traces_f_linear_and_decode_the_op():
+    """A compiled Linear / SwiGLU down projection over a prefill's symbolic token count has no fms::gemv call in its
+    graph (inductor calls cuBLAS itself); over one token per row it has one per projection. Both match torch."""
+    torch.manual_seed(0)
+    lin = Linear(256, 384, bias=False).cuda().to(torch.bfloat16)
+    down = Linear(512, 256, bias=False).cuda().to(torch.bfloat16)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(sum(node.target is torch.ops.fms.gemv.default for node in gm.graph.nodes))
+        return gm
+
+    def f(x, h):
+        return lin(x), swiglu_down(h, down)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend=backend, dynamic=True, fullgraph=True)
+    for shape in ((1, 37, None), (1, 301, None), (3, 1, None), (8, 1, None)):
+        x = torch.randn(shape[0], shape[1], 256, device="cuda", dtype=torch.bfloat16)
+        h = torch.randn(shape[0], shape[1], 1024, device="cuda", dtype=torch.bfloat16)
+        gate, up = h.float().split(512, dim=-1)
+        ref = (F.linear(x.float(), lin.weight.float()),
+               F.linear((F.silu(gate) * up).to(torch.bfloat16).float(), down.weight.float()))
+        for a, r in zip(compiled(x, h), ref):
+            torch.testing.assert_close(a.float(), r, atol=3e-2, rtol=3e-2)
+    assert graphs == [0, 2], graphs  # prefill: F.linear twice; decode: the op for each projection
+    torch._dynamo.reset()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="the compiled kernel, torch.compile and CUDA graphs need a CUDA GPU")
 @torch.no_grad()
