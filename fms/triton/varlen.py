@@ -30,13 +30,18 @@ FLASH_DTYPES = (torch.float16, torch.bfloat16)
 CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-@torch.library.custom_op("fms::varlen_causal_attention", mutates_args=())
-def _varlen_flash(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_lens: Tensor,
-                  scale: float) -> Tensor:
+def _varlen_flash_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_lens: Tensor,
+                          scale: float) -> Tensor:
     # max_lens lives on the host: reading it does not wait for the GPU (the kernel sizes its grid by it)
     max_q, max_k = max_lens.tolist()
     out = torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale)
     return out[0]
+
+
+@torch.library.custom_op("fms::varlen_causal_attention", mutates_args=())
+def _varlen_flash(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_lens: Tensor,
+                  scale: float) -> Tensor:
+    return _varlen_flash_forward(q, k, v, cu_q, cu_k, max_lens, scale)
 
 
 @_varlen_flash.register_fake
@@ -83,8 +88,9 @@ def varlen_causal_attention(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k:
                             scale: float) -> Tensor:
     """(total_q, Hq, D) attention output; cu_q/cu_k (B+1,) int32 offsets, max_lens (2,) host int64
     [longest query run, longest key run]."""
-    if uses_flash(q):
-        return _varlen_flash(q, k, v, cu_q, cu_k, max_lens, scale)
+    if uses_flash(q):  # the opaque op in a traced graph; eagerly (the layers compile scope) without its dispatch
+        op = _varlen_flash if torch.compiler.is_compiling() else _varlen_flash_forward
+        return op(q, k, v, cu_q, cu_k, max_lens, scale)
     if torch.compiler.is_compiling():
         return _varlen_reference_op(q, k, v, cu_q, cu_k, scale)
     return varlen_causal_reference(q, k, v, cu_q.cpu(), cu_k.cpu(), scale)
