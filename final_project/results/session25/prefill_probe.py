@@ -14,11 +14,12 @@ import time
 import torch
 
 
-def main(out: str) -> None:
+def build_served_engine():
+    """(engine, cuda, variant): the engine as `fms serve` builds it, Llama-3.2-1B shape with random weights on CUDA,
+    llama `micro` uncompiled on the CPU (a check of the script only). Session 27's prefill_ab.py uses it too."""
     from fms.entrypoints.cli import serve_parser
     from fms.entrypoints.engine_args import build_engine
     from fms.entrypoints.server_vs_offline import _placeholder_tokenizer
-    from fms.serving import SamplingParams
 
     cuda = torch.cuda.is_available()
     variant = "3.2-1b" if cuda else "micro"
@@ -27,6 +28,13 @@ def main(out: str) -> None:
     if not cuda:
         flags += ["--device", "cpu", "--no-compile"]
     engine, _ = build_engine(serve_parser().parse_args(flags))
+    return engine, cuda, variant
+
+
+def main(out: str) -> None:
+    from fms.serving import SamplingParams
+
+    engine, cuda, variant = build_served_engine()
     vocab = engine.model.config.vocab_size
     rng = random.Random(0)
     sync = torch.cuda.synchronize if cuda else (lambda: None)

@@ -12,24 +12,20 @@ import random
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "session25"))
+from prefill_probe import build_served_engine  # noqa: E402
+
+
 def main(out: str, rounds: int) -> None:
-    from fms.entrypoints.cli import serve_parser
-    from fms.entrypoints.engine_args import build_engine
-    from fms.entrypoints.server_vs_offline import _placeholder_tokenizer
     from fms.serving import SamplingParams
 
-    cuda = torch.cuda.is_available()
-    variant = "3.2-1b" if cuda else "micro"
-    flags = ["--architecture", "llama", "--variant", variant, "--seed", "0",
-             "--tokenizer", _placeholder_tokenizer("llama", variant)]
-    if not cuda:
-        flags += ["--device", "cpu", "--no-compile"]
     start = time.perf_counter()
-    engine, _ = build_engine(serve_parser().parse_args(flags))
+    engine, cuda, variant = build_served_engine()
     report = {"command": " ".join(["python", *sys.argv]), "device": torch.cuda.get_device_name(0) if cuda else "cpu",
               "variant": variant, "engine_build_s": time.perf_counter() - start, "rounds": rounds, "steps": []}
     vocab = engine.model.config.vocab_size
