@@ -14,15 +14,17 @@ class Node:
 
 def test_freeze_collects_startup_garbage_first_then_freezes_what_lives():
     garbage, kept = Node(), Node()
-    dead = weakref.ref(garbage)
+    dead, alive = weakref.ref(garbage), weakref.ref(kept)
     del garbage
     try:
         count = freeze_startup_heap()
         assert dead() is None  # collected before the freeze, not frozen forever
-        assert count == gc.get_freeze_count() > 0
+        # the count it returns is the frozen generation's; frozen objects still leave it when their last reference
+        # goes (a temporary of the pytest run freed after the call: once 2 fewer in a full `make test`)
+        assert 0 < gc.get_freeze_count() <= count
+        del kept  # a cycle frozen while alive, now garbage: a full collection leaves it alone
         gc.collect()
-        assert gc.get_freeze_count() == count  # a full collection leaves the frozen objects alone
-        assert kept.other is kept
+        assert alive() is not None and alive().other is alive()
     finally:
         gc.unfreeze()
 
