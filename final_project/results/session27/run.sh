@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Session 27 device runs. Usage: run.sh FINAL PARTS (carry .gpu, built by
-# `bash final_project/results/build_trees.sh .gpu:REV`). Raw files in /tmp/raw_PART, packed into FINAL/PART.tgz
+# Session 27 device runs. Usage: run.sh FINAL PARTS (carry .gpu, .wA and, for parts G/B, .wB; built by
+# `bash final_project/results/build_trees.sh .gpu:REV .wA:b56d112`, then `cp -r .gpu .wB && patch -d .wB -p1 <
+# final_project/results/session27/no_autotune_pointwise.patch && echo "$(cat .gpu/COMMIT)+no-autotune-pointwise" >
+# .wB/COMMIT`). Raw files in /tmp/raw_PART, packed into FINAL/PART.tgz
 # after each step.
 #   part g (~105 s): Granite-4.0-H-1B cold start-up, three fresh processes (bench_startup.py)
 #   part q (~35 s): one run of the session-26 probe on Granite-4.0-H-1B (dynamo's compile times, fms's own Triton
