@@ -88,11 +88,13 @@ def varlen_causal_attention(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k:
                             scale: float) -> Tensor:
     """(total_q, Hq, D) attention output; cu_q/cu_k (B+1,) int32 offsets, max_lens (2,) host int64
     [longest query run, longest key run]."""
-    if uses_flash(q):  # the opaque op in a traced graph; eagerly (the layers compile scope) without its dispatch
-        op = _varlen_flash if torch.compiler.is_compiling() else _varlen_flash_forward
-        return op(q, k, v, cu_q, cu_k, max_lens, scale)
-    if torch.compiler.is_compiling():
+    flash = uses_flash(q)
+    if torch.compiler.is_compiling():  # opaque ops in a traced graph
+        if flash:
+            return _varlen_flash(q, k, v, cu_q, cu_k, max_lens, scale)
         return _varlen_reference_op(q, k, v, cu_q, cu_k, scale)
+    if flash:  # eagerly (the layers compile scope's attention op) without the custom op's dispatch
+        return _varlen_flash_forward(q, k, v, cu_q, cu_k, max_lens, scale)
     return varlen_causal_reference(q, k, v, cu_q.cpu(), cu_k.cpu(), scale)
 
 

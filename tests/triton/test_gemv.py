@@ -304,9 +304,9 @@ def test_gpu_compiled_prefill_traces_f_linear_and_decode_the_op():
 
     torch._dynamo.reset()
     compiled = torch.compile(f, backend=backend, dynamic=True, fullgraph=True)
-    for shape in ((1, 37, None), (1, 301, None), (3, 1, None), (8, 1, None)):
-        x = torch.randn(shape[0], shape[1], 256, device="cuda", dtype=torch.bfloat16)
-        h = torch.randn(shape[0], shape[1], 1024, device="cuda", dtype=torch.bfloat16)
+    for rows, tokens in ((1, 37), (1, 301), (3, 1), (8, 1)):  # packed prefills, then decode batches
+        x = torch.randn(rows, tokens, 256, device="cuda", dtype=torch.bfloat16)
+        h = torch.randn(rows, tokens, 1024, device="cuda", dtype=torch.bfloat16)
         gate, up = h.float().split(512, dim=-1)
         ref = (F.linear(x.float(), lin.weight.float()),
                F.linear((F.silu(gate) * up).to(torch.bfloat16).float(), down.weight.float()))

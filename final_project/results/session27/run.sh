@@ -20,14 +20,22 @@ set -u
 FINAL=${1:?final out dir}; PART=${2:?part}
 OUT=/tmp/raw_$PART; mkdir -p "$OUT"
 source final_project/results/device_steps.sh
+# Each RUN names its tree and a count, as device_steps.sh's serving_1b does: gpu1 runs in .gpu, wB2 in .wB.
+startup_gh() {  # startup_gh RUN...: Granite-4.0-H-1B's cold start-up (bench_startup.py) once per RUN
+  for run in "$@"; do
+    TREE=.${run%?} step startup_gh_$run 100 python3 scripts/bench_startup.py --models granite_hybrid:4.0-h-1b \
+      --runs cold --timeout 90 --output "$OUT/startup_gh_$run.json"
+  done
+}
+prefill_ab() {  # prefill_ab RUN...: prefill_ab.py (8 rounds) once per RUN
+  for run in "$@"; do
+    TREE=.${run%?} step prefill_ab_$run 75 python3 ../final_project/results/session27/prefill_ab.py \
+      "$OUT/prefill_ab_$run.json" 8
+  done
+}
 for PART_ in $(echo $PART | grep -o .); do
 case $PART_ in
-  g)
-    for n in 1 2 3; do
-      step startup_gh_$n 100 python3 scripts/bench_startup.py --models granite_hybrid:4.0-h-1b --runs cold \
-        --timeout 90 --output "$OUT/startup_gh_$n.json"
-    done
-    ;;
+  g) startup_gh gpu1 gpu2 gpu3 ;;
   q)
     TRITON_CACHE_DIR=$(mktemp -d) TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) step probe_gh 90 \
       python3 ../final_project/results/session26/startup_probe.py granite_hybrid:4.0-h-1b "$OUT/np_gh" --no-profile
@@ -35,24 +43,9 @@ case $PART_ in
   s) serving_1b gpu1 ;;
   b) serving_1b gpu1 wA1 ;;
   B) serving_1b wB1 ;;
-  G)
-    for n in 1 2; do
-      TREE=.wB step startup_gh_wB_$n 100 python3 scripts/bench_startup.py --models granite_hybrid:4.0-h-1b --runs cold \
-        --timeout 90 --output "$OUT/startup_gh_wB_$n.json"
-    done
-    ;;
-  P)
-    for run in wA1 gpu1; do
-      TREE=.${run%?} step prefill_ab_$run 75 python3 ../final_project/results/session27/prefill_ab.py \
-        "$OUT/prefill_ab_$run.json" 8
-    done
-    ;;
-  p)
-    for run in wA1 gpu1 gpu2 wA2; do
-      TREE=.${run%?} step prefill_ab_$run 75 python3 ../final_project/results/session27/prefill_ab.py \
-        "$OUT/prefill_ab_$run.json" 8
-    done
-    ;;
+  G) startup_gh wB1 wB2 ;;
+  P) prefill_ab wA1 gpu1 ;;
+  p) prefill_ab wA1 gpu1 gpu2 wA2 ;;
   t) step gpu_tests 120 python3 -m pytest -q -p no:cacheprovider tests/triton/test_gemv.py tests/triton/test_varlen.py ;;
   e) eval_fp32 ;;
   *) echo "unknown part $PART_"; exit 2 ;;
