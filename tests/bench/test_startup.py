@@ -293,8 +293,11 @@ def test_checkpoint_mode_times_the_load_of_the_written_weights(tmp_path, capsys)
         assert run["load_gb_per_s"] == pytest.approx(run["checkpoint_bytes"] / run["phases_s"]["get_model_s"] / 1e9)
         assert 0.0 <= run["checkpoint_page_cache"]["resident_fraction_at_start"] <= 1.0
     assert row["runs"]["cold"]["checkpoint_page_cache"]["dropped_before_start"] is True
-    assert row["runs"]["warm"]["checkpoint_page_cache"] == {"dropped_before_start": None,  # the cold child read it
-                                                           "resident_fraction_at_start": 1.0}
+    warm = row["runs"]["warm"]["checkpoint_page_cache"]
+    assert warm["dropped_before_start"] is None  # not dropped: the cold child read it into the page cache
+    # Most of it is still cached; not all need be, since the kernel may evict a few pages between the two
+    # children (CI once measured 0.998 here).
+    assert warm["resident_fraction_at_start"] >= 0.9
     out = capsys.readouterr().out
     assert "| get_model (checkpoint load) |" in out and "|   load GB/s |" in out
 
