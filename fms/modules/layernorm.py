@@ -1,7 +1,9 @@
-"""Normalisation layers: RMSNorm computed in fp32."""
+"""Normalisation layers: RMSNorm computed in fp32 (fms.triton.rmsnorm.rms_norm_reference)."""
 
 import torch
 from torch import nn
+
+from fms.triton.rmsnorm import rms_norm_reference
 
 
 class RMSNorm(nn.Module):
@@ -11,7 +13,4 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Upcast so that the mean of squares neither overflows in fp16 nor loses precision in bf16.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return rms_norm_reference(x, self.weight, self.eps)

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fms.triton.support import tl, triton
+from fms.triton.rmsnorm import rms_norm_reference, rms_norm_rows
+from fms.triton.support import can_run_triton, tl, triton
 
 # Input rows the kernel multiplies in one pass over the weight: batch-1 decode (padded to the engine's batch-2
 # graph when compiled) and batch-2 decode. More rows go to cuBLAS. The kernel holds one accumulator per row, two
@@ -47,9 +48,11 @@ if triton is not None:
         return tl.load(x_ptrs, mask=col_ok, other=0.0).to(tl.float32)
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, N, K, stride_x, stride_w, stride_out,
+    def _gemv_kernel(x_ptr, w_ptr, bias_ptr, norm_ptr, res_ptr, out_ptr, N, K, stride_x, stride_w, stride_res,
+                     stride_out, eps, res_scale,
                      TWO_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU_MUL: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
+                     SCALE_RESIDUAL: tl.constexpr):
         # one (BLOCK_N, BLOCK_K) fp32 accumulator per input row: the second row costs registers and FMAs, not
         # another pass over the weight
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -58,6 +61,10 @@ if triton is not None:
         w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_w + cols[None, :]
         acc0 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        # NORM: every program sees the whole input row anyway, so it sums its squares on the way and scales its
+        # dot products by 1/rms at the end: sum_k w[n, k] * g[k] * x[k] / rms(x), with no pass of its own
+        squares0 = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        squares1 = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             col_ok = (k0 + cols) < K
             if EVEN_K:
@@ -66,20 +73,50 @@ if triton is not None:
                 w = tl.load(w_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0,
                             eviction_policy="evict_first")
             w = w.to(tl.float32)
-            acc0 += w * _load_x(x_ptr + k0 + cols, col_ok, K, SILU_MUL)[None, :]
+            x0 = _load_x(x_ptr + k0 + cols, col_ok, K, SILU_MUL)
+            if NORM:
+                g = tl.load(norm_ptr + k0 + cols, mask=col_ok, other=0.0).to(tl.float32)
+                squares0 += x0 * x0
+                x0 = x0 * g
+            acc0 += w * x0[None, :]
             if TWO_ROWS:
-                acc1 += w * _load_x(x_ptr + stride_x + k0 + cols, col_ok, K, SILU_MUL)[None, :]
+                x1 = _load_x(x_ptr + stride_x + k0 + cols, col_ok, K, SILU_MUL)
+                if NORM:
+                    squares1 += x1 * x1
+                    x1 = x1 * g
+                acc1 += w * x1[None, :]
             w_ptrs += BLOCK_K
-        y = tl.sum(acc0, axis=1)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        y = tl.sum(acc0, axis=1)
+        if NORM:
+            y = y * tl.rsqrt(tl.sum(squares0, axis=0) / K + eps)
+        if HAS_BIAS:
             y += bias
-        tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
+        y = _epilogue(y, res_ptr + rows, row_ok, res_scale, out_ptr.dtype.element_ty, RESIDUAL, SCALE_RESIDUAL)
+        tl.store(out_ptr + rows, y, mask=row_ok)
         if TWO_ROWS:
             y1 = tl.sum(acc1, axis=1)
+            if NORM:
+                y1 = y1 * tl.rsqrt(tl.sum(squares1, axis=0) / K + eps)
             if HAS_BIAS:
                 y1 += bias
-            tl.store(out_ptr + stride_out + rows, y1.to(out_ptr.dtype.element_ty), mask=row_ok)
+            y1 = _epilogue(y1, res_ptr + stride_res + rows, row_ok, res_scale, out_ptr.dtype.element_ty, RESIDUAL,
+                           SCALE_RESIDUAL)
+            tl.store(out_ptr + stride_out + rows, y1, mask=row_ok)
+
+    @triton.jit
+    def _epilogue(y, res_ptrs, row_ok, res_scale, out_ty: tl.constexpr, RESIDUAL: tl.constexpr,
+                  SCALE_RESIDUAL: tl.constexpr):
+        """The output rounded to its dtype; with RESIDUAL, residual + res_scale * output, each step rounded as the
+        torch expression it replaces (the product, then the sum)."""
+        y = y.to(out_ty)
+        if RESIDUAL:
+            y = y.to(tl.float32)
+            if SCALE_RESIDUAL:
+                y = (y * res_scale).to(out_ty).to(tl.float32)
+            y = (tl.load(res_ptrs, mask=row_ok, other=0.0).to(tl.float32) + y).to(out_ty)
+        return y
 
     @triton.jit
     def _silu_mul_kernel(x_ptr, out_ptr, total, K, stride_x, BLOCK: tl.constexpr):
@@ -166,13 +203,23 @@ def tuned_choice(x: torch.Tensor, weight: torch.Tensor, rows: int, silu_mul: boo
 
 
 def gemv_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                   silu_mul: bool = False) -> torch.Tensor:
-    """What the kernel computes, in torch: F.linear(x, weight, bias), with x = silu(gate) * up
-    for x = [gate | up] when silu_mul."""
+                   silu_mul: bool = False, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+                   residual: torch.Tensor | None = None, residual_scale: float = 1.0) -> torch.Tensor:
+    """What the kernel computes, in torch: F.linear(x, weight, bias), with x = silu(gate) * up for x = [gate | up]
+    when silu_mul, x = RMSNorm(x) (rms_norm_reference) when norm_weight is given, and residual + residual_scale *
+    the product when residual is given: the layers' own unfused expressions."""
+    if norm_weight is not None:
+        x = rms_norm_reference(x, norm_weight, eps)
     if silu_mul:
         gate, up = x.split(x.shape[-1] // 2, dim=-1)
         x = F.silu(gate.float()).mul(up.float()).to(x.dtype)
-    return F.linear(x, weight, bias)
+    return _add_residual(F.linear(x, weight, bias), residual, residual_scale)
+
+
+def _add_residual(y: torch.Tensor, residual: torch.Tensor | None, scale: float) -> torch.Tensor:
+    if residual is None:
+        return y
+    return residual + (y if scale == 1.0 else scale * y)  # a product by 1.0 is exact: skip its kernel
 
 
 def fits(x: torch.Tensor, weight: torch.Tensor, max_rows: int = MAX_ROWS) -> bool:
@@ -213,8 +260,11 @@ def silu_mul_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool,
-            blocks=None) -> torch.Tensor:
-    """The kernel on x (M <= MAX_ROWS rows of K, or of 2K = [gate | up] with silu_mul) -> (M, N)."""
+            blocks=None, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+            residual: torch.Tensor | None = None, residual_scale: float = 1.0) -> torch.Tensor:
+    """The kernel on x (M <= MAX_ROWS rows of K, or of 2K = [gate | up] with silu_mul) -> (M, N); with norm_weight
+    the rows are RMS-normalised first (in the kernel), with residual (M, N) the result is residual +
+    residual_scale * product (in the kernel's epilogue)."""
     n, k = weight.shape
     width = 2 * k if silu_mul else k
     if x.dim() != 2 or x.shape[1] != width or not 1 <= x.shape[0] <= MAX_ROWS:
@@ -222,14 +272,26 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, si
                          f"{tuple(weight.shape)}{' (silu_mul: [gate | up])' if silu_mul else ''}, "
                          f"got x of shape {tuple(x.shape)}")
     m = x.shape[0]
+    if norm_weight is not None and silu_mul:
+        raise ValueError("gemv fuses an RMSNorm of x or a SwiGLU of x, not both (norm_weight with silu_mul=True)")
+    if norm_weight is not None and norm_weight.shape != (k,):
+        raise ValueError(f"gemv's norm_weight must have shape ({k},) for a weight of shape {tuple(weight.shape)}, "
+                         f"got {tuple(norm_weight.shape)}")
+    if residual is not None:
+        residual = residual.reshape(m, n)
+        if residual.stride(1) != 1:
+            residual = residual.contiguous()
     block_n, block_k, warps, stages = blocks or BLOCKS
     block_k = min(block_k, triton.next_power_of_2(k))
     x = x.contiguous()
     out = torch.empty(m, n, device=x.device, dtype=weight.dtype)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, out, n, k, x.stride(0), weight.stride(0), out.stride(0),
+        x, weight, bias if bias is not None else weight, norm_weight if norm_weight is not None else weight,
+        residual if residual is not None else out, out, n, k, x.stride(0), weight.stride(0),
+        residual.stride(0) if residual is not None else 0, out.stride(0), eps, residual_scale,
         TWO_ROWS=m == 2, BLOCK_N=block_n, BLOCK_K=block_k, SILU_MUL=silu_mul,
-        HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, num_warps=warps, num_stages=stages)
+        HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, NORM=norm_weight is not None,
+        RESIDUAL=residual is not None, SCALE_RESIDUAL=residual_scale != 1.0, num_warps=warps, num_stages=stages)
     return out
 
 
@@ -239,42 +301,69 @@ def _check_max_rows(max_rows: int) -> None:
 
 
 def _rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool,
-                 max_rows: int = MAX_ROWS, blocks=None) -> torch.Tensor:
+                 max_rows: int = MAX_ROWS, blocks=None, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+                 residual: torch.Tensor | None = None, residual_scale: float = 1.0) -> torch.Tensor:
     """x (..., K or 2K) -> (..., N): the kernel for at most max_rows rows (blocks, else this GPU's table's choice,
-    else BLOCKS), else, or where the table chose cuBLAS, F.linear (after silu_mul_rows)."""
+    else BLOCKS), else, or where the table chose cuBLAS, F.linear (after silu_mul_rows or rms_norm_rows, and with
+    the residual added after). A fused call (norm_weight or residual) takes the kernel for at most max_rows rows
+    even where the table chose cuBLAS for the bare product (with BLOCKS): cuBLAS would cost the fused
+    kernels' launches back."""
     lead = x.shape[:-1]
     rows = x.reshape(-1, x.shape[-1])
+    fused = norm_weight is not None or residual is not None
     choice = None
     if 1 <= rows.shape[0] <= max_rows:
         choice = blocks if blocks is not None else tuned_choice(rows, weight, rows.shape[0], silu_mul)
+        if fused and choice == CUBLAS:
+            choice = BLOCKS
     if choice is not None and choice != CUBLAS:
-        out = _launch(rows, weight, bias, silu_mul, choice)
+        fusion = {} if not fused else dict(norm_weight=norm_weight, eps=eps, residual=residual,
+                                           residual_scale=residual_scale)
+        out = _launch(rows, weight, bias, silu_mul, choice, **fusion)
     else:
-        out = F.linear(silu_mul_rows(rows.contiguous()) if silu_mul else rows, weight, bias)
+        if norm_weight is not None:
+            rows = rms_norm_rows(rows, norm_weight, eps) if can_run_triton(rows.device) \
+                else rms_norm_reference(rows, norm_weight, eps)
+        elif silu_mul:
+            rows = silu_mul_rows(rows.contiguous())
+        out = F.linear(rows, weight, bias)
+        out = _add_residual(out, None if residual is None else residual.reshape(out.shape), residual_scale)
     return out.view(*lead, weight.shape[0])
 
 
 @torch.library.custom_op("fms::gemv", mutates_args=())
-def _gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool,
-             max_rows: int) -> torch.Tensor:
-    return _rows_linear(x, weight, bias, silu_mul, max_rows)
+def _gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool, max_rows: int,
+             norm_weight: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
+             residual_scale: float = 1.0) -> torch.Tensor:
+    return _rows_linear(x, weight, bias, silu_mul, max_rows, None, norm_weight, eps, residual, residual_scale)
 
 
 @_gemv_op.register_fake
-def _(x, weight, bias, silu_mul, max_rows):
+def _(x, weight, bias, silu_mul, max_rows, norm_weight=None, eps=0.0, residual=None, residual_scale=1.0):
     return weight.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, silu_mul: bool = False,
-         blocks=None, max_rows: int = MAX_ROWS) -> torch.Tensor:
+         blocks=None, max_rows: int = MAX_ROWS, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+         residual: torch.Tensor | None = None, residual_scale: float = 1.0) -> torch.Tensor:
     """x @ weight.T (+ bias) over x's last dim -> (..., N), with x = [gate | up] and silu(gate) * up taken first
     when silu_mul: the Triton kernel for at most max_rows rows (1 to MAX_ROWS; KernelConfig.gemv_rows), cuBLAS for
     more.
+
+    Fused into the kernel where asked (KernelConfig.fuse_norm; gemv_reference is the expression each replaces):
+    norm_weight, eps: x is RMSNorm(x) first (not with silu_mul). residual (..., N): the result is residual +
+    residual_scale * product, a pre-norm block's residual add. For more rows the same expression runs unfused
+    (one norm kernel, cuBLAS, the add).
 
     blocks: (BLOCK_N, BLOCK_K, num_warps, num_stages), for benchmarks; the tuned default otherwise.
     Under torch.compile it is the opaque op fms::gemv, which picks at run time; eagerly the same choice in Python.
     """
     _check_max_rows(max_rows)
+    if residual is not None and residual.shape != (*x.shape[:-1], weight.shape[0]):
+        raise ValueError(f"gemv's residual must have the output's shape {(*x.shape[:-1], weight.shape[0])}, "
+                         f"got {tuple(residual.shape)}")
+    if norm_weight is not None and silu_mul:
+        raise ValueError("gemv fuses an RMSNorm of x or a SwiGLU of x, not both (norm_weight with silu_mul=True)")
     if torch.compiler.is_compiling():
-        return _gemv_op(x, weight, bias, silu_mul, max_rows)
-    return _rows_linear(x, weight, bias, silu_mul, max_rows, blocks)
+        return _gemv_op(x, weight, bias, silu_mul, max_rows, norm_weight, eps, residual, residual_scale)
+    return _rows_linear(x, weight, bias, silu_mul, max_rows, blocks, norm_weight, eps, residual, residual_scale)
