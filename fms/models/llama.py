@@ -157,21 +157,42 @@ class DecoderBlock(nn.Module):
         self.ff_ln = make_norm()
         self.ff = ffn
         self.residual_multiplier = residual_multiplier
+        self.set_kernels(KernelConfig())
+
+    def set_kernels(self, kernels: KernelConfig) -> None:
+        """With kernels.fuse_norm, each half of the block whose sublayer takes them (a fuses_norm attribute) hands
+        it the norm before and the residual add after, for the GEMV kernel to fuse (fms.triton.gemv)."""
+        self.fuse_mixer = kernels.fuse_norm and getattr(self.mixer, "fuses_norm", False)
+        self.fuse_ff = kernels.fuse_norm and getattr(self.ff, "fuses_norm", False)
 
     def forward(self, x, position_ids, **kwargs):
-        x = x + self.residual_multiplier * self.mixer(self.ln(x), position_ids, **kwargs)
+        r = self.residual_multiplier
+        if self.fuse_mixer:
+            x = self.mixer(x, position_ids, norm=self.ln, residual=x, residual_scale=r, **kwargs)
+        else:
+            x = x + r * self.mixer(self.ln(x), position_ids, **kwargs)
+        return self._feedforward(x)
+
+    def _feedforward(self, x):
+        if self.fuse_ff:
+            return self.ff(x, norm=self.ff_ln, residual=x, residual_scale=self.residual_multiplier)
         return x + self.residual_multiplier * self.ff(self.ff_ln(x))
 
     # forward in two halves around the attention op (attention mixers only; fms.runtime.compiled compiles
     # each half once for every layer and runs the op between them)
     def attention_inputs(self, x, position_ids, rope=None):
         """q, k, v of this block's attention for x (MultiHeadAttention.project of the normed x)."""
+        if self.fuse_mixer:
+            return self.mixer.project(x, position_ids, rope, norm=self.ln)
         return self.mixer.project(self.ln(x), position_ids, rope)
 
     def attention_output(self, x, out):
         """The block's output from its input x and the attention op's result out (B, Hq, T, D)."""
-        x = x + self.residual_multiplier * self.mixer.output(out)
-        return x + self.residual_multiplier * self.ff(self.ff_ln(x))
+        if self.fuse_mixer:
+            x = self.mixer.output(out, residual=x, residual_scale=self.residual_multiplier)
+        else:
+            x = x + self.residual_multiplier * self.mixer.output(out)
+        return self._feedforward(x)
 
 
 class LLaMA(nn.Module):

@@ -511,18 +511,25 @@ class MultiHeadAttention(nn.Module):
         self.rotary = rotary
         self.variant = variant or AttentionVariant()
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, attn_name: str = "sdpa", **attn_kwargs):
-        q, k, v = self.project(x, position_ids)
-        return self.output(self.attend(q, k, v, attn_name, **attn_kwargs))
+    fuses_norm = True  # forward, project and output take the block's norm and residual (KernelConfig.fuse_norm)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, attn_name: str = "sdpa",
+                norm: nn.Module | None = None, residual: torch.Tensor | None = None, residual_scale: float = 1.0,
+                **attn_kwargs):
+        """Attention of norm(x) (norm optional), added to residual times residual_scale where residual is given."""
+        q, k, v = self.project(x, position_ids, norm=norm)
+        return self.output(self.attend(q, k, v, attn_name, **attn_kwargs), residual, residual_scale)
 
     # The three parts of forward, for a driver that compiles the projections and runs the op between them
     # (fms.runtime.compiled, scope "layers"): the op, which picks its KV pool by layer index, stays out of
     # the compiled graphs, so that one compile serves every layer.
-    def project(self, x: torch.Tensor, position_ids: torch.Tensor, rope: tuple | None = None):
+    def project(self, x: torch.Tensor, position_ids: torch.Tensor, rope: tuple | None = None,
+                norm: nn.Module | None = None):
         """x (B, T, E) -> q (B, Hq, T, D), k and v (B, Hkv, T, D), rotated; rope: (cos, sin) from
-        self.rotary.cos_sin(position_ids), else computed here."""
+        self.rotary.cos_sin(position_ids), else computed here; norm: the block's, applied to x first (fused into
+        the qkv projection where it can be)."""
         b, t, _ = x.shape
-        q, k, v = self.qkv_fused(x).split(self.qkv_splits, dim=-1)
+        q, k, v = self.qkv_fused.forward_fused(x, norm).split(self.qkv_splits, dim=-1)
         q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, D)
         k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -535,7 +542,10 @@ class MultiHeadAttention(nn.Module):
         return get_attention_op(attn_name).attend(q, k, v, layer_idx=self.layer_idx, scale=self.scale,
                                                   variant=self.variant, **attn_kwargs)
 
-    def output(self, out: torch.Tensor) -> torch.Tensor:
-        """The output projection of the op's (B, Hq, T, D) result: (B, T, E)."""
+    def output(self, out: torch.Tensor, residual: torch.Tensor | None = None,
+               residual_scale: float = 1.0) -> torch.Tensor:
+        """The output projection of the op's (B, Hq, T, D) result: (B, T, E), added to residual times
+        residual_scale where residual is given (fused into the projection where it can be)."""
         b, _, t, _ = out.shape
-        return self.dense(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+        return self.dense.forward_fused(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim),
+                                        residual=residual, residual_scale=residual_scale)

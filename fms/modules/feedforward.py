@@ -28,8 +28,13 @@ class SwiGLU(nn.Module):
                                              bias=bias)  # rows [gate i0:i1 | up i0:i1]
             self.w2 = RowParallelLinear(hidden_dim, dim, tp, (i0, i1), bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2.forward_swiglu(self.wg1_fused(x))
+    fuses_norm = True  # forward takes the block's norm and residual (KernelConfig.fuse_norm)
+
+    def forward(self, x: torch.Tensor, norm: nn.Module | None = None, residual: torch.Tensor | None = None,
+                residual_scale: float = 1.0) -> torch.Tensor:
+        """down(silu(gate) * up) of norm(x) (norm: the block's, fused into gate|up where it can be), added to
+        residual times residual_scale where residual is given (fused into the down projection)."""
+        return self.w2.forward_swiglu(self.wg1_fused.forward_fused(x, norm), residual, residual_scale)
 
 
 class GeluMLP(nn.Module):

@@ -25,6 +25,8 @@ SSD_SCAN_NAMES = ("auto", "triton", "fla", "reference", "recurrent")
 # decode padded to the compiled engine's batch-2 graph then runs cuBLAS), "2" (or unset) one or two rows.
 GEMV_ENV = "FMS_GEMV"
 _GEMV_ENV_VALUES = {str(n): n for n in range(MAX_ROWS + 1)}
+# FMS_FUSE_NORM, also read only by KernelConfig.from_env: "1" fuse_norm=True, "0" or unset False.
+FUSE_NORM_ENV = "FMS_FUSE_NORM"
 
 
 @dataclass(frozen=True)
@@ -35,11 +37,16 @@ class KernelConfig:
         in every projection; False keeps every projection on F.linear (cuBLAS).
     gemv_rows: the most rows the kernel takes, 1 to fms.triton.gemv.MAX_ROWS; more go to cuBLAS.
     ssd_scan: the Mamba2 prefill scan, one of SSD_SCAN_NAMES (models without Mamba layers ignore it).
+    fuse_norm: a pre-norm block's RMSNorm goes into the GEMV kernel of the projection after it (qkv, gate|up), and
+        its residual adds into the epilogue of the one before (attention output, SwiGLU down): three kernels fewer
+        per layer for rows the kernel takes (needs gemv). Other rows, tensor-parallel row shards and other norms
+        run the same expression unfused. Off by default: not yet timed on a GPU.
     """
 
     gemv: bool = True
     ssd_scan: str = "auto"
     gemv_rows: int = MAX_ROWS
+    fuse_norm: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.gemv, bool):
@@ -47,6 +54,8 @@ class KernelConfig:
         if isinstance(self.gemv_rows, bool) or not isinstance(self.gemv_rows, int) \
                 or not 1 <= self.gemv_rows <= MAX_ROWS:
             raise ValueError(f"KernelConfig.gemv_rows must be an int from 1 to {MAX_ROWS}, got {self.gemv_rows!r}")
+        if not isinstance(self.fuse_norm, bool):
+            raise ValueError(f"KernelConfig.fuse_norm must be True or False, got {self.fuse_norm!r}")
         if self.ssd_scan not in SSD_SCAN_NAMES:
             raise ValueError(f"KernelConfig.ssd_scan must be one of {', '.join(SSD_SCAN_NAMES)}; "
                              f"got {self.ssd_scan!r}")
@@ -54,15 +63,18 @@ class KernelConfig:
     @classmethod
     def from_env(cls) -> "KernelConfig":
         """The default config, with the GEMV kernel's rows from FMS_GEMV ("0": off; "1": one row; "2", unset or
-        empty: one or two rows)."""
+        empty: one or two rows) and fuse_norm from FMS_FUSE_NORM ("1": on; "0", unset or empty: off)."""
         value = os.environ.get(GEMV_ENV, "")
-        if value == "":
-            return cls()
-        if value not in _GEMV_ENV_VALUES:
+        if value not in ("", *_GEMV_ENV_VALUES):
             raise ValueError(f"environment variable {GEMV_ENV}={value!r}; allowed: '0' (F.linear everywhere), "
                              f"'1' (the GEMV kernel for single CUDA rows), '2' or unset (for one or two rows)")
-        rows = _GEMV_ENV_VALUES[value]
-        return cls(gemv=False) if rows == 0 else cls(gemv_rows=rows)
+        fuse = os.environ.get(FUSE_NORM_ENV, "")
+        if fuse not in ("", "0", "1"):
+            raise ValueError(f"environment variable {FUSE_NORM_ENV}={fuse!r}; allowed: '1' (fuse RMSNorm and the "
+                             f"residual adds into the GEMV kernel), '0' or unset (do not)")
+        rows = _GEMV_ENV_VALUES.get(value, MAX_ROWS)
+        gemv = {"gemv": False} if rows == 0 else {"gemv_rows": rows}
+        return cls(**gemv, fuse_norm=fuse == "1")
 
 
 def check_kernel_config(kernels) -> "KernelConfig":

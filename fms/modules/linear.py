@@ -7,7 +7,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from fms.modules.kernel_config import KernelConfig, check_kernel_config
+from fms.modules.layernorm import RMSNorm
 from fms.triton.gemv import fits, gemv
+
+
+def add_residual(y: torch.Tensor, residual: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """residual + scale * y, as a pre-norm block adds a sublayer's output (y where residual is None)."""
+    return y if residual is None else residual + scale * y
 
 
 def swiglu_down(gate_up: torch.Tensor, down: "Linear") -> torch.Tensor:
@@ -31,11 +37,32 @@ class Linear(nn.Linear):
             return gemv(x, self.weight, self.bias, max_rows=self.kernels.gemv_rows)
         return F.linear(x, self.weight, self.bias)
 
-    def forward_swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """self(silu(gate) * up) for gate_up = [gate | up] on the last dim; one fused kernel for up to MAX_ROWS
-        CUDA rows when the kernel config allows the GEMV kernel. A method so that a row-parallel layer adds its
-        all-reduce."""
-        if self.kernels.gemv and fits(gate_up, self.weight, self.kernels.gemv_rows):
-            return gemv(gate_up, self.weight, self.bias, silu_mul=True, max_rows=self.kernels.gemv_rows)
+    def forward_fused(self, x: torch.Tensor, norm: nn.Module | None = None, residual: torch.Tensor | None = None,
+                      residual_scale: float = 1.0) -> torch.Tensor:
+        """residual + residual_scale * self(norm(x)), each part optional (KernelConfig.fuse_norm: a block's norm
+        before a projection, its residual add after one). Rows the GEMV kernel takes run as one kernel when the
+        norm is an RMSNorm; anything else runs this expression as written."""
+        if norm is None and residual is None:
+            return self(x)
+        if self._fusable(x, residual) and (norm is None or (isinstance(norm, RMSNorm)
+                                                            and norm.weight.dtype == x.dtype)):
+            return gemv(x, self.weight, self.bias, max_rows=self.kernels.gemv_rows,
+                        norm_weight=None if norm is None else norm.weight, eps=0.0 if norm is None else norm.eps,
+                        residual=residual, residual_scale=residual_scale)
+        return add_residual(self(x if norm is None else norm(x)), residual, residual_scale)
+
+    def forward_swiglu(self, gate_up: torch.Tensor, residual: torch.Tensor | None = None,
+                       residual_scale: float = 1.0) -> torch.Tensor:
+        """self(silu(gate) * up) for gate_up = [gate | up] on the last dim, plus residual_scale times that added to
+        residual where given; one fused kernel for up to MAX_ROWS CUDA rows when the kernel config allows the GEMV
+        kernel. A method so that a row-parallel layer adds its all-reduce."""
+        if self._fusable(gate_up, residual):
+            fused = {} if residual is None else dict(residual=residual, residual_scale=residual_scale)
+            return gemv(gate_up, self.weight, self.bias, silu_mul=True, max_rows=self.kernels.gemv_rows, **fused)
         gate, up = gate_up.split(gate_up.shape[-1] // 2, dim=-1)
-        return self(F.silu(gate) * up)
+        return add_residual(self(F.silu(gate) * up), residual, residual_scale)
+
+    def _fusable(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+        """Whether the GEMV kernel takes x's rows (and the residual, of the same dtype) for this layer."""
+        return (self.kernels.gemv and fits(x, self.weight, self.kernels.gemv_rows)
+                and (residual is None or residual.dtype == x.dtype))

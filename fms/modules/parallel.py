@@ -16,7 +16,7 @@ from torch import nn
 
 from fms.distributed.group import TensorParallel
 from fms.distributed.sharding import TensorShard, set_shards, split_range
-from fms.modules.linear import Linear
+from fms.modules.linear import Linear, add_residual
 from fms.triton.gemv import fits, gemv
 
 
@@ -49,13 +49,19 @@ class RowParallelLinear(Linear):
             partial = F.linear(x, self.weight)
         return self._reduce(partial)
 
-    def forward_swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
+    def forward_swiglu(self, gate_up: torch.Tensor, residual: torch.Tensor | None = None,
+                       residual_scale: float = 1.0) -> torch.Tensor:
         if self.kernels.gemv and fits(gate_up, self.weight, self.kernels.gemv_rows):
             partial = gemv(gate_up, self.weight, None, silu_mul=True, max_rows=self.kernels.gemv_rows)
         else:
             gate, up = gate_up.split(gate_up.shape[-1] // 2, dim=-1)
             partial = F.linear(F.silu(gate) * up, self.weight)
-        return self._reduce(partial)
+        return add_residual(self._reduce(partial), residual, residual_scale)
+
+    def _fusable(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+        """Never: the input is this rank's slice of the features (a norm over it would be wrong) and the product a
+        partial sum (a residual added before the all-reduce would count once per rank)."""
+        return False
 
     def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
         self.tp.all_reduce(partial)

@@ -21,7 +21,7 @@ ATOL, RTOL = 1e-4, 1e-4
 
 
 def test_defaults_are_todays_behaviour():
-    assert KernelConfig() == KernelConfig(gemv=True, ssd_scan="auto", gemv_rows=2)
+    assert KernelConfig() == KernelConfig(gemv=True, ssd_scan="auto", gemv_rows=2, fuse_norm=False)
     assert SSD_SCAN_NAMES == ("auto", "triton", "fla", "reference", "recurrent")
     with pytest.raises(Exception):  # frozen: a config is replaced, never edited in place
         KernelConfig().gemv = False
@@ -84,6 +84,34 @@ def test_bad_gemv_rows_is_refused_naming_the_value(value):
     with pytest.raises(ValueError) as exc:
         KernelConfig(gemv_rows=value)
     assert f"KernelConfig.gemv_rows must be an int from 1 to 2, got {value!r}" in str(exc.value)
+
+
+@pytest.mark.parametrize(("env", "fuse"), [(None, False), ("", False), ("0", False), ("1", True)])
+def test_fms_fuse_norm_sets_the_default_at_build_time(monkeypatch, env, fuse):
+    monkeypatch.delenv("FMS_GEMV", raising=False)
+    if env is None:
+        monkeypatch.delenv("FMS_FUSE_NORM", raising=False)
+    else:
+        monkeypatch.setenv("FMS_FUSE_NORM", env)
+    assert KernelConfig.from_env() == KernelConfig(fuse_norm=fuse)
+    model = get_model("llama", "nano")
+    assert model.kernels.fuse_norm is fuse and all(b.fuse_mixer is fuse and b.fuse_ff is fuse for b in model.layers)
+    monkeypatch.setenv("FMS_GEMV", "1")  # both switches read together
+    assert KernelConfig.from_env() == KernelConfig(gemv_rows=1, fuse_norm=fuse)
+
+
+@pytest.mark.parametrize("env", ["true", "2", " 1"])
+def test_bad_fms_fuse_norm_is_refused_naming_it(monkeypatch, env):
+    monkeypatch.setenv("FMS_FUSE_NORM", env)
+    with pytest.raises(ValueError) as exc:
+        get_model("llama", "nano")
+    assert f"FMS_FUSE_NORM={env!r}" in str(exc.value) and "'1'" in str(exc.value) and "'0'" in str(exc.value)
+
+
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_bad_fuse_norm_is_refused_naming_the_value(value):
+    with pytest.raises(ValueError, match=f"KernelConfig.fuse_norm must be True or False, got {value!r}"):
+        KernelConfig(fuse_norm=value)
 
 
 def _linears(model):
