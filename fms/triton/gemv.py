@@ -1,4 +1,5 @@
-"""Few-row projections (decode at batch 1 and 2) as a Triton GEMV kernel, optionally fused with SwiGLU.
+"""Few-row projections (decode at batch 1 and 2) as a Triton GEMV kernel, optionally fused with SwiGLU, and with a
+block's RMSNorm before it or its residual add after it (KernelConfig.fuse_norm).
 
 At one or two tokens per step every projection is a matrix-vector product that reads its whole weight
 once. On the H100, cuBLAS picks split-K kernels for the small matrices of a 1B model: they add a
@@ -48,6 +49,19 @@ if triton is not None:
         return tl.load(x_ptrs, mask=col_ok, other=0.0).to(tl.float32)
 
     @triton.jit
+    def _store(y, out_ptrs, res_ptrs, row_ok, res_scale, RESIDUAL: tl.constexpr, SCALE_RESIDUAL: tl.constexpr):
+        """Store the output rounded to its dtype; with RESIDUAL, residual + res_scale * output, each step rounded as
+        the torch expression it replaces (the product, then the sum)."""
+        out_ty = out_ptrs.dtype.element_ty
+        y = y.to(out_ty)
+        if RESIDUAL:
+            y = y.to(tl.float32)
+            if SCALE_RESIDUAL:
+                y = (y * res_scale).to(out_ty).to(tl.float32)
+            y = (tl.load(res_ptrs, mask=row_ok, other=0.0).to(tl.float32) + y).to(out_ty)
+        tl.store(out_ptrs, y, mask=row_ok)
+
+    @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, bias_ptr, norm_ptr, res_ptr, out_ptr, N, K, stride_x, stride_w, stride_res,
                      stride_out, eps, res_scale,
                      TWO_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU_MUL: tl.constexpr,
@@ -93,30 +107,15 @@ if triton is not None:
             y = y * tl.rsqrt(tl.sum(squares0, axis=0) / K + eps)
         if HAS_BIAS:
             y += bias
-        y = _epilogue(y, res_ptr + rows, row_ok, res_scale, out_ptr.dtype.element_ty, RESIDUAL, SCALE_RESIDUAL)
-        tl.store(out_ptr + rows, y, mask=row_ok)
+        _store(y, out_ptr + rows, res_ptr + rows, row_ok, res_scale, RESIDUAL, SCALE_RESIDUAL)
         if TWO_ROWS:
             y1 = tl.sum(acc1, axis=1)
             if NORM:
                 y1 = y1 * tl.rsqrt(tl.sum(squares1, axis=0) / K + eps)
             if HAS_BIAS:
                 y1 += bias
-            y1 = _epilogue(y1, res_ptr + stride_res + rows, row_ok, res_scale, out_ptr.dtype.element_ty, RESIDUAL,
-                           SCALE_RESIDUAL)
-            tl.store(out_ptr + stride_out + rows, y1, mask=row_ok)
-
-    @triton.jit
-    def _epilogue(y, res_ptrs, row_ok, res_scale, out_ty: tl.constexpr, RESIDUAL: tl.constexpr,
-                  SCALE_RESIDUAL: tl.constexpr):
-        """The output rounded to its dtype; with RESIDUAL, residual + res_scale * output, each step rounded as the
-        torch expression it replaces (the product, then the sum)."""
-        y = y.to(out_ty)
-        if RESIDUAL:
-            y = y.to(tl.float32)
-            if SCALE_RESIDUAL:
-                y = (y * res_scale).to(out_ty).to(tl.float32)
-            y = (tl.load(res_ptrs, mask=row_ok, other=0.0).to(tl.float32) + y).to(out_ty)
-        return y
+            _store(y1, out_ptr + stride_out + rows, res_ptr + stride_res + rows, row_ok, res_scale, RESIDUAL,
+                   SCALE_RESIDUAL)
 
     @triton.jit
     def _silu_mul_kernel(x_ptr, out_ptr, total, K, stride_x, BLOCK: tl.constexpr):
@@ -261,10 +260,11 @@ def silu_mul_rows(x: torch.Tensor) -> torch.Tensor:
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool,
             blocks=None, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-            residual: torch.Tensor | None = None, residual_scale: float = 1.0) -> torch.Tensor:
-    """The kernel on x (M <= MAX_ROWS rows of K, or of 2K = [gate | up] with silu_mul) -> (M, N); with norm_weight
-    the rows are RMS-normalised first (in the kernel), with residual (M, N) the result is residual +
-    residual_scale * product (in the kernel's epilogue)."""
+            residual: torch.Tensor | None = None, residual_scale: float = 1.0,
+            out_shape: tuple | None = None) -> torch.Tensor:
+    """The kernel on x (M <= MAX_ROWS rows of K, or of 2K = [gate | up] with silu_mul) -> (M, N), or a new tensor of
+    out_shape holding M * N values; with norm_weight the rows are RMS-normalised first (in the kernel), with
+    residual (M, N) the result is residual + residual_scale * product (in the kernel's epilogue)."""
     n, k = weight.shape
     width = 2 * k if silu_mul else k
     if x.dim() != 2 or x.shape[1] != width or not 1 <= x.shape[0] <= MAX_ROWS:
@@ -284,7 +284,8 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, si
     block_n, block_k, warps, stages = blocks or BLOCKS
     block_k = min(block_k, triton.next_power_of_2(k))
     x = x.contiguous()
-    out = torch.empty(m, n, device=x.device, dtype=weight.dtype)
+    result = torch.empty(out_shape or (m, n), device=x.device, dtype=weight.dtype)
+    out = result.view(m, n)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, norm_weight if norm_weight is not None else weight,
         residual if residual is not None else out, out, n, k, x.stride(0), weight.stride(0),
@@ -292,7 +293,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, si
         TWO_ROWS=m == 2, BLOCK_N=block_n, BLOCK_K=block_k, SILU_MUL=silu_mul,
         HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, NORM=norm_weight is not None,
         RESIDUAL=residual is not None, SCALE_RESIDUAL=residual_scale != 1.0, num_warps=warps, num_stages=stages)
-    return out
+    return result
 
 
 def _check_max_rows(max_rows: int) -> None:
@@ -307,7 +308,11 @@ def _rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     else BLOCKS), else, or where the table chose cuBLAS, F.linear (after silu_mul_rows or rms_norm_rows, and with
     the residual added after). A fused call (norm_weight or residual) takes the kernel for at most max_rows rows
     even where the table chose cuBLAS for the bare product (with BLOCKS): cuBLAS would cost the fused
-    kernels' launches back."""
+    kernels' launches back.
+
+    Every path returns a new (..., N) tensor, not a view of a 2-D one, as F.linear on x would: the engine's compiled
+    sampling takes the LM head's logits, and a view's base is part of what dynamo guards, so logits from the
+    kernel at 2 rows and from cuBLAS at 4 would compile that function twice."""
     lead = x.shape[:-1]
     rows = x.reshape(-1, x.shape[-1])
     fused = norm_weight is not None or residual is not None
@@ -319,16 +324,13 @@ def _rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if choice is not None and choice != CUBLAS:
         fusion = {} if not fused else dict(norm_weight=norm_weight, eps=eps, residual=residual,
                                            residual_scale=residual_scale)
-        out = _launch(rows, weight, bias, silu_mul, choice, **fusion)
-    else:
-        if norm_weight is not None:
-            rows = rms_norm_rows(rows, norm_weight, eps) if can_run_triton(rows.device) \
-                else rms_norm_reference(rows, norm_weight, eps)
-        elif silu_mul:
-            rows = silu_mul_rows(rows.contiguous())
-        out = F.linear(rows, weight, bias)
-        out = _add_residual(out, None if residual is None else residual.reshape(out.shape), residual_scale)
-    return out.view(*lead, weight.shape[0])
+        return _launch(rows, weight, bias, silu_mul, choice, **fusion, out_shape=(*lead, weight.shape[0]))
+    if norm_weight is not None:
+        rows = rms_norm_rows(rows, norm_weight, eps) if can_run_triton(rows.device) \
+            else rms_norm_reference(rows, norm_weight, eps)
+    elif silu_mul:
+        rows = silu_mul_rows(rows.contiguous())
+    return _add_residual(F.linear(rows.view(*lead, rows.shape[-1]), weight, bias), residual, residual_scale)
 
 
 @torch.library.custom_op("fms::gemv", mutates_args=())

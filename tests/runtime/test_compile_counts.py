@@ -117,6 +117,24 @@ def test_layer_scope_decode_equals_eager_and_its_tracing_does_not_grow_with_dept
     assert shallow == deep, (shallow, deep)
 
 
+def test_gemv_kernel_in_the_lm_head_does_not_retrace_sampling(monkeypatch):
+    """The LM head runs eagerly between the compiled layers and the compiled sampling (_step_outputs). Its logits
+    come from the GEMV kernel at 2 rows and from cuBLAS at 4; both must be new tensors, not a view of a 2-D result
+    in one case only, or dynamo (which guards a view's base) traces _step_outputs twice. On the CPU the kernel runs
+    in Triton's interpreter: fits is widened to CPU rows here."""
+    pytest.importorskip("triton", reason="the GEMV kernel needs triton")
+    from fms.modules import linear as linear_mod
+    from fms.triton import gemv as gemv_mod
+
+    launched, launch = [], gemv_mod._launch
+    monkeypatch.setattr(gemv_mod, "_launch", lambda *a, **k: launched.append(1) or launch(*a, **k))
+    monkeypatch.setattr(gemv_mod, "tuned_choice", lambda *a: (32, 64, 1, 1))
+    monkeypatch.setattr(linear_mod, "fits", lambda x, w, max_rows=2: x.dtype == w.dtype and (
+        gemv_mod.one_token_rows(x) if torch.compiler.is_compiling() else x.numel() <= max_rows * x.shape[-1]))
+    assert _layered_decode(2) > 0
+    assert launched  # the head's two rows (and the op's, in the layers) went through the kernel
+
+
 def test_layer_scope_prefill_equals_the_uncached_model():
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()

@@ -233,9 +233,9 @@ def test_compiled_op_serves_every_row_count_from_one_graph(monkeypatch, max_rows
 
     launches, launch = [], gemv_mod._launch
 
-    def counted(x, w, b, silu_mul, blocks=None):
+    def counted(x, w, b, silu_mul, blocks=None, **kw):
         launches.append(silu_mul)
-        return launch(x, w, b, silu_mul, blocks)
+        return launch(x, w, b, silu_mul, blocks, **kw)
 
     monkeypatch.setattr(gemv_mod, "_launch", counted)
 
@@ -399,9 +399,9 @@ def test_the_table_picks_the_kernel_config_or_cublas_per_shape(monkeypatch):
                         lambda x, weight, rows, silu_mul: table.get((rows, *weight.shape, silu_mul), SMALL_BLOCKS))
     launched, launch = [], gemv_mod._launch
 
-    def counted(x, weight, bias, silu_mul, blocks=None):
+    def counted(x, weight, bias, silu_mul, blocks=None, **kw):
         launched.append((x.shape[0], silu_mul, blocks))
-        return launch(x, weight, bias, silu_mul, blocks)
+        return launch(x, weight, bias, silu_mul, blocks, **kw)
 
     monkeypatch.setattr(gemv_mod, "_launch", counted)
     torch.testing.assert_close(gemv_mod.gemv(x1, w, b).double(), _reference64(x1, w, b), atol=1e-4, rtol=1e-4)
