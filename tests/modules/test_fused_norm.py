@@ -31,20 +31,21 @@ def launches(monkeypatch):
     def logged(x, weight, bias, silu_mul, blocks=None, **fusion):
         parts = tuple(name for name in ("norm_weight", "residual") if fusion.get(name) is not None)
         log.append(("swiglu" if silu_mul else "linear", parts))
-        return launch(x, weight, bias, silu_mul, blocks if CUDA else (32, 64, 1, 1), **fusion)
+        return launch(x, weight, bias, silu_mul, blocks, **fusion)
 
     monkeypatch.setattr(gemv_mod, "_launch", logged)
-    if not CUDA:
-        monkeypatch.setattr(gemv_mod, "tuned_choice", lambda *a: (32, 64, 1, 1))
+    cuda_fits, cuda_choice = linear_mod.fits, gemv_mod.tuned_choice
 
-        def fits(x, w, max_rows=gemv_mod.MAX_ROWS):
-            if x.dtype != w.dtype:
-                return False
-            if torch.compiler.is_compiling():
-                return gemv_mod.one_token_rows(x)
-            return x.numel() <= max_rows * x.shape[-1]
+    def fits(x, w, max_rows=gemv_mod.MAX_ROWS):  # CUDA rows as the layers decide; CPU rows widened
+        if x.is_cuda or x.dtype != w.dtype:
+            return cuda_fits(x, w, max_rows)
+        if torch.compiler.is_compiling():
+            return gemv_mod.one_token_rows(x)
+        return x.numel() <= max_rows * x.shape[-1]
 
-        monkeypatch.setattr(linear_mod, "fits", fits)
+    monkeypatch.setattr(linear_mod, "fits", fits)
+    monkeypatch.setattr(gemv_mod, "tuned_choice",
+                        lambda x, *a: cuda_choice(x, *a) if x.is_cuda else (32, 64, 1, 1))
     return log
 
 
@@ -183,14 +184,20 @@ def test_compiled_decode_with_fusion_gives_the_eager_tokens(launches):
                                 compile_model=True, compile_scope="layers")
     runner._set_compiled(True, "aot_eager")
     eager = DecodeWindowRunner(plain, _cache(plain), "paged", max_steps=3, graph_batch_sizes=None)
-    outs = []
-    for r in (runner, eager):
-        ids = [0, 1]
-        for i in ids:
-            r.cache.add(i)
-        r.cache.prepare_decode_window(ids, [3, 3])
-        outs.append(r.run([DecodeRow(i, 5 + i, 0, 3, SamplingParams(max_new_tokens=3), 0) for i in ids]))
-    assert outs[0] == outs[1] and len({t for row in outs[0] for t in row}) > 2  # varied tokens
-    assert _traces() == 4  # as without fusion: the layer's two halves, the step's inputs, its bookkeeping
+    for batch in (4, 2):  # the cache's most rows (the kernel's unfused path in the op), then the kernel's two
+        outs = []
+        for r in (runner, eager):
+            ids = [(batch, i) for i in range(batch)]
+            for i in ids:
+                r.cache.add(i)
+            r.cache.prepare_decode_window(ids, [3] * batch)
+            outs.append(r.run([DecodeRow(i, 5 + k, 0, 3, SamplingParams(max_new_tokens=3), 0)
+                               for k, i in enumerate(ids)]))
+            for i in ids:
+                r.cache.free(i)
+        assert outs[0] == outs[1] and len({t for row in outs[0] for t in row}) > 2, batch  # varied tokens
+    # as without fusion (tests/runtime/test_compile_counts.py): the layer's two halves, the step's inputs, its
+    # bookkeeping, one symbolic-batch trace each
+    assert _traces() == 4
     assert ("linear", ("norm_weight",)) in launches and ("swiglu", ("residual",)) in launches
     torch._dynamo.reset()

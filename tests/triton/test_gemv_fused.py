@@ -20,6 +20,7 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 SMALL_BLOCKS = (4, 32, 1, 1)  # interpreter speed: every program is Python
 EPS = 1e-5
+FUSION_ARGS = ("norm_weight", "residual", "residual_scale")  # what a launch fused (eps and out_shape aside)
 
 
 def _launch(x, w, b=None, silu_mul=False, **fusion):
@@ -172,7 +173,7 @@ def test_a_fused_call_takes_the_kernel_where_the_table_chose_cublas(monkeypatch)
     launched, launch = [], gemv_mod._launch
 
     def counted(x, weight, bias, silu_mul, blocks=None, **fusion):
-        launched.append((blocks, sorted(k for k, v in fusion.items() if v is not None and k != "eps")))
+        launched.append((blocks, sorted(k for k, v in fusion.items() if v is not None and k in FUSION_ARGS)))
         return launch(x, weight, bias, silu_mul, blocks, **fusion)
 
     monkeypatch.setattr(gemv_mod, "_launch", counted)
@@ -194,7 +195,7 @@ def test_compiled_fused_op_serves_every_row_count_from_one_graph(monkeypatch):
     launches, launch = [], gemv_mod._launch
 
     def counted(*a, **fusion):
-        launches.append(sorted(k for k, v in fusion.items() if v is not None and k != "eps"))
+        launches.append(sorted(k for k, v in fusion.items() if v is not None and k in FUSION_ARGS))
         return launch(*a, **fusion)
 
     monkeypatch.setattr(gemv_mod, "_launch", counted)
