@@ -171,9 +171,8 @@ def test_a_row_parallel_layer_never_fuses_and_adds_the_residual_after_its_all_re
 def test_compiled_decode_with_fusion_gives_the_eager_tokens(launches):
     """The engine's compiled decode (scope "layers": each layer's halves around the attention op) with fuse_norm:
     the fused op calls trace into one graph per half, and the tokens equal an eager, unfused decode."""
-    from fms.runtime.decode import DecodeRow, DecodeWindowRunner
-    from fms.runtime.sampling_params import SamplingParams
-    from tests.runtime.test_compile_counts import _cache, _traces
+    from fms.runtime.decode import DecodeWindowRunner
+    from tests.runtime.test_compile_counts import _cache, _traces, _windows_equal_eager
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -183,19 +182,8 @@ def test_compiled_decode_with_fusion_gives_the_eager_tokens(launches):
     runner = DecodeWindowRunner(fused, _cache(fused), "paged", max_steps=3, graph_batch_sizes=None,
                                 compile_model=True, compile_scope="layers")
     runner._set_compiled(True, "aot_eager")
-    eager = DecodeWindowRunner(plain, _cache(plain), "paged", max_steps=3, graph_batch_sizes=None)
-    for batch in (4, 2):  # the cache's most rows (the kernel's unfused path in the op), then the kernel's two
-        outs = []
-        for r in (runner, eager):
-            ids = [(batch, i) for i in range(batch)]
-            for i in ids:
-                r.cache.add(i)
-            r.cache.prepare_decode_window(ids, [3] * batch)
-            outs.append(r.run([DecodeRow(i, 5 + k, 0, 3, SamplingParams(max_new_tokens=3), 0)
-                               for k, i in enumerate(ids)]))
-            for i in ids:
-                r.cache.free(i)
-        assert outs[0] == outs[1] and len({t for row in outs[0] for t in row}) > 2, batch  # varied tokens
+    # the cache's most rows (the op's unfused path), then the kernel's two; the eager runner runs the unfused model
+    _windows_equal_eager(fused, runner, (4, 2), eager_model=plain)
     # as without fusion (tests/runtime/test_compile_counts.py): the layer's two halves, the step's inputs, its
     # bookkeeping, one symbolic-batch trace each
     assert _traces() == 4

@@ -47,9 +47,11 @@ def test_decode_windows_of_the_full_batch_then_fewer_rows_trace_each_function_on
     assert _traces() == 3
 
 
-def _windows_equal_eager(model, runner, batches):
-    """A window of each batch size on runner and on an eager runner over its own cache: the same tokens."""
-    eager = DecodeWindowRunner(model, _cache(model), "paged", max_steps=3, graph_batch_sizes=None)
+def _windows_equal_eager(model, runner, batches, eager_model=None):
+    """A window of each batch size on runner and on an eager runner over its own cache (of eager_model, default
+    the same model): the same tokens."""
+    eager_model = eager_model or model
+    eager = DecodeWindowRunner(eager_model, _cache(eager_model), "paged", max_steps=3, graph_batch_sizes=None)
     for batch in batches:
         outs = []
         for r in (runner, eager):
