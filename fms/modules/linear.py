@@ -8,12 +8,7 @@ from torch import nn
 
 from fms.modules.kernel_config import KernelConfig, check_kernel_config
 from fms.modules.layernorm import RMSNorm
-from fms.triton.gemv import fits, gemv
-
-
-def add_residual(y: torch.Tensor, residual: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """residual + scale * y, as a pre-norm block adds a sublayer's output (y where residual is None)."""
-    return y if residual is None else residual + scale * y
+from fms.triton.gemv import add_residual, fits, gemv
 
 
 def swiglu_down(gate_up: torch.Tensor, down: "Linear") -> torch.Tensor:

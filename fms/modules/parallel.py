@@ -16,8 +16,8 @@ from torch import nn
 
 from fms.distributed.group import TensorParallel
 from fms.distributed.sharding import TensorShard, set_shards, split_range
-from fms.modules.linear import Linear, add_residual
-from fms.triton.gemv import fits, gemv
+from fms.modules.linear import Linear
+from fms.triton.gemv import add_residual, fits, gemv
 
 
 def column_parallel(in_features: int, pieces: tuple[tuple[int, int], ...], full_out_features: int,

@@ -212,10 +212,11 @@ def gemv_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if silu_mul:
         gate, up = x.split(x.shape[-1] // 2, dim=-1)
         x = F.silu(gate.float()).mul(up.float()).to(x.dtype)
-    return _add_residual(F.linear(x, weight, bias), residual, residual_scale)
+    return add_residual(F.linear(x, weight, bias), residual, residual_scale)
 
 
-def _add_residual(y: torch.Tensor, residual: torch.Tensor | None, scale: float) -> torch.Tensor:
+def add_residual(y: torch.Tensor, residual: torch.Tensor | None, scale: float = 1.0) -> torch.Tensor:
+    """residual + scale * y, as a pre-norm block adds a sublayer's output (y where residual is None)."""
     if residual is None:
         return y
     return residual + (y if scale == 1.0 else scale * y)  # a product by 1.0 is exact: skip its kernel
@@ -330,7 +331,7 @@ def _rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             else rms_norm_reference(rows, norm_weight, eps)
     elif silu_mul:
         rows = silu_mul_rows(rows.contiguous())
-    return _add_residual(F.linear(rows.view(*lead, rows.shape[-1]), weight, bias), residual, residual_scale)
+    return add_residual(F.linear(rows.reshape(*lead, rows.shape[-1]), weight, bias), residual, residual_scale)
 
 
 @torch.library.custom_op("fms::gemv", mutates_args=())
