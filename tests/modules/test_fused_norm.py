@@ -52,10 +52,10 @@ def launches(monkeypatch):
     return log
 
 
-def _pair(arch, variant, **kw):
-    models = [get_model(arch, variant, device_type=DEVICE, data_type="fp32", seed=3,
-                        kernels=KernelConfig(fuse_norm=fuse), **kw) for fuse in (False, True)]
-    return models
+def _pair(arch, variant):
+    """The same model (weights from one seed) without and with fuse_norm."""
+    return [get_model(arch, variant, device_type=DEVICE, data_type="fp32", seed=3, kernels=KernelConfig(fuse_norm=fuse))
+            for fuse in (False, True)]
 
 
 # per attention layer with SwiGLU: qkv with the norm, attention output with the residual, gate|up with the norm,

@@ -67,10 +67,19 @@ def weight(n, k):
 W = [dict(qkv=weight(qkv_rows, hidden), o=weight(hidden, hidden), gate_up=weight(2 * inter, hidden),
           down=weight(hidden, inter), ln=1 + 0.1 * torch.randn(hidden, device=dev, dtype=dtype),
           ff_ln=1 + 0.1 * torch.randn(hidden, device=dev, dtype=dtype)) for _ in range(layers)]
+def _add_norm(x, y, g):
+    h = x + y
+    return h, rms_norm_reference(h, g, eps)
+
+
+def _add(x, y):
+    return x + y
+
+
 compile_ = (lambda f: f) if args.device == "cpu" else (lambda f: torch.compile(f, dynamic=False))
-norm = compile_(rms_norm_reference)
-add_norm = compile_(lambda x, y, g: (lambda h: (h, rms_norm_reference(h, g, eps)))(x + y))
-add = compile_(lambda x, y: x + y)
+norm = compile_(rms_norm_reference)  # inductor's kernels, as the engine's compiled layers run them
+add_norm = compile_(_add_norm)
+add = compile_(_add)
 gemv = gemv_mod.gemv
 
 
