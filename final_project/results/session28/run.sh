@@ -9,6 +9,8 @@
 #   part F (~220 s): the same, FMS_FUSE_NORM=1 then 0 (the other order)
 #   part g (~105 s): Granite-4.0-H-1B cold start-up, three fresh processes (bench_startup.py)
 #   part P (~70 s): session 27's prefill_ab.py on .wA then .gpu
+#   part c (~240 s): checkpoint load rate (GB/s): a bf16 safetensors checkpoint written by bench_startup.py, then a
+#     cold (page cache dropped) and a warm start from it; Llama-3.2-1B, then Llama-3.1-8B
 set -u
 FINAL=${1:?final out dir}; PART=${2:?part}
 OUT=/tmp/raw_$PART; mkdir -p "$OUT"
@@ -35,6 +37,11 @@ case $PART_ in
     for run in wA1 gpu1; do
       TREE=.${run%?} step prefill_ab_$run 75 python3 ../final_project/results/session27/prefill_ab.py \
         "$OUT/prefill_ab_$run.json" 8
+    done ;;
+  c)
+    for model in llama:3.2-1b llama:3.1-8b; do
+      step startup_ckpt_${model#llama:} 200 python3 scripts/bench_startup.py --models $model --checkpoint \
+        --checkpoint-dir /tmp/ckpt --runs cold,warm --timeout 120 --output "$OUT/startup_ckpt_${model#llama:}.json"
     done ;;
   *) echo "unknown part $PART_"; exit 2 ;;
 esac
