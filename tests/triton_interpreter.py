@@ -23,3 +23,23 @@ def patch_interpreter_for_numpy_2_4():
     patched.fms_patched = True
     interpreter._patch_lang_tensor = patched
 
+
+
+def fits_cpu_rows(cuda_fits):
+    """A stand-in for fms.triton.gemv.fits: CUDA rows as cuda_fits decides; CPU rows of the weight's dtype, under
+    Triton's interpreter, fit as CUDA rows would (at most max_rows rows eagerly, one token per row when compiled),
+    so that the GEMV kernel runs there."""
+    import os
+
+    import torch
+
+    from fms.triton import gemv as gemv_mod
+
+    def fits(x, w, max_rows=gemv_mod.MAX_ROWS):
+        if x.is_cuda or x.dtype != w.dtype or os.environ.get("TRITON_INTERPRET") != "1":
+            return cuda_fits(x, w, max_rows)
+        if torch.compiler.is_compiling():
+            return gemv_mod.one_token_rows(x)
+        return x.numel() <= max_rows * x.shape[-1]
+
+    return fits

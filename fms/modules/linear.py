@@ -37,7 +37,7 @@ class Linear(nn.Linear):
         """residual + residual_scale * self(norm(x)), each part optional (KernelConfig.fuse_norm: a block's norm
         before a projection, its residual add after one). Rows the GEMV kernel takes run as one kernel when the
         norm is an RMSNorm; anything else runs this expression as written."""
-        if norm is None and residual is None:
+        if norm is None and residual is None:  # nothing to fuse (an unfused block's projection): one fits() check
             return self(x)
         if self._fusable(x, residual) and (norm is None or (isinstance(norm, RMSNorm)
                                                             and norm.weight.dtype == x.dtype)):
@@ -52,8 +52,8 @@ class Linear(nn.Linear):
         residual where given; one fused kernel for up to MAX_ROWS CUDA rows when the kernel config allows the GEMV
         kernel. A method so that a row-parallel layer adds its all-reduce."""
         if self._fusable(gate_up, residual):
-            fused = {} if residual is None else dict(residual=residual, residual_scale=residual_scale)
-            return gemv(gate_up, self.weight, self.bias, silu_mul=True, max_rows=self.kernels.gemv_rows, **fused)
+            return gemv(gate_up, self.weight, self.bias, silu_mul=True, max_rows=self.kernels.gemv_rows,
+                        residual=residual, residual_scale=residual_scale)
         gate, up = gate_up.split(gate_up.shape[-1] // 2, dim=-1)
         return add_residual(self(F.silu(gate) * up), residual, residual_scale)
 

@@ -273,8 +273,6 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, si
                          f"{tuple(weight.shape)}{' (silu_mul: [gate | up])' if silu_mul else ''}, "
                          f"got x of shape {tuple(x.shape)}")
     m = x.shape[0]
-    if norm_weight is not None and silu_mul:
-        raise ValueError("gemv fuses an RMSNorm of x or a SwiGLU of x, not both (norm_weight with silu_mul=True)")
     if norm_weight is not None and norm_weight.shape != (k,):
         raise ValueError(f"gemv's norm_weight must have shape ({k},) for a weight of shape {tuple(weight.shape)}, "
                          f"got {tuple(norm_weight.shape)}")
@@ -323,9 +321,8 @@ def _rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         if fused and choice == CUBLAS:
             choice = BLOCKS
     if choice is not None and choice != CUBLAS:
-        fusion = {} if not fused else dict(norm_weight=norm_weight, eps=eps, residual=residual,
-                                           residual_scale=residual_scale)
-        return _launch(rows, weight, bias, silu_mul, choice, **fusion, out_shape=(*lead, weight.shape[0]))
+        return _launch(rows, weight, bias, silu_mul, choice, norm_weight=norm_weight, eps=eps, residual=residual,
+                       residual_scale=residual_scale, out_shape=(*lead, weight.shape[0]))
     if norm_weight is not None:
         rows = rms_norm_rows(rows, norm_weight, eps) if can_run_triton(rows.device) \
             else rms_norm_reference(rows, norm_weight, eps)

@@ -7,8 +7,6 @@ On CPU the kernel runs in Triton's interpreter: `fits` (CUDA rows only) is widen
 as in tests/modules/test_kernel_config.py, and every launch is logged with what it fused.
 """
 
-import os
-
 import pytest
 import torch
 
@@ -18,10 +16,10 @@ from fms.models import get_model
 from fms.modules import linear as linear_mod
 from fms.modules.kernel_config import KernelConfig
 from fms.triton import gemv as gemv_mod
+from tests.triton_interpreter import fits_cpu_rows
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # tests/conftest.py sets it where there is no CUDA
 ATOL, RTOL = 1e-4, 1e-4  # fp32 logits through the kernel and through F.linear (sums in another order)
 
 
@@ -37,16 +35,8 @@ def launches(monkeypatch):
         return launch(x, weight, bias, silu_mul, blocks, **fusion)
 
     monkeypatch.setattr(gemv_mod, "_launch", logged)
-    cuda_fits, cuda_choice = linear_mod.fits, gemv_mod.tuned_choice
-
-    def fits(x, w, max_rows=gemv_mod.MAX_ROWS):  # CUDA rows as the layers decide; CPU rows widened (interpreter)
-        if x.is_cuda or x.dtype != w.dtype or not INTERPRETED:
-            return cuda_fits(x, w, max_rows)
-        if torch.compiler.is_compiling():
-            return gemv_mod.one_token_rows(x)
-        return x.numel() <= max_rows * x.shape[-1]
-
-    monkeypatch.setattr(linear_mod, "fits", fits)
+    cuda_choice = gemv_mod.tuned_choice
+    monkeypatch.setattr(linear_mod, "fits", fits_cpu_rows(linear_mod.fits))
     monkeypatch.setattr(gemv_mod, "tuned_choice",
                         lambda x, *a: cuda_choice(x, *a) if x.is_cuda else (32, 64, 1, 1))
     return log

@@ -131,10 +131,10 @@ def gemv_launches(monkeypatch):
     pytest.importorskip("triton", reason="triton is not installed; the GEMV kernel needs it")
     launches = []
 
-    def launch(x, w, b=None, silu_mul=False, max_rows=gemv_mod.MAX_ROWS):
+    def launch(x, w, b=None, silu_mul=False, max_rows=gemv_mod.MAX_ROWS, **fusion):
         launches.append("swiglu_down" if silu_mul else "linear")
         # fewer, larger programs than the tuned blocks: every program is Python in the interpreter
-        return gemv_mod.gemv(x, w, b, silu_mul, None if x.is_cuda else (32, 64, 1, 1), max_rows=max_rows)
+        return gemv_mod.gemv(x, w, b, silu_mul, None if x.is_cuda else (32, 64, 1, 1), max_rows=max_rows, **fusion)
 
     monkeypatch.setattr(linear_mod, "gemv", launch)
     if not torch.cuda.is_available():

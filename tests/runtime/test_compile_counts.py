@@ -130,12 +130,12 @@ def test_gemv_kernel_in_the_lm_head_does_not_retrace_sampling(monkeypatch):
         pytest.skip("runs the GEMV kernel on CPU rows, in Triton's interpreter (set on machines without CUDA)")
     from fms.modules import linear as linear_mod
     from fms.triton import gemv as gemv_mod
+    from tests.triton_interpreter import fits_cpu_rows
 
     launched, launch = [], gemv_mod._launch
     monkeypatch.setattr(gemv_mod, "_launch", lambda *a, **k: launched.append(1) or launch(*a, **k))
     monkeypatch.setattr(gemv_mod, "tuned_choice", lambda *a: (32, 64, 1, 1))
-    monkeypatch.setattr(linear_mod, "fits", lambda x, w, max_rows=2: x.dtype == w.dtype and (
-        gemv_mod.one_token_rows(x) if torch.compiler.is_compiling() else x.numel() <= max_rows * x.shape[-1]))
+    monkeypatch.setattr(linear_mod, "fits", fits_cpu_rows(linear_mod.fits))
     assert _layered_decode(2) > 0
     assert launched  # the head's two rows (and the op's, in the layers) went through the kernel
 

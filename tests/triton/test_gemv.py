@@ -125,9 +125,9 @@ def kernel_launches(monkeypatch):
 
     launches = []
 
-    def launch(x, w, b=None, silu_mul=False, max_rows=gemv_mod.MAX_ROWS):
+    def launch(x, w, b=None, silu_mul=False, max_rows=gemv_mod.MAX_ROWS, **fusion):
         launches.append(silu_mul)
-        return gemv_mod.gemv(x, w, b, silu_mul, None if CUDA else SMALL_BLOCKS, max_rows=max_rows)
+        return gemv_mod.gemv(x, w, b, silu_mul, None if CUDA else SMALL_BLOCKS, max_rows=max_rows, **fusion)
 
     monkeypatch.setattr(linear_mod, "gemv", launch)
     if not CUDA:

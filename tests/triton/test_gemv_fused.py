@@ -15,6 +15,7 @@ pytest.importorskip("triton", reason="triton is not installed; the GEMV kernel n
 
 from fms.triton import gemv as gemv_mod
 from fms.triton.rmsnorm import rms_norm_reference, rms_norm_rows
+from tests.triton.test_gemv import _reference64
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -28,16 +29,12 @@ def _launch(x, w, b=None, silu_mul=False, **fusion):
 
 
 def _exact(x, w, b=None, silu_mul=False, g=None, eps=EPS, residual=None, scale=1.0):
-    """The fused expression in float64 with no intermediate rounding."""
+    """The fused expression in float64 with no intermediate rounding: the norm, then tests/triton/test_gemv.py's
+    float64 product, then the residual."""
     x = x.double()
     if g is not None:
         x = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * g.double()
-    if silu_mul:
-        gate, up = x.chunk(2, dim=-1)
-        x = gate * torch.sigmoid(gate) * up
-    y = x @ w.double().T
-    if b is not None:
-        y = y + b.double()
+    y = _reference64(x, w, b, silu_mul)
     return y if residual is None else residual.double() + scale * y
 
 
