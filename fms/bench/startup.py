@@ -482,6 +482,25 @@ def build_model(spec: dict, device):
                      init_on_device=True)
 
 
+def _time_weight_reads(synchronize) -> list[float]:
+    """Seconds of each load_hf_checkpoint call from here on (until the device is idle), appended to the list
+    returned: the part of get_model that reads the files into the model, without building it or starting CUDA."""
+    from fms.utils import serialization
+
+    seconds, load = [], serialization.load_hf_checkpoint
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return load(*args, **kwargs)
+        finally:
+            synchronize()
+            seconds.append(time.perf_counter() - start)
+
+    serialization.load_hf_checkpoint = timed
+    return seconds
+
+
 def _child(spec: dict) -> int:
     entry = time.time()  # first, so that process_start is the interpreter's own start-up
     stack_file = open(spec["stack_file"], "w")  # noqa: SIM115 - open until the process ends
@@ -515,6 +534,7 @@ def _child(spec: dict) -> int:
 
     checkpoint = spec.get("checkpoint")
     record["weights"] = "checkpoint" if checkpoint else "random"
+    read_s = _time_weight_reads(synchronize) if checkpoint else None
     start = phases.start("get_model")
     model = build_model(spec, device)
     synchronize()
@@ -522,6 +542,8 @@ def _child(spec: dict) -> int:
     if checkpoint:
         record["checkpoint_bytes"] = checkpoint["bytes"]
         record["load_gb_per_s"] = checkpoint["bytes"] / (end - start) / GB
+        record["weights_read_s"] = sum(read_s)
+        record["weights_read_gb_per_s"] = checkpoint["bytes"] / sum(read_s) / GB
     peak_memory()
     record["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     phases.done("get_model", start, end)
@@ -694,6 +716,8 @@ def startup_table(rows: list[dict]) -> str:
             table.append(["", label, *cells(lambda r: r.get("phases_s", {}).get(f"{phase}_s"))])
             if phase == "get_model" and "checkpoint" in row:
                 table.append(["", "  load GB/s", *cells(lambda r: r.get("load_gb_per_s"))])
+                table.append(["", "  weights read s", *cells(lambda r: r.get("weights_read_s"))])
+                table.append(["", "  weights read GB/s", *cells(lambda r: r.get("weights_read_gb_per_s"))])
                 table.append(["", "  checkpoint page-cached at start",
                               *cells(lambda r: r.get("checkpoint_page_cache", {}).get("resident_fraction_at_start"))])
             if phase == "engine":

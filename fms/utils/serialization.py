@@ -3,10 +3,10 @@
 Each architecture registers rules `(our parameter regex, [HF name templates], transform)`; several HF
 tensors listed for one parameter fill its rows along dim 0 in order (e.g. gate_proj + up_proj -> fused), each
 checked first against the rows the config gives it. Every tensor's shape is checked from the file
-headers before any weight is copied, and no file outside the checkpoint folder is read. Tensors are read
-straight onto the parameters' device (safetensors' safe_open(device=...); for a CUDA model safetensors 0.8
-copies file -> pinned buffer -> GPU, one tensor at a time) and converted to the parameter's dtype there, not
-through a CPU copy of the model.
+headers before any weight is copied, and no file outside the checkpoint folder is read. Tensors go to the
+parameters' device without a CPU copy of the model: for a CUDA model each is read from safetensors' memory map into
+a ring of pinned host buffers and copied to the GPU asynchronously (_HostStaging), so that reading the file and the
+transfer overlap; it is converted to the parameter's dtype there.
 """
 
 import json
@@ -184,10 +184,73 @@ def checkpoint_index(model_path: str | Path) -> dict[str, Path]:
     return files
 
 
-class _Reader:
-    """Opens each shard once and hands out tensors on `device` (or just their shapes, from the header) by name."""
+STAGING_SLOT_BYTES = 64 << 20
+STAGING_SLOTS = 4
 
-    def __init__(self, files: dict[str, Path], strip_prefixes: tuple[str, ...] = (), device: str = "cpu"):
+
+class _HostStaging:
+    """Moves CPU tensors (views of a checkpoint's memory map) to `device` through a ring of host buffers (pinned for
+    a GPU): each piece of at most slot_bytes is copied into the next free slot (torch's CPU copy, which reads the
+    file's pages on several threads), then to the device without waiting; a slot is reused once its last transfer
+    has finished. Reading the next piece thus overlaps the transfer of the one before.
+
+    Ours because safetensors reads a tensor for a GPU as one pageable host tensor copied to the device while the
+    host waits (safe_open(device="cuda")): reading and transfer never overlap, and the driver stages pageable memory
+    through its own small buffers. Session 29 measured that path at 0.45-2.4 GB/s on an H100
+    (final_project/README.md, section 20)."""
+
+    def __init__(self, device: str, slot_bytes: int = STAGING_SLOT_BYTES, num_slots: int = STAGING_SLOTS):
+        if slot_bytes < 1 or num_slots < 1:
+            raise ValueError(f"slot_bytes and num_slots must be >= 1, got {slot_bytes}, {num_slots}")
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.slot_bytes, self.num_slots = slot_bytes, num_slots
+        self.slots: list[torch.Tensor] = []  # allocated at the first transfer
+        self.done = [None] * num_slots  # the CUDA event after each slot's last transfer
+        self.next = 0
+        self.bytes = 0
+
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A copy of the CPU tensor t on the device (issued; ordered before later work on the current stream)."""
+        if not self.slots:
+            self.slots = [torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=self.cuda)
+                          for _ in range(self.num_slots)]
+        out = torch.empty(t.shape, dtype=t.dtype, device=self.device)
+        src = t.contiguous().reshape(-1).view(torch.uint8)
+        dst = out.reshape(-1).view(torch.uint8)
+        for start in range(0, src.numel(), self.slot_bytes):
+            n = min(self.slot_bytes, src.numel() - start)
+            i, self.next = self.next, (self.next + 1) % self.num_slots
+            if self.done[i] is not None:
+                self.done[i].synchronize()
+            slot = self.slots[i][:n]
+            slot.copy_(src[start:start + n])
+            dst[start:start + n].copy_(slot, non_blocking=self.cuda)
+            if self.cuda:
+                self.done[i] = torch.cuda.Event()
+                self.done[i].record()
+        self.bytes += src.numel()
+        return out
+
+    def finish(self) -> None:
+        """Wait for every transfer still reading a slot."""
+        for event in self.done:
+            if event is not None:
+                event.synchronize()
+        self.done = [None] * self.num_slots
+
+
+def _staging_for(device: str) -> "_HostStaging | None":
+    """The staging a reader for this device uses: pinned buffers for a GPU, none on the CPU."""
+    return _HostStaging(device) if device.startswith("cuda") else None
+
+
+class _Reader:
+    """Opens each shard once and hands out tensors on `device` (or just their shapes, from the header) by name;
+    through `staging` when given (files opened on the CPU, tensors moved by the staging's ring of buffers)."""
+
+    def __init__(self, files: dict[str, Path], strip_prefixes: tuple[str, ...] = (), device: str = "cpu",
+                 staging: _HostStaging | None = None):
         self._stored = {}  # name the rules use -> name in the file
         for stored in files:
             name = next((stored[len(p):] for p in strip_prefixes if stored.startswith(p)), stored)
@@ -196,6 +259,7 @@ class _Reader:
             self._stored[name] = stored
         self.files = {name: files[stored] for name, stored in self._stored.items()}
         self.device = device
+        self.staging = staging
         self._open = {}
 
     def _read(self, name: str, what: Callable):
@@ -203,14 +267,17 @@ class _Reader:
 
         file = self.files[name]
         if file not in self._open:
-            self._open[file] = _open_safetensors(file, self.device)
+            self._open[file] = _open_safetensors(file, "cpu" if self.staging is not None else self.device)
         try:
             return what(self._open[file], self._stored[name])
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"cannot read tensor {self._stored[name]!r} from {file}: {err}") from err
 
+    def _moved(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.staging is None else self.staging.to_device(t)
+
     def get(self, name: str) -> torch.Tensor:
-        return self._read(name, lambda f, stored: f.get_tensor(stored))
+        return self._moved(self._read(name, lambda f, stored: f.get_tensor(stored)))
 
     def shape(self, name: str) -> list[int]:
         return self._read(name, lambda f, stored: list(f.get_slice(stored).get_shape()))
@@ -218,7 +285,7 @@ class _Reader:
     def get_range(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
         """tensor[start:stop] along dim 0 or 1, reading only those bytes (a tensor-parallel rank's slice)."""
         index = (slice(start, stop),) if dim == 0 else (slice(None), slice(start, stop))
-        return self._read(name, lambda f, stored: f.get_slice(stored)[index])
+        return self._moved(self._read(name, lambda f, stored: f.get_slice(stored)[index]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,10 +389,19 @@ def load_hf_checkpoint(model: nn.Module, model_path: str | Path, architecture: s
     fms.distributed.sharding) reads only its own slice of each split tensor."""
     if architecture not in _RULES:
         raise CheckpointError(f"no checkpoint rules for architecture {architecture!r}; known: {sorted(_RULES)}")
-    rules, ignore = _RULES[architecture]
     params = _parameters(model)
-    reader = _Reader(checkpoint_index(model_path), _OPTIONAL_PREFIXES.get(architecture, ()),
-                     _read_device(params.values()))
+    device = _read_device(params.values())
+    reader = _Reader(checkpoint_index(model_path), _OPTIONAL_PREFIXES.get(architecture, ()), device,
+                     _staging_for(device))
+    try:
+        _load(model, model_path, architecture, reader, params)
+    finally:  # transfers still reading pinned buffers finish before the buffers can be freed
+        if reader.staging is not None:
+            reader.staging.finish()
+
+
+def _load(model: nn.Module, model_path, architecture: str, reader: _Reader, params: dict[str, torch.Tensor]) -> None:
+    rules, ignore = _RULES[architecture]
     plan = {}
     missing = []
     for name, param in params.items():

@@ -291,6 +291,9 @@ def test_checkpoint_mode_times_the_load_of_the_written_weights(tmp_path, capsys)
         assert run["status"] == "ok" and run["weights"] == "checkpoint"
         assert run["checkpoint_bytes"] == _safetensors_sizes(folder)
         assert run["load_gb_per_s"] == pytest.approx(run["checkpoint_bytes"] / run["phases_s"]["get_model_s"] / 1e9)
+        # the files' read alone: part of get_model, and its own rate
+        assert 0 < run["weights_read_s"] < run["phases_s"]["get_model_s"]
+        assert run["weights_read_gb_per_s"] == pytest.approx(run["checkpoint_bytes"] / run["weights_read_s"] / 1e9)
         assert 0.0 <= run["checkpoint_page_cache"]["resident_fraction_at_start"] <= 1.0
     assert row["runs"]["cold"]["checkpoint_page_cache"]["dropped_before_start"] is True
     warm = row["runs"]["warm"]["checkpoint_page_cache"]

@@ -152,19 +152,135 @@ def test_parameters_on_several_devices_are_read_on_the_cpu():
         assert _read_device([torch.zeros(1, device="cuda")]) == f"cuda:{torch.cuda.current_device()}"
 
 
+@pytest.fixture
+def stagings(monkeypatch):
+    """Every _HostStaging the loader makes, in order (the real one for its device)."""
+    from fms.utils import serialization
+
+    made = []
+    real = serialization._staging_for
+
+    def spy(device):
+        staging = real(device)
+        made.append(staging)
+        return staging
+
+    monkeypatch.setattr(serialization, "_staging_for", spy)
+    return made
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: checks the weights are read onto it")
 @pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16])
-def test_a_cuda_model_reads_its_weights_onto_the_gpu(tmp_path, opened_on, model_dtype):
-    path = str(write_checkpoint(tmp_path, hf_tensors(), shards=3))
+def test_a_cuda_model_reads_its_weights_onto_the_gpu(tmp_path, opened_on, stagings, model_dtype):
+    tensors = hf_tensors()
+    path = str(write_checkpoint(tmp_path, tensors, shards=3))
     model = get_model("hf_pretrained", model_path=path, device_type="cuda", data_type=model_dtype)
-    gpu = f"cuda:{torch.cuda.current_device()}"
-    assert opened_on == [gpu] * 3  # each shard opened once, for the GPU: no CPU copy of the weights
+    # each shard memory-mapped once; every byte through the pinned ring once: no CPU copy of the model
+    assert opened_on == ["cpu"] * 3
+    (staging,) = stagings
+    assert staging.bytes == tensor_bytes(tensors) and all(slot.is_pinned() for slot in staging.slots)
     assert all(p.device.type == "cuda" for p in model.parameters())
     assert all(b.device.type == "cuda" for b in model.buffers())
     on_cpu = dict(get_model("hf_pretrained", model_path=path, data_type=model_dtype).named_parameters())
     for name, param in model.named_parameters():
         assert param.dtype == model_dtype and torch.equal(param.cpu(), on_cpu[name]), name
+
+
+def small_staging(monkeypatch, slot_bytes=40, num_slots=2):
+    """Make the loader on the CPU go through a ring of `num_slots` buffers of `slot_bytes` (the GPU path's staging,
+    with every tensor larger than a slot cut into pieces and the ring wrapping around many times)."""
+    from fms.utils import serialization
+
+    made = []
+
+    def staging_for(device):
+        made.append(serialization._HostStaging(device, slot_bytes, num_slots))
+        return made[-1]
+
+    monkeypatch.setattr(serialization, "_staging_for", staging_for)
+    return made
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+@pytest.mark.parametrize("file_dtype, model_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                                     (torch.float16, torch.bfloat16)])
+def test_weights_through_the_staging_ring_are_the_file_tensors(tmp_path, monkeypatch, shards, file_dtype,
+                                                               model_dtype):
+    made = small_staging(monkeypatch)
+    tensors = {n: t.to(file_dtype) for n, t in hf_tensors().items()}
+    model = get_model("hf_pretrained", model_path=str(write_checkpoint(tmp_path, tensors, shards=shards)),
+                      data_type=model_dtype)
+    params = dict(model.named_parameters())
+    for name, sources in SOURCES.items():
+        expected = torch.cat([tensors[s] for s in sources]).to(model_dtype)
+        assert params[name].dtype == model_dtype and torch.equal(params[name], expected), name
+    (staging,) = made
+    assert staging.bytes == tensor_bytes(tensors)  # each file tensor read once
+
+
+@pytest.mark.parametrize("slot_bytes, num_slots", [(1, 1), (3, 2), (7, 3), (1 << 20, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.uint8, torch.bool])
+def test_host_staging_copies_every_byte(slot_bytes, num_slots, dtype):
+    from fms.utils.serialization import _HostStaging
+
+    staging = _HostStaging("cpu", slot_bytes, num_slots)
+    g = torch.Generator().manual_seed(1)
+    base = (torch.randn(5, 7, generator=g) * 100).to(dtype)
+    cases = [base, base.T, base[1:4, ::2], base[0, 0], base[:0], base.reshape(35)]
+    for t in cases:
+        out = staging.to_device(t)
+        assert out.shape == t.shape and out.dtype == dtype and torch.equal(out, t)
+        assert out.data_ptr() != t.data_ptr() or t.numel() == 0
+    assert staging.bytes == sum(t.numel() * t.element_size() for t in cases)
+
+
+@pytest.mark.parametrize("slot_bytes, num_slots", [(0, 2), (8, 0), (-1, -1)])
+def test_host_staging_refuses_empty_rings(slot_bytes, num_slots):
+    from fms.utils.serialization import _HostStaging
+
+    with pytest.raises(ValueError, match=f"got {slot_bytes}, {num_slots}"):
+        _HostStaging("cpu", slot_bytes, num_slots)
+
+
+def test_slices_through_the_staging_ring_are_the_file_slices(tmp_path):
+    from fms.utils.serialization import _HostStaging, _Reader, checkpoint_index
+
+    tensors = hf_tensors()
+    reader = _Reader(checkpoint_index(write_checkpoint(tmp_path, tensors)), staging=_HostStaging("cpu", 24, 2))
+    q = tensors["model.layers.0.self_attn.q_proj.weight"]
+    assert torch.equal(reader.get_range("model.layers.0.self_attn.q_proj.weight", 0, 3, 11), q[3:11])
+    assert torch.equal(reader.get_range("model.layers.0.self_attn.q_proj.weight", 1, 5, 13), q[:, 5:13])
+
+
+def test_a_failed_load_waits_for_its_transfers(tmp_path, monkeypatch):
+    # a load that fails after some tensors went through the ring still waits for their transfers (the pinned
+    # buffers must outlive every copy reading them) before the error comes out
+    from fms.utils import serialization
+
+    finished = []
+
+    class Recording(serialization._HostStaging):
+        def finish(self):
+            finished.append(self.bytes)
+            super().finish()
+
+    monkeypatch.setattr(serialization, "_staging_for", lambda device: Recording(device, 40, 2))
+    real_get = serialization._Reader.get
+
+    def get(self, name):
+        if name == "model.norm.weight":  # the final norm: read after every layer's tensors
+            raise CheckpointError("broken norm")
+        return real_get(self, name)
+
+    monkeypatch.setattr(serialization._Reader, "get", get)
+    with pytest.raises(CheckpointError, match="broken norm"):
+        get_model("hf_pretrained", model_path=str(write_checkpoint(tmp_path, hf_tensors())))
+    assert len(finished) == 1 and finished[0] > 0
 
 
 # ---------------------------------------------------------------------------------------------
