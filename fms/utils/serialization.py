@@ -194,10 +194,10 @@ class _HostStaging:
     file's pages on several threads), then to the device without waiting; a slot is reused once its last transfer
     has finished. Reading the next piece thus overlaps the transfer of the one before.
 
-    Ours because safetensors reads a tensor for a GPU as one pageable host tensor copied to the device while the
-    host waits (safe_open(device="cuda")): reading and transfer never overlap, and the driver stages pageable memory
-    through its own small buffers. Session 29 measured that path at 0.45-2.4 GB/s on an H100
-    (final_project/README.md, section 20)."""
+    Ours because safetensors' device reads (safe_open(device="cuda")) hand each tensor over whole: the file read
+    and the transfer of a tensor take turns, and safetensors has no way to read into a buffer we give it. Session 29
+    measured get_model through that path at 0.45-2.4 GB/s on an H100, about 6 GB/s for the read itself
+    (final_project/README.md, section 20); this path is not yet measured on a GPU."""
 
     def __init__(self, device: str, slot_bytes: int = STAGING_SLOT_BYTES, num_slots: int = STAGING_SLOTS):
         if slot_bytes < 1 or num_slots < 1:
@@ -226,9 +226,8 @@ class _HostStaging:
             slot = self.slots[i][:n]
             slot.copy_(src[start:start + n])
             dst[start:start + n].copy_(slot, non_blocking=self.cuda)
-            if self.cuda:
-                self.done[i] = torch.cuda.Event()
-                self.done[i].record()
+            if self.cuda:  # on the stream of the device copied to, which need not be the current device
+                self.done[i] = torch.cuda.current_stream(self.device).record_event()
         self.bytes += src.numel()
         return out
 
