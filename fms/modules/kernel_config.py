@@ -40,7 +40,8 @@ class KernelConfig:
     fuse_norm: a pre-norm block's RMSNorm goes into the GEMV kernel of the projection after it (qkv, gate|up), and
         its residual adds into the epilogue of the one before (attention output, SwiGLU down): three kernels fewer
         per layer for rows the kernel takes (needs gemv). Other rows, tensor-parallel row shards and other norms
-        run the same expression unfused. Off by default: not yet timed on a GPU.
+        run the same expression unfused. Off by default: slower on an H100 at two rows, where batch 1 runs
+        (final_project/README.md, section 20).
     """
 
     gemv: bool = True
