@@ -239,6 +239,19 @@ def test_host_staging_copies_every_byte(slot_bytes, num_slots, dtype):
     assert staging.bytes == sum(t.numel() * t.element_size() for t in cases)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: pinned slots reused under transfers")
+def test_pinned_slots_are_reused_only_after_their_transfer():
+    # 512 pieces through two 64 KB slots: a slot refilled before its last transfer finished would corrupt the copy
+    from fms.utils.serialization import _HostStaging
+
+    staging = _HostStaging("cuda", 1 << 16, 2)
+    t = torch.randint(0, 256, (512 << 16,), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    out = staging.to_device(t.view(torch.float32).reshape(-1, 1024))
+    staging.finish()
+    assert torch.equal(out.cpu().reshape(-1).view(torch.uint8), t)
+
+
 @pytest.mark.parametrize("slot_bytes, num_slots", [(0, 2), (8, 0), (-1, -1)])
 def test_host_staging_refuses_empty_rings(slot_bytes, num_slots):
     from fms.utils.serialization import _HostStaging
