@@ -140,8 +140,8 @@ def _open_safetensors(file: Path, device: str = "cpu"):
 
 
 def _read_device(params) -> str:
-    """Where safetensors reads the tensors for these parameters: their device when they all share one CPU or
-    CUDA device, else the CPU (copy_ then moves each to its parameter)."""
+    """Where the reader puts the tensors for these parameters: their device when they all share one CPU or CUDA
+    device, else the CPU (copy_ then moves each to its parameter)."""
     devices = {p.device for p in params}
     if len(devices) != 1:
         return "cpu"
@@ -245,10 +245,10 @@ def _staging_for(device: str) -> "_HostStaging | None":
 
 
 class _Reader:
-    """Opens each shard once and hands out tensors on `device` (or just their shapes, from the header) by name;
-    through `staging` when given (files opened on the CPU, tensors moved by the staging's ring of buffers)."""
+    """Opens each shard once (a memory map) and hands out its tensors (or just their shapes, from the header) by
+    name: on the CPU, or on the staging's device when given."""
 
-    def __init__(self, files: dict[str, Path], strip_prefixes: tuple[str, ...] = (), device: str = "cpu",
+    def __init__(self, files: dict[str, Path], strip_prefixes: tuple[str, ...] = (),
                  staging: _HostStaging | None = None):
         self._stored = {}  # name the rules use -> name in the file
         for stored in files:
@@ -257,7 +257,6 @@ class _Reader:
                 raise CheckpointError(f"checkpoint holds both {self._stored[name]!r} and {stored!r}")
             self._stored[name] = stored
         self.files = {name: files[stored] for name, stored in self._stored.items()}
-        self.device = device
         self.staging = staging
         self._open = {}
 
@@ -266,7 +265,7 @@ class _Reader:
 
         file = self.files[name]
         if file not in self._open:
-            self._open[file] = _open_safetensors(file, "cpu" if self.staging is not None else self.device)
+            self._open[file] = _open_safetensors(file)
         try:
             return what(self._open[file], self._stored[name])
         except (SafetensorError, OSError) as err:
@@ -389,9 +388,8 @@ def load_hf_checkpoint(model: nn.Module, model_path: str | Path, architecture: s
     if architecture not in _RULES:
         raise CheckpointError(f"no checkpoint rules for architecture {architecture!r}; known: {sorted(_RULES)}")
     params = _parameters(model)
-    device = _read_device(params.values())
-    reader = _Reader(checkpoint_index(model_path), _OPTIONAL_PREFIXES.get(architecture, ()), device,
-                     _staging_for(device))
+    reader = _Reader(checkpoint_index(model_path), _OPTIONAL_PREFIXES.get(architecture, ()),
+                     _staging_for(_read_device(params.values())))
     try:
         _load(model, model_path, architecture, reader, params)
     finally:  # transfers still reading pinned buffers finish before the buffers can be freed
