@@ -12,6 +12,7 @@ from torch import nn
 from fms.models.registry import register_architecture, register_hf_model_type, register_variants
 from fms.models.llama import LLaMA, LlamaConfig, hf_float, hf_int, require_float
 from fms.modules.attention import MultiHeadAttention
+from fms.modules.embedding import Embedding
 from fms.modules.feedforward import GeluMLP
 from fms.utils.serialization import Rule, register_checkpoint_rules
 
@@ -71,7 +72,7 @@ class GPT2(LLaMA):
         super().__init__(config, attn_name)
         self.pos_embedding = None
         if config.has_learned_positions:
-            self.pos_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+            self.pos_embedding = Embedding(config.max_position_embeddings, config.hidden_size)
 
     def build_mixer(self, layer_idx: int) -> nn.Module:
         c = self.config

@@ -11,6 +11,7 @@ from torch import nn
 from fms.distributed.group import TensorParallel
 from fms.distributed.sharding import TensorShard, head_ranges
 from fms.modules.attention import MultiHeadAttention
+from fms.modules.embedding import Embedding
 from fms.modules.feedforward import SwiGLU
 from fms.modules.kernel_config import KernelConfig, apply_kernels
 from fms.modules.linear import Linear
@@ -212,7 +213,7 @@ class LLaMA(nn.Module):
             raise ValueError("tensor parallel does not support alibi=True: the attention op computes ALiBi slopes "
                              "from the local head count, and a rank's heads are not heads 0..n of the model")
         if tp is None:
-            self.embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+            self.embedding = Embedding(config.vocab_size, config.hidden_size)
         else:
             self.embedding = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.rotary = None

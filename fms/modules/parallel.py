@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fms.distributed.group import TensorParallel
+from fms.modules.embedding import Embedding
 from fms.distributed.sharding import TensorShard, set_shards, split_range
 from fms.modules.linear import Linear
 from fms.triton.gemv import add_residual, fits, gemv
@@ -68,7 +69,7 @@ class RowParallelLinear(Linear):
         return partial if self.bias is None else partial + self.bias
 
 
-class VocabParallelEmbedding(nn.Embedding):
+class VocabParallelEmbedding(Embedding):
     """Rows [start, stop) of the embedding table (split_range of the vocabulary). A rank looks up the ids it
     holds, writes zeros for the others, and the all-reduce puts every id's row together."""
 

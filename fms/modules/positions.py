@@ -24,7 +24,8 @@ class RopeScaling:
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> torch.Tensor:
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    """The head_dim / 2 RoPE frequencies (fp32, on the CPU), llama3-scaled when scaling is given."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim)
     if scaling is None:
         return inv_freq.float()
     orig = scaling.original_max_position_embeddings
@@ -46,7 +47,10 @@ class RotaryEmbedding(nn.Module):
         if head_dim % 2:
             raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
         self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
-        self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling), persistent=False)
+        # computed where it lives; on the meta device (get_model) only its shape, after to_empty by reset_buffers
+        self.register_buffer("inv_freq", torch.empty(head_dim // 2, dtype=torch.float32), persistent=False)
+        if not self.inv_freq.is_meta:
+            self.reset_buffers()
 
     def reset_buffers(self):
         # inv_freq stays fp32 whatever the model dtype: positions up to 128k need its precision.

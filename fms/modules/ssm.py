@@ -302,7 +302,9 @@ class Mamba2Mixer(nn.Module):
         self.conv1d = nn.Conv1d(c.conv_dim, c.conv_dim, c.conv_kernel, groups=c.conv_dim, bias=c.use_conv_bias)
         self.dt_bias = nn.Parameter(torch.ones(c.num_heads))
         # S4D-real init as HF: A_h = -(h+1). Checkpoints overwrite these.
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, c.num_heads + 1, dtype=torch.float32)))
+        # (computed on the CPU and moved: on the meta device the log's Python kernel would import torch._dynamo)
+        self.A_log = nn.Parameter(torch.arange(1, c.num_heads + 1, dtype=torch.float32, device="cpu").log().to(
+            self.dt_bias.device))
         self.D = nn.Parameter(torch.ones(c.num_heads))
         self.norm = GatedRMSNorm(c.inner_dim, group_size=c.inner_dim // c.num_groups, eps=c.norm_eps)
         self.out_proj = Linear(c.inner_dim, c.hidden_size, bias=c.use_bias)

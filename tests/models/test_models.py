@@ -116,3 +116,41 @@ def test_llama3_rope_scaling_bands():
     torch.testing.assert_close(scaled[low], plain[low] / 8.0)
     mid = ~high & ~low
     assert ((scaled[mid] < plain[mid]) & (scaled[mid] > plain[mid] / 8.0)).all()
+
+
+def test_building_on_the_meta_device_imports_no_compiler():
+    # get_model builds on the meta device; an op there whose meta kernel is a Python reference (nn.Embedding's
+    # normal_, the RoPE frequencies, the SSM's A_log) imports torch._dynamo, 1-2 s of every get_model. In a fresh
+    # process: every variant builds on meta, and a micro model reaches the CPU, without that import.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "import fms.models as registry\n"
+        "for arch in registry.list_architectures():\n"
+        "    for variant in registry.list_variants(arch):\n"  # get_model's steps before the weights
+        "        with torch.device('meta'):\n"
+        "            model = registry._architecture(arch).model_class(registry.get_config(arch, variant))\n"
+        "        registry.materialize(model.to(torch.bfloat16).to_empty(device='meta'))\n"
+        "registry.get_model('llama', 'micro'); registry.get_model('granite_hybrid', 'h-nano')\n"
+        "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_buffers_and_ssm_parameters_built_off_meta_hold_their_values():
+    # off the meta device the constructors compute what get_model's materialize computes after to_empty
+    from fms.modules.positions import RotaryEmbedding
+    from fms.modules.ssm import Mamba2Mixer
+
+    scaling = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+    rotary = RotaryEmbedding(64, 500000.0, scaling)
+    assert rotary.inv_freq.dtype == torch.float32
+    assert torch.equal(rotary.inv_freq, rope_inv_freq(64, 500000.0, scaling))
+    config = get_config("granite_hybrid", "h-nano")
+    mixer = Mamba2Mixer(config.mamba_config())
+    assert mixer.A_log.numel() == config.mamba_num_heads
+    assert torch.equal(mixer.A_log, torch.arange(1, config.mamba_num_heads + 1, dtype=torch.float32).log())
