@@ -189,15 +189,19 @@ STAGING_SLOTS = 4
 
 
 class _HostStaging:
-    """Moves CPU tensors (views of a checkpoint's memory map) to `device` through a ring of host buffers (pinned for
-    a GPU): each piece of at most slot_bytes is copied into the next free slot (torch's CPU copy, which reads the
-    file's pages on several threads), then to the device without waiting; a slot is reused once its last transfer
-    has finished. Reading the next piece thus overlaps the transfer of the one before.
+    """Moves checkpoint bytes to `device` through a ring of host buffers (pinned for a GPU), never holding more than
+    the ring on the host. Two sources:
 
-    Ours because safetensors' device reads (safe_open(device="cuda")) hand each tensor over whole: the file read
-    and the transfer of a tensor take turns, and safetensors has no way to read into a buffer we give it. Session 29
-    measured get_model through that path at 0.45-2.4 GB/s on an H100, about 6 GB/s for the read itself
-    (final_project/README.md, section 20); this path is not yet measured on a GPU."""
+    - `read(fd, offset, shape, dtype)`: a tensor's bytes read from the file itself with os.preadv straight into the
+      slots, the pieces of one tensor on a pool of threads at once (several reads in flight for the disk);
+    - `to_device(t)`: a CPU tensor (a view of a memory map, or a strided slice) copied into the slots.
+
+    Each slot goes to the device without waiting; a slot is reused once its last transfer has finished, so reading
+    the next piece overlaps the transfer of the one before.
+
+    Ours because safetensors' device reads (safe_open(device="cuda")) hand each tensor over whole (the file read
+    and the transfer of a tensor take turns) and safetensors has no way to read into a buffer we give it. Session 29
+    measured get_model through that path at 0.45-2.4 GB/s on an H100 (final_project/README.md, section 20)."""
 
     def __init__(self, device: str, slot_bytes: int = STAGING_SLOT_BYTES, num_slots: int = STAGING_SLOTS):
         if slot_bytes < 1 or num_slots < 1:
@@ -209,34 +213,88 @@ class _HostStaging:
         self.done = [None] * num_slots  # the CUDA event after each slot's last transfer
         self.next = 0
         self.bytes = 0
+        self._pool = None
 
-    def to_device(self, t: torch.Tensor) -> torch.Tensor:
-        """A copy of the CPU tensor t on the device (issued; ordered before later work on the current stream)."""
+    def _slot(self, n: int) -> tuple[int, torch.Tensor]:
+        """The next slot (its first n bytes), once its last transfer has finished."""
         if not self.slots:
             self.slots = [torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=self.cuda)
                           for _ in range(self.num_slots)]
+        i, self.next = self.next, (self.next + 1) % self.num_slots
+        if self.done[i] is not None:
+            self.done[i].synchronize()
+            self.done[i] = None
+        return i, self.slots[i][:n]
+
+    def _send(self, i: int, slot: torch.Tensor, dst: torch.Tensor) -> None:
+        dst.copy_(slot, non_blocking=self.cuda)
+        if self.cuda:  # on the stream of the device copied to, which need not be the current device
+            self.done[i] = torch.cuda.current_stream(self.device).record_event()
+
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A copy of the CPU tensor t on the device (issued; ordered before later work on the current stream)."""
         out = torch.empty(t.shape, dtype=t.dtype, device=self.device)
         src = t.contiguous().reshape(-1).view(torch.uint8)
         dst = out.reshape(-1).view(torch.uint8)
         for start in range(0, src.numel(), self.slot_bytes):
             n = min(self.slot_bytes, src.numel() - start)
-            i, self.next = self.next, (self.next + 1) % self.num_slots
-            if self.done[i] is not None:
-                self.done[i].synchronize()
-            slot = self.slots[i][:n]
+            i, slot = self._slot(n)
             slot.copy_(src[start:start + n])
-            dst[start:start + n].copy_(slot, non_blocking=self.cuda)
-            if self.cuda:  # on the stream of the device copied to, which need not be the current device
-                self.done[i] = torch.cuda.current_stream(self.device).record_event()
+            self._send(i, slot, dst[start:start + n])
         self.bytes += src.numel()
         return out
 
+    def read(self, fd: int, offset: int, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+        """The tensor of this shape and dtype whose bytes start at `offset` in the open file fd, on the device
+        (issued like to_device). Raises OSError if the file ends early."""
+        import os
+        from concurrent.futures import ThreadPoolExecutor
+
+        out = torch.empty(shape, dtype=dtype, device=self.device)
+        dst = out.reshape(-1).view(torch.uint8)
+        total = dst.numel()
+
+        def fill(slot: torch.Tensor, at: int) -> None:
+            view = memoryview(slot.numpy())
+            got = 0
+            while got < len(view):
+                n = os.preadv(fd, [view[got:]], at + got)
+                if n == 0:
+                    raise OSError(f"the file ends {len(view) - got} bytes before the tensor it lists does")
+                got += n
+
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.num_slots, thread_name_prefix="fms-ckpt-read")
+        starts = list(range(0, total, self.slot_bytes))
+        pending = []  # (slot index, slot, start, future) in the order they are sent
+        try:
+            for start in starts:
+                n = min(self.slot_bytes, total - start)
+                i, slot = self._slot(n)
+                pending.append((i, slot, start, self._pool.submit(fill, slot, offset + start)))
+                if len(pending) == self.num_slots:  # every slot is reading: send the oldest before reusing it
+                    i, slot, at, future = pending.pop(0)
+                    future.result()
+                    self._send(i, slot, dst[at:at + slot.numel()])
+            for i, slot, at, future in pending:
+                future.result()
+                self._send(i, slot, dst[at:at + slot.numel()])
+        except BaseException:
+            for *_, future in pending:  # no read may still be writing a slot that is handed out again
+                future.cancel() or future.exception()
+            raise
+        self.bytes += total
+        return out
+
     def finish(self) -> None:
-        """Wait for every transfer still reading a slot."""
+        """Wait for every transfer still reading a slot, and stop the reading threads."""
         for event in self.done:
             if event is not None:
                 event.synchronize()
         self.done = [None] * self.num_slots
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
 
 def _staging_for(device: str) -> "_HostStaging | None":
@@ -244,9 +302,17 @@ def _staging_for(device: str) -> "_HostStaging | None":
     return _HostStaging(device) if device.startswith("cuda") else None
 
 
+_SAFETENSORS_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
 class _Reader:
-    """Opens each shard once (a memory map) and hands out its tensors (or just their shapes, from the header) by
-    name: on the CPU, or on the staging's device when given."""
+    """Opens each shard once and hands out its tensors (or just their shapes, from the header) by name: on the CPU
+    (views of safetensors' memory map), or on the staging's device when given, read from the file by offset
+    (the safetensors header: 8 bytes little-endian length, then JSON name -> dtype, shape, data_offsets)."""
 
     def __init__(self, files: dict[str, Path], strip_prefixes: tuple[str, ...] = (),
                  staging: _HostStaging | None = None):
@@ -259,6 +325,7 @@ class _Reader:
         self.files = {name: files[stored] for name, stored in self._stored.items()}
         self.staging = staging
         self._open = {}
+        self._raw = {}  # file -> (fd, {stored name: (dtype, shape, absolute offset, bytes)})
 
     def _read(self, name: str, what: Callable):
         from safetensors import SafetensorError
@@ -271,10 +338,48 @@ class _Reader:
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"cannot read tensor {self._stored[name]!r} from {file}: {err}") from err
 
+    def _located(self, name: str):
+        """(fd, dtype, shape, absolute offset) of a tensor stored whole in a dtype we know, else None."""
+        import os
+
+        file = self.files[name]
+        self._read(name, lambda f, stored: None)  # safetensors validates the header (offsets, sizes) first
+        if file not in self._raw:
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                length = int.from_bytes(os.pread(fd, 8, 0), "little")
+                header = json.loads(os.pread(fd, length, 8))
+            except (OSError, ValueError) as err:
+                os.close(fd)
+                raise CheckpointError(f"cannot read the safetensors header of {file}: {err}") from err
+            self._raw[file] = (fd, {k: v for k, v in header.items() if k != "__metadata__"}, 8 + length)
+        fd, header, base = self._raw[file]
+        entry = header[self._stored[name]]
+        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            return None
+        return fd, dtype, list(entry["shape"]), base + entry["data_offsets"][0]
+
+    def close(self) -> None:
+        import os
+
+        for fd, *_ in self._raw.values():
+            os.close(fd)
+        self._raw = {}
+
     def _moved(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.staging is None else self.staging.to_device(t)
 
+    def _staged(self, name: str, fd, dtype, shape, offset) -> torch.Tensor:
+        try:
+            return self.staging.read(fd, offset, shape, dtype)
+        except OSError as err:
+            raise CheckpointError(f"cannot read tensor {self._stored[name]!r} from {self.files[name]}: {err}") from err
+
     def get(self, name: str) -> torch.Tensor:
+        located = self._located(name) if self.staging is not None else None
+        if located is not None:
+            return self._staged(name, *located)
         return self._moved(self._read(name, lambda f, stored: f.get_tensor(stored)))
 
     def shape(self, name: str) -> list[int]:
@@ -282,6 +387,13 @@ class _Reader:
 
     def get_range(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
         """tensor[start:stop] along dim 0 or 1, reading only those bytes (a tensor-parallel rank's slice)."""
+        located = self._located(name) if self.staging is not None and dim == 0 else None
+        if located is not None:  # rows [start, stop) are one run of bytes
+            fd, dtype, shape, offset = located
+            if not 0 <= start <= stop <= shape[0]:
+                raise CheckpointError(f"rows {start}:{stop} of {self._stored[name]!r} {shape} do not exist")
+            row = dtype.itemsize * (torch.Size(shape[1:]).numel())
+            return self._staged(name, fd, dtype, [stop - start, *shape[1:]], offset + start * row)
         index = (slice(start, stop),) if dim == 0 else (slice(None), slice(start, stop))
         return self._moved(self._read(name, lambda f, stored: f.get_slice(stored)[index]))
 
@@ -395,6 +507,7 @@ def load_hf_checkpoint(model: nn.Module, model_path: str | Path, architecture: s
     finally:  # transfers still reading pinned buffers finish before the buffers can be freed
         if reader.staging is not None:
             reader.staging.finish()
+        reader.close()
 
 
 def _load(model: nn.Module, model_path, architecture: str, reader: _Reader, params: dict[str, torch.Tensor]) -> None:
