@@ -260,7 +260,8 @@ class _HostStaging:
             while got < len(view):
                 n = os.preadv(fd, [view[got:]], at + got)
                 if n == 0:
-                    raise OSError(f"the file ends {len(view) - got} bytes before the tensor it lists does")
+                    raise OSError(f"the file ends at byte {at + got}, inside a tensor that ends at byte "
+                                  f"{offset + total}")
                 got += n
 
         if self._pool is None:

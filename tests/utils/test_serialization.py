@@ -270,6 +270,59 @@ def test_slices_through_the_staging_ring_are_the_file_slices(tmp_path):
     assert torch.equal(reader.get_range("model.layers.0.self_attn.q_proj.weight", 1, 5, 13), q[:, 5:13])
 
 
+def test_tensors_read_by_offset_are_the_file_tensors(tmp_path, monkeypatch):
+    # with a staging, whole tensors and row ranges come from the file by offset (os.preadv on the reading threads),
+    # never through the memory map; every dtype, pieces cut at odd sizes, the ring wrapping many times
+    from safetensors.torch import save_file
+
+    from fms.utils.serialization import _HostStaging, _Reader, checkpoint_index
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(6, 5, generator=g) * 50
+    tensors = {f"t_{str(d).split('.')[-1]}": base.to(d) for d in
+               (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.int16,
+                torch.int8, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2)}
+    tensors["scalar"], tensors["empty"] = torch.tensor(2.5), torch.zeros(0, 3)
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    monkeypatch.setattr(_HostStaging, "to_device", lambda self, t: pytest.fail("read through the memory map"))
+    staging = _HostStaging("cpu", 7, 3)
+    reader = _Reader(checkpoint_index(tmp_path), staging=staging)
+    try:
+        for name, t in tensors.items():
+            got = reader.get(name)
+            assert got.dtype == t.dtype and got.shape == t.shape, name
+            assert torch.equal(got.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), name  # bits
+        for start, stop in [(0, 6), (2, 5), (4, 4)]:
+            assert torch.equal(reader.get_range("t_float32", 0, start, stop), tensors["t_float32"][start:stop])
+        with pytest.raises(CheckpointError, match=r"rows 3:7 of 't_float32' \[6, 5\] do not exist"):
+            reader.get_range("t_float32", 0, 3, 7)
+    finally:
+        staging.finish()
+        reader.close()
+    assert staging.bytes == tensor_bytes(tensors) + 4 * (6 + 3 + 0) * 5
+
+
+def test_a_short_read_fails_and_leaves_the_ring_usable(tmp_path):
+    # the file ends inside a tensor: the read names the shortfall, every piece in flight is waited for, and the
+    # same ring then reads the next tensor correctly
+    import os
+
+    from fms.utils.serialization import _HostStaging
+
+    data = torch.arange(100, dtype=torch.float32)
+    (tmp_path / "raw").write_bytes(data.numpy().tobytes())
+    fd = os.open(tmp_path / "raw", os.O_RDONLY)
+    staging = _HostStaging("cpu", 12, 3)
+    try:
+        with pytest.raises(OSError, match="the file ends at byte 400, inside a tensor that ends at byte 420"):
+            staging.read(fd, 40, [95], torch.float32)
+        assert torch.equal(staging.read(fd, 8, [10, 9], torch.float32), data[2:92].reshape(10, 9))
+    finally:
+        staging.finish()
+        os.close(fd)
+    assert staging._pool is None
+
+
 def test_a_failed_load_waits_for_its_transfers(tmp_path, monkeypatch):
     # a load that fails after some tensors went through the ring still waits for their transfers (the pinned
     # buffers must outlive every copy reading them) before the error comes out
