@@ -212,7 +212,7 @@ class _HostStaging:
         self.slots: list[torch.Tensor] = []  # allocated at the first transfer
         self.done = [None] * num_slots  # the CUDA event after each slot's last transfer
         self.next = 0
-        self.bytes = 0
+        self.bytes = 0  # sent to the device
         self._pool = None
 
     def _slot(self, n: int) -> tuple[int, torch.Tensor]:
@@ -228,6 +228,7 @@ class _HostStaging:
 
     def _send(self, i: int, slot: torch.Tensor, dst: torch.Tensor) -> None:
         dst.copy_(slot, non_blocking=self.cuda)
+        self.bytes += slot.numel()
         if self.cuda:  # on the stream of the device copied to, which need not be the current device
             self.done[i] = torch.cuda.current_stream(self.device).record_event()
 
@@ -241,51 +242,54 @@ class _HostStaging:
             i, slot = self._slot(n)
             slot.copy_(src[start:start + n])
             self._send(i, slot, dst[start:start + n])
-        self.bytes += src.numel()
         return out
 
     def read(self, fd: int, offset: int, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
         """The tensor of this shape and dtype whose bytes start at `offset` in the open file fd, on the device
         (issued like to_device). Raises OSError if the file ends early."""
+        out = torch.empty(shape, dtype=dtype, device=self.device)
+        self.read_into([(fd, offset, out.reshape(-1).view(torch.uint8))])
+        return out
+
+    def read_into(self, jobs: list[tuple[int, int, torch.Tensor]]) -> None:
+        """For each (fd, offset, dst): dst, a contiguous 1-D uint8 tensor on the device, gets its numel bytes from
+        the open file fd at offset. Every job is cut into pieces of at most slot_bytes; num_slots pieces are read
+        at once on threads (from one tensor or the next ones alike), and each is sent to the device, in order, once
+        read (issued like to_device). Raises OSError if a file ends early."""
         import os
         from concurrent.futures import ThreadPoolExecutor
 
-        out = torch.empty(shape, dtype=dtype, device=self.device)
-        dst = out.reshape(-1).view(torch.uint8)
-        total = dst.numel()
-
-        def fill(slot: torch.Tensor, at: int) -> None:
+        def fill(slot: torch.Tensor, fd: int, at: int, end: int) -> None:
             view = memoryview(slot.numpy())
             got = 0
             while got < len(view):
                 n = os.preadv(fd, [view[got:]], at + got)
                 if n == 0:
-                    raise OSError(f"the file ends at byte {at + got}, inside a tensor that ends at byte "
-                                  f"{offset + total}")
+                    raise OSError(f"the file ends at byte {at + got}, inside a tensor that ends at byte {end}")
                 got += n
 
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.num_slots, thread_name_prefix="fms-ckpt-read")
-        starts = list(range(0, total, self.slot_bytes))
-        pending = []  # (slot index, slot, start, future) in the order they are sent
+        pending = []  # (slot index, slot, destination, future) in the order they are sent
         try:
-            for start in starts:
-                n = min(self.slot_bytes, total - start)
-                i, slot = self._slot(n)
-                pending.append((i, slot, start, self._pool.submit(fill, slot, offset + start)))
-                if len(pending) == self.num_slots:  # every slot is reading: send the oldest before reusing it
-                    i, slot, at, future = pending.pop(0)
-                    future.result()
-                    self._send(i, slot, dst[at:at + slot.numel()])
-            for i, slot, at, future in pending:
+            for fd, offset, dst in jobs:
+                total = dst.numel()
+                for start in range(0, total, self.slot_bytes):
+                    n = min(self.slot_bytes, total - start)
+                    if len(pending) == self.num_slots:  # every slot is reading: send the oldest before reusing it
+                        i, slot, to, future = pending.pop(0)
+                        future.result()
+                        self._send(i, slot, to)
+                    i, slot = self._slot(n)
+                    pending.append((i, slot, dst[start:start + n],
+                                    self._pool.submit(fill, slot, fd, offset + start, offset + total)))
+            for i, slot, to, future in pending:
                 future.result()
-                self._send(i, slot, dst[at:at + slot.numel()])
+                self._send(i, slot, to)
         except BaseException:
             for *_, future in pending:  # no read may still be writing a slot that is handed out again
                 future.cancel() or future.exception()
             raise
-        self.bytes += total
-        return out
 
     def finish(self) -> None:
         """Wait for every transfer still reading a slot, and stop the reading threads."""
@@ -376,6 +380,29 @@ class _Reader:
             return self.staging.read(fd, offset, shape, dtype)
         except OSError as err:
             raise CheckpointError(f"cannot read tensor {self._stored[name]!r} from {self.files[name]}: {err}") from err
+
+    def read_into(self, pairs: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+        """Fill each (name, destination) whose file tensor has the destination's dtype and element count straight
+        from the file (one batch: the disk sees several reads at once, across tensors); the pairs it could not
+        fill this way (no staging, another dtype, a dtype we do not map) are returned for get()."""
+        if self.staging is None:
+            return pairs
+        jobs, names, left = [], [], []
+        for name, dst in pairs:
+            located = self._located(name)
+            if (located is None or located[1] != dst.dtype or torch.Size(located[2]).numel() != dst.numel()
+                    or not dst.is_contiguous()):
+                left.append((name, dst))
+                continue
+            fd, _, _, offset = located
+            jobs.append((fd, offset, dst.reshape(-1).view(torch.uint8)))
+            names.append(name)
+        try:
+            self.staging.read_into(jobs)
+        except OSError as err:
+            shown = ", ".join(repr(self._stored[n]) for n in names[:3]) + (", ..." if len(names) > 3 else "")
+            raise CheckpointError(f"cannot read the tensors {shown}: {err}") from err
+        return left
 
     def get(self, name: str) -> torch.Tensor:
         located = self._located(name) if self.staging is not None else None
@@ -540,8 +567,26 @@ def _load(model: nn.Module, model_path, architecture: str, reader: _Reader, para
     for name, (param, sources, rule) in plan.items():
         full_shape = shards[name].full_shape if name in shards else tuple(param.shape)
         _check_source_shapes(reader, name, full_shape, sources, rule, model.config)
+    # Through a staging (a CUDA model), parameters stored as they are loaded (no transform, not a shard, the
+    # file's dtype) are read by offset straight into their rows, all in one batch; the rest below, one by one.
+    direct = {}
+    if reader.staging is not None:
+        pairs = []
+        for name, (param, sources, rule) in plan.items():
+            if name in shards or rule.transform is not None or not param.is_contiguous():
+                continue
+            rows = _source_rows(name, tuple(param.shape), sources, rule, model.config) if param.dim() else (None,)
+            start = 0
+            for source, num_rows in zip(sources, rows):
+                pairs.append((source, param if num_rows is None else param.narrow(0, start, num_rows)))
+                start += num_rows or 0
+        left = {source for source, _ in reader.read_into(pairs)}
+        direct = {name for name, (_, sources, rule) in plan.items() if name not in shards and
+                  rule.transform is None and plan[name][0].is_contiguous() and not left.intersection(sources)}
     # copy_ converts to the parameter's dtype on the parameter's device (on the GPU for a CUDA model)
     for name, (param, sources, rule) in plan.items():
+        if name in direct:
+            continue
         if name in shards:
             param.copy_(_read_shard(reader, name, shards[name], sources, rule, model.config))
             continue

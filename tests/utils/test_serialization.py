@@ -223,6 +223,27 @@ def test_weights_through_the_staging_ring_are_the_file_tensors(tmp_path, monkeyp
     assert staging.bytes == tensor_bytes(tensors)  # each file tensor read once
 
 
+def test_parameters_in_the_file_dtype_are_read_straight_into_their_rows(tmp_path, monkeypatch):
+    # bf16 matrices into a bf16 model: read by offset into the parameters' rows (q|k|v and gate|up fused in place),
+    # in one batch, never through get(); the fp32 norms need a conversion and take get(), one by one
+    from fms.utils import serialization
+
+    made = small_staging(monkeypatch, slot_bytes=24, num_slots=3)
+    got = []
+    real_get = serialization._Reader.get
+    monkeypatch.setattr(serialization._Reader, "get", lambda self, name: got.append(name) or real_get(self, name))
+    tensors = {n: t if "norm" in n else t.to(torch.bfloat16) for n, t in hf_tensors().items()}
+    model = get_model("hf_pretrained", model_path=str(write_checkpoint(tmp_path, tensors, shards=2)),
+                      data_type=torch.bfloat16)
+    params = dict(model.named_parameters())
+    for name, sources in SOURCES.items():
+        expected = torch.cat([tensors[s] for s in sources]).to(torch.bfloat16)
+        assert torch.equal(params[name], expected), name
+    assert sorted(got) == sorted(n for n in tensors if "norm" in n)
+    (staging,) = made
+    assert staging.bytes == tensor_bytes(tensors)
+
+
 @pytest.mark.parametrize("slot_bytes, num_slots", [(1, 1), (3, 2), (7, 3), (1 << 20, 4)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.uint8, torch.bool])
 def test_host_staging_copies_every_byte(slot_bytes, num_slots, dtype):
@@ -324,8 +345,11 @@ def test_a_short_read_fails_and_leaves_the_ring_usable(tmp_path):
 
 
 def test_a_failed_load_waits_for_its_transfers(tmp_path, monkeypatch):
-    # a load that fails after some tensors went through the ring still waits for their transfers (the pinned
-    # buffers must outlive every copy reading them) before the error comes out
+    # a load whose file read fails after some pieces went through the ring (the 30th read of a 40-byte ring) still
+    # waits for their transfers (the pinned buffers must outlive every copy reading them) and stops its reading
+    # threads before the error comes out, naming the tensors
+    import os
+
     from fms.utils import serialization
 
     finished = []
@@ -334,19 +358,21 @@ def test_a_failed_load_waits_for_its_transfers(tmp_path, monkeypatch):
         def finish(self):
             finished.append(self.bytes)
             super().finish()
+            finished.append(self._pool)
 
     monkeypatch.setattr(serialization, "_staging_for", lambda device: Recording(device, 40, 2))
-    real_get = serialization._Reader.get
+    real_preadv, calls = os.preadv, []
 
-    def get(self, name):
-        if name == "model.norm.weight":  # the final norm: read after every layer's tensors
-            raise CheckpointError("broken norm")
-        return real_get(self, name)
+    def preadv(fd, buffers, offset):
+        calls.append(offset)
+        if len(calls) == 30:
+            raise OSError("disk gone")
+        return real_preadv(fd, buffers, offset)
 
-    monkeypatch.setattr(serialization._Reader, "get", get)
-    with pytest.raises(CheckpointError, match="broken norm"):
+    monkeypatch.setattr(os, "preadv", preadv)
+    with pytest.raises(CheckpointError, match="cannot read the tensors .*disk gone"):
         get_model("hf_pretrained", model_path=str(write_checkpoint(tmp_path, hf_tensors())))
-    assert len(finished) == 1 and finished[0] > 0
+    assert len(calls) >= 30 and len(finished) == 2 and 0 < finished[0] < tensor_bytes(hf_tensors()) and finished[1] is None
 
 
 # ---------------------------------------------------------------------------------------------
