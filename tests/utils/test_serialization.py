@@ -273,6 +273,28 @@ def test_pinned_slots_are_reused_only_after_their_transfer():
     assert torch.equal(out.cpu().reshape(-1).view(torch.uint8), t)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: pinned slots refilled by reading threads")
+def test_pinned_slots_read_by_threads_are_reused_only_after_their_transfer(tmp_path):
+    # 512 pieces of 64 KB read from a file by offset through three pinned slots, into two destinations at odd
+    # offsets: a slot refilled by a reading thread before its transfer finished would corrupt the copy
+    import os
+
+    from fms.utils.serialization import _HostStaging
+
+    data = torch.randint(0, 256, (512 << 16,), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    (tmp_path / "raw").write_bytes(data.numpy().tobytes())
+    out = torch.empty(512 << 16, dtype=torch.uint8, device="cuda")
+    staging = _HostStaging("cuda", 1 << 16, 3)
+    fd = os.open(tmp_path / "raw", os.O_RDONLY)
+    try:
+        staging.read_into([(fd, 7, out[:300 << 16]), (fd, (300 << 16) + 7, out[300 << 16:-7])])
+        staging.finish()
+    finally:
+        os.close(fd)
+    assert torch.equal(out[:-7].cpu(), data[7:])
+
+
 @pytest.mark.parametrize("slot_bytes, num_slots", [(0, 2), (8, 0), (-1, -1)])
 def test_host_staging_refuses_empty_rings(slot_bytes, num_slots):
     from fms.utils.serialization import _HostStaging
