@@ -119,7 +119,7 @@ def get_model(
         model = model_class(config, attn_name=attn_name, **({} if tp is None else {"tp": tp})).to(dtype)
     model.set_kernels(kernels)  # before any allocation: a scan whose kernel is missing is refused here
     check_fits_in_memory(model, device, architecture)
-    model = model.to_empty(device=device)
+    model = allocate(model, device)
     materialize(model)
     if model_path is not None:
         serialization.load_hf_checkpoint(model, model_path, architecture)
@@ -192,6 +192,13 @@ def check_fits_in_memory(model: nn.Module, device: torch.device, architecture: s
         f"for its {dtype} weights on {device}, but only {_format_bytes(free)} ({free} bytes) is available "
         f"({source}); use a smaller config, a smaller data_type or another device"
     )
+
+
+def allocate(model: nn.Module, device: torch.device) -> nn.Module:
+    """model.to_empty(device=device) by torch.empty of each tensor's shape and dtype: to_empty's empty_like of a
+    meta tensor runs a Python reference that imports sympy (0.3-0.7 s of a get_model). Ties are re-made by
+    materialize, as after to_empty."""
+    return model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
 
 
 def materialize(model: nn.Module) -> None:

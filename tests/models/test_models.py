@@ -118,10 +118,11 @@ def test_llama3_rope_scaling_bands():
     assert ((scaled[mid] < plain[mid]) & (scaled[mid] > plain[mid] / 8.0)).all()
 
 
-def test_building_on_the_meta_device_imports_no_compiler():
-    # get_model builds on the meta device; an op there whose meta kernel is a Python reference (nn.Embedding's
-    # normal_, the RoPE frequencies, the SSM's A_log) imports torch._dynamo, 1-2 s of every get_model. In a fresh
-    # process: every variant builds on meta, and a micro model reaches the CPU, without that import.
+def test_building_on_the_meta_device_imports_neither_compiler_nor_sympy():
+    # get_model builds on the meta device; an op there whose meta kernel is a Python reference imports torch._dynamo
+    # (nn.Embedding's normal_, the RoPE frequencies, the SSM's A_log: 1-2 s of every get_model) or sympy
+    # (to_empty's empty_like: 0.3-0.7 s). In a fresh process: every variant builds on meta and is allocated, and
+    # micro models reach the CPU, without either import.
     import subprocess
     import sys
 
@@ -132,9 +133,9 @@ def test_building_on_the_meta_device_imports_no_compiler():
         "    for variant in registry.list_variants(arch):\n"  # get_model's steps before the weights
         "        with torch.device('meta'):\n"
         "            model = registry._architecture(arch).model_class(registry.get_config(arch, variant))\n"
-        "        registry.materialize(model.to(torch.bfloat16).to_empty(device='meta'))\n"
+        "        registry.materialize(registry.allocate(model.to(torch.bfloat16), torch.device('meta')))\n"
         "registry.get_model('llama', 'micro'); registry.get_model('granite_hybrid', 'h-nano')\n"
-        "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('torch._dynamo', 'sympy'))))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
