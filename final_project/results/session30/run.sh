@@ -8,6 +8,8 @@
 #   part L (~300 s, rows written as they finish): the same for Llama-3.1-8B
 #   part D (~40 s): disk_read.py: the disk's own cold and warm read rate for the 8B checkpoint (part L writes it), 1, 4
 #     and 16 threads of 64 MB preads, no GPU: the ceiling for a cold load
+#   part P (~30 s): profile_get_model.py: cProfile of get_model from the 1B checkpoint on .gpu (where the build goes)
+#   part h (~105 s): part g on an H200 only (the target's GPU); skipped elsewhere
 #   part g (~105 s): Granite-4.0-H-1B cold start-up, three fresh processes (bench_startup.py), on .gpu
 set -u
 FINAL=${1:?final out dir}; PART=${2:?part}
@@ -19,12 +21,20 @@ case $PART_ in
   s) for run in gpu wB; do
        TREE=.$run step serialization_tests_$run 90 python3 -m pytest -q -p no:cacheprovider tests/utils/test_serialization.py
      done ;;
-  l) step load_ab_1b 150 python3 ../final_project/results/session29/load_ab.py "$OUT/load_ab_1b.json" \
-       --model llama:3.2-1b --trees $TREES --rounds 2 ;;
+  l) step load_ab_1b ${L_LIMIT:-150} python3 ../final_project/results/session29/load_ab.py "$OUT/load_ab_1b.json" \
+       --model llama:3.2-1b --trees $TREES --rounds ${ROUNDS:-2} ;;
   L) step load_ab_8b 300 python3 ../final_project/results/session29/load_ab.py "$OUT/load_ab_8b.json" \
        --model llama:3.1-8b --trees $TREES --rounds 2 ;;
   D) step disk_read 90 python3 ../final_project/results/session30/disk_read.py "$OUT/disk_read.json" \
        /tmp/ckpt_ab/llama-3.1-8b ;;
+  P) step profile_get_model 120 python3 ../final_project/results/session30/profile_get_model.py \
+       "$OUT/profile_get_model_1b" --model llama:3.2-1b ;;
+  h) if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+       for run in gpu1 gpu2 gpu3; do
+         step startup_gh_$run 100 python3 scripts/bench_startup.py --models granite_hybrid:4.0-h-1b --runs cold \
+           --timeout 90 --output "$OUT/startup_gh_$run.json"
+       done
+     else echo "part h: not an H200, skipped"; fi ;;
   g) for run in gpu1 gpu2 gpu3; do
        step startup_gh_$run 100 python3 scripts/bench_startup.py --models granite_hybrid:4.0-h-1b --runs cold \
          --timeout 90 --output "$OUT/startup_gh_$run.json"
