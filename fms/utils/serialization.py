@@ -8,7 +8,8 @@ parameters' device without a CPU copy of the model. For a CUDA model, the tensor
 are read by offset (os.preadv) into a ring of pinned host buffers, four reads in flight across tensors, and each
 buffer is copied straight into the parameter's rows without the host waiting (_HostStaging.read_into); the rest
 (another dtype, a transform, a tensor-parallel slice) go through the same ring one by one and are converted on
-the GPU. A CPU model reads views of safetensors' memory map.
+the GPU. A CPU model's tensors in the parameter's dtype are read by offset straight into the parameters, several
+reads in flight (_read_direct); the others come as views of safetensors' memory map.
 """
 
 import json
@@ -190,6 +191,39 @@ STAGING_SLOT_BYTES = 64 << 20
 STAGING_SLOTS = 4
 
 
+def _pread_into(view: memoryview, fd: int, at: int, end: int) -> None:
+    """view <- its length of bytes of the open file fd from offset at (end: where the tensor ends, for the error)."""
+    import os
+
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], at + got)
+        if n == 0:
+            raise OSError(f"the file ends at byte {at + got}, inside a tensor that ends at byte {end}")
+        got += n
+
+
+def _read_direct(jobs: list[tuple[int, int, torch.Tensor]], piece_bytes: int = STAGING_SLOT_BYTES,
+                 threads: int = STAGING_SLOTS) -> int:
+    """For each (fd, offset, dst), dst a contiguous 1-D uint8 CPU tensor: read its bytes straight into it, in pieces
+    of at most piece_bytes on `threads` threads (a CPU model needs no staging). Returns the bytes read; raises the
+    first OSError in job order once every read has ended."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    futures, total = [], 0
+    with ThreadPoolExecutor(threads, thread_name_prefix="fms-ckpt-read") as pool:  # leaving waits for every read
+        for fd, offset, dst in jobs:
+            size = dst.numel()
+            for start in range(0, size, piece_bytes):
+                piece = dst[start:start + piece_bytes]
+                futures.append(pool.submit(_pread_into, memoryview(piece.numpy()), fd, offset + start,
+                                           offset + size))
+            total += size
+    for future in futures:
+        future.result()
+    return total
+
+
 class _HostStaging:
     """Moves checkpoint bytes to `device` through a ring of host buffers (pinned for a GPU), never holding more than
     the ring on the host. Two sources:
@@ -259,17 +293,10 @@ class _HostStaging:
         the open file fd at offset. Every job is cut into pieces of at most slot_bytes; num_slots pieces are read
         at once on threads (from one tensor or the next ones alike), and each is sent to the device, in order, once
         read (issued like to_device). Raises OSError if a file ends early."""
-        import os
         from concurrent.futures import ThreadPoolExecutor
 
         def fill(slot: torch.Tensor, fd: int, at: int, end: int) -> None:
-            view = memoryview(slot.numpy())
-            got = 0
-            while got < len(view):
-                n = os.preadv(fd, [view[got:]], at + got)
-                if n == 0:
-                    raise OSError(f"the file ends at byte {at + got}, inside a tensor that ends at byte {end}")
-                got += n
+            _pread_into(memoryview(slot.numpy()), fd, at, end)
 
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.num_slots, thread_name_prefix="fms-ckpt-read")
@@ -333,7 +360,8 @@ class _Reader:
         self.files = {name: files[stored] for name, stored in self._stored.items()}
         self.staging = staging
         self._open = {}
-        self._raw = {}  # file -> (fd, {stored name: (dtype, shape, absolute offset, bytes)})
+        self._raw = {}  # file -> (fd, {stored name: header entry}, where the data starts)
+        self.direct_bytes = 0  # read straight into CPU parameters (no staging)
 
     def _read(self, name: str, what: Callable):
         from safetensors import SafetensorError
@@ -387,11 +415,13 @@ class _Reader:
     def read_into(self, pairs: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
         """Fill each (name, destination) whose file tensor has the destination's dtype and element count straight
         from the file (one batch: the disk sees several reads at once, across tensors); the pairs it could not
-        fill this way (no staging, another dtype, a dtype we do not map) are returned for get()."""
-        if self.staging is None:
-            return pairs
+        fill this way (another dtype, a dtype we do not map; without a staging, a destination off the CPU) are
+        returned for get(). Without a staging the bytes go straight into the CPU destinations."""
         jobs, names, left = [], [], []
         for name, dst in pairs:
+            if self.staging is None and dst.device.type != "cpu":
+                left.append((name, dst))
+                continue
             located = self._located(name)
             if (located is None or located[1] != dst.dtype or torch.Size(located[2]).numel() != dst.numel()
                     or not dst.is_contiguous()):
@@ -401,7 +431,10 @@ class _Reader:
             jobs.append((fd, offset, dst.reshape(-1).view(torch.uint8)))
             names.append(name)
         try:
-            self.staging.read_into(jobs)
+            if self.staging is not None:
+                self.staging.read_into(jobs)
+            else:
+                self.direct_bytes += _read_direct(jobs)
         except OSError as err:
             shown = ", ".join(repr(self._stored[n]) for n in names[:3]) + (", ..." if len(names) > 3 else "")
             raise CheckpointError(f"cannot read the tensors {shown}: {err}") from err
@@ -570,22 +603,20 @@ def _load(model: nn.Module, model_path, architecture: str, reader: _Reader, para
     for name, (param, sources, rule) in plan.items():
         full_shape = shards[name].full_shape if name in shards else tuple(param.shape)
         _check_source_shapes(reader, name, full_shape, sources, rule, model.config)
-    # Through a staging (a CUDA model), parameters stored as they are loaded (no transform, not a shard, the
-    # file's dtype) are read by offset straight into their rows, all in one batch; the rest below, one by one.
-    direct = {}
-    if reader.staging is not None:
-        pairs = []
-        for name, (param, sources, rule) in plan.items():
-            if name in shards or rule.transform is not None or not param.is_contiguous():
-                continue
-            rows = _source_rows(name, tuple(param.shape), sources, rule, model.config) if param.dim() else (None,)
-            start = 0
-            for source, num_rows in zip(sources, rows):
-                pairs.append((source, param if num_rows is None else param.narrow(0, start, num_rows)))
-                start += num_rows or 0
-        left = {source for source, _ in reader.read_into(pairs)}
-        direct = {name for name, (_, sources, rule) in plan.items() if name not in shards and
-                  rule.transform is None and plan[name][0].is_contiguous() and not left.intersection(sources)}
+    # Parameters stored as they are loaded (no transform, not a shard, the file's dtype) are read by offset straight
+    # into their rows, all in one batch (through the staging for a CUDA model); the rest below, one by one.
+    batched = [name for name, (param, _, rule) in plan.items()
+               if name not in shards and rule.transform is None and param.is_contiguous()]
+    pairs = []
+    for name in batched:
+        param, sources, rule = plan[name]
+        rows = _source_rows(name, tuple(param.shape), sources, rule, model.config) if param.dim() else (None,)
+        start = 0
+        for source, num_rows in zip(sources, rows):  # param rows [start, start + num_rows) <- source
+            pairs.append((source, param if num_rows is None else param.narrow(0, start, num_rows)))
+            start += num_rows or 0
+    left = {source for source, _ in reader.read_into(pairs)}
+    direct = {name for name in batched if left.isdisjoint(plan[name][1])}
     # copy_ converts to the parameter's dtype on the parameter's device (on the GPU for a CUDA model)
     for name, (param, sources, rule) in plan.items():
         if name in direct:

@@ -223,12 +223,18 @@ def test_weights_through_the_staging_ring_are_the_file_tensors(tmp_path, monkeyp
     assert staging.bytes == tensor_bytes(tensors)  # each file tensor read once
 
 
-def test_parameters_in_the_file_dtype_are_read_straight_into_their_rows(tmp_path, monkeypatch):
+@pytest.mark.parametrize("staged", [True, False])
+def test_parameters_in_the_file_dtype_are_read_straight_into_their_rows(tmp_path, monkeypatch, staged):
     # bf16 matrices into a bf16 model: read by offset into the parameters' rows (q|k|v and gate|up fused in place),
-    # in one batch, never through get(); the fp32 norms need a conversion and take get(), one by one
+    # in one batch, never through get() -- through a ring (the GPU's path) or, for a CPU model, straight into the
+    # parameters; the fp32 norms need a conversion and take get(), one by one
     from fms.utils import serialization
 
-    made = small_staging(monkeypatch, slot_bytes=24, num_slots=3)
+    made = small_staging(monkeypatch, slot_bytes=24, num_slots=3) if staged else []
+    direct = []
+    real_direct = serialization._read_direct
+    monkeypatch.setattr(serialization, "_read_direct", lambda jobs: direct.append(real_direct(jobs, 24, 3)) or
+                        direct[-1])
     got = []
     real_get = serialization._Reader.get
     monkeypatch.setattr(serialization._Reader, "get", lambda self, name: got.append(name) or real_get(self, name))
@@ -240,8 +246,47 @@ def test_parameters_in_the_file_dtype_are_read_straight_into_their_rows(tmp_path
         expected = torch.cat([tensors[s] for s in sources]).to(torch.bfloat16)
         assert torch.equal(params[name], expected), name
     assert sorted(got) == sorted(n for n in tensors if "norm" in n)
-    (staging,) = made
-    assert staging.bytes == tensor_bytes(tensors)
+    matrices = tensor_bytes({n: t for n, t in tensors.items() if "norm" not in n})
+    if staged:
+        (staging,) = made
+        assert staging.bytes == tensor_bytes(tensors) and direct == []
+    else:
+        assert direct == [matrices]  # one batch of every matrix; the norms were read as memory-map views
+
+
+@pytest.mark.parametrize("piece_bytes, threads", [(1, 1), (5, 3), (64, 2), (1 << 20, 4)])
+def test_direct_reads_fill_every_destination(tmp_path, piece_bytes, threads):
+    # a CPU model's read: pieces of several jobs on threads at once, straight into the destinations
+    import os
+
+    from fms.utils.serialization import _read_direct
+
+    data = torch.randint(0, 256, (1000,), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    (tmp_path / "raw").write_bytes(data.numpy().tobytes())
+    out = torch.zeros(1000, dtype=torch.uint8)
+    fd = os.open(tmp_path / "raw", os.O_RDONLY)
+    try:
+        assert _read_direct([(fd, 3, out[:400]), (fd, 403, out[400:997]), (fd, 0, out[997:])], piece_bytes,
+                            threads) == 1000
+    finally:
+        os.close(fd)
+    assert torch.equal(out[:997], data[3:]) and torch.equal(out[997:], data[:3])
+
+
+def test_a_short_direct_read_names_the_first_tensor_that_ends_early(tmp_path):
+    import os
+
+    from fms.utils.serialization import _read_direct
+
+    (tmp_path / "raw").write_bytes(bytes(range(100)))
+    out = torch.zeros(300, dtype=torch.uint8)
+    fd = os.open(tmp_path / "raw", os.O_RDONLY)
+    try:
+        with pytest.raises(OSError, match="the file ends at byte 100, inside a tensor that ends at byte 150"):
+            _read_direct([(fd, 0, out[:50]), (fd, 50, out[50:150]), (fd, 90, out[150:300])], 16, 4)
+    finally:
+        os.close(fd)
+    assert torch.equal(out[:50], torch.arange(50, dtype=torch.uint8))  # the jobs before it were read
 
 
 @pytest.mark.parametrize("slot_bytes, num_slots", [(1, 1), (3, 2), (7, 3), (1 << 20, 4)])
@@ -395,6 +440,23 @@ def test_a_failed_load_waits_for_its_transfers(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="cannot read the tensors .*disk gone"):
         get_model("hf_pretrained", model_path=str(write_checkpoint(tmp_path, hf_tensors())))
     assert len(calls) >= 30 and len(finished) == 2 and 0 < finished[0] < tensor_bytes(hf_tensors()) and finished[1] is None
+
+
+def test_a_cpu_load_whose_read_fails_names_the_tensors(tmp_path, monkeypatch):
+    import os
+
+    real_preadv, calls = os.preadv, []
+
+    def preadv(fd, buffers, offset):
+        calls.append(offset)
+        if len(calls) == 3:
+            raise OSError("disk gone")
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    with pytest.raises(CheckpointError, match=r"cannot read the tensors 'model\.embed_tokens\.weight', .*disk gone"):
+        get_model("hf_pretrained", model_path=str(write_checkpoint(tmp_path, hf_tensors())))
+    assert len(calls) > 3  # the other reads in the batch ran to their end first
 
 
 # ---------------------------------------------------------------------------------------------
