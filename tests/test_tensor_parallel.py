@@ -178,9 +178,16 @@ PROMPT = [[5, 17, 300, 42, 7, 99, 150]]
 def _load_by_slices(paths):
     from fms.utils import serialization
 
-    whole = []  # tensors a rank reads whole: only the unsplit ones (norms)
-    read = serialization._Reader.get
+    whole = []  # tensors a rank reads whole (one by one, or in the batch read by offset): only the unsplit ones
+    read, read_into = serialization._Reader.get, serialization._Reader.read_into
     serialization._Reader.get = lambda self, name: whole.append(name) or read(self, name)
+
+    def batch(self, pairs):
+        left = read_into(self, pairs)
+        whole.extend(name for name, _ in pairs if all(name != n for n, _ in left))
+        return left
+
+    serialization._Reader.read_into = batch
     out = {}
     for name, path in paths.items():
         model = get_model("hf_pretrained", model_path=path, distributed_strategy="tp")
