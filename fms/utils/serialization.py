@@ -228,8 +228,8 @@ class _HostStaging:
     """Moves checkpoint bytes to `device` through a ring of host buffers (pinned for a GPU), never holding more than
     the ring on the host. Two sources:
 
-    - `read(fd, offset, shape, dtype)`: a tensor's bytes read from the file itself with os.preadv straight into the
-      slots, the pieces of one tensor on a pool of threads at once (several reads in flight for the disk);
+    - `read_into(jobs)` (and `read`, one tensor): bytes read from the file itself with os.preadv straight into the
+      slots, num_slots pieces in flight on a pool of threads, across tensors (several reads for the disk at once);
     - `to_device(t)`: a CPU tensor (a view of a memory map, or a strided slice) copied into the slots.
 
     Each slot goes to the device without waiting; a slot is reused once its last transfer has finished, so reading
@@ -347,7 +347,8 @@ _SAFETENSORS_DTYPES = {
 class _Reader:
     """Opens each shard once and hands out its tensors (or just their shapes, from the header) by name: on the CPU
     (views of safetensors' memory map), or on the staging's device when given, read from the file by offset
-    (the safetensors header: 8 bytes little-endian length, then JSON name -> dtype, shape, data_offsets)."""
+    (the safetensors header: 8 bytes little-endian length, then JSON name -> dtype, shape, data_offsets).
+    read_into fills given destinations by offset in one batch, through the staging or straight into CPU memory."""
 
     def __init__(self, files: dict[str, Path], strip_prefixes: tuple[str, ...] = (),
                  staging: _HostStaging | None = None):
@@ -361,7 +362,6 @@ class _Reader:
         self.staging = staging
         self._open = {}
         self._raw = {}  # file -> (fd, {stored name: header entry}, where the data starts)
-        self.direct_bytes = 0  # read straight into CPU parameters (no staging)
 
     def _read(self, name: str, what: Callable):
         from safetensors import SafetensorError
@@ -434,7 +434,7 @@ class _Reader:
             if self.staging is not None:
                 self.staging.read_into(jobs)
             else:
-                self.direct_bytes += _read_direct(jobs)
+                _read_direct(jobs)
         except OSError as err:
             shown = ", ".join(repr(self._stored[n]) for n in names[:3]) + (", ..." if len(names) > 3 else "")
             raise CheckpointError(f"cannot read the tensors {shown}: {err}") from err
