@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Session 30 device run. Usage: run.sh FINAL PARTS (carry .gpu, .wA, .wB; built by
 # `bash final_project/results/build_trees.sh .gpu:REV .wA:35fd80b .wB:REV`). Raw files in /tmp/raw_PART, packed
-# into FINAL/PART.tgz after each step.
+# into FINAL/PART.tgz after each step. TREES (default ../.wA,../.gpu,../.wB), ROUNDS and L_LIMIT adjust part l.
+# Next (session 31): `bash final_project/results/build_trees.sh .gpu:HEAD .wB:9bfe15d`, then
+# `TREES=../.wB,../.gpu bash final_project/results/session30/run.sh $OUT Plh` (carry .gpu and .wB): the build
+# without sympy and the GPU profile of what is left of it, then Granite's cold start if the machine is an H200.
 #   part s (~30 s): tests/utils/test_serialization.py on the GPU, in .gpu then .wB
 #   part l (~120 s): session 29's load_ab.py, Llama-3.2-1B: .wA (safetensors' device reads), .gpu (memory map into
 #     the pinned ring), .wB (os.preadv into the ring on threads), cold and warm, two rounds
