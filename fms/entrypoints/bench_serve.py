@@ -276,8 +276,8 @@ async def _server_model(base_url: str) -> tuple[str, int | None]:
 
 
 def _commit() -> str | None:
-    """FMS_GIT_COMMIT when set (a device run's tree copied without its .git), else `git rev-parse HEAD` beside this
-    file; None when neither answers."""
+    """fms.bench.commit.git_commit beside this file (FMS_GIT_COMMIT, a clean tree's COMMIT file, or git); None when
+    none answers."""
     commit = git_commit(cwd=Path(__file__).resolve().parent)
     return None if commit == "unknown" else commit
 
