@@ -13,7 +13,9 @@ reads in flight (_read_direct); the others come as views of safetensors' memory 
 """
 
 import json
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -193,8 +195,6 @@ STAGING_SLOTS = 4
 
 def _pread_into(view: memoryview, fd: int, at: int, end: int) -> None:
     """view <- its length of bytes of the open file fd from offset at (end: where the tensor ends, for the error)."""
-    import os
-
     got = 0
     while got < len(view):
         n = os.preadv(fd, [view[got:]], at + got)
@@ -208,8 +208,6 @@ def _read_direct(jobs: list[tuple[int, int, torch.Tensor]], piece_bytes: int = S
     """For each (fd, offset, dst), dst a contiguous 1-D uint8 CPU tensor: read its bytes straight into it, in pieces
     of at most piece_bytes on `threads` threads (a CPU model needs no staging). Returns the bytes read; raises the
     first OSError in job order once every read has ended."""
-    from concurrent.futures import ThreadPoolExecutor
-
     futures, total = [], 0
     with ThreadPoolExecutor(threads, thread_name_prefix="fms-ckpt-read") as pool:  # leaving waits for every read
         for fd, offset, dst in jobs:
@@ -293,8 +291,6 @@ class _HostStaging:
         the open file fd at offset. Every job is cut into pieces of at most slot_bytes; num_slots pieces are read
         at once on threads (from one tensor or the next ones alike), and each is sent to the device, in order, once
         read (issued like to_device). Raises OSError if a file ends early."""
-        from concurrent.futures import ThreadPoolExecutor
-
         def fill(slot: torch.Tensor, fd: int, at: int, end: int) -> None:
             _pread_into(memoryview(slot.numpy()), fd, at, end)
 
@@ -376,8 +372,6 @@ class _Reader:
 
     def _located(self, name: str):
         """(fd, dtype, shape, absolute offset) of a tensor stored whole in a dtype we know, else None."""
-        import os
-
         file = self.files[name]
         self._read(name, lambda f, stored: None)  # safetensors validates the header (offsets, sizes) first
         if file not in self._raw:
@@ -397,8 +391,7 @@ class _Reader:
         return fd, dtype, list(entry["shape"]), base + entry["data_offsets"][0]
 
     def close(self) -> None:
-        import os
-
+        """Close the files opened for reads by offset (the memory maps close with their tensors)."""
         for fd, *_ in self._raw.values():
             os.close(fd)
         self._raw = {}
