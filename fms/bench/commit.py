@@ -2,10 +2,9 @@
 
 import os
 import subprocess
+from pathlib import Path
 
 COMMIT_ENV = "FMS_GIT_COMMIT"  # the commit of a tree copied without its .git (a device run's clean copy)
-
-
 TREE_COMMIT_FILE = "COMMIT"  # written by final_project/results/build_trees.sh at the root of a clean tree
 
 
@@ -13,8 +12,6 @@ def _tree_commit(cwd) -> str | None:
     """The commit in a COMMIT file at the root of the tree holding cwd (a folder holding a `fms` package), looked for
     up to the first folder with a .git (a checkout, which git answers for): a clean tree built inside a checkout
     would otherwise report the checkout's HEAD."""
-    from pathlib import Path
-
     for folder in [Path(cwd or ".").resolve(), *Path(cwd or ".").resolve().parents]:
         if (folder / ".git").exists():  # a checkout: git answers
             return None

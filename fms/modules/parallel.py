@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fms.distributed.group import TensorParallel
-from fms.modules.embedding import Embedding
 from fms.distributed.sharding import TensorShard, set_shards, split_range
+from fms.modules.embedding import Embedding
 from fms.modules.linear import Linear
 from fms.triton.gemv import add_residual, fits, gemv
 

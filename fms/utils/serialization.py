@@ -373,8 +373,8 @@ class _Reader:
     def _located(self, name: str):
         """(fd, dtype, shape, absolute offset) of a tensor stored whole in a dtype we know, else None."""
         file = self.files[name]
-        self._read(name, lambda f, stored: None)  # safetensors validates the header (offsets, sizes) first
         if file not in self._raw:
+            self._read(name, lambda f, stored: None)  # safetensors validates the header (offsets, sizes) first
             fd = os.open(file, os.O_RDONLY)
             try:
                 length = int.from_bytes(os.pread(fd, 8, 0), "little")

@@ -1,7 +1,9 @@
 """HF checkpoint loading: a hand-written tiny Llama checkpoint loads by name, bitwise, onto the model's device
 and in its dtype, and every broken folder fails with a message that names what is wrong."""
 
+import contextlib
 import json
+import os
 
 import pytest
 import torch
@@ -254,38 +256,37 @@ def test_parameters_in_the_file_dtype_are_read_straight_into_their_rows(tmp_path
         assert direct == [matrices]  # one batch of every matrix; the norms were read as memory-map views
 
 
+@contextlib.contextmanager
+def raw_file(tmp_path, data: bytes):
+    """An fd open for reading on a file holding data (closed afterwards)."""
+    (tmp_path / "raw").write_bytes(data)
+    fd = os.open(tmp_path / "raw", os.O_RDONLY)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.parametrize("piece_bytes, threads", [(1, 1), (5, 3), (64, 2), (1 << 20, 4)])
 def test_direct_reads_fill_every_destination(tmp_path, piece_bytes, threads):
     # a CPU model's read: pieces of several jobs on threads at once, straight into the destinations
-    import os
-
     from fms.utils.serialization import _read_direct
 
     data = torch.randint(0, 256, (1000,), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
-    (tmp_path / "raw").write_bytes(data.numpy().tobytes())
     out = torch.zeros(1000, dtype=torch.uint8)
-    fd = os.open(tmp_path / "raw", os.O_RDONLY)
-    try:
+    with raw_file(tmp_path, data.numpy().tobytes()) as fd:
         assert _read_direct([(fd, 3, out[:400]), (fd, 403, out[400:997]), (fd, 0, out[997:])], piece_bytes,
                             threads) == 1000
-    finally:
-        os.close(fd)
     assert torch.equal(out[:997], data[3:]) and torch.equal(out[997:], data[:3])
 
 
 def test_a_short_direct_read_names_the_first_tensor_that_ends_early(tmp_path):
-    import os
-
     from fms.utils.serialization import _read_direct
 
-    (tmp_path / "raw").write_bytes(bytes(range(100)))
     out = torch.zeros(300, dtype=torch.uint8)
-    fd = os.open(tmp_path / "raw", os.O_RDONLY)
-    try:
+    with raw_file(tmp_path, bytes(range(100))) as fd:
         with pytest.raises(OSError, match="the file ends at byte 100, inside a tensor that ends at byte 150"):
             _read_direct([(fd, 0, out[:50]), (fd, 50, out[50:150]), (fd, 90, out[150:300])], 16, 4)
-    finally:
-        os.close(fd)
     assert torch.equal(out[:50], torch.arange(50, dtype=torch.uint8))  # the jobs before it were read
 
 
@@ -323,20 +324,14 @@ def test_pinned_slots_are_reused_only_after_their_transfer():
 def test_pinned_slots_read_by_threads_are_reused_only_after_their_transfer(tmp_path):
     # 512 pieces of 64 KB read from a file by offset through three pinned slots, into two destinations at odd
     # offsets: a slot refilled by a reading thread before its transfer finished would corrupt the copy
-    import os
-
     from fms.utils.serialization import _HostStaging
 
     data = torch.randint(0, 256, (512 << 16,), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
-    (tmp_path / "raw").write_bytes(data.numpy().tobytes())
     out = torch.empty(512 << 16, dtype=torch.uint8, device="cuda")
     staging = _HostStaging("cuda", 1 << 16, 3)
-    fd = os.open(tmp_path / "raw", os.O_RDONLY)
-    try:
+    with raw_file(tmp_path, data.numpy().tobytes()) as fd:
         staging.read_into([(fd, 7, out[:300 << 16]), (fd, (300 << 16) + 7, out[300 << 16:-7])])
         staging.finish()
-    finally:
-        os.close(fd)
     assert torch.equal(out[:-7].cpu(), data[7:])
 
 
@@ -393,28 +388,22 @@ def test_tensors_read_by_offset_are_the_file_tensors(tmp_path, monkeypatch):
 def test_a_short_read_fails_and_leaves_the_ring_usable(tmp_path):
     # the file ends inside a tensor: the read names the shortfall, every piece in flight is waited for, and the
     # same ring then reads the next tensor correctly
-    import os
-
     from fms.utils.serialization import _HostStaging
 
     data = torch.arange(100, dtype=torch.float32)
-    (tmp_path / "raw").write_bytes(data.numpy().tobytes())
-    fd = os.open(tmp_path / "raw", os.O_RDONLY)
     staging = _HostStaging("cpu", 12, 3)
-    try:
-        with pytest.raises(OSError, match="the file ends at byte 400, inside a tensor that ends at byte 420"):
-            staging.read(fd, 40, [95], torch.float32)
-        assert torch.equal(staging.read(fd, 8, [10, 9], torch.float32), data[2:92].reshape(10, 9))
-    finally:
-        staging.finish()
-        os.close(fd)
+    with raw_file(tmp_path, data.numpy().tobytes()) as fd:
+        try:
+            with pytest.raises(OSError, match="the file ends at byte 400, inside a tensor that ends at byte 420"):
+                staging.read(fd, 40, [95], torch.float32)
+            assert torch.equal(staging.read(fd, 8, [10, 9], torch.float32), data[2:92].reshape(10, 9))
+        finally:
+            staging.finish()
     assert staging._pool is None
 
 
 def failing_preadv(monkeypatch, failing_call: int) -> list[int]:
     """Make os.preadv raise OSError("disk gone") at its failing_call-th call; returns the offsets it was called with."""
-    import os
-
     real_preadv, calls = os.preadv, []
 
     def preadv(fd, buffers, offset):
