@@ -385,6 +385,23 @@ def test_table_round_trip_and_bad_tables_are_refused_naming_the_file_and_entry(t
             gemv_mod.read_table(bad)
 
 
+def test_every_shipped_table_reads_and_is_named_for_its_device():
+    """Each table in fms/resources/gemv is valid (read_table raises on a bad entry) and sits at the path that
+    table_path gives its own device name, the name fms.triton.gemv looks it up by."""
+    import json
+
+    shipped = sorted(gemv_mod.TABLE_DIR.glob("*.json"))
+    assert {p.name for p in shipped} >= {"NVIDIA_H200.json", "NVIDIA_H100_80GB_HBM3.json"}
+    for path in shipped:
+        device = json.loads(path.read_text())["device"]
+        assert gemv_mod.table_path(device) == path
+        table = gemv_mod.read_table(path)
+        # the engine's decode graph runs batch 1 and 2 at two rows: every 1B projection is listed at two rows
+        for n, k, silu_mul in ((3072, 2048, False), (2048, 2048, False), (16384, 2048, False), (2048, 8192, True),
+                               (128256, 2048, False)):
+            assert (2, n, k, silu_mul) in table, (path.name, n, k, silu_mul)
+
+
 @torch.no_grad()
 def test_the_table_picks_the_kernel_config_or_cublas_per_shape(monkeypatch):
     """_rows_linear takes this GPU's table's choice for the shape and row count: its block sizes, or F.linear where
