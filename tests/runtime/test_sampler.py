@@ -70,17 +70,3 @@ def test_two_pass_argmax_equals_argmax_with_ties(vocab, dtype):
     x[2, -1] = 10  # maximum in the last column
     x[3, vocab // 3] = x[3, vocab // 2] = 10  # a tie between two blocks
     assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
-    for parts in (1, 8, 16, 32, 64):
-        assert torch.equal(argmax_rows(x, parts), x.argmax(dim=-1))
-
-
-@pytest.mark.parametrize("vocab, blocks", [(128256, 32), (32000, 32), (49152, 64), (50257, 1), (100, 1)])
-def test_argmax_column_blocks_are_whole_16_byte_runs(vocab, blocks, monkeypatch):
-    """The two-pass argmax splits a row into blocks of a multiple of 8 columns (aligned wide loads): Llama 3's
-    128256 columns in 32 blocks of 4008, not 64 of 2004; a vocabulary with no such split runs one pass."""
-    seen = []
-    real_view = torch.Tensor.view
-    monkeypatch.setattr(torch.Tensor, "view", lambda self, *shape: seen.append(shape) or real_view(self, *shape))
-    x = torch.randn(2, vocab)
-    assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
-    assert seen == ([] if blocks == 1 else [(2, blocks, vocab // blocks)])
