@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Session 31 device run. Usage: run.sh FINAL PARTS (carry .gpu, .wB; `bash final_project/results/build_trees.sh
+# .gpu:REV .wB:REV`). Raw files in /tmp/raw_PART, packed into FINAL/PART.tgz after each step.
+#   part G (~40 s): gemm_probe.py: the decode projections' kernel time at 8-256 rows, cuBLAS against cublasLt
+#   part A (~200 s): the same at 128 rows for the 1B shapes with inductor's max-autotune beside them
+#   part T (~250 s, H100-class GPUs without a table only): scripts/bench_gemv.py --rows 2 --write_table: this GPU's GEMV
+#     table for the engine's decode graph (batch 1 and 2 run at two rows); tree .wT = .gpu + that table; then issue
+#     19's 1B serving + batch-1 in .gpu, .wT, .wT, .gpu (the table's effect, both orders)
+#   part a (~60 s): argmax_probe.py: the compiled greedy argmax at batch 2-128 per column split
+#   part f (~60 s): prefill_profile.py: one full 8,176-token prefill step's kernels (torch.profiler)
+#   part S (~90 s): issue 19's 1B serving + batch-1 in .gpu, .wA, .wA, .gpu (build .wA with the candidate first)
+#   part p (~120 s): profile_serving.py's decode-step kernel profile at batch 1 and 128 (as session 19's part p)
+set -u
+FINAL=${1:?final out dir}; PART=${2:?part}
+OUT=/tmp/raw_$PART; mkdir -p "$OUT"
+source final_project/results/device_steps.sh
+for PART_ in $(echo $PART | grep -o .); do
+case $PART_ in
+  G) step gemm_probe 120 python3 ../final_project/results/session31/gemm_probe.py "$OUT/gemm_probe.json" ;;
+  A) step gemm_autotune 300 python3 ../final_project/results/session31/gemm_probe.py "$OUT/gemm_autotune.json" \
+       --rows 64,128,256 --models 1b --autotune --autotune_rows 64,128,256 ;;
+  T) NAME=$(python3 -c "import re, torch; print(re.sub(r'[^A-Za-z0-9]+', '_', torch.cuda.get_device_name()).strip('_'))")
+     if [ -f .gpu/fms/resources/gemv/$NAME.json ]; then echo "part T: $NAME already has a table, skipped"; continue; fi
+     step gemv_table_rows2 300 python3 scripts/bench_gemv.py --rows 2 --write_table "$OUT/$NAME.json" \
+       --results_dir "$OUT/gemv_sweep_rows2"
+     [ -f "$OUT/$NAME.json" ] || { echo "part T: no table written"; continue; }
+     rm -rf .wT && cp -r .gpu .wT && cp "$OUT/$NAME.json" .wT/fms/resources/gemv/ && echo "wT: $(cat .wT/COMMIT) + $NAME.json"
+     serving_1b gpu1 wT1 wT2 gpu2 ;;
+  a) step argmax_probe 120 python3 ../final_project/results/session31/argmax_probe.py "$OUT/argmax_probe.json" ;;
+  f) step prefill_profile 150 python3 ../final_project/results/session31/prefill_profile.py "$OUT/prefill_profile.json" ;;
+  S) serving_1b gpu1 wA1 wA2 gpu2 ;;
+  p) step profile_1b 200 python3 scripts/profile_serving.py --num_requests 128 --prompt_range 64,512 --output_len 128 \
+       --step_batch_sizes 1,8,32,64,128 --kernel_batch_sizes 1,128 --top 40 --results_dir "$OUT/profile_1b" ;;
+  *) echo "unknown part $PART_"; exit 2 ;;
+esac
+done
+pack
