@@ -1,8 +1,11 @@
 """Where a full prefill step's GPU time goes: the engine as `fms serve` builds it (Llama-3.2-1B shape, random weights),
 one step of 28 prompts x 292 tokens (8,176 tokens, the serving workload's full step) warmed twice, then timed with
-CUDA events three times and profiled once (torch.profiler, kernels by device time).
+CUDA events three times and profiled once (torch.profiler, kernels by device time). With --trace, the profiled
+step's chrome trace is also written (gzip) and read back for where the GPU waited: every gap between kernels of at
+least 20 us, and for the largest, the host op that launched the kernel ending it (from the launch's correlation id)
+and how long after the gap began that launch happened (a launch at the gap's end: the GPU was waiting on the host).
 
-    python prefill_profile.py OUT.json
+    python prefill_profile.py OUT.json [--trace TRACE.json.gz]
 """
 import json
 import random
@@ -15,7 +18,42 @@ sys.path.insert(0, __file__.rsplit("/", 2)[0] + "/session25")
 from prefill_probe import build_served_engine  # noqa: E402
 
 
-def main(out):
+def gpu_gaps(events: list[dict], min_us: float = 20.0, top: int = 15) -> dict:
+    """Idle time of the GPU in a chrome trace (torch.profiler's export): kernel/memcpy/memset events sorted by start,
+    the gaps of at least min_us between one's end and the next's start, and for the `top` largest, the launching
+    runtime call (matched by correlation id) and the innermost host op enclosing that call."""
+    gpu = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                 key=lambda e: e["ts"])
+    runtime = {e["args"]["correlation"]: e for e in events
+               if e.get("ph") == "X" and e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    ops = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "user_annotation", "python_function")]
+
+    def enclosing(call):
+        inside = [o for o in ops if o.get("tid") == call.get("tid") and o["ts"] <= call["ts"]
+                  and call["ts"] + call.get("dur", 0) <= o["ts"] + o["dur"]]
+        return min(inside, key=lambda o: o["dur"])["name"] if inside else None
+
+    gaps, busy = [], 0.0
+    for before, after in zip(gpu, gpu[1:]):
+        end = before["ts"] + before["dur"]
+        gap = after["ts"] - max(end, before["ts"])
+        if gap >= min_us:
+            gaps.append((gap, end, after))
+    for e in gpu:
+        busy += e["dur"]
+    rows = []
+    for gap, end, after in sorted(gaps, key=lambda g: -g[0])[:top]:
+        call = runtime.get(after.get("args", {}).get("correlation"))
+        rows.append({"gap_us": gap, "next_kernel": after["name"][:120],
+                     "launched_us_after_gap_start": None if call is None else call["ts"] - end,
+                     "launch_call": None if call is None else call["name"],
+                     "host_op": None if call is None else enclosing(call)})
+    span = (gpu[-1]["ts"] + gpu[-1]["dur"] - gpu[0]["ts"]) if gpu else 0.0
+    return {"gpu_events": len(gpu), "span_us": span, "busy_us": busy, "gaps_over_min_us": len(gaps),
+            "gap_total_us": sum(g[0] for g in gaps), "min_us": min_us, "largest": rows}
+
+
+def main(out, trace=None):
     from torch.profiler import ProfilerActivity, profile
 
     from fms.serving import SamplingParams
@@ -53,9 +91,29 @@ def main(out):
     report["kernels"] = kernels[:40]
     report["kernel_total_us"] = sum(k["device_us"] for k in kernels)
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30))
+    if trace:
+        import gzip
+        import os
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            raw = os.path.join(tmp, "trace.json")
+            prof.export_chrome_trace(raw)
+            with open(raw, "rb") as f:
+                body = f.read()
+        with gzip.open(trace, "wb") as f:
+            f.write(body)
+        report["gpu_gaps"] = gpu_gaps(json.loads(body)["traceEvents"])
+        print(json.dumps(report["gpu_gaps"], indent=1))
     with open(out, "w") as f:
         json.dump(report, f, indent=1)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("output")
+    parser.add_argument("--trace", default=None, help="also write the profiled step's chrome trace here (gzip)")
+    args = parser.parse_args()
+    main(args.output, args.trace)

@@ -8,8 +8,12 @@
 #     19's 1B serving + batch-1 in .gpu, .wT, .wT, .gpu (the table's effect, both orders)
 #   part a (~60 s): argmax_probe.py: the compiled greedy argmax at batch 2-128 per column split
 #   part f (~60 s): prefill_profile.py: one full 8,176-token prefill step's kernels (torch.profiler)
+#   part F (~60 s): part f plus the step's chrome trace and where the GPU waited (gaps between kernels, the host op
+#     that launched the kernel after each)
 #   part S (~90 s): issue 19's 1B serving + batch-1 in .gpu, .wA, .wA, .gpu (build .wA with the candidate first)
 #   part p (~120 s): profile_serving.py's decode-step kernel profile at batch 1 and 128 (as session 19's part p)
+# Next (session 32): `bash final_project/results/build_trees.sh .gpu:HEAD`, then `bash final_project/results/session31/run.sh
+#   $OUT F` (carry .gpu), and on an H200 `bash final_project/results/session30/run.sh $OUT h` (Granite's cold start).
 set -u
 FINAL=${1:?final out dir}; PART=${2:?part}
 OUT=/tmp/raw_$PART; mkdir -p "$OUT"
@@ -28,6 +32,8 @@ case $PART_ in
      serving_1b gpu1 wT1 wT2 gpu2 ;;
   a) step argmax_probe 120 python3 ../final_project/results/session31/argmax_probe.py "$OUT/argmax_probe.json" ;;
   f) step prefill_profile 150 python3 ../final_project/results/session31/prefill_profile.py "$OUT/prefill_profile.json" ;;
+  F) step prefill_trace 150 python3 ../final_project/results/session31/prefill_profile.py "$OUT/prefill_trace.json" \
+       --trace "$OUT/prefill_trace.json.gz" ;;
   S) serving_1b gpu1 wA1 wA2 gpu2 ;;
   p) step profile_1b 200 python3 scripts/profile_serving.py --num_requests 128 --prompt_range 64,512 --output_len 128 \
        --step_batch_sizes 1,8,32,64,128 --kernel_batch_sizes 1,128 --top 40 --results_dir "$OUT/profile_1b" ;;
