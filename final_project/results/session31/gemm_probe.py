@@ -1,12 +1,10 @@
 """GPU time of the decode step's projections at few-to-many rows, per BLAS path: which one reads the weight fastest.
 
-Usage: python gemm_probe.py OUT.json [--rows 8,32,64,128,256] [--models 1b,8b] [--autotune]
+Usage: python gemm_probe.py OUT.json [--rows 8,32,64,128,256] [--models 1b,8b]
 
 For each projection shape of Llama-3.2-1B / Llama-3.1-8B (bf16, y = x @ W.T) and each row count, the kernel time of
   cublas      F.linear as the engine calls it (torch's default BLAS path)
   cublaslt    the same after torch.backends.cuda.preferred_blas_library("cublaslt")
-  autotune    (--autotune) torch.compile(mode="max-autotune-no-cudagraphs") of F.linear at that exact shape: the best
-              of inductor's Triton GEMM templates and the BLAS call, as inductor picks it
 Each is timed as a CUDA graph of 20 calls over distinct weight copies (more bytes than the L2 holds, so every call
 reads its weight from HBM), median of 7 replays. The bandwidth is (weight + input + output bytes) / time, and the
 fraction is of the device's copy bandwidth measured here (a 1 GiB device-to-device copy).
@@ -41,7 +39,7 @@ def copy_bandwidth():
 
 
 def time_graph(fn, weights, x):
-    outs = [fn(x, w) for w in weights]  # warm (and autotune) outside the graph
+    outs = [fn(x, w) for w in weights]  # warm outside the graph
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -60,18 +58,12 @@ def main():
     p.add_argument("output")
     p.add_argument("--rows", default="8,32,64,128,256")
     p.add_argument("--models", default="1b,8b")
-    p.add_argument("--autotune", action="store_true")
-    p.add_argument("--autotune_rows", default="128")
-    p.add_argument("--autotune_models", default="1b")
     args = p.parse_args()
     torch.manual_seed(0)
-    torch._dynamo.config.recompile_limit = 64  # one compile per (shape, rows) under --autotune
     bw = copy_bandwidth()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "copy_bandwidth_bytes_per_s": bw, "calls_per_graph": CALLS, "command": " ".join(sys.argv), "rows": []}
     print(f"{result['device']}: copy {bw / 1e12:.2f} TB/s", flush=True)
-    compiled = torch.compile(F.linear, mode="max-autotune-no-cudagraphs", dynamic=False) if args.autotune else None
-    autotune_rows = {int(r) for r in args.autotune_rows.split(",")}
     for model in args.models.split(","):
         for name, (n, k) in SHAPES[model].items():
             copies = max(2, min(CALLS, -(-400_000_000 // (n * k * 2))))
@@ -82,8 +74,6 @@ def main():
                 nbytes = 2 * (n * k + m * k + m * n)
                 row = {"model": model, "proj": name, "N": n, "K": k, "M": m, "bytes": nbytes}
                 paths = [("cublas", "cublas", F.linear), ("cublaslt", "cublaslt", F.linear)]
-                if compiled is not None and m in autotune_rows and model in args.autotune_models.split(","):
-                    paths.append(("autotune", "cublas", compiled))
                 ref = F.linear(x, weights[0]).float()
                 for label, blas, fn in paths:
                     torch.backends.cuda.preferred_blas_library(blas)
@@ -99,7 +89,7 @@ def main():
                 torch.backends.cuda.preferred_blas_library("cublas")
                 result["rows"].append(row)
                 line = " ".join(f"{lbl} {row[lbl]['us']:.1f}us {row[lbl]['frac_copy_bw']:.0%}"
-                                for lbl in ("cublas", "cublaslt", "autotune") if lbl in row and "us" in row[lbl])
+                                for lbl in ("cublas", "cublaslt") if lbl in row and "us" in row[lbl])
                 print(f"{model} {name:8s} M={m:4d} {line}", flush=True)
                 with open(args.output, "w") as f:
                     json.dump(result, f, indent=1)

@@ -2,7 +2,6 @@
 # Session 31 device run. Usage: run.sh FINAL PARTS (carry .gpu, .wB; `bash final_project/results/build_trees.sh
 # .gpu:REV .wB:REV`). Raw files in /tmp/raw_PART, packed into FINAL/PART.tgz after each step.
 #   part G (~40 s): gemm_probe.py: the decode projections' kernel time at 8-256 rows, cuBLAS against cublasLt
-#   part A (~200 s): the same at 128 rows for the 1B shapes with inductor's max-autotune beside them
 #   part T (~250 s, H100-class GPUs without a table only): scripts/bench_gemv.py --rows 2 --write_table: this GPU's GEMV
 #     table for the engine's decode graph (batch 1 and 2 run at two rows); tree .wT = .gpu + that table; then issue
 #     19's 1B serving + batch-1 in .gpu, .wT, .wT, .gpu (the table's effect, both orders)
@@ -21,8 +20,6 @@ source final_project/results/device_steps.sh
 for PART_ in $(echo $PART | grep -o .); do
 case $PART_ in
   G) step gemm_probe 120 python3 ../final_project/results/session31/gemm_probe.py "$OUT/gemm_probe.json" ;;
-  A) step gemm_autotune 300 python3 ../final_project/results/session31/gemm_probe.py "$OUT/gemm_autotune.json" \
-       --rows 64,128,256 --models 1b --autotune --autotune_rows 64,128,256 ;;
   T) NAME=$(python3 -c "import re, torch; print(re.sub(r'[^A-Za-z0-9]+', '_', torch.cuda.get_device_name()).strip('_'))")
      if [ -f .gpu/fms/resources/gemv/$NAME.json ]; then echo "part T: $NAME already has a table, skipped"; continue; fi
      step gemv_table_rows2 300 python3 scripts/bench_gemv.py --rows 2 --write_table "$OUT/$NAME.json" \
