@@ -45,3 +45,10 @@ server_vs_offline_x3() {  # issue 18's server vs offline, compiled engine (the d
       --server-timeout 120 --output "$OUT/server_vs_offline_compiled_$n.json"
   done
 }
+run_parts() {  # run_parts PARTS (session31/run.sh and later): part_X, defined by the sourcing script, for each letter X
+  local p
+  for p in $(echo "$1" | grep -o .); do
+    if declare -F "part_$p" > /dev/null; then "part_$p"; else echo "unknown part $p"; exit 2; fi
+  done
+  pack
+}

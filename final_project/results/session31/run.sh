@@ -17,24 +17,26 @@ set -u
 FINAL=${1:?final out dir}; PART=${2:?part}
 OUT=/tmp/raw_$PART; mkdir -p "$OUT"
 source final_project/results/device_steps.sh
-for PART_ in $(echo $PART | grep -o .); do
-case $PART_ in
-  G) step gemm_probe 120 python3 ../final_project/results/session31/gemm_probe.py "$OUT/gemm_probe.json" ;;
-  T) NAME=$(python3 -c "import re, torch; print(re.sub(r'[^A-Za-z0-9]+', '_', torch.cuda.get_device_name()).strip('_'))")
-     if [ -f .gpu/fms/resources/gemv/$NAME.json ]; then echo "part T: $NAME already has a table, skipped"; continue; fi
-     step gemv_table_rows2 300 python3 scripts/bench_gemv.py --rows 2 --write_table "$OUT/$NAME.json" \
-       --results_dir "$OUT/gemv_sweep_rows2"
-     [ -f "$OUT/$NAME.json" ] || { echo "part T: no table written"; continue; }
-     rm -rf .wT && cp -r .gpu .wT && cp "$OUT/$NAME.json" .wT/fms/resources/gemv/ && echo "wT: $(cat .wT/COMMIT) + $NAME.json"
-     serving_1b gpu1 wT1 wT2 gpu2 ;;
-  a) step argmax_probe 120 python3 ../final_project/results/session31/argmax_probe.py "$OUT/argmax_probe.json" ;;
-  f) step prefill_profile 150 python3 ../final_project/results/session31/prefill_profile.py "$OUT/prefill_profile.json" ;;
-  F) step prefill_trace 150 python3 ../final_project/results/session31/prefill_profile.py "$OUT/prefill_trace.json" \
-       --trace "$OUT/prefill_trace.json.gz" ;;
-  S) serving_1b gpu1 wA1 wA2 gpu2 ;;
-  p) step profile_1b 200 python3 scripts/profile_serving.py --num_requests 128 --prompt_range 64,512 --output_len 128 \
-       --step_batch_sizes 1,8,32,64,128 --kernel_batch_sizes 1,128 --top 40 --results_dir "$OUT/profile_1b" ;;
-  *) echo "unknown part $PART_"; exit 2 ;;
-esac
-done
-pack
+part_G() { step gemm_probe 120 python3 ../final_project/results/session31/gemm_probe.py "$OUT/gemm_probe.json"; }
+part_T() {
+  local name
+  name=$(python3 -c "import re, torch; print(re.sub(r'[^A-Za-z0-9]+', '_', torch.cuda.get_device_name()).strip('_'))")
+  if [ -f ".gpu/fms/resources/gemv/$name.json" ]; then echo "part T: $name already has a table, skipped"; return; fi
+  step gemv_table_rows2 300 python3 scripts/bench_gemv.py --rows 2 --write_table "$OUT/$name.json" \
+    --results_dir "$OUT/gemv_sweep_rows2"
+  [ -f "$OUT/$name.json" ] || { echo "part T: no table written"; return; }
+  rm -rf .wT && cp -r .gpu .wT && cp "$OUT/$name.json" .wT/fms/resources/gemv/ && echo "wT: $(cat .wT/COMMIT) + $name.json"
+  serving_1b gpu1 wT1 wT2 gpu2
+}
+part_a() { step argmax_probe 120 python3 ../final_project/results/session31/argmax_probe.py "$OUT/argmax_probe.json"; }
+part_f() { step prefill_profile 150 python3 ../final_project/results/session31/prefill_profile.py "$OUT/prefill_profile.json"; }
+part_F() {
+  step prefill_trace 150 python3 ../final_project/results/session31/prefill_profile.py "$OUT/prefill_trace.json" \
+    --trace "$OUT/prefill_trace.json.gz"
+}
+part_S() { serving_1b gpu1 wA1 wA2 gpu2; }
+part_p() {
+  step profile_1b 200 python3 scripts/profile_serving.py --num_requests 128 --prompt_range 64,512 --output_len 128 \
+    --step_batch_sizes 1,8,32,64,128 --kernel_batch_sizes 1,128 --top 40 --results_dir "$OUT/profile_1b"
+}
+run_parts "$PART"
