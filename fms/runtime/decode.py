@@ -27,6 +27,7 @@ from fms.modules.masks import AttentionVariant
 from fms.runtime.compiled import compile_forward
 from fms.runtime.sampler import SamplingTensors, TokenLogprobs, host_logprobs, logprobs_of, needs_sampling, sample
 from fms.runtime.sampling_params import MAX_LOGPROBS, SamplingParams
+from fms.runtime.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -72,12 +73,6 @@ def _step_logprobs(logits, tokens, step_index, out_logprobs, out_top_ids, out_to
     out_logprobs.index_copy_(0, at, chosen[None])
     out_top_ids.index_copy_(0, at, top_ids[None])
     out_top_logprobs.index_copy_(0, at, top_logprobs[None])
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 class DecodeWindowRunner:
@@ -304,7 +299,7 @@ class DecodeWindowRunner:
     def _read_logprobs(self, rows: Sequence[DecodeRow], num_steps: Sequence[int]) -> list[list[TokenLogprobs] | None]:
         """The window's recorded log-probabilities, for the rows that asked."""
         asked = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
-        index = torch.tensor(asked, device=self.out_logprobs.device)
+        index = to_device(torch.tensor(asked, dtype=torch.long), self.out_logprobs.device)
         steps = max(num_steps)
         chosen = self.out_logprobs[:steps].index_select(1, index).T  # (A, steps)
         top_ids = self.out_top_ids[:steps].index_select(1, index).transpose(0, 1)  # (A, steps, K)

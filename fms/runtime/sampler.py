@@ -19,6 +19,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from fms.runtime.sampling_params import SamplingParams
+from fms.runtime.transfer import to_device
 
 _MASK32 = 0xFFFFFFFF
 
@@ -74,7 +75,7 @@ class SamplingTensors:
     @classmethod
     def build(cls, params: Sequence[SamplingParams], seeds: Sequence[int], vocab_size: int, device):
         floats, longs = cls.pack(params, seeds, vocab_size)
-        floats, longs = floats.to(device), longs.to(device)
+        floats, longs = to_device(floats, device), to_device(longs, device)
         return cls(floats[:, 0], longs[:, 0], floats[:, 1], longs[:, 1])
 
 

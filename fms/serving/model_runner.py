@@ -20,8 +20,9 @@ from fms.modules.masks import AttentionVariant
 from fms.cache.base import SequenceCache
 from fms.cache.paged import Q_BLOCK_SIZE
 from fms.runtime.compiled import compile_forward
-from fms.runtime.decode import DecodeRow, DecodeWindowRunner, to_device as _to_device, why_no_graphs
+from fms.runtime.decode import DecodeRow, DecodeWindowRunner, why_no_graphs
 from fms.runtime.sampler import SamplingTensors, TokenLogprobs, host_logprobs, logprobs_of, needs_sampling, sample
+from fms.runtime.transfer import to_device as _to_device
 from fms.serving.config import EngineConfig
 from fms.serving.scheduler import SchedulerOutput
 
@@ -163,13 +164,15 @@ class ModelRunner:
             if needs_sampling([c.params for c in picked]):
                 params = SamplingTensors.build([c.params for c in picked], [c.seed for c in picked],
                                                self.vocab_size, self.device)
-            positions = torch.tensor([c.start_position + len(c.token_ids) for c in picked], device=self.device)
+            # not torch.tensor(..., device=): its copy would wait for the forward just queued (fms.runtime.transfer)
+            ends = [c.start_position + len(c.token_ids) for c in picked]
+            positions = _to_device(torch.tensor(ends, dtype=torch.long), self.device)
             logits = torch.stack([logits_of[i] for i in rows])
             tokens = sample(logits, params, positions)
             asked = [j for j, c in enumerate(picked) if c.params.logprobs is not None]
             device_logprobs = None
             if asked:  # the rows that asked, on the device, before the decode window is launched
-                index = torch.tensor(asked, device=self.device)
+                index = _to_device(torch.tensor(asked, dtype=torch.long), self.device)
                 k = max(picked[j].params.logprobs for j in asked)
                 device_logprobs = logprobs_of(logits.index_select(0, index), tokens.index_select(0, index), k)
             pending = rows, tokens, asked, device_logprobs

@@ -9,6 +9,7 @@ from fms.runtime.decode import DecodeRow, DecodeWindowRunner, why_no_graphs
 from fms.runtime.inputs import as_int, eos_token_ids, prompt_batch
 from fms.runtime.sampling_params import SamplingParams, check_seed
 from fms.runtime.sampler import SamplingTensors, needs_sampling, sample
+from fms.runtime.transfer import to_device
 
 
 def _per_prompt_counts(max_new_tokens, num_prompts: int) -> list[int]:
@@ -163,8 +164,8 @@ class Generator:
         cache, num_new = self.cache, [len(c) for c in chunks]
         meta = cache.prepare(seq_ids, num_new)  # reserve through the KV manager, apply, build the metadata
         width = meta.query_len
-        tokens = torch.tensor([c + [0] * (width - len(c)) for c in chunks], dtype=torch.long).to(self.device)
-        last = torch.tensor([n - 1 for n in num_new], device=self.device)
+        tokens = to_device(torch.tensor([c + [0] * (width - len(c)) for c in chunks], dtype=torch.long), self.device)
+        last = to_device(torch.tensor([n - 1 for n in num_new], dtype=torch.long), self.device)
         return self.model(tokens, attn_name=self.op.name, logits_positions=last, cache=cache, meta=meta)[:, 0]
 
     def _decode(self, rows: list[DecodeRow]) -> list[list[int]]:
@@ -268,4 +269,4 @@ def _sample_first(logits, params, base_seed: int, prompt_lens: list[int]) -> tor
     rows = len(prompt_lens)
     tensors = SamplingTensors.build([params] * rows, [base_seed + i for i in range(rows)], logits.shape[-1],
                                     logits.device)
-    return sample(logits, tensors, torch.tensor(prompt_lens, device=logits.device))
+    return sample(logits, tensors, to_device(torch.tensor(prompt_lens, dtype=torch.long), logits.device))
