@@ -186,7 +186,8 @@ class DecodeWindowRunner:
         self.tokens[start:end] = 0
         self.positions[start:end] = 0
         self.ends[start:end] = 0
-        self.rows[start:end] = self.cache.idle_window_rows(start, end).to(self.rows.device)
+        # not .to(device): in a step that also prefills, that copy would wait for the queued forward
+        self.rows[start:end] = to_device(self.cache.idle_window_rows(start, end), self.rows.device)
         if self.state_slots is not None:
             self.state_slots[start:end] = self.cache.state_pool.scratch_slot
 
