@@ -1,11 +1,12 @@
 """Where a full prefill step's GPU time goes: the engine as `fms serve` builds it (Llama-3.2-1B shape, random weights),
-one step of 28 prompts x 292 tokens (8,176 tokens, the serving workload's full step) warmed twice, then timed with
-CUDA events three times and profiled once (torch.profiler, kernels by device time). With --trace, the profiled
+one step of 28 prompts x 292 tokens (8,176 tokens, the serving workload's full step; with --mixed 27 prompts and 28
+requests decoding, as the workload's later prefill steps) warmed twice, then timed with CUDA events three times and
+profiled once (torch.profiler, kernels by device time). With --trace, the profiled
 step's chrome trace is also written (gzip) and read back for where the GPU waited: every gap between kernels of at
 least 20 us, and for the largest, the host op that launched the kernel ending it (from the launch's correlation id)
 and how long after the gap began that launch happened (a launch at the gap's end: the GPU was waiting on the host).
 
-    python prefill_profile.py OUT.json [--trace TRACE.json.gz]
+    python prefill_profile.py OUT.json [--trace TRACE.json.gz] [--mixed]
 """
 import json
 import random
@@ -53,7 +54,7 @@ def gpu_gaps(events: list[dict], min_us: float = 20.0, top: int = 15) -> dict:
             "gap_total_us": sum(g[0] for g in gaps), "min_us": min_us, "largest": rows}
 
 
-def main(out, trace=None):
+def main(out, trace=None, mixed=False):
     from torch.profiler import ProfilerActivity, profile
 
     from fms.serving import SamplingParams
@@ -61,19 +62,31 @@ def main(out, trace=None):
     engine, cuda, variant = build_served_engine()
     vocab = engine.model.config.vocab_size
     rng = random.Random(0)
-    report = {"device": torch.cuda.get_device_name(0), "variant": variant, "prompts": 28, "tokens_each": 292,
-              "steps": []}
+    prompts = 27 if mixed else 28  # with 28 decode rows, 27 prompts keep the step inside its 8,192-token budget
+    sync = torch.cuda.synchronize if cuda else (lambda: None)  # the CPU (llama micro, uncompiled): a check only
+    report = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "variant": variant, "prompts": prompts, "tokens_each": 292,
+              "decode_rows": 28 if mixed else 0, "steps": []}
 
     def one_step():
+        running = []
+        if mixed:  # 28 requests already prefilled, so that the timed step also decodes them (a mixed step)
+            running = [engine.add_request([rng.randrange(4, vocab) for _ in range(64)],
+                                          SamplingParams(max_tokens=64, ignore_eos=True)) for _ in range(28)]
+            engine.step()
         ids = [engine.add_request([rng.randrange(4, vocab) for _ in range(292)],
-                                  SamplingParams(max_tokens=2, ignore_eos=True)) for _ in range(28)]
-        torch.cuda.synchronize()
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record(); t0 = time.perf_counter()
+                                  SamplingParams(max_tokens=2, ignore_eos=True)) for _ in range(prompts)]
+        sync()
+        s, e = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if cuda else (None, None)
+        if cuda:
+            s.record()
+        t0 = time.perf_counter()
         engine.step()
-        t1 = time.perf_counter(); e.record(); torch.cuda.synchronize()
-        row = {"step_wall_ms": 1e3 * (t1 - t0), "gpu_ms": s.elapsed_time(e)}
-        for rid in ids:
+        t1 = time.perf_counter()
+        if cuda:
+            e.record()
+        sync()
+        row = {"step_wall_ms": 1e3 * (t1 - t0), "gpu_ms": s.elapsed_time(e) if cuda else None}
+        for rid in running + ids:
             engine.abort(rid)
             engine.pop_output(rid)
         return row
@@ -83,7 +96,7 @@ def main(out, trace=None):
         row["warm"] = i < 2
         report["steps"].append(row)
         print(json.dumps(row), flush=True)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         one_step()
     kernels = [{"name": k.key[:160], "count": k.count, "device_us": k.self_device_time_total}
                for k in prof.key_averages() if k.self_device_time_total > 0]
@@ -115,5 +128,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("output")
     parser.add_argument("--trace", default=None, help="also write the profiled step's chrome trace here (gzip)")
+    parser.add_argument("--mixed", action="store_true", help="each step also decodes 28 requests prefilled before it")
     args = parser.parse_args()
-    main(args.output, args.trace)
+    main(args.output, args.trace, args.mixed)
