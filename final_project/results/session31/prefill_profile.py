@@ -54,6 +54,22 @@ def gpu_gaps(events: list[dict], min_us: float = 20.0, top: int = 15) -> dict:
             "gap_total_us": sum(g[0] for g in gaps), "min_us": min_us, "largest": rows}
 
 
+def timed_ms(fn, cuda: bool) -> tuple[float, float | None]:
+    """fn() from an idle device: (host ms until it returns, CUDA-event ms from its start to the device's end of it)."""
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if cuda else []
+    if cuda:
+        torch.cuda.synchronize()
+        events[0].record()
+    t0 = time.perf_counter()
+    fn()
+    wall = time.perf_counter() - t0
+    if not cuda:
+        return 1e3 * wall, None
+    events[1].record()
+    torch.cuda.synchronize()
+    return 1e3 * wall, events[0].elapsed_time(events[1])
+
+
 def main(out, trace=None, mixed=False):
     from torch.profiler import ProfilerActivity, profile
 
@@ -63,7 +79,7 @@ def main(out, trace=None, mixed=False):
     vocab = engine.model.config.vocab_size
     rng = random.Random(0)
     prompts = 27 if mixed else 28  # with 28 decode rows, 27 prompts keep the step inside its 8,192-token budget
-    sync = torch.cuda.synchronize if cuda else (lambda: None)  # the CPU (llama micro, uncompiled): a check only
+    # on the CPU (llama micro, uncompiled) the script only checks itself
     report = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "variant": variant, "prompts": prompts, "tokens_each": 292,
               "decode_rows": 28 if mixed else 0, "steps": []}
 
@@ -75,17 +91,8 @@ def main(out, trace=None, mixed=False):
             engine.step()
         ids = [engine.add_request([rng.randrange(4, vocab) for _ in range(292)],
                                   SamplingParams(max_tokens=2, ignore_eos=True)) for _ in range(prompts)]
-        sync()
-        s, e = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if cuda else (None, None)
-        if cuda:
-            s.record()
-        t0 = time.perf_counter()
-        engine.step()
-        t1 = time.perf_counter()
-        if cuda:
-            e.record()
-        sync()
-        row = {"step_wall_ms": 1e3 * (t1 - t0), "gpu_ms": s.elapsed_time(e) if cuda else None}
+        wall_ms, gpu_ms = timed_ms(engine.step, cuda)
+        row = {"step_wall_ms": wall_ms, "gpu_ms": gpu_ms}
         for rid in running + ids:
             engine.abort(rid)
             engine.pop_output(rid)
