@@ -22,6 +22,7 @@ only one-token rows (decode) there; a compiled prefill traces F.linear (`one_tok
 
 import functools
 import json
+import os
 import re
 from pathlib import Path
 
@@ -137,6 +138,9 @@ BLOCKS = (2, 1024, 4, 2)
 # on that GPU: a kernel config, or "cublas" where F.linear was faster. One JSON file per device name (as
 # torch.cuda.get_device_name gives it, non-alphanumerics as "_"). Shapes a table does not list use BLOCKS.
 TABLE_DIR = Path(__file__).resolve().parents[1] / "resources" / "gemv"
+# A folder of the user's own tables (a GPU with none shipped, or more shapes), as vLLM's VLLM_TUNED_CONFIG_FOLDER for
+# its MoE kernels: for a device, its entries are taken over the shipped table's.
+TABLE_DIR_ENV = "FMS_GEMV_TABLE_DIR"
 CUBLAS = "cublas"
 
 
@@ -182,10 +186,30 @@ def write_table(path: Path, device_name: str, entries: list[dict], source: dict)
     read_table(path)
 
 
+def tables_for(device_name: str, user_dir: str | None = None) -> dict:
+    """The table fms uses on a GPU of this name: the shipped one's entries, then those of the same file name in
+    user_dir (FMS_GEMV_TABLE_DIR) over them. ValueError if user_dir is not a folder or a table is invalid."""
+    table = {}
+    shipped = table_path(device_name)
+    if shipped.is_file():
+        table.update(read_table(shipped))
+    if user_dir:
+        if not Path(user_dir).is_dir():
+            raise ValueError(f"{TABLE_DIR_ENV}={user_dir!r} is not a folder; it names a folder of GEMV tables "
+                             f"(scripts/bench_gemv.py --write_table FOLDER writes one there)")
+        own = table_path(device_name, Path(user_dir))
+        if own.is_file():
+            table.update(read_table(own))
+    return table
+
+
 @functools.cache
+def _tables(device_name: str, user_dir: str | None) -> dict:
+    return tables_for(device_name, user_dir)
+
+
 def _table_for(device_index: int) -> dict:
-    path = table_path(torch.cuda.get_device_name(device_index))
-    return read_table(path) if path.is_file() else {}
+    return _tables(torch.cuda.get_device_name(device_index), os.environ.get(TABLE_DIR_ENV) or None)
 
 
 def table_choice(device_index: int, rows: int, n: int, k: int, silu_mul: bool):

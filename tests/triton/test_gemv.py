@@ -402,6 +402,39 @@ def test_every_shipped_table_reads_and_is_named_for_its_device():
             assert (2, n, k, silu_mul) in table, (path.name, n, k, silu_mul)
 
 
+def test_a_user_table_folder_adds_to_and_overrides_the_shipped_table(tmp_path, monkeypatch):
+    """FMS_GEMV_TABLE_DIR: the user's table for the device is read over the shipped one (its entries win, the rest
+    stay); the engine's lookup (table_choice on a device index) follows the variable; a bad folder or table is refused
+    naming it."""
+    shipped = gemv_mod.read_table(gemv_mod.table_path("NVIDIA H200"))
+    key = (2, 3072, 2048, False)
+    assert key in shipped and shipped[key] != (8, 64, 2, 3)
+    gemv_mod.write_table(gemv_mod.table_path("NVIDIA H200", tmp_path), "NVIDIA H200",
+                         [{"rows": 2, "n": 3072, "k": 2048, "silu_mul": False, "choice": [8, 64, 2, 3]},
+                          {"rows": 2, "n": 4096, "k": 14336, "silu_mul": False, "choice": "cublas"}], {"command": "t"})
+    merged = gemv_mod.tables_for("NVIDIA H200", str(tmp_path))
+    assert merged[key] == (8, 64, 2, 3) and merged[(2, 4096, 14336, False)] == gemv_mod.CUBLAS
+    assert {k: v for k, v in merged.items() if k not in (key, (2, 4096, 14336, False))} == \
+        {k: v for k, v in shipped.items() if k != key}
+    assert gemv_mod.tables_for("Some Other GPU", str(tmp_path)) == {}  # no table of its name anywhere
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "NVIDIA H200")
+    gemv_mod._tables.cache_clear()
+    try:
+        monkeypatch.setenv(gemv_mod.TABLE_DIR_ENV, str(tmp_path))
+        assert gemv_mod.table_choice(0, 2, 3072, 2048, False) == (8, 64, 2, 3)
+        monkeypatch.delenv(gemv_mod.TABLE_DIR_ENV)
+        assert gemv_mod.table_choice(0, 2, 3072, 2048, False) == shipped[key]
+        monkeypatch.setenv(gemv_mod.TABLE_DIR_ENV, str(tmp_path / "missing"))
+        with pytest.raises(ValueError, match="FMS_GEMV_TABLE_DIR=.*missing.* is not a folder"):
+            gemv_mod.table_choice(0, 2, 3072, 2048, False)
+    finally:
+        gemv_mod._tables.cache_clear()
+    gemv_mod.table_path("NVIDIA H200", tmp_path).write_text("{}")
+    with pytest.raises(ValueError, match="GEMV table .*NVIDIA_H200.json"):
+        gemv_mod.tables_for("NVIDIA H200", str(tmp_path))
+
+
 @torch.no_grad()
 def test_the_table_picks_the_kernel_config_or_cublas_per_shape(monkeypatch):
     """_rows_linear takes this GPU's table's choice for the shape and row count: its block sizes, or F.linear where
