@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from fms.entrypoints.cli import main
 from fms.utils.tokenizers import DEFAULT_TOKENIZER_PATH, get_tokenizer
@@ -55,6 +56,22 @@ def test_serve_refuses_a_bad_burst_wait_before_loading_anything(value, capsys):
 def test_unknown_command_and_benchmark(capsys):
     assert main(["srve"]) == 2 and "unknown command 'srve'" in capsys.readouterr().err
     assert main(["bench", "nope"]) == 2 and "unknown benchmark 'nope'" in capsys.readouterr().err
+
+
+def test_bench_gemv_takes_a_model_shape_and_refuses_a_bad_one(capsys):
+    """`fms bench gemv` (fms.bench.gemv): --model ARCHITECTURE:VARIANT gives that model's projection shapes; a bad
+    spec is a usage error naming it; without a GPU it stops saying so."""
+    from fms.bench.gemv import model_shapes
+
+    assert model_shapes("llama:3.1-8b") == {"hidden": 4096, "intermediate": 14336, "qkv": 6144, "vocab": 128256}
+    assert model_shapes("llama:3.2-1b") == {"hidden": 2048, "intermediate": 8192, "qkv": 3072, "vocab": 128256}
+    for spec, message in (("llama", "--model must be ARCHITECTURE:VARIANT"), ("llama:9b", "unknown variant '9b'")):
+        with pytest.raises(SystemExit) as exc:
+            main(["bench", "gemv", "--model", spec])
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA device here"):
+            main(["bench", "gemv", "--rows", "2"])
 
 
 def test_generate_with_random_weights(capsys):

@@ -1,4 +1,4 @@
-"""The `fms` command: serve, generate, bench {serve,throughput,latency,static,startup}, eval.
+"""The `fms` command: serve, generate, bench {serve,throughput,latency,static,startup,targets,gemv}, eval.
 
     fms serve --architecture llama --variant micro --port 8000     an OpenAI-compatible server
     fms generate ./checkpoint --prompt "Hello"                      prompts in, text out
@@ -37,6 +37,8 @@ BENCH_SUBCOMMANDS = {
     "static": "static-batch inference per attention op (scripts/benchmark_inference.py)",
     "startup": "engine start-up by phase, cold and warm, in fresh processes (scripts/bench_startup.py)",
     "targets": "issue 19's table of targets: each row's benchmark run, met or not (scripts/bench_targets.py)",
+    "gemv": "the decode GEMV kernel against cuBLAS per block size on this GPU; --write_table FOLDER writes its table "
+            "(FMS_GEMV_TABLE_DIR)",
 }
 
 
@@ -184,6 +186,10 @@ def _bench(argv: list[str]) -> int:
         bench_cli.startup_main(rest)
     elif name == "targets":
         bench_cli.targets_main(rest)
+    elif name == "gemv":
+        from fms.bench.gemv import main as gemv_main
+
+        gemv_main(rest, prog="fms bench gemv")
     else:
         bench_cli.static_main(rest)
     return 0

@@ -467,13 +467,7 @@ def test_the_table_picks_the_kernel_config_or_cublas_per_shape(monkeypatch):
 
 
 def test_bench_gemv_writes_the_fastest_choice_per_shape_and_merges(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "bench_gemv", Path(__file__).resolve().parents[2] / "scripts" / "bench_gemv.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from fms.bench import gemv as bench
     rows = [{"rows": 2, "n": 3072, "k": 2048, "cublas_us": 6.4, "triton_us": 7.4, "triton_best_cfg": (2, 1024, 4, 2)},
             {"rows": 2, "n": 2048, "k": 8192, "cublas_us": 13.6, "triton_us": 12.0, "triton_best_cfg": (4, 512, 4, 2),
              "fused_silu_mul_us": 27.9, "fused_silu_mul_cfg": (2, 1024, 4, 2), "silu_mul_then_cublas_us": 15.1}]
