@@ -105,8 +105,8 @@ def main(argv=None, prog=None):
                    help="sweep block sizes, or time only the engine's default (fms.triton.gemv.BLOCKS)")
     p.add_argument("--results_dir", default=None)
     p.add_argument("--write_table", default=None, metavar="PATH",
-                   help="merge the fastest choice per shape into this GEMV table (default name for this GPU: "
-                        "fms/resources/gemv/<device name>.json)")
+                   help="merge the fastest choice per shape into this GEMV table file, or into FOLDER/<this GPU's "
+                        "name>.json for a folder (fms/resources/gemv, or your FMS_GEMV_TABLE_DIR)")
     args = p.parse_args(argv)
     # what ran, for the results and the table's source: `fms bench gemv ...` or `python scripts/bench_gemv.py ...`
     command = " ".join([prog, *argv] if prog and argv is not None else ["python", *sys.argv])
