@@ -22,7 +22,7 @@ from fms.cache.paged import Q_BLOCK_SIZE
 from fms.runtime.compiled import compile_forward
 from fms.runtime.decode import DecodeRow, DecodeWindowRunner, why_no_graphs
 from fms.runtime.sampler import SamplingTensors, TokenLogprobs, host_logprobs, logprobs_of, needs_sampling, sample
-from fms.runtime.transfer import to_device as _to_device
+from fms.runtime.transfer import to_device
 from fms.serving.config import EngineConfig
 from fms.serving.scheduler import SchedulerOutput
 
@@ -166,13 +166,13 @@ class ModelRunner:
                                                self.vocab_size, self.device)
             # not torch.tensor(..., device=): its copy would wait for the forward just queued (fms.runtime.transfer)
             ends = [c.start_position + len(c.token_ids) for c in picked]
-            positions = _to_device(torch.tensor(ends, dtype=torch.long), self.device)
+            positions = to_device(torch.tensor(ends, dtype=torch.long), self.device)
             logits = torch.stack([logits_of[i] for i in rows])
             tokens = sample(logits, params, positions)
             asked = [j for j, c in enumerate(picked) if c.params.logprobs is not None]
             device_logprobs = None
             if asked:  # the rows that asked, on the device, before the decode window is launched
-                index = _to_device(torch.tensor(asked, dtype=torch.long), self.device)
+                index = to_device(torch.tensor(asked, dtype=torch.long), self.device)
                 k = max(picked[j].params.logprobs for j in asked)
                 device_logprobs = logprobs_of(logits.index_select(0, index), tokens.index_select(0, index), k)
             pending = rows, tokens, asked, device_logprobs
@@ -210,12 +210,12 @@ class ModelRunner:
         context = [c.start_position for c in chunks]
         if kind == "packed":
             meta = self.cache.build_meta(seq_ids, context, num_new, packed=True)
-            tokens = _to_device(torch.tensor([[t for c in chunks for t in c.token_ids]], dtype=torch.long),
+            tokens = to_device(torch.tensor([[t for c in chunks for t in c.token_ids]], dtype=torch.long),
                                 self.device)
             ends = list(itertools.accumulate(num_new))
             # A lone chunk asks for its last token's logits twice: a (1, 1) logits_positions would make the
             # dynamic-shape compile specialize on one sequence and compile the prefill a second time.
-            last = _to_device(torch.tensor([ends * (2 if len(ends) == 1 else 1)], dtype=torch.long) - 1, self.device)
+            last = to_device(torch.tensor([ends * (2 if len(ends) == 1 else 1)], dtype=torch.long) - 1, self.device)
             self.num_eager_forwards += 1
             return self._packed_forward(tokens, meta, last)[0, :len(ends)]  # (B, V)
         query_len = None
@@ -226,8 +226,8 @@ class ModelRunner:
         meta = self.cache.build_meta(seq_ids, context, num_new, query_len=query_len)
         width = meta.query_len
         rows = [c.token_ids + [0] * (width - len(c.token_ids)) for c in chunks]
-        tokens = _to_device(torch.tensor(rows, dtype=torch.long), self.device)
-        last = _to_device(torch.tensor([n - 1 for n in num_new], dtype=torch.long), self.device)
+        tokens = to_device(torch.tensor(rows, dtype=torch.long), self.device)
+        last = to_device(torch.tensor([n - 1 for n in num_new], dtype=torch.long), self.device)
         self.num_eager_forwards += 1
         return self.model(tokens, attn_name=self.attn_name, cache=self.cache, meta=meta,
                           logits_positions=last)[:, 0]  # (B, V)

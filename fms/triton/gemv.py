@@ -196,7 +196,7 @@ def tables_for(device_name: str, user_dir: str | None = None) -> dict:
     if user_dir:
         if not Path(user_dir).is_dir():
             raise ValueError(f"{TABLE_DIR_ENV}={user_dir!r} is not a folder; it names a folder of GEMV tables "
-                             f"(scripts/bench_gemv.py --write_table FOLDER writes one there)")
+                             f"(`fms bench gemv --write_table FOLDER` writes one there)")
         own = table_path(device_name, Path(user_dir))
         if own.is_file():
             table.update(read_table(own))

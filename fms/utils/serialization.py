@@ -193,8 +193,10 @@ STAGING_SLOT_BYTES = 64 << 20
 STAGING_SLOTS = 4
 
 
-def _pread_into(view: memoryview, fd: int, at: int, end: int) -> None:
-    """view <- its length of bytes of the open file fd from offset at (end: where the tensor ends, for the error)."""
+def _pread_into(dst: torch.Tensor, fd: int, at: int, end: int) -> None:
+    """dst (a contiguous 1-D uint8 CPU tensor) <- its numel bytes of the open file fd from offset at (end: where the
+    tensor ends, for the error)."""
+    view = memoryview(dst.numpy())
     got = 0
     while got < len(view):
         n = os.preadv(fd, [view[got:]], at + got)
@@ -214,8 +216,7 @@ def _read_direct(jobs: list[tuple[int, int, torch.Tensor]], piece_bytes: int = S
             size = dst.numel()
             for start in range(0, size, piece_bytes):
                 piece = dst[start:start + piece_bytes]
-                futures.append(pool.submit(_pread_into, memoryview(piece.numpy()), fd, offset + start,
-                                           offset + size))
+                futures.append(pool.submit(_pread_into, piece, fd, offset + start, offset + size))
             total += size
     for future in futures:
         future.result()
@@ -291,9 +292,6 @@ class _HostStaging:
         the open file fd at offset. Every job is cut into pieces of at most slot_bytes; num_slots pieces are read
         at once on threads (from one tensor or the next ones alike), and each is sent to the device, in order, once
         read (issued like to_device). Raises OSError if a file ends early."""
-        def fill(slot: torch.Tensor, fd: int, at: int, end: int) -> None:
-            _pread_into(memoryview(slot.numpy()), fd, at, end)
-
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.num_slots, thread_name_prefix="fms-ckpt-read")
         pending = []  # (slot index, slot, destination, future) in the order they are sent
@@ -308,7 +306,7 @@ class _HostStaging:
                         self._send(i, slot, to)
                     i, slot = self._slot(n)
                     pending.append((i, slot, dst[start:start + n],
-                                    self._pool.submit(fill, slot, fd, offset + start, offset + total)))
+                                    self._pool.submit(_pread_into, slot, fd, offset + start, offset + total)))
             for i, slot, to, future in pending:
                 future.result()
                 self._send(i, slot, to)
