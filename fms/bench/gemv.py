@@ -1,21 +1,24 @@
-"""Batch-1 (or --rows 2) GEMV timing on the GPU: cuBLAS (F.linear) against fms.triton.gemv's Triton kernel.
+"""Decode projection timing on the GPU: cuBLAS (F.linear) against fms.triton.gemv's Triton GEMV kernel (1 or 2 rows)
+and fms.triton.splitk's split-K kernel (the engine's larger batch buckets, up to 256 rows).
 
 For each weight shape of a model (Llama-3.2-1B by default), 16 distinct weights (one per layer,
 so that L2 holds none of them) are multiplied by --rows rows in a CUDA graph of 16 launches, the way
 a graphed decode step runs them; the graph is replayed and timed with CUDA events. The Triton
 kernel is swept over block sizes; the best configuration per shape is reported beside cuBLAS.
-The SwiGLU down projection is also timed fused (silu(gate) * up computed in the GEMV) against a
-compiled silu-mul kernel followed by cuBLAS.
+The SwiGLU down projection is also timed fused (silu(gate) * up computed in the kernel) against the
+engine's silu-mul kernel followed by cuBLAS.
 
     fms bench gemv --results_dir final_project/results/session5       # or python scripts/bench_gemv.py ...
     fms bench gemv --rows 2 --configs tuned   # batch-2 decode, the engine's default config only
     fms bench gemv --rows 1 --write_table fms/resources/gemv/NVIDIA_H200.json   # this GPU's shipped table
     fms bench gemv --rows 2 --model llama:3.1-8b --write_table $FMS_GEMV_TABLE_DIR   # your own, another model
+    fms bench gemv --rows 4,8,16,32,64,128,256 --write_table fms/resources/gemv   # the batch buckets' split-K table
 
 Shapes: Llama-3.2-1B's by default, --model ARCHITECTURE:VARIANT for a registered model's (its hidden, intermediate,
 fused q/k/v rows and vocabulary), or --hidden/--intermediate/--qkv/--vocab.
 
---configs tuned times what the engine runs (this GPU's table where it lists the shape, else BLOCKS).
+--configs tuned times what the engine runs (this GPU's table where it lists the shape, else BLOCKS; above two rows,
+cuBLAS where the table lists no split-K config).
 --write_table merges the fastest choice per shape (a kernel config, or cuBLAS) into a GEMV table
 (fms/resources/gemv/README.md), which fms.triton.gemv reads on that GPU.
 """
@@ -30,7 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from fms.bench.results import run_metadata
-from fms.triton.gemv import BLOCKS, CUBLAS, MAX_ROWS, gemv, read_table, table_choice, table_path, write_table
+from fms.triton.gemv import (BLOCKS, CUBLAS, MAX_ROWS, gemv, read_table, silu_mul_rows, table_choice, table_path,
+                             write_table)
+from fms.triton.splitk import MAX_DOT_ROWS, candidate_configs, splitk_linear
 
 
 def graph_time_us(fn, calls: int, replays: int) -> float:
@@ -55,11 +60,12 @@ def graph_time_us(fn, calls: int, replays: int) -> float:
     return start.elapsed_time(end) * 1000 / (replays * calls)
 
 
-def sweep(configs, k: int, time_us):
-    """time_us(cfg) for every config whose BLOCK_K divides k -> (best cfg, its us, {str(cfg): us or why not})."""
-    timings, best = {}, None
+def sweep(configs, k: int, time_us, dot: bool = False):
+    """time_us(cfg) for every config whose BLOCK_K (times SPLIT_K for the split-K kernel's, dot) divides k
+    -> (best cfg, its us, {str(cfg): us or why not}); (None, None, {}) when none is timed."""
+    timings, best = {}, (None, None)
     for cfg in configs:
-        if k % cfg[1]:
+        if k % (cfg[1] * cfg[2] if dot else cfg[1]):
             continue
         try:
             t = time_us(cfg)
@@ -67,7 +73,7 @@ def sweep(configs, k: int, time_us):
             timings[str(cfg)] = f"failed: {type(e).__name__}"
             continue
         timings[str(cfg)] = t
-        if best is None or t < best[1]:
+        if best[0] is None or t < best[1]:
             best = (cfg, t)
     return best[0], best[1], timings
 
@@ -100,7 +106,9 @@ def main(argv=None, prog=None):
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--replays", type=int, default=50)
-    p.add_argument("--rows", type=int, default=1, help="input rows (1 to fms.triton.gemv.MAX_ROWS)")
+    p.add_argument("--rows", default="1",
+                   help="input rows, or a comma-separated list (1 to fms.triton.gemv.MAX_ROWS: the GEMV kernel; up to "
+                        "fms.triton.splitk.MAX_DOT_ROWS: the split-K kernel, for the engine's larger batch buckets)")
     p.add_argument("--configs", choices=("sweep", "tuned"), default="sweep",
                    help="sweep block sizes, or time only the engine's default (fms.triton.gemv.BLOCKS)")
     p.add_argument("--results_dir", default=None)
@@ -115,57 +123,37 @@ def main(argv=None, prog=None):
             vars(args).update(model_shapes(args.model))
         except (ValueError, KeyError) as e:
             p.error(str(e.args[0] if e.args else e))
-    if not 1 <= args.rows <= MAX_ROWS:  # more rows would time cuBLAS under the kernel's name (gemv hands them on)
-        p.error(f"--rows must be in [1, {MAX_ROWS}] (the rows the GEMV kernel takes), got {args.rows}")
+    try:
+        row_counts = [int(r) for r in str(args.rows).split(",")]
+    except ValueError:
+        p.error(f"--rows must be a row count or a comma-separated list of them, got {args.rows!r}")
+    bad = [r for r in row_counts if not 1 <= r <= MAX_DOT_ROWS]
+    if bad:  # more rows would time cuBLAS under a kernel's name (gemv hands them on)
+        p.error(f"--rows must be in [1, {MAX_DOT_ROWS}] (1 to {MAX_ROWS}: the GEMV kernel; more: the split-K "
+                f"kernel), got {bad[0]}")
     if not torch.cuda.is_available():
         sys.exit("the GEMV benchmark times GPU kernels; no CUDA device here")
-    dev, dt = torch.device("cuda"), torch.bfloat16
+    dev = torch.device("cuda")
     h, i_ = args.hidden, args.intermediate
     shapes = {"qkv": (args.qkv, h), "o": (h, h), "gate_up": (2 * i_, h), "down": (h, i_), "lm_head": (args.vocab, h)}
-    configs = list(itertools.product((1, 2, 4, 8, 16), (128, 256, 512, 1024), (2, 4, 8), (2,)))
-
-    def engine_configs(n, k, silu_mul):  # what the engine runs for this shape: the table's kernel choice or BLOCKS
-        choice = table_choice(torch.cuda.current_device(), args.rows, n, k, silu_mul)
-        return [BLOCKS if choice == CUBLAS else choice]
-
     rows, full = [], {}
-    for name, (n, k) in shapes.items():
-        copies = 1 if name == "lm_head" else args.layers
-        weights = [torch.randn(n, k, device=dev, dtype=dt) / k ** 0.5 for _ in range(copies)]
-        x = torch.randn(args.rows, k, device=dev, dtype=dt)
-        xx = torch.randn(args.rows, 2 * k, device=dev, dtype=dt)
-        calls = args.layers
-        nbytes = n * k * 2  # the weight: the rows' inputs and outputs are noise beside it
-        ref = F.linear(x, weights[0]).float()
-        timings = {"cublas": graph_time_us(lambda j: F.linear(x, weights[j % copies]), calls, args.replays)}
-        best_cfg, best_us, full[name] = sweep(
-            engine_configs(n, k, False) if args.configs == "tuned" else configs, k, lambda cfg: graph_time_us(lambda j: gemv(x, weights[j % copies], blocks=cfg), calls,
-                                                  args.replays))
-        err = (gemv(x, weights[0], blocks=best_cfg).float() - ref).abs().max().item()
-        row = {"shape": name, "rows": args.rows, "n": n, "k": k, "cublas_us": timings["cublas"],
-               "cublas_tb_s": nbytes / timings["cublas"] / 1e6, "triton_best_cfg": best_cfg,
-               "triton_us": best_us, "triton_tb_s": nbytes / best_us / 1e6, "triton_max_abs_err": err}
-        if name == "down":
-            silu_mul = torch.compile(lambda t: F.silu(t[:, :k]) * t[:, k:])
-            row["silu_mul_then_cublas_us"] = graph_time_us(lambda j: F.linear(silu_mul(xx), weights[j]), calls,
-                                                           args.replays)
-            row["fused_silu_mul_cfg"], row["fused_silu_mul_us"], _ = sweep(
-                engine_configs(n, k, True) if args.configs == "tuned" else configs, k, lambda cfg: graph_time_us(lambda j: gemv(xx, weights[j], silu_mul=True, blocks=cfg),
-                                                      calls, args.replays))
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    print(f"\n{'shape':>8} {'N':>7} {'K':>5} {'cuBLAS us':>10} {'TB/s':>5} {'Triton us':>10} {'TB/s':>5}  best cfg")
+    for count in row_counts:
+        got_rows, got_full = time_shapes(args, shapes, count, dev)
+        rows += got_rows
+        full.update({f"{name}@{count}": sweep_us for name, sweep_us in got_full.items()})
+    print(f"\n{'rows':>4} {'shape':>8} {'N':>7} {'K':>5} {'cuBLAS us':>10} {'TB/s':>5} {'Triton us':>10} {'TB/s':>5}  "
+          f"best cfg")
     for r in rows:
-        print(f"{r['shape']:>8} {r['n']:>7} {r['k']:>5} {r['cublas_us']:>10.2f} {r['cublas_tb_s']:>5.2f} "
+        print(f"{r['rows']:>4} {r['shape']:>8} {r['n']:>7} {r['k']:>5} {r['cublas_us']:>10.2f} {r['cublas_tb_s']:>5.2f} "
               f"{r['triton_us']:>10.2f} {r['triton_tb_s']:>5.2f}  {r['triton_best_cfg']}")
-    down = next(r for r in rows if r["shape"] == "down")
-    print(f"down with SwiGLU: silu-mul kernel + cuBLAS {down['silu_mul_then_cublas_us']:.2f} us, "
-          f"fused Triton {down['fused_silu_mul_us']:.2f} us {down['fused_silu_mul_cfg']}")
+    for down in (r for r in rows if r["shape"] == "down"):
+        print(f"down with SwiGLU at {down['rows']} rows: silu-mul kernel + cuBLAS {down['silu_mul_then_cublas_us']:.2f} "
+              f"us, fused Triton {down['fused_silu_mul_us']:.2f} us {down['fused_silu_mul_cfg']}")
     if args.results_dir:
         os.makedirs(args.results_dir, exist_ok=True)
         out = {"metadata": run_metadata(command, dev), "rows": rows, "sweep_us": full}
-        with open(os.path.join(args.results_dir, "bench_gemv.json" if args.rows == 1
-                                                   else f"bench_gemv_rows{args.rows}.json"), "w") as f:
+        label = "" if row_counts == [1] else "_rows" + "_".join(map(str, row_counts))
+        with open(os.path.join(args.results_dir, f"bench_gemv{label}.json"), "w") as f:
             json.dump(out, f, indent=1)
     if args.write_table:
         name = torch.cuda.get_device_name(dev)
@@ -175,6 +163,67 @@ def main(argv=None, prog=None):
         entries = merge_entries(path, table_entries(rows))
         write_table(path, name, entries, run_metadata(command, dev))
         print(f"wrote {len(entries)} entries to {path}")
+
+
+GEMV_CONFIGS = list(itertools.product((1, 2, 4, 8, 16), (128, 256, 512, 1024), (2, 4, 8), (2,)))
+
+
+def time_shapes(args, shapes: dict, count: int, dev) -> tuple[list[dict], dict]:
+    """Time every shape at `count` input rows: cuBLAS against the GEMV kernel's configs (count <= MAX_ROWS) or the
+    split-K kernel's (more), each also with the SwiGLU down projection fused. -> (result rows, {shape: sweep})."""
+    dt = torch.bfloat16
+    dot = count > MAX_ROWS
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+
+    def configs_for(n, k, silu_mul):
+        if args.configs == "tuned":  # what the engine runs: the table's choice (BLOCKS, or cuBLAS above MAX_ROWS)
+            choice = table_choice(torch.cuda.current_device(), count, n, k, silu_mul)
+            return [] if dot and choice == CUBLAS else [BLOCKS if choice == CUBLAS else choice]
+        return candidate_configs(count, n, k, sms) if dot else GEMV_CONFIGS
+
+    def kernel(x, w, silu_mul, cfg):
+        return splitk_linear(x, w, None, silu_mul, cfg) if dot else gemv(x, w, silu_mul=silu_mul, blocks=cfg)
+
+    def best_of(n, k, silu_mul, time_us):
+        got = sweep(configs_for(n, k, silu_mul), k, time_us, dot)
+        if dot and args.configs == "sweep" and got[0] is not None:  # the three best again with more warps or stages
+            timed = sorted((t, c) for c, t in got[2].items() if isinstance(t, float))[:3]
+            more = [(*eval(c)[:3], w, st) for _, c in timed for w, st in ((8, 3), (4, 4), (8, 4))]
+            extra = sweep([c for c in more if str(c) not in got[2]], k, time_us, dot)
+            got[2].update(extra[2])
+            if extra[0] is not None and extra[1] < got[1]:
+                got = (extra[0], extra[1], got[2])
+        return got
+
+    rows, full = [], {}
+    for name, (n, k) in shapes.items():
+        copies = 1 if name == "lm_head" else args.layers
+        weights = [torch.randn(n, k, device=dev, dtype=dt) / k ** 0.5 for _ in range(copies)]
+        x = torch.randn(count, k, device=dev, dtype=dt)
+        xx = torch.randn(count, 2 * k, device=dev, dtype=dt)
+        calls = args.layers
+        nbytes = n * k * 2  # the weight: the rows' inputs and outputs are noise beside it
+        ref = F.linear(x, weights[0]).float()
+        cublas_us = graph_time_us(lambda j: F.linear(x, weights[j % copies]), calls, args.replays)
+        best_cfg, best_us, full[name] = best_of(n, k, False, lambda cfg: graph_time_us(
+            lambda j: kernel(x, weights[j % copies], False, cfg), calls, args.replays))
+        if best_cfg is None:  # tuned, and the engine runs cuBLAS here
+            best_cfg, best_us = CUBLAS, cublas_us
+        err = (F.linear(x, weights[0]) if best_cfg == CUBLAS else kernel(x, weights[0], False, best_cfg)).float()
+        row = {"shape": name, "rows": count, "n": n, "k": k, "cublas_us": cublas_us,
+               "cublas_tb_s": nbytes / cublas_us / 1e6, "triton_best_cfg": best_cfg,
+               "triton_us": best_us, "triton_tb_s": nbytes / best_us / 1e6,
+               "triton_max_abs_err": (err - ref).abs().max().item()}
+        if name == "down":  # the engine's unfused path: the SwiGLU kernel, then cuBLAS
+            row["silu_mul_then_cublas_us"] = graph_time_us(lambda j: F.linear(silu_mul_rows(xx), weights[j]), calls,
+                                                           args.replays)
+            cfg, us, _ = best_of(n, k, True, lambda cfg: graph_time_us(lambda j: kernel(xx, weights[j], True, cfg),
+                                                                         calls, args.replays))
+            row["fused_silu_mul_cfg"], row["fused_silu_mul_us"] = (cfg, us) if cfg is not None \
+                else (CUBLAS, row["silu_mul_then_cublas_us"])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows, full
 
 
 def table_entries(rows: list[dict]) -> list[dict]:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from fms.triton.rmsnorm import rms_norm_reference, rms_norm_rows
+from fms.triton.splitk import MAX_DOT_ROWS, check_config, splitk_linear
 from fms.triton.support import can_run_triton, tl, triton
 
 # Input rows the kernel multiplies in one pass over the weight: batch-1 decode (padded to the engine's batch-2
@@ -148,9 +149,12 @@ def table_path(device_name: str, folder: Path | None = None) -> Path:
     return Path(folder or TABLE_DIR) / (re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") + ".json")
 
 
-def _check_choice(choice, where: str):
+def _check_choice(choice, where: str, rows: int = 1, k: int = 0):
+    """A table entry's choice: CUBLAS, GEMV blocks for rows <= MAX_ROWS, a split-K config (fms.triton.splitk) above."""
     if choice == CUBLAS:
         return CUBLAS
+    if rows > MAX_ROWS:
+        return check_config(choice, k, f"{where}: choice for {rows} rows (split-K kernel)")
     if (isinstance(choice, (list, tuple)) and len(choice) == 4
             and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in choice)):
         return tuple(choice)
@@ -159,7 +163,8 @@ def _check_choice(choice, where: str):
 
 
 def read_table(path: Path) -> dict[tuple[int, int, int, bool], tuple | str]:
-    """{(rows, n, k, silu_mul): blocks tuple or CUBLAS} from a table file; ValueError naming the file and entry."""
+    """{(rows, n, k, silu_mul): blocks tuple or CUBLAS} from a table file; ValueError naming the file and entry.
+    Entries for more than MAX_ROWS rows (up to MAX_DOT_ROWS) hold a split-K config (fms.triton.splitk) or CUBLAS."""
     try:
         entries = json.loads(Path(path).read_text())["entries"]
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -172,10 +177,10 @@ def read_table(path: Path) -> dict[tuple[int, int, int, bool], tuple | str]:
         except (KeyError, TypeError):
             raise ValueError(f"{where}: needs rows, n, k, silu_mul and choice, got {entry!r}") from None
         if not (all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in key[:3])
-                and isinstance(key[3], bool) and key[0] <= MAX_ROWS):
-            raise ValueError(f"{where}: rows (1 to {MAX_ROWS}), n and k must be ints >= 1 and silu_mul a bool, "
+                and isinstance(key[3], bool) and key[0] <= MAX_DOT_ROWS):
+            raise ValueError(f"{where}: rows (1 to {MAX_DOT_ROWS}), n and k must be ints >= 1 and silu_mul a bool, "
                              f"got {entry!r}")
-        table[key] = _check_choice(entry.get("choice"), where)
+        table[key] = _check_choice(entry.get("choice"), where, key[0], key[2])
     return table
 
 
@@ -213,14 +218,25 @@ def _table_for(device_index: int) -> dict:
 
 
 def table_choice(device_index: int, rows: int, n: int, k: int, silu_mul: bool):
-    """The table's choice on this CUDA device for rows of a (n, k) weight (blocks or CUBLAS), else BLOCKS."""
-    return _table_for(device_index).get((rows, n, k, silu_mul), BLOCKS)
+    """The table's choice on this CUDA device for rows of a (n, k) weight (blocks or CUBLAS), else BLOCKS. Above
+    MAX_ROWS: the split-K config of the entry for these rows, else of the nearest entry for more rows (a config
+    timed at 128 rows serves 100), else CUBLAS: a shape the table does not list stays on cuBLAS."""
+    table = _table_for(device_index)
+    if rows <= MAX_ROWS:
+        return table.get((rows, n, k, silu_mul), BLOCKS)
+    return _dot_choice(table, rows, n, k, silu_mul)
+
+
+def _dot_choice(table: dict, rows: int, n: int, k: int, silu_mul: bool):
+    # a scan of a few dozen entries (~3 us): a graphed decode step asks only while it is captured, an eager one per call
+    tabled = [r for r, *shape in table if r > MAX_ROWS and r >= rows and shape == [n, k, silu_mul]]
+    return table[(min(tabled), n, k, silu_mul)] if tabled else CUBLAS
 
 
 def tuned_choice(x: torch.Tensor, weight: torch.Tensor, rows: int, silu_mul: bool):
-    """table_choice for x's device and this weight; BLOCKS off CUDA."""
+    """table_choice for x's device and this weight; BLOCKS off CUDA (CUBLAS above MAX_ROWS)."""
     if not x.is_cuda:
-        return BLOCKS
+        return BLOCKS if rows <= MAX_ROWS else CUBLAS
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     return table_choice(index, rows, *weight.shape, silu_mul)
 
@@ -350,7 +366,13 @@ def _rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if norm_weight is not None:
         rows = rms_norm_rows(rows, norm_weight, eps) if can_run_triton(rows.device) \
             else rms_norm_reference(rows, norm_weight, eps)
-    elif silu_mul:
+    dot = CUBLAS
+    if MAX_ROWS < rows.shape[0] <= MAX_DOT_ROWS and can_run_triton(rows.device):
+        dot = tuned_choice(rows, weight, rows.shape[0], silu_mul)
+    if dot != CUBLAS:  # this GPU's table timed the split-K kernel faster than cuBLAS at these rows
+        out = splitk_linear(rows, weight, bias, silu_mul, dot, out_shape=(*lead, weight.shape[0]))
+        return add_residual(out, residual, residual_scale)
+    if silu_mul and norm_weight is None:
         rows = silu_mul_rows(rows.contiguous())
     return add_residual(F.linear(rows.reshape(*lead, rows.shape[-1]), weight, bias), residual, residual_scale)
 

@@ -369,15 +369,23 @@ def test_table_round_trip_and_bad_tables_are_refused_naming_the_file_and_entry(t
     path = gemv_mod.table_path("NVIDIA H200", tmp_path)
     assert path.name == "NVIDIA_H200.json"
     entries = [{"rows": 1, "n": 3072, "k": 2048, "silu_mul": False, "choice": [4, 512, 8, 2], "us": 6.1},
-               {"rows": 2, "n": 128256, "k": 2048, "silu_mul": False, "choice": "cublas", "us": 127.0}]
+               {"rows": 2, "n": 128256, "k": 2048, "silu_mul": False, "choice": "cublas", "us": 127.0},
+               {"rows": 128, "n": 2048, "k": 8192, "silu_mul": True, "choice": [64, 128, 4, 4, 3], "us": 20.0}]
     gemv_mod.write_table(path, "NVIDIA H200", entries, {"command": "test"})
     assert gemv_mod.read_table(path) == {(1, 3072, 2048, False): (4, 512, 8, 2),
-                                         (2, 128256, 2048, False): gemv_mod.CUBLAS}
+                                         (2, 128256, 2048, False): gemv_mod.CUBLAS,
+                                         (128, 2048, 8192, True): (64, 128, 4, 4, 3)}
     bad = tmp_path / "bad.json"
     for body, message in ((["x"], "not a JSON object with 'entries'"),
                           ({"entries": [{"rows": 1, "n": 8}]}, "entry 0: needs rows, n, k, silu_mul and choice"),
-                          ({"entries": [{"rows": 3, "n": 8, "k": 8, "silu_mul": False, "choice": "cublas"}]},
-                           r"entry 0: rows \(1 to 2\)"),
+                          ({"entries": [{"rows": 257, "n": 8, "k": 8, "silu_mul": False, "choice": "cublas"}]},
+                           r"entry 0: rows \(1 to 256\)"),
+                          ({"entries": [{"rows": 8, "n": 8, "k": 64, "silu_mul": False, "choice": [4, 512, 8, 2]}]},
+                           r"entry 0: choice for 8 rows \(split-K kernel\): must be \[BLOCK_N, BLOCK_K, SPLIT_K"),
+                          ({"entries": [{"rows": 8, "n": 8, "k": 64, "silu_mul": False,
+                                         "choice": [32, 64, 2, 4, 3]}]},
+                           r"entry 0: choice for 8 rows \(split-K kernel\): K=64 is not a multiple of SPLIT_K \* "
+                           r"BLOCK_K = 128"),
                           ({"entries": [{"rows": 1, "n": 8, "k": 8, "silu_mul": False, "choice": [4, 0, 1, 1]}]},
                            r"entry 0: choice must be 'cublas' or \[BLOCK_N, BLOCK_K, num_warps, num_stages\]")):
         bad.write_text(__import__("json").dumps(body))

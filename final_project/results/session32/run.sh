@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Session 32 device run. Usage: run.sh FINAL PARTS (carry .gpu; `bash final_project/results/build_trees.sh .gpu:REV`).
+# Raw files in /tmp/raw_PART, packed into FINAL/PART.tgz after each step.
+#   part k (~200 s): fms bench gemv --rows 8,32,128: the split-K kernel against cuBLAS at the engine's batch buckets,
+#     written as a table into /tmp/raw_k/tables (FMS_GEMV_TABLE_DIR for part S)
+#   part S (~170 s): issue 19's 1B serving + batch-1 in .gpu without the table, with it, with it, without
+#   part q (~150 s): skinny_probe.py (the same kernel's sweep, standalone; with inductor's max-autotune beside)
+set -u
+FINAL=${1:?final out dir}; PART=${2:?part}
+OUT=/tmp/raw_$PART; mkdir -p "$OUT"
+source final_project/results/device_steps.sh
+TABLES=/tmp/raw_k/tables
+part_k() {
+  mkdir -p "$TABLES"
+  step splitk_table 300 python3 scripts/bench_gemv.py --rows "${ROWS:-8,32,128}" --write_table "$TABLES" \
+    --results_dir "$OUT/splitk_sweep"
+  ls "$TABLES"; cp -r "$TABLES" "$OUT/"
+}
+part_S() {
+  [ -n "$(ls $TABLES 2>/dev/null)" ] || { echo "part S: no table in $TABLES (run part k first)"; return; }
+  serving_1b gpu1
+  FMS_GEMV_TABLE_DIR=$TABLES serving_1b gpu3 gpu4
+  serving_1b gpu2
+}
+part_q() {
+  step skinny_probe 200 python3 ../final_project/results/session32/skinny_probe.py "$OUT/skinny_probe.json" \
+    --rows 128 --autotune --budget_s 150
+}
+run_parts "$PART"
