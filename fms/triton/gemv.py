@@ -234,9 +234,18 @@ def _dot_choice(table: dict, rows: int, n: int, k: int, silu_mul: bool):
 
 
 def tuned_choice(x: torch.Tensor, weight: torch.Tensor, rows: int, silu_mul: bool):
-    """table_choice for x's device and this weight; BLOCKS off CUDA (CUBLAS above MAX_ROWS)."""
+    """table_choice for x's device and this weight (rows up to MAX_ROWS: the GEMV kernel's); BLOCKS off CUDA."""
     if not x.is_cuda:
-        return BLOCKS if rows <= MAX_ROWS else CUBLAS
+        return BLOCKS
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return table_choice(index, rows, *weight.shape, silu_mul)
+
+
+def tuned_dot_choice(x: torch.Tensor, weight: torch.Tensor, rows: int, silu_mul: bool):
+    """For more than MAX_ROWS rows: table_choice's split-K config for x's device and this weight, or CUBLAS (also
+    off CUDA)."""
+    if not x.is_cuda:
+        return CUBLAS
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     return table_choice(index, rows, *weight.shape, silu_mul)
 
@@ -368,7 +377,7 @@ def _rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             else rms_norm_reference(rows, norm_weight, eps)
     dot = CUBLAS
     if MAX_ROWS < rows.shape[0] <= MAX_DOT_ROWS and can_run_triton(rows.device):
-        dot = tuned_choice(rows, weight, rows.shape[0], silu_mul)
+        dot = tuned_dot_choice(rows, weight, rows.shape[0], silu_mul)
     if dot != CUBLAS:  # this GPU's table timed the split-K kernel faster than cuBLAS at these rows
         out = splitk_linear(rows, weight, bias, silu_mul, dot, out_shape=(*lead, weight.shape[0]))
         return add_residual(out, residual, residual_scale)

@@ -1,0 +1,157 @@
+"""The split-K decode kernel (fms.triton.splitk: the engine's batch buckets above two rows) against torch, and how
+fms.triton.gemv hands it the rows its GPU table chose it for.
+
+On CPU the kernel runs in Triton's interpreter (tests/conftest.py), where its tiles are multiplied in fp32 (the
+interpreter multiplies bf16 tiles wrongly). The reference is a float64 matmul of the same inputs; bf16 outputs are
+within 2 bf16 ulps of the output's scale (each side rounds once; the kernel rounds silu(gate) * up to bf16 first,
+as the layers do).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton", reason="triton is not installed; the split-K kernel needs it")
+
+from fms.triton import gemv as gemv_mod
+from fms.triton.splitk import MAX_DOT_ROWS, candidate_configs, check_config, splitk_linear
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _reference64(x, w, b=None, silu_mul=False):
+    if silu_mul:
+        gate, up = x.chunk(2, dim=-1)
+        x = F.silu(gate.float()).mul(up.float()).to(x.dtype)  # rounded once, as the layers' unfused expression
+    out = x.double() @ w.double().T
+    return out if b is None else out + b.double()
+
+
+def _inputs(m, n, k, dtype, silu_mul=False, bias=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, 2 * k if silu_mul else k, generator=g).to(DEVICE, dtype)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(DEVICE, dtype)
+    b = torch.randn(n, generator=g).to(DEVICE, dtype) if bias else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("m, n, k, config, silu_mul, bias", [
+    (3, 96, 256, (32, 64, 2, 4, 3), False, False),    # rows under one 16-row tile, two K slices
+    (20, 80, 512, (64, 128, 1, 4, 3), True, True),    # no split, N not a multiple of BLOCK_N, SwiGLU and bias
+    (33, 64, 512, (32, 64, 8, 4, 3), True, True),     # 8 K slices summed by the reduce kernel, with the bias
+    (128, 48, 256, (16, 64, 4, 4, 2), False, True),   # a full 128-row tile
+])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@torch.no_grad()
+def test_splitk_equals_the_reference(m, n, k, config, silu_mul, bias, dtype):
+    x, w, b = _inputs(m, n, k, dtype, silu_mul, bias, seed=m)
+    got = splitk_linear(x, w, b, silu_mul, config)
+    assert got.shape == (m, n) and got.dtype == dtype
+    ref = _reference64(x, w, b, silu_mul)
+    if dtype == torch.float32:
+        # the GPU's tl.dot multiplies fp32 in tf32 by default: 10-bit mantissas
+        tol = 1e-4 if DEVICE == "cpu" else 2e-2
+        torch.testing.assert_close(got.double(), ref, atol=tol * ref.abs().max().item(), rtol=0)
+    else:
+        ulp = 2.0 ** -7 * ref.abs().max().item()
+        assert (got.double() - ref).abs().max().item() <= 2 * ulp
+
+
+@torch.no_grad()
+def test_splitk_is_the_same_on_every_run_and_into_a_new_tensor_of_out_shape():
+    """The partial sums are added in a fixed order (no atomics): two runs give the same bits. out_shape gives a
+    fresh (B, 1, N) tensor, not a view of a 2-D one (see fms.triton.gemv._rows_linear)."""
+    x, w, b = _inputs(24, 64, 512, torch.bfloat16, bias=True, seed=3)
+    first = splitk_linear(x, w, b, False, (32, 64, 4, 4, 3), out_shape=(24, 1, 64))
+    second = splitk_linear(x, w, b, False, (32, 64, 4, 4, 3), out_shape=(24, 1, 64))
+    assert first.shape == (24, 1, 64) and first._base is None
+    assert torch.equal(first, second)
+
+
+def test_bad_inputs_and_configs_are_refused_naming_the_value():
+    x, w, _ = _inputs(4, 32, 128, torch.float32)
+    with pytest.raises(ValueError, match=r"1 to 256 rows of 128 values .* got x of shape \(4, 64\)"):
+        splitk_linear(x[:, :64], w, None, False, (32, 64, 1, 4, 3))
+    with pytest.raises(ValueError, match=r"1 to 256 rows of 256 values .*silu_mul"):
+        splitk_linear(x, w, None, True, (32, 64, 1, 4, 3))
+    big = torch.zeros(MAX_DOT_ROWS + 1, 128, device=DEVICE)
+    with pytest.raises(ValueError, match="got x of shape \\(257, 128\\)"):
+        splitk_linear(big, w, None, False, (32, 64, 1, 4, 3))
+    with pytest.raises(ValueError, match=r"K=128 is not a multiple of SPLIT_K \* BLOCK_K = 256"):
+        splitk_linear(x, w, None, False, (32, 64, 4, 4, 3))
+    with pytest.raises(ValueError, match=r"powers of two >= 16 .*\(24, 64, 1, 4, 3\)"):
+        check_config((24, 64, 1, 4, 3), 128)
+    with pytest.raises(ValueError, match=r"\[BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages\] .*got \(32, 64, 1\)"):
+        check_config((32, 64, 1), 128)
+
+
+def test_candidate_configs_fill_the_gpu_and_divide_k():
+    """The sweep's configs: SPLIT_K * BLOCK_K divides K, and each gives between half the SMs and 16x their count in
+    programs: a 2048-wide output (o) is split along K, a 16384-wide one (gate|up) mostly is not."""
+    for n, k in ((2048, 2048), (16384, 2048), (2048, 8192)):
+        configs = candidate_configs(128, n, k, sms=132)
+        assert configs
+        for block_n, block_k, split_k, _, _ in configs:
+            assert k % (block_k * split_k) == 0
+            assert 66 <= -(-n // block_n) * split_k <= 16 * 132
+    assert all(c[2] > 1 for c in candidate_configs(128, 2048, 2048, sms=132) if c[0] == 128)
+
+
+def test_the_table_lists_split_k_configs_above_two_rows_and_the_nearest_larger_entry_serves(tmp_path, monkeypatch):
+    """Above MAX_ROWS, table_choice gives the entry for these rows, else the one for the fewest rows above them (a
+    config timed at 32 rows serves 20), else CUBLAS: an unlisted shape, or more rows than any entry, stays on
+    cuBLAS. Rows up to MAX_ROWS keep the GEMV default."""
+    gemv_mod.write_table(gemv_mod.table_path("Test GPU", tmp_path), "Test GPU", [
+        {"rows": 8, "n": 2048, "k": 2048, "silu_mul": False, "choice": [32, 128, 4, 4, 3]},
+        {"rows": 32, "n": 2048, "k": 2048, "silu_mul": False, "choice": "cublas"},
+        {"rows": 128, "n": 2048, "k": 2048, "silu_mul": False, "choice": [64, 64, 8, 8, 4]},
+        {"rows": 128, "n": 2048, "k": 8192, "silu_mul": True, "choice": [64, 128, 4, 4, 3]}], {"command": "t"})
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Test GPU")
+    monkeypatch.setenv(gemv_mod.TABLE_DIR_ENV, str(tmp_path))
+    gemv_mod._tables.cache_clear()
+    try:
+        choice = lambda rows, n=2048, k=2048, silu=False: gemv_mod.table_choice(0, rows, n, k, silu)  # noqa: E731
+        assert choice(8) == (32, 128, 4, 4, 3) and choice(4) == (32, 128, 4, 4, 3)
+        assert choice(20) == gemv_mod.CUBLAS and choice(32) == gemv_mod.CUBLAS
+        assert choice(64) == (64, 64, 8, 8, 4) and choice(128) == (64, 64, 8, 8, 4)
+        assert choice(256) == gemv_mod.CUBLAS
+        assert choice(128, 2048, 8192, True) == (64, 128, 4, 4, 3)
+        assert choice(128, 2048, 8192, False) == gemv_mod.CUBLAS  # the SwiGLU entry is its own shape
+        assert choice(100, 3072, 2048) == gemv_mod.CUBLAS
+        assert choice(2) == gemv_mod.BLOCKS
+    finally:
+        gemv_mod._tables.cache_clear()
+
+
+@torch.no_grad()
+def test_gemv_hands_rows_above_two_to_the_split_k_kernel_where_the_table_chose_it(monkeypatch):
+    """gemv (the layers' entry, and the op fms::gemv under torch.compile) sends 3-256 rows to the split-K kernel
+    with the table's config, SwiGLU fused, the residual added after; to cuBLAS where the table chose it or lists
+    nothing. Every path returns a new tensor of the input's leading shape."""
+    table = {(16, 64, 256): (32, 64, 2, 4, 3), (16, 48, 128, True): (16, 64, 2, 4, 3)}
+    monkeypatch.setattr(gemv_mod, "tuned_dot_choice", lambda x, weight, rows, silu_mul: table.get(
+        (rows, *weight.shape, True) if silu_mul else (rows, *weight.shape), gemv_mod.CUBLAS))
+    launched = []
+    real = gemv_mod.splitk_linear
+
+    def counted(x, weight, bias, silu_mul, config, out_shape=None):
+        launched.append((x.shape[0], silu_mul, config))
+        return real(x, weight, bias, silu_mul, config, out_shape)
+
+    monkeypatch.setattr(gemv_mod, "splitk_linear", counted)
+    x, w, b = _inputs(16, 64, 256, torch.float32, bias=True, seed=11)
+    res = torch.randn(16, 1, 64).to(DEVICE)
+    got = gemv_mod._rows_linear(x.view(16, 1, 256), w, b, False, residual=res)
+    assert got.shape == (16, 1, 64)
+    torch.testing.assert_close(got.double(), _reference64(x, w, b).view(16, 1, 64) + res.double(),
+                               atol=2e-2 if DEVICE == "cuda" else 1e-4, rtol=0)
+    h, down, _ = _inputs(16, 48, 128, torch.bfloat16, silu_mul=True, seed=12)
+    got = gemv_mod._rows_linear(h.view(16, 1, 256), down, None, True)
+    assert got.shape == (16, 1, 48) and got._base is None
+    ref = _reference64(h, down, silu_mul=True)
+    assert (got.view(16, 48).double() - ref).abs().max().item() <= 2 * 2.0 ** -7 * ref.abs().max().item()
+    assert launched == [(16, False, (32, 64, 2, 4, 3)), (16, True, (16, 64, 2, 4, 3))]
+    launched.clear()  # unlisted rows and shapes: cuBLAS (F.linear), not the kernel
+    x8, _, _ = _inputs(8, 64, 256, torch.float32, seed=13)
+    torch.testing.assert_close(gemv_mod._rows_linear(x8, w, None, False), F.linear(x8, w))
+    assert launched == []
