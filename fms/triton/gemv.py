@@ -218,19 +218,10 @@ def _table_for(device_index: int) -> dict:
 
 
 def table_choice(device_index: int, rows: int, n: int, k: int, silu_mul: bool):
-    """The table's choice on this CUDA device for rows of a (n, k) weight (blocks or CUBLAS), else BLOCKS. Above
-    MAX_ROWS: the split-K config of the entry for these rows, else of the nearest entry for more rows (a config
-    timed at 128 rows serves 100), else CUBLAS: a shape the table does not list stays on cuBLAS."""
-    table = _table_for(device_index)
-    if rows <= MAX_ROWS:
-        return table.get((rows, n, k, silu_mul), BLOCKS)
-    return _dot_choice(table, rows, n, k, silu_mul)
-
-
-def _dot_choice(table: dict, rows: int, n: int, k: int, silu_mul: bool):
-    # a scan of a few dozen entries (~3 us): a graphed decode step asks only while it is captured, an eager one per call
-    tabled = [r for r, *shape in table if r > MAX_ROWS and r >= rows and shape == [n, k, silu_mul]]
-    return table[(min(tabled), n, k, silu_mul)] if tabled else CUBLAS
+    """The table's choice on this CUDA device for rows of a (n, k) weight: blocks or CUBLAS, else BLOCKS up to
+    MAX_ROWS; above, a split-K config or CUBLAS, else CUBLAS (a row count the table does not list stays on cuBLAS:
+    only measured choices change what runs, and the engine's decode graphs run at its batch buckets' row counts)."""
+    return _table_for(device_index).get((rows, n, k, silu_mul), BLOCKS if rows <= MAX_ROWS else CUBLAS)
 
 
 def tuned_choice(x: torch.Tensor, weight: torch.Tensor, rows: int, silu_mul: bool):

@@ -97,10 +97,9 @@ def test_candidate_configs_fill_the_gpu_and_divide_k():
     assert all(c[2] > 1 for c in candidate_configs(128, 2048, 2048, sms=132) if c[0] == 128)
 
 
-def test_the_table_lists_split_k_configs_above_two_rows_and_the_nearest_larger_entry_serves(tmp_path, monkeypatch):
-    """Above MAX_ROWS, table_choice gives the entry for these rows, else the one for the fewest rows above them (a
-    config timed at 32 rows serves 20), else CUBLAS: an unlisted shape, or more rows than any entry, stays on
-    cuBLAS. Rows up to MAX_ROWS keep the GEMV default."""
+def test_the_table_lists_split_k_configs_above_two_rows_and_unlisted_rows_stay_on_cublas(tmp_path, monkeypatch):
+    """Above MAX_ROWS, table_choice gives the entry for exactly these rows (the engine's batch buckets) and CUBLAS
+    for rows or shapes the table does not list. Rows up to MAX_ROWS keep the GEMV default."""
     gemv_mod.write_table(gemv_mod.table_path("Test GPU", tmp_path), "Test GPU", [
         {"rows": 8, "n": 2048, "k": 2048, "silu_mul": False, "choice": [32, 128, 4, 4, 3]},
         {"rows": 32, "n": 2048, "k": 2048, "silu_mul": False, "choice": "cublas"},
@@ -111,13 +110,12 @@ def test_the_table_lists_split_k_configs_above_two_rows_and_the_nearest_larger_e
     gemv_mod._tables.cache_clear()
     try:
         choice = lambda rows, n=2048, k=2048, silu=False: gemv_mod.table_choice(0, rows, n, k, silu)  # noqa: E731
-        assert choice(8) == (32, 128, 4, 4, 3) and choice(4) == (32, 128, 4, 4, 3)
-        assert choice(20) == gemv_mod.CUBLAS and choice(32) == gemv_mod.CUBLAS
-        assert choice(64) == (64, 64, 8, 8, 4) and choice(128) == (64, 64, 8, 8, 4)
-        assert choice(256) == gemv_mod.CUBLAS
+        assert choice(8) == (32, 128, 4, 4, 3) and choice(128) == (64, 64, 8, 8, 4)
+        assert choice(32) == gemv_mod.CUBLAS
+        assert choice(4) == choice(64) == choice(100) == choice(256) == gemv_mod.CUBLAS  # not listed
         assert choice(128, 2048, 8192, True) == (64, 128, 4, 4, 3)
         assert choice(128, 2048, 8192, False) == gemv_mod.CUBLAS  # the SwiGLU entry is its own shape
-        assert choice(100, 3072, 2048) == gemv_mod.CUBLAS
+        assert choice(128, 3072, 2048) == gemv_mod.CUBLAS
         assert choice(2) == gemv_mod.BLOCKS
     finally:
         gemv_mod._tables.cache_clear()

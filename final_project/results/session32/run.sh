@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Session 32 device run. Usage: run.sh FINAL PARTS (carry .gpu; `bash final_project/results/build_trees.sh .gpu:REV`).
 # Raw files in /tmp/raw_PART, packed into FINAL/PART.tgz after each step.
-#   part k (~200 s): fms bench gemv --rows 8,32,128: the split-K kernel against cuBLAS at the engine's batch buckets,
+#   part k (~150 s): tests/triton/test_splitk.py on the GPU (the bf16 tl.dot path the CPU's interpreter cannot run),
+#     then fms bench gemv --rows ${ROWS:-128}: the split-K kernel against cuBLAS at the engine's batch-128 bucket,
 #     written as a table into /tmp/raw_k/tables (FMS_GEMV_TABLE_DIR for part S)
 #   part S (~170 s): issue 19's 1B serving + batch-1 in .gpu without the table, with it, with it, without
 #   part q (~150 s): skinny_probe.py (the same kernel's sweep, standalone; with inductor's max-autotune beside)
@@ -12,7 +13,8 @@ source final_project/results/device_steps.sh
 TABLES=/tmp/raw_k/tables
 part_k() {
   mkdir -p "$TABLES"
-  step splitk_table 300 python3 scripts/bench_gemv.py --rows "${ROWS:-8,32,128}" --write_table "$TABLES" \
+  step splitk_tests 120 python3 -m pytest -q -p no:cacheprovider tests/triton/test_splitk.py
+  step splitk_table 300 python3 scripts/bench_gemv.py --rows "${ROWS:-128}" --write_table "$TABLES" \
     --results_dir "$OUT/splitk_sweep"
   ls "$TABLES"; cp -r "$TABLES" "$OUT/"
 }
