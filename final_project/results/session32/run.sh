@@ -15,7 +15,7 @@ part_k() {
   mkdir -p "$TABLES"
   step splitk_tests 120 python3 -m pytest -q -p no:cacheprovider tests/triton/test_splitk.py
   grep -q "^exit 0 " "$OUT/log_splitk_tests.txt" || { echo "part k: the kernel's tests failed on the GPU: no table"; return; }
-  step splitk_table 300 python3 scripts/bench_gemv.py --rows "${ROWS:-128}" --write_table "$TABLES" \
+  step splitk_table ${SWEEP_LIMIT:-150} python3 scripts/bench_gemv.py --rows "${ROWS:-128}" --write_table "$TABLES" \
     --results_dir "$OUT/splitk_sweep"
   ls "$TABLES"; cp -r "$TABLES" "$OUT/"
 }
