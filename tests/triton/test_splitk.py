@@ -153,3 +153,63 @@ def test_gemv_hands_rows_above_two_to_the_split_k_kernel_where_the_table_chose_i
     x8, _, _ = _inputs(8, 64, 256, torch.float32, seed=13)
     torch.testing.assert_close(gemv_mod._rows_linear(x8, w, None, False), F.linear(x8, w))
     assert launched == []
+
+
+@torch.no_grad()
+def test_compiled_decode_with_split_k_gives_the_eager_tokens(monkeypatch):
+    """The engine's compiled decode step (scope "layers") at 3 and 4 rows, with every projection given a split-K
+    config (as a GPU table would): the op fms::gemv runs the kernel at run time, and the tokens equal an eager
+    decode through F.linear. On CPU the layers' `fits` is widened to the interpreter's rows (tests/modules/
+    test_fused_norm.py) and every split-K launch is logged, so the check is not vacuous."""
+    from fms.models import get_model
+    from fms.modules import linear as linear_mod
+    from fms.runtime.decode import DecodeWindowRunner
+    from tests.runtime.test_compile_counts import _cache, _windows_equal_eager
+    from tests.triton_interpreter import fits_cpu_rows
+
+    launched, real = [], gemv_mod.splitk_linear
+
+    def counted(x, weight, bias, silu_mul, config, out_shape=None):
+        launched.append((x.shape[0], tuple(weight.shape), silu_mul))
+        return real(x, weight, bias, silu_mul, config, out_shape)
+
+    def config_for(x, weight, rows, silu_mul):
+        k = weight.shape[1]
+        return (16, 16, 2, 1, 1) if k % 32 == 0 else gemv_mod.CUBLAS
+
+    monkeypatch.setattr(gemv_mod, "splitk_linear", counted)
+    monkeypatch.setattr(linear_mod, "fits", fits_cpu_rows(linear_mod.fits))
+    monkeypatch.setattr(gemv_mod, "tuned_dot_choice", config_for)
+    cuda_choice = gemv_mod.tuned_choice
+    monkeypatch.setattr(gemv_mod, "tuned_choice", lambda x, *a: cuda_choice(x, *a) if x.is_cuda else (32, 64, 1, 1))
+    torch._dynamo.reset()
+    plain = get_model("llama", "nano", seed=0, device_type=DEVICE, data_type=torch.float32, head_dim=32)
+    model = get_model("llama", "nano", seed=0, device_type=DEVICE, data_type=torch.float32, head_dim=32)
+    runner = DecodeWindowRunner(model, _cache(model), "paged", max_steps=3, graph_batch_sizes=None,
+                                compile_model=True, compile_scope="layers")
+    runner._set_compiled(True, "aot_eager")
+    # eagerly only rows the GEMV kernel takes go through gemv: the eager runner's 3 and 4 rows run F.linear
+    _windows_equal_eager(model, runner, (3, 4), eager_model=plain)
+    torch._dynamo.reset()
+    shapes = {shape for _, shape, _ in launched}
+    assert {rows for rows, _, _ in launched} == {3, 4}
+    # q|k|v and gate|up (256, 64), o and the SwiGLU down projection (64, 128) (head_dim 32: 128 wide attention)
+    assert shapes >= {(256, 64), (64, 128)} and {silu for *_, silu in launched} == {False, True}
+
+
+def test_bench_gemv_takes_a_list_of_row_counts_and_refuses_rows_no_kernel_takes(capsys):
+    """`fms bench gemv --rows 4,...,256` times the split-K kernel for the larger buckets; a count over 256 or not a
+    number is refused before anything is timed, naming it. A timed split-K row becomes a five-field table entry."""
+    import re
+
+    from fms.bench import gemv as bench
+
+    for rows, message in (("2,300", r"--rows must be in \[1, 256\] .* got 300"),
+                          ("8,x", r"comma-separated list of them, got '8,x'")):
+        with pytest.raises(SystemExit):
+            bench.main(["--rows", rows])
+        assert re.search(message, capsys.readouterr().err)
+    entries = bench.table_entries([{"rows": 128, "n": 2048, "k": 2048, "cublas_us": 9.0, "triton_us": 6.0,
+                                    "triton_best_cfg": (64, 128, 4, 4, 3)}])
+    assert entries == [{"rows": 128, "n": 2048, "k": 2048, "silu_mul": False, "choice": [64, 128, 4, 4, 3],
+                        "us": 6.0, "triton_us": 6.0, "cublas_us": 9.0}]
