@@ -14,7 +14,8 @@ projection. The torch expression each replaces is the reference (`gemv_reference
 uses the kernel at all is its own setting (`KernelConfig.gemv`, fms.modules.kernel_config).
 
 Under torch.compile, `gemv` is the opaque op fms::gemv for any number of rows and decides at run time: the
-kernel for at most MAX_ROWS rows, cuBLAS (after a one-pass SwiGLU kernel where asked) for more. So a graph
+kernel for at most MAX_ROWS rows, cuBLAS (after a one-pass SwiGLU kernel where asked) for more, or the split-K
+kernel (fms.triton.splitk) for 3-256 bf16/fp16 rows where this GPU's table lists it for that row count. So a graph
 compiled with a symbolic batch size holds no guard on it, and the engine's batch-1 decode runs in the batch-2
 graph (one idle row) instead of a second compile of its own: dynamo specializes every size-1 dimension. `fits` sends
 only one-token rows (decode) there; a compiled prefill traces F.linear (`one_token_rows`).
@@ -30,12 +31,12 @@ import torch
 import torch.nn.functional as F
 
 from fms.triton.rmsnorm import rms_norm_reference, rms_norm_rows
-from fms.triton.splitk import MAX_DOT_ROWS, check_config, splitk_linear
+from fms.triton.splitk import HALF_DTYPES, MAX_DOT_ROWS, check_config, splitk_linear
 from fms.triton.support import can_run_triton, tl, triton
 
 # Input rows the kernel multiplies in one pass over the weight: batch-1 decode (padded to the engine's batch-2
-# graph when compiled) and batch-2 decode. More rows go to cuBLAS. The kernel holds one accumulator per row, two
-# of them (TWO_ROWS), so this cannot grow without the kernel.
+# graph when compiled) and batch-2 decode. More rows go to cuBLAS or the split-K kernel (the table's choice). The
+# kernel holds one accumulator per row, two of them (TWO_ROWS), so this cannot grow without the kernel.
 MAX_ROWS = 2
 
 
@@ -226,19 +227,19 @@ def table_choice(device_index: int, rows: int, n: int, k: int, silu_mul: bool):
 
 def tuned_choice(x: torch.Tensor, weight: torch.Tensor, rows: int, silu_mul: bool):
     """table_choice for x's device and this weight (rows up to MAX_ROWS: the GEMV kernel's); BLOCKS off CUDA."""
-    if not x.is_cuda:
-        return BLOCKS
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    return table_choice(index, rows, *weight.shape, silu_mul)
+    return table_choice(_index(x), rows, *weight.shape, silu_mul) if x.is_cuda else BLOCKS
 
 
 def tuned_dot_choice(x: torch.Tensor, weight: torch.Tensor, rows: int, silu_mul: bool):
-    """For more than MAX_ROWS rows: table_choice's split-K config for x's device and this weight, or CUBLAS (also
-    off CUDA)."""
+    """For more than MAX_ROWS rows: table_choice's split-K config for x's device and this weight, or CUBLAS (off
+    CUDA)."""
     if not x.is_cuda:
         return CUBLAS
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    return table_choice(index, rows, *weight.shape, silu_mul)
+    return table_choice(_index(x), rows, *weight.shape, silu_mul)
+
+
+def _index(x: torch.Tensor) -> int:
+    return x.device.index if x.device.index is not None else torch.cuda.current_device()
 
 
 def gemv_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -367,7 +368,9 @@ def _rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         rows = rms_norm_rows(rows, norm_weight, eps) if can_run_triton(rows.device) \
             else rms_norm_reference(rows, norm_weight, eps)
     dot = CUBLAS
-    if MAX_ROWS < rows.shape[0] <= MAX_DOT_ROWS and can_run_triton(rows.device):
+    # bf16 and fp16 only: the tables time bf16, and tl.dot would multiply fp32 as tf32
+    if (MAX_ROWS < rows.shape[0] <= MAX_DOT_ROWS and weight.dtype in HALF_DTYPES and rows.dtype == weight.dtype
+            and can_run_triton(rows.device)):
         dot = tuned_dot_choice(rows, weight, rows.shape[0], silu_mul)
     if dot != CUBLAS:  # this GPU's table timed the split-K kernel faster than cuBLAS at these rows
         out = splitk_linear(rows, weight, bias, silu_mul, dot, out_shape=(*lead, weight.shape[0]))

@@ -22,6 +22,7 @@ from fms.triton.support import tl, triton
 # The most rows the kernel takes: its (BLOCK_M, BLOCK_N) fp32 accumulator lives in registers.
 MAX_DOT_ROWS = 256
 MIN_BLOCK_M = 16  # tl.dot's smallest tile side
+HALF_DTYPES = (torch.bfloat16, torch.float16)  # fp32 would run as tf32 in tl.dot: it stays on cuBLAS
 
 if triton is not None:
 
@@ -47,7 +48,7 @@ if triton is not None:
                 up = tl.load(x_ptrs + K, mask=row_ok[:, None], other=0.0).to(tl.float32)
                 x = (gate * tl.sigmoid(gate) * up).to(w_ptr.dtype.element_ty)
             w = tl.load(w_ptrs, mask=(rn < N)[:, None], other=0.0, eviction_policy="evict_first")
-            if DOT_F32:  # Triton's interpreter multiplies bf16 tiles wrongly; the products are exact in fp32
+            if DOT_F32:  # Triton's interpreter multiplies bf16 tiles wrongly; 16-bit products are exact in fp32
                 acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
             else:
                 acc = tl.dot(x, tl.trans(w), acc)
@@ -102,6 +103,9 @@ def splitk_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise ValueError(f"splitk_linear needs 1 to {MAX_DOT_ROWS} rows of {width} values for a weight of shape "
                          f"{tuple(weight.shape)}{' (silu_mul: [gate | up])' if silu_mul else ''}, "
                          f"got x of shape {tuple(x.shape)}")
+    if weight.dtype not in HALF_DTYPES or x.dtype != weight.dtype:
+        raise ValueError(f"splitk_linear multiplies bf16 or fp16 (tl.dot would round fp32 to tf32), got x "
+                         f"{x.dtype} and weight {weight.dtype}")
     block_n, block_k, split_k, warps, stages = check_config(config, k)
     m = x.shape[0]
     x = x if x.stride(1) == 1 else x.contiguous()
