@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from fms.triton.rmsnorm import rms_norm_reference, rms_norm_rows
 from fms.triton.splitk import HALF_DTYPES, MAX_DOT_ROWS, check_config, splitk_linear
-from fms.triton.support import can_run_triton, tl, triton
+from fms.triton.support import can_run_triton, check_rows_input, tl, triton
 
 # Input rows the kernel multiplies in one pass over the weight: batch-1 decode (padded to the engine's batch-2
 # graph when compiled) and batch-2 decode. More rows go to cuBLAS or the split-K kernel (the table's choice). The
@@ -308,11 +308,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, si
     out_shape holding M * N values; with norm_weight the rows are RMS-normalised first (in the kernel), with
     residual (M, N) the result is residual + residual_scale * product (in the kernel's epilogue)."""
     n, k = weight.shape
-    width = 2 * k if silu_mul else k
-    if x.dim() != 2 or x.shape[1] != width or not 1 <= x.shape[0] <= MAX_ROWS:
-        raise ValueError(f"gemv needs 1 to {MAX_ROWS} rows of {width} values for a weight of shape "
-                         f"{tuple(weight.shape)}{' (silu_mul: [gate | up])' if silu_mul else ''}, "
-                         f"got x of shape {tuple(x.shape)}")
+    check_rows_input("gemv", x, weight, silu_mul, MAX_ROWS)
     m = x.shape[0]
     if norm_weight is not None and norm_weight.shape != (k,):
         raise ValueError(f"gemv's norm_weight must have shape ({k},) for a weight of shape {tuple(weight.shape)}, "

@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from fms.triton.support import tl, triton
+from fms.triton.support import check_rows_input, tl, triton
 
 # The most rows the kernel takes: its (BLOCK_M, BLOCK_N) fp32 accumulator lives in registers.
 MAX_DOT_ROWS = 256
@@ -98,11 +98,7 @@ def splitk_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     (+ bias), with config = (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); or a new tensor of out_shape holding
     the M * N values (not a view: see fms.triton.gemv._rows_linear)."""
     n, k = weight.shape
-    width = 2 * k if silu_mul else k
-    if x.dim() != 2 or x.shape[1] != width or not 1 <= x.shape[0] <= MAX_DOT_ROWS:
-        raise ValueError(f"splitk_linear needs 1 to {MAX_DOT_ROWS} rows of {width} values for a weight of shape "
-                         f"{tuple(weight.shape)}{' (silu_mul: [gate | up])' if silu_mul else ''}, "
-                         f"got x of shape {tuple(x.shape)}")
+    check_rows_input("splitk_linear", x, weight, silu_mul, MAX_DOT_ROWS)
     if weight.dtype not in HALF_DTYPES or x.dtype != weight.dtype:
         raise ValueError(f"splitk_linear multiplies bf16 or fp16 (tl.dot would round fp32 to tf32), got x "
                          f"{x.dtype} and weight {weight.dtype}")

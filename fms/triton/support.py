@@ -47,3 +47,13 @@ def next_power_of_two(n: int) -> int:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def check_rows_input(op: str, x: torch.Tensor, weight: torch.Tensor, silu_mul: bool, max_rows: int) -> None:
+    """A row kernel's input check (fms.triton.gemv, fms.triton.splitk): x is 1 to max_rows rows of the weight's K
+    values, or of 2K = [gate | up] with silu_mul; ValueError naming the shapes otherwise."""
+    width = 2 * weight.shape[1] if silu_mul else weight.shape[1]
+    if x.dim() != 2 or x.shape[1] != width or not 1 <= x.shape[0] <= max_rows:
+        raise ValueError(f"{op} needs 1 to {max_rows} rows of {width} values for a weight of shape "
+                         f"{tuple(weight.shape)}{' (silu_mul: [gate | up])' if silu_mul else ''}, "
+                         f"got x of shape {tuple(x.shape)}")
