@@ -1,5 +1,6 @@
-"""Decode projections at 8-128 rows: cuBLAS (F.linear, what the engine runs above two rows) against a split-K
-Triton tl.dot kernel swept over its blocks, and optionally inductor's max-autotune choice.
+"""Decode projections at 8-128 rows: cuBLAS (F.linear, what the engine runs above two rows) against
+fms.triton.splitk's split-K kernel swept over its blocks, and optionally inductor's max-autotune choice (what
+`fms bench gemv --rows` does not time).
 
 Usage: python skinny_probe.py OUT.json [--rows 32,128] [--autotune] [--budget_s 300]
 
@@ -11,7 +12,6 @@ Results go to OUT.json after every shape, so a call cut short keeps what it fini
 """
 
 import argparse
-import itertools
 import json
 import sys
 import time
@@ -19,79 +19,13 @@ import time
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
 
 sys.path.insert(0, ".")
 from fms.bench.gemv import graph_time_us  # noqa: E402
+from fms.triton.splitk import candidate_configs, splitk_linear  # noqa: E402
 
 SHAPES = {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192),
           "lm_head": (128256, 2048)}
-
-
-@triton.jit
-def _partial_kernel(x_ptr, w_ptr, out_ptr, part_ptr, M, N, K, stride_x, stride_w,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rm = tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    k_len = K // SPLIT_K
-    k0 = pid_s * k_len
-    x_ptrs = x_ptr + rm[:, None] * stride_x + (k0 + rk)[None, :]
-    w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_w + (k0 + rk)[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for _ in range(0, k_len, BLOCK_K):
-        x = tl.load(x_ptrs, mask=rm[:, None] < M, other=0.0)
-        w = tl.load(w_ptrs, mask=rn[:, None] < N, other=0.0, eviction_policy="evict_first")
-        acc = tl.dot(x, tl.trans(w), acc)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-    ok = (rm[:, None] < M) & (rn[None, :] < N)
-    if SPLIT_K == 1:
-        tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
-    else:
-        tl.store(part_ptr + pid_s * M * N + rm[:, None] * N + rn[None, :], acc, mask=ok)
-
-
-@triton.jit
-def _reduce_kernel(part_ptr, out_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = i < MN
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(SPLIT_K):  # a fixed order: the same sum on every run
-        acc += tl.load(part_ptr + s * MN + i, mask=ok, other=0.0)
-    tl.store(out_ptr + i, acc.to(out_ptr.dtype.element_ty), mask=ok)
-
-
-def skinny_linear(x, w, cfg):
-    block_n, block_k, split_k, warps, stages = cfg
-    m, k = x.shape
-    n = w.shape[0]
-    if k % (split_k * block_k):
-        raise ValueError(f"K={k} is not a multiple of split_k * block_k = {split_k * block_k}")
-    block_m = max(16, triton.next_power_of_2(m))
-    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    part = torch.empty(split_k, m, n, device=x.device, dtype=torch.float32) if split_k > 1 else out
-    _partial_kernel[(triton.cdiv(n, block_n), split_k)](x, w, out, part, m, n, k, x.stride(0), w.stride(0),
-                                                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                                                         SPLIT_K=split_k, num_warps=warps, num_stages=stages)
-    if split_k > 1:
-        _reduce_kernel[(triton.cdiv(m * n, 1024),)](part, out, m * n, SPLIT_K=split_k, BLOCK=1024)
-    return out
-
-
-def candidate_configs(m, n, k, sms):
-    block_m = max(16, triton.next_power_of_2(m))
-    out = []
-    for bn, bk, s in itertools.product((32, 64, 128), (64, 128, 256), (1, 2, 4, 8, 16)):
-        if k % (s * bk) or 3 * (block_m + bn) * bk * 2 > 200_000:
-            continue
-        programs = -(-n // bn) * s
-        if not sms // 2 <= programs <= 16 * sms:
-            continue
-        out.append((bn, bk, s, 4, 3))
-    return out
 
 
 def main():
@@ -125,11 +59,11 @@ def main():
             configs = candidate_configs(m, n, k, sms)
 
             def time_cfg(cfg):
-                got = skinny_linear(x, weights[0], cfg).float()
+                got = splitk_linear(x, weights[0], None, False, cfg).float()
                 err = (got - ref).abs().max().item() / ref.abs().max().item()
                 if err > 2e-2:
                     raise RuntimeError(f"wrong result: relative error {err:.3g}")
-                return graph_time_us(lambda j: skinny_linear(x, weights[j % copies], cfg), 16, args.replays)
+                return graph_time_us(lambda j: splitk_linear(x, weights[j % copies], None, False, cfg), 16, args.replays)
 
             for cfg in configs:
                 try:
