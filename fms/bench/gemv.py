@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from fms.bench.results import run_metadata
-from fms.triton.gemv import (BLOCKS, CUBLAS, MAX_ROWS, gemv, read_table, silu_mul_rows, table_choice, table_path,
-                             write_table)
+from fms.triton.gemv import (BLOCKS, CUBLAS, MAX_ROWS, gemv, gemv_reference, read_table, silu_mul_rows, table_choice,
+                             table_path, write_table)
 from fms.triton.splitk import MAX_DOT_ROWS, candidate_configs, splitk_linear
 
 
@@ -70,7 +70,7 @@ def sweep(configs, k: int, time_us, dot: bool = False):
         try:
             t = time_us(cfg)
         except Exception as e:  # a config may not compile (registers, shared memory)
-            timings[str(cfg)] = f"failed: {type(e).__name__}"
+            timings[str(cfg)] = f"failed: {type(e).__name__}: {str(e)[:100]}"
             continue
         timings[str(cfg)] = t
         if best[0] is None or t < best[1]:
@@ -195,6 +195,18 @@ def time_shapes(args, shapes: dict, count: int, dev) -> tuple[list[dict], dict]:
                 got = (extra[0], extra[1], got[2])
         return got
 
+    def checked_time_us(inputs, weights, silu_mul, expected):
+        """time_us(cfg) over the layers' weights; a config that computes a wrong product (against expected, the
+        first weight's) is a failed config, never the table's choice."""
+        def time_us(cfg):
+            got = kernel(inputs, weights[0], silu_mul, cfg).float()
+            err = (got - expected).abs().max().item() / expected.abs().max().item()
+            if not err <= 1e-2:
+                raise ValueError(f"wrong result: relative error {err:.3g}")
+            return graph_time_us(lambda j: kernel(inputs, weights[j % len(weights)], silu_mul, cfg), args.layers,
+                                 args.replays)
+        return time_us
+
     rows, full = [], {}
     for name, (n, k) in shapes.items():
         copies = 1 if name == "lm_head" else args.layers
@@ -205,8 +217,7 @@ def time_shapes(args, shapes: dict, count: int, dev) -> tuple[list[dict], dict]:
         nbytes = n * k * 2  # the weight: the rows' inputs and outputs are noise beside it
         ref = F.linear(x, weights[0]).float()
         cublas_us = graph_time_us(lambda j: F.linear(x, weights[j % copies]), calls, args.replays)
-        best_cfg, best_us, full[name] = best_of(n, k, False, lambda cfg: graph_time_us(
-            lambda j: kernel(x, weights[j % copies], False, cfg), calls, args.replays))
+        best_cfg, best_us, full[name] = best_of(n, k, False, checked_time_us(x, weights, False, ref))
         if best_cfg is None:  # tuned, and the engine runs cuBLAS here
             best_cfg, best_us = CUBLAS, cublas_us
         err = (F.linear(x, weights[0]) if best_cfg == CUBLAS else kernel(x, weights[0], False, best_cfg)).float()
@@ -217,8 +228,8 @@ def time_shapes(args, shapes: dict, count: int, dev) -> tuple[list[dict], dict]:
         if name == "down":  # the engine's unfused path: the SwiGLU kernel, then cuBLAS
             row["silu_mul_then_cublas_us"] = graph_time_us(lambda j: F.linear(silu_mul_rows(xx), weights[j]), calls,
                                                            args.replays)
-            cfg, us, _ = best_of(n, k, True, lambda cfg: graph_time_us(lambda j: kernel(xx, weights[j], True, cfg),
-                                                                         calls, args.replays))
+            expected = gemv_reference(xx, weights[0], silu_mul=True).float()
+            cfg, us, _ = best_of(n, k, True, checked_time_us(xx, weights, True, expected))
             row["fused_silu_mul_cfg"], row["fused_silu_mul_us"] = (cfg, us) if cfg is not None \
                 else (CUBLAS, row["silu_mul_then_cublas_us"])
         rows.append(row)

@@ -212,3 +212,39 @@ def test_bench_gemv_takes_a_list_of_row_counts_and_refuses_rows_no_kernel_takes(
                                     "triton_best_cfg": (64, 128, 4, 4, 3)}])
     assert entries == [{"rows": 128, "n": 2048, "k": 2048, "silu_mul": False, "choice": [64, 128, 4, 4, 3],
                         "us": 6.0, "triton_us": 6.0, "cublas_us": 9.0}]
+
+
+def test_the_sweep_refuses_a_config_that_computes_a_wrong_product(monkeypatch):
+    """fms bench gemv's split-K sweep checks each config's product before timing it: a config whose result is wrong
+    is recorded as failed and is never the best (here the wrong one is also the "fastest"), so it never reaches a
+    table. Timings are faked (no GPU); the kernel runs in the interpreter on the CPU."""
+    from types import SimpleNamespace
+
+    from fms.bench import gemv as bench
+
+    good, bad = (16, 16, 2, 1, 1), (32, 16, 1, 1, 1)
+    monkeypatch.setattr(bench, "candidate_configs", lambda rows, n, k, sms: [good, bad])
+    real = bench.splitk_linear
+
+    last = {}
+
+    def splitk(x, w, bias, silu_mul, cfg, out_shape=None):
+        last["cfg"] = cfg
+        out = real(x, w, bias, silu_mul, cfg, out_shape)
+        return out * 2 if cfg == bad else out  # a miscompiled config
+
+    def fake_time(fn, calls, replays):  # the wrong config would be the fastest, were it timed
+        last["cfg"] = None
+        fn(0)
+        return 0.5 if last["cfg"] == bad else 2.0 if last["cfg"] is not None else 3.0  # None: cuBLAS
+
+    monkeypatch.setattr(bench, "splitk_linear", splitk)
+    monkeypatch.setattr(bench, "graph_time_us", fake_time)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: SimpleNamespace(multi_processor_count=4))
+    args = SimpleNamespace(layers=2, replays=1, configs="sweep")
+    rows, full = bench.time_shapes(args, {"o": (32, 64), "down": (32, 64)}, 4, torch.device(DEVICE))
+    for row in rows:
+        assert row["triton_best_cfg"] == good
+        assert str(full["o"][str(bad)]).startswith("failed: ValueError: wrong result")
+    down = next(r for r in rows if r["shape"] == "down")
+    assert down["fused_silu_mul_cfg"] == good
