@@ -24,6 +24,7 @@ cuBLAS where the table lists no split-K config).
 """
 
 import argparse
+import ast
 import itertools
 import json
 import os
@@ -188,7 +189,7 @@ def time_shapes(args, shapes: dict, count: int, dev) -> tuple[list[dict], dict]:
         got = sweep(configs_for(n, k, silu_mul), k, time_us, dot)
         if dot and args.configs == "sweep" and got[0] is not None:  # the three best again with 8 warps, or 4 stages
             timed = sorted((t, c) for c, t in got[2].items() if isinstance(t, float))[:3]
-            more = [(*eval(c)[:3], w, st) for _, c in timed for w, st in ((8, 3), (4, 4))]
+            more = [(*ast.literal_eval(c)[:3], w, st) for _, c in timed for w, st in ((8, 3), (4, 4))]
             extra = sweep([c for c in more if str(c) not in got[2]], k, time_us, dot)
             got[2].update(extra[2])
             if extra[0] is not None and extra[1] < got[1]:

@@ -124,9 +124,9 @@ def test_gemv_hands_rows_above_two_to_the_split_k_kernel_where_the_table_chose_i
     """gemv (the layers' entry, and the op fms::gemv under torch.compile) sends 3-256 rows to the split-K kernel
     with the table's config, SwiGLU fused, the residual added after; to cuBLAS where the table chose it or lists
     nothing. Every path returns a new tensor of the input's leading shape."""
-    table = {(16, 64, 256): (32, 64, 2, 4, 3), (16, 48, 128, True): (16, 64, 2, 4, 3)}
-    monkeypatch.setattr(gemv_mod, "tuned_dot_choice", lambda x, weight, rows, silu_mul: table.get(
-        (rows, *weight.shape, True) if silu_mul else (rows, *weight.shape), gemv_mod.CUBLAS))
+    table = {(16, 64, 256, False): (32, 64, 2, 4, 3), (16, 48, 128, True): (16, 64, 2, 4, 3)}
+    monkeypatch.setattr(gemv_mod, "tuned_dot_choice",
+                        lambda x, weight, rows, silu_mul: table.get((rows, *weight.shape, silu_mul), gemv_mod.CUBLAS))
     launched = []
     real = gemv_mod.splitk_linear
 

@@ -12,6 +12,7 @@ Results go to OUT.json after every shape, so a call cut short keeps what it fini
 """
 
 import argparse
+import ast
 import json
 import sys
 import time
@@ -73,7 +74,7 @@ def main():
             ok = sorted((t, c) for c, t in timings.items() if isinstance(t, float))
             # the best three again with more warps or stages
             for _, c in ok[:3]:
-                bn, bk, s, _w, _st = eval(c)
+                bn, bk, s, _w, _st = ast.literal_eval(c)
                 for w, st in ((8, 3), (4, 4), (8, 4), (4, 2)):
                     cfg = (bn, bk, s, w, st)
                     if str(cfg) in timings:
