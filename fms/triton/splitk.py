@@ -13,11 +13,9 @@ Which projections take it is a per-GPU table's choice (fms.triton.gemv: `fms ben
 measured against cuBLAS: a shape the table does not list stays on cuBLAS.
 """
 
-import os
-
 import torch
 
-from fms.triton.support import check_rows_input, tl, triton
+from fms.triton.support import cdiv, check_rows_input, next_power_of_two, tl, triton
 
 # The most rows the kernel takes: its (BLOCK_M, BLOCK_N) fp32 accumulator lives in registers.
 MAX_DOT_ROWS = 256
@@ -48,7 +46,7 @@ if triton is not None:
                 up = tl.load(x_ptrs + K, mask=row_ok[:, None], other=0.0).to(tl.float32)
                 x = (gate * tl.sigmoid(gate) * up).to(w_ptr.dtype.element_ty)
             w = tl.load(w_ptrs, mask=(rn < N)[:, None], other=0.0, eviction_policy="evict_first")
-            if DOT_F32:  # Triton's interpreter multiplies bf16 tiles wrongly; 16-bit products are exact in fp32
+            if DOT_F32:  # the CPU's interpreter multiplies bf16 tiles wrongly; 16-bit products are exact in fp32
                 acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
             else:
                 acc = tl.dot(x, tl.trans(w), acc)
@@ -109,16 +107,15 @@ def splitk_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     out = result.view(m, n)
     part = torch.empty(split_k, m, n, device=x.device, dtype=torch.float32) if split_k > 1 else out
     bias_arg = bias if bias is not None else weight
-    block_m = max(MIN_BLOCK_M, triton.next_power_of_2(m))
-    _splitk_kernel[(triton.cdiv(n, block_n), split_k)](
+    block_m = max(MIN_BLOCK_M, next_power_of_two(m))
+    _splitk_kernel[(cdiv(n, block_n), split_k)](
         x, weight, bias_arg, out, part, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, SILU_MUL=silu_mul,
-        HAS_BIAS=bias is not None, DOT_F32=os.environ.get("TRITON_INTERPRET") == "1",
-        num_warps=warps, num_stages=stages)
+        HAS_BIAS=bias is not None, DOT_F32=not x.is_cuda, num_warps=warps, num_stages=stages)
     if split_k > 1:
         block = 1024
-        _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](part, bias_arg, out, m, n, out.stride(0),
-                                                            SPLIT_K=split_k, HAS_BIAS=bias is not None, BLOCK=block)
+        _splitk_reduce_kernel[(cdiv(m * n, block),)](part, bias_arg, out, m, n, out.stride(0), SPLIT_K=split_k,
+                                                     HAS_BIAS=bias is not None, BLOCK=block)
     return result
 
 
@@ -126,7 +123,7 @@ def candidate_configs(rows: int, n: int, k: int, sms: int) -> list[tuple]:
     """The configs `fms bench gemv` sweeps for rows of an (n, k) weight on a GPU of sms SMs: BLOCK_K * SPLIT_K
     dividing k, three stages of both tiles within ~200 KB of shared memory, and between sms / 2 and 16 * sms
     programs (fewer leave SMs idle, more only re-read the input)."""
-    block_m = max(MIN_BLOCK_M, triton.next_power_of_2(rows) if triton is not None else rows)
+    block_m = max(MIN_BLOCK_M, next_power_of_two(rows))
     out = []
     for block_n in (32, 64, 128):
         for block_k in (64, 128, 256):
