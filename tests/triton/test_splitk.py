@@ -242,6 +242,10 @@ def test_the_sweep_refuses_a_config_that_computes_a_wrong_product(monkeypatch):
     monkeypatch.setattr(bench, "graph_time_us", fake_time)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: SimpleNamespace(multi_processor_count=4))
     args = SimpleNamespace(layers=2, replays=1, configs="sweep")
+    # time_shapes draws its inputs from the global generator. Triton's CPU interpreter rounds fp32 to bf16 by
+    # truncation (the GPU rounds to nearest), so at k=64 a correct fused SwiGLU product can miss the sweep's 1%
+    # check for some draws (seeds 4 and 5 did): a fixed seed keeps this test about the wrong config alone.
+    torch.manual_seed(0)
     rows, full = bench.time_shapes(args, {"o": (32, 64), "down": (32, 64)}, 4, torch.device(DEVICE))
     for row in rows:
         assert row["triton_best_cfg"] == good
