@@ -57,3 +57,28 @@ def check_rows_input(op: str, x: torch.Tensor, weight: torch.Tensor, silu_mul: b
         raise ValueError(f"{op} needs 1 to {max_rows} rows of {width} values for a weight of shape "
                          f"{tuple(weight.shape)}{' (silu_mul: [gate | up])' if silu_mul else ''}, "
                          f"got x of shape {tuple(x.shape)}")
+
+
+# Programmatic dependent launch (Hopper and later): a kernel launched with it may start while the kernel before it
+# finishes, and waits (griddepcontrol.wait) before it reads anything that kernel wrote. "1" turns it on for the
+# kernels that support it (the GEMV kernel); unset, empty or "0": off. Off by default until timed on a GPU.
+PDL_ENV = "FMS_PDL"
+
+
+def pdl_launch(device: torch.device) -> dict:
+    """The launch options of a PDL-capable kernel on `device`: {"PDL": True, "launch_pdl": True} where FMS_PDL=1
+    and the device is a CUDA GPU of compute capability 9.0 or more (not Triton's interpreter), else {"PDL": False}.
+    ValueError for another FMS_PDL value."""
+    value = os.environ.get(PDL_ENV, "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"environment variable {PDL_ENV}={value!r}; allowed: '1' (programmatic dependent launch "
+                         f"on Hopper and later GPUs), '0', empty or unset (off)")
+    on = value == "1" and device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1" \
+        and _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
