@@ -105,8 +105,8 @@ if triton is not None:
                     x1 = x1 * g
                 acc1 += w * x1[None, :]
             w_ptrs += BLOCK_K
-        if PDL:  # this program has read its inputs: the next kernel may launch (it waits for our writes itself)
-            tl.extra.cuda.gdc_launch_dependents()
+        if PDL == 1:  # this program has read its inputs: the next kernel may launch (it waits for our writes itself)
+            tl.extra.cuda.gdc_launch_dependents()  # (PDL == 2: it launches as our programs exit)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         y = tl.sum(acc0, axis=1)

@@ -240,7 +240,8 @@ def test_the_sweep_refuses_a_config_that_computes_a_wrong_product(monkeypatch):
 
     monkeypatch.setattr(bench, "splitk_linear", splitk)
     monkeypatch.setattr(bench, "graph_time_us", fake_time)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: SimpleNamespace(multi_processor_count=4))
+    if not torch.cuda.is_available():  # the CPU has no properties to read (on a GPU, its own: configs are faked)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: SimpleNamespace(multi_processor_count=4))
     args = SimpleNamespace(layers=2, replays=1, configs="sweep")
     # time_shapes draws its inputs from the global generator. Triton's CPU interpreter rounds fp32 to bf16 by
     # truncation (the GPU rounds to nearest), so at k=64 a correct fused SwiGLU product can miss the sweep's 1%

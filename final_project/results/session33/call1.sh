@@ -9,7 +9,7 @@ bash final_project/results/session33/run.sh "$FINAL" d
 bash final_project/results/session32/run.sh "$FINAL" S
 if python3 -c "
 import json, sys; r = json.load(open('/tmp/raw_d/pdl_probe.json'))['rows']['2']
-sys.exit(0 if r['outputs_bitwise_equal'] and r['on_over_off'] < 0.99 else 1)"; then
+sys.exit(0 if r['outputs_bitwise_equal'] and r['over_off']['on'] < 0.99 else 1)"; then
   bash final_project/results/session33/run.sh "$FINAL" P
 else echo "PDL probe: no gain at 2 rows (or outputs differ): part P skipped"; fi
 if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then

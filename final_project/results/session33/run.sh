@@ -2,7 +2,7 @@
 # Session 33 device run. Usage: run.sh FINAL PARTS (carry .gpu; `bash final_project/results/build_trees.sh .gpu:REV`).
 # Raw files in /tmp/raw_PART, packed into FINAL/PART.tgz after each step.
 #   part d (~60 s): pdl_probe.py: the batch-1 GEMV chain (16 layers + LM head, 1 and 2 rows) in a CUDA graph with
-#     programmatic dependent launch off and on (FMS_PDL=1), alternating replays, outputs compared bitwise
+#     programmatic dependent launch off, FMS_PDL=1 and FMS_PDL=2, rotating replays, outputs compared bitwise
 #   part P (~90 s): issue 19's 1B serving + batch-1 in .gpu with FMS_PDL unset, =1, =1, unset
 #   (session 32's parts k and S: `bash final_project/results/session32/run.sh FINAL kS`)
 set -u
