@@ -518,8 +518,8 @@ def test_pdl_launch_is_off_unless_asked_on_a_hopper_gpu(monkeypatch):
 
 
 def test_kernel_with_pdl_asked_gives_the_same_bits(kernel, monkeypatch):
-    """With FMS_PDL=1 the kernel's result is unchanged (on the CPU's interpreter PDL stays off; on a Hopper GPU the
-    kernel waits for its input before reading it)."""
+    """With FMS_PDL=1 or 2 the kernel's result is unchanged (on the CPU's interpreter PDL stays off; on a Hopper GPU
+    the kernel waits for its input before reading it)."""
     x, w, _ = _inputs(24, 64, torch.bfloat16, rows=2)
     monkeypatch.delenv("FMS_PDL", raising=False)
     off = kernel(x, w)
