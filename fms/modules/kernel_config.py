@@ -11,9 +11,11 @@ layers' attribute is guarded); CUDA graphs captured before the change keep repla
 import os
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from fms.triton.gemv import MAX_ROWS
+from fms.triton.support import pdl_launch
 
 # "auto": our Triton kernel on CUDA, else the reference; "triton": our grouped SSD kernel (CUDA, or Triton's
 # interpreter); "fla": flash-linear-attention's scalar-decay GLA kernel (CUDA only); "reference": the chunked
@@ -73,6 +75,9 @@ class KernelConfig:
         if fuse not in ("", "0", "1"):
             raise ValueError(f"environment variable {FUSE_NORM_ENV}={fuse!r}; allowed: '1' (fuse RMSNorm and the "
                              f"residual adds into the GEMV kernel), '0' or unset (do not)")
+        # FMS_PDL is read where the GEMV kernel launches (fms.triton.support.pdl_launch); a bad value fails here,
+        # at get_model, rather than in the first decode step
+        pdl_launch(torch.device("cpu"))
         rows = _GEMV_ENV_VALUES.get(value, MAX_ROWS)
         gemv = {"gemv": False} if rows == 0 else {"gemv_rows": rows}
         return cls(**gemv, fuse_norm=fuse == "1")
