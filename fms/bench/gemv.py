@@ -238,14 +238,18 @@ def time_shapes(args, shapes: dict, count: int, dev) -> tuple[list[dict], dict]:
     return rows, full
 
 
+def _as_choice(cfg):
+    """A results row's config as a table choice (CUBLAS stays: --configs tuned where the engine runs cuBLAS)."""
+    return CUBLAS if cfg == CUBLAS else list(cfg)
+
+
 def table_entries(rows: list[dict]) -> list[dict]:
     """The fastest choice per timed shape: the best kernel config, or cuBLAS where F.linear was faster."""
     entries = []
     for r in rows:
-        as_choice = lambda cfg: CUBLAS if cfg == CUBLAS else list(cfg)  # noqa: E731 (tuned: the engine's cuBLAS)
-        timed = [(r["triton_us"], as_choice(r["triton_best_cfg"]), False), (r["cublas_us"], CUBLAS, False)]
+        timed = [(r["triton_us"], _as_choice(r["triton_best_cfg"]), False), (r["cublas_us"], CUBLAS, False)]
         if "fused_silu_mul_us" in r:
-            timed += [(r["fused_silu_mul_us"], as_choice(r["fused_silu_mul_cfg"]), True),
+            timed += [(r["fused_silu_mul_us"], _as_choice(r["fused_silu_mul_cfg"]), True),
                       (r["silu_mul_then_cublas_us"], CUBLAS, True)]
         for silu_mul in sorted({t[2] for t in timed}):
             us, choice, _ = min((t for t in timed if t[2] == silu_mul), key=lambda t: t[0])

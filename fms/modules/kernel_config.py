@@ -11,11 +11,10 @@ layers' attribute is guarded); CUDA graphs captured before the change keep repla
 import os
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from fms.triton.gemv import MAX_ROWS
-from fms.triton.support import pdl_launch
+from fms.triton.support import pdl_mode
 
 # "auto": our Triton kernel on CUDA, else the reference; "triton": our grouped SSD kernel (CUDA, or Triton's
 # interpreter); "fla": flash-linear-attention's scalar-decay GLA kernel (CUDA only); "reference": the chunked
@@ -77,7 +76,7 @@ class KernelConfig:
                              f"residual adds into the GEMV kernel), '0' or unset (do not)")
         # FMS_PDL is read where the GEMV kernel launches (fms.triton.support.pdl_launch); a bad value fails here,
         # at get_model, rather than in the first decode step
-        pdl_launch(torch.device("cpu"))
+        pdl_mode()
         rows = _GEMV_ENV_VALUES.get(value, MAX_ROWS)
         gemv = {"gemv": False} if rows == 0 else {"gemv_rows": rows}
         return cls(**gemv, fuse_norm=fuse == "1")

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from fms.triton.rmsnorm import rms_norm_reference, rms_norm_rows
 from fms.triton.splitk import HALF_DTYPES, MAX_DOT_ROWS, check_config, splitk_linear
-from fms.triton.support import can_run_triton, check_rows_input, pdl_launch, tl, triton
+from fms.triton.support import can_run_triton, check_rows_input, pdl_launch, positive_ints, tl, triton
 
 # Input rows the kernel multiplies in one pass over the weight: batch-1 decode (padded to the engine's batch-2
 # graph when compiled) and batch-2 decode. More rows go to cuBLAS or the split-K kernel (the table's choice). The
@@ -160,8 +160,7 @@ def _check_choice(choice, where: str, rows: int = 1, k: int = 0):
         return CUBLAS
     if rows > MAX_ROWS:
         return check_config(choice, k, f"{where}: choice for {rows} rows (split-K kernel)")
-    if (isinstance(choice, (list, tuple)) and len(choice) == 4
-            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in choice)):
+    if isinstance(choice, (list, tuple)) and len(choice) == 4 and positive_ints(choice):
         return tuple(choice)
     raise ValueError(f"{where}: choice must be {CUBLAS!r} or [BLOCK_N, BLOCK_K, num_warps, num_stages] of ints >= 1, "
                      f"got {choice!r}")
@@ -181,8 +180,7 @@ def read_table(path: Path) -> dict[tuple[int, int, int, bool], tuple | str]:
             key = (entry["rows"], entry["n"], entry["k"], entry["silu_mul"])
         except (KeyError, TypeError):
             raise ValueError(f"{where}: needs rows, n, k, silu_mul and choice, got {entry!r}") from None
-        if not (all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in key[:3])
-                and isinstance(key[3], bool) and key[0] <= MAX_DOT_ROWS):
+        if not (positive_ints(key[:3]) and isinstance(key[3], bool) and key[0] <= MAX_DOT_ROWS):
             raise ValueError(f"{where}: rows (1 to {MAX_DOT_ROWS}), n and k must be ints >= 1 and silu_mul a bool, "
                              f"got {entry!r}")
         table[key] = _check_choice(entry.get("choice"), where, key[0], key[2])

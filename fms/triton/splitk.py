@@ -15,7 +15,7 @@ measured against cuBLAS: a shape the table does not list stays on cuBLAS.
 
 import torch
 
-from fms.triton.support import cdiv, check_rows_input, next_power_of_two, tl, triton
+from fms.triton.support import cdiv, check_rows_input, is_power_of_two, next_power_of_two, positive_ints, tl, triton
 
 # The most rows the kernel takes: its (BLOCK_M, BLOCK_N) fp32 accumulator lives in registers.
 MAX_DOT_ROWS = 256
@@ -77,12 +77,11 @@ if triton is not None:
 def check_config(config, k: int, where: str = "split-K config") -> tuple:
     """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) of ints >= 1 (BLOCK_N, BLOCK_K powers of two >= 16) whose
     SPLIT_K * BLOCK_K divides k (when k is given); ValueError naming the value otherwise."""
-    if not (isinstance(config, (list, tuple)) and len(config) == 5
-            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in config)):
+    if not (isinstance(config, (list, tuple)) and len(config) == 5 and positive_ints(config)):
         raise ValueError(f"{where}: must be [BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages] of ints >= 1, "
                          f"got {config!r}")
     block_n, block_k, split_k = config[:3]
-    if any(b < 16 or b & (b - 1) for b in (block_n, block_k)):
+    if any(b < MIN_BLOCK_M or not is_power_of_two(b) for b in (block_n, block_k)):
         raise ValueError(f"{where}: BLOCK_N and BLOCK_K must be powers of two >= 16 (tl.dot tiles), got {config!r}")
     if k and k % (split_k * block_k):
         raise ValueError(f"{where}: K={k} is not a multiple of SPLIT_K * BLOCK_K = {split_k * block_k} "

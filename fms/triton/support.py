@@ -49,6 +49,11 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def positive_ints(values) -> bool:
+    """Every value an int >= 1 (a bool is not one): the fields of a kernel config or a table key."""
+    return all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values)
+
+
 def check_rows_input(op: str, x: torch.Tensor, weight: torch.Tensor, silu_mul: bool, max_rows: int) -> None:
     """A row kernel's input check (fms.triton.gemv, fms.triton.splitk): x is 1 to max_rows rows of the weight's K
     values, or of 2K = [gate | up] with silu_mul; ValueError naming the shapes otherwise."""
@@ -68,18 +73,24 @@ PDL_ENV = "FMS_PDL"
 PDL_MODES = ("0", "1", "2")
 
 
-def pdl_launch(device: torch.device) -> dict:
-    """The launch options of a PDL-capable kernel on `device`: {"PDL": mode, "launch_pdl": True} for FMS_PDL mode 1
-    or 2 on a CUDA GPU of compute capability 9.0 or more (not Triton's interpreter), else {"PDL": 0}. ValueError
-    for another FMS_PDL value."""
+def pdl_mode() -> int:
+    """FMS_PDL as asked: 0 (unset, empty or "0"), 1 or 2; ValueError for another value."""
     value = os.environ.get(PDL_ENV, "")
     if value not in ("", *PDL_MODES):
         raise ValueError(f"environment variable {PDL_ENV}={value!r}; allowed: '1' (programmatic dependent launch on "
                          f"Hopper and later GPUs, the next kernel launched once inputs are read), '2' (launched as "
                          f"programs exit), '0', empty or unset (off)")
-    on = value in ("1", "2") and device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1" \
+    return int(value or 0)
+
+
+def pdl_launch(device: torch.device) -> dict:
+    """The launch options of a PDL-capable kernel on `device`: {"PDL": mode, "launch_pdl": True} for FMS_PDL mode 1
+    or 2 on a CUDA GPU of compute capability 9.0 or more (not Triton's interpreter), else {"PDL": 0}. ValueError
+    for another FMS_PDL value."""
+    mode = pdl_mode()
+    on = mode and device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1" \
         and _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
-    return {"PDL": int(value), "launch_pdl": True} if on else {"PDL": 0}
+    return {"PDL": mode, "launch_pdl": True} if on else {"PDL": 0}
 
 
 @functools.lru_cache(maxsize=None)
