@@ -96,15 +96,18 @@ class _SplitLayer:
         # Only batch and token counts vary. Under dynamic=True every input size is a symbol, and dynamo ties
         # symbols whose sizes happen to be equal in the first trace (a batch equal to the head count, a prefill
         # as long as the hidden size), then recompiles when they differ: fix the model's own sizes.
-        _static(x, 2)  # (B, T, E)
+        # One token per row (a decode step): the token count is the constant 1 also where a size of 1 is a symbol
+        # (symbolic_size_one), so that the projections take the fms::gemv op (one_token_rows) and no view guards it.
+        tokens = (1,) if x.shape[1] == 1 else ()
+        _static(x, 2, *tokens)  # (B, T, E)
         if rope is not None:
-            _static(rope[0], 1, 3), _static(rope[1], 1, 3)  # (B, 1, T, D)
+            _static(rope[0], 1, 3, *(2 for _ in tokens)), _static(rope[1], 1, 3, *(2 for _ in tokens))  # (B, 1, T, D)
         op, cache = get_attention_op(attn_name), attn_kwargs.get("cache")
         kv_state = None if cache is None else op.layer_kv_state(cache, mixer.layer_idx)
         q, k, v = self.compiled.inputs(self.layer, x, position_ids, rope, op, kv_state, attn_kwargs.get("meta"))
         written = {} if kv_state is None else {"kv_written": True}
         out = mixer.attend(q, k, v, attn_name, **attn_kwargs, **written)
-        return self.compiled.output(self.layer, x, _static(out, 1, 3))  # (B, Hq, T, D)
+        return self.compiled.output(self.layer, x, _static(out, 1, 3, *(2 for _ in tokens)))  # (B, Hq, T, D)
 
 
 class _WholeLayer:
@@ -118,10 +121,18 @@ class _WholeLayer:
         part = self.layer.mixer.decode_cache(cache, meta)
         if part is None:
             return self.layer(x, position_ids, attn_name=attn_name, cache=cache, meta=meta)
-        _static(x, 2)  # (B, T, E): see _SplitLayer
+        _static(x, 2, *((1,) if x.shape[1] == 1 else ()))  # (B, T, E): see _SplitLayer
         # the layer index (an int attribute of the mixer) a symbol, not a constant: one trace for all such layers
         with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
             return self.compiled.whole(self.layer, x, position_ids, attn_name, part, meta)
+
+
+def symbolic_size_one():
+    """A context under which dynamo traces a size of 1 as a symbol like any other size (torch.fx's
+    backed_size_oblivious) instead of specializing it: the decode step's one dynamic-batch compile then serves a
+    batch of 1 too, where it used to trace the whole step a second time. Sizes that are 1 by construction (a
+    decode step's one token per row) are marked static where the step's functions need the constant."""
+    return torch.fx.experimental._config.patch(backed_size_oblivious=True)
 
 
 def _static(t: torch.Tensor, *dims: int) -> torch.Tensor:

@@ -51,6 +51,28 @@ def test_layer_compile_scope_with_graphs_matches_sdpa(model):
     assert engine.stats()["num_graph_forwards"] > 0
 
 
+def test_compiled_decode_captures_a_batch_of_one_from_the_same_trace(model):
+    """The compiled decode step (compile_scope "layers"; its projections go through the op fms::gemv) is traced
+    once for every captured size, 1 included (compiled.symbolic_size_one): no function of the step has a second
+    compiled entry, and a lone request replays the size-1 graph with tokens equal to static SDPA generate."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from fms.runtime import compiled, decode
+
+    torch._dynamo.reset()
+    engine = LLMEngine(model, num_pages=64, max_num_seqs=4, graph_batch_sizes=(1, 2, 4), compile_scope="layers",
+                       compile_decode=True, compile_prefill=False)
+    runner = engine.runner.graphs
+    assert runner.compiled and {key[0] for key in runner._graphs} == {1, 2, 4}
+    step_functions = (compiled._attention_inputs, compiled._attention_output, decode._step_outputs,
+                      type(runner.cache).window_inputs)
+    assert [len(_debug_get_cache_entry_list(fn.__code__)) for fn in step_functions] == [1, 1, 1, 1]
+    prompt = torch.randint(1, 512, (21,), generator=torch.Generator().manual_seed(3)).tolist()
+    out = engine.generate([prompt], SamplingParams(max_new_tokens=12), use_tqdm=False)
+    assert [o.token_ids for o in out] == generate(model, [prompt], 12, attn_name="sdpa")
+    assert engine.stats()["num_graph_forwards"] > 0
+
+
 def test_a_lone_request_runs_in_the_smallest_captured_size(model):
     """graph_batch_sizes without 1 (--cuda-graph-sizes 2,4): a batch of one replays the size-2 graph with an idle
     row beside it; greedy tokens equal static SDPA generate."""
