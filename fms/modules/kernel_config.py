@@ -22,8 +22,8 @@ from fms.triton.support import pdl_mode
 SSD_SCAN_NAMES = ("auto", "triton", "fla", "reference", "recurrent")
 
 # FMS_GEMV is read only by KernelConfig.from_env (get_model without kernels=): shell A/B runs stay reproducible.
-# Its value is the most rows the kernel takes: "0" none (F.linear everywhere), "1" batch-1 rows only (a batch-1
-# decode padded to the compiled engine's batch-2 graph then runs cuBLAS), "2" (or unset) one or two rows.
+# Its value is the most rows the kernel takes: "0" none (F.linear everywhere), "1" single rows only (two rows run
+# cuBLAS), "2" (or unset) one or two rows.
 GEMV_ENV = "FMS_GEMV"
 _GEMV_ENV_VALUES = {str(n): n for n in range(MAX_ROWS + 1)}
 # FMS_FUSE_NORM, also read only by KernelConfig.from_env: "1" fuse_norm=True, "0" or unset False.

@@ -192,8 +192,8 @@ def test_gemv_off_keeps_single_rows_on_f_linear_with_the_same_outputs(kernel_lau
 
 @torch.no_grad()
 def test_gemv_rows_one_sends_two_rows_to_f_linear_with_the_same_outputs(kernel_launches):
-    """KernelConfig(gemv_rows=1) (FMS_GEMV=1): one row still launches the kernel, two rows (batch 1 padded to the
-    compiled engine's batch-2 graph, or batch 2) take F.linear; the products do not change."""
+    """KernelConfig(gemv_rows=1) (FMS_GEMV=1): one row still launches the kernel, two rows (batch 2, or batch 1 padded
+    to a graph of 2) take F.linear; the products do not change."""
     torch.manual_seed(3)
     lin, down = Linear(96, 40, bias=True).to(DEVICE), Linear(48, 24, bias=False).to(DEVICE)
     one, two, h2 = (torch.randn(1, 1, 96, device=DEVICE), torch.randn(2, 1, 96, device=DEVICE),
