@@ -68,7 +68,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                         "starts in ~220 s cold / ~100 s warm instead of ~35 / ~9 s)")
     g.add_argument("--cuda-graph-sizes", type=parse_graph_sizes, default=None,
                    help="decode batch sizes captured as CUDA graphs at start-up, e.g. 2,4,8,16,32,64,128 "
-                        "(EngineConfig.graph_batch_sizes; default 1,2,4,...,256 up to --max-num-seqs). A batch runs in "
+                        "(EngineConfig.graph_batch_sizes; default 1,2,4,...,256 up to --max-num-seqs, without the 1 "
+                        "for --compile-scope model: batch 1 then runs in the batch-2 graph). A batch runs in "
                         "the smallest size that holds it; each size costs start-up time")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split the model over N processes (one GPU each; gloo on CPU), started by the command "

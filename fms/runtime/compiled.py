@@ -19,6 +19,8 @@ The embedding, final norm and LM head run eagerly. Fusions across those boundari
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import logging
 from types import SimpleNamespace
 
@@ -70,6 +72,7 @@ def why_no_layer_scope(model) -> str | None:
 
 
 def _attention_inputs(layer, x, position_ids, rope, op, kv_state, meta):
+    same_batch(x, position_ids, *(rope or ()))  # (slot_mapping holds B * T slots)
     q, k, v = layer.attention_inputs(x, position_ids, rope)
     if kv_state is not None:  # the op's K/V cache write, inside this graph (no eager kernels between the halves)
         op.write_kv(k, v, kv_state, meta)
@@ -77,10 +80,12 @@ def _attention_inputs(layer, x, position_ids, rope, op, kv_state, meta):
 
 
 def _attention_output(layer, x, out):
+    same_batch(x, out)
     return layer.attention_output(x, out)
 
 
 def _whole_layer(layer, x, position_ids, attn_name, cache, meta):
+    same_batch(x, position_ids, meta.state_slots, meta.num_new_tokens)
     return layer(x, position_ids, attn_name=attn_name, cache=cache, meta=meta)
 
 
@@ -96,18 +101,16 @@ class _SplitLayer:
         # Only batch and token counts vary. Under dynamic=True every input size is a symbol, and dynamo ties
         # symbols whose sizes happen to be equal in the first trace (a batch equal to the head count, a prefill
         # as long as the hidden size), then recompiles when they differ: fix the model's own sizes.
-        # One token per row (a decode step): the token count is the constant 1 also where a size of 1 is a symbol
-        # (symbolic_size_one), so that the projections take the fms::gemv op (one_token_rows) and no view guards it.
-        tokens = (1,) if x.shape[1] == 1 else ()
-        _static(x, 2, *tokens)  # (B, T, E)
+        _static(x, 2)  # (B, T, E)
         if rope is not None:
-            _static(rope[0], 1, 3, *(2 for _ in tokens)), _static(rope[1], 1, 3, *(2 for _ in tokens))  # (B, 1, T, D)
-        op, cache = get_attention_op(attn_name), attn_kwargs.get("cache")
+            _static(rope[0], 1, 3), _static(rope[1], 1, 3)  # (B, 1, T, D)
+        op, cache, meta = get_attention_op(attn_name), attn_kwargs.get("cache"), attn_kwargs.get("meta")
         kv_state = None if cache is None else op.layer_kv_state(cache, mixer.layer_idx)
-        q, k, v = self.compiled.inputs(self.layer, x, position_ids, rope, op, kv_state, attn_kwargs.get("meta"))
+        mark_batch(x, position_ids, *(rope or ()), None if kv_state is None else meta.slot_mapping)
+        q, k, v = self.compiled.inputs(self.layer, x, position_ids, rope, op, kv_state, meta)
         written = {} if kv_state is None else {"kv_written": True}
         out = mixer.attend(q, k, v, attn_name, **attn_kwargs, **written)
-        return self.compiled.output(self.layer, x, _static(out, 1, 3, *(2 for _ in tokens)))  # (B, Hq, T, D)
+        return self.compiled.output(self.layer, x, _static(mark_batch(out)[0], 1, 3))  # (B, Hq, T, D)
 
 
 class _WholeLayer:
@@ -121,18 +124,56 @@ class _WholeLayer:
         part = self.layer.mixer.decode_cache(cache, meta)
         if part is None:
             return self.layer(x, position_ids, attn_name=attn_name, cache=cache, meta=meta)
-        _static(x, 2, *((1,) if x.shape[1] == 1 else ()))  # (B, T, E): see _SplitLayer
+        _static(x, 2)  # (B, T, E): see _SplitLayer
+        mark_batch(x, position_ids, meta.state_slots, meta.num_new_tokens)
         # the layer index (an int attribute of the mixer) a symbol, not a constant: one trace for all such layers
         with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
             return self.compiled.whole(self.layer, x, position_ids, attn_name, part, meta)
 
 
-def symbolic_size_one():
-    """A context under which dynamo traces a size of 1 as a symbol like any other size (torch.fx's
-    backed_size_oblivious) instead of specializing it: the decode step's one dynamic-batch compile then serves a
-    batch of 1 too, where it used to trace the whole step a second time. Sizes that are 1 by construction (a
-    decode step's one token per row) are marked static where the step's functions need the constant."""
-    return torch.fx.experimental._config.patch(backed_size_oblivious=True)
+_unbacked_hint: list = []  # inside unbacked_batch(hint): [hint], and mark_batch marks
+# inductor sizes its kernels for an unbacked symbol by a hint (config.unbacked_symint_fallback, 8192, without one)
+_HINTS_UNBACKED = "hint_override" in inspect.signature(torch._dynamo.decorators.mark_unbacked).parameters
+
+
+@contextlib.contextmanager
+def unbacked_batch(hint: int):
+    """A context for tracing decode steps: within it, mark_batch makes the batch dimension of the step's tensors an
+    unbacked symbol, on which dynamo and inductor add no guard. A backed symbol (torch.compile's dynamic=True) is
+    specialized at size 1 and, under torch.fx's backed_size_oblivious, guarded >= 2 by inductor's lowering: either
+    way a batch of 1 traced and compiled the whole step a second time (1.3-5.7 s of the 1B's start-up and four
+    recompiles of Granite-4.0-H's on the H100, final_project section 25). With it, one trace serves every batch
+    size, 1 included. The model's own sizes stay static (_static) and the token count of a decode step, 1, is
+    specialized as before (the projections' fms::gemv op needs the constant: fms.triton.gemv.one_token_rows).
+    hint: the batch size inductor tunes its kernels for (the backed symbol's was the first trace's size: the
+    largest captured bucket), where this torch takes one (mark_unbacked's hint_override)."""
+    _unbacked_hint.append(hint)
+    try:
+        yield
+    finally:
+        _unbacked_hint.pop()
+
+
+def mark_batch(*tensors) -> tuple:
+    """Inside unbacked_batch(): each tensor's dim 0 (its batch) an unbacked symbol for the next compiled call it
+    enters (None entries skipped); elsewhere nothing. -> the tensors. Every batch-sized input of a compiled frame
+    needs it (views included: dynamo gives a view's base a symbol of its own), or that input's size alone
+    specializes at 1."""
+    if _unbacked_hint:
+        hint = {"hint_override": _unbacked_hint[-1]} if _HINTS_UNBACKED else {}
+        for t in tensors:
+            if t is not None:
+                torch._dynamo.decorators.mark_unbacked(t, 0, **hint)
+    return tensors
+
+
+def same_batch(first: torch.Tensor, *others) -> None:
+    """Each tensor's dim 0 equals first's (None entries skipped). Traced, it tells the compiler that the unbacked batch
+    symbols mark_batch gave each input are one symbol (a runtime assertion in the graph): without it a check such as
+    "residual has the output's shape" cannot be decided and breaks the graph."""
+    for t in others:
+        if t is not None:
+            torch._check(t.shape[0] == first.shape[0])  # no message: dynamo cannot trace its closure
 
 
 def _static(t: torch.Tensor, *dims: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 from fms.cache.base import SequenceCache
 from fms.modules.attention import get_attention_op
 from fms.modules.masks import AttentionVariant
-from fms.runtime.compiled import compile_forward, symbolic_size_one
+from fms.runtime.compiled import compile_forward, mark_batch, same_batch, unbacked_batch, why_no_layer_scope
 from fms.runtime.sampler import SamplingTensors, TokenLogprobs, host_logprobs, logprobs_of, needs_sampling, sample
 from fms.runtime.sampling_params import MAX_LOGPROBS, SamplingParams
 from fms.runtime.transfer import to_device
@@ -59,15 +59,14 @@ def why_no_graphs(model, attn_name: str, device: torch.device) -> str | None:
 
 def _step_outputs(logits, params, active, num_new, tokens, positions, out_tokens, step_index) -> None:
     """Sample, record the token at out_tokens[step_index, :B] (out_tokens: the whole (steps, width) buffer), and
-    advance the (B, 1) buffers by one step.
-
-    Written so that a batch of 1 traces like any other under backed_size_oblivious (DecodeWindowRunner): no write
-    through a slice or a broadcast that may be of size 1, which dynamo guards (size >= 2) and traces again."""
+    advance the (B, 1) buffers by one step. The whole buffer and a flat write, not out_tokens[:, :B]: a view of it
+    would be one more batch-sized input whose size specializes at 1 (fms.runtime.compiled.mark_batch)."""
+    same_batch(logits, active, num_new, tokens, positions)
     token = torch.where(active, sample(logits, params, positions[:, 0] + 1), tokens[:, 0])
     at = step_index.sum() * out_tokens.shape[1] + torch.arange(token.shape[0], device=token.device)
     out_tokens.view(-1).index_copy_(0, at, token)
-    tokens.copy_(token.unsqueeze(1))
-    positions.add_(num_new.unsqueeze(1))
+    tokens[:, 0].copy_(token)
+    positions[:, 0].add_(num_new)
     step_index.add_(1)
 
 
@@ -161,6 +160,10 @@ class DecodeWindowRunner:
         arithmetic (inputs from positions, sampling bookkeeping) in a few fused kernels instead of a
         dozen eager ones per step; sampled (non-greedy) steps keep the eager bookkeeping."""
         self.compiled = compiled
+        # compile_scope "layers" traces every batch size once, 1 included (fms.runtime.compiled.unbacked_batch); a
+        # whole-model trace takes the step's metadata whole, whose batch-sized tensors keep backed sizes: there
+        # a batch of 1 is a second trace (EngineConfig leaves it out of the default graph sizes)
+        self.unbacked_batch = compiled and self.compile_scope == "layers" and why_no_layer_scope(self.model) is None
         if compiled:
             options = {"combo_kernels": True} if backend == "inductor" and self.combo_kernels else None
             self._forward = compile_forward(self.model, self.compile_scope, backend, options)
@@ -171,29 +174,27 @@ class DecodeWindowRunner:
 
     # -- one step, on the buffers ----------------------------------------------------------
     def _step(self, bs: int, mode: str, layout, bounds=None) -> None:
-        if not self.compiled:
+        if not self.unbacked_batch:
             return self._step_on_buffers(bs, mode, layout, bounds)
-        # a batch of 1 traced as a symbol: the step's compiles serve it too (no second trace of the whole step)
-        with symbolic_size_one():
+        # one trace of each compiled function for every batch size, 1 included; kernels tuned for the largest
+        with unbacked_batch(len(self.tokens) - 1):
             self._step_on_buffers(bs, mode, layout, bounds)
 
     def _step_on_buffers(self, bs: int, mode: str, layout, bounds=None) -> None:
-        inputs = self._inputs_fn(self.positions[:bs], self.ends[:bs], self.rows[:bs])
+        positions, ends, rows, tokens = self.positions[:bs], self.ends[:bs], self.rows[:bs], self.tokens[:bs]
+        inputs = self._inputs_fn(*mark_batch(positions, ends, rows))
         state_slots = None if self.state_slots is None else self.state_slots[:bs]
-        meta = self.cache.window_meta(self.positions[:bs], self.rows[:bs], state_slots, inputs, layout, bounds)
-        tokens = self.tokens[:bs]
-        if self.compiled:  # (B, 1): one token per row, a constant of the trace (see symbolic_size_one)
-            torch._dynamo.mark_static(tokens, 1)
+        meta = self.cache.window_meta(positions, rows, state_slots, inputs, layout, bounds)
         logits = self._forward(tokens, attn_name=self.attn_name, cache=self.cache, meta=meta)[:, 0]  # (bs, V)
         params = None
         if mode.startswith("sample"):
             params = SamplingTensors(self.temperature[:bs], self.top_k[:bs], self.top_p[:bs], self.seeds[:bs])
         outputs_fn = self._outputs_fn if params is None else _step_outputs
         active, num_new = inputs[0], inputs[1]
-        outputs_fn(logits, params, active, num_new, self.tokens[:bs], self.positions[:bs], self.out_tokens,
-                   self.step_index)
+        mark_batch(logits, logits._base, active, num_new, tokens, positions)
+        outputs_fn(logits, params, active, num_new, tokens, positions, self.out_tokens, self.step_index)
         if mode.endswith("+logprobs"):
-            _step_logprobs(logits, self.tokens[:bs], self.step_index, self.out_logprobs[:, :bs],
+            _step_logprobs(logits, tokens, self.step_index, self.out_logprobs[:, :bs],
                            self.out_top_ids[:, :bs], self.out_top_logprobs[:, :bs])
 
     def _idle(self, start: int, end: int) -> None:

@@ -9,10 +9,12 @@ from typing import Sequence
 
 from fms.runtime.compiled import DEFAULT_COMPILE_SCOPE, check_compile_scope
 
-# A compiled decode step traces a batch of 1 like any other (fms.runtime.compiled.symbolic_size_one), so its
-# batch-1 graph costs a capture, not the second compile of the step it used to (until session 34 batch 1 ran in the
-# batch-2 graph with an idle row, to spare that compile).
 DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# A decode step compiled with compile_scope "layers" traces a batch of 1 like any other (fms.runtime.compiled.
+# unbacked_batch), so its batch-1 graph costs a capture. Compiled whole ("model"), a batch of 1 would trace and compile
+# the step a second time: there batch 1 runs in the batch-2 graph (one idle row), as every compiled engine did in
+# sessions 17-33.
+WHOLE_MODEL_GRAPH_BATCH_SIZES = DEFAULT_GRAPH_BATCH_SIZES[1:]
 DEFAULT_MAX_MODEL_LEN = 4096  # caps the page-table width (and the decode kernel's split sizing)
 DEFAULT_MAX_DECODE_STEPS = 16
 
@@ -41,7 +43,7 @@ class EngineConfig:
     max_model_len: longest prompt + output (default min(model context, 4096)).
     enable_prefix_caching: keep full pages of finished prompts for later requests that share them.
     use_cuda_graphs: decode steps replay CUDA graphs, captured per batch size in graph_batch_sizes (default:
-    DEFAULT_GRAPH_BATCH_SIZES, 1, 2, 4, ..., 256).
+    1, 2, 4, ..., 256; without the 1 when the decode step is compiled whole, WHOLE_MODEL_GRAPH_BATCH_SIZES).
     max_decode_steps: when every running request is decoding and none could be admitted, up to this
     many decode steps run back to back on the device with one host synchronization (a decode window;
     1 = synchronize every token). While the batch has room, windows ramp up 1, 2, 4, ... to it after each step that prefilled.
@@ -123,7 +125,8 @@ class EngineConfig:
         if not is_cuda and self.memory_fraction is not None:
             raise ValueError("memory_fraction sizes the pool from free GPU memory; on CPU give num_pages or memory_gb")
         compile_decode = is_cuda if self.compile_decode is None else self.compile_decode
-        graph_batch_sizes = self.graph_batch_sizes or DEFAULT_GRAPH_BATCH_SIZES
+        whole = compile_decode and is_cuda and self.compile_scope == "model"
+        graph_batch_sizes = self.graph_batch_sizes or (WHOLE_MODEL_GRAPH_BATCH_SIZES if whole else DEFAULT_GRAPH_BATCH_SIZES)
         return replace(
             self,
             max_model_len=max_model_len,

@@ -17,7 +17,7 @@ Under torch.compile, `gemv` is the opaque op fms::gemv for any number of rows an
 kernel for at most MAX_ROWS rows, cuBLAS (after a one-pass SwiGLU kernel where asked) for more, or the split-K
 kernel (fms.triton.splitk) for 3-256 bf16/fp16 rows where this GPU's table lists it for that row count. So a graph
 compiled with a symbolic batch size holds no guard on it, and the engine's batch-1 graph comes from the same trace
-(traced with a size of 1 as a symbol: fms.runtime.compiled.symbolic_size_one). `fits` sends
+(an unbacked batch size: fms.runtime.compiled.unbacked_batch). `fits` sends
 only one-token rows (decode) there; a compiled prefill traces F.linear (`one_token_rows`).
 """
 
@@ -391,6 +391,18 @@ def _(x, weight, bias, silu_mul, max_rows, norm_weight=None, eps=0.0, residual=N
     return weight.new_empty(*x.shape[:-1], weight.shape[0])
 
 
+def _check_residual_shape(residual: torch.Tensor, expected: tuple) -> None:
+    """A ValueError unless residual's shape is expected (gemv's output). Traced, the same check as torch._check per
+    size: a decode step's batch is an unbacked symbol there (fms.runtime.compiled.unbacked_batch), on which a plain
+    comparison cannot be decided and breaks the graph."""
+    if torch.compiler.is_compiling():
+        torch._check(residual.dim() == len(expected))
+        for have, want in zip(residual.shape, expected):
+            torch._check(have == want)
+    elif residual.shape != expected:
+        raise ValueError(f"gemv's residual must have the output's shape {expected}, got {tuple(residual.shape)}")
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, silu_mul: bool = False,
          blocks=None, max_rows: int = MAX_ROWS, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
          residual: torch.Tensor | None = None, residual_scale: float = 1.0) -> torch.Tensor:
@@ -407,9 +419,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     Under torch.compile it is the opaque op fms::gemv, which picks at run time; eagerly the same choice in Python.
     """
     _check_max_rows(max_rows)
-    if residual is not None and residual.shape != (*x.shape[:-1], weight.shape[0]):
-        raise ValueError(f"gemv's residual must have the output's shape {(*x.shape[:-1], weight.shape[0])}, "
-                         f"got {tuple(residual.shape)}")
+    if residual is not None:
+        _check_residual_shape(residual, (*x.shape[:-1], weight.shape[0]))
     if norm_weight is not None and silu_mul:
         raise ValueError("gemv fuses an RMSNorm of x or a SwiGLU of x, not both (norm_weight with silu_mul=True)")
     if torch.compiler.is_compiling():

@@ -32,12 +32,8 @@ def _validate(k_pool: Tensor, v_pool: Tensor, k: Tensor, v: Tensor, slot_mapping
 
 def kv_write_reference(k_pool: Tensor, v_pool: Tensor, k: Tensor, v: Tensor, slot_mapping: Tensor) -> None:
     b, hkv, t, d = k.shape
-    if type(t) is int and t == 1:  # a decode step: no reshape, which a compile with a symbolic batch of 1 guards
-        k_rows, v_rows = k[:, :, 0].transpose(0, 1), v[:, :, 0].transpose(0, 1)
-    else:
-        k_rows, v_rows = (x.permute(1, 0, 2, 3).reshape(hkv, b * t, d) for x in (k, v))
-    k_pool.index_copy_(1, slot_mapping, k_rows)
-    v_pool.index_copy_(1, slot_mapping, v_rows)
+    k_pool.index_copy_(1, slot_mapping, k.permute(1, 0, 2, 3).reshape(hkv, b * t, d))
+    v_pool.index_copy_(1, slot_mapping, v.permute(1, 0, 2, 3).reshape(hkv, b * t, d))
 
 
 if HAS_TRITON:

@@ -53,7 +53,7 @@ def test_layer_compile_scope_with_graphs_matches_sdpa(model):
 
 def test_compiled_decode_captures_a_batch_of_one_from_the_same_trace(model):
     """The compiled decode step (compile_scope "layers"; its projections go through the op fms::gemv) is traced
-    once for every captured size, 1 included (compiled.symbolic_size_one): no function of the step has a second
+    once for every captured size, 1 included (compiled.unbacked_batch): no function of the step has a second
     compiled entry, and a lone request replays the size-1 graph with tokens equal to static SDPA generate."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 

@@ -5,6 +5,9 @@
 #     trace test among them) and the CPU-run compile-count tests
 #   part b (~200 s): issue 19's 1B serving + batch-1, .gpu (b32a87c: batch 1 in the batch-2 graph) and .gpn (batch 1
 #     in its own graph from the same trace) interleaved, twice each; then .gpn with FMS_FUSE_NORM=1 twice
+#   part u (~70 s): in .gpn, the GPU engine tests of compiled decode (batch of one, layer scope, hybrids)
+#   part c (~130 s): part b without the FMS_FUSE_NORM runs
+#   part G (~110 s): part g's first pair only
 #   part g (~300 s): Granite-4.0-H-1B cold start-up (bench_startup.py, a fresh process each), .gpu and .gpn
 #     interleaved, twice each: the batch-1 graph's cost, or its absence, at start-up (dynamo recompiles listed)
 set -u
@@ -18,6 +21,19 @@ part_t() {
 part_b() {
   serving_1b gpu1 gpn1 gpu2 gpn2
   FMS_FUSE_NORM=1 serving_1b gpn3 gpn4
+}
+part_u() {
+  TREE=.gpn step gpu_tests_u 120 python3 -m pytest -q -p no:cacheprovider tests/serving/test_engine_gpu.py \
+    -k "batch_of_one or layer_compile or hybrid"
+}
+part_c() {
+  serving_1b gpu1 gpn1 gpu2 gpn2
+}
+part_G() {
+  for run in gpu1 gpn1; do
+    TREE=.${run%?} step startup_gh_$run 100 python3 scripts/bench_startup.py --models granite_hybrid:4.0-h-1b \
+      --runs cold --timeout 90 --output "$OUT/startup_gh_$run.json"
+  done
 }
 part_g() {
   for run in gpu1 gpn1 gpu2 gpn2; do
