@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from torch import nn
 
 from fms.triton.gemv import MAX_ROWS
-from fms.triton.support import pdl_mode
 
 # "auto": our Triton kernel on CUDA, else the reference; "triton": our grouped SSD kernel (CUDA, or Triton's
 # interpreter); "fla": flash-linear-attention's scalar-decay GLA kernel (CUDA only); "reference": the chunked
@@ -74,9 +73,6 @@ class KernelConfig:
         if fuse not in ("", "0", "1"):
             raise ValueError(f"environment variable {FUSE_NORM_ENV}={fuse!r}; allowed: '1' (fuse RMSNorm and the "
                              f"residual adds into the GEMV kernel), '0' or unset (do not)")
-        # FMS_PDL is read where the GEMV kernel launches (fms.triton.support.pdl_launch); a bad value fails here,
-        # at get_model, rather than in the first decode step
-        pdl_mode()
         rows = _GEMV_ENV_VALUES.get(value, MAX_ROWS)
         gemv = {"gemv": False} if rows == 0 else {"gemv_rows": rows}
         return cls(**gemv, fuse_norm=fuse == "1")

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from fms.triton.rmsnorm import rms_norm_reference, rms_norm_rows
 from fms.triton.splitk import HALF_DTYPES, MAX_DOT_ROWS, check_config, splitk_linear
-from fms.triton.support import can_run_triton, check_rows_input, pdl_launch, positive_ints, tl, triton
+from fms.triton.support import can_run_triton, check_rows_input, positive_ints, tl, triton
 
 # Input rows the kernel multiplies in one pass over the weight: batch-1 decode (padded to the engine's batch-2
 # graph when compiled) and batch-2 decode. More rows go to cuBLAS or the split-K kernel (the table's choice). The
@@ -69,7 +69,7 @@ if triton is not None:
                      stride_out, eps, res_scale,
                      TWO_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU_MUL: tl.constexpr,
                      HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
-                     SCALE_RESIDUAL: tl.constexpr, PDL: tl.constexpr):
+                     SCALE_RESIDUAL: tl.constexpr):
         # one (BLOCK_N, BLOCK_K) fp32 accumulator per input row: the second row costs registers and FMAs, not
         # another pass over the weight
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -82,8 +82,6 @@ if triton is not None:
         # dot products by 1/rms at the end: sum_k w[n, k] * g[k] * x[k] / rms(x), with no pass of its own
         squares0 = tl.zeros((BLOCK_K,), dtype=tl.float32)
         squares1 = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        if PDL:  # launched early (programmatic dependent launch): wait for the kernel before to finish its writes
-            tl.extra.cuda.gdc_wait()
         for k0 in range(0, K, BLOCK_K):
             col_ok = (k0 + cols) < K
             if EVEN_K:
@@ -105,8 +103,6 @@ if triton is not None:
                     x1 = x1 * g
                 acc1 += w * x1[None, :]
             w_ptrs += BLOCK_K
-        if PDL == 1:  # this program has read its inputs: the next kernel may launch (it waits for our writes itself)
-            tl.extra.cuda.gdc_launch_dependents()  # (PDL == 2: it launches as our programs exit)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         y = tl.sum(acc0, axis=1)
@@ -330,8 +326,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, si
         residual.stride(0) if residual is not None else 0, out.stride(0), eps, residual_scale,
         TWO_ROWS=m == 2, BLOCK_N=block_n, BLOCK_K=block_k, SILU_MUL=silu_mul,
         HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, NORM=norm_weight is not None,
-        RESIDUAL=residual is not None, SCALE_RESIDUAL=residual_scale != 1.0, num_warps=warps, num_stages=stages,
-        **pdl_launch(x.device))
+        RESIDUAL=residual is not None, SCALE_RESIDUAL=residual_scale != 1.0, num_warps=warps, num_stages=stages)
     return result
 
 

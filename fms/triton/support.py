@@ -62,37 +62,3 @@ def check_rows_input(op: str, x: torch.Tensor, weight: torch.Tensor, silu_mul: b
         raise ValueError(f"{op} needs 1 to {max_rows} rows of {width} values for a weight of shape "
                          f"{tuple(weight.shape)}{' (silu_mul: [gate | up])' if silu_mul else ''}, "
                          f"got x of shape {tuple(x.shape)}")
-
-
-# Programmatic dependent launch (Hopper and later): a kernel launched with it may start while the kernel before it
-# finishes, and waits (griddepcontrol.wait) before it reads anything that kernel wrote. FMS_PDL turns it on for the
-# kernels that support it (the GEMV kernel): "1" also lets the next kernel launch once every program has read its
-# inputs, "2" only as they exit; unset, empty or "0": off. Off by default: at the engine's batch-1 (two rows) "1"
-# made the H100's GEMV chain 24% slower (final_project/README.md, section 24).
-PDL_ENV = "FMS_PDL"
-PDL_MODES = ("0", "1", "2")
-
-
-def pdl_mode() -> int:
-    """FMS_PDL as asked: 0 (unset, empty or "0"), 1 or 2; ValueError for another value."""
-    value = os.environ.get(PDL_ENV, "")
-    if value not in ("", *PDL_MODES):
-        raise ValueError(f"environment variable {PDL_ENV}={value!r}; allowed: '1' (programmatic dependent launch on "
-                         f"Hopper and later GPUs, the next kernel launched once inputs are read), '2' (launched as "
-                         f"programs exit), '0', empty or unset (off)")
-    return int(value or 0)
-
-
-def pdl_launch(device: torch.device) -> dict:
-    """The launch options of a PDL-capable kernel on `device`: {"PDL": mode, "launch_pdl": True} for FMS_PDL mode 1
-    or 2 on a CUDA GPU of compute capability 9.0 or more (not Triton's interpreter), else {"PDL": 0}. ValueError
-    for another FMS_PDL value."""
-    mode = pdl_mode()
-    on = mode and device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1" \
-        and _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
-    return {"PDL": mode, "launch_pdl": True} if on else {"PDL": 0}
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(device_index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device_index)

@@ -491,38 +491,3 @@ def test_bench_gemv_writes_the_fastest_choice_per_shape_and_merges(tmp_path):
     assert [(e["rows"], e["n"], e["silu_mul"], e["choice"]) for e in merged] == [
         (1, 3072, False, [2, 512, 4, 2]), (2, 2048, False, [4, 512, 4, 2]), (2, 2048, True, "cublas"),
         (2, 3072, False, "cublas")]
-
-
-def test_pdl_launch_is_off_unless_asked_on_a_hopper_gpu(monkeypatch):
-    """FMS_PDL: unset, empty or "0" launch without programmatic dependent launch; "1" and "2" turn it on only on a
-    CUDA GPU of compute capability >= 9.0 (never on the CPU or under the interpreter); anything else is an error
-    naming it."""
-    from fms.triton import support
-
-    for value in (None, "", "0", "1", "2"):
-        if value is None:
-            monkeypatch.delenv(support.PDL_ENV, raising=False)
-        else:
-            monkeypatch.setenv(support.PDL_ENV, value)
-        assert support.pdl_launch(torch.device("cpu")) == {"PDL": 0}
-    monkeypatch.setenv(support.PDL_ENV, "yes")
-    with pytest.raises(ValueError, match="FMS_PDL='yes'"):
-        support.pdl_launch(torch.device("cpu"))
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    for mode in ("1", "2"):
-        monkeypatch.setenv(support.PDL_ENV, mode)
-        for capability, on in (((8, 0), False), ((9, 0), True), ((10, 0), True)):
-            monkeypatch.setattr(support, "_capability", lambda index, c=capability: c)
-            want = {"PDL": int(mode), "launch_pdl": True} if on else {"PDL": 0}
-            assert support.pdl_launch(torch.device("cuda", 0)) == want
-
-
-def test_kernel_with_pdl_asked_gives_the_same_bits(kernel, monkeypatch):
-    """With FMS_PDL=1 or 2 the kernel's result is unchanged (on the CPU's interpreter PDL stays off; on a Hopper GPU
-    the kernel waits for its input before reading it)."""
-    x, w, _ = _inputs(24, 64, torch.bfloat16, rows=2)
-    monkeypatch.delenv("FMS_PDL", raising=False)
-    off = kernel(x, w)
-    for mode in ("1", "2"):
-        monkeypatch.setenv("FMS_PDL", mode)
-        assert torch.equal(kernel(x, w), off)
