@@ -125,6 +125,8 @@ def test_cuda_graph_sizes_maps_onto_the_engine_config(capsys):
     assert engine_config(parser.parse_args(["--cuda-graph-sizes", "8,2,4"])).graph_batch_sizes == (2, 4, 8)
     # not given: the engine picks by device and compile setting (EngineConfig.for_device)
     assert engine_config(parser.parse_args([])).graph_batch_sizes is None
+    assert engine_config(parser.parse_args(["--unbacked-batch"])).unbacked_batch is True
+    assert engine_config(parser.parse_args([])).unbacked_batch is False
     with pytest.raises(SystemExit):
         parser.parse_args(["--cuda-graph-sizes", "two"])
     assert "expected a comma list of batch sizes like 2,4,8, got 'two'" in capsys.readouterr().err

@@ -67,6 +67,7 @@ class ServingBenchConfig:
     compile: bool = True
     compile_scope: str = DEFAULT_COMPILE_SCOPE  # EngineConfig.compile_scope: "layers" (one layer, reused) or "model"
     graph_batch_sizes: tuple[int, ...] | None = None  # EngineConfig.graph_batch_sizes; None: the engine's default
+    unbacked_batch: bool = False  # EngineConfig.unbacked_batch
     max_decode_steps: int | None = None
     respect_eos: bool = False
     peers: tuple[str, ...] = ()
@@ -269,7 +270,7 @@ def _build_engine(model, config: ServingBenchConfig, prompts, output_lens) -> LL
         use_cuda_graphs=None if config.cuda_graphs else False,
         **({} if max_steps is None else {"max_decode_steps": max_steps}),
         compile_decode=None if config.compile else False, compile_prefill=None if config.compile else False,
-        compile_scope=config.compile_scope,
+        compile_scope=config.compile_scope, unbacked_batch=config.unbacked_batch,
         **({} if config.graph_batch_sizes is None else {"graph_batch_sizes": config.graph_batch_sizes}),
     )
 

@@ -160,6 +160,9 @@ def throughput_parser_args(argv=None):
     p.add_argument("--cuda_graph_sizes", type=parse_graph_sizes, default=None, dest="graph_batch_sizes",
                    help="decode batch sizes captured as CUDA graphs (the engine's --cuda-graph-sizes), e.g. "
                         "2,4,8,16,32,64,128; default: the engine's")
+    p.add_argument("--unbacked_batch", action="store_true",
+                   help="the engine's --unbacked-batch: one compile of the decode step serves batch 1 too, in a graph "
+                        "of its own")
     p.add_argument("--max_decode_steps", type=int, default=None,
                    help="decode steps per host synchronization (default: the engine's, 16; 1 = every token)")
     p.add_argument("--respect_eos", action="store_true", help="stop at EOS (default: ignore it, fixed lengths)")

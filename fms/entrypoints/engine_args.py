@@ -23,6 +23,7 @@ ENGINE_FLAGS = {
     "max_decode_steps": "max_decode_steps",
     "compile_scope": "compile_scope",
     "cuda_graph_sizes": "graph_batch_sizes",
+    "unbacked_batch": "unbacked_batch",
 }
 DTYPE_NAMES = ("bf16", "fp16", "fp32", "bfloat16", "float16", "float32")  # --dtype (fms.models resolves them)
 
@@ -66,10 +67,15 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                         "compiled once for all layers (default; Granite-4.0-H's Mamba layers whole, one compile for "
                         "all), or the whole model (6-10%% more decode throughput; Llama-3.1-8B on an H200: the engine "
                         "starts in ~220 s cold / ~100 s warm instead of ~35 / ~9 s)")
+    g.add_argument("--unbacked-batch", action="store_true", default=None,
+                   help="with the layers compile scope, trace the compiled decode step's batch size as an unbacked "
+                        "symbol: one compile serves every graph size, batch 1 included, which then gets its own "
+                        "graph (EngineConfig.unbacked_batch; off by default: not yet timed on a GPU)")
     g.add_argument("--cuda-graph-sizes", type=parse_graph_sizes, default=None,
                    help="decode batch sizes captured as CUDA graphs at start-up, e.g. 2,4,8,16,32,64,128 "
                         "(EngineConfig.graph_batch_sizes; default 1,2,4,...,256 up to --max-num-seqs, without the 1 "
-                        "for --compile-scope model: batch 1 then runs in the batch-2 graph). A batch runs in "
+                        "when the decode step is compiled, unless --unbacked-batch: batch 1 then runs in the batch-2 "
+                        "graph). A batch runs in "
                         "the smallest size that holds it; each size costs start-up time")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split the model over N processes (one GPU each; gloo on CPU), started by the command "

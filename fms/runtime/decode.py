@@ -90,7 +90,7 @@ class DecodeWindowRunner:
 
     def __init__(self, model, cache: SequenceCache, attn_name: str, max_steps: int,
                  graph_batch_sizes: Sequence[int] | None, compile_model: bool = False, combo_kernels: bool = True,
-                 compile_scope: str = "model"):
+                 compile_scope: str = "model", unbacked_batch: bool = False):
         if max_steps < 1:
             raise ValueError(f"max_decode_steps must be >= 1, got {max_steps}")
         self.model, self.cache, self.attn_name = model, cache, attn_name
@@ -99,6 +99,7 @@ class DecodeWindowRunner:
         # throughput on the H100 (final_project/LOG.md, session 5).
         self.combo_kernels = combo_kernels
         self.compile_scope = compile_scope  # fms.runtime.compiled: the whole model, or one layer for all
+        self._unbacked_asked = unbacked_batch
         if compile_model:  # its compiles take dynamic=True over this one cache (see SequenceCache.mark_static)
             cache.mark_static()
         # torch.compile fuses the step's small elementwise kernels (norms, rotary, activations), which
@@ -160,10 +161,11 @@ class DecodeWindowRunner:
         arithmetic (inputs from positions, sampling bookkeeping) in a few fused kernels instead of a
         dozen eager ones per step; sampled (non-greedy) steps keep the eager bookkeeping."""
         self.compiled = compiled
-        # compile_scope "layers" traces every batch size once, 1 included (fms.runtime.compiled.unbacked_batch); a
-        # whole-model trace takes the step's metadata whole, whose batch-sized tensors keep backed sizes: there
-        # a batch of 1 is a second trace (EngineConfig leaves it out of the default graph sizes)
-        self.unbacked_batch = compiled and self.compile_scope == "layers" and why_no_layer_scope(self.model) is None
+        # asked for, compile_scope "layers" traces every batch size once, 1 included (fms.runtime.compiled.
+        # unbacked_batch); a whole-model trace takes the step's metadata whole, whose batch-sized tensors keep backed
+        # sizes: there a batch of 1 is a second trace
+        self.unbacked = (self._unbacked_asked and compiled and self.compile_scope == "layers"
+                               and why_no_layer_scope(self.model) is None)
         if compiled:
             options = {"combo_kernels": True} if backend == "inductor" and self.combo_kernels else None
             self._forward = compile_forward(self.model, self.compile_scope, backend, options)
@@ -174,7 +176,7 @@ class DecodeWindowRunner:
 
     # -- one step, on the buffers ----------------------------------------------------------
     def _step(self, bs: int, mode: str, layout, bounds=None) -> None:
-        if not self.unbacked_batch:
+        if not self.unbacked:
             return self._step_on_buffers(bs, mode, layout, bounds)
         # one trace of each compiled function for every batch size, 1 included; kernels tuned for the largest
         with unbacked_batch(len(self.tokens) - 1):

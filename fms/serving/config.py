@@ -10,11 +10,11 @@ from typing import Sequence
 from fms.runtime.compiled import DEFAULT_COMPILE_SCOPE, check_compile_scope
 
 DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-# A decode step compiled with compile_scope "layers" traces a batch of 1 like any other (fms.runtime.compiled.
-# unbacked_batch), so its batch-1 graph costs a capture. Compiled whole ("model"), a batch of 1 would trace and compile
-# the step a second time: there batch 1 runs in the batch-2 graph (one idle row), as every compiled engine did in
-# sessions 17-33.
-WHOLE_MODEL_GRAPH_BATCH_SIZES = DEFAULT_GRAPH_BATCH_SIZES[1:]
+# A compiled decode step specializes a batch of 1, so a batch-1 graph would trace and compile the step a second time
+# (6-11 s of a cold start on the H200, final_project section 11; 12 s of Granite-4.0-H-1B's on the H100, section 25):
+# by default batch 1 runs in the batch-2 graph (one idle row). With unbacked_batch (compile_scope "layers") the step
+# traces a batch of 1 with the others (fms.runtime.compiled.unbacked_batch) and batch 1 gets its own graph.
+COMPILED_GRAPH_BATCH_SIZES = DEFAULT_GRAPH_BATCH_SIZES[1:]
 DEFAULT_MAX_MODEL_LEN = 4096  # caps the page-table width (and the decode kernel's split sizing)
 DEFAULT_MAX_DECODE_STEPS = 16
 
@@ -43,7 +43,8 @@ class EngineConfig:
     max_model_len: longest prompt + output (default min(model context, 4096)).
     enable_prefix_caching: keep full pages of finished prompts for later requests that share them.
     use_cuda_graphs: decode steps replay CUDA graphs, captured per batch size in graph_batch_sizes (default:
-    1, 2, 4, ..., 256; without the 1 when the decode step is compiled whole, WHOLE_MODEL_GRAPH_BATCH_SIZES).
+    1, 2, 4, ..., 256; without the 1 when the decode step is compiled, COMPILED_GRAPH_BATCH_SIZES, unless
+    unbacked_batch).
     max_decode_steps: when every running request is decoding and none could be admitted, up to this
     many decode steps run back to back on the device with one host synchronization (a decode window;
     1 = synchronize every token). While the batch has room, windows ramp up 1, 2, 4, ... to it after each step that prefilled.
@@ -56,6 +57,11 @@ class EngineConfig:
     layers of hybrids compiled whole, one compile for all, in decode steps; models with other layers compile the
     whole model) or "model" (one graph over every layer: higher throughput, minutes of start-up for an 8B model);
     fms.runtime.compiled.
+    unbacked_batch: with compile_scope "layers", the compiled decode step takes its batch size as an unbacked symbol
+    (fms.runtime.compiled.unbacked_batch): one trace serves every graph size, batch 1 included, which then has its own
+    graph by default. Off by default: built and tested on the CPU (inductor included), not yet timed on a GPU (its
+    first form, a backed symbol, measured +6-13% batch-1 decode on the H100 but compiled the step twice;
+    final_project section 25).
     """
 
     page_size: int = 16
@@ -73,6 +79,7 @@ class EngineConfig:
     compile_prefill: bool | None = None
     combo_kernels: bool = True
     compile_scope: str = DEFAULT_COMPILE_SCOPE
+    unbacked_batch: bool = False
 
     def __post_init__(self):
         check_compile_scope(self.compile_scope)
@@ -91,7 +98,7 @@ class EngineConfig:
         if len(sizes) > 1:
             raise ValueError(f"give at most one of num_pages, memory_gb, memory_fraction to size the page pool; "
                              f"got {', '.join(f'{n}={getattr(self, n)!r}' for n in sizes)}")
-        for name in ("enable_prefix_caching", "combo_kernels"):
+        for name in ("enable_prefix_caching", "combo_kernels", "unbacked_batch"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("use_cuda_graphs", "compile_decode", "compile_prefill"):
@@ -125,8 +132,9 @@ class EngineConfig:
         if not is_cuda and self.memory_fraction is not None:
             raise ValueError("memory_fraction sizes the pool from free GPU memory; on CPU give num_pages or memory_gb")
         compile_decode = is_cuda if self.compile_decode is None else self.compile_decode
-        whole = compile_decode and is_cuda and self.compile_scope == "model"
-        graph_batch_sizes = self.graph_batch_sizes or (WHOLE_MODEL_GRAPH_BATCH_SIZES if whole else DEFAULT_GRAPH_BATCH_SIZES)
+        one_trace = self.unbacked_batch and self.compile_scope == "layers"
+        graph_batch_sizes = self.graph_batch_sizes or (COMPILED_GRAPH_BATCH_SIZES if compile_decode and is_cuda
+                                                       and not one_trace else DEFAULT_GRAPH_BATCH_SIZES)
         return replace(
             self,
             max_model_len=max_model_len,

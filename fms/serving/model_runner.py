@@ -71,7 +71,8 @@ class ModelRunner:
                 logger.warning("CUDA graphs off, decoding eagerly: %s", why_not)
         self.decoder = DecodeWindowRunner(model, cache, attn_name, max_decode_steps, graph_sizes,
                                           compile_model=compile_decode and self.device.type == "cuda",
-                                          combo_kernels=config.combo_kernels, compile_scope=config.compile_scope)
+                                          combo_kernels=config.combo_kernels, compile_scope=config.compile_scope,
+                                          unbacked_batch=config.unbacked_batch)
 
     @property
     def graphs(self) -> "DecodeWindowRunner | None":

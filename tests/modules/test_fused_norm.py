@@ -161,7 +161,8 @@ def test_a_row_parallel_layer_never_fuses_and_adds_the_residual_after_its_all_re
 
 
 @torch.no_grad()
-def test_compiled_decode_with_fusion_gives_the_eager_tokens(launches):
+@pytest.mark.parametrize("unbacked", [False, True])
+def test_compiled_decode_with_fusion_gives_the_eager_tokens(launches, unbacked):
     """The engine's compiled decode (scope "layers": each layer's halves around the attention op) with fuse_norm:
     the fused op calls trace into one graph per half, and the tokens equal an eager, unfused decode."""
     from fms.runtime.decode import DecodeWindowRunner
@@ -173,10 +174,11 @@ def test_compiled_decode_with_fusion_gives_the_eager_tokens(launches):
     fused = get_model("llama", "nano", seed=0, device_type=DEVICE, data_type=torch.float32, head_dim=32,
                       kernels=KernelConfig(fuse_norm=True))
     runner = DecodeWindowRunner(fused, _cache(fused), "paged", max_steps=3, graph_batch_sizes=None,
-                                compile_model=True, compile_scope="layers")
+                                compile_model=True, compile_scope="layers", unbacked_batch=unbacked)
     runner._set_compiled(True, "aot_eager")
-    # the cache's most rows (the op's unfused path), then the kernel's two; the eager runner runs the unfused model
-    _windows_equal_eager(fused, runner, (4, 2), eager_model=plain)
+    # the cache's most rows (the op's unfused path), then the kernel's two (and one, with an unbacked batch, where the
+    # fused residual's shape check must not break the graph); the eager runner runs the unfused model
+    _windows_equal_eager(fused, runner, (4, 2, 1) if unbacked else (4, 2), eager_model=plain)
     # as without fusion (tests/runtime/test_compile_counts.py): the layer's two halves, the step's inputs, its
     # bookkeeping, one symbolic-batch trace each
     assert _traces() == 4

@@ -107,7 +107,7 @@ def _layered_decode(num_layers, backend="aot_eager"):
     model = get_model("llama", "nano", seed=0, device_type="cpu", data_type=torch.float32, head_dim=32,
                       num_layers=num_layers)
     runner = DecodeWindowRunner(model, _cache(model), "paged", max_steps=3, graph_batch_sizes=None,
-                                compile_model=True, compile_scope="layers")
+                                compile_model=True, compile_scope="layers", unbacked_batch=True)
     runner._set_compiled(True, backend)
     _windows_equal_eager(model, runner, (MAX_BATCH, 2, 1))
     # one trace each: the layer's two halves around the attention op, the step's inputs and its bookkeeping
@@ -206,7 +206,7 @@ def _hybrid_layered_decode(layer_types):
     model = get_model("granite_hybrid", "h-nano", seed=5, device_type="cpu", data_type=torch.float32,
                       num_layers=len(layer_types), layer_types=layer_types, embedding_multiplier=1.0, init_std=0.3)
     runner = DecodeWindowRunner(model, _cache(model), "paged", max_steps=3, graph_batch_sizes=None,
-                                compile_model=True, compile_scope="layers")
+                                compile_model=True, compile_scope="layers", unbacked_batch=True)
     runner._set_compiled(True, "aot_eager")
     _windows_equal_eager(model, runner, (MAX_BATCH, 2, 1))
     return _traces(), torch._dynamo.utils.counters["stats"]["calls_captured"]
@@ -237,7 +237,7 @@ def test_layer_scope_decode_equals_eager_for_every_attention_family(architecture
     model = get_model(architecture, variant, seed=1, device_type="cpu", data_type=torch.float32, init_std=0.3, **varied)
     assert compiled.why_no_layer_scope(model) is None
     runner = DecodeWindowRunner(model, _cache(model), "paged", max_steps=3, graph_batch_sizes=None,
-                                compile_model=True, compile_scope="layers")
+                                compile_model=True, compile_scope="layers", unbacked_batch=True)
     runner._set_compiled(True, "aot_eager")
     _windows_equal_eager(model, runner, (MAX_BATCH, 2, 1))
     for fn in (compiled._attention_inputs, compiled._attention_output):

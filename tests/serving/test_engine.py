@@ -222,22 +222,24 @@ def test_engine_config_and_keywords_are_one_thing():
     assert pages == int(1e6 // (model.cache_spec().kv_bytes_per_token * 16)) - 1
 
 
-def test_default_graph_sizes_leave_out_batch_1_only_for_a_step_compiled_whole():
-    """A step compiled one layer for all traces a batch of 1 like any other (tests/runtime/test_compile_counts.py),
-    so batch 1 has its own graph by default; compiled whole it would be a second compile, and batch 1 runs in the
-    batch-2 graph. Sizes given are kept, sorted."""
+def test_default_graph_sizes_leave_out_batch_1_for_a_compiled_step_unless_its_batch_is_unbacked():
+    """Dynamo specializes a size-1 batch, so a compiled step's batch-1 graph would be a second compile: by default a
+    compiled step runs batch 1 in the batch-2 graph. With unbacked_batch and the layers scope one trace serves batch 1
+    too (tests/runtime/test_compile_counts.py), and it has its own graph. Sizes given are kept, sorted."""
     from fms.serving import EngineConfig
 
     assert EngineConfig().graph_batch_sizes is None
     cuda = EngineConfig().for_device(True, 4096)
-    assert cuda.compile_decode and cuda.graph_batch_sizes == (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    assert cuda.compile_decode and cuda.graph_batch_sizes == (2, 4, 8, 16, 32, 64, 128, 256)
+    assert EngineConfig(unbacked_batch=True).for_device(True, 4096).graph_batch_sizes[0] == 1
     assert EngineConfig(compile_decode=False).for_device(True, 4096).graph_batch_sizes == (
         1, 2, 4, 8, 16, 32, 64, 128, 256)
     assert EngineConfig().for_device(False, 4096).graph_batch_sizes[0] == 1
     assert EngineConfig(graph_batch_sizes=(4, 2)).for_device(True, 4096).graph_batch_sizes == (2, 4)
-    whole = EngineConfig(compile_scope="model")
+    whole = EngineConfig(compile_scope="model", unbacked_batch=True)  # the whole-model trace keeps a backed batch
     assert whole.for_device(True, 4096).graph_batch_sizes == (2, 4, 8, 16, 32, 64, 128, 256)
-    assert whole.for_device(False, 4096).graph_batch_sizes[0] == 1  # CPU: nothing compiled by default
+    with pytest.raises(ValueError, match="unbacked_batch must be a bool, got 1"):
+        EngineConfig(unbacked_batch=1)
 
 
 def test_unknown_request_ids_and_request_counts_in_stats():

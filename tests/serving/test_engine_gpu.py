@@ -52,8 +52,8 @@ def test_layer_compile_scope_with_graphs_matches_sdpa(model):
 
 
 def test_compiled_decode_captures_a_batch_of_one_from_the_same_trace(model):
-    """The compiled decode step (compile_scope "layers"; its projections go through the op fms::gemv) is traced
-    once for every captured size, 1 included (compiled.unbacked_batch): no function of the step has a second
+    """With unbacked_batch the compiled decode step (compile_scope "layers"; its projections go through the op
+    fms::gemv) is traced once for every captured size, 1 included (compiled.unbacked_batch): no function of the step has a second
     compiled entry, and a lone request replays the size-1 graph with tokens equal to static SDPA generate."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
@@ -61,9 +61,9 @@ def test_compiled_decode_captures_a_batch_of_one_from_the_same_trace(model):
 
     torch._dynamo.reset()
     engine = LLMEngine(model, num_pages=64, max_num_seqs=4, graph_batch_sizes=(1, 2, 4), compile_scope="layers",
-                       compile_decode=True, compile_prefill=False)
+                       compile_decode=True, compile_prefill=False, unbacked_batch=True)
     runner = engine.runner.graphs
-    assert runner.compiled and {key[0] for key in runner._graphs} == {1, 2, 4}
+    assert runner.compiled and runner.unbacked and {key[0] for key in runner._graphs} == {1, 2, 4}
     step_functions = (compiled._attention_inputs, compiled._attention_output, decode._step_outputs,
                       type(runner.cache).window_inputs)
     assert [len(_debug_get_cache_entry_list(fn.__code__)) for fn in step_functions] == [1, 1, 1, 1]

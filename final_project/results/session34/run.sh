@@ -6,7 +6,7 @@
 #   part b (~200 s): issue 19's 1B serving + batch-1, .gpu (b32a87c: batch 1 in the batch-2 graph) and .gpn (batch 1
 #     in its own graph from the same trace) interleaved, twice each; then .gpn with FMS_FUSE_NORM=1 twice
 #   part u (~70 s): in .gpn, the GPU engine tests of compiled decode (batch of one, layer scope, hybrids)
-#   part c (~130 s): part b without the FMS_FUSE_NORM runs
+#   part c (~130 s): part b without the FMS_FUSE_NORM runs, .gpn with --unbacked_batch
 #   part G (~110 s): part g's first pair only
 #   part g (~300 s): Granite-4.0-H-1B cold start-up (bench_startup.py, a fresh process each), .gpu and .gpn
 #     interleaved, twice each: the batch-1 graph's cost, or its absence, at start-up (dynamo recompiles listed)
@@ -26,8 +26,13 @@ part_u() {
   TREE=.gpn step gpu_tests_u 120 python3 -m pytest -q -p no:cacheprovider tests/serving/test_engine_gpu.py \
     -k "batch_of_one or layer_compile or hybrid"
 }
-part_c() {
-  serving_1b gpu1 gpn1 gpu2 gpn2
+part_c() {  # PAIRS=1: gpu1 and gpn1 only; .gpn with --unbacked_batch (EngineConfig.unbacked_batch, off by default)
+  local runs="gpu1 gpn1 gpu2 gpn2"; [ "${PAIRS:-2}" = 1 ] && runs="gpu1 gpn1"
+  for run in $runs; do
+    local flag=""; [ "${run%?}" = gpn ] && flag="--unbacked_batch"
+    TREE=.${run%?} step serving_1b_$run 110 python3 scripts/benchmark_serving.py --variant 3.2-1b $WORKLOAD $flag \
+      --results_dir "$OUT/serving_1b_$run"
+  done
 }
 part_G() {
   for run in gpu1 gpn1; do
