@@ -16,8 +16,9 @@ uses the kernel at all is its own setting (`KernelConfig.gemv`, fms.modules.kern
 Under torch.compile, `gemv` is the opaque op fms::gemv for any number of rows and decides at run time: the
 kernel for at most MAX_ROWS rows, cuBLAS (after a one-pass SwiGLU kernel where asked) for more, or the split-K
 kernel (fms.triton.splitk) for 3-256 bf16/fp16 rows where this GPU's table lists it for that row count. So a graph
-compiled with a symbolic batch size holds no guard on it, and the engine's batch-1 graph comes from the same trace
-(an unbacked batch size: fms.runtime.compiled.unbacked_batch). `fits` sends
+compiled with a symbolic batch size holds no guard on it, and the engine's batch-1 decode runs in the batch-2
+graph (one idle row) instead of a second compile of its own (dynamo specializes a size of 1), or, with an unbacked
+batch size (fms.runtime.compiled.unbacked_batch), in a batch-1 graph from the same trace. `fits` sends
 only one-token rows (decode) there; a compiled prefill traces F.linear (`one_token_rows`).
 """
 
