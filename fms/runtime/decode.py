@@ -165,7 +165,7 @@ class DecodeWindowRunner:
         # unbacked_batch); a whole-model trace takes the step's metadata whole, whose batch-sized tensors keep backed
         # sizes: there a batch of 1 is a second trace
         self.unbacked = (self._unbacked_asked and compiled and self.compile_scope == "layers"
-                               and why_no_layer_scope(self.model) is None)
+                         and why_no_layer_scope(self.model) is None)
         if compiled:
             options = {"combo_kernels": True} if backend == "inductor" and self.combo_kernels else None
             self._forward = compile_forward(self.model, self.compile_scope, backend, options)
