@@ -7,7 +7,7 @@
 #     in its own graph from the same trace) interleaved, twice each; then .gpn with FMS_FUSE_NORM=1 twice
 #   part u (~70 s): in .gpn, the GPU engine tests of compiled decode (batch of one, layer scope, hybrids)
 #   part c (~130 s): part b without the FMS_FUSE_NORM runs, .gpn with --unbacked_batch
-#   part G (~110 s): part g's first pair only
+#   part G (~110 s): part g's first pair, .gpn with --unbacked-batch
 #   part g (~300 s): Granite-4.0-H-1B cold start-up (bench_startup.py, a fresh process each), .gpu and .gpn
 #     interleaved, twice each: the batch-1 graph's cost, or its absence, at start-up (dynamo recompiles listed)
 set -u
@@ -34,10 +34,11 @@ part_c() {  # PAIRS=1: gpu1 and gpn1 only; .gpn with --unbacked_batch (EngineCon
       --results_dir "$OUT/serving_1b_$run"
   done
 }
-part_G() {
+part_G() {  # .gpn with --unbacked-batch (EngineConfig.unbacked_batch; before eec493f the tree's default)
   for run in gpu1 gpn1; do
+    local flag=""; [ "${run%?}" = gpn ] && flag="--unbacked-batch"
     TREE=.${run%?} step startup_gh_$run 100 python3 scripts/bench_startup.py --models granite_hybrid:4.0-h-1b \
-      --runs cold --timeout 90 --output "$OUT/startup_gh_$run.json"
+      --runs cold --timeout 90 $flag --output "$OUT/startup_gh_$run.json"
   done
 }
 part_g() {
