@@ -110,7 +110,8 @@ class _SplitLayer:
         q, k, v = self.compiled.inputs(self.layer, x, position_ids, rope, op, kv_state, meta)
         written = {} if kv_state is None else {"kv_written": True}
         out = mixer.attend(q, k, v, attn_name, **attn_kwargs, **written)
-        return self.compiled.output(self.layer, x, _static(mark_batch(out)[0], 1, 3))  # (B, Hq, T, D)
+        mark_batch(out)
+        return self.compiled.output(self.layer, x, _static(out, 1, 3))  # (B, Hq, T, D)
 
 
 class _WholeLayer:
@@ -182,14 +183,18 @@ def _static(t: torch.Tensor, *dims: int) -> torch.Tensor:
     return t
 
 
+def compiled_scope(model, scope: str) -> str:
+    """The scope compile_forward(model, scope) compiles: "layers" becomes "model" for a model whose layers cannot be
+    compiled one for all (why_no_layer_scope)."""
+    check_compile_scope(scope)
+    return "model" if scope == "layers" and why_no_layer_scope(model) is not None else scope
+
+
 def compile_forward(model, scope: str = "model", backend: str = "inductor", options: dict | None = None):
     """A callable like model(input_ids, **kwargs), compiled with dynamic shapes over the given scope."""
-    check_compile_scope(scope)
-    if scope == "layers":
-        why = why_no_layer_scope(model)
-        if why is not None:
-            logger.warning("compiling the whole model instead of one layer for all: %s", why)
-            scope = "model"
+    if compiled_scope(model, scope) != scope:
+        logger.warning("compiling the whole model instead of one layer for all: %s", why_no_layer_scope(model))
+        scope = "model"
     if scope == "model":
         return torch.compile(model, dynamic=True, backend=backend, options=options)
     compiled = SimpleNamespace(**{name: torch.compile(fn, dynamic=True, backend=backend, options=options) for name, fn

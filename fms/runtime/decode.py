@@ -24,7 +24,7 @@ import torch
 from fms.cache.base import SequenceCache
 from fms.modules.attention import get_attention_op
 from fms.modules.masks import AttentionVariant
-from fms.runtime.compiled import compile_forward, mark_batch, same_batch, unbacked_batch, why_no_layer_scope
+from fms.runtime.compiled import compile_forward, compiled_scope, mark_batch, same_batch, unbacked_batch
 from fms.runtime.sampler import SamplingTensors, TokenLogprobs, host_logprobs, logprobs_of, needs_sampling, sample
 from fms.runtime.sampling_params import MAX_LOGPROBS, SamplingParams
 from fms.runtime.transfer import to_device
@@ -164,8 +164,7 @@ class DecodeWindowRunner:
         # asked for, compile_scope "layers" traces every batch size once, 1 included (fms.runtime.compiled.
         # unbacked_batch); a whole-model trace takes the step's metadata whole, whose batch-sized tensors keep backed
         # sizes: there a batch of 1 is a second trace
-        self.unbacked = (self._unbacked_asked and compiled and self.compile_scope == "layers"
-                         and why_no_layer_scope(self.model) is None)
+        self.unbacked = self._unbacked_asked and compiled and compiled_scope(self.model, self.compile_scope) == "layers"
         if compiled:
             options = {"combo_kernels": True} if backend == "inductor" and self.combo_kernels else None
             self._forward = compile_forward(self.model, self.compile_scope, backend, options)
