@@ -110,7 +110,10 @@ class _SplitLayer:
         q, k, v = self.compiled.inputs(self.layer, x, position_ids, rope, op, kv_state, meta)
         written = {} if kv_state is None else {"kv_written": True}
         out = mixer.attend(q, k, v, attn_name, **attn_kwargs, **written)
-        mark_batch(out)
+        # out is a view where the op returns one ((B, Hq, 1, D) of the paged decode kernel's (B, Hq, D)): dynamo gives
+        # its base sizes of their own, and a backed batch there was guarded >= 2, so that on the GPU a batch of 1
+        # compiled attention_output again (final_project section 26)
+        mark_batch(out, out._base)
         return self.compiled.output(self.layer, x, _static(out, 1, 3))  # (B, Hq, T, D)
 
 

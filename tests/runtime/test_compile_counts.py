@@ -131,6 +131,22 @@ def test_layer_scope_decode_under_inductor_traces_a_batch_of_one_with_the_others
     _layered_decode(2, backend="inductor")
 
 
+def test_an_unbacked_batch_covers_the_base_of_the_attention_output_view(monkeypatch):
+    """On CUDA the paged decode kernel writes a fresh (B, Hq, D) tensor (empty_like of its query) and the op returns
+    the view (B, Hq, 1, D) of it, whose base dynamo sizes on its own: unmarked, that base's batch was guarded >= 2 and
+    a batch of 1 traced attention_output a second time on the H100 (final_project section 26). The torch reference
+    the CPU runs returns a view of another shape; here it hands out the kernel's layout, under inductor."""
+    from fms.modules import attention as attention_mod
+
+    reference = attention_mod._paged_decode
+
+    def kernel_layout(q, *args, **kwargs):
+        return torch.empty_like(q).copy_(reference(q, *args, **kwargs))
+
+    monkeypatch.setattr(attention_mod, "_paged_decode", kernel_layout)
+    _layered_decode(2, backend="inductor")
+
+
 def test_gemv_kernel_in_the_lm_head_does_not_retrace_sampling(monkeypatch):
     """The LM head runs eagerly between the compiled layers and the compiled sampling (_step_outputs). Its logits
     come from the GEMV kernel at 2 rows and from cuBLAS at 4; both must be new tensors, not a view of a 2-D result
