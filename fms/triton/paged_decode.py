@@ -344,6 +344,14 @@ if HAS_TRITON:
         tl.store(out_ptr + b * stride_ob + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty))
 
 
+def new_output(q: Tensor) -> Tensor:
+    """The kernel's output for q (B, Hq, D): contiguous whatever q's strides. empty_like would copy the strides of a q
+    sliced from a fused q/k/v projection at a batch of 1 (a dense layout there) and not at larger batches, and a
+    compiled function taking the output would then see a stride change between batch sizes (a second compile of
+    Granite-4.0-H's decode step on the H100, final_project section 26)."""
+    return q.new_empty(q.shape)
+
+
 def paged_decode_attention(
     q: Tensor,
     k_pool: Tensor,
@@ -395,7 +403,7 @@ def paged_decode_attention(
     num_kv_heads = k_pool.shape[0]
     group_size = num_q_heads // num_kv_heads
     max_pages = page_table.shape[1]
-    out = torch.empty_like(q)
+    out = new_output(q)
     if batch_size == 0 or max_pages == 0:
         return out.zero_()
     # Wide loads need unit stride along head_dim; other strides are passed through.
@@ -480,4 +488,4 @@ def paged_decode_op(q: Tensor, k_pool: Tensor, v_pool: Tensor, page_table: Tenso
 
 @paged_decode_op.register_fake
 def _(q, k_pool, v_pool, page_table, seq_lens, page_size, scale, window):
-    return torch.empty_like(q)
+    return new_output(q)

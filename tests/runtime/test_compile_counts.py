@@ -132,16 +132,17 @@ def test_layer_scope_decode_under_inductor_traces_a_batch_of_one_with_the_others
 
 
 def test_an_unbacked_batch_covers_the_base_of_the_attention_output_view(monkeypatch):
-    """On CUDA the paged decode kernel writes a fresh (B, Hq, D) tensor (empty_like of its query) and the op returns
+    """On CUDA the paged decode kernel writes a fresh (B, Hq, D) tensor (paged_decode.new_output) and the op returns
     the view (B, Hq, 1, D) of it, whose base dynamo sizes on its own: unmarked, that base's batch was guarded >= 2 and
-    a batch of 1 traced attention_output a second time on the H100 (final_project section 26). The torch reference
-    the CPU runs returns a view of another shape; here it hands out the kernel's layout, under inductor."""
+    a batch of 1 traced attention_output a second time (final_project section 26). The torch reference the CPU runs
+    returns a view of another shape; here it hands out the kernel's layout, under inductor."""
     from fms.modules import attention as attention_mod
+    from fms.triton.paged_decode import new_output
 
     reference = attention_mod._paged_decode
 
     def kernel_layout(q, *args, **kwargs):
-        return torch.empty_like(q).copy_(reference(q, *args, **kwargs))
+        return new_output(q).copy_(reference(q, *args, **kwargs))
 
     monkeypatch.setattr(attention_mod, "_paged_decode", kernel_layout)
     _layered_decode(2, backend="inductor")

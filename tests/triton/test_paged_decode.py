@@ -215,6 +215,26 @@ def test_cpu_without_interpreter_uses_reference(monkeypatch):
     torch.testing.assert_close(out, dense_sdpa(case, 0.25), atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("lens", [[17], [5, 40, 9]])
+def test_output_is_contiguous_for_a_query_sliced_from_fused_qkv(lens):
+    """q as a decode step hands it over: a slice of the fused q/k/v projection, (B, Hq, D) with row stride
+    (Hq + 2 Hkv) D, a dense layout at a batch of 1 only. The output's strides are the contiguous ones at every batch
+    (empty_like would give a batch of 1 the slice's row stride: a compiled function taking the output would see its
+    strides change with the batch) and its values equal the reference's."""
+    page_size = 16
+    case = make_paged_case(lens, page_size, 2, 4, 32, torch.float32, seed=6)
+    q = case["q"]
+    b, hq, d = q.shape
+    fused = torch.zeros(b, 1, hq + 2 * 2, d, device=q.device, dtype=q.dtype)  # (B, T, Hq + 2 Hkv, D)
+    fused[:, 0, :hq] = q
+    sliced = fused[:, :, :hq].transpose(1, 2)[:, :, 0]  # as the attention op takes q[:, :, 0] of (B, Hq, 1, D)
+    assert sliced.stride(0) == (hq + 4) * d
+    keys = ("k_pool", "v_pool", "page_table", "seq_lens")
+    out = paged_decode_attention(sliced, *(case[k] for k in keys), page_size, 0.2)
+    assert out.stride() == (hq * d, d, 1)
+    assert_close(out, paged_decode_reference(q, *(case[k] for k in keys), page_size, 0.2), torch.float32)
+
+
 def test_choose_num_splits():
     # Batch alone fills the GPU: no split.
     assert choose_num_splits(32, 8, 16384, 64, num_sms=132) == 1
