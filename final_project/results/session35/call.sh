@@ -5,6 +5,6 @@
 FINAL=${1:?final out dir}
 nvidia-smi --query-gpu=name --format=csv,noheader
 timeout 100 bash final_project/results/session34/run.sh "$FINAL" u
-timeout 170 bash final_project/results/session34/run.sh "$FINAL" c
+PAIRS=${PAIRS:-2} timeout ${C_LIMIT:-170} bash final_project/results/session34/run.sh "$FINAL" c
 timeout 130 bash final_project/results/session34/run.sh "$FINAL" G
 ls "$FINAL"
