@@ -135,7 +135,8 @@ def test_layer_scope_decode_under_inductor_traces_a_batch_of_one_with_the_others
 def test_an_unbacked_batch_traces_once_with_the_decode_kernels_output_layout(monkeypatch, family):
     """On CUDA the paged decode kernel writes a fresh (B, Hq, D) tensor (paged_decode.new_output) and the op returns
     the view (B, Hq, 1, D) of it. The torch reference the CPU runs returns another layout; here it hands out the
-    kernel's, under inductor, and a batch of 1 traces nothing again. Two causes of a second trace of
+    kernel's, under inductor (with the projections through the GEMV op in Triton's interpreter where it is on), and a
+    batch of 1 traces nothing again. Two causes of a second trace of
     attention_output on the H100 (final_project section 26), each failing here before its fix: the view's base,
     which dynamo sizes on its own (its backed batch guarded >= 2; llama), and an output allocated like q, which
     kept the stride of q's slice of the fused q/k/v projection at a batch of 1 only (Granite-4.0-H, whose attention
@@ -149,10 +150,21 @@ def test_an_unbacked_batch_traces_once_with_the_decode_kernels_output_layout(mon
         return new_output(q).copy_(reference(q, *args, **kwargs))
 
     monkeypatch.setattr(attention_mod, "_paged_decode", kernel_layout)
+    launched = []
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the projections through the op fms::gemv, as on CUDA
+        from fms.modules import linear as linear_mod
+        from fms.triton import gemv as gemv_mod
+        from tests.triton_interpreter import fits_cpu_rows
+
+        launch = gemv_mod._launch
+        monkeypatch.setattr(gemv_mod, "_launch", lambda *a, **k: launched.append(1) or launch(*a, **k))
+        monkeypatch.setattr(gemv_mod, "tuned_choice", lambda *a: (32, 64, 1, 1))
+        monkeypatch.setattr(linear_mod, "fits", fits_cpu_rows(linear_mod.fits))
     if family == "llama":
         _layered_decode(2, backend="inductor")  # asserts one trace of each function
     else:  # the attention halves, the Mamba layer, the step's inputs and its bookkeeping
         assert _hybrid_layered_decode(("mamba", "attention"), backend="inductor")[0] == 5
+    assert launched or os.environ.get("TRITON_INTERPRET") != "1"
 
 
 def test_gemv_kernel_in_the_lm_head_does_not_retrace_sampling(monkeypatch):
