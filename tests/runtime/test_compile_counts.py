@@ -136,11 +136,10 @@ def test_an_unbacked_batch_traces_once_with_the_decode_kernels_output_layout(mon
     """On CUDA the paged decode kernel writes a fresh (B, Hq, D) tensor (paged_decode.new_output) and the op returns
     the view (B, Hq, 1, D) of it. The torch reference the CPU runs returns another layout; here it hands out the
     kernel's, under inductor (with the projections through the GEMV op in Triton's interpreter where it is on), and a
-    batch of 1 traces nothing again. Two causes of a second trace of
-    attention_output on the H100 (final_project section 26), each failing here before its fix: the view's base,
-    which dynamo sizes on its own (its backed batch guarded >= 2; llama), and an output allocated like q, which
-    kept the stride of q's slice of the fused q/k/v projection at a batch of 1 only (Granite-4.0-H, whose attention
-    has no rotary embedding to copy q)."""
+    batch of 1 traces nothing again. Two causes of a second trace of attention_output on the H100 (final_project
+    section 26) each fail here without their fix: the view's base, which dynamo sizes on its own (its backed batch
+    guarded >= 2; llama), and an output allocated like q, which kept the stride of q's slice of the fused q/k/v
+    projection at a batch of 1 only (Granite-4.0-H, whose attention has no rotary embedding to copy q)."""
     from fms.modules import attention as attention_mod
     from fms.triton.paged_decode import new_output
 

@@ -225,10 +225,11 @@ def test_output_is_contiguous_for_a_query_sliced_from_fused_qkv(lens):
     case = make_paged_case(lens, page_size, 2, 4, 32, torch.float32, seed=6)
     q = case["q"]
     b, hq, d = q.shape
-    fused = torch.zeros(b, 1, hq + 2 * 2, d, device=q.device, dtype=q.dtype)  # (B, T, Hq + 2 Hkv, D)
+    hkv = case["k_pool"].shape[0]
+    fused = torch.zeros(b, 1, hq + 2 * hkv, d, device=q.device, dtype=q.dtype)  # (B, T, Hq + 2 Hkv, D)
     fused[:, 0, :hq] = q
     sliced = fused[:, :, :hq].transpose(1, 2)[:, :, 0]  # as the attention op takes q[:, :, 0] of (B, Hq, 1, D)
-    assert sliced.stride(0) == (hq + 4) * d
+    assert sliced.stride(0) == (hq + 2 * hkv) * d
     keys = ("k_pool", "v_pool", "page_table", "seq_lens")
     out = paged_decode_attention(sliced, *(case[k] for k in keys), page_size, 0.2)
     assert out.stride() == (hq * d, d, 1)
