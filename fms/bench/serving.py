@@ -14,6 +14,7 @@ import torch
 
 from fms.bench.hf_peer import (HF_STATIC_SYSTEM, hf_generate_batch_point, hf_mamba_kernels, hf_static_generate_point,
                               hf_twin, static_batches)
+from fms.bench.recompiles import RecompileLog
 from fms.bench.results import run_metadata, write_csv, write_json
 from fms.bench.roofline import ModelCost, batch1_decode_limit_tok_s, limit_fields, serving_roofline
 from fms.bench.timing import GB, peak_memory_gb, reset_peak_memory, synchronize
@@ -283,7 +284,14 @@ def reset_engine(engine) -> None:
 
 
 def run_serving_benchmark(config: ServingBenchConfig) -> dict:
-    """Run the workload on LLMEngine (per decode-steps value), batch-1 and peers; write serving.json / .csv."""
+    """Run the workload on LLMEngine (per decode-steps value), batch-1 and peers; write serving.json / .csv.
+    Dynamo's graphs and recompiles are recorded at start-up (startup.dynamo) and over the timed fms runs
+    (dynamo_during_runs, which should be empty: a compile there is inside a run's time)."""
+    with RecompileLog() as recompiles:
+        return _run_serving_benchmark(config, recompiles)
+
+
+def _run_serving_benchmark(config: ServingBenchConfig, recompiles: RecompileLog) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     device = torch.device(config.device)
     if not config.is_cuda:
@@ -310,6 +318,7 @@ def run_serving_benchmark(config: ServingBenchConfig) -> dict:
                         use_tqdm=False)
         startup["first_generate_s"] = time.perf_counter() - start
         reset_engine(engine)
+    startup["dynamo"] = recompiles.snapshot()
     print("start-up: " + ", ".join(f"{k} {v:.1f} s" for k, v in startup.items() if isinstance(v, float)))
     roofline = serving_roofline(cost, [len(p) for p in prompts], output_lens, config.max_num_seqs)
     rows, fms_tokens = [], None
@@ -330,6 +339,10 @@ def run_serving_benchmark(config: ServingBenchConfig) -> dict:
         limit = serving_roofline(cost, [BATCH1_PROMPT], [config.batch1_tokens], 1)
         rows.append({**row, **limit_fields(limit, row["output_tokens_per_s"]),
                      "batch1_decode_limit_tok_s": batch1_decode_limit_tok_s(cost, BATCH1_PROMPT)})
+    during_runs = _dynamo_since(startup["dynamo"], recompiles.snapshot())
+    if during_runs["recompiles"] or during_runs["graphs_traced"]:
+        print(f"warning: dynamo traced {during_runs['graphs_traced']} graph(s) during the timed runs, recompiles: "
+              f"{during_runs['recompiles']}; those runs' times include the compile")
     eos_token_ids = engine.eos_token_ids if config.respect_eos else frozenset()
     if config.peers:
         del engine
@@ -353,6 +366,7 @@ def run_serving_benchmark(config: ServingBenchConfig) -> dict:
                   "model_path": config.model_path, "dtype": str(model.embedding.weight.dtype)},
         "workload": workload,
         "startup": startup,
+        "dynamo_during_runs": during_runs,
         "engine_options": options,
         "roofline": roofline.as_dict(),
         "results": rows,
@@ -365,6 +379,12 @@ def run_serving_benchmark(config: ServingBenchConfig) -> dict:
         print(summary_line(row))
     print(f"wrote {results_dir / 'serving.json'} and {results_dir / 'serving.csv'}")
     return results
+
+
+def _dynamo_since(before: dict, now: dict) -> dict:
+    """Dynamo's graphs traced and recompiles between two RecompileLog snapshots (graphs None without dynamo)."""
+    graphs = None if now["graphs_traced"] is None else now["graphs_traced"] - before["graphs_traced"]
+    return {"graphs_traced": graphs, "recompiles": now["recompiles"][len(before["recompiles"]):]}
 
 
 def summary_line(row: dict) -> str:

@@ -17,7 +17,7 @@ the cold child the parent asks the kernel to drop the files from its page cache 
 and, before each child, measures how much of them is cached, so that each record says whether its load
 read the disk or memory.
 
-Module top level imports only the standard library and fms.bench.tables: the child times its own
+Module top level imports only the standard library and torch-free fms.bench modules: the child times its own
 imports of torch and fms.
 """
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import json
-import logging
 import math
 import os
 import random
@@ -40,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fms.bench.processes import run_in_session
+from fms.bench.recompiles import RecompileLog
 from fms.bench.tables import markdown_table
 
 DEFAULT_MODELS = {
@@ -421,55 +421,6 @@ def _compile_cache_counters() -> dict:
             for name, count in counters[group].items() if "cache" in name}
 
 
-class _Recompiles(logging.Handler):
-    """Dynamo's recompile messages (its `recompiles` log artifact) while the engine starts: the function and the first
-    guard that failed, one entry each. Each is a compile that a shape bucket paid for again."""
-
-    LOGGER = "torch._dynamo.guards.__recompiles"
-
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.entries: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        lines = [line.strip() for line in record.getMessage().splitlines() if line.strip()]
-        if lines:  # "Recompiling function f in file:line", "triggered by ...", "- guard ..."
-            guard = next((line for line in lines[1:] if line.startswith("- ")), "")
-            self.entries.append(f"{lines[0]} {guard}".strip())
-
-    def start(self) -> "_Recompiles":
-        import torch
-
-        torch._logging.set_logs(recompiles=True)
-        logger = logging.getLogger(self.LOGGER)
-        logger.addHandler(self)
-        self._propagate, logger.propagate = logger.propagate, False  # recorded here, not printed
-        return self
-
-    def stop(self) -> None:
-        logger = logging.getLogger(self.LOGGER)
-        logger.removeHandler(self)
-        logger.propagate = self._propagate
-
-    def snapshot(self) -> dict:
-        """What the JSON records: dynamo's graphs so far in this process and the recompiles seen so far."""
-        return {"graphs_traced": _dynamo_graphs(), "recompiles": list(self.entries)}
-
-    __enter__ = start
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-def _dynamo_graphs() -> int | None:
-    """How many graphs dynamo has traced in this process."""
-    try:
-        from torch._dynamo.utils import counters
-    except ImportError:
-        return None
-    return counters["stats"]["unique_graphs"]
-
-
 def build_model(spec: dict, device):
     """The child's timed get_model: from the spec's checkpoint folder, or random weights drawn on the device."""
     from fms.models import get_model
@@ -549,7 +500,7 @@ def _child(spec: dict) -> int:
     phases.done("get_model", start, end)
 
     start = phases.start("engine")
-    recompiles = _Recompiles().start()  # until the first generate() has run
+    recompiles = RecompileLog().start()  # until the first generate() has run
     engine = LLMEngine(model, config=EngineConfig(**spec["engine_options"]))
     synchronize()
     record["dynamo"] = recompiles.snapshot()

@@ -26,6 +26,34 @@ def test_benchmark_serving_writes_json_and_csv_with_the_roofline(tmp_path):
     assert (tmp_path / "serving.csv").read_text().startswith("system,num_requests")
 
 
+def test_compiles_inside_the_timed_runs_are_recorded_apart_from_start_up(tmp_path, monkeypatch):
+    """startup.dynamo holds what start-up traced; dynamo_during_runs what the timed fms runs traced, with the
+    recompile's function and failed guard: a compile there is inside a run's time. Here each run calls a compiled
+    function at a new static shape, which dynamo traces again."""
+    import torch
+
+    from fms.bench import serving
+
+    torch._dynamo.reset()
+    scaled = torch.compile(lambda x: x * x.shape[0], dynamic=False, backend="eager")
+    calls, run_fms = [], serving.run_fms
+
+    def run_fms_and_compile(*args, **kwargs):
+        calls.append(1)
+        scaled(torch.ones(len(calls) + 1))
+        return run_fms(*args, **kwargs)
+
+    monkeypatch.setattr(serving, "run_fms", run_fms_and_compile)
+    run_serving_benchmark(ServingBenchConfig(**TINY, results_dir=tmp_path, output_range=(2, 2),
+                                             decode_steps_sweep=(1, 2)))
+    results = json.loads((tmp_path / "serving.json").read_text())
+    assert len(calls) == 2 and set(results["startup"]["dynamo"]) == {"graphs_traced", "recompiles"}
+    during = results["dynamo_during_runs"]
+    assert during["graphs_traced"] == 2, during
+    [entry] = during["recompiles"]
+    assert entry.startswith("Recompiling function <lambda>") and "size mismatch" in entry, entry
+
+
 def test_decode_steps_sweep_and_batch1_share_one_engine(tmp_path):
     # no num_pages: the CPU pool is sized for the workload and for the batch-1 request's 128 + 6 tokens
     run_serving_benchmark(ServingBenchConfig(**TINY, results_dir=tmp_path, output_range=(5, 5),

@@ -321,18 +321,18 @@ def test_recompiles_are_recorded_with_the_function_and_the_failed_guard():
     """What the start-up JSON's dynamo.recompiles holds: one entry per recompile, naming the function and the guard."""
     import torch
 
-    from fms.bench.startup import _dynamo_graphs, _Recompiles
+    from fms.bench.recompiles import RecompileLog, dynamo_graphs
 
     def scaled(x):
         return x * x.shape[0]
 
     torch._dynamo.reset()
     compiled = torch.compile(scaled, dynamic=False, backend="eager")
-    before = _dynamo_graphs()
-    with _Recompiles() as recompiles:
+    before = dynamo_graphs()
+    with RecompileLog() as recompiles:
         compiled(torch.ones(2))
         compiled(torch.ones(3))  # a static shape: a second trace
-    assert _dynamo_graphs() - before == 2
+    assert dynamo_graphs() - before == 2
     [entry] = recompiles.entries
     assert entry.startswith("Recompiling function scaled") and "- " in entry and "size mismatch" in entry, entry
     compiled(torch.ones(4))  # after the block: not recorded
