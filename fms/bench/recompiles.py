@@ -40,6 +40,12 @@ class RecompileLog(logging.Handler):
         """What a JSON records: dynamo's graphs so far in this process and the recompiles seen so far."""
         return {"graphs_traced": dynamo_graphs(), "recompiles": list(self.entries)}
 
+    def since(self, before: dict) -> dict:
+        """The graphs traced and recompiles since an earlier snapshot (graphs None without dynamo)."""
+        now = self.snapshot()
+        graphs = None if now["graphs_traced"] is None else now["graphs_traced"] - before["graphs_traced"]
+        return {"graphs_traced": graphs, "recompiles": now["recompiles"][len(before["recompiles"]):]}
+
     __enter__ = start
 
     def __exit__(self, *exc) -> None:

@@ -339,7 +339,7 @@ def _run_serving_benchmark(config: ServingBenchConfig, recompiles: RecompileLog)
         limit = serving_roofline(cost, [BATCH1_PROMPT], [config.batch1_tokens], 1)
         rows.append({**row, **limit_fields(limit, row["output_tokens_per_s"]),
                      "batch1_decode_limit_tok_s": batch1_decode_limit_tok_s(cost, BATCH1_PROMPT)})
-    during_runs = _dynamo_since(startup["dynamo"], recompiles.snapshot())
+    during_runs = recompiles.since(startup["dynamo"])
     if during_runs["recompiles"] or during_runs["graphs_traced"]:
         print(f"warning: dynamo traced {during_runs['graphs_traced']} graph(s) during the timed runs, recompiles: "
               f"{during_runs['recompiles']}; those runs' times include the compile")
@@ -379,12 +379,6 @@ def _run_serving_benchmark(config: ServingBenchConfig, recompiles: RecompileLog)
         print(summary_line(row))
     print(f"wrote {results_dir / 'serving.json'} and {results_dir / 'serving.csv'}")
     return results
-
-
-def _dynamo_since(before: dict, now: dict) -> dict:
-    """Dynamo's graphs traced and recompiles between two RecompileLog snapshots (graphs None without dynamo)."""
-    graphs = None if now["graphs_traced"] is None else now["graphs_traced"] - before["graphs_traced"]
-    return {"graphs_traced": graphs, "recompiles": now["recompiles"][len(before["recompiles"]):]}
 
 
 def summary_line(row: dict) -> str:

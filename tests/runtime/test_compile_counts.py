@@ -149,21 +149,27 @@ def test_an_unbacked_batch_traces_once_with_the_decode_kernels_output_layout(mon
         return new_output(q).copy_(reference(q, *args, **kwargs))
 
     monkeypatch.setattr(attention_mod, "_paged_decode", kernel_layout)
-    launched = []
-    if os.environ.get("TRITON_INTERPRET") == "1":  # the projections through the op fms::gemv, as on CUDA
-        from fms.modules import linear as linear_mod
-        from fms.triton import gemv as gemv_mod
-        from tests.triton_interpreter import fits_cpu_rows
-
-        launch = gemv_mod._launch
-        monkeypatch.setattr(gemv_mod, "_launch", lambda *a, **k: launched.append(1) or launch(*a, **k))
-        monkeypatch.setattr(gemv_mod, "tuned_choice", lambda *a: (32, 64, 1, 1))
-        monkeypatch.setattr(linear_mod, "fits", fits_cpu_rows(linear_mod.fits))
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    launched = _gemv_kernel_on_cpu_rows(monkeypatch) if interpreted else []  # the projections as on CUDA
     if family == "llama":
         _layered_decode(2, backend="inductor")  # asserts one trace of each function
     else:  # the attention halves, the Mamba layer, the step's inputs and its bookkeeping
         assert _hybrid_layered_decode(("mamba", "attention"), backend="inductor")[0] == 5
-    assert launched or os.environ.get("TRITON_INTERPRET") != "1"
+    assert launched or not interpreted
+
+
+def _gemv_kernel_on_cpu_rows(monkeypatch) -> list:
+    """The GEMV kernel (in Triton's interpreter) for CPU rows where it would take CUDA rows: fits widened, one block
+    shape. -> a list that gets an entry per kernel launch."""
+    from fms.modules import linear as linear_mod
+    from fms.triton import gemv as gemv_mod
+    from tests.triton_interpreter import fits_cpu_rows
+
+    launched, launch = [], gemv_mod._launch
+    monkeypatch.setattr(gemv_mod, "_launch", lambda *a, **k: launched.append(1) or launch(*a, **k))
+    monkeypatch.setattr(gemv_mod, "tuned_choice", lambda *a: (32, 64, 1, 1))
+    monkeypatch.setattr(linear_mod, "fits", fits_cpu_rows(linear_mod.fits))
+    return launched
 
 
 def test_gemv_kernel_in_the_lm_head_does_not_retrace_sampling(monkeypatch):
@@ -174,14 +180,7 @@ def test_gemv_kernel_in_the_lm_head_does_not_retrace_sampling(monkeypatch):
     pytest.importorskip("triton", reason="the GEMV kernel needs triton")
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("runs the GEMV kernel on CPU rows, in Triton's interpreter (set on machines without CUDA)")
-    from fms.modules import linear as linear_mod
-    from fms.triton import gemv as gemv_mod
-    from tests.triton_interpreter import fits_cpu_rows
-
-    launched, launch = [], gemv_mod._launch
-    monkeypatch.setattr(gemv_mod, "_launch", lambda *a, **k: launched.append(1) or launch(*a, **k))
-    monkeypatch.setattr(gemv_mod, "tuned_choice", lambda *a: (32, 64, 1, 1))
-    monkeypatch.setattr(linear_mod, "fits", fits_cpu_rows(linear_mod.fits))
+    launched = _gemv_kernel_on_cpu_rows(monkeypatch)
     assert _layered_decode(2) > 0
     assert launched  # the head's two rows (and the op's, in the layers) went through the kernel
 
