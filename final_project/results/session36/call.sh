@@ -11,6 +11,7 @@
 #   F: .gpn serving with --unbacked_batch and FMS_FUSE_NORM=1 (the norm fusion lost at the two rows where batch 1
 #      ran, section 20; at one row it saved 2.7 us a layer)
 #   p: where the default engine's decode step goes on this GPU (scripts/profile_serving.py in .gpn)
+# For a short budget: PAIRS=1 C_LIMIT=100 (one serving pair), F_LIMIT=0 and P_LIMIT=0 (skip F, p).
 FINAL=${1:?final out dir}
 nvidia-smi --query-gpu=name --format=csv,noheader
 timeout 100 bash final_project/results/session34/run.sh "$FINAL" u
@@ -26,8 +27,8 @@ PAIRS=${PAIRS:-2} timeout ${C_LIMIT:-170} bash final_project/results/session34/r
 timeout 130 bash final_project/results/session34/run.sh "$FINAL" G
 PART=p; OUT=/tmp/raw_p; mkdir -p "$OUT"
 source final_project/results/device_steps.sh
-FMS_FUSE_NORM=1 TREE=.gpn step serving_1b_gpnF 110 python3 scripts/benchmark_serving.py --variant 3.2-1b $WORKLOAD \
+[ "${F_LIMIT:-110}" -gt 0 ] && FMS_FUSE_NORM=1 TREE=.gpn step serving_1b_gpnF ${F_LIMIT:-110} python3 scripts/benchmark_serving.py --variant 3.2-1b $WORKLOAD \
   --unbacked_batch --results_dir "$OUT/serving_1b_gpnF"
-TREE=.gpn step profile_1b ${P_LIMIT:-160} python3 scripts/profile_serving.py --num_requests 128 --prompt_range 64,512 \
+[ "${P_LIMIT:-160}" -gt 0 ] && TREE=.gpn step profile_1b ${P_LIMIT:-160} python3 scripts/profile_serving.py --num_requests 128 --prompt_range 64,512 \
   --output_len 128 --step_batch_sizes 1,2,32,128 --kernel_batch_sizes 1,128 --top 40 --results_dir "$OUT/profile_1b"
 pack; ls "$FINAL"
