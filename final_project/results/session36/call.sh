@@ -11,14 +11,14 @@
 #   F: .gpn serving with --unbacked_batch and FMS_FUSE_NORM=1 (the norm fusion lost at the two rows where batch 1
 #      ran, section 20; at one row it saved 2.7 us a layer)
 #   p: where the default engine's decode step goes on this GPU (scripts/profile_serving.py in .gpn)
-# For a short budget: PAIRS=1 C_LIMIT=100 (one serving pair), F_LIMIT=0 and P_LIMIT=0 (skip F, p).
+# For a short budget: PAIRS=1 C_LIMIT=100 (one serving pair), F_LIMIT=0 and P_LIMIT=0 (skip F, p), W=0 (skip w).
 FINAL=${1:?final out dir}
 nvidia-smi --query-gpu=name --format=csv,noheader
 timeout 100 bash final_project/results/session34/run.sh "$FINAL" u
 export FMS_GEMV_TABLE_DIR=/tmp/gemv_tables; mkdir -p "$FMS_GEMV_TABLE_DIR"
 PART=w; OUT=/tmp/raw_w; mkdir -p "$OUT"
 source final_project/results/device_steps.sh
-if ! nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+if [ "${W:-1}" = 1 ] && ! nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
   TREE=.gpn step gemv_rows1 100 python3 scripts/bench_gemv.py --rows 1 --write_table "$FMS_GEMV_TABLE_DIR" \
     --results_dir "$OUT/gemv_rows1"
   cp "$FMS_GEMV_TABLE_DIR"/*.json "$OUT/" 2>/dev/null; pack
