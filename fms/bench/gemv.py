@@ -97,6 +97,13 @@ def model_shapes(spec: str) -> dict[str, int]:
             "qkv": (c.num_heads + 2 * c.num_kv_heads) * c.head_dim, "vocab": c.vocab_size}
 
 
+def projection_shapes(hidden: int, intermediate: int, qkv: int, vocab: int) -> dict[str, tuple[int, int]]:
+    """A dense decoder's decode projections, name -> (N, K) of the weight: the fused q|k|v, o, the fused gate|up, the
+    down projection (fused with SwiGLU: K is the intermediate size) and the LM head."""
+    return {"qkv": (qkv, hidden), "o": (hidden, hidden), "gate_up": (2 * intermediate, hidden),
+            "down": (hidden, intermediate), "lm_head": (vocab, hidden)}
+
+
 def main(argv=None, prog=None):
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, metavar="ARCHITECTURE:VARIANT",
@@ -135,8 +142,7 @@ def main(argv=None, prog=None):
     if not torch.cuda.is_available():
         sys.exit("the GEMV benchmark times GPU kernels; no CUDA device here")
     dev = torch.device("cuda")
-    h, i_ = args.hidden, args.intermediate
-    shapes = {"qkv": (args.qkv, h), "o": (h, h), "gate_up": (2 * i_, h), "down": (h, i_), "lm_head": (args.vocab, h)}
+    shapes = projection_shapes(args.hidden, args.intermediate, args.qkv, args.vocab)
     rows, full = [], {}
     for count in row_counts:
         got_rows, got_full = time_shapes(args, shapes, count, dev)

@@ -16,7 +16,7 @@ pytest.importorskip("triton", reason="triton is not installed; the fms kernels n
 import fms.modules.attention  # noqa: E402,F401  (registers fms::paged_kv_write)
 from fms.triton import gemv, mamba_decode, paged_decode, varlen  # noqa: E402,F401  (register the ops)
 from tests.triton.test_mamba_decode import make_case as mamba_case  # noqa: E402
-from tests.triton.test_paged_decode import make_paged_case  # noqa: E402
+from tests.triton.test_paged_decode import fused_qkv_slice, make_paged_case  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -31,11 +31,8 @@ def _checked(op, args):
 def test_paged_decode(batch, layout):
     case = make_paged_case([5, 40, 9][:batch], 16, 2, 4, 32, torch.float32, seed=6)
     q = case["q"]
-    if layout == "fused_qkv_slice":  # (B, Hq, D) of a (B, T, Hq + 2 Hkv, D) projection, as a decode step hands it
-        b, hq, d = q.shape
-        fused = q.new_zeros(b, 1, hq + 2 * case["k_pool"].shape[0], d)
-        fused[:, 0, :hq] = q
-        q = fused[:, :, :hq].transpose(1, 2)[:, :, 0]
+    if layout == "fused_qkv_slice":  # as a decode step hands it
+        q = fused_qkv_slice(q, case["k_pool"].shape[0])
     _checked(torch.ops.fms.paged_decode.default,
              (q, case["k_pool"], case["v_pool"], case["page_table"], case["seq_lens"], 16, 0.2, 0))
 

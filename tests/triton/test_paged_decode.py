@@ -31,6 +31,15 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
+def fused_qkv_slice(q, num_kv_heads):
+    """q (B, Hq, D) as a decode step hands it to the op: q[:, :, 0] of the (B, Hq, 1, D) view of a (B, 1, Hq + 2 Hkv,
+    D) fused q/k/v projection (k and v zeros), so its row stride is (Hq + 2 Hkv) D."""
+    b, hq, d = q.shape
+    fused = q.new_zeros(b, 1, hq + 2 * num_kv_heads, d)
+    fused[:, 0, :hq] = q
+    return fused[:, :, :hq].transpose(1, 2)[:, :, 0]
+
+
 def make_paged_case(seq_lens, page_size, num_kv_heads, group_size, head_dim, dtype, seed=0):
     """Random K/V per sequence, scattered into a NaN-filled pool through a shuffled page table.
 
@@ -226,9 +235,7 @@ def test_output_is_contiguous_for_a_query_sliced_from_fused_qkv(lens):
     q = case["q"]
     b, hq, d = q.shape
     hkv = case["k_pool"].shape[0]
-    fused = torch.zeros(b, 1, hq + 2 * hkv, d, device=q.device, dtype=q.dtype)  # (B, T, Hq + 2 Hkv, D)
-    fused[:, 0, :hq] = q
-    sliced = fused[:, :, :hq].transpose(1, 2)[:, :, 0]  # as the attention op takes q[:, :, 0] of (B, Hq, 1, D)
+    sliced = fused_qkv_slice(q, hkv)
     assert sliced.stride(0) == (hq + 2 * hkv) * d
     keys = ("k_pool", "v_pool", "page_table", "seq_lens")
     out = paged_decode_attention(sliced, *(case[k] for k in keys), page_size, 0.2)
