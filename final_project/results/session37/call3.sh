@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Session 37's third device call (FINAL = $OUT): why the unbacked batch's batch-128 step is 3.6% slower (call 2's
+# profiles: the greedy argmax in two kernels, the pre-projection RMSNorm as a reduction plus a pointwise kernel, the
+# residual add slower), and whether inductor's unbacked_symint_fallback set to the hint mends it.
+# Trees: `bash final_project/results/build_trees.sh .gpu:main .gpn:flip-unbacked .gpf:unbacked-fallback
+# .gph:unbacked-hint-probe`; carry all. K_RUNS (default gpn gpf gph; gpu too for the backed baseline).
+#   k: this torch's mark_unbacked signature; then in each of K_RUNS the decode-step graph replays (batch 1, 2, 128) and
+#      batch 128's kernels, with inductor's output code and fusion decisions logged (TORCH_LOGS=output_code,+fusion:
+#      its WhyNoFuse lines name the check that kept two nodes apart)
+#   s: 1B serving + batch-1 pairs, .gpf against .gpu (S_RUNS, default "gpf1 gpu1 gpu2 gpf2")
+FINAL=${1:?final out dir}
+PART=k; OUT=/tmp/raw_k; mkdir -p "$OUT"
+source final_project/results/device_steps.sh
+TREE=.gpf step signature 30 python3 -c "import inspect, torch, torch._inductor.config as c; \
+print(torch.__version__, inspect.signature(torch._dynamo.decorators.mark_unbacked), c.unbacked_symint_fallback)"
+for v in ${K_RUNS:-gpn gpf gph}; do  # gph: .gph (the probe branch) with the hint 8192, fallback 8192
+  tree=$v; [ $v = gph ] && export FMS_PROBE_UNBACKED_HINT=8192
+  TORCH_LOGS=output_code,+fusion TREE=.$tree step profile_$v 90 python3 scripts/profile_serving.py --num_requests 32 \
+    --prompt_range 64,128 --output_len 32 --step_batch_sizes 1,2,128 --kernel_batch_sizes 128 --top 30 \
+    --results_dir "$OUT/profile_$v"
+  unset FMS_PROBE_UNBACKED_HINT
+done
+PART=s; OUT=/tmp/raw_s; mkdir -p "$OUT"
+source final_project/results/device_steps.sh
+for run in ${S_RUNS:-gpf1 gpu1 gpu2 gpf2}; do
+  TREE=.${run%?} step serving_1b_$run 100 python3 scripts/benchmark_serving.py --variant 3.2-1b $WORKLOAD \
+    --results_dir "$OUT/serving_1b_$run"
+done
+ls "$FINAL"
