@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Session 37's third device call (FINAL = $OUT): why the unbacked batch's batch-128 step is 3.6% slower (call 2's
 # profiles: the greedy argmax in two kernels, the pre-projection RMSNorm as a reduction plus a pointwise kernel, the
-# residual add slower), and whether inductor's unbacked_symint_fallback set to the hint mends it.
+# residual add slower), and whether inductor's unbacked_symint_fallback set to the hint mends it. Likely cause (LOG
+# session 37, item 7): torch 2.11's Reduction.num_splits gives a reduction over an unbacked size ReductionHint.DEFAULT
+# whatever its hint; the output code names each kernel's reduction_hint.
 # Trees: `bash final_project/results/build_trees.sh .gpu:main .gpn:flip-unbacked .gpf:unbacked-fallback
 # .gph:unbacked-hint-probe`; carry all. K_RUNS (default gpn gpf gph; gpu too for the backed baseline).
 #   k: this torch's mark_unbacked signature; then in each of K_RUNS the decode-step graph replays (batch 1, 2, 128) and
