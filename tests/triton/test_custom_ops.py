@@ -3,7 +3,7 @@ implementation against the real one (shapes, strides, dtypes, aliasing), and tra
 disagrees with its op misleads every graph compiled around it (the layers compile scope and the whole-model scope
 trace these ops), so each op is checked at the layouts a decode or prefill step hands it.
 
-On CPU the Triton kernels run in Triton's interpreter where the op takes them (paged decode, GEMV); the Mamba update
+On CPU the Triton kernels run in Triton's interpreter where the op takes them (paged decode, GEMV, argmax); the Mamba update
 and the K/V write take their torch references there; fms::varlen_causal_attention (flash) needs CUDA.
 """
 
@@ -14,7 +14,7 @@ from torch.library import opcheck
 pytest.importorskip("triton", reason="triton is not installed; the fms kernels need it")
 
 import fms.modules.attention  # noqa: E402,F401  (registers fms::paged_kv_write)
-from fms.triton import gemv, mamba_decode, paged_decode, varlen  # noqa: E402,F401  (register the ops)
+from fms.triton import argmax, gemv, mamba_decode, paged_decode, varlen  # noqa: E402,F401  (register the ops)
 from tests.triton.test_mamba_decode import make_case as mamba_case  # noqa: E402
 from tests.triton.test_paged_decode import fused_qkv_slice, make_paged_case  # noqa: E402
 
@@ -50,6 +50,13 @@ def test_gemv(rows, form):
     norm_weight, eps, residual = options
     _checked(torch.ops.fms.gemv.default,
              (x, weight, None, form == "silu_mul", 2, norm_weight, eps, residual, 0.5 if residual is not None else 1.0))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_argmax_rows(batch):
+    g = torch.Generator().manual_seed(batch)
+    logits = torch.randn(batch, 1, 2500, generator=g).to(DEVICE)[:, 0]  # the decode step's logits[:, 0]
+    _checked(torch.ops.fms.argmax_rows.default, (logits,))
 
 
 def test_mamba_decode_update():
