@@ -70,8 +70,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--unbacked-batch", action="store_true", default=None,
                    help="with the layers compile scope, trace the compiled decode step's batch size as an unbacked "
                         "symbol: one compile serves every graph size, batch 1 included, which then gets its own "
-                        "graph (EngineConfig.unbacked_batch; off by default: on an H100, batch-1 decode +1-8%% but serving "
-                        "about 3%% slower)")
+                        "graph (EngineConfig.unbacked_batch; off by default: on an H100, batch-1 decode +1-8%% "
+                        "but serving about 3%% slower)")
     g.add_argument("--cuda-graph-sizes", type=parse_graph_sizes, default=None,
                    help="decode batch sizes captured as CUDA graphs at start-up, e.g. 2,4,8,16,32,64,128 "
                         "(EngineConfig.graph_batch_sizes; default 1,2,4,...,256 up to --max-num-seqs, without the 1 "

@@ -3,8 +3,8 @@ implementation against the real one (shapes, strides, dtypes, aliasing), and tra
 disagrees with its op misleads every graph compiled around it (the layers compile scope and the whole-model scope
 trace these ops), so each op is checked at the layouts a decode or prefill step hands it.
 
-On CPU the Triton kernels run in Triton's interpreter where the op takes them (paged decode, GEMV, argmax); the Mamba update
-and the K/V write take their torch references there; fms::varlen_causal_attention (flash) needs CUDA.
+On CPU the Triton kernels run in Triton's interpreter where the op takes them (paged decode, GEMV, argmax); the Mamba
+update and the K/V write take their torch references there; fms::varlen_causal_attention (flash) needs CUDA.
 """
 
 import pytest
