@@ -21,7 +21,6 @@ import torch
 from fms.runtime.sampling_params import SamplingParams
 from fms.runtime.transfer import to_device
 from fms.triton import argmax as argmax_kernel
-from fms.triton.support import can_run_triton
 
 _MASK32 = 0xFFFFFFFF
 
@@ -98,9 +97,9 @@ def argmax_rows(x: torch.Tensor, parts: int = 64) -> torch.Tensor:
     128k vocabulary is otherwise a single-block reduction (measured 34 us of a 1.66 ms batch-1
     decode step on the H100). The first maximum of the first block holding the row maximum is the
     row's first maximum, so ties resolve as in argmax. `parts` is the most column blocks (a benchmark knob).
-    With FMS_ARGMAX_KERNEL=1, a Triton kernel instead (fms.triton.argmax), where it can run.
+    With FMS_ARGMAX_KERNEL=1, the op fms::argmax_rows instead: a Triton kernel where it can run, else argmax.
     """
-    if argmax_kernel.KERNEL_ON and can_run_triton(x.device):  # FMS_ARGMAX_KERNEL=1
+    if argmax_kernel.KERNEL_ON:  # FMS_ARGMAX_KERNEL=1; the op itself checks where its kernel can run
         return argmax_kernel.argmax_rows_op(x)
     b, v = x.shape
     while parts > 1 and v % parts:
