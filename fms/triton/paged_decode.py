@@ -40,6 +40,13 @@ _MIN_HEAD_DIM, _MAX_HEAD_DIM = 16, 256
 # short contexts fewer blocks per program means fewer dependent load latencies in a row.
 _PROGRAMS_PER_SM = 2
 _MAX_SPLITS = 64
+# The split count follows the batch, and each CUDA-graph batch size of the engine would otherwise compile kernels of
+# its own at start-up. So nothing Triton compiles for depends on it: num_splits is not specialized (Triton would
+# tell multiples of 16 apart), the partial log-sum-exps' split axis is padded to a multiple of 16 (so their strides
+# stay multiples of 16), and the merge kernel's tile covers _MAX_SPLITS splits, its unused rows masked. Then the
+# split kernel compiles twice (with and without a split) and the merge kernel once, for every batch
+# (tests/triton/test_paged_decode.py counts the launch keys).
+_LSE_SPLIT_ALIGN = 16
 # head_dim -> (key rows per inner-loop step, num_warps, num_stages) of the decode kernel. 64 rows at
 # head_dim >= 128 keep a 16 KB bf16 tile per K and V, small enough for 3 pipeline stages; 128 rows
 # below. A head_dim not listed takes the entry of the next listed one up (or the largest).
@@ -216,7 +223,7 @@ if HAS_TRITON:
             kv_lo = tl.maximum(kv_lo, tl.load(page_start_ptr + b) * PAGE_SIZE)
         return kv_lo
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_splits"])
     def _paged_decode_split_kernel(
         q_ptr, k_ptr, v_ptr, page_table_ptr, seq_lens_ptr, page_start_ptr,
         out_ptr, part_out_ptr, part_lse_ptr,
@@ -307,7 +314,7 @@ if HAS_TRITON:
             o = out_ptr + b * stride_ob + q_heads[:, None] * stride_oh + dims[None, :]
             tl.store(o, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_splits"])
     def _paged_decode_merge_kernel(
         seq_lens_ptr, page_start_ptr, part_out_ptr, part_lse_ptr, out_ptr,
         window, num_splits,
@@ -426,7 +433,8 @@ def paged_decode_attention(
     is_split = num_splits > 1
     if is_split:
         part_out = torch.empty(batch_size, num_q_heads, num_splits, head_dim, device=q.device, dtype=torch.float32)
-        part_lse = torch.empty(batch_size, num_q_heads, num_splits, device=q.device, dtype=torch.float32)
+        lse_width = cdiv(num_splits, _LSE_SPLIT_ALIGN) * _LSE_SPLIT_ALIGN
+        part_lse = torch.empty(batch_size, num_q_heads, lse_width, device=q.device, dtype=torch.float32)
     else:  # never read; any tensor with the right stride count will do
         part_out = out.new_empty(1, 1, 1, dtype=torch.float32)
         part_lse = out.new_empty(1, 1, 1, dtype=torch.float32)
@@ -459,6 +467,7 @@ def paged_decode_attention(
         num_stages=num_stages,
     )
     if is_split:
+        split_pad = next_power_of_two(max(num_splits, _MAX_SPLITS))
         _paged_decode_merge_kernel[(batch_size, num_q_heads)](
             seq_lens, page_start, part_out, part_lse, out,
             window_arg, num_splits,
@@ -468,9 +477,9 @@ def paged_decode_attention(
             HEAD_DIM=head_dim,
             PAGE_SIZE=page_size,
             PAGES_PER_ITER=pages_per_iter,
-            SPLIT_PAD=next_power_of_two(num_splits),
+            SPLIT_PAD=split_pad,
             HAS_PAGE_START=has_page_start,
-            num_warps=4 if head_dim * num_splits >= 4096 else 1,
+            num_warps=4 if head_dim * split_pad >= 4096 else 1,
         )
     return out
 

@@ -324,3 +324,51 @@ def test_gpu_dtypes_and_head_dims(dtype, head_dim):
     scale = head_dim**-0.5
     for num_splits in (1, 5):
         assert_close(run_kernel(case, page_size, scale, num_splits=num_splits), dense_sdpa(case, scale), dtype)
+
+
+# The engine's CUDA-graph batch sizes (fms.serving.config) and a batch of one (the unbacked batch's graph).
+GRAPH_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+@pytest.mark.parametrize("num_q_heads, num_kv_heads, head_dim", [(32, 8, 64), (32, 8, 128), (12, 4, 128)],
+                         ids=["llama-3.2-1b", "llama-3.1-8b", "granite-4.0-h-1b"])
+def test_one_compile_of_each_kernel_for_every_graph_batch_size(monkeypatch, num_q_heads, num_kv_heads, head_dim):
+    """Every distinct launch key is a Triton compile at engine start-up, when the decode step is captured at each
+    batch size (about 0.25 s each on the H200, final_project section 29). The split count follows the batch, so the
+    split kernel compiles twice (with and without a split) and the merge kernel once, whatever the batch; the shapes
+    are the real models' (4096-token context, pages of 16, 132 SMs as on the H100 and H200)."""
+    from fms.triton import paged_decode as module
+    from tests.triton.launch_keys import LaunchRecorder
+
+    split = LaunchRecorder(module._paged_decode_split_kernel)
+    merge = LaunchRecorder(module._paged_decode_merge_kernel)
+    monkeypatch.setattr(module, "_paged_decode_split_kernel", split)
+    monkeypatch.setattr(module, "_paged_decode_merge_kernel", merge)
+    monkeypatch.setattr(module, "can_run_triton", lambda device: True)
+    monkeypatch.setattr(module, "sm_count", lambda device: 132)
+    page_size, max_pages = 16, 4096 // 16
+    pool = torch.zeros(num_kv_heads, 8 * page_size, head_dim, dtype=torch.bfloat16)
+    for batch in GRAPH_BATCHES:
+        q = fused_qkv_slice(torch.zeros(batch, num_q_heads, head_dim, dtype=torch.bfloat16), num_kv_heads)
+        table = torch.zeros(batch, max_pages, dtype=torch.int32)
+        paged_decode_attention(q, pool, pool, table, torch.ones(batch, dtype=torch.int32), page_size, 0.1)
+    split_counts = {grid[2] for grid, _, _ in split.launches}
+    assert 1 in split_counts and len(split_counts) >= 5  # the batches took no split and several split counts
+    assert len(merge.launches) == sum(1 for c in (grid[2] for grid, _, _ in split.launches) if c > 1)
+    assert len(split.variants) == 2, split.variants
+    assert len(merge.variants) == 1, merge.variants
+
+
+def test_one_merge_compile_for_every_explicit_split_count(monkeypatch):
+    from fms.triton import paged_decode as module
+    from tests.triton.launch_keys import LaunchRecorder
+
+    merge = LaunchRecorder(module._paged_decode_merge_kernel)
+    monkeypatch.setattr(module, "_paged_decode_split_kernel", LaunchRecorder(module._paged_decode_split_kernel))
+    monkeypatch.setattr(module, "_paged_decode_merge_kernel", merge)
+    monkeypatch.setattr(module, "can_run_triton", lambda device: True)
+    args = _valid_args()
+    for num_splits in range(2, 65):
+        paged_decode_attention(**args, num_splits=num_splits)
+    assert len(merge.launches) == 63
+    assert len(merge.variants) == 1, len(merge.variants)
