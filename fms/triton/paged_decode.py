@@ -227,6 +227,7 @@ if HAS_TRITON:
     def _paged_decode_split_kernel(
         q_ptr, k_ptr, v_ptr, page_table_ptr, seq_lens_ptr, page_start_ptr,
         out_ptr, part_out_ptr, part_lse_ptr,
+        k_new_ptr, v_new_ptr, new_slot_ptr,
         qk_scale_log2, window, num_splits, max_pages,
         stride_qb, stride_qh,
         stride_kh, stride_ks,
@@ -235,6 +236,8 @@ if HAS_TRITON:
         stride_ob, stride_oh,
         stride_pob, stride_poh, stride_pos,
         stride_plb, stride_plh,
+        stride_knb, stride_knh,
+        stride_vnb, stride_vnh,
         GROUP_SIZE: tl.constexpr,
         GROUP_PAD: tl.constexpr,
         HEAD_DIM: tl.constexpr,
@@ -243,6 +246,7 @@ if HAS_TRITON:
         HAS_PAGE_START: tl.constexpr,
         IS_SPLIT: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
+        WRITE_KV: tl.constexpr,
     ):
         BLOCK_N: tl.constexpr = PAGE_SIZE * PAGES_PER_ITER
         b = tl.program_id(0)
@@ -251,16 +255,24 @@ if HAS_TRITON:
 
         seq_len = tl.load(seq_lens_ptr + b)
         kv_lo = _kv_lower_bound(seq_len, b, window, page_start_ptr, PAGE_SIZE, HAS_PAGE_START)
-        first_page, last_page, blk_lo, blk_hi, _, _ = _split_block_range(
+        first_page, last_page, blk_lo, blk_hi, _, num_blocks = _split_block_range(
             seq_len, kv_lo, split, num_splits, PAGE_SIZE, PAGES_PER_ITER
         )
         if blk_lo >= blk_hi:
             return  # empty split: the merge kernel never reads its slot
 
+        dims = tl.arange(0, HEAD_DIM)
+        k_base = k_ptr + kv_head.to(tl.int64) * stride_kh
+        v_base = v_ptr + kv_head.to(tl.int64) * stride_vh
+        if WRITE_KV:
+            # The step's own K/V (position seq_len - 1, in the last key block): the key tiles take them from here,
+            # not from the pool, and the split that owns that block stores them at the token's slot after its loop.
+            k_new = tl.load(k_new_ptr + b.to(tl.int64) * stride_knb + kv_head * stride_knh + dims)
+            v_new = tl.load(v_new_ptr + b.to(tl.int64) * stride_vnb + kv_head * stride_vnh + dims)
+
         # GQA packing: the G query heads of this kv head form the rows of one tile, padded to
         # GROUP_PAD >= 16 rows so both products run on tensor cores.
         rows = tl.arange(0, GROUP_PAD)
-        dims = tl.arange(0, HEAD_DIM)
         row_ok = rows < GROUP_SIZE
         q_heads = kv_head * GROUP_SIZE + rows
         q = tl.load(
@@ -272,8 +284,6 @@ if HAS_TRITON:
         cols = tl.arange(0, BLOCK_N)
         page_in_block = cols // PAGE_SIZE
         offset_in_page = cols % PAGE_SIZE
-        k_base = k_ptr + kv_head.to(tl.int64) * stride_kh
-        v_base = v_ptr + kv_head.to(tl.int64) * stride_vh
         table_row = page_table_ptr + b.to(tl.int64) * stride_ptb
 
         m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
@@ -291,6 +301,10 @@ if HAS_TRITON:
             # Unused slots may hold NaN; the masked load zeroes them so p * v stays finite.
             k = tl.load(k_base + slot[:, None] * stride_ks + dims[None, :], mask=key_ok[:, None], other=0.0)
             v = tl.load(v_base + slot[:, None] * stride_vs + dims[None, :], mask=key_ok[:, None], other=0.0)
+            if WRITE_KV:
+                is_new = (pos == seq_len - 1)[:, None]
+                k = tl.where(is_new, k_new[None, :], k)
+                v = tl.where(is_new, v_new[None, :], v)
 
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2  # (GROUP_PAD, BLOCK_N)
             s = tl.where(key_ok[None, :], s, float("-inf"))
@@ -301,6 +315,12 @@ if HAS_TRITON:
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
+
+        if WRITE_KV:
+            if blk_hi == num_blocks:  # stored after every load of this program: no read of the slot follows
+                new_slot = tl.load(new_slot_ptr + b).to(tl.int64)
+                tl.store(k_base + new_slot * stride_ks + dims, k_new)
+                tl.store(v_base + new_slot * stride_vs + dims, v_new)
 
         out = acc / l_i[:, None]
         if IS_SPLIT:
@@ -359,6 +379,28 @@ def new_output(q: Tensor) -> Tensor:
     return q.new_empty(q.shape)
 
 
+def _validate_new_kv(new_kv, q: Tensor, k_pool: Tensor) -> None:
+    if not isinstance(new_kv, (tuple, list)) or len(new_kv) != 3:
+        raise ValueError("new_kv must be (k, v, slots)")
+    k_new, v_new, slots = new_kv
+    want = (q.shape[0], k_pool.shape[0], k_pool.shape[2])
+    for name, t in (("k", k_new), ("v", v_new)):
+        if tuple(t.shape) != want or t.dtype != k_pool.dtype or t.device != q.device:
+            raise ValueError(f"new_kv's {name} must be [batch, num_kv_heads, head_dim] = {list(want)} of the pool's "
+                             f"dtype {k_pool.dtype} on {q.device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+    if slots.shape != (q.shape[0],) or slots.dtype not in (torch.int32, torch.int64) or slots.device != q.device:
+        raise ValueError(f"new_kv's slots must be an int32 or int64 tensor of shape ({q.shape[0]},) on {q.device}, "
+                         f"got {slots.dtype} {tuple(slots.shape)} on {slots.device}")
+
+
+def write_new_kv(k_pool: Tensor, v_pool: Tensor, new_kv: tuple[Tensor, Tensor, Tensor]) -> None:
+    """The write that new_kv stands for, in torch: row b's k and v ([B, Hkv, D]) into the pools at slots[b]."""
+    k_new, v_new, slots = new_kv
+    slots = slots.long()
+    k_pool.index_copy_(1, slots, k_new.transpose(0, 1))
+    v_pool.index_copy_(1, slots, v_new.transpose(0, 1))
+
+
 def paged_decode_attention(
     q: Tensor,
     k_pool: Tensor,
@@ -375,6 +417,7 @@ def paged_decode_attention(
     pages_per_iter: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    new_kv: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> Tensor:
     """One query token per sequence attending over its pages in the layer's pool.
 
@@ -389,6 +432,9 @@ def paged_decode_attention(
         the SM count.
     pages_per_iter, num_warps, num_stages: kernel tuning knobs; the key block per loop step
         is pages_per_iter * page_size rows. None takes DECODE_LAUNCH's entry for the head_dim.
+    new_kv: (k [B, Hkv, D], v [B, Hkv, D], slots [B] int) the step's own keys and values, not yet in the pool: the
+        kernel stores row b's at slot slots[b] (the K/V write, without a launch of its own) and attends to them as
+        position seq_lens[b] - 1. None: they are in the pool already.
 
     Runs the Triton kernel on CUDA (or under TRITON_INTERPRET=1), else the torch reference.
     """
@@ -400,7 +446,11 @@ def paged_decode_attention(
     for name, knob in (("num_warps", num_warps), ("num_stages", num_stages)):
         if knob is not None and (isinstance(knob, bool) or not isinstance(knob, int) or knob < 1):
             raise ValueError(f"{name}={knob!r} must be None or an int >= 1")
+    if new_kv is not None:
+        _validate_new_kv(new_kv, q, k_pool)
     if not can_run_triton(q.device):
+        if new_kv is not None:
+            write_new_kv(k_pool, v_pool, new_kv)
         return paged_decode_reference(
             q, k_pool, v_pool, page_table, seq_lens, page_size, scale,
             window=window, page_logical_start=page_logical_start,
@@ -412,6 +462,8 @@ def paged_decode_attention(
     max_pages = page_table.shape[1]
     out = new_output(q)
     if batch_size == 0 or max_pages == 0:
+        if new_kv is not None:
+            write_new_kv(k_pool, v_pool, new_kv)
         return out.zero_()
     # Wide loads need unit stride along head_dim; other strides are passed through.
     q, k_pool, v_pool = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_pool, v_pool))
@@ -443,10 +495,15 @@ def paged_decode_attention(
     window_arg = 0 if window is None else window
     # fp32 inputs would otherwise run the products in tf32 (~1e-3 error); 16-bit inputs are exact.
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    if new_kv is not None:
+        k_new, v_new, new_slots = (t if t.stride(-1) == 1 else t.contiguous() for t in new_kv)
+    else:  # never read
+        k_new, v_new, new_slots = q, q, seq_lens
 
     _paged_decode_split_kernel[(batch_size, num_kv_heads, num_splits)](
         q, k_pool, v_pool, page_table, seq_lens, page_start,
         out, part_out, part_lse,
+        k_new, v_new, new_slots,
         scale * math.log2(math.e), window_arg, num_splits, max_pages,
         q.stride(0), q.stride(1),
         k_pool.stride(0), k_pool.stride(1),
@@ -455,6 +512,8 @@ def paged_decode_attention(
         out.stride(0), out.stride(1),
         part_out.stride(0), part_out.stride(1), part_out.stride(2),
         part_lse.stride(0), part_lse.stride(1),
+        k_new.stride(0), k_new.stride(1),
+        v_new.stride(0), v_new.stride(1),
         GROUP_SIZE=group_size,
         GROUP_PAD=max(16, next_power_of_two(group_size)),
         HEAD_DIM=head_dim,
@@ -463,6 +522,7 @@ def paged_decode_attention(
         HAS_PAGE_START=has_page_start,
         IS_SPLIT=is_split,
         DOT_PRECISION=dot_precision,
+        WRITE_KV=new_kv is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -372,3 +372,85 @@ def test_one_merge_compile_for_every_explicit_split_count(monkeypatch):
         paged_decode_attention(**args, num_splits=num_splits)
     assert len(merge.launches) == 63
     assert len(merge.variants) == 1, len(merge.variants)
+
+
+def _take_out_last_kv(case, seq_lens, page_size):
+    """Move each sequence's last key and value out of the pool into new_kv (its slot NaN in the pool), as a decode
+    step holds them before the write: the kernel must store them and attend to them."""
+    table = case["page_table"].cpu().long()
+    slots = torch.tensor([int(table[b, (n - 1) // page_size]) * page_size + (n - 1) % page_size
+                          for b, n in enumerate(seq_lens)])
+    k_new = case["k_pool"][:, slots.to(DEVICE)].transpose(0, 1).clone()  # (B, Hkv, D)
+    v_new = case["v_pool"][:, slots.to(DEVICE)].transpose(0, 1).clone()
+    case["k_pool"][:, slots.to(DEVICE)] = float("nan")
+    case["v_pool"][:, slots.to(DEVICE)] = float("nan")
+    return k_new, v_new, slots.to(DEVICE)
+
+
+@pytest.mark.parametrize("num_splits, pages_per_iter", [(1, 1), (1, 4), (3, 1), (4, 2), (None, None)])
+@pytest.mark.parametrize("window", [None, 40])
+def test_new_kv_is_written_and_attended(num_splits, pages_per_iter, window):
+    page_size, seq_lens = 16, [1, 15, 16, 17, 70, 129]
+    case = make_paged_case(seq_lens, page_size, 2, 4, 32, torch.float32, seed=11)
+    expected = dense_sdpa(case, 0.2, window=window)
+    k_new, v_new, slots = _take_out_last_kv(case, seq_lens, page_size)
+    k_before, v_before = case["k_pool"].clone(), case["v_pool"].clone()
+    out = run_kernel(case, page_size, 0.2, num_splits=num_splits, pages_per_iter=pages_per_iter, window=window,
+                     new_kv=(k_new, v_new, slots))
+    assert_close(out, expected, torch.float32)
+    # the pool holds the new K/V at their slots and is untouched elsewhere (NaN where it was NaN)
+    k_before[:, slots] = k_new.transpose(0, 1)
+    v_before[:, slots] = v_new.transpose(0, 1)
+    torch.testing.assert_close(case["k_pool"], k_before, equal_nan=True, atol=0, rtol=0)
+    torch.testing.assert_close(case["v_pool"], v_before, equal_nan=True, atol=0, rtol=0)
+
+
+def test_new_kv_with_freed_leading_pages():
+    page_size, seq_lens = 16, [40, 100]
+    case = make_paged_case(seq_lens, page_size, 2, 2, 32, torch.float32, seed=5)
+    start = torch.tensor([1, 3], dtype=torch.int32, device=DEVICE)  # pages before these are gone
+    window_expected = run_kernel(case, page_size, 0.3, page_logical_start=start)
+    new_kv = _take_out_last_kv(case, seq_lens, page_size)
+    out = run_kernel(case, page_size, 0.3, page_logical_start=start, num_splits=2, new_kv=new_kv)
+    assert_close(out, window_expected.float().cpu(), torch.float32)
+
+
+def test_new_kv_on_the_reference_path_writes_then_attends(monkeypatch):
+    from fms.triton import paged_decode as module
+
+    monkeypatch.setattr(module, "can_run_triton", lambda device: False)
+    page_size, seq_lens = 16, [3, 33]
+    case = make_paged_case(seq_lens, page_size, 2, 2, 32, torch.float32, seed=2)
+    expected = dense_sdpa(case, 0.2)
+    k_new, v_new, slots = _take_out_last_kv(case, seq_lens, page_size)
+    out = run_kernel(case, page_size, 0.2, new_kv=(k_new, v_new, slots.int()))
+    assert_close(out, expected, torch.float32)
+    torch.testing.assert_close(case["k_pool"][:, slots], k_new.transpose(0, 1))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda k, v, s: (k, v), "new_kv must be"),
+    (lambda k, v, s: (k[:1], v, s), "new_kv's k must be"),
+    (lambda k, v, s: (k, v.double(), s), "new_kv's v must be"),
+    (lambda k, v, s: (k, v, s.float()), "new_kv's slots"),
+    (lambda k, v, s: (k, v, s[:1]), "new_kv's slots"),
+])
+def test_new_kv_rejects_bad_input(bad, match):
+    args = _valid_args()
+    k, v, s = torch.zeros(2, 2, 32), torch.zeros(2, 2, 32), torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(ValueError, match=match):
+        paged_decode_attention(**args, new_kv=bad(k, v, s))
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_splits", [1, 4, None])
+def test_gpu_new_kv_bf16(num_splits):
+    page_size, seq_lens = 16, [1, 15, 16, 17, 1000, 3001]
+    case = make_paged_case(seq_lens, page_size, 8, 4, 128, torch.bfloat16, seed=3)
+    expected = dense_sdpa(case, 128**-0.5)
+    k_new, v_new, slots = _take_out_last_kv(case, seq_lens, page_size)
+    out = run_kernel(case, page_size, 128**-0.5, num_splits=num_splits, new_kv=(k_new, v_new, slots))
+    assert_close(out, expected, torch.bfloat16)
+    torch.testing.assert_close(case["k_pool"][:, slots], k_new.transpose(0, 1), atol=0, rtol=0)
+    torch.testing.assert_close(case["v_pool"][:, slots], v_new.transpose(0, 1), atol=0, rtol=0)
