@@ -30,6 +30,7 @@ from fms.modules.masks import AttentionVariant, dense_attention_bias, variant_pr
 from fms.cache.paged import PagedKVCache
 from fms.modules.positions import RotaryEmbedding
 from fms.triton.kv_write import kv_write, kv_write_reference
+from fms.triton.paged_decode import FUSE_KV_WRITE
 from fms.triton.varlen import (CUDA_SDPA_BACKENDS, FLASH_DTYPES, padded_causal_attention, uses_flash,
                                varlen_causal_attention)
 
@@ -45,6 +46,8 @@ class AttentionOp:
         prefill_uses_flex    whether multi-token steps run compiled FlexAttention (few shapes wanted)
         layer_kv_state       what write_kv needs of a layer's cache, for a driver that writes the step's K/V
                              inside a compiled graph and attends outside it (None: attend writes them)
+        writes_kv_in_attend  whether attend stores this step's K/V as part of its own kernel, so that a driver
+                             should leave the write to it
     """
 
     name: str = ""
@@ -83,6 +86,11 @@ class AttentionOp:
     def write_kv(self, k, v, state, meta) -> None:
         """Store the step's k/v (B, Hkv, T, D) into the layer's cache tensors `state` (from layer_kv_state)."""
         raise NotImplementedError(f"attention op {self.name!r} writes K/V in attend (layer_kv_state is None)")
+
+    def writes_kv_in_attend(self, cache: SequenceCache, meta, variant: AttentionVariant) -> bool:
+        """Whether attend(..., kv_written=False) stores this step's K/V inside its own attention kernel (no launch
+        of its own): a driver that could write them first (layer_kv_state) should then leave them to attend."""
+        return False
 
     def prefill_uses_flex(self, variant: AttentionVariant, cache: SequenceCache) -> bool:
         """Whether multi-token steps with cached context run compiled FlexAttention, which specializes
@@ -269,16 +277,22 @@ class FlexOp(AttentionOp):
 PREFILL_KERNELS = ("auto", "varlen", "padded", "flex")
 
 
-def _paged_decode(q, *args, **kwargs):
+def _paged_decode(q, k_pool, v_pool, *args, new_kv=None, **kwargs):
     """One-token paged attention: the Triton kernel on CUDA, its torch reference elsewhere (chosen
-    here by device, not by TRITON_INTERPRET, so a test process that sets it does not slow others)."""
+    here by device, not by TRITON_INTERPRET, so a test process that sets it does not slow others).
+    new_kv: the step's (k, v, slots), stored into the pools by the kernel (eager only), or here before the reference."""
     from fms.triton import paged_decode as kernel
 
     if q.is_cuda:
         if torch.compiler.is_compiling():  # one opaque op in the traced graph
-            return kernel.paged_decode_op(q, *args, window=kwargs.get("window") or 0)
-        return kernel.paged_decode_attention(q, *args, **kwargs)  # eager: skip the custom op's dispatch
-    return kernel.paged_decode_reference(q, *args, **kwargs)
+            if new_kv is not None:
+                raise ValueError("the traced paged decode op does not write K/V; write them before it")
+            return kernel.paged_decode_op(q, k_pool, v_pool, *args, window=kwargs.get("window") or 0)
+        # eager: skip the custom op's dispatch
+        return kernel.paged_decode_attention(q, k_pool, v_pool, *args, new_kv=new_kv, **kwargs)
+    if new_kv is not None:
+        kernel.write_new_kv(k_pool, v_pool, new_kv)
+    return kernel.paged_decode_reference(q, k_pool, v_pool, *args, **kwargs)
 
 
 def _paged_varlen(q, k, v, kp, vp, varlen, scale):
@@ -314,6 +328,9 @@ def _paged_padded(q, k, v, kp, vp, padded, scale):
     keys = kp.index_select(1, slots).view(hkv, b, length, d).transpose(0, 1)  # (B, Hkv, L, D)
     values = vp.index_select(1, slots).view(hkv, b, length, d).transpose(0, 1)
     return padded_causal_attention(q, keys, values, scale, mask=padded.mask)
+
+
+_DECODE_HEAD_DIMS = (16, 32, 64, 128, 256)  # head dims the paged decode kernel tiles
 
 
 class PagedOp(AttentionOp):
@@ -382,6 +399,16 @@ class PagedOp(AttentionOp):
     def layer_kv_state(self, cache, layer_idx):
         return cache.layer_kv(layer_idx)
 
+    def writes_kv_in_attend(self, cache, meta, variant):
+        return (not meta.packed and meta.query_len == 1
+                and self._fuses_kv_write(cache.spec.device, variant, cache.spec.head_dim))
+
+    def _fuses_kv_write(self, device: torch.device, variant, head_dim: int) -> bool:
+        """A one-token step's K/V go to the decode kernel (FMS_FUSE_KV_WRITE): eager CUDA steps of the Triton
+        kernel; a traced step (compile scope "model") writes them in its graph."""
+        return (FUSE_KV_WRITE and device.type == "cuda" and not torch.compiler.is_compiling()
+                and self._triton_decode_for(variant, head_dim))
+
     def write_kv(self, k, v, state, meta):
         kp, vp = state  # (Hkv, slots, D)
         if torch.compiler.is_compiling():  # the layers compile scope: opaque to inductor, see _paged_kv_write_op
@@ -399,9 +426,13 @@ class PagedOp(AttentionOp):
                 f"{cache.window}"
             )
         kp, vp = cache.layer_kv(layer_idx)  # (Hkv, slots, D)
-        if not kv_written:  # traced inline under compile, where inductor may fuse it (see _paged_kv_write_op)
-            kv_write_reference(kp, vp, k, v, meta.slot_mapping)
         t = q.shape[2]
+        new_kv = None
+        if not kv_written:
+            if t == 1 and not meta.packed and self._fuses_kv_write(q.device, variant, q.shape[-1]):
+                new_kv = (k[:, :, 0], v[:, :, 0], meta.slot_mapping)  # stored by the decode kernel below
+            else:  # traced inline under compile, where inductor may fuse it (see _paged_kv_write_op)
+                kv_write_reference(kp, vp, k, v, meta.slot_mapping)
         if (meta.packed or t > 1) and self._can_varlen(variant, cache):
             if not meta.packed and self._pads_prefill(q):
                 return _paged_padded(q, k, v, kp, vp, meta.get_padded_kv(), scale)
@@ -411,7 +442,8 @@ class PagedOp(AttentionOp):
                              f"than 'flex'; got {variant} with prefill_kernel={self.prefill_kernel!r}")
         if t == 1 and self._use_triton_decode(q, variant):
             out = _paged_decode(
-                q[:, :, 0], kp, vp, meta.page_table, meta.seq_lens, meta.page_size, scale, window=variant.sliding_window
+                q[:, :, 0], kp, vp, meta.page_table, meta.seq_lens, meta.page_size, scale, window=variant.sliding_window,
+                new_kv=new_kv,
             )
             return out[:, :, None]
         ps, page_logical = meta.page_size, meta.page_logical
@@ -430,15 +462,18 @@ class PagedOp(AttentionOp):
         """Decode through fms.triton.paged_decode: the Triton kernel on CUDA, its torch
         reference (gather this row's pages, dense math) on CPU, where eager FlexAttention would
         score every slot of the pool."""
-        if self.decode_kernel == "flex" or variant.alibi or variant.softcap is not None:
-            return False
-        if q.shape[-1] not in (16, 32, 64, 128, 256):  # head dims the kernel tiles; others take flex
-            if self.decode_kernel == "triton":
+        if not self._triton_decode_for(variant, q.shape[-1]):
+            if self.decode_kernel == "triton" and q.shape[-1] not in _DECODE_HEAD_DIMS:
                 raise ValueError(f"decode_kernel='triton' needs head_dim in 16..256 (power of two), got {q.shape[-1]}")
             return False
         if self.decode_kernel == "triton" and not q.is_cuda:
             raise RuntimeError("decode_kernel='triton' needs CUDA")
         return True
+
+    def _triton_decode_for(self, variant, head_dim: int) -> bool:
+        """Whether one-token steps of this variant and head_dim take fms.triton.paged_decode (others take flex)."""
+        return (self.decode_kernel != "flex" and not variant.alibi and variant.softcap is None
+                and head_dim in _DECODE_HEAD_DIMS)
 
 
 # The K/V write as an opaque operator, for write_kv under torch.compile (the layers compile scope). Traced, the write

@@ -8,7 +8,8 @@ scope "layers": each compiled function takes the layer as an argument, so dynamo
 all layers; the rotary cos/sin are computed once per forward, eagerly, and passed in.
 - An attention layer runs in three parts: its inputs compiled (norm, q/k/v projection, rotary, and the op's K/V
   cache write where the op offers one: AttentionOp.layer_kv_state / write_kv, this layer's cache tensors passed
-  in; the paged op's write is an opaque op there, see fms.modules.attention._paged_kv_write_op), the attention op
+  in; the paged op's write is an opaque op there, see fms.modules.attention._paged_kv_write_op; unless the op's
+  kernel stores them as it attends, AttentionOp.writes_kv_in_attend), the attention op
   eagerly (it picks its KV pool by the layer's index, which would be a constant of each
   trace), its output compiled (projection, residual, norm, MLP, residual).
 - A layer whose mixer hands out its own part of the cache for a step (a Mamba layer's decode step:
@@ -105,7 +106,9 @@ class _SplitLayer:
         if rope is not None:
             _static(rope[0], 1, 3), _static(rope[1], 1, 3)  # (B, 1, T, D)
         op, cache, meta = get_attention_op(attn_name), attn_kwargs.get("cache"), attn_kwargs.get("meta")
-        kv_state = None if cache is None else op.layer_kv_state(cache, mixer.layer_idx)
+        kv_state = None  # None: attend writes the step's K/V (where its kernel stores them, or the op has no state)
+        if cache is not None and not op.writes_kv_in_attend(cache, meta, mixer.variant):
+            kv_state = op.layer_kv_state(cache, mixer.layer_idx)
         mark_batch(x, position_ids, *(rope or ()), None if kv_state is None else meta.slot_mapping)
         q, k, v = self.compiled.inputs(self.layer, x, position_ids, rope, op, kv_state, meta)
         written = {} if kv_state is None else {"kv_written": True}

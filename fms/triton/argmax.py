@@ -14,12 +14,10 @@ from the batch so that every SM gets programs.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
-from fms.triton.support import HAS_TRITON, can_run_triton, sm_count, tl, triton
+from fms.triton.support import HAS_TRITON, can_run_triton, env_switch, sm_count, tl, triton
 
 __all__ = ["ARGMAX_ENV", "KERNEL_ON", "argmax_rows_triton", "argmax_rows_op", "kernel_on_from_env", "num_parts"]
 
@@ -34,10 +32,7 @@ _PROGRAMS_PER_SM = 4
 
 def kernel_on_from_env(value: str | None = None) -> bool:
     """FMS_ARGMAX_KERNEL (or value): "1" on; "0", unset or empty off; anything else a ValueError naming it."""
-    value = os.environ.get(ARGMAX_ENV, "") if value is None else value
-    if value not in ("", "0", "1"):
-        raise ValueError(f"{ARGMAX_ENV}={value!r}: use 1 (the Triton argmax kernel) or 0 (torch's argmax)")
-    return value == "1"
+    return env_switch(ARGMAX_ENV, "the Triton argmax kernel", "torch's argmax", value)
 
 
 KERNEL_ON = kernel_on_from_env()

@@ -13,6 +13,7 @@ from fms.triton.support import (
     HAS_TRITON,
     can_run_triton,
     cdiv,
+    env_switch,
     is_power_of_two,
     next_power_of_two,
     sm_count,
@@ -47,6 +48,20 @@ _MAX_SPLITS = 64
 # split kernel compiles twice (with and without a split) and the merge kernel once, for every batch
 # (tests/triton/test_paged_decode.py counts the launch keys).
 _LSE_SPLIT_ALIGN = 16
+
+# FMS_FUSE_KV_WRITE, read once when fms is imported (as FMS_ARGMAX_KERNEL): "1" lets the paged op's eager one-token
+# steps on CUDA (the default compile scope's decode step, and uncompiled decoding) hand the step's K/V to this kernel
+# (new_kv), which stores them as it attends, instead of a K/V write kernel before it: one launch fewer per attention
+# layer and step. "0", unset or empty keep the separate write. Off until timed on a GPU.
+FUSE_KV_WRITE_ENV = "FMS_FUSE_KV_WRITE"
+
+
+def fuse_kv_write_from_env(value: str | None = None) -> bool:
+    """FMS_FUSE_KV_WRITE (or value): "1" on; "0", unset or empty off; anything else a ValueError naming it."""
+    return env_switch(FUSE_KV_WRITE_ENV, "the decode kernel writes the step's K/V", "a K/V write kernel first", value)
+
+
+FUSE_KV_WRITE = fuse_kv_write_from_env()
 # head_dim -> (key rows per inner-loop step, num_warps, num_stages) of the decode kernel. 64 rows at
 # head_dim >= 128 keep a 16 KB bf16 tile per K and V, small enough for 3 pipeline stages; 128 rows
 # below. A head_dim not listed takes the entry of the next listed one up (or the largest).

@@ -27,6 +27,15 @@ def can_run_triton(device: torch.device) -> bool:
     return HAS_TRITON and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
+def env_switch(name: str, on: str, off: str, value: str | None = None) -> bool:
+    """An on/off environment variable (or value, for tests): "1" on; "0", unset or empty off; anything else a
+    ValueError naming it and what 1 and 0 choose."""
+    value = os.environ.get(name, "") if value is None else value
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{name}={value!r}: use 1 ({on}) or 0 ({off})")
+    return value == "1"
+
+
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device, DEFAULT_NUM_SMS elsewhere."""
     return _cuda_num_sms(device.index or 0) if device.type == "cuda" else DEFAULT_NUM_SMS

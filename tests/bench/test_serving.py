@@ -18,7 +18,7 @@ def test_benchmark_serving_writes_json_and_csv_with_the_roofline(tmp_path):
     assert results["metadata"]["command"] and results["metadata"]["torch_version"]
     # the environment variables fms reads
     assert set(results["metadata"]["env_switches"]) == {"FMS_GEMV", "FMS_FUSE_NORM", "FMS_ARGMAX_KERNEL",
-                                                        "FMS_GEMV_TABLE_DIR"}
+                                                        "FMS_FUSE_KV_WRITE", "FMS_GEMV_TABLE_DIR"}
     roofline = results["roofline"]
     assert roofline["bandwidth_bytes_per_s"] == 4.28e12 and roofline["peak_flops"] == 790e12
     assert roofline["num_output_tokens"] == row["num_output_tokens"]
