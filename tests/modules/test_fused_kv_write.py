@@ -13,12 +13,11 @@ import fms.modules.attention as attention
 from fms.modules.attention import PagedOp, get_attention_op
 from fms.modules.masks import AttentionVariant
 from fms.models import get_model
-from fms.runtime.decode import DecodeRow, DecodeWindowRunner
-from fms.runtime.sampling_params import SamplingParams
+from fms.runtime.decode import DecodeWindowRunner
 from fms.triton import paged_decode
 from fms.triton.paged_decode import fuse_kv_write_from_env
 
-from tests.runtime.test_compile_counts import MAX_BATCH, _cache
+from tests.runtime.test_compile_counts import MAX_BATCH, _cache, run_window
 
 
 def test_switch_values():
@@ -49,18 +48,7 @@ def test_when_attend_writes(monkeypatch, switch, device, query_len, packed, vari
 
 
 def _windows(runner, batches=(MAX_BATCH, 2, 3)):
-    tokens = []
-    for batch in batches:
-        ids = [(batch, i) for i in range(batch)]
-        for i in ids:
-            runner.cache.add(i)
-        runner.cache.prepare_decode_window(ids, [3] * batch)
-        rows = [DecodeRow(i, 5 + k, 0, 3, SamplingParams(max_new_tokens=3), 0) for k, i in enumerate(ids)]
-        with torch.no_grad():
-            tokens.append(runner.run(rows))
-        for i in ids:
-            runner.cache.free(i)
-    return tokens
+    return [run_window(runner, batch) for batch in batches]
 
 
 @pytest.mark.parametrize("scope, kernel", [("layers", False), ("model", False), ("layers", True)],

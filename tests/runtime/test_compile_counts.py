@@ -48,6 +48,20 @@ def test_decode_windows_of_the_full_batch_then_fewer_rows_trace_each_function_on
     assert _traces() == 3
 
 
+def run_window(runner, batch):
+    """A window of 3 steps over `batch` new sequences on runner (their pages freed after it): its tokens per row."""
+    ids = [(batch, i) for i in range(batch)]
+    for i in ids:
+        runner.cache.add(i)
+    runner.cache.prepare_decode_window(ids, [3] * batch)
+    rows = [DecodeRow(i, 5 + k, 0, 3, SamplingParams(max_new_tokens=3), 0) for k, i in enumerate(ids)]
+    with torch.no_grad():
+        tokens = runner.run(rows)
+    for i in ids:
+        runner.cache.free(i)
+    return tokens
+
+
 def _windows_equal_eager(model, runner, batches, eager_model=None):
     """A window of each batch size on runner and on an eager runner over its own cache (of eager_model, default
     the same model): the same tokens."""
@@ -55,17 +69,7 @@ def _windows_equal_eager(model, runner, batches, eager_model=None):
     eager = DecodeWindowRunner(eager_model, _cache(eager_model), "paged", max_steps=3, graph_batch_sizes=None)
     sampled = set()
     for batch in batches:
-        outs = []
-        for r in (runner, eager):
-            ids = [(batch, i) for i in range(batch)]
-            for i in ids:
-                r.cache.add(i)
-            r.cache.prepare_decode_window(ids, [3] * batch)
-            rows = [DecodeRow(i, 5 + k, 0, 3, SamplingParams(max_new_tokens=3), 0) for k, i in enumerate(ids)]
-            with torch.no_grad():
-                outs.append(r.run(rows))
-            for i in ids:
-                r.cache.free(i)
+        outs = [run_window(r, batch) for r in (runner, eager)]
         assert outs[0] == outs[1]
         sampled |= {t for row in outs[0] for t in row}
     assert len(sampled) > 2  # varied tokens
