@@ -50,7 +50,7 @@ def num_parts(batch: int, vocab: int, num_sms: int) -> int:
 
 if HAS_TRITON:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["parts"])
     def _part_argmax_kernel(x_ptr, stride_row, vocab, cols_per_part, part_max_ptr, part_idx_ptr, parts,
                             BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
@@ -96,7 +96,11 @@ def argmax_rows_triton(x: Tensor, parts: int | None = None) -> Tensor:
         return torch.empty(0, dtype=torch.int64, device=x.device)
     if parts is None:
         parts = num_parts(batch, vocab, sm_count(x.device))
+    # Whole blocks per part: cols_per_part stays a multiple of 16 whatever the part count (Triton would tell
+    # multiples of 16 apart, and compile again at each CUDA-graph batch size), and no part starts past the row.
     cols_per_part = -(-vocab // parts)
+    cols_per_part = -(-cols_per_part // _BLOCK) * _BLOCK
+    parts = -(-vocab // cols_per_part)
     part_max = torch.empty(batch, parts, dtype=torch.float32, device=x.device)
     part_idx = torch.empty(batch, parts, dtype=torch.int64, device=x.device)
     _part_argmax_kernel[(batch, parts)](x, x.stride(0), vocab, cols_per_part, part_max, part_idx, parts,

@@ -124,3 +124,18 @@ def test_the_decode_step_with_the_kernel_on_gives_the_same_greedy_tokens(monkeyp
     runner._set_compiled(True, "aot_eager")
     _windows_equal_eager(model, runner, (4, 2))
     assert launches
+
+
+def test_one_compile_for_every_graph_batch_size(monkeypatch):
+    """Each distinct launch key is a compile at engine start-up; the part count follows the batch (Llama-3's
+    128,256-token vocabulary, 132 SMs), but the key does not."""
+    from fms.triton import argmax as module
+    from tests.triton.launch_keys import LaunchRecorder
+
+    recorder = LaunchRecorder(module._part_argmax_kernel)
+    monkeypatch.setattr(module, "_part_argmax_kernel", recorder)
+    monkeypatch.setattr(module, "sm_count", lambda device: 132)
+    for batch in (1, 2, 4, 8, 16, 32, 64, 128):
+        argmax_rows_triton(torch.zeros(batch, 128256))
+    assert len({grid[1] for grid, _, _ in recorder.launches}) >= 4  # several part counts
+    assert len(recorder.variants) == 1, recorder.variants
