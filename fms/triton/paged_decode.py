@@ -71,24 +71,12 @@ DECODE_LAUNCH = {
 }
 
 
-# head_dim -> the most registers a thread of the decode kernel may use (Triton's maxnreg; none listed: the compiler's
-# choice). Compiled for sm_90 with Triton 3.6, the launches above take 239 and 240 registers, so an SM holds two
-# programs (8 warps), which bounds the loads in flight; capped at 168, head_dim 128 spills nothing and fits three
-# (final_project section 29). Entries only from a GPU sweep (scripts/bench_paged_decode_kernel.py --sweep).
-DECODE_MAXNREG: dict[int, int] = {}
-
 
 @functools.cache  # looked up by every eager launch
 def default_launch(head_dim: int) -> tuple[int, int, int]:
     """(block_n, num_warps, num_stages) of the decode kernel at this head_dim (DECODE_LAUNCH)."""
     fits = [d for d in sorted(DECODE_LAUNCH) if d >= head_dim]
     return DECODE_LAUNCH[fits[0] if fits else max(DECODE_LAUNCH)]
-
-
-def default_maxnreg(head_dim: int) -> int | None:
-    """DECODE_MAXNREG's entry for the head_dim DECODE_LAUNCH's entry is taken for, or None."""
-    fits = [d for d in sorted(DECODE_LAUNCH) if d >= head_dim]
-    return DECODE_MAXNREG.get(fits[0] if fits else max(DECODE_LAUNCH))
 
 
 def default_pages_per_iter(page_size: int, head_dim: int) -> int:
@@ -295,8 +283,9 @@ if HAS_TRITON:
         if WRITE_KV:
             # The step's own K/V (position seq_len - 1, in the last key block): the split that owns that block
             # stores them at the token's slot, and the barrier makes the stores visible to this program's loads
-            # below (no other program reads that slot). Holding them in registers through the loop instead cost
-            # up to 76 registers a thread (sm_90, head_dim 128, 64-key blocks: final_project section 29).
+            # below (no other program reads that slot). Holding them in registers through the loop instead took
+            # 168 registers a thread and 69-71 KB of shared memory, three programs an SM where this form keeps five
+            # (Triton 3.6 for sm_90, the shipped launches: final_project section 29).
             if blk_hi == num_blocks:
                 new_slot = tl.load(new_slot_ptr + b).to(tl.int64)
                 k_new = tl.load(k_new_ptr + b.to(tl.int64) * stride_knb + kv_head * stride_knh + dims)
@@ -443,7 +432,6 @@ def paged_decode_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     new_kv: tuple[Tensor, Tensor, Tensor] | None = None,
-    maxnreg: int | None = None,
 ) -> Tensor:
     """One query token per sequence attending over its pages in the layer's pool.
 
@@ -458,8 +446,6 @@ def paged_decode_attention(
         the SM count.
     pages_per_iter, num_warps, num_stages: kernel tuning knobs; the key block per loop step
         is pages_per_iter * page_size rows. None takes DECODE_LAUNCH's entry for the head_dim.
-    maxnreg: cap on the split kernel's registers per thread (more programs per SM, maybe spills); None takes
-        DECODE_MAXNREG's entry (none: the compiler's choice).
     new_kv: (k [B, Hkv, D], v [B, Hkv, D], slots [B] int) the step's own keys and values, not yet in the pool: the
         kernel stores row b's at slot slots[b] (the K/V write, without a launch of its own) and attends to them as
         position seq_lens[b] - 1. None: they are in the pool already.
@@ -471,7 +457,7 @@ def paged_decode_attention(
         raise ValueError(f"pages_per_iter={pages_per_iter!r} must be None or a power of two >= 1")
     if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 1):
         raise ValueError(f"max_seq_len={max_seq_len!r} must be None or an int >= 1")
-    for name, knob in (("num_warps", num_warps), ("num_stages", num_stages), ("maxnreg", maxnreg)):
+    for name, knob in (("num_warps", num_warps), ("num_stages", num_stages)):
         if knob is not None and (isinstance(knob, bool) or not isinstance(knob, int) or knob < 1):
             raise ValueError(f"{name}={knob!r} must be None or an int >= 1")
     if new_kv is not None:
@@ -502,8 +488,6 @@ def paged_decode_attention(
     _, default_warps, default_stages = default_launch(head_dim)
     num_warps = default_warps if num_warps is None else num_warps
     num_stages = default_stages if num_stages is None else num_stages
-    maxnreg = default_maxnreg(head_dim) if maxnreg is None else maxnreg
-    register_cap = {} if maxnreg is None else {"maxnreg": maxnreg}  # unset: the launch as before the knob
     block_n = page_size * pages_per_iter
     if num_splits is None:
         seq_bound = max_pages * page_size if max_seq_len is None else max_seq_len
@@ -555,7 +539,6 @@ def paged_decode_attention(
         WRITE_KV=new_kv is not None,
         num_warps=num_warps,
         num_stages=num_stages,
-        **register_cap,
     )
     if is_split:
         split_pad = next_power_of_two(max(num_splits, _MAX_SPLITS))

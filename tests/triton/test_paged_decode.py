@@ -289,7 +289,6 @@ def _valid_args():
         (dict(num_warps=0), "num_warps=0"),
         (dict(num_stages=2.0), "num_stages=2.0"),
         (dict(num_warps=True), "num_warps=True"),
-        (dict(maxnreg=0), "maxnreg=0"),
     ],
 )
 def test_rejects_bad_inputs(change, match):
@@ -456,37 +455,3 @@ def test_gpu_new_kv_bf16(num_splits):
     torch.testing.assert_close(case["k_pool"][:, slots], k_new.transpose(0, 1), atol=0, rtol=0)
     torch.testing.assert_close(case["v_pool"][:, slots], v_new.transpose(0, 1), atol=0, rtol=0)
 
-
-def test_maxnreg_caps_the_split_kernel_only_when_asked(monkeypatch):
-    from fms.triton import paged_decode as module
-    from tests.triton.launch_keys import LaunchRecorder
-
-    split = LaunchRecorder(module._paged_decode_split_kernel)
-    monkeypatch.setattr(module, "_paged_decode_split_kernel", split)
-    monkeypatch.setattr(module, "_paged_decode_merge_kernel", LaunchRecorder(module._paged_decode_merge_kernel))
-    monkeypatch.setattr(module, "can_run_triton", lambda device: True)
-    paged_decode_attention(**_valid_args())
-    paged_decode_attention(**_valid_args(), maxnreg=128)
-    monkeypatch.setitem(module.DECODE_MAXNREG, 64, 168)  # the entry for head_dim 32 (the next listed one up)
-    paged_decode_attention(**_valid_args())
-    caps = [kwargs.get("maxnreg") for _, _, kwargs in split.launches]
-    assert caps == [None, 128, 168]
-    assert "maxnreg" not in split.launches[0][2]  # unset: the launch as before the knob
-    assert len(split.variants) == 3
-
-
-def test_maxnreg_keeps_the_result():
-    case = make_paged_case([5, 40], 16, 2, 4, 32, torch.float32, seed=4)
-    expected = dense_sdpa(case, 0.2)
-    assert_close(run_kernel(case, 16, 0.2, maxnreg=96, num_splits=2), expected, torch.float32)
-
-
-def test_sweep_configs_cap_registers_and_skip_inert_stages():
-    from fms.bench.paged_decode_kernel import sweep_configs
-
-    configs = sweep_configs(16)
-    assert len(configs) == 4 * 7
-    assert {c["maxnreg"] for c in configs} == {None, 168, 128, 96}
-    assert {c["num_stages"] for c in configs} == {3, 5}
-    assert all(c["pages_per_iter"] * 16 in (32, 64, 128, 256) for c in configs)
-    assert len(sweep_configs(64)) == 3 * 7  # no block smaller than a page (32)

@@ -12,12 +12,12 @@
 #      the decode step's kernels and replays at batch 2 and 128 with it (the _kv_write_kernel rows should be gone)
 #   e (~60 s): the fp32 eval row's passes 3-6 of each mode profiled (eval_profile_passes.py): does the paged pass's
 #      ~11% higher host time per shared operator (session 37's one-pass profile) follow the mode or the pass?
-#   k (~350 s): session 20's part k, never run, with session 38's sweep: the decode kernel's launch (block, warps,
-#      stages, and the register cap maxnreg) for head_dim 64 at batch 128 and the serving workload's contexts (256,
-#      512, 1024); session38/pick_decode_launch.py writes .wB = .gpu with DECODE_LAUNCH[64] and DECODE_MAXNREG[64] set
-#      to the best (only if it is not the default), then 1B serving .gpu/.wB alternated. Decode attention is ~0.65 ms
-#      of a batch-128 step at ~66% of bandwidth (session 20); compiled for sm_90 on the CPU, the shipped launch takes
-#      239 registers, two programs (8 warps) an SM (section 29). K_HD128=1 adds the same sweep for head_dim 128, as data.
+#   k (~350 s): session 20's part k, never run: the decode kernel's launch (block, warps, stages) for head_dim 64
+#      swept at batch 128 and the serving workload's contexts (256, 512, 1024); session20/pick_decode_launch.py writes
+#      .wB = .gpu with DECODE_LAUNCH[64] set to the best (only if it is not the default), then 1B serving .gpu/.wB
+#      alternated. Decode attention is ~0.65 ms of a batch-128 step at ~66% of bandwidth (session 20); compiled for
+#      sm_90 on the CPU, the shipped launch holds 5 programs (20 warps) an SM, 32-key blocks 9 (section 29).
+#      K_HD128=1 adds the same sweep for head_dim 128, as data.
 FINAL=${1:?final out dir}
 case "${PARTS:-tg}" in *t*)
   PART=t; OUT=/tmp/raw_t; mkdir -p "$OUT"
@@ -56,7 +56,7 @@ case "${PARTS:-tg}" in *k*)
   source final_project/results/device_steps.sh
   step decode_sweep_d64 150 python3 scripts/bench_paged_decode_kernel.py --head-dim 64 --batch-sizes 128 \
     --context-lengths 256 512 1024 --sweep --out "$OUT/decode_sweep_d64.json"
-  python3 final_project/results/session38/pick_decode_launch.py "$OUT/decode_sweep_d64.json" .gpu .wB \
+  python3 final_project/results/session20/pick_decode_launch.py "$OUT/decode_sweep_d64.json" .gpu .wB \
     "$OUT/decode_choice.json" > "$OUT/log_pick.txt" 2>&1; cat "$OUT/log_pick.txt"; pack
   if [ -d .wB ]; then
     for run in wB1 gpu1 gpu2 wB2; do
