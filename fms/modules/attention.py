@@ -30,6 +30,7 @@ from fms.modules.masks import AttentionVariant, dense_attention_bias, variant_pr
 from fms.cache.paged import PagedKVCache
 from fms.modules.positions import RotaryEmbedding
 from fms.triton.kv_write import kv_write, kv_write_reference
+from fms.triton import paged_decode as paged_decode_kernel
 from fms.triton.paged_decode import FUSE_KV_WRITE
 from fms.triton.varlen import (CUDA_SDPA_BACKENDS, FLASH_DTYPES, padded_causal_attention, uses_flash,
                                varlen_causal_attention)
@@ -281,8 +282,7 @@ def _paged_decode(q, k_pool, v_pool, *args, new_kv=None, **kwargs):
     """One-token paged attention: the Triton kernel on CUDA, its torch reference elsewhere (chosen
     here by device, not by TRITON_INTERPRET, so a test process that sets it does not slow others).
     new_kv: the step's (k, v, slots), stored into the pools by the kernel (eager only), or here before the reference."""
-    from fms.triton import paged_decode as kernel
-
+    kernel = paged_decode_kernel
     if q.is_cuda:
         if torch.compiler.is_compiling():  # one opaque op in the traced graph
             if new_kv is not None:
@@ -442,8 +442,8 @@ class PagedOp(AttentionOp):
                              f"than 'flex'; got {variant} with prefill_kernel={self.prefill_kernel!r}")
         if t == 1 and self._use_triton_decode(q, variant):
             out = _paged_decode(
-                q[:, :, 0], kp, vp, meta.page_table, meta.seq_lens, meta.page_size, scale, window=variant.sliding_window,
-                new_kv=new_kv,
+                q[:, :, 0], kp, vp, meta.page_table, meta.seq_lens, meta.page_size, scale,
+                window=variant.sliding_window, new_kv=new_kv,
             )
             return out[:, :, None]
         ps, page_logical = meta.page_size, meta.page_logical

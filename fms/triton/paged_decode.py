@@ -62,6 +62,7 @@ def fuse_kv_write_from_env(value: str | None = None) -> bool:
 
 
 FUSE_KV_WRITE = fuse_kv_write_from_env()
+
 # head_dim -> (key rows per inner-loop step, num_warps, num_stages) of the decode kernel. 64 rows at
 # head_dim >= 128 keep a 16 KB bf16 tile per K and V, small enough for 3 pipeline stages; 128 rows
 # below. A head_dim not listed takes the entry of the next listed one up (or the largest).
@@ -69,7 +70,6 @@ DECODE_LAUNCH = {
     64: (128, 4, 3),
     128: (64, 4, 3),
 }
-
 
 
 @functools.cache  # looked up by every eager launch
