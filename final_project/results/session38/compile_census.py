@@ -32,3 +32,20 @@ for name, hq, hkv, d in (("llama-3.2-1b", 32, 8, 64), ("llama-3.1-8b", 32, 8, 12
         per_batch.append(f"{b}:{split.launches[-1][0][2]} splits, {new} new")
     print(f"{name}: split kernel {len(split.variants)} keys, merge kernel {len(merge.variants)} keys; "
           + "; ".join(per_batch))
+
+# What else compiles for Granite-4.0-H-1B's small buckets (after this session's change): the GEMV kernel at two rows
+# (batch 1 and 2 replay the 2-row graph; Granite's shapes have no table entry, so the default blocks) and the Mamba
+# decode kernel, whose rows per program (BLOCK_P, a constexpr) halve at small batches.
+from fms.triton import gemv  # noqa: E402
+from fms.triton.mamba_decode import choose_block_p  # noqa: E402
+
+rec = gemv._gemv_kernel = LaunchRecorder(gemv._gemv_kernel)
+shapes = [("qkv", 2560, 1536, False), ("o", 1536, 1536, False), ("mamba in_proj", 6448, 1536, False),
+          ("mamba out_proj", 1536, 3072, False), ("mlp gate|up", 8192, 1536, False), ("mlp down", 1536, 4096, True),
+          ("lm head", 100352, 1536, False)]
+for _, n, k, silu in shapes:
+    gemv._launch(torch.zeros(2, 2 * k if silu else k, dtype=torch.bfloat16), torch.zeros(n, k, dtype=torch.bfloat16),
+                 None, silu)
+print(f"granite-4.0-h-1b GEMV at 2 rows, default blocks: {len(rec.variants)} keys over {len(shapes)} projections")
+print("granite-4.0-h-1b Mamba decode BLOCK_P per bucket:",
+      {b: choose_block_p(b, 48, 64, 128, 132) for b in sorted(GRAPH_BATCHES, reverse=True)})
