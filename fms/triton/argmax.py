@@ -81,7 +81,7 @@ if HAS_TRITON:
 
 def argmax_rows_triton(x: Tensor, parts: int | None = None) -> Tensor:
     """x (B, V) floating, unit column stride -> (B,) int64, equal to x.argmax(-1). parts: column parts per row
-    (None: num_parts for this device)."""
+    (None: num_parts for this device), each widened to whole 1,024-column blocks (so there may be fewer)."""
     if x.dim() != 2 or not x.is_floating_point():
         raise ValueError(f"argmax_rows_triton takes a (B, V) floating tensor, got {tuple(x.shape)} {x.dtype}")
     if x.shape[1] == 0 or x.stride(1) != 1:

@@ -8,6 +8,7 @@ import math
 import torch
 from torch import Tensor
 
+from fms.triton.kv_write import kv_write_reference
 from fms.triton.support import (
     DEFAULT_NUM_SMS,
     HAS_TRITON,
@@ -408,11 +409,10 @@ def _validate_new_kv(new_kv, q: Tensor, k_pool: Tensor) -> None:
 
 
 def write_new_kv(k_pool: Tensor, v_pool: Tensor, new_kv: tuple[Tensor, Tensor, Tensor]) -> None:
-    """The write that new_kv stands for, in torch: row b's k and v ([B, Hkv, D]) into the pools at slots[b]."""
+    """The write that new_kv stands for, in torch: row b's k and v ([B, Hkv, D]) into the pools at slots[b] (the
+    K/V write's reference, one token per row)."""
     k_new, v_new, slots = new_kv
-    slots = slots.long()
-    k_pool.index_copy_(1, slots, k_new.transpose(0, 1))
-    v_pool.index_copy_(1, slots, v_new.transpose(0, 1))
+    kv_write_reference(k_pool, v_pool, k_new[:, :, None], v_new[:, :, None], slots.long())
 
 
 def paged_decode_attention(
